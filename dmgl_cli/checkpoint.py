@@ -1,0 +1,119 @@
+"""Checkpoints: atomic writes, safe loads, RNG state capture.
+
+A checkpoint is a dict of tensors and plain containers (no pickled objects), so it loads with
+``torch.load(weights_only=True)``. It is written to a temporary file in the target folder, fsynced and renamed
+over the old one: a crash leaves either the previous checkpoint or the new one, never a torn file. Leftover
+temporary files from a crash are removed at the next save into the folder.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmgl_cli.errors import DmglError
+
+FORMAT = "dmgl-checkpoint"
+VERSION = 1
+_TMP_PREFIX = ".ckpt-"
+
+
+def clean_leftovers(folder: Path) -> None:
+    for leftover in Path(folder).glob(f"{_TMP_PREFIX}*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(path.parent)
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **state}, buffer)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(buffer.getbuffer())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a dmgl checkpoint with ``weights_only=True``; anything else is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise DmglError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt/foreign files; all mean "not loadable"
+        raise DmglError(f"checkpoint {path} is corrupt or not a dmgl checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise DmglError(f"checkpoint {path} is not a dmgl checkpoint")
+    if state.get("version") != VERSION:
+        raise DmglError(f"checkpoint {path} has version {state.get('version')}, this dmgl reads {VERSION}")
+    return state
+
+
+def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights, refusing a checkpoint made for another model with a message instead of a traceback."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or mismatched:
+        details = []
+        if missing:
+            details.append(f"missing {', '.join(missing[:3])}")
+        if unexpected:
+            details.append(f"unexpected {', '.join(unexpected[:3])}")
+        if mismatched:
+            details.append(f"shape differs for {', '.join(mismatched[:3])}")
+        raise DmglError(f"checkpoint {source} was made for another model ({'; '.join(details)})")
+    model.load_state_dict(state_dict)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG the training loop may draw from, as tensors and plain values."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

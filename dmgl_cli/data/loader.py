@@ -1,0 +1,125 @@
+"""Batches from prepared arrays: train / val / test loaders with seeded, resumable shuffling.
+
+Batches are gathered by fancy-indexing the memory-mapped arrays (one read per modality per batch, no per-sample
+Python work, no decoding). Shuffling depends only on (seed, epoch), like DistributedSampler, so a run resumed at
+epoch e draws exactly the batches the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dmgl_cli.data.prepared import PreparedDataset, SplitArrays
+from dmgl_cli.data.splits import stratified_split
+
+Batch = dict[str, object]  # {"inputs": {modality: Tensor}, "labels": Tensor, "indices": Tensor}
+
+
+class ArraySplit(Dataset):
+    """A split (or a subset of one, through ``indices``) served a whole batch at a time."""
+
+    def __init__(self, arrays: SplitArrays, indices: np.ndarray | None = None):
+        self.arrays = arrays
+        self.indices = np.arange(len(arrays)) if indices is None else np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.arrays.labels[self.indices])
+
+    def __getitems__(self, positions: list[int]) -> Batch:
+        rows = self.indices[np.asarray(positions, dtype=np.int64)]
+        # Sorted reads are sequential on disk; the batch order is restored afterwards.
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        restore = np.empty_like(order)
+        restore[order] = np.arange(len(order))
+        inputs = {m: torch.from_numpy(np.ascontiguousarray(arr[sorted_rows][restore])) for m, arr in self.arrays.inputs.items()}
+        labels = torch.from_numpy(np.asarray(self.arrays.labels[sorted_rows][restore], dtype=np.int64))
+        return {"inputs": inputs, "labels": labels, "indices": torch.from_numpy(rows)}
+
+    def __getitem__(self, position: int) -> Batch:
+        return self.__getitems__([position])
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of positions; a fresh permutation per epoch from (seed, epoch), or in order when not shuffling."""
+
+    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool):
+        self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
+        # Never drop the only batch: a tiny dataset still trains.
+        self.drop_last = drop_last and size > batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        stop = self.size - self.size % self.batch_size if self.drop_last else self.size
+        for start in range(0, stop, self.batch_size):
+            yield order[start : start + self.batch_size]
+
+    def __len__(self) -> int:
+        return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
+
+
+def _whole_batch(batch: Batch) -> Batch:
+    return batch
+
+
+@dataclass
+class Splits:
+    train: ArraySplit
+    val: ArraySplit
+    test: ArraySplit
+    val_source: str  # "dataset" or "carved from train (fraction f, split seed s)"
+
+
+def make_splits(dataset: PreparedDataset, val_fraction: float, split_seed: int) -> Splits:
+    """The dataset's own validation split, or one carved from train (stratified, seeded) when it has none.
+
+    The carved split depends on ``split_seed`` only, not on the training seed, so every seed of an experiment is
+    selected on the same validation data and never on test.
+    """
+    train = dataset.split("train")
+    test = ArraySplit(dataset.split("test"))
+    if dataset.has_split("val"):
+        return Splits(ArraySplit(train), ArraySplit(dataset.split("val")), test, "dataset")
+    kept, held_out = stratified_split(np.asarray(train.labels), val_fraction, split_seed)
+    source = f"carved from train (fraction {val_fraction}, split seed {split_seed})"
+    return Splits(ArraySplit(train, kept), ArraySplit(train, held_out), test, source)
+
+
+def make_loader(split: ArraySplit, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool,
+                num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    sampler = EpochBatchSampler(len(split), batch_size, shuffle, seed, drop_last)
+    return DataLoader(
+        split,
+        batch_sampler=sampler,
+        collate_fn=_whole_batch,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        # Worker RNG (used by augmentations) is derived from the loader's seeded generator: reproducible.
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def sample_batch(split: ArraySplit, batch_size: int, seed: int) -> Batch:
+    """A random batch drawn from (seed) alone — the LB strategy's outer batches, so resume stays exact."""
+    generator = torch.Generator().manual_seed(seed)
+    size = min(batch_size, len(split))
+    positions = torch.randperm(len(split), generator=generator)[:size].tolist()
+    return split.__getitems__(positions)

@@ -1,0 +1,19 @@
+"""Preparers: one file per dataset, registered here explicitly.
+
+A preparer turns a dataset's public raw distribution into the prepared format (:mod:`dmgl_cli.data.prepared`).
+It is a module with ``NAME``, ``VERSION``, ``DESCRIPTION``, ``OPTIONS`` (its ``--option KEY=VALUE`` settings with
+defaults) and ``prepare(job: PrepareJob) -> manifest``.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from dmgl_cli.data.preparers import synthetic
+from dmgl_cli.data.preparers.base import PrepareJob
+
+PREPARERS: dict[str, ModuleType] = {
+    synthetic.NAME: synthetic,
+}
+
+__all__ = ["PREPARERS", "PrepareJob"]

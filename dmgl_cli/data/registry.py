@@ -1,0 +1,80 @@
+"""The dataset registry: ``<registry>/datasets.db`` (SQLite through sqlite-utils).
+
+One row per prepared dataset: where it lives, its modalities and their shapes, classes, split sizes, checksum,
+preparer version and when it was made. ``dmgl datasets`` lists it; ``dmgl train`` finds a dataset through it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from dmgl_cli.errors import DmglError
+from dmgl_cli.paths import registry_home
+
+TABLE = "datasets"
+
+
+class DatasetRegistry:
+    def __init__(self, home: Path | None = None):
+        self.home = home or registry_home()
+        self.path = self.home / "datasets.db"
+
+    def _db(self) -> sqlite_utils.Database:
+        try:
+            db = sqlite_utils.Database(self.path)
+            db.execute("PRAGMA busy_timeout = 30000")
+        except sqlite3.Error as exc:
+            raise DmglError(f"dataset registry {self.path} cannot be opened ({exc})") from None
+        return db
+
+    def register(self, manifest: dict[str, Any], path: Path) -> dict[str, Any]:
+        row = {
+            "name": manifest["name"],
+            "path": str(Path(path).resolve()),
+            "preparer": manifest["preparer"],
+            "preparer_version": manifest["preparer_version"],
+            "modalities": json.dumps(manifest["modalities"]),
+            "classes": json.dumps(manifest["classes"]),
+            "num_classes": len(manifest["classes"]),
+            "splits": json.dumps(manifest["splits"]),
+            "checksum": manifest["checksum"],
+            "bad_samples": len(manifest.get("bad_samples", [])),
+            "created": manifest["created"],
+        }
+        try:
+            self._db()[TABLE].upsert(row, pk="name")
+        except sqlite3.Error as exc:
+            raise DmglError(f"could not write the dataset registry {self.path} ({exc})") from None
+        return row
+
+    def rows(self) -> list[dict[str, Any]]:
+        db = self._db()
+        if TABLE not in db.table_names():
+            return []
+        return [self._decode(r) for r in db[TABLE].rows_where(order_by="name")]
+
+    def get(self, name: str) -> dict[str, Any]:
+        db = self._db()
+        if TABLE in db.table_names():
+            found = list(db[TABLE].rows_where("name = ?", [name]))
+            if found:
+                return self._decode(found[0])
+        known = [r["name"] for r in self.rows()]
+        hint = f"registered: {', '.join(known)}" if known else "no dataset is registered yet"
+        raise DmglError(f"dataset {name!r} is not prepared ({hint}); run `dmgl prepare {name}` first")
+
+    def remove(self, name: str) -> None:
+        self.get(name)
+        self._db()[TABLE].delete(name)
+
+    @staticmethod
+    def _decode(row: dict[str, Any]) -> dict[str, Any]:
+        out = dict(row)
+        for key in ("modalities", "classes", "splits"):
+            out[key] = json.loads(out[key])
+        return out

@@ -1,0 +1,29 @@
+"""Models: an encoder per modality -> fusion -> classification head.
+
+``ENCODERS`` and ``FUSIONS`` are the explicit registries; ``build_model`` wires a model from the config and the
+prepared dataset's modality specs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from dmgl_cli.models.encoders import ENCODERS, build_encoder
+from dmgl_cli.models.fusion import FUSIONS, ModelOutput, MultimodalModel
+
+__all__ = ["ENCODERS", "FUSIONS", "ModelOutput", "MultimodalModel", "build_model"]
+
+
+def build_model(config, modalities: dict[str, dict[str, Any]], num_classes: int, fusion: str | None = None) -> MultimodalModel:
+    """Encoders for ``modalities`` (name -> manifest spec), the configured fusion, a linear head."""
+    embed_dim = config.model.embed_dim
+    encoders = nn.ModuleDict(
+        {
+            name: build_encoder(spec, config.encoder_for(name), embed_dim, config.model.dropout)
+            for name, spec in modalities.items()
+        }
+    )
+    fusion_cls = FUSIONS[fusion or config.model.fusion]
+    return MultimodalModel(encoders, fusion_cls(list(modalities), embed_dim, num_classes))

@@ -1,0 +1,48 @@
+"""Encoders, one per modality, each mapping a batch of prepared samples to [batch, embed_dim].
+
+``ENCODERS`` maps a config name to a builder ``(spec, encoder_config, embed_dim, dropout) -> nn.Module``, where
+``spec`` is the modality's manifest entry (kind, dtype, per-sample shape).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+from dmgl_cli.errors import DmglError
+
+
+class MLPEncoder(nn.Module):
+    """Flatten -> ``layers`` x (Linear, ReLU) -> Linear to embed_dim. For vector data (the synthetic dataset)."""
+
+    def __init__(self, in_features: int, hidden: int, layers: int, embed_dim: int, dropout: float):
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for _ in range(layers):
+            blocks += [nn.Linear(width, hidden), nn.ReLU()]
+            if dropout:
+                blocks.append(nn.Dropout(dropout))
+            width = hidden
+        blocks.append(nn.Linear(width, embed_dim))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.float())
+
+
+def _mlp(spec: dict[str, Any], cfg, embed_dim: int, dropout: float) -> nn.Module:
+    if cfg.layers < 0 or cfg.hidden < 1:
+        raise DmglError(f"mlp encoder needs layers >= 0 and hidden >= 1, got layers={cfg.layers} hidden={cfg.hidden}")
+    return MLPEncoder(math.prod(spec["shape"]), cfg.hidden, cfg.layers, embed_dim, dropout)
+
+
+ENCODERS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp}
+
+
+def build_encoder(spec: dict[str, Any], cfg, embed_dim: int, dropout: float) -> nn.Module:
+    if cfg.name not in ENCODERS:
+        raise DmglError(f"unknown encoder {cfg.name!r}; valid: {', '.join(ENCODERS)}")
+    return ENCODERS[cfg.name](spec, cfg, embed_dim, dropout)

@@ -1,0 +1,95 @@
+"""Where dmgl keeps things, and which names are safe to turn into paths.
+
+The registry folder (``./registry`` by default, moved by ``DMGL_HOME``) holds everything dmgl writes:
+
+    registry/
+      mlflow.db        MLflow backend store (unless --tracking-uri / MLFLOW_TRACKING_URI names another)
+      artifacts/       MLflow artifacts (checkpoints, alpha.csv, plots, config)
+      optuna.db        Optuna storage for `dmgl sweep`
+      datasets.db      dataset registry (sqlite-utils)
+      datasets/<name>/ prepared datasets (memory-mappable arrays + manifest.json)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from dmgl_cli.errors import DmglError
+
+# Letters, digits, '.', '_', '-' only, not starting with '.', so a name can never climb out of its folder
+# ('../x'), be absolute, or carry characters that URLs and shells treat specially ('#', '\\', spaces).
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def safe_name(name: str, what: str) -> str:
+    """Return ``name`` if it can be used as a file or folder name inside the registry, else raise DmglError."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise DmglError(
+            f"{what} {name!r} is not allowed: use letters, digits, '.', '_' and '-' only "
+            "(no '/', '\\', '#', '..', spaces or absolute paths), at most 100 characters"
+        )
+    return name
+
+
+def registry_home() -> Path:
+    """The registry folder: ``$DMGL_HOME`` or ``./registry``."""
+    return Path(os.environ.get("DMGL_HOME") or "registry").expanduser().resolve()
+
+
+def ensure_registry(home: Path | None = None) -> Path:
+    """Create the registry folder if needed and check it is writable; return it."""
+    home = home or registry_home()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=home, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise DmglError(
+            f"the registry folder {home} is not writable ({exc.strerror or exc}); "
+            "fix its permissions or point DMGL_HOME at a writable folder"
+        ) from None
+    return home
+
+
+def datasets_dir(home: Path | None = None) -> Path:
+    return (home or registry_home()) / "datasets"
+
+
+def default_tracking_uri(home: Path | None = None) -> str:
+    return f"sqlite:///{(home or registry_home()) / 'mlflow.db'}"
+
+
+def default_artifacts_dir(home: Path | None = None) -> Path:
+    return (home or registry_home()) / "artifacts"
+
+
+def default_optuna_storage(home: Path | None = None) -> str:
+    return f"sqlite:///{(home or registry_home()) / 'optuna.db'}"
+
+
+def repo_root() -> Path:
+    """The checkout this package runs from (recipes/ lives there)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def recipes_dir() -> Path:
+    """Built-in recipes: ``$DMGL_RECIPES`` or ``<checkout>/recipes``."""
+    return Path(os.environ.get("DMGL_RECIPES") or repo_root() / "recipes")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

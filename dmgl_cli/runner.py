@@ -1,0 +1,329 @@
+"""What ``dmgl train`` / ``dmgl train --resume`` / ``dmgl eval`` do, as importable functions.
+
+One ``dmgl train`` = one MLflow parent run + one child run per seed. Each child records its resolved config
+(``config.yaml``), so resume and eval rebuild exactly the run that was recorded, whatever the recipe says today.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import signal
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from dmgl_cli import __version__
+from dmgl_cli.checkpoint import load_model_state
+from dmgl_cli.config import Config, config_from_yaml
+from dmgl_cli.data.prepared import PreparedDataset
+from dmgl_cli.data.registry import DatasetRegistry
+from dmgl_cli.errors import DmglError
+from dmgl_cli.metrics import summarise_over_seeds
+from dmgl_cli.plots import alpha_figure, close
+from dmgl_cli.tracking import RunRecorder, Tracker
+from dmgl_cli.train import Trainer, TrainResult, evaluate
+
+# progress(seed, epoch, total_epochs, metrics)
+Progress = Callable[[int, int, int, dict[str, float]], None]
+FINAL_PREFIX = "final_"
+
+
+class Interrupted(BaseException):
+    """SIGTERM while training: handled like Ctrl-C (checkpoint kept, run marked KILLED)."""
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum, frame):
+        raise Interrupted()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass
+class SeedOutcome:
+    seed: int
+    run_id: str
+    final: dict[str, float]
+
+
+@dataclass
+class TrainOutcome:
+    parent_run_id: str
+    experiment: str
+    seeds: list[SeedOutcome] = field(default_factory=list)
+    summary: dict[str, float] = field(default_factory=dict)
+
+
+def open_dataset(name: str) -> PreparedDataset:
+    row = DatasetRegistry().get(name)
+    path = Path(row["path"])
+    if not path.is_dir():
+        raise DmglError(f"dataset {name!r} is registered at {path}, which no longer exists; run `dmgl prepare {name}` again")
+    return PreparedDataset(path)
+
+
+def _tags(config: Config, dataset: PreparedDataset, role: str) -> dict[str, str]:
+    return {
+        "dmgl.role": role,
+        "dmgl.dataset": config.dataset,
+        "dmgl.dataset_checksum": dataset.checksum,
+        "dmgl.method": config.method.name,
+        "dmgl.strategy": config.strategy.name,
+        "dmgl.recipe": config.recipe,
+        "dmgl.version": __version__,
+    }
+
+
+def _seed_config(config: Config, seed: int) -> Config:
+    text = config.to_yaml()
+    seeded = config_from_yaml(text)
+    seeded.train.seed = seed
+    return seeded
+
+
+def _alpha_csv(history: list[dict[str, float]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["epoch", "epoch_fraction", "alpha", "alpha_hypergradient"])
+    total = len(history)
+    for epoch, metrics in enumerate(history, start=1):
+        writer.writerow([epoch, epoch / total, metrics["alpha"], metrics.get("alpha_hypergradient", "")])
+    return out.getvalue()
+
+
+def _finish_seed(tracker: Tracker, run_id: str, result: TrainResult, seed: int) -> None:
+    tracker.log_text(run_id, _alpha_csv(result.history), "alpha.csv")
+    figure = alpha_figure({f"seed {seed}": [h["alpha"] for h in result.history]})
+    tracker.log_figure(run_id, figure, "alpha.png")
+    close(figure)
+    tracker.log_text(run_id, json.dumps(result.final, indent=2, sort_keys=True), "final_metrics.json")
+    tracker.log_metrics(run_id, {FINAL_PREFIX + k: v for k, v in result.final.items()}, step=result.best_epoch)
+    tracker.end_run(run_id, "FINISHED")
+
+
+def _train_seed(tracker: Tracker, run_id: str, config: Config, dataset: PreparedDataset, progress: Progress | None,
+                resume_state: dict[str, Any] | None = None) -> SeedOutcome:
+    seed = config.train.seed
+    recorder = RunRecorder(tracker, run_id, tracker.logged_steps(run_id) if resume_state else ())
+    epoch_progress = (lambda e, t, m: progress(seed, e, t, m)) if progress else None
+    try:
+        with _sigterm_as_interrupt():
+            trainer = Trainer(config, dataset, seed, recorder, epoch_progress)
+            if resume_state is not None:
+                trainer.load_state_dict(resume_state, f"run {run_id} checkpoints/last.pt")
+            result = trainer.fit()
+    except (KeyboardInterrupt, Interrupted):
+        tracker.end_run(run_id, "KILLED")
+        raise
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    _finish_seed(tracker, run_id, result, seed)
+    return SeedOutcome(seed=seed, run_id=run_id, final=result.final)
+
+
+def _finish_parent(tracker: Tracker, parent_id: str, outcomes: list[SeedOutcome]) -> dict[str, float]:
+    finals = [o.final for o in outcomes]
+    summary = summarise_over_seeds(finals)
+    tracker.log_metrics(parent_id, {FINAL_PREFIX + k: v for k, v in summary.items()})
+    tracker.log_text(parent_id, json.dumps({"summary": summary, "per_seed": {o.seed: o.final for o in outcomes}},
+                                           indent=2, sort_keys=True), "final_metrics.json")
+    trajectories = {}
+    for outcome in outcomes:
+        history = tracker.client.get_metric_history(outcome.run_id, "alpha")
+        trajectories[f"seed {outcome.seed}"] = [m.value for m in sorted(history, key=lambda m: m.step)]
+    figure = alpha_figure(trajectories)
+    tracker.log_figure(parent_id, figure, "alpha.png")
+    close(figure)
+    tracker.end_run(parent_id, "FINISHED")
+    return summary
+
+
+def _start_seed_run(tracker: Tracker, experiment_id: str, parent_id: str, config: Config, dataset: PreparedDataset,
+                    run_name: str) -> str:
+    seed = config.train.seed
+    run_id = tracker.start_run(experiment_id, f"{run_name}-seed{seed}",
+                               {**_tags(config, dataset, "seed"), "dmgl.seed": str(seed)}, parent_id=parent_id)
+    tracker.log_params(run_id, config.flat())
+    tracker.log_text(run_id, config.to_yaml(), "config.yaml")
+    return run_id
+
+
+def train(config: Config, seeds: list[int], *, tracking_uri: str | None = None, progress: Progress | None = None,
+          run_name: str | None = None, on_parent: Callable[[str], None] | None = None) -> TrainOutcome:
+    """Train ``config`` once per seed under one parent run; returns run ids and the mean/std summary."""
+    if not seeds:
+        raise DmglError("at least one seed is needed")
+    dataset = open_dataset(config.dataset)
+    tracker = Tracker(tracking_uri)
+    experiment = config.experiment or config.dataset
+    experiment_id = tracker.experiment_id(experiment)
+    run_name = run_name or f"{config.method.name}-{config.strategy.name}"
+    parent_id = tracker.start_run(experiment_id, run_name,
+                                  {**_tags(config, dataset, "parent"), "dmgl.seeds": ",".join(map(str, seeds))})
+    if on_parent:
+        on_parent(parent_id)
+    tracker.log_params(parent_id, {**config.flat(), "seeds": ",".join(map(str, seeds))})
+    tracker.log_text(parent_id, config.to_yaml(), "config.yaml")
+    outcomes = []
+    try:
+        for seed in seeds:
+            seeded = _seed_config(config, seed)
+            run_id = _start_seed_run(tracker, experiment_id, parent_id, seeded, dataset, run_name)
+            outcomes.append(_train_seed(tracker, run_id, seeded, dataset, progress))
+    except (KeyboardInterrupt, Interrupted):
+        tracker.end_run(parent_id, "KILLED")
+        raise
+    except BaseException:
+        tracker.end_run(parent_id, "FAILED")
+        raise
+    summary = _finish_parent(tracker, parent_id, outcomes)
+    return TrainOutcome(parent_run_id=parent_id, experiment=experiment, seeds=outcomes, summary=summary)
+
+
+def _check_dataset(config: Config, dataset: PreparedDataset, run_tags: dict[str, str]) -> None:
+    recorded = run_tags.get("dmgl.dataset_checksum")
+    if recorded and recorded != dataset.checksum:
+        raise DmglError(
+            f"dataset {config.dataset!r} changed since this run was recorded (checksum {dataset.checksum[:12]} "
+            f"!= {recorded[:12]}); prepare it again with the options the run used"
+        )
+
+
+def _resume_seed(tracker: Tracker, run, progress: Progress | None) -> SeedOutcome:
+    run_id = run.info.run_id
+    config = config_from_yaml(tracker.read_text(run_id, "config.yaml"))
+    dataset = open_dataset(config.dataset)
+    _check_dataset(config, dataset, run.data.tags)
+    if run.info.status == "FINISHED":
+        final = json.loads(tracker.read_text(run_id, "final_metrics.json"))
+        return SeedOutcome(seed=config.train.seed, run_id=run_id, final=final)
+    try:
+        state = tracker.load_checkpoint(run_id, "last")
+    except DmglError as exc:
+        if "has no checkpoint" not in str(exc):
+            raise
+        state = None  # stopped before its first epoch ended: train from the start, in the same run
+    tracker.client.update_run(run_id, status="RUNNING")
+    return _train_seed(tracker, run_id, config, dataset, progress, resume_state=state)
+
+
+def resume(run_id: str, *, tracking_uri: str | None = None, progress: Progress | None = None) -> TrainOutcome:
+    """Continue an interrupted ``dmgl train`` in the same MLflow runs: a seed run from its last checkpoint, or —
+    given the parent run — every seed it asked for (finished seeds are kept, unfinished ones resumed, seeds that
+    never started are started). The parent gets its mean/std once all its seeds are finished."""
+    tracker = Tracker(tracking_uri)
+    run = tracker.get_run(run_id)
+    role = run.data.tags.get("dmgl.role")
+    if role not in ("parent", "seed"):
+        raise DmglError(f"run {run_id} was not made by `dmgl train` (no dmgl.role tag); nothing to resume")
+    parent_id = run_id if role == "parent" else run.data.tags["mlflow.parentRunId"]
+    parent = tracker.get_run(parent_id)
+    parent_config = config_from_yaml(tracker.read_text(parent_id, "config.yaml"))
+    wanted = [int(s) for s in parent.data.tags.get("dmgl.seeds", "").split(",") if s]
+    tracker.client.update_run(parent_id, status="RUNNING")
+    outcomes: dict[int, SeedOutcome] = {}
+    try:
+        children = {int(c.data.tags["dmgl.seed"]): c for c in tracker.children(parent_id)}
+        for seed in wanted:
+            child = children.get(seed)
+            if role == "seed" and child is not None and child.info.run_id != run_id and child.info.status != "FINISHED":
+                continue  # only the seed run that was named is resumed
+            if child is not None:
+                outcomes[seed] = _resume_seed(tracker, child, progress)
+            elif role == "parent":
+                dataset = open_dataset(parent_config.dataset)
+                seeded = _seed_config(parent_config, seed)
+                child_id = _start_seed_run(tracker, parent.info.experiment_id, parent_id, seeded, dataset,
+                                           parent.info.run_name)
+                outcomes[seed] = _train_seed(tracker, child_id, seeded, dataset, progress)
+    except (KeyboardInterrupt, Interrupted):
+        tracker.end_run(parent_id, "KILLED")
+        raise
+    except BaseException:
+        tracker.end_run(parent_id, "FAILED")
+        raise
+    ordered = [outcomes[s] for s in sorted(outcomes)]
+    experiment = tracker.client.get_experiment(parent.info.experiment_id).name
+    if all(s in outcomes for s in wanted):
+        summary = _finish_parent(tracker, parent_id, ordered)
+    else:
+        summary = {}
+        tracker.end_run(parent_id, "KILLED")  # other seeds are unfinished: `dmgl train --resume PARENT` ends them
+    return TrainOutcome(parent_run_id=parent_id, experiment=experiment, seeds=ordered, summary=summary)
+
+
+@dataclass
+class EvalOutcome:
+    run_id: str
+    seed: int
+    checkpoint: str
+    split: str
+    metrics: dict[str, float]
+    logged: dict[str, float]  # what training recorded for the same checkpoint and split
+
+    @property
+    def max_abs_diff(self) -> float | None:
+        shared = set(self.metrics) & set(self.logged)
+        return max((abs(self.metrics[k] - self.logged[k]) for k in shared), default=None)
+
+
+def evaluate_run(run_id: str, *, checkpoint: str = "best", split: str = "test",
+                 tracking_uri: str | None = None) -> list[EvalOutcome]:
+    """Re-score a seed run's checkpoint (or every seed of a parent run) and record the result on the run."""
+    if checkpoint not in ("best", "last"):
+        raise DmglError(f"--checkpoint must be best or last, got {checkpoint!r}")
+    if split not in ("val", "test"):
+        raise DmglError(f"--split must be val or test, got {split!r}")
+    tracker = Tracker(tracking_uri)
+    run = tracker.get_run(run_id)
+    role = run.data.tags.get("dmgl.role")
+    if role == "parent":
+        runs = tracker.children(run_id)
+    elif role == "seed":
+        runs = [run]
+    else:
+        raise DmglError(f"run {run_id} was not made by `dmgl train` (no dmgl.role tag)")
+    return [_evaluate_seed(tracker, r, checkpoint, split) for r in runs]
+
+
+def _evaluate_seed(tracker: Tracker, run, checkpoint: str, split: str) -> EvalOutcome:
+    from dmgl_cli.data.loader import make_loader, make_splits
+    from dmgl_cli.methods import build_method
+    from dmgl_cli.train import pick_device
+
+    run_id = run.info.run_id
+    config = config_from_yaml(tracker.read_text(run_id, "config.yaml"))
+    dataset = open_dataset(config.dataset)
+    _check_dataset(config, dataset, run.data.tags)
+    state = tracker.load_checkpoint(run_id, checkpoint)
+    method = build_method(config)
+    device = pick_device(config.train.device)
+    model = method.build_model(dataset.modalities, dataset.num_classes)
+    load_model_state(model, state["model"], f"run {run_id} checkpoints/{checkpoint}.pt")
+    model.to(device)
+    splits = make_splits(dataset, config.data.val_fraction, config.data.split_seed)
+    loader = make_loader(getattr(splits, split), config.train.eval_batch_size, shuffle=False, seed=0, drop_last=False)
+    metrics = evaluate(model, method, config, loader, device, split)
+    if checkpoint == "best":
+        logged = {k: v for k, v in state.get("metrics", {}).items() if k.startswith(f"{split}_")}
+    else:
+        history = state.get("history") or [{}]
+        logged = {k: v for k, v in history[-1].items() if k.startswith(f"{split}_")}
+    tracker.log_metrics(run_id, {f"eval_{checkpoint}_{k}": v for k, v in metrics.items()})
+    tracker.log_text(run_id, json.dumps({"metrics": metrics, "logged": logged}, indent=2, sort_keys=True),
+                     f"eval/{checkpoint}-{split}.json")
+    return EvalOutcome(run_id=run_id, seed=config.train.seed, checkpoint=checkpoint, split=split,
+                       metrics=metrics, logged=logged)

@@ -1,0 +1,239 @@
+"""The only module that talks to MLflow.
+
+Layout (DESIGN.md "Tracking layout"):
+
+* backend ``sqlite:///<registry>/mlflow.db`` with artifacts under ``<registry>/artifacts`` unless
+  ``--tracking-uri`` / ``MLFLOW_TRACKING_URI`` names another store or a server;
+* one experiment per dataset (or ``--experiment``), tagged ``mlflow.experimentKind=custom_model_development``
+  so the MLflow 3 UI shows training runs, not its GenAI view;
+* ``dmgl train`` = one parent run + one child run per seed; params = the flattened resolved config; metrics per
+  epoch with ``step=epoch``; artifacts ``config.yaml``, ``checkpoints/{last,best}.pt``, ``alpha.csv``,
+  ``alpha.png``, ``final_metrics.json``; tags ``dmgl.*``.
+
+Run ids are always passed explicitly (MlflowClient); the fluent API's global active run is never used, so several
+runs can be written from one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import unquote, urlparse
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow.entities import Metric, Param, RunTag, ViewType  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from dmgl_cli import __version__  # noqa: E402
+from dmgl_cli.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from dmgl_cli.errors import DmglError  # noqa: E402
+from dmgl_cli.paths import default_artifacts_dir, default_tracking_uri, ensure_registry, repo_root  # noqa: E402
+
+for _noisy in ("mlflow", "alembic", "sqlalchemy"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+PARENT_TAG = "mlflow.parentRunId"
+_BATCH = 100  # MLflow accepts up to 1000 metrics / 100 params per log_batch call
+
+
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def local_path(uri: str) -> Path | None:
+    """The folder behind a ``file:`` (or plain path) artifact URI; None for remote stores."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return Path(unquote(parsed.path))
+    return None
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str | None = None):
+        self.uri = resolve_tracking_uri(tracking_uri)
+        self.default_store = self.uri == default_tracking_uri()
+        if self.default_store:
+            ensure_registry()
+        try:
+            self.client = MlflowClient(tracking_uri=self.uri)
+        except MlflowException as exc:
+            raise DmglError(f"cannot open the MLflow store {self.uri} ({exc.message})") from None
+
+    # ------------------------------------------------------------------------------------------- experiments
+    def experiment_id(self, name: str, create: bool = True) -> str:
+        try:
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is not None:
+                return experiment.experiment_id
+            if not create:
+                raise DmglError(f"no MLflow experiment named {name!r} in {self.uri}")
+            location = None
+            if self.default_store:
+                location = (default_artifacts_dir() / name).as_uri()
+            return self.client.create_experiment(
+                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: "custom_model_development"}
+            )
+        except MlflowException as exc:
+            if "already exists" in str(exc):  # another process created it between our lookup and create
+                return self.client.get_experiment_by_name(name).experiment_id
+            raise DmglError(f"MLflow store {self.uri}: {exc.message}") from None
+
+    # -------------------------------------------------------------------------------------------------- runs
+    def start_run(self, experiment_id: str, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
+        tags = {"dmgl.version": __version__, **tags}
+        commit = git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+            tags["dmgl.git_commit"] = commit
+        if parent_id:
+            tags[PARENT_TAG] = parent_id
+        run = self.client.create_run(experiment_id, run_name=name, tags=tags)
+        return run.info.run_id
+
+    def get_run(self, run_id: str):
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException:
+            raise DmglError(f"run {run_id!r} does not exist in {self.uri}; `dmgl ui` lists the runs") from None
+
+    def children(self, parent_id: str) -> list:
+        run = self.get_run(parent_id)
+        runs = self.client.search_runs(
+            [run.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+            run_view_type=ViewType.ACTIVE_ONLY, max_results=10000,
+        )
+        return sorted(runs, key=lambda r: int(r.data.tags.get("dmgl.seed", 0)))
+
+    def search(self, experiment_ids: list[str], filter_string: str = "", max_results: int = 50000) -> list:
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs(experiment_ids, filter_string=filter_string,
+                                           run_view_type=ViewType.ACTIVE_ONLY, max_results=min(max_results, 50000),
+                                           page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token or len(runs) >= max_results:
+                return runs
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), _BATCH):
+            self.client.log_batch(run_id, params=items[start : start + _BATCH])
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[start : start + 1000])
+
+    def logged_steps(self, run_id: str) -> set[tuple[str, int]]:
+        """Every (metric key, step) already recorded on a run — what a resumed run must not log again."""
+        run = self.get_run(run_id)
+        seen = set()
+        for key in run.data.metrics:
+            for metric in self.client.get_metric_history(run_id, key):
+                seen.add((key, metric.step))
+        return seen
+
+    def end_run(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def status(self, run_id: str) -> str:
+        return self.get_run(run_id).info.status
+
+    # ---------------------------------------------------------------------------------------------- artifacts
+    def _artifact_dir(self, run_id: str) -> Path | None:
+        return local_path(self.get_run(run_id).info.artifact_uri)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
+        self.client.log_figure(run_id, figure, artifact_file)
+
+    def read_text(self, run_id: str, artifact_file: str) -> str:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = self.client.download_artifacts(run_id, artifact_file, tmp)
+            except (MlflowException, OSError):
+                raise DmglError(f"run {run_id} has no artifact {artifact_file!r}; was it made by `dmgl train`?") from None
+            return Path(path).read_text()
+
+    def save_checkpoint(self, run_id: str, name: str, state: dict[str, Any]) -> None:
+        """``checkpoints/<name>.pt`` on the run, written atomically in place when the artifact store is local."""
+        folder = self._artifact_dir(run_id)
+        if folder is not None:
+            save_checkpoint(folder / "checkpoints" / f"{name}.pt", state)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{name}.pt"
+            save_checkpoint(path, state)
+            self.client.log_artifact(run_id, str(path), "checkpoints")
+
+    def load_checkpoint(self, run_id: str, name: str) -> dict[str, Any]:
+        folder = self._artifact_dir(run_id)
+        if folder is not None:
+            path = folder / "checkpoints" / f"{name}.pt"
+            if not path.is_file():
+                raise DmglError(f"run {run_id} has no checkpoint checkpoints/{name}.pt")
+            return load_checkpoint(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = self.client.download_artifacts(run_id, f"checkpoints/{name}.pt", tmp)
+            except (MlflowException, OSError):
+                raise DmglError(f"run {run_id} has no checkpoint checkpoints/{name}.pt") from None
+            return load_checkpoint(Path(path))
+
+
+class RunRecorder:
+    """A :class:`dmgl_cli.train.RunSink` writing to one MLflow run; skips (key, step) pairs already logged."""
+
+    def __init__(self, tracker: Tracker, run_id: str, already_logged: Iterable[tuple[str, int]] = ()):
+        self.tracker, self.run_id = tracker, run_id
+        self.already_logged = set(already_logged)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        fresh = {k: v for k, v in metrics.items() if (k, step) not in self.already_logged}
+        if fresh:
+            self.tracker.log_metrics(self.run_id, fresh, step)
+            self.already_logged.update((k, step) for k in fresh)
+
+    def save_checkpoint(self, name: str, state: dict[str, Any]) -> None:
+        self.tracker.save_checkpoint(self.run_id, name, state)
+
+
+def launch_ui(tracking_uri: str | None, host: str, port: int) -> int:
+    """Run ``mlflow ui`` over the store in the foreground; returns its exit code."""
+    uri = resolve_tracking_uri(tracking_uri)
+    command = ["mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    if uri == default_tracking_uri():
+        ensure_registry()
+        command += ["--default-artifact-root", default_artifacts_dir().as_uri()]
+    executable = shutil.which("mlflow")
+    if executable is None:
+        raise DmglError("the `mlflow` command is not on PATH; activate the environment dmgl was installed into")
+    command[0] = executable
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,354 @@
+"""The training loop — Algorithm 1 of the paper, one loop for every method and strategy.
+
+Per optimiser step (the inner loop of Algorithm 1)::
+
+    output = model(inputs)
+    L_tot  = (1 - alpha) * L_CLS + alpha * L_MM + method's extra terms
+    if the strategy learns alpha and it is time:      # the outer step of Algorithm 1
+        g = dL_CLS(theta*(alpha))/dalpha on (this batch, an outer batch)   # implicit gradient, Eq. (3)
+    backward, method's gradient hooks, optimiser step
+    alpha <- clip(alpha - eta_alpha * g, [min, max])
+
+Per epoch: schedules set alpha (heuristic 1 - exp(-1/t), stepwise h(p), constant), the model is scored on the
+validation split (and on test, for the curves), the best epoch is chosen on validation only, and a checkpoint
+with everything needed for an exact resume is written. The trainer never talks to MLflow: it hands metrics and
+checkpoints to a :class:`RunSink`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dmgl_cli.checkpoint import capture_rng, load_model_state, restore_rng
+from dmgl_cli.config import Config, build_strategy_from_config
+from dmgl_cli.data.loader import ArraySplit, make_loader, make_splits, sample_batch
+from dmgl_cli.data.prepared import PreparedDataset
+from dmgl_cli.errors import DmglError
+from dmgl_cli.hypergradient import alpha_hypergradient
+from dmgl_cli.losses import classification_loss, modality_matching_loss, total_loss
+from dmgl_cli.methods import build_method
+from dmgl_cli.methods.base import Method
+from dmgl_cli.metrics import MetricAccumulator
+from dmgl_cli.models import ModelOutput, MultimodalModel
+
+
+class RunSink(Protocol):
+    """Where a training run's records go (the MLflow run, in practice)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def save_checkpoint(self, name: str, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    final: dict[str, float]  # val_* and test_* at the best (validation-selected) epoch
+    history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics, epoch 1..T
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DmglError(f"train.device={name} but CUDA is not available here; use --set train.device=cpu or auto")
+    return torch.device(name)
+
+
+def configure_determinism(enabled: bool) -> None:
+    """PyTorch's determinism switches (and cuBLAS's workspace setting) for bit-identical reruns."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.use_deterministic_algorithms(False)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
+    non_blocking = device.type == "cuda"
+    inputs = {m: t.to(device, non_blocking=non_blocking) for m, t in batch["inputs"].items()}
+    return inputs, batch["labels"].to(device, non_blocking=non_blocking)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    # bf16 autocast on CUDA only: CPU runs stay in fp32 so that results are exactly reproducible.
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def compute_losses(method: Method, config: Config, output: ModelOutput, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(L_CLS, L_MM) of one batch; L_MM is 0 for methods with one modality."""
+    cls_loss = classification_loss(output.logits.float(), labels)
+    if method.uses_matching and len(output.embeddings) >= 2:
+        mm_loss = modality_matching_loss(
+            config.loss.matching,
+            {m: z.float() for m, z in output.embeddings.items()},
+            {m: z.float() for m, z in output.unimodal_logits.items()},
+            output.logits.float(),
+            config.loss.tau,
+        )
+    else:
+        mm_loss = cls_loss.new_zeros(())
+    return cls_loss, mm_loss
+
+
+@torch.no_grad()
+def evaluate(model: MultimodalModel, method: Method, config: Config, loader, device: torch.device, prefix: str) -> dict[str, float]:
+    """Scores of one split: fused and per-modality ACC / MAP / macro-F1, their gap, the modality-gap distance,
+    and the two losses — all prefixed (``val_acc``, ``test_acc_audio``, ...)."""
+    was_training = model.training
+    model.eval()
+    accumulator = MetricAccumulator()
+    for batch in loader:
+        inputs, labels = _to_device(batch, device)
+        with _autocast(device, config.train.amp):
+            output = method.forward(model, inputs, training=False)
+        cls_loss, mm_loss = compute_losses(method, config, output, labels)
+        accumulator.add(
+            labels,
+            method.predict(output).float(),
+            {m: z.float() for m, z in output.unimodal_logits.items()},
+            {m: z.float() for m, z in output.embeddings.items()},
+            {"cls_loss": cls_loss, "mm_loss": mm_loss},
+            int(labels.shape[0]),
+        )
+    model.train(was_training)
+    return accumulator.compute(prefix)
+
+
+class Trainer:
+    """One seed of one configuration on one dataset."""
+
+    def __init__(
+        self,
+        config: Config,
+        dataset: PreparedDataset,
+        seed: int,
+        sink: RunSink,
+        progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    ):
+        self.config, self.dataset, self.seed, self.sink = config, dataset, seed, sink
+        self.progress = progress or (lambda epoch, total, metrics: None)
+        configure_determinism(config.train.deterministic)
+        self.device = pick_device(config.train.device)
+        seed_everything(seed)
+
+        self.splits = make_splits(dataset, config.data.val_fraction, config.data.split_seed)
+        if len(self.splits.train) == 0 or len(self.splits.val) == 0 or len(self.splits.test) == 0:
+            raise DmglError(
+                f"dataset {dataset.name} has an empty split (train {len(self.splits.train)}, "
+                f"val {len(self.splits.val)}, test {len(self.splits.test)}); prepare more samples"
+            )
+        pin = self.device.type == "cuda"
+        workers = config.data.num_workers
+        self.train_loader = make_loader(self.splits.train, config.train.batch_size, shuffle=True, seed=seed,
+                                        drop_last=True, num_workers=workers, pin_memory=pin)
+        self.eval_loaders = {
+            name: make_loader(split, config.train.eval_batch_size, shuffle=False, seed=seed, drop_last=False,
+                              num_workers=workers, pin_memory=pin)
+            for name, split in (("val", self.splits.val), ("test", self.splits.test))
+        }
+
+        self.method = build_method(config)
+        self.model = self.method.build_model(dataset.modalities, dataset.num_classes).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = self._build_scheduler()
+        self.strategy = build_strategy_from_config(config)
+
+        self.epoch = 0  # completed epochs
+        self.global_step = 0
+        self.best_metric = -math.inf
+        self.best_epoch = 0
+        self.best_scores: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------------------------------------ building
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        optim = self.config.optim
+        groups = self.method.param_groups(self.model)
+        if optim.name == "sgd":
+            return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+        if optim.name == "adam":
+            return torch.optim.Adam(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+        return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+
+    def _build_scheduler(self):
+        optim = self.config.optim
+        if optim.scheduler == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, mode="min", factor=optim.plateau_factor, patience=optim.plateau_patience
+            )
+        if optim.scheduler == "step":
+            return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=optim.step_size, gamma=optim.step_gamma)
+        return None
+
+    def _hyper_parameters(self) -> list[Tensor]:
+        if self.config.strategy.lb.params == "head":
+            return [p for p in self.model.head_parameters() if p.requires_grad]
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # ---------------------------------------------------------------------------------------------- the step
+    def _outer_split(self) -> ArraySplit:
+        return self.splits.val if self.config.strategy.lb.outer_data == "val" else self.splits.train
+
+    def _alpha_hypergradient(self, cls_loss: Tensor, mm_loss: Tensor) -> float:
+        """dL_CLS/dalpha from this step's inner losses and a fresh outer batch (Eq. 3)."""
+        lb = self.config.strategy.lb
+        outer = sample_batch(self._outer_split(), lb.outer_batch_size or self.config.train.batch_size,
+                             seed=self.seed * 1_000_003 + self.global_step)
+        inputs, labels = _to_device(outer, self.device)
+        with _autocast(self.device, self.config.train.amp):
+            output = self.method.forward(self.model, inputs, training=True)
+        outer_cls = classification_loss(output.logits.float(), labels)
+        return alpha_hypergradient(cls_loss, mm_loss, cls_loss_outer=outer_cls, params=self._hyper_parameters(),
+                                   **self.strategy.hypergradient_settings)
+
+    def _train_epoch(self) -> dict[str, float]:
+        config, model, method, strategy = self.config, self.model, self.method, self.strategy
+        model.train()
+        self.train_loader.batch_sampler.set_epoch(self.epoch)
+        sums: dict[str, Tensor] = {}
+        seen = 0
+        started = time.perf_counter()
+        batches = len(self.train_loader)
+        for index, batch in enumerate(self.train_loader):
+            inputs, labels = _to_device(batch, self.device)
+            alpha = strategy.alpha
+            step_info = {"epoch": self.epoch + 1, "global_step": self.global_step, "alpha": alpha}
+            with _autocast(self.device, config.train.amp):
+                output = method.forward(model, inputs, training=True)
+            cls_loss, mm_loss = compute_losses(method, config, output, labels)
+            extra = method.extra_losses(output, labels, step_info)
+            loss = total_loss(alpha, cls_loss, mm_loss) + sum(extra.values(), cls_loss.new_zeros(()))
+            hypergradient = None
+            if strategy.needs_hypergradient(self.global_step + 1, end_of_epoch=index == batches - 1):
+                hypergradient = self._alpha_hypergradient(cls_loss, mm_loss)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            method.after_backward(model, output, labels, step_info)
+            if config.optim.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            self.optimizer.step()
+            self.global_step += 1
+            if hypergradient is not None:
+                strategy.apply_hypergradient(hypergradient)
+            size = int(labels.shape[0])
+            seen += size
+            # Sums stay on the device: no host sync per step.
+            for name, value in {"loss": loss, "cls_loss": cls_loss, "mm_loss": mm_loss, **extra}.items():
+                sums[name] = sums.get(name, 0) + value.detach().float() * size
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - started
+        metrics = {f"train_{name}": float(total) / max(seen, 1) for name, total in sums.items()}
+        metrics.update(
+            alpha=strategy.alpha,
+            lr=self.optimizer.param_groups[0]["lr"],
+            train_samples_per_s=seen / seconds if seconds > 0 else 0.0,
+            epoch_seconds=seconds,
+        )
+        if getattr(strategy, "last_hypergradient", None) is not None:
+            metrics["alpha_hypergradient"] = float(strategy.last_hypergradient)
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------- epochs
+    def fit(self) -> TrainResult:
+        config, total = self.config, self.config.train.epochs
+        # After a resume, records written before the interruption are offered again; the sink skips what it has.
+        for number, metrics in enumerate(self.history, start=1):
+            self.sink.log_metrics(metrics, step=number)
+        while self.epoch < total:
+            number = self.epoch + 1
+            self.strategy.start_epoch(self.epoch, total)
+            self.method.on_epoch_start(self.model, number)
+            metrics = self._train_epoch()
+            val = evaluate(self.model, self.method, config, self.eval_loaders["val"], self.device, "val")
+            test = (
+                evaluate(self.model, self.method, config, self.eval_loaders["test"], self.device, "test")
+                if config.train.eval_test_every_epoch
+                else {}
+            )
+            metrics.update(val)
+            metrics.update(test)
+            metrics.update(self.method.on_epoch_end(self.model, number, val))
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step(val["val_cls_loss"])
+            elif self.scheduler is not None:
+                self.scheduler.step()
+            selected = val[f"val_{config.train.select_metric}"]
+            if selected > self.best_metric:  # ties keep the earlier epoch
+                if not test:
+                    test = evaluate(self.model, self.method, config, self.eval_loaders["test"], self.device, "test")
+                self.best_metric, self.best_epoch = selected, number
+                self.best_scores = {**val, **test}
+                self.sink.save_checkpoint("best", self._best_state())
+            metrics["best_epoch"] = float(self.best_epoch)
+            self.history.append(metrics)
+            self.epoch += 1
+            self.sink.save_checkpoint("last", self.state_dict())
+            self.sink.log_metrics(metrics, step=number)
+            self.progress(number, total, metrics)
+        final = {"best_epoch": float(self.best_epoch), **self.best_scores}
+        return TrainResult(best_epoch=self.best_epoch, final=final, history=list(self.history))
+
+    # -------------------------------------------------------------------------------------------------- state
+    def _best_state(self) -> dict[str, Any]:
+        return {
+            "kind": "best",
+            "epoch": self.epoch + 1,
+            "model": self.model.state_dict(),
+            "metrics": dict(self.best_scores),
+            "seed": self.seed,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "last",
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "seed": self.seed,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "strategy": self.strategy.state_dict(),
+            "method": self.method.state_dict(),
+            "best": {"metric": self.best_metric, "epoch": self.best_epoch, "scores": dict(self.best_scores)},
+            "history": [dict(h) for h in self.history],
+            "rng": capture_rng(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str) -> None:
+        if state.get("kind") != "last" or "optimizer" not in state:
+            raise DmglError(f"{source} is not a resumable checkpoint (resume needs checkpoints/last.pt)")
+        load_model_state(self.model, state["model"], source)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.strategy.load_state_dict(state["strategy"])
+        self.method.load_state_dict(state["method"])
+        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+        best = state["best"]
+        self.best_metric, self.best_epoch, self.best_scores = float(best["metric"]), int(best["epoch"]), dict(best["scores"])
+        self.history = [dict(h) for h in state["history"]]
+        restore_rng(state["rng"])

@@ -1,0 +1,197 @@
+import io
+import math
+
+import pytest
+import torch
+
+from dmgl_cli.errors import DmglError
+from dmgl_cli.strategies import (
+    STRATEGIES,
+    ConstantStrategy,
+    HeuristicStrategy,
+    LearningBasedStrategy,
+    StepwiseStrategy,
+    build_strategy,
+)
+
+LB_DEFAULTS = {
+    "initial_alpha": 0.5,
+    "alpha_lr": 0.1,
+    "update_every": 1,
+    "approx": "neumann",
+    "terms": 3,
+    "scale": 0.01,
+    "damping": 0.0,
+}
+
+
+def _lb(**overrides):
+    return LearningBasedStrategy(**{**LB_DEFAULTS, **overrides})
+
+
+def test_heuristic_values():
+    strategy = HeuristicStrategy()
+    assert strategy.alpha == pytest.approx(1 - math.exp(-1))  # t = 1 before the first epoch too
+    expected = {0: 1 - math.exp(-1), 1: 1 - math.exp(-1 / 2), 9: 1 - math.exp(-1 / 10)}
+    for epoch, alpha in expected.items():
+        strategy.start_epoch(epoch, 10)
+        assert strategy.alpha == pytest.approx(alpha, rel=1e-12)
+    assert strategy.alpha == pytest.approx(0.0951625819640404, rel=1e-12)
+    assert not strategy.needs_hypergradient(1, True)
+
+
+@pytest.mark.parametrize(("total_epochs", "first_half"), [(4, [0, 1]), (5, [0, 1, 2])])
+def test_stepwise_halves(total_epochs, first_half):
+    strategy = StepwiseStrategy(0.2)
+    for epoch in range(total_epochs):
+        strategy.start_epoch(epoch, total_epochs)
+        assert strategy.alpha == pytest.approx(0.2 if epoch in first_half else 0.8), epoch
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
+def test_stepwise_rejects_p_outside_unit_interval(p):
+    with pytest.raises(DmglError, match="p must be"):
+        StepwiseStrategy(p)
+
+
+def test_constant_bounds():
+    assert ConstantStrategy(0).alpha == 0.0
+    assert ConstantStrategy(1).alpha == 1.0
+    strategy = ConstantStrategy(0.3)
+    strategy.start_epoch(7, 10)
+    assert strategy.alpha == 0.3
+    with pytest.raises(DmglError, match=r"alpha must be in \[0, 1\], got 1.2"):
+        ConstantStrategy(1.2)
+    with pytest.raises(DmglError, match=r"alpha must be in \[0, 1\], got -0.5"):
+        ConstantStrategy(-0.5)
+    with pytest.raises(RuntimeError, match="does not learn alpha"):
+        strategy.apply_hypergradient(1.0)
+
+
+def test_learning_based_descends_and_clips_at_both_ends():
+    strategy = _lb(initial_alpha=0.5, alpha_lr=0.1)
+    strategy.apply_hypergradient(2.0)
+    assert strategy.alpha == pytest.approx(0.3)  # alpha - lr * grad: a positive dL/dalpha lowers alpha
+    strategy.apply_hypergradient(-1.0)
+    assert strategy.alpha == pytest.approx(0.4)
+    strategy.apply_hypergradient(1e9)
+    assert strategy.alpha == 0.0
+    strategy.apply_hypergradient(-1e9)
+    assert strategy.alpha == 1.0
+    assert strategy.updates == 4 and strategy.last_hypergradient == -1e9
+
+    bounded = _lb(min_alpha=0.05, max_alpha=0.95)
+    bounded.apply_hypergradient(1e9)
+    assert bounded.alpha == 0.05
+    bounded.apply_hypergradient(-1e9)
+    assert bounded.alpha == 0.95
+
+
+def test_learning_based_keeps_alpha_on_non_finite_hypergradient():
+    strategy = _lb()
+    strategy.apply_hypergradient(float("nan"))
+    assert strategy.alpha == 0.5 and strategy.updates == 0 and math.isnan(strategy.last_hypergradient)
+
+
+def test_update_every_semantics():
+    every_three = _lb(update_every=3)
+    fired = [step for step in range(1, 10) if every_three.needs_hypergradient(step, False)]
+    assert fired == [3, 6, 9]
+    assert every_three.needs_hypergradient(6, True) and not every_three.needs_hypergradient(7, True)
+    every_step = _lb(update_every=1)
+    assert all(every_step.needs_hypergradient(step, False) for step in range(1, 5))
+    per_epoch = _lb(update_every="epoch")
+    assert not per_epoch.needs_hypergradient(3, False)
+    assert per_epoch.needs_hypergradient(4, True)
+    # schedules never move alpha between epochs; the learner keeps its learnt value across epochs
+    per_epoch.apply_hypergradient(1.0)
+    per_epoch.start_epoch(1, 5)
+    assert per_epoch.alpha == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "setting"),
+    [
+        ({"alpha_lr": 0.0}, "strategy.lb.alpha_lr"),
+        ({"initial_alpha": 1.2}, "strategy.lb.initial_alpha"),
+        ({"initial_alpha": 0.01, "min_alpha": 0.05}, "strategy.lb.initial_alpha"),
+        ({"update_every": 0}, "strategy.lb.update_every"),
+        ({"update_every": "step"}, "strategy.lb.update_every"),
+        ({"update_every": 2.5}, "strategy.lb.update_every"),
+        ({"approx": "lbfgs"}, "strategy.lb.approx"),
+        ({"approx": "cg", "terms": 0}, "strategy.lb.terms"),
+        ({"approx": "neumann", "terms": 2.0}, "strategy.lb.terms"),
+        ({"scale": 0.0}, "strategy.lb.scale"),
+        ({"damping": -1e-3}, "strategy.lb.damping"),
+        ({"min_alpha": -0.1}, "strategy.lb.min_alpha"),
+        ({"max_alpha": 1.1}, "strategy.lb.max_alpha"),
+        ({"min_alpha": 0.6, "max_alpha": 0.4, "initial_alpha": 0.5}, "strategy.lb.min_alpha"),
+    ],
+)
+def test_learning_based_validation_names_the_setting(overrides, setting):
+    with pytest.raises(DmglError, match=setting.replace(".", r"\.")):
+        _lb(**overrides)
+
+
+def test_identity_ignores_terms():
+    strategy = _lb(approx="identity", terms=0)
+    assert strategy.hypergradient_settings == {
+        "alpha": 0.5,
+        "approx": "identity",
+        "terms": 0,
+        "scale": 0.01,
+        "damping": 0.0,
+    }
+
+
+def test_approx_error_lists_valid_names():
+    with pytest.raises(DmglError) as error:
+        _lb(approx="exact")
+    assert all(name in str(error.value) for name in ("identity", "neumann", "cg"))
+
+
+def _round_trip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_state_dict_round_trip_through_weights_only_checkpoint():
+    strategy = _lb(update_every="epoch")
+    fresh = _lb(update_every="epoch")
+    fresh.load_state_dict(_round_trip(fresh.state_dict()))  # never updated: last_hypergradient is None
+    assert fresh.last_hypergradient is None and fresh.updates == 0
+    strategy.apply_hypergradient(0.7)
+    strategy.apply_hypergradient(-0.2)
+    restored = _lb(update_every="epoch")
+    restored.load_state_dict(_round_trip(strategy.state_dict()))
+    assert restored.alpha == pytest.approx(0.5 - 0.07 + 0.02)
+    assert restored.updates == 2
+    assert restored.last_hypergradient == -0.2
+    assert restored.state_dict() == strategy.state_dict()
+
+    schedule = StepwiseStrategy(0.3)
+    schedule.start_epoch(3, 4)
+    copy = StepwiseStrategy(0.3)
+    copy.load_state_dict(_round_trip(schedule.state_dict()))
+    assert copy.alpha == pytest.approx(0.7)
+
+
+def test_loading_another_strategys_state_is_a_user_error():
+    with pytest.raises(DmglError, match="'heuristic' but this run uses 'lb'"):
+        _lb().load_state_dict(HeuristicStrategy().state_dict())
+
+
+def test_registry_and_build_strategy():
+    assert set(STRATEGIES) == {"constant", "stepwise", "heuristic", "lb"}
+    assert isinstance(build_strategy("constant", alpha=0.25), ConstantStrategy)
+    assert build_strategy("stepwise", p=0.1).alpha == pytest.approx(0.1)
+    assert isinstance(build_strategy("heuristic"), HeuristicStrategy)
+    lb = build_strategy("lb", **LB_DEFAULTS)
+    assert isinstance(lb, LearningBasedStrategy) and lb.name == "lb"
+    with pytest.raises(DmglError) as error:
+        build_strategy("cosine")
+    assert all(name in str(error.value) for name in STRATEGIES)
+    with pytest.raises(DmglError, match="its settings are: alpha"):
+        build_strategy("constant", alpha=0.1, beta=2)
