@@ -69,7 +69,7 @@ class LearningBasedConfig:
     """Settings of the learning-based (bilevel) strategy, Eq. (2)-(3) and Algorithm 1."""
 
     initial_alpha: float = 0.5
-    alpha_lr: float = 1.0
+    alpha_lr: float = 0.3
     update_every: Union[int, str] = 10  # optimiser steps between alpha updates, or "epoch"
     approx: str = "neumann"  # identity | neumann | cg: how H^-1 v is approximated
     terms: int = 3  # Hessian-vector products (Neumann terms or CG iterations)

@@ -14,7 +14,7 @@ from typing import Any
 import sqlite_utils
 
 from dmgl_cli.errors import DmglError
-from dmgl_cli.paths import registry_home
+from dmgl_cli.paths import ensure_registry, registry_home
 
 TABLE = "datasets"
 
@@ -46,6 +46,7 @@ class DatasetRegistry:
             "bad_samples": len(manifest.get("bad_samples", [])),
             "created": manifest["created"],
         }
+        ensure_registry(self.home)
         try:
             self._db()[TABLE].upsert(row, pk="name")
         except sqlite3.Error as exc:
@@ -53,14 +54,16 @@ class DatasetRegistry:
         return row
 
     def rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():  # reading never creates the registry
+            return []
         db = self._db()
         if TABLE not in db.table_names():
             return []
         return [self._decode(r) for r in db[TABLE].rows_where(order_by="name")]
 
     def get(self, name: str) -> dict[str, Any]:
-        db = self._db()
-        if TABLE in db.table_names():
+        db = self._db() if self.path.exists() else None
+        if db is not None and TABLE in db.table_names():
             found = list(db[TABLE].rows_where("name = ?", [name]))
             if found:
                 return self._decode(found[0])

@@ -1,0 +1,298 @@
+"""Decoding raw media into the arrays the prepared format stores — shared by every preparer.
+
+* Audio: librosa at 16 kHz mono (files libsndfile reads: WAV, FLAC, OGG, MP3); audio inside video containers
+  (MP4, FLV, AVI, MKV, ...) is decoded with PyAV at its native rate and resampled with librosa, so both paths
+  resample the same way. A clip is repeated (if short) and cut to a fixed length, clipped to [-1, 1] and turned
+  into ``log(|STFT| + 1e-7)`` with a 512-sample Hann window, hop 159, ``center=False``: 3 s -> 257 x 299 and
+  10 s -> 257 x 1004, the shapes §4.1 states.
+* Video: PyAV. The frames are counted by demuxing (cheap, no decoding), the wanted indices picked, and only those
+  frames are converted (resized with swscale's area filter). Counting decodes nothing, so a clip whose container
+  announces more frames than it can decode is counted again from what was decoded.
+* Images: Pillow, converted to RGB and resized; a decompression bomb (more pixels than ``MAX_IMAGE_PIXELS``) is
+  refused rather than warned about.
+* Text: a ``transformers`` tokenizer from a local folder or a hub id (downloaded only if the user named a hub id
+  and has a network), stored as one int64 array ``[n, 2, L]``: row 0 token ids, row 1 attention mask.
+
+A raw file that cannot be decoded raises :class:`BadSample` (path + reason). Preparers stop on it by default or,
+with ``--skip-bad``, record it; it is an ordinary exception so that it crosses process boundaries.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dmgl_cli.errors import DmglError
+
+SAMPLE_RATE = 16_000
+N_FFT = 512
+HOP = 159
+LOG_EPS = 1e-7
+# Extensions read by libsndfile through librosa; everything else goes through PyAV.
+SOUNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif"}
+VIDEO_SUFFIXES = {".mp4", ".m4v", ".mkv", ".webm", ".avi", ".flv", ".mov", ".mpg", ".mpeg", ".3gp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+AUDIO_SUFFIXES = SOUNDFILE_SUFFIXES | {".m4a", ".aac", ".opus", ".wma"}
+# Larger images are refused as likely decompression bombs (Pillow's own default threshold).
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+class BadSample(Exception):
+    """A raw file that cannot be decoded (corrupt, truncated, empty, too short)."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+    def __reduce__(self):
+        return (BadSample, (self.path, self.reason))
+
+
+# ------------------------------------------------------------------------------------------------------ audio
+
+
+def spectrogram_frames(seconds: float, sr: int = SAMPLE_RATE) -> int:
+    """Number of STFT frames for a clip of ``seconds`` (center=False)."""
+    samples = int(round(seconds * sr))
+    if samples < N_FFT:
+        raise DmglError(f"an audio clip of {seconds} s is shorter than one {N_FFT}-sample STFT window")
+    return 1 + (samples - N_FFT) // HOP
+
+
+def spectrogram_shape(seconds: float, sr: int = SAMPLE_RATE) -> tuple[int, int]:
+    return (N_FFT // 2 + 1, spectrogram_frames(seconds, sr))
+
+
+def log_spectrogram(samples: np.ndarray, seconds: float, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Repeat/cut ``samples`` to ``seconds``, clip to [-1, 1], return log(|STFT| + 1e-7) as float32 [257, frames]."""
+    import librosa
+
+    length = int(round(seconds * sr))
+    samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+    if samples.size == 0:
+        raise ValueError("no samples")
+    if samples.size < length:
+        samples = np.tile(samples, math.ceil(length / samples.size))
+    samples = np.clip(samples[:length], -1.0, 1.0)
+    stft = librosa.stft(samples, n_fft=N_FFT, hop_length=HOP, win_length=N_FFT, window="hann", center=False)
+    return np.log(np.abs(stft) + LOG_EPS).astype(np.float32)
+
+
+def _check_samples(path: Path, samples: np.ndarray) -> np.ndarray:
+    if samples.size == 0:
+        raise BadSample(path, "contains no audio samples")
+    if not np.isfinite(samples).all():
+        raise BadSample(path, "contains non-finite audio samples")
+    return samples
+
+
+def load_audio(path: str | Path, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Mono float32 samples at ``sr``: librosa for audio files, PyAV for audio tracks inside other containers."""
+    path = Path(path)
+    if path.suffix.lower() not in SOUNDFILE_SUFFIXES:
+        return audio_from_container(path, sr)
+    import librosa
+    import soundfile
+
+    try:
+        with warnings.catch_warnings():
+            # librosa warns, then falls back to audioread, when libsndfile cannot read a file: treat it as bad.
+            warnings.simplefilter("ignore")
+            with soundfile.SoundFile(path) as handle:  # reads the header: corrupt files fail here, cheaply
+                if handle.frames == 0:
+                    raise BadSample(path, "contains no audio samples")
+            samples, _ = librosa.load(path, sr=sr, mono=True)
+    except (soundfile.LibsndfileError, RuntimeError, EOFError, ValueError) as exc:
+        raise BadSample(path, f"is not a readable audio file ({exc})") from None
+    except OSError as exc:
+        raise BadSample(path, f"cannot be read ({exc.strerror or exc})") from None
+    return _check_samples(path, samples)
+
+
+def audio_from_container(path: str | Path, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode the first audio stream of any container PyAV reads; mono float32 resampled to ``sr`` by librosa."""
+    import av
+    import librosa
+
+    path = Path(path)
+    chunks: list[np.ndarray] = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise BadSample(path, "has no audio stream")
+            stream = container.streams.audio[0]
+            rate = stream.codec_context.sample_rate or stream.rate
+            if not rate:
+                raise BadSample(path, "has an audio stream without a sample rate")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+    except av.error.FFmpegError as exc:
+        raise BadSample(path, f"cannot be decoded ({exc})") from None
+    except OSError as exc:
+        raise BadSample(path, f"cannot be read ({exc.strerror or exc})") from None
+    samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    _check_samples(path, samples)
+    if rate != sr:
+        samples = librosa.resample(samples, orig_sr=rate, target_sr=sr)
+    return samples
+
+
+def audio_spectrogram(path: str | Path, seconds: float, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """The stored audio modality of one clip: float32 [257, frames]."""
+    return log_spectrogram(load_audio(path, sr), seconds, sr)
+
+
+# ------------------------------------------------------------------------------------------------------ video
+
+
+def even_indices(count: int, wanted: int, start: int = 0) -> list[int]:
+    """``wanted`` indices spread evenly over ``start .. start + count - 1`` (the centre of each of ``wanted`` equal
+    segments); requires ``count >= wanted``."""
+    if count < wanted:
+        raise ValueError(f"{count} frames, {wanted} wanted")
+    step = count / wanted
+    return [start + int(step * k + step / 2) for k in range(wanted)]
+
+
+def count_frames(path: str | Path) -> int:
+    """Video frames in the first video stream, counted by demuxing (no decoding)."""
+    import av
+
+    path = Path(path)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise BadSample(path, "has no video stream")
+            stream = container.streams.video[0]
+            return sum(1 for packet in container.demux(stream) if packet.size)
+    except av.error.FFmpegError as exc:
+        raise BadSample(path, f"cannot be opened as a video ({exc})") from None
+    except OSError as exc:
+        raise BadSample(path, f"cannot be read ({exc.strerror or exc})") from None
+
+
+def decode_frames(path: str | Path, indices: Sequence[int], convert: Any) -> tuple[dict[int, np.ndarray], int]:
+    """Decode the first video stream and return ``{index: convert(frame)}`` for the wanted indices, plus the number
+    of frames decoded (which stops once the last wanted index is reached)."""
+    import av
+
+    path = Path(path)
+    wanted = set(int(i) for i in indices)
+    last = max(wanted) if wanted else -1
+    found: dict[int, np.ndarray] = {}
+    decoded = 0
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise BadSample(path, "has no video stream")
+            for index, frame in enumerate(container.decode(video=0)):
+                decoded = index + 1
+                if index in wanted:
+                    found[index] = convert(frame)
+                if index >= last:
+                    break
+    except av.error.FFmpegError as exc:
+        raise BadSample(path, f"cannot be decoded ({exc})") from None
+    except OSError as exc:
+        raise BadSample(path, f"cannot be read ({exc.strerror or exc})") from None
+    return found, decoded
+
+
+def rgb_converter(size: int | tuple[int, int] | None):
+    """Frame -> uint8 [H, W, 3] RGB, resized to ``size`` (square if an int) with an area filter."""
+    if size is None:
+        return lambda frame: frame.to_ndarray(format="rgb24")
+    height, width = (size, size) if isinstance(size, int) else size
+
+    def convert(frame) -> np.ndarray:
+        return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA")
+
+    return convert
+
+
+def read_clip(path: str | Path, frames: int, size: int, *, start: int = 0, end: int | None = None) -> np.ndarray:
+    """``frames`` RGB frames spread evenly over frames ``[start, end)`` of the clip: uint8 [frames, size, size, 3].
+
+    A clip (or range) with fewer decodable frames than requested is a :class:`BadSample`.
+    """
+    convert = rgb_converter(size)
+    total = count_frames(path)
+    for _attempt in range(2):
+        stop = total if end is None else min(end, total)
+        available = stop - start
+        if available < frames:
+            where = "" if start == 0 and end is None else f" in its range [{start}, {end})"
+            raise BadSample(path, f"has {max(available, 0)} video frames{where}, fewer than the {frames} requested")
+        indices = even_indices(available, frames, start)
+        found, decoded = decode_frames(path, indices, convert)
+        if len(found) == len(indices):
+            return np.stack([found[i] for i in indices])
+        total = decoded  # the container announced more frames than it decodes: pick again from what is there
+    raise BadSample(path, "frames could not be decoded consistently")
+
+
+# ----------------------------------------------------------------------------------------------------- images
+
+
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """An image as uint8 [size, size, 3] RGB (resized, aspect not kept, as the lineage's ``Resize((224, 224))``)."""
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise BadSample(path, f"is {image.width} x {image.height} pixels, more than the "
+                                          f"{MAX_IMAGE_PIXELS} allowed (likely a decompression bomb)")
+                image.load()  # truncated files fail here
+                rgb = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadSample(path, f"is refused as a decompression bomb ({exc})") from None
+    except (Image.UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise BadSample(path, f"is not a readable image ({exc})") from None
+    except OSError as exc:
+        raise BadSample(path, f"cannot be read as an image ({exc.strerror or exc})") from None
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------------- text
+
+
+def load_tokenizer(model: str):
+    """A ``transformers`` tokenizer from a local folder or a hub id (the hub needs a network, unless cached)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DmglError(
+            f"cannot load the tokenizer of text model {model!r} ({first}); pass --text-model a local folder that "
+            "holds the model's tokenizer files, or a hub id with a network (or a filled Hugging Face cache)"
+        ) from None
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int, pairs: Sequence[str] | None = None,
+             batch: int = 2048) -> np.ndarray:
+    """Token ids and attention masks, padded/truncated to ``max_length``: int64 [n, 2, max_length]."""
+    out = np.zeros((len(texts), 2, max_length), dtype=np.int64)
+    for begin in range(0, len(texts), batch):
+        chunk = list(texts[begin : begin + batch])
+        second = list(pairs[begin : begin + batch]) if pairs is not None else None
+        encoded = tokenizer(chunk, second, padding="max_length", truncation=True, max_length=max_length,
+                            return_attention_mask=True)
+        out[begin : begin + len(chunk), 0] = np.asarray(encoded["input_ids"], dtype=np.int64)
+        out[begin : begin + len(chunk), 1] = np.asarray(encoded["attention_mask"], dtype=np.int64)
+    return out

@@ -1,0 +1,177 @@
+"""Shared pieces of the fusion baselines (§4.1 "traditional MML"): Sum, Weight, Affine, Channel, ML-LSTM, ETMC,
+and the uni-modal rows.
+
+Every fusion method keeps the foundation's encoders (built by :func:`dmgl_cli.models.build_model`, so a recipe's
+encoder settings mean the same for every row of Table 1) and swaps what sits after them. Its fusion module returns
+``(logits, unimodal_logits, extras)``; ``extras`` carries the tensors that make the method's mechanism visible
+(attention weights, FiLM scales, MMTM gates, Dirichlet parameters). The embeddings the encoders produce are the
+same size for every modality, so the paper's matching loss L_MM can be added to any of them with ``--strategy``.
+
+Per-modality scores. Every method reports the same per-modality metrics and gap as Concat. Where a method has its
+own uni-modal outputs (Sum's and Weight's per-modality heads, MMTM's per-stream classifiers, ETMC's per-view
+opinions, the uni-modal rows) those are scored (``per_modality_source = "own"``). Where it has none (FiLM, ML-LSTM)
+a linear probe per modality is trained online on the *detached* embeddings (``"probe"``): it has its own Adam
+optimiser stepped in ``after_backward`` and its gradients are cleared before the main step, so it never changes
+the encoders, the main optimiser's state, gradient clipping or the logged training loss. The run records which
+source was used as the tag ``dmgl.per_modality_scores``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dmgl_cli.errors import DmglError
+from dmgl_cli.methods.base import Method
+from dmgl_cli.models import ModelOutput, MultimodalModel, build_model
+
+
+@dataclass
+class FusionOutput(ModelOutput):
+    # Method-specific tensors of the forward pass (attention weights, gates, Dirichlet parameters, ...).
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class FusionModel(MultimodalModel):
+    """The foundation's encoders followed by a fusion module returning ``(logits, unimodal_logits, extras)``."""
+
+    def forward(self, inputs: dict[str, Tensor]) -> FusionOutput:
+        embeddings = self.encode(inputs)
+        logits, unimodal, extras = self.fusion(embeddings)
+        return FusionOutput(logits=logits, unimodal_logits=unimodal, embeddings=embeddings, extras=extras)
+
+
+class LinearProbes(nn.Module):
+    """One linear classifier per modality on detached embeddings: per-modality scores without touching the model."""
+
+    def __init__(self, modalities: list[str], embed_dim: int, num_classes: int):
+        super().__init__()
+        self.heads = nn.ModuleDict({m: nn.Linear(embed_dim, num_classes) for m in modalities})
+
+    def forward(self, embeddings: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {m: head(embeddings[m].detach()) for m, head in self.heads.items()}
+
+
+def encoders_for(config, modalities: dict[str, dict[str, Any]], num_classes: int) -> nn.ModuleDict:
+    """The encoders the foundation would build for this config (one source of truth for encoder settings)."""
+    return build_model(config, modalities, num_classes).encoders
+
+
+def positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DmglError(f"{key} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def non_negative_float(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise DmglError(f"{key} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def positive_float(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise DmglError(f"{key} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+class FusionMethod(Method):
+    """A method that replaces Concat's head; subclasses set ``defaults`` and build their model.
+
+    ``self.settings`` is ``defaults`` overridden by ``method.options.<name>.<key>`` from the recipe or ``--set``;
+    a key not in ``defaults`` is refused. Per-epoch statistics of the training steps (mean attention weight,
+    mean gate, Dirichlet strength, ...) are gathered on the device with :meth:`track` and logged at epoch end.
+    """
+
+    defaults: dict[str, Any] = {}
+    per_modality_source = "own"
+
+    def __init__(self, config, options: dict[str, Any]):
+        super().__init__(config, options)
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            valid = ", ".join(self.defaults) or "(none)"
+            raise DmglError(
+                f"unknown setting {', '.join(f'method.options.{self.name}.{k}' for k in unknown)}; "
+                f"{self.name} takes: {valid}"
+            )
+        self.settings: dict[str, Any] = {**self.defaults, **options}
+        self._sums: dict[str, Tensor] = {}
+        self._steps = 0
+        self._probe_optimizer: torch.optim.Optimizer | None = None
+        self._probe_state: dict[str, Any] | None = None
+
+    def key(self, setting: str) -> str:
+        return f"method.options.{self.name}.{setting}"
+
+    def check_pairwise_matching(self) -> None:
+        """Probe logits see detached embeddings, so a matching loss over predictions (``js``) would match probes,
+        not modalities: refuse it whenever alpha can be non-zero."""
+        strategy = self.config.strategy
+        if self.per_modality_source == "probe" and self.config.loss.matching == "js" and not (
+            strategy.name == "constant" and strategy.alpha == 0
+        ):
+            raise DmglError(
+                f"method {self.name!r} has no per-modality predictions of its own (its per-modality scores come from "
+                "linear probes on detached embeddings), so loss.matching=js has nothing to match; "
+                "use loss.matching=infonce"
+            )
+
+    # -- statistics ------------------------------------------------------------------------------------------
+    def track(self, values: dict[str, Tensor]) -> None:
+        """Add one training step's statistics (0-dim tensors; stay on the device, no host sync)."""
+        for name, value in values.items():
+            value = value.detach().float()
+            self._sums[name] = self._sums[name] + value if name in self._sums else value
+        self._steps += 1
+
+    def on_epoch_start(self, model: MultimodalModel, epoch: int) -> None:
+        self._sums, self._steps = {}, 0
+
+    def on_epoch_end(self, model: MultimodalModel, epoch: int, val_metrics: dict[str, float]) -> dict[str, float]:
+        steps = max(self._steps, 1)
+        return {name: float(total) / steps for name, total in self._sums.items()}
+
+    # -- probes ----------------------------------------------------------------------------------------------
+    def probe_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        probes = getattr(model.fusion, "probes", None) if hasattr(model, "fusion") else None
+        return list(probes.parameters()) if probes is not None else []
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        probe_ids = {id(p) for p in self.probe_parameters(model)}
+        return [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in probe_ids]}]
+
+    def _probes_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        if self._probe_optimizer is None:
+            self._probe_optimizer = torch.optim.Adam(self.probe_parameters(model), lr=self.settings["probe_lr"])
+            if self._probe_state is not None:
+                self._probe_optimizer.load_state_dict(self._probe_state)
+                self._probe_state = None
+        return self._probe_optimizer
+
+    def after_backward(self, model: MultimodalModel, output: ModelOutput, labels: Tensor, step: dict[str, Any]) -> None:
+        if self.per_modality_source != "probe":
+            return
+        optimizer = self._probes_optimizer(model)
+        optimizer.zero_grad(set_to_none=True)
+        probe_loss = torch.stack([F.cross_entropy(logits.float(), labels)
+                                  for logits in output.unimodal_logits.values()]).mean()
+        probe_loss.backward()
+        optimizer.step()
+        # Cleared so that gradient clipping of the main step never sees the probes.
+        optimizer.zero_grad(set_to_none=True)
+        self.track({"probe_loss": probe_loss})
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._probe_optimizer is not None:
+            return {"probe_optimizer": self._probe_optimizer.state_dict()}
+        return {"probe_optimizer": self._probe_state} if self._probe_state is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("probe_optimizer") is not None:
+            self._probe_state = state["probe_optimizer"]
+            self._probe_optimizer = None

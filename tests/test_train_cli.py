@@ -1,0 +1,172 @@
+"""End to end through the CLI with a temporary registry: train, eval, resume, and the MLflow layout."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from dmgl_cli import runner
+from dmgl_cli.config import load_config
+from dmgl_cli.tracking import Tracker, local_path
+
+FAST = ["--epochs", "3", "--set", "train.batch_size=64"]
+
+
+def _parent_id(output: str) -> str:
+    return re.search(r"parent run ([0-9a-f]{32})", output).group(1)
+
+
+def _history(tracker: Tracker, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in tracker.client.get_metric_history(run_id, key))
+
+
+def test_train_lb_two_seeds_records_everything(run_cli, synthetic, registry):
+    result = run_cli("train", "--strategy", "lb", "--seeds", "2", *FAST)
+    parent_id = _parent_id(result.output)
+    assert "mean over 2 seeds" in result.output
+    tracker = Tracker()
+    parent = tracker.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["dmgl.role"] == "parent" and parent.data.tags["dmgl.strategy"] == "lb"
+    experiment = tracker.client.get_experiment(parent.info.experiment_id)
+    assert experiment.name == "synthetic"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.data.params["strategy.lb.approx"] == "neumann" and parent.data.params["seeds"] == "0,1"
+    children = tracker.children(parent_id)
+    assert [c.data.tags["dmgl.seed"] for c in children] == ["0", "1"]
+    finals = []
+    for child in children:
+        run_id = child.info.run_id
+        assert child.info.status == "FINISHED"
+        assert child.data.params["train.seed"] == child.data.tags["dmgl.seed"]
+        alpha = _history(tracker, run_id, "alpha")
+        assert [step for step, _ in alpha] == [1, 2, 3]  # one value per epoch, step = epoch
+        assert all(0.0 <= value <= 1.0 for _, value in alpha)
+        assert len(_history(tracker, run_id, "val_acc_slow")) == 3
+        assert len(_history(tracker, run_id, "test_modality_gap")) == 3
+        folder = local_path(child.info.artifact_uri)
+        for name in ("best", "last"):
+            state = torch.load(folder / "checkpoints" / f"{name}.pt", weights_only=True)
+            assert state["format"] == "dmgl-checkpoint" and "model" in state
+        assert (folder / "alpha.png").stat().st_size > 1000
+        csv_lines = (folder / "alpha.csv").read_text().splitlines()
+        assert csv_lines[0].startswith("epoch,epoch_fraction,alpha") and len(csv_lines) == 4
+        final = json.loads((folder / "final_metrics.json").read_text())
+        assert 1 <= final["best_epoch"] <= 3
+        assert child.data.metrics["final_test_acc"] == pytest.approx(final["test_acc"])
+        finals.append(final["test_acc"])
+    mean = sum(finals) / 2
+    assert parent.data.metrics["final_test_acc_mean"] == pytest.approx(mean)
+    assert (local_path(parent.info.artifact_uri) / "alpha.png").is_file()
+
+
+def test_best_epoch_is_chosen_on_validation(run_cli, synthetic):
+    result = run_cli("train", "--strategy", "heuristic", "--epochs", "4")
+    tracker = Tracker()
+    child = tracker.children(_parent_id(result.output))[0]
+    val = _history(tracker, child.info.run_id, "val_acc")
+    test = dict(_history(tracker, child.info.run_id, "test_acc"))
+    best_epoch = max(val, key=lambda sv: (sv[1], -sv[0]))[0]  # first epoch with the highest val acc
+    assert child.data.metrics["final_best_epoch"] == best_epoch
+    assert child.data.metrics["final_test_acc"] == test[best_epoch]
+
+
+def test_eval_reproduces_the_logged_test_metrics_exactly(run_cli, synthetic):
+    result = run_cli("train", "--strategy", "lb", *FAST)
+    parent_id = _parent_id(result.output)
+    tracker = Tracker()
+    child = tracker.children(parent_id)[0]
+    out = run_cli("eval", child.info.run_id)
+    assert "matches the logged metrics exactly" in out.output
+    outcome = runner.evaluate_run(child.info.run_id, checkpoint="best", split="test")[0]
+    for key in ("test_acc", "test_map", "test_f1", "test_acc_fast", "test_acc_slow", "test_gap_acc"):
+        assert outcome.metrics[key] == child.data.metrics[f"final_{key}"]
+    assert outcome.max_abs_diff == 0
+    last = runner.evaluate_run(parent_id, checkpoint="last", split="val")
+    assert len(last) == 1 and last[0].max_abs_diff == 0
+    recorded = tracker.get_run(child.info.run_id).data.metrics
+    assert recorded["eval_best_test_acc"] == child.data.metrics["final_test_acc"]
+
+
+def test_resume_after_a_stop_equals_an_uninterrupted_run(run_cli, synthetic):
+    config = load_config("synthetic", ["train.epochs=4", "strategy.name=lb", "strategy.lb.update_every=5"])
+    reference = runner.train(config, [0], run_name="reference")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_epoch_2(seed, epoch, total, metrics):
+        if epoch == 2:
+            raise Stop()
+
+    parents = []
+    with pytest.raises(Stop):
+        runner.train(config, [0], run_name="stopped", progress=stop_after_epoch_2, on_parent=parents.append)
+    tracker = Tracker()
+    child = tracker.children(parents[0])[0]
+    assert child.info.status == "FAILED"
+    run_cli("train", "--resume", child.info.run_id)
+    resumed = tracker.get_run(child.info.run_id)
+    assert resumed.info.status == "FINISHED"
+    assert tracker.get_run(parents[0]).info.status == "FINISHED"
+    ref_child = reference.seeds[0].run_id
+    for key in ("alpha", "train_loss", "val_acc", "test_acc", "test_acc_slow", "val_modality_gap"):
+        # Same values at every epoch, each (key, step) logged once: exact resume in the same run.
+        assert _history(tracker, child.info.run_id, key) == _history(tracker, ref_child, key)
+    ref_final = tracker.get_run(ref_child).data.metrics
+    for key, value in ref_final.items():
+        if key.startswith("final_"):
+            assert resumed.data.metrics[key] == value
+
+
+def test_resume_of_a_parent_finishes_its_seeds(run_cli, synthetic):
+    config = load_config("synthetic", ["train.epochs=2", "strategy.name=heuristic"])
+
+    def interrupt(seed, epoch, total, metrics):
+        if seed == 1:
+            raise KeyboardInterrupt
+
+    parents = []
+    with pytest.raises(KeyboardInterrupt):
+        runner.train(config, [0, 1, 2], progress=interrupt, on_parent=parents.append)
+    tracker = Tracker()
+    assert tracker.get_run(parents[0]).info.status == "KILLED"
+    statuses = [c.info.status for c in tracker.children(parents[0])]
+    assert statuses == ["FINISHED", "KILLED"]  # seed 2 never started
+    result = run_cli("train", "--resume", parents[0])
+    assert "mean over 3 seeds" in result.output
+    children = tracker.children(parents[0])
+    assert [c.data.tags["dmgl.seed"] for c in children] == ["0", "1", "2"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert tracker.get_run(parents[0]).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("strategy", [["--strategy", "constant", "--alpha", "0"], ["--strategy", "stepwise", "--p", "0.05"],
+                                      ["--strategy", "lb", "--set", "strategy.lb.approx=cg"],
+                                      ["--strategy", "lb", "--set", "strategy.lb.approx=identity",
+                                       "--set", "strategy.lb.update_every=epoch"],
+                                      ["--strategy", "heuristic", "--set", "loss.matching=js"]])
+def test_every_strategy_trains(run_cli, synthetic, strategy):
+    result = run_cli("train", *strategy, "--epochs", "2")
+    assert "mean over 1 seeds" in result.output
+
+
+def test_constant_alpha_is_logged_unchanged(run_cli, synthetic):
+    result = run_cli("train", "--strategy", "constant", "--alpha", "0.25", "--epochs", "2")
+    tracker = Tracker()
+    child = tracker.children(_parent_id(result.output))[0]
+    assert [v for _, v in _history(tracker, child.info.run_id, "alpha")] == [0.25, 0.25]
+
+
+def test_seeds_are_reproducible_on_cpu(run_cli, synthetic):
+    first = run_cli("train", "--strategy", "lb", "--epochs", "2", "--seeds", "5,6")
+    second = run_cli("train", "--strategy", "lb", "--epochs", "2", "--seeds", "5,6")
+    tracker = Tracker()
+    a = [c.data.metrics for c in tracker.children(_parent_id(first.output))]
+    b = [c.data.metrics for c in tracker.children(_parent_id(second.output))]
+    keys = [k for k in a[0] if k.startswith("final_")]
+    assert [[m[k] for k in keys] for m in a] == [[m[k] for k in keys] for m in b]
+    assert a[0]["final_test_acc"] != a[1]["final_test_acc"] or a[0]["final_val_cls_loss"] != a[1]["final_val_cls_loss"]
