@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from dmgl_cli import __version__
-from dmgl_cli.errors import DmglError
+from dmgl_cli.errors import DmglError, Interrupted
 
 
 class DmglGroup(click.Group):
@@ -20,9 +20,9 @@ class DmglGroup(click.Group):
             return super().invoke(ctx)
         except DmglError as exc:
             raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt:
-            click.echo("\nInterrupted; the run was marked KILLED and can be continued with `dmgl train --resume RUN_ID`.",
-                       err=True)
+        except (KeyboardInterrupt, Interrupted):
+            click.echo("\nInterrupted: the run was checkpointed and marked KILLED; continue it with "
+                       "`dmgl train --resume RUN_ID`.", err=True)
             raise SystemExit(130) from None
 
 
@@ -68,6 +68,20 @@ def cli() -> None:
       dmgl train --recipe synthetic --strategy lb --seeds 3
       dmgl ui
     """
+    _route_warnings()
+
+
+def _route_warnings() -> None:
+    """dmgl's warnings (stale runs, storages that cannot be shared) go to stderr as one line each."""
+    import logging
+
+    log = logging.getLogger("dmgl")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.WARNING)
+        log.propagate = False
 
 
 # --------------------------------------------------------------------------------------------------- prepare
@@ -193,16 +207,18 @@ def _epoch_line(seed: int, epoch: int, total: int, m: dict[str, float]) -> str:
 @click.option("--alpha", type=float, help="alpha for --strategy constant (0 = plain Concat, 1 = matching only).")
 @click.option("--p", "p", type=float, help="p for --strategy stepwise: h(p) uses p, then 1 - p after half the epochs.")
 @click.option("--method", "-m", help="Training method (default: the recipe's, normally concat).")
+@click.option("--modality", help="For --method unimodal: the one modality to train (Table 1's uni-modal rows).")
 @click.option("--seeds", default="1", show_default=True, help="Number of seeds (from train.seed up) or a list: 0,1,2.")
 @click.option("--epochs", type=int, help="Shorthand for --set train.epochs=N.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe setting, e.g. optim.lr=0.05.")
 @click.option("--experiment", help="MLflow experiment (default: the dataset's name).")
 @click.option("--name", "run_name", help="Parent run name (default: METHOD-STRATEGY).")
 @click.option("--resume", "resume_run", metavar="RUN_ID", help="Continue an interrupted run (seed or parent run id).")
+@click.option("--deterministic", is_flag=True, help="PyTorch determinism switches: bit-identical reruns (slower on GPU).")
 @tracking_option
 @silent_option
-def train(recipe, strategy, alpha, p, method, seeds, epochs, overrides, experiment, run_name, resume_run,
-          tracking_uri, silent) -> None:
+def train(recipe, strategy, alpha, p, method, modality, seeds, epochs, overrides, experiment, run_name, resume_run,
+          deterministic, tracking_uri, silent) -> None:
     """Train with the paper's objective and record every seed in MLflow.
 
     \b
@@ -211,6 +227,7 @@ def train(recipe, strategy, alpha, p, method, seeds, epochs, overrides, experime
       dmgl train --strategy constant --alpha 0          # plain Concat
       dmgl train --strategy stepwise --p 0.05
       dmgl train --strategy heuristic --set train.epochs=30
+      dmgl train --method unimodal --modality slow --strategy constant --alpha 0
       dmgl train --resume 3f2a...                         # continue after a crash
     """
     from dmgl_cli import runner
@@ -222,7 +239,9 @@ def train(recipe, strategy, alpha, p, method, seeds, epochs, overrides, experime
 
     if resume_run:
         given = [n for n, v in (("--strategy", strategy), ("--alpha", alpha), ("--p", p), ("--method", method),
-                                ("--epochs", epochs), ("--experiment", experiment), ("--name", run_name)) if v is not None]
+                                ("--modality", modality),
+                                ("--epochs", epochs), ("--experiment", experiment), ("--name", run_name),
+                                ("--deterministic", deterministic or None)) if v is not None]
         if overrides:
             given.append("--set")
         if given:
@@ -236,9 +255,16 @@ def train(recipe, strategy, alpha, p, method, seeds, epochs, overrides, experime
             settings.append(f"method.name={method}")
         if epochs is not None:
             settings.append(f"train.epochs={epochs}")
+        if deterministic:
+            settings.append("train.deterministic=true")
+        if modality is not None:
+            settings.append(f"method.options.unimodal.modality='{modality}'")
         if experiment is not None:
             settings.append(f"experiment={experiment}")
         config = load_config(recipe, settings)
+        if modality is not None and config.method.name != "unimodal":
+            raise DmglError(f"--modality picks the one modality of --method unimodal; method {config.method.name!r} "
+                            "uses every modality, drop --modality")
         if alpha is not None:
             if config.strategy.name != "constant":
                 raise DmglError(f"--alpha applies to --strategy constant, not {config.strategy.name} "
@@ -304,6 +330,38 @@ def eval_command(run_id, checkpoint, split, tracking_uri) -> None:
         match = "no logged values to compare" if diff is None else (
             "matches the logged metrics exactly" if diff == 0 else f"max |diff| vs logged {diff:.2e}")
         click.echo(f"run {outcome.run_id} seed {outcome.seed} {checkpoint}.pt on {split}: {line}  ({match})")
+
+
+# ------------------------------------------------------------------------------------------------------ runs
+
+
+@cli.group(cls=DmglGroup)
+def runs() -> None:
+    """Housekeeping of recorded runs."""
+
+
+@runs.command("reconcile")
+@click.option("--experiment", help="Only this MLflow experiment (default: all).")
+@click.option("--older-than", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Minutes without a heartbeat after which a run from another machine counts as dead.")
+@tracking_option
+def runs_reconcile(experiment, older_than, tracking_uri) -> None:
+    """Mark runs KILLED that are recorded as RUNNING but whose process is gone (SIGKILL, OOM, lost machine).
+
+    On this machine the recorded process id is checked; runs from other machines count as dead after
+    --older-than minutes without a heartbeat (one per epoch). They stay resumable with `dmgl train --resume`.
+
+    \b
+    Examples:
+      dmgl runs reconcile
+      dmgl runs reconcile --experiment crema-d --older-than 120
+    """
+    from dmgl_cli.runner import reconcile
+
+    settled = reconcile(experiment=experiment, older_than_minutes=older_than, tracking_uri=tracking_uri)
+    for run in settled:
+        click.echo(f"marked KILLED: {run.info.run_id} ({run.info.run_name}, {run.data.tags.get('dmgl.role', '?')})")
+    click.echo(f"{len(settled)} stale run(s) settled")
 
 
 # -------------------------------------------------------------------------------------------------------- ui

@@ -8,3 +8,10 @@ ordinary exceptions so that they keep their tracebacks.
 
 class DmglError(Exception):
     """An error the user can fix; its message names the culprit and what to do."""
+
+
+class Interrupted(BaseException):
+    """Training stopped on request (SIGTERM, Ctrl-C) after a checkpoint of the exact position was written.
+
+    A BaseException, like KeyboardInterrupt, so that ordinary ``except Exception`` handlers do not swallow it.
+    """

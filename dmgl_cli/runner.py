@@ -20,8 +20,10 @@ from dmgl_cli.checkpoint import load_model_state
 from dmgl_cli.config import Config, config_from_yaml
 from dmgl_cli.data.prepared import PreparedDataset
 from dmgl_cli.data.registry import DatasetRegistry
-from dmgl_cli.errors import DmglError
+from dmgl_cli.errors import DmglError, Interrupted
+from dmgl_cli.methods import METHODS
 from dmgl_cli.metrics import summarise_over_seeds
+from dmgl_cli.paths import safe_name
 from dmgl_cli.plots import alpha_figure, close
 from dmgl_cli.tracking import RunRecorder, Tracker
 from dmgl_cli.train import Trainer, TrainResult, evaluate
@@ -31,24 +33,32 @@ Progress = Callable[[int, int, int, dict[str, float]], None]
 FINAL_PREFIX = "final_"
 
 
-class Interrupted(BaseException):
-    """SIGTERM while training: handled like Ctrl-C (checkpoint kept, run marked KILLED)."""
+class Stopped(Exception):
+    """Raised from a ``progress`` callback to stop training on purpose (a pruned sweep trial): the runs are marked
+    KILLED rather than FAILED, and the exception propagates to the caller."""
 
 
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def _graceful_stop(holder: dict[str, Trainer]) -> Iterator[None]:
+    """SIGTERM and Ctrl-C ask the trainer to stop after the current optimiser step and checkpoint that exact
+    position; a second request (or one before training started) stops at once, leaving the previous checkpoint."""
+
     def handler(signum, frame):
-        raise Interrupted()
+        trainer = holder.get("trainer")
+        if trainer is None or trainer.stop_requested:
+            raise Interrupted()
+        trainer.stop_requested = True
 
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @dataclass
@@ -80,6 +90,8 @@ def _tags(config: Config, dataset: PreparedDataset, role: str) -> dict[str, str]
         "dmgl.dataset": config.dataset,
         "dmgl.dataset_checksum": dataset.checksum,
         "dmgl.method": config.method.name,
+        # Where the per-modality scores come from: head-split (Concat), the method's own outputs, or probes.
+        "dmgl.per_modality_scores": METHODS[config.method.name].per_modality_source,
         "dmgl.strategy": config.strategy.name,
         "dmgl.recipe": config.recipe,
         "dmgl.version": __version__,
@@ -118,13 +130,14 @@ def _train_seed(tracker: Tracker, run_id: str, config: Config, dataset: Prepared
     seed = config.train.seed
     recorder = RunRecorder(tracker, run_id, tracker.logged_steps(run_id) if resume_state else ())
     epoch_progress = (lambda e, t, m: progress(seed, e, t, m)) if progress else None
+    holder: dict[str, Trainer] = {}
     try:
-        with _sigterm_as_interrupt():
-            trainer = Trainer(config, dataset, seed, recorder, epoch_progress)
+        with _graceful_stop(holder):
+            trainer = holder["trainer"] = Trainer(config, dataset, seed, recorder, epoch_progress)
             if resume_state is not None:
                 trainer.load_state_dict(resume_state, f"run {run_id} checkpoints/last.pt")
             result = trainer.fit()
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, Interrupted, Stopped):
         tracker.end_run(run_id, "KILLED")
         raise
     except BaseException:
@@ -152,27 +165,34 @@ def _finish_parent(tracker: Tracker, parent_id: str, outcomes: list[SeedOutcome]
 
 
 def _start_seed_run(tracker: Tracker, experiment_id: str, parent_id: str, config: Config, dataset: PreparedDataset,
-                    run_name: str) -> str:
+                    run_name: str, extra_tags: dict[str, str] | None = None) -> str:
     seed = config.train.seed
     run_id = tracker.start_run(experiment_id, f"{run_name}-seed{seed}",
-                               {**_tags(config, dataset, "seed"), "dmgl.seed": str(seed)}, parent_id=parent_id)
+                               {**_tags(config, dataset, "seed"), "dmgl.seed": str(seed), **(extra_tags or {})},
+                               parent_id=parent_id)
     tracker.log_params(run_id, config.flat())
     tracker.log_text(run_id, config.to_yaml(), "config.yaml")
     return run_id
 
 
 def train(config: Config, seeds: list[int], *, tracking_uri: str | None = None, progress: Progress | None = None,
-          run_name: str | None = None, on_parent: Callable[[str], None] | None = None) -> TrainOutcome:
-    """Train ``config`` once per seed under one parent run; returns run ids and the mean/std summary."""
+          run_name: str | None = None, on_parent: Callable[[str], None] | None = None,
+          sweep_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> TrainOutcome:
+    """Train ``config`` once per seed under one parent run; returns run ids and the mean/std summary.
+
+    ``sweep_run_id`` nests the parent run under a ``dmgl sweep`` run (``mlflow.parentRunId``); ``extra_tags`` go on
+    the parent and on every seed run (e.g. ``dmgl.sweep``, ``dmgl.trial``)."""
     if not seeds:
         raise DmglError("at least one seed is needed")
     dataset = open_dataset(config.dataset)
     tracker = Tracker(tracking_uri)
     experiment = config.experiment or config.dataset
     experiment_id = tracker.experiment_id(experiment)
-    run_name = run_name or f"{config.method.name}-{config.strategy.name}"
+    tracker.warn_stale([experiment_id])
+    run_name = safe_name(run_name or f"{config.method.name}-{config.strategy.name}", "run name")
     parent_id = tracker.start_run(experiment_id, run_name,
-                                  {**_tags(config, dataset, "parent"), "dmgl.seeds": ",".join(map(str, seeds))})
+                                  {**_tags(config, dataset, "parent"), "dmgl.seeds": ",".join(map(str, seeds)),
+                                   **(extra_tags or {})}, parent_id=sweep_run_id)
     if on_parent:
         on_parent(parent_id)
     tracker.log_params(parent_id, {**config.flat(), "seeds": ",".join(map(str, seeds))})
@@ -181,9 +201,9 @@ def train(config: Config, seeds: list[int], *, tracking_uri: str | None = None, 
     try:
         for seed in seeds:
             seeded = _seed_config(config, seed)
-            run_id = _start_seed_run(tracker, experiment_id, parent_id, seeded, dataset, run_name)
+            run_id = _start_seed_run(tracker, experiment_id, parent_id, seeded, dataset, run_name, extra_tags)
             outcomes.append(_train_seed(tracker, run_id, seeded, dataset, progress))
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, Interrupted, Stopped):
         tracker.end_run(parent_id, "KILLED")
         raise
     except BaseException:
@@ -216,7 +236,7 @@ def _resume_seed(tracker: Tracker, run, progress: Progress | None) -> SeedOutcom
         if "has no checkpoint" not in str(exc):
             raise
         state = None  # stopped before its first epoch ended: train from the start, in the same run
-    tracker.client.update_run(run_id, status="RUNNING")
+    tracker.mark_running(run_id)
     return _train_seed(tracker, run_id, config, dataset, progress, resume_state=state)
 
 
@@ -231,9 +251,10 @@ def resume(run_id: str, *, tracking_uri: str | None = None, progress: Progress |
         raise DmglError(f"run {run_id} was not made by `dmgl train` (no dmgl.role tag); nothing to resume")
     parent_id = run_id if role == "parent" else run.data.tags["mlflow.parentRunId"]
     parent = tracker.get_run(parent_id)
+    tracker.warn_stale([parent.info.experiment_id])
     parent_config = config_from_yaml(tracker.read_text(parent_id, "config.yaml"))
     wanted = [int(s) for s in parent.data.tags.get("dmgl.seeds", "").split(",") if s]
-    tracker.client.update_run(parent_id, status="RUNNING")
+    tracker.mark_running(parent_id)
     outcomes: dict[int, SeedOutcome] = {}
     try:
         children = {int(c.data.tags["dmgl.seed"]): c for c in tracker.children(parent_id)}
@@ -301,6 +322,7 @@ def evaluate_run(run_id: str, *, checkpoint: str = "best", split: str = "test",
 
 def _evaluate_seed(tracker: Tracker, run, checkpoint: str, split: str) -> EvalOutcome:
     from dmgl_cli.data.loader import make_loader, make_splits
+    from dmgl_cli.data.transforms import build_transforms
     from dmgl_cli.methods import build_method
     from dmgl_cli.train import pick_device
 
@@ -315,6 +337,7 @@ def _evaluate_seed(tracker: Tracker, run, checkpoint: str, split: str) -> EvalOu
     load_model_state(model, state["model"], f"run {run_id} checkpoints/{checkpoint}.pt")
     model.to(device)
     splits = make_splits(dataset, config.data.val_fraction, config.data.split_seed)
+    getattr(splits, split).transform = build_transforms(dataset.modalities, config, training=False)
     loader = make_loader(getattr(splits, split), config.train.eval_batch_size, shuffle=False, seed=0, drop_last=False)
     metrics = evaluate(model, method, config, loader, device, split)
     if checkpoint == "best":
@@ -327,3 +350,17 @@ def _evaluate_seed(tracker: Tracker, run, checkpoint: str, split: str) -> EvalOu
                      f"eval/{checkpoint}-{split}.json")
     return EvalOutcome(run_id=run_id, seed=config.train.seed, checkpoint=checkpoint, split=split,
                        metrics=metrics, logged=logged)
+
+
+def reconcile(*, experiment: str | None = None, older_than_minutes: float = 60.0,
+              tracking_uri: str | None = None) -> list:
+    """Mark stale RUNNING runs (their process died: SIGKILL, OOM, a lost machine) KILLED; returns them."""
+    tracker = Tracker(tracking_uri)
+    if experiment:
+        experiment_ids = [tracker.experiment_id(experiment, create=False)]
+    else:
+        experiment_ids = [e.experiment_id for e in tracker.client.search_experiments()]
+    stale = tracker.stale_runs(experiment_ids, older_than_minutes)
+    for run in stale:
+        tracker.end_run(run.info.run_id, "KILLED")
+    return stale

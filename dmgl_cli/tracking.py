@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -39,6 +40,7 @@ from dmgl_cli.paths import default_artifacts_dir, default_tracking_uri, ensure_r
 
 for _noisy in ("mlflow", "alembic", "sqlalchemy"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
+logger = logging.getLogger("dmgl")
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 PARENT_TAG = "mlflow.parentRunId"
@@ -55,6 +57,34 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of a process (Linux /proc), so a recycled pid is not mistaken for our process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22 (starttime); the command name (field 2) may contain spaces, so split after its closing ')'.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_alive(pid: int, start_time: str | None) -> bool:
+    current = process_start_time(pid)
+    return current is not None and (start_time is None or current == start_time)
+
+
+def environment_tags() -> dict[str, str]:
+    import torch
+
+    return {
+        "dmgl.host": platform.node(),
+        "dmgl.pid": str(os.getpid()),
+        "dmgl.pid_start": process_start_time(os.getpid()) or "",
+        "dmgl.torch": torch.__version__,
+        "dmgl.cuda": torch.version.cuda or "none",
+        "dmgl.heartbeat": str(int(time.time())),
+    }
 
 
 def local_path(uri: str) -> Path | None:
@@ -97,7 +127,7 @@ class Tracker:
 
     # -------------------------------------------------------------------------------------------------- runs
     def start_run(self, experiment_id: str, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
-        tags = {"dmgl.version": __version__, **tags}
+        tags = {"dmgl.version": __version__, **environment_tags(), **tags}
         commit = git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
@@ -132,6 +162,39 @@ class Tracker:
             if not token or len(runs) >= max_results:
                 return runs
 
+    # ------------------------------------------------------------------ read helpers for `dmgl report` / `sweep`
+    def experiments(self, names: list[str] | None = None) -> dict[str, str]:
+        """{experiment id: name} of the named experiments (DmglError naming one that is missing), or of all."""
+        try:
+            if names:
+                found = {}
+                for name in names:
+                    experiment = self.client.get_experiment_by_name(name)
+                    if experiment is None:
+                        known = ", ".join(sorted(e.name for e in self.client.search_experiments())) or "(none)"
+                        raise DmglError(f"no MLflow experiment named {name!r} in {self.uri}; experiments: {known}")
+                    found[experiment.experiment_id] = experiment.name
+                return found
+            return {e.experiment_id: e.name for e in self.client.search_experiments(view_type=ViewType.ACTIVE_ONLY)}
+        except MlflowException as exc:
+            raise DmglError(f"cannot read experiments from the MLflow store {self.uri} ({exc.message})") from None
+
+    def find_runs(self, experiment_ids: list[str], filter_string: str = "") -> list:
+        """:meth:`search`, with a malformed filter reported as a DmglError."""
+        try:
+            return self.search(experiment_ids, filter_string)
+        except MlflowException as exc:
+            raise DmglError(f"MLflow could not search runs with filter {filter_string!r}: {exc.message}") from None
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) pairs of one metric, by step; the last value logged wins for a repeated step."""
+        by_step = {m.step: m.value for m in sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+        return sorted(by_step.items())
+
+    def reopen_run(self, run_id: str) -> None:
+        """Mark a terminated run RUNNING again (a sweep that a worker continues)."""
+        self.client.update_run(run_id, status="RUNNING")
+
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), _BATCH):
@@ -157,6 +220,38 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def mark_running(self, run_id: str) -> None:
+        """A resumed run: RUNNING again, owned by this process."""
+        self.client.update_run(run_id, status="RUNNING")
+        self.set_tags(run_id, {k: v for k, v in environment_tags().items() if k in ("dmgl.host", "dmgl.pid",
+                                                                                   "dmgl.pid_start", "dmgl.heartbeat")})
+
+    def stale_runs(self, experiment_ids: list[str], older_than_minutes: float = 60.0) -> list:
+        """Runs marked RUNNING whose process is gone: on this host, the recorded pid no longer runs; on another
+        host (where the pid cannot be checked), no heartbeat for ``older_than_minutes``."""
+        host, now = platform.node(), time.time()
+        stale = []
+        for run in self.search(experiment_ids, "attributes.status = 'RUNNING'"):
+            tags = run.data.tags
+            if "dmgl.role" not in tags:
+                continue
+            if tags.get("dmgl.host") == host and tags.get("dmgl.pid"):
+                if not process_alive(int(tags["dmgl.pid"]), tags.get("dmgl.pid_start") or None):
+                    stale.append(run)
+            elif now - float(tags.get("dmgl.heartbeat", run.info.start_time / 1000)) > older_than_minutes * 60:
+                stale.append(run)
+        return stale
+
+    def warn_stale(self, experiment_ids: list[str]) -> list:
+        stale = self.stale_runs(experiment_ids)
+        if stale:
+            names = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in stale[:5])
+            logger.warning(
+                "%d run(s) are marked RUNNING but their process is gone: %s. `dmgl train --resume RUN_ID` continues "
+                "one; `dmgl runs reconcile` marks them KILLED.", len(stale), names,
+            )
+        return stale
 
     def status(self, run_id: str) -> str:
         return self.get_run(run_id).info.status
@@ -217,6 +312,7 @@ class RunRecorder:
         if fresh:
             self.tracker.log_metrics(self.run_id, fresh, step)
             self.already_logged.update((k, step) for k in fresh)
+        self.tracker.set_tags(self.run_id, {"dmgl.heartbeat": str(int(time.time()))})
 
     def save_checkpoint(self, name: str, state: dict[str, Any]) -> None:
         self.tracker.save_checkpoint(self.run_id, name, state)

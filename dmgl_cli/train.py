@@ -33,9 +33,10 @@ from dmgl_cli.checkpoint import capture_rng, load_model_state, restore_rng
 from dmgl_cli.config import Config, build_strategy_from_config
 from dmgl_cli.data.loader import ArraySplit, make_loader, make_splits, sample_batch
 from dmgl_cli.data.prepared import PreparedDataset
-from dmgl_cli.errors import DmglError
+from dmgl_cli.data.transforms import build_transforms
+from dmgl_cli.errors import DmglError, Interrupted
 from dmgl_cli.hypergradient import alpha_hypergradient
-from dmgl_cli.losses import classification_loss, modality_matching_loss, total_loss
+from dmgl_cli.losses import modality_matching_loss, total_loss
 from dmgl_cli.methods import build_method
 from dmgl_cli.methods.base import Method
 from dmgl_cli.metrics import MetricAccumulator
@@ -97,7 +98,7 @@ def _autocast(device: torch.device, enabled: bool):
 
 def compute_losses(method: Method, config: Config, output: ModelOutput, labels: Tensor) -> tuple[Tensor, Tensor]:
     """(L_CLS, L_MM) of one batch; L_MM is 0 for methods with one modality."""
-    cls_loss = classification_loss(output.logits.float(), labels)
+    cls_loss = method.classification_loss(output, labels)
     if method.uses_matching and len(output.embeddings) >= 2:
         mm_loss = modality_matching_loss(
             config.loss.matching,
@@ -158,6 +159,10 @@ class Trainer:
                 f"dataset {dataset.name} has an empty split (train {len(self.splits.train)}, "
                 f"val {len(self.splits.val)}, test {len(self.splits.test)}); prepare more samples"
             )
+        # Frame sampling and augmentation from data.options: random (seeded per batch) in training only.
+        self.splits.train.transform = build_transforms(dataset.modalities, config, training=True)
+        self.splits.val.transform = self.splits.test.transform = build_transforms(dataset.modalities, config,
+                                                                                  training=False)
         pin = self.device.type == "cuda"
         workers = config.data.num_workers
         self.train_loader = make_loader(self.splits.train, config.train.batch_size, shuffle=True, seed=seed,
@@ -182,6 +187,10 @@ class Trainer:
         self.best_epoch = 0
         self.best_scores: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+        # A stop request (set from a signal handler) is honoured between two optimiser steps, never inside one,
+        # so the checkpoint written on the way out is consistent and resumes at the exact batch.
+        self.stop_requested = False
+        self._epoch_position: dict[str, Any] = {}  # mid-epoch progress restored from an interrupted run
 
     # ------------------------------------------------------------------------------------------------ building
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -220,19 +229,24 @@ class Trainer:
         inputs, labels = _to_device(outer, self.device)
         with _autocast(self.device, self.config.train.amp):
             output = self.method.forward(self.model, inputs, training=True)
-        outer_cls = classification_loss(output.logits.float(), labels)
+        outer_cls = self.method.classification_loss(output, labels)
         return alpha_hypergradient(cls_loss, mm_loss, cls_loss_outer=outer_cls, params=self._hyper_parameters(),
                                    **self.strategy.hypergradient_settings)
 
     def _train_epoch(self) -> dict[str, float]:
         config, model, method, strategy = self.config, self.model, self.method, self.strategy
         model.train()
-        self.train_loader.batch_sampler.set_epoch(self.epoch)
-        sums: dict[str, Tensor] = {}
-        seen = 0
-        started = time.perf_counter()
+        sampler = self.train_loader.batch_sampler
+        sampler.set_epoch(self.epoch)
         batches = len(self.train_loader)
-        for index, batch in enumerate(self.train_loader):
+        # After an interruption mid-epoch: skip the batches already trained and carry on the epoch's sums.
+        position = self._epoch_position
+        self._epoch_position = {}
+        sampler.skip = position.get("batch", 0)
+        sums: dict[str, Tensor] = {k: torch.tensor(v, device=self.device) for k, v in position.get("sums", {}).items()}
+        seen = position.get("seen", 0)
+        started = time.perf_counter() - position.get("seconds", 0.0)
+        for index, batch in enumerate(self.train_loader, start=sampler.skip):
             inputs, labels = _to_device(batch, self.device)
             alpha = strategy.alpha
             step_info = {"epoch": self.epoch + 1, "global_step": self.global_step, "alpha": alpha}
@@ -258,6 +272,12 @@ class Trainer:
             # Sums stay on the device: no host sync per step.
             for name, value in {"loss": loss, "cls_loss": cls_loss, "mm_loss": mm_loss, **extra}.items():
                 sums[name] = sums.get(name, 0) + value.detach().float() * size
+            if self.stop_requested and index < batches - 1:
+                self._epoch_position = {"batch": index + 1, "sums": {k: float(v) for k, v in sums.items()},
+                                        "seen": seen, "seconds": time.perf_counter() - started}
+                self.sink.save_checkpoint("last", self.state_dict())
+                raise Interrupted()
+        sampler.skip = 0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - started
@@ -309,6 +329,8 @@ class Trainer:
             self.sink.save_checkpoint("last", self.state_dict())
             self.sink.log_metrics(metrics, step=number)
             self.progress(number, total, metrics)
+            if self.stop_requested and self.epoch < total:
+                raise Interrupted()  # the epoch-end checkpoint above is the resume point
         final = {"best_epoch": float(self.best_epoch), **self.best_scores}
         return TrainResult(best_epoch=self.best_epoch, final=final, history=list(self.history))
 
@@ -335,6 +357,7 @@ class Trainer:
             "method": self.method.state_dict(),
             "best": {"metric": self.best_metric, "epoch": self.best_epoch, "scores": dict(self.best_scores)},
             "history": [dict(h) for h in self.history],
+            "epoch_position": dict(self._epoch_position),
             "rng": capture_rng(),
         }
 
@@ -351,4 +374,5 @@ class Trainer:
         best = state["best"]
         self.best_metric, self.best_epoch, self.best_scores = float(best["metric"]), int(best["epoch"]), dict(best["scores"])
         self.history = [dict(h) for h in state["history"]]
+        self._epoch_position = dict(state.get("epoch_position") or {})
         restore_rng(state["rng"])

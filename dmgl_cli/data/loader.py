@@ -23,9 +23,11 @@ Batch = dict[str, object]  # {"inputs": {modality: Tensor}, "labels": Tensor, "i
 class ArraySplit(Dataset):
     """A split (or a subset of one, through ``indices``) served a whole batch at a time."""
 
-    def __init__(self, arrays: SplitArrays, indices: np.ndarray | None = None):
+    def __init__(self, arrays: SplitArrays, indices: np.ndarray | None = None, transform=None):
         self.arrays = arrays
         self.indices = np.arange(len(arrays)) if indices is None else np.asarray(indices, dtype=np.int64)
+        # Optional (inputs, rows) -> inputs batch transform (data/transforms.py); runs in the loader's workers.
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -43,6 +45,8 @@ class ArraySplit(Dataset):
         restore[order] = np.arange(len(order))
         inputs = {m: torch.from_numpy(np.ascontiguousarray(arr[sorted_rows][restore])) for m, arr in self.arrays.inputs.items()}
         labels = torch.from_numpy(np.asarray(self.arrays.labels[sorted_rows][restore], dtype=np.int64))
+        if self.transform is not None:
+            inputs = self.transform(inputs, rows)
         return {"inputs": inputs, "labels": labels, "indices": torch.from_numpy(rows)}
 
     def __getitem__(self, position: int) -> Batch:
@@ -57,6 +61,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         # Never drop the only batch: a tiny dataset still trains.
         self.drop_last = drop_last and size > batch_size
         self.epoch = 0
+        self.skip = 0  # batches of this epoch to leave out (resuming in the middle of an epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -68,7 +73,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         else:
             order = list(range(self.size))
         stop = self.size - self.size % self.batch_size if self.drop_last else self.size
-        for start in range(0, stop, self.batch_size):
+        for start in range(self.skip * self.batch_size, stop, self.batch_size):
             yield order[start : start + self.batch_size]
 
     def __len__(self) -> int:

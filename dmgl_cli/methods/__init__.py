@@ -4,9 +4,23 @@ from __future__ import annotations
 
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods.base import ConcatMethod, Method
+from dmgl_cli.methods.affine import AffineMethod
+from dmgl_cli.methods.channel import ChannelMethod
+from dmgl_cli.methods.etmc import ETMCMethod
+from dmgl_cli.methods.ml_lstm import MLLSTMMethod
+from dmgl_cli.methods.sum import SumMethod
+from dmgl_cli.methods.unimodal import UnimodalMethod
+from dmgl_cli.methods.weight import WeightMethod
 
 METHODS: dict[str, type[Method]] = {
     ConcatMethod.name: ConcatMethod,
+    UnimodalMethod.name: UnimodalMethod,
+    SumMethod.name: SumMethod,
+    WeightMethod.name: WeightMethod,
+    AffineMethod.name: AffineMethod,
+    ChannelMethod.name: ChannelMethod,
+    MLLSTMMethod.name: MLLSTMMethod,
+    ETMCMethod.name: ETMCMethod,
 }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dmgl_cli.losses import classification_loss
 from dmgl_cli.models import ModelOutput, MultimodalModel, build_model
 
 
@@ -21,14 +22,27 @@ class Method:
     strategies: tuple[str, ...] | None = None
     # Whether L_MM is computed (methods with a single modality have nothing to match).
     uses_matching = True
+    # Where per-modality scores come from: "head-split" (Concat's head split per modality), "own" (the method's
+    # own uni-modal outputs) or "probe" (linear probes on detached embeddings); recorded as a run tag.
+    per_modality_source = "head-split"
 
     def __init__(self, config, options: dict[str, Any]):
         self.config = config
         self.options = options
 
     # -- construction --------------------------------------------------------------------------------------------
+    @classmethod
+    def configure(cls, config) -> None:
+        """Adjust the resolved config before it is validated and recorded (called by ``config.validate``): a
+        method defined by fixed settings (``dmgl-official``) pins them here, so the run records what it ran."""
+
     def check(self) -> None:
         """Refuse a configuration this method cannot run (raise DmglError)."""
+
+    def attach(self, trainer) -> None:
+        """Called once by the Trainer after the model, optimiser, scheduler and strategy exist. Methods that need
+        more than the batch keep the trainer: its ``splits`` and ``device`` (G-Blend's validation losses, PMR's
+        prototypes over the training set, MSES's per-modality validation loss) or its ``optimizer`` (MSLR)."""
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> MultimodalModel:
         return build_model(self.config, modalities, num_classes)
@@ -38,8 +52,22 @@ class Method:
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
     # -- training step -------------------------------------------------------------------------------------------
+    def train_passes(self) -> tuple[Any, ...]:
+        """Keys of the optimiser steps taken on each training batch, in order; the loop calls
+        :meth:`start_pass` with each key before that step's forward. Default: one step per batch. MLA returns its
+        modalities: each batch trains one modality after the other, with an optimiser step each."""
+        return (None,)
+
+    def start_pass(self, key: Any) -> None:
+        """Called before each optimiser step of a batch with its key from :meth:`train_passes`."""
+
     def forward(self, model: MultimodalModel, inputs: dict[str, Tensor], training: bool) -> ModelOutput:
         return model(inputs)
+
+    def classification_loss(self, output: ModelOutput, labels: Tensor) -> Tensor:
+        """L_CLS of a batch: cross-entropy of the fused logits, unless the method replaces it (ETMC's evidential
+        loss). Used for training, evaluation and the LB strategy's outer loss alike."""
+        return classification_loss(output.logits.float(), labels)
 
     def extra_losses(self, output: ModelOutput, labels: Tensor, step: dict[str, Any]) -> dict[str, Tensor]:
         """Loss terms added to (1 - alpha) L_CLS + alpha L_MM, by name (each is logged)."""

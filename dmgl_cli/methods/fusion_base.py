@@ -53,7 +53,8 @@ class LinearProbes(nn.Module):
         self.heads = nn.ModuleDict({m: nn.Linear(embed_dim, num_classes) for m in modalities})
 
     def forward(self, embeddings: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {m: head(embeddings[m].detach()) for m, head in self.heads.items()}
+        # float(): the probe step runs outside autocast, on embeddings that may be bf16.
+        return {m: head(embeddings[m].detach().float()) for m, head in self.heads.items()}
 
 
 def encoders_for(config, modalities: dict[str, dict[str, Any]], num_classes: int) -> nn.ModuleDict:
@@ -158,8 +159,9 @@ class FusionMethod(Method):
             return
         optimizer = self._probes_optimizer(model)
         optimizer.zero_grad(set_to_none=True)
-        probe_loss = torch.stack([F.cross_entropy(logits.float(), labels)
-                                  for logits in output.unimodal_logits.values()]).mean()
+        # Recomputed from the (detached) embeddings: a fresh graph, whatever the main backward freed.
+        probe_logits = model.fusion.probes(output.embeddings)
+        probe_loss = torch.stack([F.cross_entropy(logits, labels) for logits in probe_logits.values()]).mean()
         probe_loss.backward()
         optimizer.step()
         # Cleared so that gradient clipping of the main step never sees the probes.

@@ -6,12 +6,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
 from torch import Tensor, nn
 
 from dmgl_cli.errors import DmglError
+from dmgl_cli.models.text import build_bert
+from dmgl_cli.models.vision import build_resnet, build_video_resnet
 
 
 class MLPEncoder(nn.Module):
@@ -39,7 +43,26 @@ def _mlp(spec: dict[str, Any], cfg, embed_dim: int, dropout: float) -> nn.Module
     return MLPEncoder(math.prod(spec["shape"]), cfg.hidden, cfg.layers, embed_dim, dropout)
 
 
-ENCODERS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp}
+def _auto(spec: dict[str, Any], cfg, embed_dim: int, dropout: float) -> nn.Module:
+    """By the modality's kind: ResNet18 for audio, frames and images, BERT for text (``weights`` names the text
+    model and is used for text only), MLP for vectors. For datasets of the user's own (``dmgl prepare custom``)."""
+    by_kind = {"audio": "resnet18", "video": "resnet18", "image": "resnet18", "text": "bert", "vector": "mlp"}
+    name = by_kind[spec["kind"]]
+    if name != "bert" and cfg.weights:
+        cfg = dataclasses.replace(cfg, weights=None)
+    return ENCODERS[name](spec, cfg, embed_dim, dropout)
+
+
+ENCODERS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": _mlp,
+    "resnet18": functools.partial(build_resnet, "resnet18"),  # audio (1 channel), frames, images
+    "resnet50": functools.partial(build_resnet, "resnet50"),  # images (Sarcasm, Twitter2015)
+    "bert": build_bert,  # text: a BERT-family transformers model (weights = local folder or hub id)
+    "r3d_18": functools.partial(build_video_resnet, "r3d_18"),  # NVGesture clips (RGB 3 / depth 1 / flow 2 ch)
+    "r2plus1d_18": functools.partial(build_video_resnet, "r2plus1d_18"),
+    "mc3_18": functools.partial(build_video_resnet, "mc3_18"),
+    "auto": _auto,
+}
 
 
 def build_encoder(spec: dict[str, Any], cfg, embed_dim: int, dropout: float) -> nn.Module:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from dmgl_cli.data.preparers import synthetic
+from dmgl_cli.data.preparers import crema_d, synthetic
 from dmgl_cli.data.preparers.base import PrepareJob
 
 PREPARERS: dict[str, ModuleType] = {
     synthetic.NAME: synthetic,
+    crema_d.NAME: crema_d,
 }
 
 __all__ = ["PREPARERS", "PrepareJob"]

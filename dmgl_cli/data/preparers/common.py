@@ -1,0 +1,143 @@
+"""Helpers the raw-file preparers share: layout checks, split files, exact stratified splits, option checks."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dmgl_cli.data.preparers.base import PrepareJob
+from dmgl_cli.errors import DmglError
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "dev": "val", "test": "test", "testing": "test"}
+
+
+def raw_folder(job: PrepareJob, dataset: str, layout: str) -> Path:
+    if job.raw is None:
+        raise DmglError(f"`dmgl prepare {dataset}` needs --raw PATH, the folder of the downloaded dataset:\n{layout}")
+    return Path(job.raw)
+
+
+def check_layout(raw: Path, required: Iterable[str], dataset: str, layout: str) -> None:
+    """Every path in ``required`` (relative to ``raw``; a trailing '/' means a folder) must exist, else one error
+    that lists everything missing and shows the expected layout."""
+    missing = []
+    for rel in required:
+        path = raw / rel.rstrip("/")
+        ok = path.is_dir() if rel.endswith("/") else path.is_file()
+        if not ok:
+            missing.append(rel)
+    if missing:
+        raise DmglError(
+            f"{raw} does not look like the raw {dataset} download: missing {', '.join(missing)}.\n"
+            f"Expected layout under --raw:\n{layout}"
+        )
+
+
+def visible_files(folder: Path, suffixes: set[str], recursive: bool = False) -> list[Path]:
+    """Files in ``folder`` with one of ``suffixes`` (case-insensitive), skipping hidden files (``._x`` etc.)."""
+    pattern = "**/*" if recursive else "*"
+    return sorted(
+        p for p in folder.glob(pattern)
+        if p.is_file() and p.suffix.lower() in suffixes and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def normalise_split(value: str, where: str) -> str:
+    split = SPLIT_ALIASES.get(str(value).strip().lower())
+    if split is None:
+        raise DmglError(f"{where}: unknown split {value!r}; use train, val (valid, validation, dev) or test")
+    return split
+
+
+def exact_stratified_split(labels: Sequence[int], held_out: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held) with exactly ``held_out`` held out, spread over classes in proportion to their size
+    (largest remainders), each class shuffled by a generator seeded with ``seed``. Both sorted."""
+    labels = np.asarray(labels)
+    total = len(labels)
+    if not 0 < held_out < total:
+        raise DmglError(f"cannot hold out {held_out} of {total} samples")
+    classes, counts = np.unique(labels, return_counts=True)
+    quotas = counts * held_out / total
+    take = np.floor(quotas).astype(int)
+    remainder = held_out - take.sum()
+    for position in np.argsort(-(quotas - take), kind="stable")[:remainder]:
+        take[position] += 1
+    rng = np.random.default_rng(seed)
+    held = []
+    for cls, count in zip(classes, take):
+        members = np.flatnonzero(labels == cls)
+        rng.shuffle(members)
+        held.append(members[:count])
+    held_idx = np.sort(np.concatenate(held)).astype(np.int64)
+    kept_idx = np.setdiff1d(np.arange(total), held_idx).astype(np.int64)
+    return kept_idx, held_idx
+
+
+def read_id_label_csv(path: Path, what: str) -> list[tuple[str, str]]:
+    """Rows ``id,label`` (an optional header row whose first cell is a known column name is skipped)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DmglError(f"{what} {path} does not exist")
+    rows: list[tuple[str, str]] = []
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        for number, row in enumerate(csv.reader(handle), start=1):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) < 2:
+                raise DmglError(f"{path}:{number}: expected `id,label`, got {','.join(row)!r}")
+            ident, label = row[0].strip(), row[1].strip()
+            if number == 1 and ident.lower() in ("clip_id", "id", "clip", "name", "youtube_id", "video_id"):
+                continue
+            rows.append((ident, label))
+    if not rows:
+        raise DmglError(f"{what} {path} lists no samples")
+    return rows
+
+
+def split_files_option(job: PrepareJob, key: str = "split_files") -> dict[str, Path] | None:
+    """``--split-file SPLIT=PATH`` values (``{"train": path, ...}``), checked; None when not given."""
+    value = job.options.get(key)
+    if value in (None, "", {}):
+        return None
+    if not isinstance(value, dict):
+        raise DmglError(f"option {key} must map split names to files, e.g. --split-file train=train.csv")
+    files = {normalise_split(split, "--split-file"): Path(str(path)).expanduser() for split, path in value.items()}
+    for split in ("train", "test"):
+        if split not in files:
+            raise DmglError(f"--split-file needs a file for the {split} split (e.g. --split-file {split}={split}.csv)")
+    return files
+
+
+def positive_int(job: PrepareJob, key: str, minimum: int = 1) -> int:
+    value = job.option(key, int)
+    if value < minimum:
+        raise DmglError(f"option {key} must be >= {minimum}, got {value}")
+    return value
+
+
+def positive_float(job: PrepareJob, key: str) -> float:
+    value = float(job.option(key, (int, float)))
+    if value <= 0:
+        raise DmglError(f"option {key} must be > 0, got {value}")
+    return value
+
+
+def choice(job: PrepareJob, key: str, valid: Sequence[str]) -> str:
+    value = job.option(key, str)
+    if value not in valid:
+        raise DmglError(f"option {key} must be one of {', '.join(valid)}, got {value!r}")
+    return value
+
+
+def float_dtype(job: PrepareJob, key: str = "audio_dtype") -> str:
+    return choice(job, key, ("float16", "float32"))
+
+
+def few(items: Sequence[Any], limit: int = 5) -> str:
+    shown = ", ".join(str(i) for i in list(items)[:limit])
+    return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")

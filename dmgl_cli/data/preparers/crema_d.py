@@ -1,0 +1,151 @@
+"""CREMA-D (Cao et al. 2014): 7,442 clips of 91 actors, six emotions; audio + video (§4.1).
+
+Raw layout (the public distribution)::
+
+    <raw>/AudioWAV/<actor>_<sentence>_<emotion>_<level>.wav     e.g. 1001_DFA_ANG_XX.wav
+    <raw>/VideoFlash/<same name>.flv
+
+Classes, in this order: ANG DIS FEA HAP NEU SAD (the emotion field of the file name).
+
+Split: 6,698 train / 744 test as in the paper — by default an exact, seeded split stratified by emotion
+(744/7,442 of the clips, ``--seed``); or the lineage's split files, ``--split-file train=train.csv --split-file
+test=test.csv`` (``clip_id,label`` rows, optional header, e.g. ``1001_DFA_ANG_XX,ANG``). There is no validation
+split: the trainer carves one from train (``data.val_fraction``, seeded, stratified).
+
+Stored per clip: ``audio`` log-spectrogram [257, 299] (3 s at 16 kHz, see :mod:`dmgl_cli.data.media`) and
+``visual`` uint8 [10, 224, 224, 3], 10 frames spread evenly over the FLV clip (3 of them are sampled at train
+time). A clip whose video is missing or unreadable is a bad sample like a corrupt WAV.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import numpy as np
+
+from dmgl_cli.data.media import BadSample, audio_spectrogram, read_clip, spectrogram_shape
+from dmgl_cli.data.preparers import driver
+from dmgl_cli.data.preparers.base import PrepareJob
+from dmgl_cli.data.preparers.common import (
+    check_layout,
+    exact_stratified_split,
+    few,
+    float_dtype,
+    positive_float,
+    positive_int,
+    raw_folder,
+    read_id_label_csv,
+    split_files_option,
+)
+from dmgl_cli.errors import DmglError
+
+NAME = "crema-d"
+VERSION = "1"
+DESCRIPTION = "CREMA-D: 6 emotions, audio (257x299 spectrogram) + video (10 frames); 6,698 train / 744 test"
+CLASSES = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
+PAPER_TEST_FRACTION = 744 / 7442
+OPTIONS = {
+    "seconds": 3.0,  # audio length: repeated or cut to this (3 s -> 257 x 299)
+    "frames": 10,  # frames kept per clip, spread evenly
+    "frame_size": 224,  # frames resized to frame_size x frame_size
+    "audio_dtype": "float32",  # float16 halves the disk space
+    "test_fraction": PAPER_TEST_FRACTION,  # seeded stratified split: 744 of 7,442 clips
+    "video_folder": "VideoFlash",
+    "video_suffix": ".flv",
+    "split_files": None,  # {split: clip_id,label CSV} from --split-file SPLIT=PATH
+}
+LAYOUT = """  AudioWAV/1001_DFA_ANG_XX.wav ...   (<actor>_<sentence>_<emotion>_<level>.wav)
+  VideoFlash/1001_DFA_ANG_XX.flv ...  (same names)"""
+_CLIP = re.compile(r"^\d+_[A-Za-z0-9]+_([A-Z]{3})_[A-Za-z0-9]+$")
+
+
+def decode_clip(source: tuple[str, str], *, seconds: float, frames: int, size: int, audio_dtype: str) -> dict:
+    wav, video = source
+    if not Path(video).is_file():
+        raise BadSample(video, "is missing (every clip needs its video)")
+    return {
+        "audio": audio_spectrogram(wav, seconds).astype(audio_dtype),
+        "visual": read_clip(video, frames, size),
+    }
+
+
+def _clips(raw: Path) -> dict[str, int]:
+    clips: dict[str, int] = {}
+    odd = []
+    for path in sorted((raw / "AudioWAV").iterdir()):
+        if path.name.startswith(".") or path.suffix.lower() != ".wav":
+            continue
+        match = _CLIP.match(path.stem)
+        if not match or match.group(1) not in CLASSES:
+            odd.append(path.name)
+            continue
+        clips[path.stem] = CLASSES.index(match.group(1))
+    if odd:
+        raise DmglError(f"{raw / 'AudioWAV'}: file names not of the form <actor>_<sentence>_<emotion>_<level>.wav "
+                        f"with an emotion in {' '.join(CLASSES)}: {few(odd)}; move them out of the folder")
+    if not clips:
+        raise DmglError(f"{raw / 'AudioWAV'} holds no .wav clips")
+    return clips
+
+
+def _split(job: PrepareJob, clips: dict[str, int]) -> dict[str, list[str]]:
+    files = split_files_option(job)
+    if files is None:
+        fraction = positive_float(job, "test_fraction")
+        if fraction >= 1:
+            raise DmglError(f"option test_fraction must be in (0, 1), got {fraction}")
+        names = sorted(clips)
+        held_out = max(1, int(round(fraction * len(names))))
+        kept, held = exact_stratified_split([clips[n] for n in names], held_out, job.seed)
+        return {"train": [names[i] for i in kept], "test": [names[i] for i in held]}
+    splits: dict[str, list[str]] = {}
+    seen: dict[str, str] = {}
+    for split, path in files.items():
+        rows = read_id_label_csv(path, f"split file for {split}")
+        unknown = [clip for clip, _ in rows if Path(clip).stem not in clips]
+        if unknown:
+            raise DmglError(f"{path}: clips not found in AudioWAV/: {few(unknown)}")
+        names = []
+        for clip, label in rows:
+            clip = Path(clip).stem
+            if label.upper() in CLASSES and CLASSES.index(label.upper()) != clips[clip]:
+                raise DmglError(f"{path}: {clip} is labelled {label} but its file name says {CLASSES[clips[clip]]}")
+            if clip in seen:
+                raise DmglError(f"{path}: {clip} is listed in both the {seen[clip]} and the {split} split files")
+            seen[clip] = split
+            names.append(clip)
+        splits[split] = sorted(names)
+    return splits
+
+
+def prepare(job: PrepareJob) -> dict:
+    raw = raw_folder(job, NAME, LAYOUT)
+    video_folder = job.option("video_folder", str)
+    suffix = job.option("video_suffix", str)
+    check_layout(raw, ["AudioWAV/", f"{video_folder}/"], NAME, LAYOUT)
+    seconds = positive_float(job, "seconds")
+    frames = positive_int(job, "frames")
+    size = positive_int(job, "frame_size", 8)
+    audio_dtype = float_dtype(job)
+    clips = _clips(raw)
+    splits = _split(job, clips)
+    samples = [
+        driver.Sample(split, index, clips[clip], clip,
+                      (str(raw / "AudioWAV" / f"{clip}.wav"), str(raw / video_folder / f"{clip}{suffix}")))
+        for split, names in splits.items()
+        for index, clip in enumerate(names)
+    ]
+    plan = driver.Plan(
+        samples=samples,
+        classes=CLASSES,
+        decoded={
+            "audio": driver.Modality("audio", spectrogram_shape(seconds), audio_dtype),
+            "visual": driver.Modality("video", (frames, size, size, 3), "uint8"),
+        },
+        decode=functools.partial(decode_clip, seconds=seconds, frames=frames, size=size, audio_dtype=audio_dtype),
+        extra={"split": "split files" if split_files_option(job) else f"seeded stratified (seed {job.seed})",
+               "class_counts": {c: int(np.sum([clips[n] == i for n in clips])) for i, c in enumerate(CLASSES)}},
+    )
+    return driver.run(job, plan, preparer=NAME, version=VERSION)

@@ -1,0 +1,130 @@
+"""Batch transforms applied when batches are gathered (inside DataLoader workers): frame sampling, augmentation.
+
+Settings live under ``data.options`` in the recipe, keyed by modality name:
+
+    data:
+      options:
+        frames: {visual: 3}          # use 3 of the stored frames, spread evenly (§4.1: 10 stored, 3 sampled)
+        augment: {visual: flip_crop} # training only: none | flip | crop | flip_crop
+        crop_scale: 0.8              # crop side drawn from [crop_scale, 1] of the frame, resized back
+
+Evaluation takes the evenly spaced frames at the centre of each segment and no augmentation; training draws a
+random offset inside the first segment per sample (the same stride after it), a horizontal flip with
+probability 1/2 and a random crop resized back to the stored size. Random draws come from a generator seeded
+with (training seed, the batch's row indices in batch order), so a batch is transformed identically whether the
+run was resumed or not, and whichever worker process builds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from dmgl_cli.errors import DmglError
+
+AUGMENTATIONS = ("none", "flip", "crop", "flip_crop")
+
+
+def _per_modality(options: Mapping[str, Any], key: str, modalities: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    value = options.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise DmglError(f"data.options.{key} must map modality names to settings, e.g. {{visual: 3}}; got {value!r}")
+    unknown = sorted(set(value) - set(modalities))
+    if unknown:
+        raise DmglError(f"data.options.{key} names modalities the dataset does not have: {', '.join(unknown)} "
+                        f"(it has {', '.join(modalities)})")
+    return dict(value)
+
+
+def _seed(seed: int, rows: np.ndarray) -> int:
+    digest = hashlib.blake2b(np.asarray(rows, dtype=np.int64).tobytes(), digest_size=8, key=str(seed).encode()[:64])
+    return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
+
+
+def frame_positions(stored: int, wanted: int, batch: int, generator: torch.Generator | None) -> Tensor:
+    """[batch, wanted] frame indices spread evenly over ``stored``: segment centres, or a random offset per row."""
+    stride = stored / wanted
+    base = torch.arange(wanted, dtype=torch.float64) * stride
+    if generator is None:
+        offsets = torch.full((batch, 1), stride / 2, dtype=torch.float64)
+    else:
+        offsets = torch.rand((batch, 1), generator=generator, dtype=torch.float64) * stride
+    return (base + offsets).floor().long().clamp_(0, stored - 1)
+
+
+def _crop_resize(x: Tensor, scale: float, generator: torch.Generator) -> Tensor:
+    """Per sample: a random crop (side in [scale, 1] of the frame), resized back. x: [B, ..., H, W, C] uint8."""
+    height, width = x.shape[-3], x.shape[-2]
+    out = torch.empty_like(x)
+    for b in range(x.shape[0]):
+        side = scale + (1.0 - scale) * float(torch.rand((), generator=generator))
+        ch, cw = max(1, round(height * side)), max(1, round(width * side))
+        top = int(torch.randint(0, height - ch + 1, (), generator=generator))
+        left = int(torch.randint(0, width - cw + 1, (), generator=generator))
+        crop = x[b, ..., top : top + ch, left : left + cw, :]
+        frames = crop.reshape(-1, ch, cw, crop.shape[-1]).permute(0, 3, 1, 2).float()
+        resized = F.interpolate(frames, size=(height, width), mode="bilinear", align_corners=False)
+        out[b] = resized.round_().clamp_(0, 255).to(x.dtype).permute(0, 2, 3, 1).reshape(out[b].shape)
+    return out
+
+
+class BatchTransform:
+    """Callable ``(inputs, rows) -> inputs``; picklable, so DataLoader workers can run it."""
+
+    def __init__(self, frames: dict[str, int], augment: dict[str, str], crop_scale: float, seed: int, training: bool):
+        self.frames, self.augment, self.crop_scale = frames, augment, crop_scale
+        self.seed, self.training = seed, training
+
+    def __call__(self, inputs: dict[str, Tensor], rows: np.ndarray) -> dict[str, Tensor]:
+        generator = torch.Generator().manual_seed(_seed(self.seed, rows)) if self.training else None
+        out = dict(inputs)
+        for name, wanted in self.frames.items():
+            x = out[name]
+            positions = frame_positions(x.shape[1], wanted, x.shape[0], generator)
+            out[name] = x[torch.arange(x.shape[0]).unsqueeze(1), positions]
+        if self.training:
+            for name, mode in self.augment.items():
+                x = out[name]
+                if "flip" in mode:
+                    flip = torch.rand((x.shape[0],), generator=generator) < 0.5
+                    shape = (-1,) + (1,) * (x.dim() - 1)
+                    x = torch.where(flip.view(shape), x.flip(-2), x)
+                if "crop" in mode:
+                    x = _crop_resize(x, self.crop_scale, generator)
+                out[name] = x
+        return out
+
+
+def build_transforms(modalities: Mapping[str, dict[str, Any]], config, training: bool) -> BatchTransform | None:
+    """The batch transform for a dataset's modalities under ``config.data.options`` (None when there is nothing
+    to do)."""
+    options = config.data.options or {}
+    frames = _per_modality(options, "frames", modalities)
+    augment = _per_modality(options, "augment", modalities)
+    for name, wanted in frames.items():
+        spec = modalities[name]
+        if spec["kind"] != "video" or len(spec["shape"]) != 4:
+            raise DmglError(f"data.options.frames.{name}: {name} is {spec['kind']}, not a video of stored frames")
+        stored = spec["shape"][0]
+        if not isinstance(wanted, int) or isinstance(wanted, bool) or not 1 <= wanted <= stored:
+            raise DmglError(f"data.options.frames.{name} must be an integer from 1 to the {stored} stored frames, "
+                            f"got {wanted!r}")
+    for name, mode in augment.items():
+        if mode not in AUGMENTATIONS:
+            raise DmglError(f"data.options.augment.{name} must be one of {', '.join(AUGMENTATIONS)}, got {mode!r}")
+        if mode != "none" and modalities[name]["kind"] not in ("video", "image"):
+            raise DmglError(f"data.options.augment.{name}: only video and image modalities are augmented, "
+                            f"{name} is {modalities[name]['kind']}")
+    crop_scale = options.get("crop_scale", 0.8)
+    if not isinstance(crop_scale, (int, float)) or isinstance(crop_scale, bool) or not 0 < crop_scale <= 1:
+        raise DmglError(f"data.options.crop_scale must be in (0, 1], got {crop_scale!r}")
+    augment = {k: v for k, v in augment.items() if v != "none"}
+    if not frames and not (training and augment):
+        return None
+    return BatchTransform(frames, augment, float(crop_scale), int(config.train.seed), training)

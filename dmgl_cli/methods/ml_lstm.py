@@ -1,0 +1,68 @@
+"""ML-LSTM: multi-layer LSTM fusion (Nie et al., Multimedia Tools and Applications 2021).
+
+Nie et al. fuse modality features with stacked LSTM layers; their setting has a sequence of utterances per video,
+which the datasets here do not (one clip, one label), and the DMGL paper does not describe its adaptation. The
+choice made here: the LSTM runs over the sequence of modality embeddings, one step per modality in the dataset's
+modality order::
+
+    h = LSTM_L(...LSTM_1([z_1, z_2, ..., z_m]))      # num_layers stacked layers, hidden size `hidden`
+    logits = W h_m + b                                # the top layer's state after the last modality
+
+so every modality's features pass through every layer, and the fused state carries the interactions the
+recurrence builds. ML-LSTM has no per-modality predictions: per-modality scores come from linear probes on the
+detached embeddings (``per_modality_source = "probe"``).
+
+Settings (``method.options.ml-lstm.*``): ``layers`` (2, stacked LSTM layers), ``hidden`` (null = model.embed_dim),
+``dropout`` (0.0, between LSTM layers), ``probe_lr`` (1e-3).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dmgl_cli.errors import DmglError
+from dmgl_cli.methods.fusion_base import FusionMethod, FusionModel, LinearProbes, encoders_for, positive_float, positive_int
+
+
+class LSTMFusion(nn.Module):
+    def __init__(self, modalities: list[str], embed_dim: int, num_classes: int, layers: int, hidden: int,
+                 dropout: float):
+        super().__init__()
+        self.modalities = list(modalities)
+        self.lstm = nn.LSTM(embed_dim, hidden, num_layers=layers, batch_first=True,
+                            dropout=dropout if layers > 1 else 0.0)
+        self.head = nn.Linear(hidden, num_classes)
+        self.probes = LinearProbes(self.modalities, embed_dim, num_classes)
+
+    def forward(self, embeddings: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], dict[str, Any]]:
+        sequence = torch.stack([embeddings[m] for m in self.modalities], dim=1)  # [batch, modalities, embed_dim]
+        states, _ = self.lstm(sequence)
+        return self.head(states[:, -1]), self.probes(embeddings), {}
+
+
+class MLLSTMMethod(FusionMethod):
+    """Stacked LSTM over the modality embeddings. Settings: ``layers`` (2), ``hidden`` (embed_dim), ``dropout`` (0),
+    ``probe_lr`` (1e-3)."""
+
+    name = "ml-lstm"
+    per_modality_source = "probe"
+    defaults: dict[str, Any] = {"layers": 2, "hidden": None, "dropout": 0.0, "probe_lr": 1e-3}
+
+    def check(self) -> None:
+        positive_int(self.settings["layers"], self.key("layers"))
+        if self.settings["hidden"] is not None:
+            positive_int(self.settings["hidden"], self.key("hidden"))
+        dropout = self.settings["dropout"]
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise DmglError(f"{self.key('dropout')} must be in [0, 1), got {dropout!r}")
+        positive_float(self.settings["probe_lr"], self.key("probe_lr"))
+        self.check_pairwise_matching()
+
+    def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> FusionModel:
+        embed_dim = self.config.model.embed_dim
+        fusion = LSTMFusion(list(modalities), embed_dim, num_classes, self.settings["layers"],
+                            self.settings["hidden"] or embed_dim, float(self.settings["dropout"]))
+        return FusionModel(encoders_for(self.config, modalities, num_classes), fusion)

@@ -1,0 +1,249 @@
+"""Shared pieces of the rebalancing baselines (§4.1: MSES, G-Blend, OGM-GE, Greedy, DOMFN, MSLR, PMR, AGM, MLA).
+
+Every rebalancing method keeps the foundation's encoders and, unless it says otherwise, Concat's head; what it
+changes is *how* the model is trained: extra loss terms, gradients rescaled between backward and the optimiser
+step, per-modality learning rates, frozen encoders, alternating updates. :class:`RebalanceMethod` gives them
+
+* settings: ``defaults`` overridden by ``method.options.<name>.<key>`` (recipe or ``--set``); an unknown key is
+  refused and each method validates its values in :meth:`check` with the helpers below;
+* per-epoch statistics of the mechanism (``track``), logged at epoch end as ``<prefix>_<what>_<modality>`` so that
+  a run shows the mechanism at work (OGM-GE's coefficients, G-Blend's weights, MLA's steps per modality, ...);
+* the trainer (:meth:`attach`), for the methods that need data beyond the batch (validation losses, prototypes
+  over the training set) or the optimiser (per-modality learning rates);
+* a state that survives an exact resume, also one from the middle of an epoch: ``on_epoch_start`` work is done
+  once per epoch, and the running statistics are part of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dmgl_cli.errors import DmglError
+from dmgl_cli.methods.base import Method
+from dmgl_cli.models import ModelOutput, MultimodalModel
+from dmgl_cli.models.fusion import ConcatFusion
+
+
+class RebalanceMethod(Method):
+    """Base of the rebalancing baselines; subclasses set ``name``, ``defaults`` and override the hooks they use."""
+
+    defaults: dict[str, Any] = {}
+    # Methods built on Concat's head need ``model.fusion=concat`` (the head split gives per-modality logits).
+    needs_concat_head = True
+
+    def __init__(self, config, options: dict[str, Any]):
+        super().__init__(config, options)
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            valid = ", ".join(self.defaults) or "(none)"
+            raise DmglError(
+                f"unknown setting {', '.join(self.key(k) for k in unknown)}; method {self.name!r} takes: {valid}"
+            )
+        self.settings: dict[str, Any] = {**self.defaults, **options}
+        self.trainer = None
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+        self._started_epoch = 0  # the epoch whose start-of-epoch work is done (so a resumed epoch is not redone)
+
+    def key(self, setting: str) -> str:
+        return f"method.options.{self.name}.{setting}"
+
+    def check(self) -> None:
+        if self.needs_concat_head and self.config.model.fusion != "concat":
+            raise DmglError(
+                f"method {self.name!r} works on Concat's head (its per-modality split); it cannot be combined with "
+                f"model.fusion={self.config.model.fusion}"
+            )
+
+    # -- settings ---------------------------------------------------------------------------------------------
+    def setting_float(self, name: str, low: float | None = None, high: float | None = None, *,
+                      low_open: bool = False) -> float:
+        value = self.settings[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DmglError(f"{self.key(name)} must be a number, got {value!r}")
+        value = float(value)
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if too_low or (high is not None and value > high):
+            lower = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            upper = "" if high is None else f"<= {high}"
+            raise DmglError(f"{self.key(name)} must be {' and '.join(p for p in (lower, upper) if p)}, got {value}")
+        return value
+
+    def setting_int(self, name: str, low: int = 0) -> int:
+        value = self.settings[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise DmglError(f"{self.key(name)} must be an integer >= {low}, got {value!r}")
+        return value
+
+    def setting_choice(self, name: str, choices: tuple[str, ...]) -> str:
+        value = self.settings[name]
+        if value not in choices:
+            raise DmglError(f"{self.key(name)} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def per_modality_floats(self, name: str, modalities: list[str], default: float) -> dict[str, float]:
+        """A setting given as one number for every modality or as ``{modality: number}`` (others: ``default``)."""
+        value = self.settings[name]
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(modalities))
+            if unknown:
+                raise DmglError(f"{self.key(name)} names {', '.join(unknown)}, which the dataset does not have; "
+                                f"its modalities: {', '.join(modalities)}")
+            values = {m: value.get(m, default) for m in modalities}
+        else:
+            values = {m: value for m in modalities}
+        for modality, number in values.items():
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
+                    or number <= 0:
+                raise DmglError(f"{self.key(name)} for {modality} must be a number > 0, got {number!r}")
+        return {m: float(v) for m, v in values.items()}
+
+    # -- the trainer ------------------------------------------------------------------------------------------
+    def attach(self, trainer) -> None:
+        self.trainer = trainer
+
+    def start_of_epoch(self, model: MultimodalModel, epoch: int) -> None:
+        """Work done once before epoch ``epoch`` trains (subclasses); skipped when a resumed epoch restarts."""
+
+    def on_epoch_start(self, model: MultimodalModel, epoch: int) -> None:
+        if self._started_epoch == epoch:  # resumed in the middle of this epoch: its start is already done
+            return
+        self._sums, self._counts = {}, {}
+        self._started_epoch = epoch
+        self.start_of_epoch(model, epoch)
+
+    # -- statistics -------------------------------------------------------------------------------------------
+    def track(self, values: dict[str, float | Tensor]) -> None:
+        """Add one observation per name; the epoch's mean is logged. Tensors are read here (small, per step)."""
+        for name, value in values.items():
+            number = float(value.detach().float()) if isinstance(value, Tensor) else float(value)
+            self._sums[name] = self._sums.get(name, 0.0) + number
+            self._counts[name] = self._counts.get(name, 0) + 1
+
+    def count(self, name: str, amount: float = 1.0) -> None:
+        """Add to a per-epoch total (logged as the sum, not the mean)."""
+        self._sums[name] = self._sums.get(name, 0.0) + amount
+        self._counts[name] = 0  # 0 marks a total
+
+    def epoch_statistics(self) -> dict[str, float]:
+        return {name: total / self._counts[name] if self._counts[name] else total for name, total in self._sums.items()}
+
+    def on_epoch_end(self, model: MultimodalModel, epoch: int, val_metrics: dict[str, float]) -> dict[str, float]:
+        return self.epoch_statistics()
+
+    # -- state ------------------------------------------------------------------------------------------------
+    def method_state(self) -> dict[str, Any]:
+        """The subclass's own state (tensors and plain containers)."""
+        return {}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"started_epoch": self._started_epoch, "sums": dict(self._sums), "counts": dict(self._counts),
+                "own": self.method_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._started_epoch = int(state.get("started_epoch", 0))
+        self._sums = {k: float(v) for k, v in state.get("sums", {}).items()}
+        self._counts = {k: int(v) for k, v in state.get("counts", {}).items()}
+        self.load_method_state(state.get("own", {}))
+
+
+# ------------------------------------------------------------------------------------------------ model parts
+
+
+def encoder_parameters(model: MultimodalModel, modality: str) -> list[nn.Parameter]:
+    return [p for p in model.encoders[modality].parameters() if p.requires_grad]
+
+
+def concat_head(model: MultimodalModel) -> ConcatFusion:
+    if not isinstance(model.fusion, ConcatFusion):
+        raise DmglError(f"this method needs Concat's head, but the model's fusion is {type(model.fusion).__name__}")
+    return model.fusion
+
+
+def head_columns(model: MultimodalModel, modality: str) -> slice:
+    """The columns of Concat's head weight that read ``modality``'s embedding (its W_j)."""
+    fusion = concat_head(model)
+    index = fusion.modalities.index(modality)
+    return slice(index * fusion.embed_dim, (index + 1) * fusion.embed_dim)
+
+
+def relative_update(params: list[Tensor], grads: list[Tensor | None]) -> float:
+    """``||g||^2 / ||theta||^2`` over a group of tensors (Greedy's effective update)."""
+    grad_sq = sum(float(g.detach().float().pow(2).sum()) for g in grads if g is not None)
+    param_sq = sum(float(p.detach().float().pow(2).sum()) for p in params)
+    return grad_sq / (param_sq + 1e-12)
+
+
+class AuxHeadsModel(MultimodalModel):
+    """Concat (encoders, concatenation, linear head) plus one linear classifier per modality on its embedding.
+
+    G-Blend and DOMFN train a uni-modal classifier per modality next to the fused one; those classifiers are the
+    model's per-modality outputs (``unimodal_logits``), so they are what the per-modality scores measure.
+    """
+
+    def __init__(self, encoders: nn.ModuleDict, fusion: nn.Module, embed_dim: int, num_classes: int):
+        super().__init__(encoders, fusion)
+        self.aux_heads = nn.ModuleDict({m: nn.Linear(embed_dim, num_classes) for m in encoders})
+
+    def forward(self, inputs: dict[str, Tensor]) -> ModelOutput:
+        embeddings = self.encode(inputs)
+        logits, _ = self.fusion(embeddings)
+        unimodal = {m: self.aux_heads[m](z) for m, z in embeddings.items()}
+        return ModelOutput(logits=logits, unimodal_logits=unimodal, embeddings=embeddings)
+
+
+# --------------------------------------------------------------------------------------------------- gradients
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the backward multiplies the incoming gradient by ``holder[key]`` read at backward time."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, holder: dict, key: str) -> Tensor:
+        ctx.holder, ctx.key = holder, key
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.holder[ctx.key], None, None
+
+
+def scale_gradient(tensor: Tensor, holder: dict, key: str) -> Tensor:
+    """``tensor`` whose gradient is scaled by ``holder[key]`` — the coefficient may be set after the forward pass
+    (as AGM's backward hooks do: the coefficient depends on the batch's outputs)."""
+    return _ScaleGradient.apply(tensor, holder, key)
+
+
+# ------------------------------------------------------------------------------------------------- data passes
+
+
+def split_batches(trainer, split: str, max_samples: int | None = None, seed: int = 0
+                  ) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
+    """Batches of ``split`` ("train" or "val") on the trainer's device, in a fixed order; with ``max_samples`` a
+    fixed random subset (drawn from ``seed`` alone, so it is the same every epoch and after a resume)."""
+    from dmgl_cli.data.loader import ArraySplit, make_loader
+
+    source = getattr(trainer.splits, split)
+    if max_samples is not None and max_samples < len(source):
+        chosen = np.sort(np.random.default_rng(seed).choice(len(source), size=max_samples, replace=False))
+        source = ArraySplit(source.arrays, source.indices[chosen])
+    loader = make_loader(source, trainer.config.train.eval_batch_size, shuffle=False, seed=0, drop_last=False)
+    non_blocking = trainer.device.type == "cuda"
+    for batch in loader:
+        inputs = {m: t.to(trainer.device, non_blocking=non_blocking) for m, t in batch["inputs"].items()}
+        yield inputs, batch["labels"].to(trainer.device, non_blocking=non_blocking)
+
+
+def autocast_for(trainer):
+    from dmgl_cli.train import _autocast
+
+    return _autocast(trainer.device, trainer.config.train.amp)

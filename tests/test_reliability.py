@@ -1,0 +1,189 @@
+"""Crashes for real: SIGKILL, SIGTERM and Ctrl-C on training processes, killed checkpoint writers, stale runs."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmgl_cli import runner
+from dmgl_cli.checkpoint import load_checkpoint
+from dmgl_cli.config import load_config
+from dmgl_cli.tracking import Tracker, local_path
+
+TIMING_KEYS = {"train_samples_per_s", "epoch_seconds"}
+SETTINGS = ["train.epochs=6", "train.batch_size=16", "strategy.name=lb", "strategy.lb.update_every=7"]
+
+
+def _start_training(*extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "dmgl_cli", "train", "--name", "victim"]
+    for setting in SETTINGS:
+        args += ["--set", setting]
+    return subprocess.Popen([*args, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _child_of(process: subprocess.Popen) -> tuple[str, Path]:
+    """The parent run id the process announces, then its seed run's checkpoint folder."""
+    line = process.stdout.readline()
+    parent_id = re.search(r"parent run ([0-9a-f]{32})", line).group(1)
+    tracker = Tracker()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        children = tracker.children(parent_id)
+        if children:
+            return parent_id, local_path(children[0].info.artifact_uri) / "checkpoints"
+        time.sleep(0.05)
+    raise AssertionError("the training process never started its seed run")
+
+
+def _wait_for_epoch(folder: Path, epoch: int, process: subprocess.Popen) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        path = folder / "last.pt"
+        if path.exists() and load_checkpoint(path)["epoch"] >= epoch:
+            return
+        assert process.poll() is None, "training finished before it could be interrupted"
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint for epoch {epoch}")
+
+
+def _histories(tracker: Tracker, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    run = tracker.get_run(run_id)
+    out = {}
+    for key in run.data.metrics:
+        if key in TIMING_KEYS:
+            continue
+        history = [(m.step, m.value) for m in tracker.client.get_metric_history(run_id, key)]
+        steps = [step for step, _ in history]
+        assert len(steps) == len(set(steps)), f"{key} logged twice at one step"
+        out[key] = sorted(history)
+    return out
+
+
+@pytest.fixture
+def reference(synthetic):
+    """The uninterrupted run of the same seed, recorded in-process."""
+    outcome = runner.train(load_config("synthetic", SETTINGS), [0], run_name="reference")
+    return outcome.seeds[0].run_id
+
+
+def _assert_same_as_reference(tracker: Tracker, run_id: str, reference: str) -> float:
+    resumed, uninterrupted = _histories(tracker, run_id), _histories(tracker, reference)
+    assert set(resumed) == set(uninterrupted)
+    worst = 0.0
+    for key, history in uninterrupted.items():
+        assert [s for s, _ in resumed[key]] == [s for s, _ in history], key
+        worst = max([worst] + [abs(a - b) for (_, a), (_, b) in zip(resumed[key], history)])
+    assert worst == 0.0
+    return worst
+
+
+def test_sigkill_then_resume_is_exact(run_cli, reference):
+    kill_after = random.Random().randint(1, 4)
+    process = _start_training()
+    parent_id, folder = _child_of(process)
+    _wait_for_epoch(folder, kill_after, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    tracker = Tracker()
+    child = tracker.children(parent_id)[0]
+    assert child.info.status == "RUNNING"  # SIGKILL leaves no chance to say otherwise
+    # The next command that touches the experiment reports it; reconcile settles it.
+    run_cli("train", "--epochs", "1", "--strategy", "heuristic")
+    settled = run_cli("runs", "reconcile")
+    assert child.info.run_id in settled.output and parent_id in settled.output
+    assert tracker.get_run(child.info.run_id).info.status == "KILLED"
+    run_cli("train", "--resume", parent_id)
+    assert tracker.get_run(child.info.run_id).info.status == "FINISHED"
+    _assert_same_as_reference(tracker, child.info.run_id, reference)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_checkpoint_mid_epoch_and_resume_exactly(run_cli, reference, stop_signal):
+    process = _start_training()
+    parent_id, folder = _child_of(process)
+    _wait_for_epoch(folder, random.Random().randint(1, 3), process)
+    time.sleep(random.Random().uniform(0.0, 0.3))  # land somewhere inside the next epoch
+    process.send_signal(stop_signal)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, output
+    assert "Traceback" not in output and "checkpointed and marked KILLED" in output
+    tracker = Tracker()
+    child = tracker.children(parent_id)[0]
+    assert child.info.status == "KILLED" and tracker.get_run(parent_id).info.status == "KILLED"
+    run_cli("train", "--resume", child.info.run_id)
+    assert tracker.get_run(child.info.run_id).info.status == "FINISHED"
+    assert tracker.get_run(parent_id).info.status == "FINISHED"
+    _assert_same_as_reference(tracker, child.info.run_id, reference)
+
+
+def test_an_exception_marks_the_runs_failed(run_cli, synthetic):
+    config = load_config("synthetic", ["train.epochs=2"])
+
+    def explode(seed, epoch, total, metrics):
+        raise RuntimeError("boom")
+
+    parents = []
+    with pytest.raises(RuntimeError):
+        runner.train(config, [0], progress=explode, on_parent=parents.append)
+    tracker = Tracker()
+    assert tracker.get_run(parents[0]).info.status == "FAILED"
+    assert tracker.children(parents[0])[0].info.status == "FAILED"
+
+
+WRITER = """
+import sys, torch
+from dmgl_cli.checkpoint import save_checkpoint
+path, n = sys.argv[1], 0
+print("ready", flush=True)
+while True:
+    n += 1
+    save_checkpoint(path, {"n": n, "weights": torch.full((200_000,), float(n))})
+"""
+
+
+def test_killed_checkpoint_writers_never_leave_a_corrupt_checkpoint(tmp_path):
+    target = tmp_path / "ckpt" / "last.pt"
+    rng = random.Random()
+    crashes = 0
+    for _ in range(25):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True)
+        writer.stdout.readline()
+        time.sleep(rng.uniform(0.0, 0.25))
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=30)
+        crashes += 1
+        if target.exists():
+            state = load_checkpoint(target)  # raises on a torn file
+            assert torch.all(state["weights"] == float(state["n"]))
+    assert crashes == 25 and target.exists()
+    # Leftover temporary files from the crashes are removed by the next save into the folder.
+    from dmgl_cli.checkpoint import save_checkpoint
+
+    save_checkpoint(target, {"n": 0})
+    assert [p.name for p in target.parent.iterdir()] == ["last.pt"]
+
+
+def test_deterministic_runs_give_bit_identical_weights(run_cli, synthetic):
+    outputs = [run_cli("train", "--deterministic", "--epochs", "2", "--strategy", "lb").output for _ in range(2)]
+    tracker = Tracker()
+    weights = []
+    for output in outputs:
+        parent_id = re.search(r"parent run ([0-9a-f]{32})", output).group(1)
+        child = tracker.children(parent_id)[0]
+        assert child.data.params["train.deterministic"] == "True"
+        assert child.data.tags["dmgl.torch"] == torch.__version__ and "dmgl.cuda" in child.data.tags
+        weights.append(torch.load(local_path(child.info.artifact_uri) / "checkpoints" / "last.pt",
+                                  weights_only=True)["model"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    torch.use_deterministic_algorithms(False)
