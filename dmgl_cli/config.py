@@ -77,9 +77,11 @@ class LearningBasedConfig:
     damping: float = 0.0  # added to H for CG
     min_alpha: float = 0.0
     max_alpha: float = 1.0
-    outer_data: str = "val"  # val | train: where v = grad L_CLS is measured
+    # val | train | holdout: where v = grad L_CLS is measured; holdout = outer_batch_size samples taken out of the
+    # training split (seeded by data.split_seed) and never trained on, as the official code does
+    outer_data: str = "val"
     outer_batch_size: int | None = None  # None: the training batch size
-    params: str = "all"  # all | head: which parameters enter H and the gradients
+    params: str = "all"  # all | head | first (the first parameter tensor only): which enter H and the gradients
 
 
 @dataclass
@@ -358,8 +360,9 @@ def validate(config: Config) -> None:
     _check(config.loss.tau > 0, f"loss.tau must be > 0, got {config.loss.tau}")
     _choice(config.method.name, METHODS, "method")
     _choice(strat.name, STRATEGIES, "strategy")
-    _choice(strat.lb.outer_data, ("val", "train"), "strategy.lb.outer_data")
-    _choice(strat.lb.params, ("all", "head"), "strategy.lb.params")
+    METHODS[config.method.name].configure(config)  # a method defined by fixed settings pins them (dmgl-official)
+    _choice(strat.lb.outer_data, ("val", "train", "holdout"), "strategy.lb.outer_data")
+    _choice(strat.lb.params, ("all", "head", "first"), "strategy.lb.params")
     _check(
         strat.lb.outer_batch_size is None or strat.lb.outer_batch_size >= 1,
         f"strategy.lb.outer_batch_size must be >= 1 or null, got {strat.lb.outer_batch_size}",

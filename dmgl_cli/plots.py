@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def heuristic_alpha(epoch: int) -> float:
@@ -93,11 +94,12 @@ def curves_figure(panels: dict[str, dict[str, tuple[list[int], list[float]]]], t
     rows = math.ceil(count / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), dpi=110, squeeze=False,
                                 sharey=True)
-    for axis, (label, curves) in zip(axes.flat, panels.items()):
+    for axis, (label, curves) in zip(list(axes.flat)[: len(panels)], panels.items(), strict=True):
         for name, (epochs, values) in curves.items():
             axis.plot(epochs, [100 * v for v in values], marker="o", markersize=2,
                       linewidth=2.0 if name == "fused" else 1.2, label=name)
         axis.set_title(label, fontsize=9)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_xlabel("epoch")
         axis.set_ylabel(f"validation {metric} (%)")
         axis.grid(alpha=0.3)
@@ -117,6 +119,9 @@ def save_png(figure, path: Path) -> Path:
     os.close(fd)
     try:
         figure.savefig(tmp, format="png")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a figure is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

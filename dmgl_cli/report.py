@@ -28,9 +28,10 @@ import io
 import json
 import math
 import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from dmgl_cli.errors import DmglError
 
@@ -372,11 +373,11 @@ class Cell:
     runs: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, stat: Stat, kind: str = "percent") -> "Cell":
+    def of(cls, stat: Stat, kind: str = "percent") -> Cell:
         return cls(stat.mean, stat.std, stat.n, kind, runs=stat.runs)
 
     @classmethod
-    def literal(cls, text: str) -> "Cell":
+    def literal(cls, text: str) -> Cell:
         return cls(kind="text", text=text)
 
     def rounded(self) -> float | None:
@@ -731,7 +732,7 @@ def render_csv(tables: Sequence[Table]) -> str:
             column_groups += [label] * span
         column_groups += [""] * (len(table.columns) - len(column_groups))
         for row in table.rows:
-            for column, group, cell in zip(table.columns, column_groups, row.cells):
+            for column, group, cell in zip(table.columns, column_groups, row.cells, strict=True):
                 numeric = cell.kind != "text"
                 writer.writerow([
                     table.kind, table.dataset, table.method, " / ".join(row.stub), group, column,

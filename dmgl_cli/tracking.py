@@ -16,15 +16,19 @@ runs can be written from one process.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import platform
+import random
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 from urllib.parse import unquote, urlparse
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -95,6 +99,33 @@ def local_path(uri: str) -> Path | None:
     return None
 
 
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _with_retries(call, *args, **kwargs):
+    """SQLite allows one writer at a time; a writer that waited past the busy timeout is retried, not lost."""
+    delay = 0.05
+    for attempt in range(12):
+        try:
+            return call(*args, **kwargs)
+        except MlflowException as exc:
+            if "database is locked" not in str(exc) or attempt == 11:
+                raise
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 2.0)
+
+
 class Tracker:
     def __init__(self, tracking_uri: str | None = None):
         self.uri = resolve_tracking_uri(tracking_uri)
@@ -102,9 +133,22 @@ class Tracker:
         if self.default_store:
             ensure_registry()
         try:
-            self.client = MlflowClient(tracking_uri=self.uri)
+            database = sqlite_path(self.uri)
+            if database is None:
+                self.client = MlflowClient(tracking_uri=self.uri)
+            else:
+                # Several dmgl processes may open a new store at once and only one may create its tables (MLflow
+                # builds them when the client is made), so that happens under a file lock. WAL lets readers (the
+                # UI, report) work while a training process writes.
+                database.parent.mkdir(parents=True, exist_ok=True)
+                with _exclusive(database.with_name(database.name + ".lock")):
+                    with sqlite3.connect(database, timeout=60) as connection:
+                        connection.execute("PRAGMA journal_mode=WAL")
+                    self.client = MlflowClient(tracking_uri=self.uri)
         except MlflowException as exc:
             raise DmglError(f"cannot open the MLflow store {self.uri} ({exc.message})") from None
+        except (OSError, sqlite3.Error) as exc:
+            raise DmglError(f"cannot open the MLflow store {self.uri} ({exc})") from None
 
     # ------------------------------------------------------------------------------------------- experiments
     def experiment_id(self, name: str, create: bool = True) -> str:
@@ -191,23 +235,23 @@ class Tracker:
         by_step = {m.step: m.value for m in sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
         return sorted(by_step.items())
 
-    def reopen_run(self, run_id: str) -> None:
-        """Mark a terminated run RUNNING again (a sweep that a worker continues)."""
-        self.client.update_run(run_id, status="RUNNING")
+    def set_status(self, run_id: str, status: str) -> None:
+        """Set a run's status without ending it, e.g. SCHEDULED: a sweep run that waits for workers."""
+        self.client.update_run(run_id, status=status)
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), _BATCH):
-            self.client.log_batch(run_id, params=items[start : start + _BATCH])
+            _with_retries(self.client.log_batch, run_id, params=items[start : start + _BATCH])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        _with_retries(self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for start in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[start : start + 1000])
+            _with_retries(self.client.log_batch, run_id, metrics=items[start : start + 1000])
 
     def logged_steps(self, run_id: str) -> set[tuple[str, int]]:
         """Every (metric key, step) already recorded on a run — what a resumed run must not log again."""
@@ -219,7 +263,7 @@ class Tracker:
         return seen
 
     def end_run(self, run_id: str, status: str) -> None:
-        self.client.set_terminated(run_id, status=status)
+        _with_retries(self.client.set_terminated, run_id, status=status)
 
     def mark_running(self, run_id: str) -> None:
         """A resumed run: RUNNING again, owned by this process."""

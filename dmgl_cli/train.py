@@ -136,6 +136,17 @@ def evaluate(model: MultimodalModel, method: Method, config: Config, loader, dev
     return accumulator.compute(prefix)
 
 
+def hold_out(train: ArraySplit, count: int, seed: int, transform) -> tuple[ArraySplit, ArraySplit]:
+    """``count`` samples of the training split (chosen from ``seed``) set aside, and the training split without them."""
+    if count >= len(train):
+        raise DmglError(f"strategy.lb.outer_data=holdout asks for {count} held-out samples but the training split has "
+                        f"only {len(train)}; lower strategy.lb.outer_batch_size")
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(train))[:count])
+    kept = np.setdiff1d(np.arange(len(train)), chosen)
+    return (ArraySplit(train.arrays, train.indices[kept], train.transform),
+            ArraySplit(train.arrays, train.indices[chosen], transform))
+
+
 class Trainer:
     """One seed of one configuration on one dataset."""
 
@@ -163,6 +174,12 @@ class Trainer:
         self.splits.train.transform = build_transforms(dataset.modalities, config, training=True)
         self.splits.val.transform = self.splits.test.transform = build_transforms(dataset.modalities, config,
                                                                                   training=False)
+        # strategy.lb.outer_data=holdout: a few training samples set aside for the outer step, never trained on.
+        self.holdout: ArraySplit | None = None
+        if config.strategy.name == "lb" and config.strategy.lb.outer_data == "holdout":
+            self.splits.train, self.holdout = hold_out(self.splits.train, config.strategy.lb.outer_batch_size
+                                                       or config.train.batch_size, config.data.split_seed,
+                                                       self.splits.val.transform)
         pin = self.device.type == "cuda"
         workers = config.data.num_workers
         self.train_loader = make_loader(self.splits.train, config.train.batch_size, shuffle=True, seed=seed,
@@ -191,6 +208,7 @@ class Trainer:
         # so the checkpoint written on the way out is consistent and resumes at the exact batch.
         self.stop_requested = False
         self._epoch_position: dict[str, Any] = {}  # mid-epoch progress restored from an interrupted run
+        self.method.attach(self)
 
     # ------------------------------------------------------------------------------------------------ building
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -215,10 +233,14 @@ class Trainer:
     def _hyper_parameters(self) -> list[Tensor]:
         if self.config.strategy.lb.params == "head":
             return [p for p in self.model.head_parameters() if p.requires_grad]
+        if self.config.strategy.lb.params == "first":  # the official code differentiates its first tensor only
+            return [next(p for p in self.model.parameters() if p.requires_grad)]
         return [p for p in self.model.parameters() if p.requires_grad]
 
     # ---------------------------------------------------------------------------------------------- the step
     def _outer_split(self) -> ArraySplit:
+        if self.holdout is not None:
+            return self.holdout
         return self.splits.val if self.config.strategy.lb.outer_data == "val" else self.splits.train
 
     def _alpha_hypergradient(self, cls_loss: Tensor, mm_loss: Tensor) -> float:
@@ -246,32 +268,36 @@ class Trainer:
         sums: dict[str, Tensor] = {k: torch.tensor(v, device=self.device) for k, v in position.get("sums", {}).items()}
         seen = position.get("seen", 0)
         started = time.perf_counter() - position.get("seconds", 0.0)
+        passes = method.train_passes()  # optimiser steps per batch: one, or one per modality (MLA)
         for index, batch in enumerate(self.train_loader, start=sampler.skip):
             inputs, labels = _to_device(batch, self.device)
-            alpha = strategy.alpha
-            step_info = {"epoch": self.epoch + 1, "global_step": self.global_step, "alpha": alpha}
-            with _autocast(self.device, config.train.amp):
-                output = method.forward(model, inputs, training=True)
-            cls_loss, mm_loss = compute_losses(method, config, output, labels)
-            extra = method.extra_losses(output, labels, step_info)
-            loss = total_loss(alpha, cls_loss, mm_loss) + sum(extra.values(), cls_loss.new_zeros(()))
-            hypergradient = None
-            if strategy.needs_hypergradient(self.global_step + 1, end_of_epoch=index == batches - 1):
-                hypergradient = self._alpha_hypergradient(cls_loss, mm_loss)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            method.after_backward(model, output, labels, step_info)
-            if config.optim.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-            self.optimizer.step()
-            self.global_step += 1
-            if hypergradient is not None:
-                strategy.apply_hypergradient(hypergradient)
-            size = int(labels.shape[0])
-            seen += size
-            # Sums stay on the device: no host sync per step.
-            for name, value in {"loss": loss, "cls_loss": cls_loss, "mm_loss": mm_loss, **extra}.items():
-                sums[name] = sums.get(name, 0) + value.detach().float() * size
+            for number, pass_key in enumerate(passes):
+                method.start_pass(pass_key)
+                alpha = strategy.alpha
+                step_info = {"epoch": self.epoch + 1, "global_step": self.global_step, "alpha": alpha}
+                with _autocast(self.device, config.train.amp):
+                    output = method.forward(model, inputs, training=True)
+                cls_loss, mm_loss = compute_losses(method, config, output, labels)
+                extra = method.extra_losses(output, labels, step_info)
+                loss = total_loss(alpha, cls_loss, mm_loss) + sum(extra.values(), cls_loss.new_zeros(()))
+                hypergradient = None
+                last_step = index == batches - 1 and number == len(passes) - 1
+                if strategy.needs_hypergradient(self.global_step + 1, end_of_epoch=last_step):
+                    hypergradient = self._alpha_hypergradient(cls_loss, mm_loss)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                method.after_backward(model, output, labels, step_info)
+                if config.optim.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+                self.optimizer.step()
+                self.global_step += 1
+                if hypergradient is not None:
+                    strategy.apply_hypergradient(hypergradient)
+                size = int(labels.shape[0])
+                seen += size
+                # Sums stay on the device: no host sync per step.
+                for name, value in {"loss": loss, "cls_loss": cls_loss, "mm_loss": mm_loss, **extra}.items():
+                    sums[name] = sums.get(name, 0) + value.detach().float() * size
             if self.stop_requested and index < batches - 1:
                 self._epoch_position = {"batch": index + 1, "sums": {k: float(v) for k, v in sums.items()},
                                         "seen": seen, "seconds": time.perf_counter() - started}

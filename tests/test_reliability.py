@@ -187,3 +187,30 @@ def test_deterministic_runs_give_bit_identical_weights(run_cli, synthetic):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     torch.use_deterministic_algorithms(False)
+
+
+def test_concurrent_trainings_on_one_sqlite_store_lose_nothing(registry, tmp_path):
+    # A store nobody created yet: the processes race to create its tables and the experiment, then write at once.
+    subprocess.run([sys.executable, "-m", "dmgl_cli", "prepare", "synthetic", "-o", "samples=400", "--silent"],
+                   check=True, capture_output=True)
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "dmgl_cli", "train", "--strategy", "heuristic", "--epochs", "3",
+                          "--seeds", "2", "--silent", "--name", f"writer{i}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(3)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output
+        assert "locked" not in output and "Traceback" not in output
+    tracker = Tracker()
+    parents = [re.search(r"parent run ([0-9a-f]{32})", o).group(1) for o in outputs]
+    written = 0
+    for parent_id in parents:
+        assert tracker.get_run(parent_id).info.status == "FINISHED"
+        for child in tracker.children(parent_id):
+            histories = _histories(tracker, child.info.run_id)
+            for key in ("alpha", "train_loss", "val_acc", "test_acc_slow", "val_modality_gap"):
+                assert [step for step, _ in histories[key]] == [1, 2, 3], key
+            written += sum(len(h) for h in histories.values())
+    assert written > 3 * 2 * 3 * 40  # every process, seed and epoch wrote its few dozen metrics

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from dmgl_cli.errors import DmglError
-from dmgl_cli.methods.base import ConcatMethod, Method
 from dmgl_cli.methods.affine import AffineMethod
+from dmgl_cli.methods.agm import AGMMethod
+from dmgl_cli.methods.base import ConcatMethod, Method
 from dmgl_cli.methods.channel import ChannelMethod
+from dmgl_cli.methods.dmgl_official import DMGLOfficialMethod
+from dmgl_cli.methods.domfn import DOMFNMethod
 from dmgl_cli.methods.etmc import ETMCMethod
+from dmgl_cli.methods.g_blend import GBlendMethod
+from dmgl_cli.methods.greedy import GreedyMethod
 from dmgl_cli.methods.ml_lstm import MLLSTMMethod
+from dmgl_cli.methods.mla import MLAMethod
+from dmgl_cli.methods.mses import MSESMethod
+from dmgl_cli.methods.mslr import MSLRMethod
+from dmgl_cli.methods.ogm_ge import OGMGEMethod
+from dmgl_cli.methods.pmr import PMRMethod
 from dmgl_cli.methods.sum import SumMethod
 from dmgl_cli.methods.unimodal import UnimodalMethod
 from dmgl_cli.methods.weight import WeightMethod
@@ -21,6 +31,16 @@ METHODS: dict[str, type[Method]] = {
     ChannelMethod.name: ChannelMethod,
     MLLSTMMethod.name: MLLSTMMethod,
     ETMCMethod.name: ETMCMethod,
+    MSESMethod.name: MSESMethod,
+    GBlendMethod.name: GBlendMethod,
+    OGMGEMethod.name: OGMGEMethod,
+    GreedyMethod.name: GreedyMethod,
+    DOMFNMethod.name: DOMFNMethod,
+    MSLRMethod.name: MSLRMethod,
+    PMRMethod.name: PMRMethod,
+    AGMMethod.name: AGMMethod,
+    MLAMethod.name: MLAMethod,
+    DMGLOfficialMethod.name: DMGLOfficialMethod,
 }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dmgl_cli.errors import DmglError
 from dmgl_cli.losses import classification_loss
 from dmgl_cli.models import ModelOutput, MultimodalModel, build_model
 
@@ -33,8 +34,14 @@ class Method:
     # -- construction --------------------------------------------------------------------------------------------
     @classmethod
     def configure(cls, config) -> None:
-        """Adjust the resolved config before it is validated and recorded (called by ``config.validate``): a
-        method defined by fixed settings (``dmgl-official``) pins them here, so the run records what it ran."""
+        """Adjust the resolved config before it is validated and recorded (called by ``config.validate``, so a
+        refusal comes before any run is created): a method defined by fixed settings (``dmgl-official``) pins them
+        here, so the run records what it ran. The default refuses a strategy the method cannot be combined with."""
+        if cls.strategies is not None and config.strategy.name not in cls.strategies:
+            raise DmglError(
+                f"method {cls.name!r} cannot be combined with --strategy {config.strategy.name}; "
+                f"it supports: {', '.join(cls.strategies)}"
+            )
 
     def check(self) -> None:
         """Refuse a configuration this method cannot run (raise DmglError)."""

@@ -35,7 +35,8 @@ paper's and code's reduction ratio), ``gate_scale`` (2.0). Logged per epoch over
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,7 +55,6 @@ from dmgl_cli.methods.fusion_base import (
 from dmgl_cli.models.encoders import MLPEncoder
 from dmgl_cli.models.vision import ClipEncoder, FrameEncoder, SpectrogramEncoder
 
-
 Stage = Callable[[Tensor], Tensor]
 
 
@@ -64,7 +64,7 @@ def _mlp_stages(encoder: MLPEncoder) -> list[Stage]:
     starts = [i for i, block in enumerate(blocks) if isinstance(block, nn.Linear)]
     starts[0] = 0  # the leading Flatten belongs to the first stage
     ends = starts[1:] + [len(blocks)]
-    stages: list[Stage] = [nn.Sequential(*blocks[a:b]) for a, b in zip(starts, ends)]
+    stages: list[Stage] = [nn.Sequential(*blocks[a:b]) for a, b in zip(starts, ends, strict=True)]
     first = stages[0]
     stages[0] = lambda x: first(x.float())  # MLPEncoder.forward casts to float before its layers
     return stages
@@ -163,7 +163,7 @@ class MMTM(nn.Module):
         squeezed = [f.flatten(2).mean(dim=2) if f.dim() > 2 else f for f in features]
         joint = torch.relu(self.squeeze(torch.cat(squeezed, dim=1)))
         gates = [self.gate_scale * torch.sigmoid(excite(joint)) for excite in self.excitations]
-        recalibrated = [f * g.view(*g.shape, *([1] * (f.dim() - 2))) for f, g in zip(features, gates)]
+        recalibrated = [f * g.view(*g.shape, *([1] * (f.dim() - 2))) for f, g in zip(features, gates, strict=True)]
         return recalibrated, gates
 
 
@@ -194,11 +194,11 @@ class MMTMModel(FusionModel):
         features = [inputs[m] for m in names]
         gates: list[list[Tensor]] = []
         for index in range(len(self.stage_lists[names[0]])):
-            features = [self.stage_lists[m][index](x) for m, x in zip(names, features)]
+            features = [self.stage_lists[m][index](x) for m, x in zip(names, features, strict=True)]
             if index < len(self.mmtms):
                 features, point_gates = self.mmtms[index](features)
                 gates.append(point_gates)
-        return dict(zip(names, features)), gates
+        return dict(zip(names, features, strict=True)), gates
 
     def encode(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         return self.run(inputs)[0]
@@ -280,7 +280,7 @@ class ChannelMethod(FusionMethod):
         gates = output.extras["gates"]
         names = list(output.embeddings)
         stats = {f"mmtm_gate_{point}_{m}": g.float().mean()
-                 for point, point_gates in enumerate(gates) for m, g in zip(names, point_gates)}
+                 for point, point_gates in enumerate(gates) for m, g in zip(names, point_gates, strict=True)}
         stats["mmtm_gate_std"] = torch.cat([g.float().flatten() for point_gates in gates for g in point_gates]).std()
         self.track(stats)
         return {}

@@ -24,7 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from dmgl_cli.errors import DmglError
-from dmgl_cli.methods.fusion_base import FusionMethod, FusionModel, LinearProbes, encoders_for, positive_float, positive_int
+from dmgl_cli.methods.fusion_base import (
+    FusionMethod,
+    FusionModel,
+    LinearProbes,
+    encoders_for,
+    positive_float,
+    positive_int,
+)
 
 
 class LSTMFusion(nn.Module):

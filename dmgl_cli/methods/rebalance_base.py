@@ -233,9 +233,11 @@ def split_batches(trainer, split: str, max_samples: int | None = None, seed: int
     from dmgl_cli.data.loader import ArraySplit, make_loader
 
     source = getattr(trainer.splits, split)
+    indices = source.indices
     if max_samples is not None and max_samples < len(source):
-        chosen = np.sort(np.random.default_rng(seed).choice(len(source), size=max_samples, replace=False))
-        source = ArraySplit(source.arrays, source.indices[chosen])
+        indices = indices[np.sort(np.random.default_rng(seed).choice(len(source), size=max_samples, replace=False))]
+    # The evaluation transform (no random augmentation), whichever split is read.
+    source = ArraySplit(source.arrays, indices, trainer.splits.val.transform)
     loader = make_loader(source, trainer.config.train.eval_batch_size, shuffle=False, seed=0, drop_last=False)
     non_blocking = trainer.device.type == "cuda"
     for batch in loader:

@@ -141,3 +141,21 @@ def float_dtype(job: PrepareJob, key: str = "audio_dtype") -> str:
 def few(items: Sequence[Any], limit: int = 5) -> str:
     shown = ", ".join(str(i) for i in list(items)[:limit])
     return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
+
+
+def reject(job: PrepareJob, known_bad: list[dict[str, Any]], *, split: str, ident: str, path: str | Path,
+           reason: str) -> None:
+    """A sample found bad before decoding (a malformed line, an unreadable text file): stop with its location, or
+    under --skip-bad record it (it joins the manifest's bad_samples) and leave it out."""
+    if not job.skip_bad:
+        raise DmglError(f"{path}: {reason}. Fix it, or re-run with --skip-bad to record it and go on")
+    known_bad.append({"split": split, "id": ident, "path": str(path), "reason": reason})
+
+
+def class_order(labels: Iterable[str]) -> list[str]:
+    """Distinct labels, numerically sorted when they are all integers, else alphabetically."""
+    distinct = sorted(set(labels))
+    try:
+        return sorted(distinct, key=int)
+    except ValueError:
+        return distinct

@@ -4,7 +4,9 @@ A preparer lists its samples (split, position in the split, label, what to decod
 ``decode(source) -> {key: array}``; the driver does the rest:
 
 * **Parallel**: ``--workers N`` decodes in a ``ProcessPoolExecutor`` (forkserver processes, a bounded number of
-  samples in flight); ``--workers 1`` decodes in-process.
+  samples in flight); ``--workers 1`` decodes in-process. Forkserver rather than fork: the CLI process may hold
+  threads (torch, tqdm) that a fork would copy mid-lock. As with any multiprocessing, a script calling
+  :func:`dmgl_cli.prepare.prepare_dataset` with workers > 1 needs an ``if __name__ == "__main__":`` guard.
 * **Resumable**: decoded samples go straight into memory-mapped staging arrays in a stable work folder
   ``<datasets>/.work-<name>/``; every couple of seconds the arrays are flushed and then the finished positions
   appended to ``done.log``. A re-run with the same plan (samples, options, preparer version — fingerprinted in
@@ -39,6 +41,8 @@ from dmgl_cli.data.preparers.base import PrepareJob
 from dmgl_cli.errors import DmglError
 
 FLUSH_SECONDS = 2.0
+FORKSERVER_PRELOAD = ["__main__", "dmgl_cli.data.preparers", "dmgl_cli.data.media", "librosa", "av", "soundfile",
+                      "PIL.Image"]
 IN_FLIGHT_PER_WORKER = 4
 _FINALISED = "finalised"
 
@@ -74,6 +78,9 @@ class Plan:
     fixed: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     fixed_modalities: dict[str, Modality] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Samples dropped before decoding under --skip-bad (a malformed list line, an unreadable text file):
+    # {"split", "id", "path", "reason"} records that join the manifest's bad_samples.
+    known_bad: list[dict[str, Any]] = field(default_factory=list)
 
 
 def split_sizes(samples: Sequence[Sample]) -> dict[str, int]:
@@ -108,6 +115,7 @@ def _fingerprint(job: PrepareJob, plan: Plan, preparer: str, version: str) -> st
         "raw": str(job.raw),
         "classes": plan.classes,
         "decoded": {k: m.spec() for k, m in sorted(plan.decoded.items())},
+        "known_bad": plan.known_bad,
     }
     digest.update(json.dumps(header, sort_keys=True).encode())
     for s in plan.samples:
@@ -289,6 +297,9 @@ def _decode_all(job: PrepareJob, plan: Plan, work: _WorkFolder, sizes: dict[str,
                     flush()
         else:
             context = multiprocessing.get_context("forkserver")
+            # Workers fork from one server that has the decoders imported already: starting one costs
+            # milliseconds, not an import of librosa and PyAV each.
+            context.set_forkserver_preload(FORKSERVER_PRELOAD)
             pool = futures.ProcessPoolExecutor(max_workers=job.workers, mp_context=context)
             queue = iter(todo)
             in_flight: dict[futures.Future, Sample] = {}
@@ -347,7 +358,7 @@ def run(job: PrepareJob, plan: Plan, *, preparer: str, version: str) -> dict[str
                 _decode_all(job, plan, work, sizes, resumed, bad)
                 _finalise(plan, work, sizes, bad)
             shutil.rmtree(work.path / "staging", ignore_errors=True)
-            records = [bad[key] for key in sorted(bad)]
+            records = list(plan.known_bad) + [bad[key] for key in sorted(bad)]
             work.release()
             modalities = {k: m.spec() for k, m in {**plan.decoded, **plan.fixed_modalities}.items()}
             return writer.finish(
@@ -367,11 +378,15 @@ def run(job: PrepareJob, plan: Plan, *, preparer: str, version: str) -> dict[str
 def _finalise(plan: Plan, work: _WorkFolder, sizes: dict[str, int], bad: dict[tuple[str, int], dict[str, Any]]) -> None:
     """Final arrays (labels, decoded, fixed) with bad samples dropped; idempotent until the marker is written."""
     labels: dict[str, np.ndarray] = {split: np.zeros(size, dtype=np.int64) for split, size in sizes.items()}
+    idents: dict[str, list[str]] = {split: [""] * size for split, size in sizes.items()}
     for sample in plan.samples:
         labels[sample.split][sample.index] = sample.label
+        idents[sample.split][sample.index] = sample.ident
     for split, size in sizes.items():
         kept = np.array([i for i in range(size) if (split, i) not in bad], dtype=np.int64)
         _save_npy(work.path / split / "labels.npy", labels[split][kept])
+        # Which raw sample each row came from (not a modality; for tracing results back to files).
+        _save_npy(work.path / split / "ids.npy", np.array([idents[split][i] for i in kept], dtype=str))
         for key, mod in plan.decoded.items():
             staging = work.staging(split, key, (size, *mod.shape), mod.dtype, create=False)
             target = work.path / split / f"{key}.npy"

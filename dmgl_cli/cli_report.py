@@ -1,0 +1,85 @@
+"""``dmgl report``: parse, call :func:`dmgl_cli.report.make_report`, print. The logic lives in ``report.py``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from dmgl_cli.errors import DmglError
+
+_TABLES = ("main", "strategies", "ablation", "runs")
+_FORMATS = ("text", "markdown", "latex", "csv", "json")
+_PLOTS = ("alpha", "gap", "curves")
+
+
+def _split_plots(values: tuple[str, ...]) -> list[str]:
+    kinds = [k.strip() for value in values for k in value.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in _PLOTS]
+    if unknown:
+        raise DmglError(f"unknown plot {', '.join(unknown)}; valid: {', '.join(_PLOTS)}")
+    return list(dict.fromkeys(kinds))
+
+
+@click.command()
+@click.option("--table", "-t", type=click.Choice(_TABLES),
+              help="main (methods x datasets), strategies (Table 4), ablation (Table 3), runs (one line per run). "
+                   "Default: main, unless only --plot is given.")
+@click.option("--format", "-f", "fmt", type=click.Choice(_FORMATS), default="text", show_default=True)
+@click.option("--experiment", "-e", "experiments", multiple=True, help="MLflow experiment(s) to read (default: all).")
+@click.option("--dataset", "-d", "datasets", multiple=True, help="Only runs on this dataset (repeatable).")
+@click.option("--sweep", help="Only the runs of this `dmgl sweep` study.")
+@click.option("--filter", "filter_string", metavar="MLFLOW_FILTER",
+              help="Extra MLflow search filter, e.g. \"params.`optim.lr` = '0.05'\" or \"tags.`dmgl.method` = 'mla'\".")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
+              help="Which scores the tables show (all taken at the validation-selected epoch).")
+@click.option("--metric", type=click.Choice(["acc", "map", "f1"]),
+              help="Metric of the strategies/ablation tables and plots (default: acc; ablation: MAP or F1).")
+@click.option("--plot", "plots", multiple=True, metavar="KINDS",
+              help="alpha (Figure 3), gap (Figure 2 analogue), curves (validation per epoch); comma-separated or repeated.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("dmgl-report"), show_default=True,
+              help="Folder for the PNG figures.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Write the table to this file instead of stdout.")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+              help="MLflow tracking URI (a server or database). Default: sqlite:///<registry>/mlflow.db.")
+def report(table, fmt, experiments, datasets, sweep, filter_string, split, metric, plots, out_dir, output,
+           tracking_uri) -> None:
+    """Paper-style tables and figures regenerated from the recorded runs.
+
+    Seed runs are grouped by (dataset, method, strategy) and shown as mean ± std over seeds, in percent with two
+    decimals; best bold, second best underlined. A cell nobody recorded prints as -.
+
+    \b
+    Examples:
+      dmgl report                                       # Table 1 style, all experiments
+      dmgl report --table strategies --format latex     # Table 4 / A3
+      dmgl report --table ablation --dataset crema-d    # Table 3 / A2
+      dmgl report --sweep cmp --table runs
+      dmgl report --plot alpha --out figures/           # Figure 3
+      dmgl report --plot gap,curves --dataset synthetic
+      dmgl report --format json -o table.json
+    """
+    from dmgl_cli.paths import atomic_write_bytes
+    from dmgl_cli.report import Selection, make_report
+
+    kinds = _split_plots(plots)
+    if table is None and not kinds:
+        table = "main"
+    selection = Selection(list(experiments) or None, list(datasets) or None, sweep, filter_string)
+    color = output is None and fmt == "text" and sys.stdout.isatty()
+    result = make_report(selection, table=table, fmt=fmt, split=split, metric=metric, plot_kinds=kinds,
+                         out_dir=out_dir, tracking_uri=tracking_uri, color=color)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if fmt in ("csv", "latex"):  # text, markdown and json carry the notes inside the tables
+        for note in result.notes:
+            click.echo(f"note: {note}", err=True)
+    if result.text:
+        if output is not None:
+            atomic_write_bytes(output, result.text.encode())
+            click.echo(f"wrote {output}", err=True)
+        else:
+            click.echo(result.text, nl=False)
+    for path in result.plots:
+        click.echo(f"wrote {path}", err=True)

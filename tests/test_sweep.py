@@ -1,0 +1,311 @@
+"""`dmgl sweep`: real Optuna storages (SQLite, journal file), real MLflow runs, real worker processes.
+
+Optuna is imported here only to read back what the sweep wrote (the package itself imports it in sweep.py only).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from dmgl_cli.paths import repo_root
+from dmgl_cli.tracking import Tracker
+
+FAST = ["--set", "train.epochs=2", "--set", "train.batch_size=64"]
+
+
+def _study(storage: str, name: str) -> optuna.Study:
+    if storage.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        storage = JournalStorage(JournalFileBackend(storage[len("journal:"):]))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _worker(*args: str, **kwargs) -> subprocess.Popen:
+    """A `dmgl sweep` worker in its own process (inherits DMGL_HOME from the registry fixture)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "dmgl_cli", "sweep", *args], cwd=repo_root(), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 240) -> str:
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        raise AssertionError(f"worker did not finish in {timeout}s:\n{output}") from None
+    assert process.returncode == 0, f"worker exited {process.returncode}:\n{output}"
+    return output
+
+
+def _wait_for(predicate, what: str, timeout: float = 120, process: subprocess.Popen | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"worker exited ({process.returncode}) before {what}:\n{process.stdout.read()}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _trial_started(storage: str, name: str):
+    """A RUNNING trial whose MLflow run exists and whose first seed has logged an epoch: training is under way."""
+    tracker = Tracker()
+    for trial in _study(storage, name).get_trials(states=(TrialState.RUNNING,)):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id and any("alpha" in c.data.metrics for c in tracker.children(run_id)):
+            return trial
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- grid
+
+
+def test_grid_sweep_runs_one_trial_per_strategy_nested_in_mlflow(run_cli, synthetic, registry):
+    result = run_cli("sweep", "--strategies", "constant:0,heuristic,lb", "--seeds", "2", "--study", "grid", *FAST)
+    lines = [line for line in result.output.splitlines() if line.startswith("trial ")]
+    assert len(lines) == 3 and all("val acc" in line for line in lines)
+    assert "Sweep grid: best trial per strategy" in result.output and "study grid is complete" in result.output
+
+    study = _study(f"sqlite:///{registry / 'optuna.db'}", "grid")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert sorted(t.params["strategy"] for t in trials) == ["constant:0", "heuristic", "lb"]
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+
+    tracker = Tracker()
+    sweep_run_id = study.user_attrs["mlflow_sweep_run_id"]
+    sweep_run = tracker.get_run(sweep_run_id)
+    assert sweep_run.info.status == "FINISHED"
+    assert sweep_run.data.tags["dmgl.role"] == "sweep" and sweep_run.data.tags["dmgl.sweep"] == "grid"
+    assert sweep_run.data.params["strategies"] == "constant:0,heuristic,lb"
+    best = max(trials, key=lambda t: t.value)
+    assert sweep_run.data.tags["dmgl.best_trial"] == str(best.number)
+    assert sweep_run.data.tags["dmgl.best_run_id"] == best.user_attrs["mlflow_run_id"]
+    assert math.isclose(sweep_run.data.metrics["best_val_acc"], best.value)
+
+    trial_runs = tracker.children(sweep_run_id)
+    assert len(trial_runs) == 3
+    assert {r.info.run_id for r in trial_runs} == {t.user_attrs["mlflow_run_id"] for t in trials}
+    for trial in trials:
+        parent = tracker.get_run(trial.user_attrs["mlflow_run_id"])
+        tags = parent.data.tags
+        assert tags["dmgl.role"] == "parent" and tags["mlflow.parentRunId"] == sweep_run_id
+        assert tags["dmgl.sweep"] == "grid" and tags["dmgl.trial"] == str(trial.number)
+        seeds = tracker.children(parent.info.run_id)
+        assert [s.data.tags["dmgl.role"] for s in seeds] == ["seed", "seed"]
+        assert sorted(s.data.tags["dmgl.seed"] for s in seeds) == ["0", "1"]
+        assert all(s.data.tags["dmgl.sweep"] == "grid" and s.info.status == "FINISHED" for s in seeds)
+        # the objective is the mean validation score of the seeds, never test
+        val = [s.data.metrics["final_val_acc"] for s in seeds]
+        assert math.isclose(trial.value, sum(val) / 2)
+        assert trial.user_attrs["seed_run_ids"] == [s.info.run_id for s in seeds]
+
+    # running the study again continues it: nothing is left, so nothing is added or rerun
+    again = run_cli("sweep", "--study", "grid")
+    assert "this worker ran 0 trial(s)" in again.output
+    assert len(_study(f"sqlite:///{registry / 'optuna.db'}", "grid").get_trials()) == 3
+
+
+def test_tuning_samples_per_strategy_ranges_and_reports_every_epoch(run_cli, synthetic, registry):
+    run_cli("sweep", "--strategies", "lb", "--tune", "lr=0.01:0.1,alpha_lr", "--n-trials", "2", "--seeds", "1",
+            "--study", "tune", *FAST)
+    trials = _study(f"sqlite:///{registry / 'optuna.db'}", "tune").get_trials()
+    assert len(trials) == 2 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    for trial in trials:
+        assert set(trial.params) == {"strategy", "lr@lb", "alpha_lr@lb"}
+        assert 0.01 <= trial.params["lr@lb"] <= 0.1 and 0.01 <= trial.params["alpha_lr@lb"] <= 10
+        assert sorted(trial.intermediate_values) == [1, 2]  # one report per epoch
+        run = Tracker().get_run(trial.user_attrs["mlflow_run_id"])
+        assert math.isclose(float(run.data.params["optim.lr"]), trial.params["lr@lb"])
+    assert trials[0].params["lr@lb"] != trials[1].params["lr@lb"]
+
+
+def test_strategy_median_pruner_compares_a_trial_with_its_own_strategy():
+    from dmgl_cli.sweep import StrategyMedianPruner
+
+    study = optuna.create_study(direction="maximize")
+    strategy = optuna.distributions.CategoricalDistribution(["lb", "constant:0"])
+
+    def finished(name: str, value: float):
+        study.add_trial(optuna.trial.create_trial(params={"strategy": name}, distributions={"strategy": strategy},
+                                                  value=value, intermediate_values={1: value, 2: value}))
+
+    for value in (0.5, 0.6, 0.7):
+        finished("lb", value)
+    for value in (0.1, 0.1, 0.1):
+        finished("constant:0", value)
+    pruner = StrategyMedianPruner(n_startup_trials=3, n_warmup_steps=1)
+
+    def running(name: str, values: dict[int, float]):
+        return optuna.trial.create_trial(state=TrialState.RUNNING, params={"strategy": name},
+                                         distributions={"strategy": strategy}, intermediate_values=values)
+
+    assert pruner.prune(study, running("lb", {1: 0.3, 2: 0.3}))  # below lb's median 0.6
+    assert not pruner.prune(study, running("lb", {1: 0.3, 2: 0.65}))
+    assert not pruner.prune(study, running("constant:0", {1: 0.3, 2: 0.3}))  # above its own strategy's 0.1
+    assert not pruner.prune(study, running("lb", {1: 0.0}))  # warm-up step
+
+
+def test_pruned_training_marks_runs_killed_not_failed(synthetic, registry):
+    from dmgl_cli import runner
+    from dmgl_cli.config import load_config
+    from dmgl_cli.sweep import PrunedTrial
+
+    def progress(seed, epoch, total, metrics):
+        raise PrunedTrial("stop")
+
+    config = load_config("synthetic", ["train.epochs=2"])
+    parents = []
+    with pytest.raises(optuna.TrialPruned):
+        runner.train(config, [0], progress=progress, on_parent=parents.append)
+    tracker = Tracker()
+    assert tracker.status(parents[0]) == "KILLED"
+    assert [c.info.status for c in tracker.children(parents[0])] == ["KILLED"]
+
+
+# ------------------------------------------------------------------------------------- several workers
+
+
+def test_two_workers_on_a_journal_file_share_the_trials(run_cli, synthetic, registry):
+    storage = f"journal:{registry / 'optuna.log'}"
+    run_cli("sweep", "--study", "shared", "--storage", storage, "--strategies", "constant:0,heuristic,lb",
+            "--seeds", "1", *FAST, "--create-only")
+    assert len(_study(storage, "shared").get_trials(states=(TrialState.WAITING,))) == 3
+    workers = [_worker("--study", "shared", "--storage", storage) for _ in range(2)]
+    outputs = [_finish(w) for w in workers]
+
+    trials = _study(storage, "shared").get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3  # none lost, none duplicated, no extra trial
+    assert sorted(t.params["strategy"] for t in trials) == ["constant:0", "heuristic", "lb"]
+    ran = sum(line.startswith("trial ") for output in outputs for line in output.splitlines())
+    assert ran == 3
+    tracker = Tracker()
+    sweep_run_id = _study(storage, "shared").user_attrs["mlflow_sweep_run_id"]
+    assert sorted(r.info.run_id for r in tracker.children(sweep_run_id)) == \
+        sorted(t.user_attrs["mlflow_run_id"] for t in trials)
+    assert tracker.status(sweep_run_id) == "FINISHED"
+
+
+def test_a_killed_workers_trial_is_failed_retried_and_does_not_block(run_cli, synthetic, registry):
+    storage = f"journal:{registry / 'optuna.log'}"
+    run_cli("sweep", "--study", "kill", "--storage", storage, "--strategies", "constant:0,lb", "--seeds", "2",
+            "--set", "train.epochs=4", "--heartbeat", "1", "--create-only")
+    doomed = _worker("--study", "kill", "--storage", storage)
+    victim = _wait_for(lambda: _trial_started(storage, "kill"), "a trial to start training", process=doomed)
+    doomed.send_signal(signal.SIGKILL)
+    doomed.communicate()
+
+    output = _finish(_worker("--study", "kill", "--storage", storage))  # waits out the 3 s grace period
+    trials = _study(storage, "kill").get_trials()
+    states = {t.number: t.state for t in trials}
+    assert states[victim.number] == TrialState.FAIL
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["strategy"] for t in complete) == ["constant:0", "lb"]
+    retry = next(t for t in complete if t.params["strategy"] == victim.params["strategy"])
+    assert retry.system_attrs["failed_trial"] == victim.number
+    assert "study kill is complete" in output
+    # the dead trial's MLflow runs no longer claim to be running
+    tracker = Tracker()
+    dead = victim.user_attrs["mlflow_run_id"]
+    assert tracker.status(dead) == "FAILED"
+    assert all(c.info.status != "RUNNING" for c in tracker.children(dead))
+
+
+def test_ctrl_c_requeues_the_trial_and_the_study_resumes(run_cli, synthetic, registry):
+    storage = f"sqlite:///{registry / 'optuna.db'}"
+    run_cli("sweep", "--study", "stop", "--strategies", "constant:0,lb", "--seeds", "1", "--set", "train.epochs=6",
+            "--create-only")
+    worker = _worker("--study", "stop")
+    victim = _wait_for(lambda: _trial_started(storage, "stop"), "a trial to start training", process=worker)
+    worker.send_signal(signal.SIGINT)
+    output, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 130, output
+    assert "dmgl sweep --study stop" in output and "Traceback" not in output
+
+    study = _study(storage, "stop")
+    assert study.get_trials()[victim.number].state == TrialState.FAIL
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert victim.params["strategy"] in [t.system_attrs["fixed_params"]["strategy"] for t in waiting]
+    tracker = Tracker()
+    assert tracker.status(victim.user_attrs["mlflow_run_id"]) == "KILLED"
+
+    result = run_cli("sweep", "--study", "stop")
+    assert "study stop is complete" in result.output
+    complete = _study(storage, "stop").get_trials(states=(TrialState.COMPLETE,))
+    assert sorted(t.params["strategy"] for t in complete) == ["constant:0", "lb"]
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def test_unknown_study_names_the_storage_and_how_to_create(run_cli, synthetic, registry):
+    result = run_cli("sweep", "--study", "nope", expect=1)
+    assert "unknown study 'nope'" in result.output and "--strategies" in result.output
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("constant:2", "must be in [0, 1]"),
+    ("stepwise", "needs its p"),
+    ("heuristic:0.3", "takes no value"),
+    ("annealing", "unknown strategy 'annealing'"),
+    ("lb,lb", "more than once"),
+])
+def test_bad_strategy_specs(run_cli, synthetic, spec, message):
+    result = run_cli("sweep", "--strategies", spec, expect=1)
+    assert message in result.output
+
+
+def test_bad_tune_and_trial_counts(run_cli, synthetic):
+    assert "unknown hyperparameter 'momentum'" in run_cli("sweep", "--strategies", "lb", "--tune", "momentum",
+                                                          expect=1).output
+    assert "applies only to lb" in run_cli("sweep", "--strategies", "heuristic", "--tune", "alpha_lr",
+                                           expect=1).output
+    assert "only makes sense with --tune" in run_cli("sweep", "--strategies", "lb", "--n-trials", "3",
+                                                     expect=1).output
+    assert "LOW must be > 0" in run_cli("sweep", "--strategies", "lb", "--tune", "lr=0:0.1", expect=1).output
+
+
+@pytest.mark.parametrize("url, message", [
+    ("journal:/no/such/folder/optuna.log", "folder /no/such/folder does not exist"),
+    ("sqlite:////no/such/folder/optuna.db", "cannot open Optuna storage sqlite:////no/such/folder/optuna.db"),
+    ("postgresql://user:secret@127.0.0.1:1/db", "cannot open Optuna storage postgresql://user:***@127.0.0.1:1/db"),
+    ("optuna.txt", "is not a storage URL"),
+])
+def test_storage_that_cannot_be_opened(run_cli, synthetic, url, message):
+    result = run_cli("sweep", "--strategies", "lb", "--storage", url, expect=1)
+    assert message in result.output
+    assert "secret" not in result.output
+
+
+def test_joining_with_other_settings_is_refused(run_cli, synthetic, registry):
+    run_cli("sweep", "--study", "fixed", "--strategies", "constant:0,lb", *FAST, "--create-only")
+    result = run_cli("sweep", "--study", "fixed", "--strategies", "lb", "--seeds", "3", expect=1)
+    assert "--strategies (study has constant:0,lb)" in result.output and "--seeds (study has 0)" in result.output
+
+
+def test_a_corrupt_journal_is_reported(run_cli, synthetic, tmp_path):
+    journal = tmp_path / "broken.log"
+    journal.write_text("this is not an optuna journal\n")
+    result = run_cli("sweep", "--strategies", "lb", "--storage", f"journal:{journal}", expect=1)
+    assert f"cannot open Optuna storage journal:{journal}" in result.output
+
+
+def test_the_package_imports_optuna_only_in_sweep():
+    package = Path(__file__).resolve().parent.parent / "dmgl_cli"
+    users = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
+                   if "import optuna" in p.read_text() or "from optuna" in p.read_text())
+    assert users == ["sweep.py"]
