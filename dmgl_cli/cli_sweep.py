@@ -60,14 +60,9 @@ def sweep(recipe, strategies, tune, n_trials, seeds, overrides, experiment, stud
             click.echo(text, err=True)
 
     outcome = run_sweep(request, on_trial=on_trial, on_message=on_message)
-    settings = outcome.settings
-    verb = "created" if outcome.created else "joined"
-    click.echo(f"study {outcome.study} ({verb}) in {outcome.storage}: {len(settings.strategies)} strategies x "
-               f"{settings.trials_per_strategy} trial(s) x {len(settings.seeds)} seed(s); sweep run "
-               f"{outcome.sweep_run_id}", err=outcome.interrupted)
     if create_only:
-        click.echo(f"start workers with: dmgl sweep --study {outcome.study}"
-                   + (f" --storage {storage}" if storage else ""))
+        click.echo(f"study {outcome.study} is ready ({outcome.settings.total_trials} trials queued); start workers "
+                   f"with: dmgl sweep --study {outcome.study}" + (f" --storage {storage}" if storage else ""))
         return
     click.echo(outcome.summary_text(), nl=False)
     if outcome.interrupted:

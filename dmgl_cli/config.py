@@ -19,7 +19,7 @@ from typing import Any, Union
 import yaml
 
 from dmgl_cli.errors import DmglError
-from dmgl_cli.paths import recipes_dir
+from dmgl_cli.paths import recipes_dir, safe_name
 
 
 @dataclass
@@ -334,6 +334,10 @@ def validate(config: Config) -> None:
     from dmgl_cli.strategies import STRATEGIES
 
     train, optim, strat = config.train, config.optim, config.strategy
+    # Both become folder names (prepared data, the experiment's artifact folder): nothing may climb out.
+    safe_name(config.dataset, "dataset")
+    if config.experiment is not None:
+        safe_name(config.experiment, "experiment")
     _check(train.epochs >= 1, f"train.epochs must be >= 1, got {train.epochs}")
     _check(train.batch_size >= 1, f"train.batch_size must be >= 1, got {train.batch_size}")
     _check(train.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {train.eval_batch_size}")

@@ -184,12 +184,12 @@ def train(config: Config, seeds: list[int], *, tracking_uri: str | None = None, 
     the parent and on every seed run (e.g. ``dmgl.sweep``, ``dmgl.trial``)."""
     if not seeds:
         raise DmglError("at least one seed is needed")
+    run_name = safe_name(run_name or f"{config.method.name}-{config.strategy.name}", "run name")
     dataset = open_dataset(config.dataset)
     tracker = Tracker(tracking_uri)
     experiment = config.experiment or config.dataset
     experiment_id = tracker.experiment_id(experiment)
     tracker.warn_stale([experiment_id])
-    run_name = safe_name(run_name or f"{config.method.name}-{config.strategy.name}", "run name")
     parent_id = tracker.start_run(experiment_id, run_name,
                                   {**_tags(config, dataset, "parent"), "dmgl.seeds": ",".join(map(str, seeds)),
                                    **(extra_tags or {})}, parent_id=sweep_run_id)

@@ -32,6 +32,7 @@ import copy
 import json
 import math
 import os
+import re
 import socket
 import statistics
 import time
@@ -280,6 +281,22 @@ def _journal_path(url: str) -> Path | None:
     return None
 
 
+def _check_journal(path: Path) -> None:
+    """Every complete line of a journal must be a JSON record. (Optuna tolerates a torn last line, which a
+    crashed writer leaves, but raises on a bad line only once another follows — after we appended to it.)"""
+    if not path.is_file():
+        return
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.endswith(b"\n"):
+                continue
+            try:
+                json.loads(line)
+            except ValueError:
+                raise DmglError(f"cannot open Optuna storage journal:{path}: line {number} is not an Optuna "
+                                "journal record; point --storage at the right file or start a new one") from None
+
+
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     """Optuna's journal storage with Optuna's heartbeat protocol (see the module docstring)."""
 
@@ -333,6 +350,7 @@ def open_storage(url: str, heartbeat: int | None = None,
                 if journal.is_dir() or not journal.parent.is_dir():
                     raise DmglError(f"cannot open the Optuna journal {journal}: "
                                     + ("it is a folder" if journal.is_dir() else f"folder {journal.parent} does not exist"))
+                _check_journal(journal)
                 storage = HeartbeatJournalStorage(JournalFileBackend(str(journal)), heartbeat, grace,
                                                   stale_trial_callback)
             elif "://" in url:
@@ -425,6 +443,10 @@ def _record(trial: FrozenTrial, metric: str) -> TrialRecord:
                        attrs.get("message") or "", trial.system_attrs.get("failed_trial"), metric)
 
 
+_STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "RUNNING": "running", "WAITING": "waiting",
+                "FAIL": "failed"}
+
+
 def summary_table(records: list[TrialRecord], settings: SweepSettings, study_name: str) -> Table:
     """Per strategy: trials by state and the best trial (by validation, the objective) with its test score."""
     metric = settings.metric.upper()
@@ -433,10 +455,8 @@ def summary_table(records: list[TrialRecord], settings: SweepSettings, study_nam
                   ["Strategy", "Trials"], [f"val {metric}", f"test {metric}", "params", "MLflow run"], marks="column")
     for spec in settings.specs:
         mine = [r for r in records if r.strategy == spec.key]
-        counts = {}
-        for r in mine:
-            counts[r.state.lower()] = counts.get(r.state.lower(), 0) + 1
-        state = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
+        counts = {name: sum(r.state == state for r in mine) for state, name in _STATE_NAMES.items()}
+        state = ", ".join(f"{n} {name}" for name, n in counts.items() if n) or "none"
         done = [r for r in mine if r.state == "COMPLETE" and r.value is not None]
         best = max(done, key=lambda r: r.value) if done else None
         n = len(settings.seeds)
@@ -486,6 +506,12 @@ class SweepOutcome:
 
     def summary_text(self) -> str:
         return render_text(self.summary) if self.summary else ""
+
+
+def _header(name: str, url: str, created: bool, settings: SweepSettings, sweep_run_id: str) -> str:
+    return (f"study {name} ({'created' if created else 'joined'}) in {redact(url)}: {len(settings.strategies)} "
+            f"strateg{'ies' if len(settings.strategies) > 1 else 'y'} x {settings.trials_per_strategy} trial(s) x "
+            f"{len(settings.seeds)} seed(s), objective val_{settings.metric}; MLflow sweep run {sweep_run_id}")
 
 
 def _settings_from_request(request: SweepRequest, name: str) -> SweepSettings:
@@ -642,6 +668,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def _run_name(study_name: str, number: int, spec: StrategySpec) -> str:
+    """``STUDY-tN-STRATEGY`` within the characters and length dmgl allows for run names."""
+    suffix = re.sub(r"[^A-Za-z0-9._-]+", "-", f"-t{number}-{spec.key}")
+    return study_name[: 100 - len(suffix)] + suffix
+
+
 class _Worker:
     def __init__(self, study: optuna.Study, settings: SweepSettings, sweep_run_id: str, tracking_uri: str | None,
                  on_trial: Callable[[TrialRecord], None], on_message: Callable[[str], None]):
@@ -681,7 +713,7 @@ class _Worker:
 
         outcome = runner.train(
             config, seeds, tracking_uri=self.tracking_uri, progress=progress, on_parent=on_parent,
-            run_name=f"{self.study.study_name}-t{trial.number}-{spec.label.replace(' ', '')}",
+            run_name=_run_name(self.study.study_name, trial.number, spec),
             sweep_run_id=self.sweep_run_id,
             extra_tags={"dmgl.sweep": self.study.study_name, "dmgl.trial": str(trial.number),
                         "optuna.study": self.study.study_name, "optuna.trial_number": str(trial.number)},
@@ -771,7 +803,7 @@ def _create(request: SweepRequest, name: str, storage, url: str) -> tuple[optuna
     tracker = Tracker(request.tracking_uri)
     experiment_id = tracker.experiment_id(settings.experiment)
     space = settings.search_space()
-    sweep_run_id = tracker.start_run(experiment_id, f"sweep-{name}", {
+    sweep_run_id = tracker.start_run(experiment_id, f"sweep-{name}"[:100], {
         "dmgl.role": "sweep", "dmgl.sweep": name, "dmgl.dataset": settings.dataset, "dmgl.method": settings.method,
         "dmgl.recipe": settings.recipe, "optuna.study": name, "optuna.storage": redact(url),
     })
@@ -798,7 +830,7 @@ def _check_tracking(study: optuna.Study, tracking_uri: str | None) -> str:
     tracker = Tracker(tracking_uri)
     run_id = study.user_attrs.get(SWEEP_RUN_ATTR)
     try:
-        run = tracker.get_run(run_id)
+        tracker.get_run(run_id)
     except DmglError:
         raise DmglError(f"the sweep run {run_id} of study {study.study_name!r} is not in the MLflow store "
                         f"{tracker.uri}; point --tracking-uri at the store the study was created with "
@@ -869,6 +901,7 @@ def run_sweep(request: SweepRequest, on_trial: Callable[[TrialRecord], None] | N
         name = request.study or safe_name(f"{recipe_stem}-{time.strftime('%Y%m%d-%H%M%S')}", "study name")
         study, settings, created = _create(request, name, storage, url)
     sweep_run_id = _check_tracking(study, request.tracking_uri)
+    on_message(_header(name, url, created, settings, sweep_run_id))
     if not created:
         added = _top_up(study, settings)
         if added:

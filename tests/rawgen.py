@@ -34,8 +34,8 @@ def write_wav(path: Path, seconds: float, freq: float, sr: int = SR) -> Path:
 def frame_image(index: int, colour: tuple[int, int, int], width: int, height: int) -> np.ndarray:
     frame = np.empty((height, width, 3), dtype=np.uint8)
     frame[...] = colour
-    x = (index * 3) % max(1, width - 4)  # a moving bar, so that frames (and optical flow) differ
-    frame[:, x : x + 4] = 255 - np.asarray(colour, dtype=np.uint8)
+    x = (index * 3) % max(1, width - 8)  # a block moving right, so that frames (and optical flow) differ
+    frame[height // 4 : 3 * height // 4, x : x + 8] = 255 - np.asarray(colour, dtype=np.uint8)
     return frame
 
 
@@ -69,7 +69,7 @@ def write_video(path: Path, frames: int, colour: tuple[int, int, int], *, width:
             samples = tone(audio_seconds, freq, rate)
             chunk = audio_stream.codec_context.frame_size or 1024
             fmt = audio_stream.codec_context.format.name
-            for offset, begin in enumerate(range(0, samples.size, chunk)):
+            for begin in range(0, samples.size, chunk):
                 piece = np.zeros(chunk, dtype=np.float32)
                 part = samples[begin : begin + chunk]
                 piece[: part.size] = part
@@ -248,3 +248,19 @@ def make_tiny_text_model(folder: Path) -> Path:
                         intermediate_size=32, max_position_embeddings=160)
     BertModel(config).save_pretrained(folder)
     return folder
+
+
+# ------------------------------------------------------------------------------------------- driver tests
+
+
+def decode_logged(source: tuple[int, str], *, log: str, fail: str) -> dict[str, np.ndarray]:
+    """A decode function for the driver's tests (here, not in the test module, so that worker processes import
+    nothing heavy): appends each sample to ``log``; sample 3 is bad while the file ``fail`` exists."""
+    from dmgl_cli.data.media import BadSample
+
+    value, name = source
+    with open(log, "a") as handle:
+        handle.write(f"{value}\n")
+    if value == 3 and Path(fail).exists():
+        raise BadSample(name, "is broken")
+    return {"x": np.full((2,), value, dtype=np.float32)}

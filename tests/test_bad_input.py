@@ -36,6 +36,11 @@ from dmgl_cli.tracking import Tracker, local_path
         (["datasets", "show", "nothing"], "dataset 'nothing' is not prepared"),
         (["recipes", "show", "nope"], "unknown recipe 'nope'"),
         (["ui", "--host", "0.0.0.0"], "add --allow-remote to confirm"),
+        (["train", "--experiment", "../outside"], "experiment '../outside' is not allowed"),
+        (["train", "--experiment", "/abs/path"], "experiment '/abs/path' is not allowed"),
+        (["train", "--set", "dataset=a#b"], "dataset 'a#b' is not allowed"),
+        (["train", "--name", "..\\up"], "is not allowed"),
+        (["prepare", "synthetic", "--name", "/etc"], "dataset name '/etc' is not allowed"),
     ],
 )
 def test_bad_input_gives_one_clear_message(run_cli, args, message):

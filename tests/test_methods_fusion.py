@@ -41,7 +41,7 @@ def _history(tracker: Tracker, run, key: str) -> list[float]:
     return [value for _, value in tracker.metric_history(run.info.run_id, key)]
 
 
-def _assert_common_metrics(tracker: Tracker, run, modalities: list[str], source: str) -> None:
+def _assert_common_metrics(tracker: Tracker, run, modalities: list[str], source: str, epochs: int = 2) -> None:
     """The metrics every row of Table 1 is built from, per epoch and at the selected epoch."""
     keys = ["train_loss", "train_cls_loss", "val_acc", "val_map", "val_f1", "test_acc", "test_map", "test_f1",
             "test_gap_acc", "val_cls_loss"]
@@ -50,7 +50,7 @@ def _assert_common_metrics(tracker: Tracker, run, modalities: list[str], source:
         keys.append("test_modality_gap")
     for key in keys:
         values = _history(tracker, run, key)
-        assert len(values) == 2, key
+        assert len(values) == epochs, key
         assert all(v == v for v in values), key  # no NaN
     for key in ("final_test_acc", "final_test_gap_acc", *(f"final_test_acc_{m}" for m in modalities)):
         assert key in run.data.metrics, key
@@ -204,9 +204,8 @@ def test_probes_train_on_detached_embeddings_and_never_touch_the_model(registry)
         else:
             assert torch.equal(p, before[name])
             assert (p.grad is None) == (name not in grads) and (p.grad is None or torch.equal(p.grad, grads[name]))
-    state = method.state_dict()["probe_optimizer"]
     fresh = build_method(config)
-    fresh.load_state_dict(state)
+    fresh.load_state_dict(method.state_dict())
     fresh.after_backward(model, output, labels, {})  # the restored Adam state continues, step count and all
     assert fresh.state_dict()["probe_optimizer"]["state"][0]["step"] == 2
 
@@ -272,6 +271,7 @@ def test_ml_lstm_runs_over_the_modality_sequence(run_cli, synthetic):
 
 def test_etmc_logs_uncertainty_and_anneals_the_kl_term(run_cli, synthetic):
     tracker, run = _train(run_cli, "etmc", "--epochs", "3", "--set", "method.options.etmc.annealing_epochs=2")
+    _assert_common_metrics(tracker, run, MODALITIES, "own", epochs=3)
     for key in ("etmc_strength", "etmc_uncertainty", "etmc_uncertainty_fast", "etmc_uncertainty_pseudo"):
         assert len(_history(tracker, run, key)) == 3, key
     assert _history(tracker, run, "etmc_kl_coef") == [0.0, 0.5, 1.0]  # min(1, t / annealing), t = 0, 1, 2
@@ -289,12 +289,14 @@ def test_etmc_logs_uncertainty_and_anneals_the_kl_term(run_cli, synthetic):
     assert not torch.isclose(method.classification_loss(out, batch["labels"]), F.cross_entropy(out.logits, batch["labels"]))
 
 
-def test_etmc_common_metrics_and_lb_strategy(run_cli, synthetic):
-    tracker, run = _train(run_cli, "etmc")
-    _assert_common_metrics(tracker, run, MODALITIES, "own")
-    result = run_cli("train", "--method", "etmc", "--strategy", "lb", "--set", "strategy.lb.update_every=2", *SHORT)
-    lb_run = Tracker().children(re.search(r"parent run ([0-9a-f]{32})", result.output).group(1))[0]
-    assert len(_history(tracker, lb_run, "alpha_hypergradient")) == 2  # L_CLS (evidential) drives the LB outer step
+def test_etmc_combines_with_the_lb_strategy(run_cli, synthetic):
+    """The LB outer step differentiates the method's L_CLS (ETMC's evidential loss) and moves alpha."""
+    result = run_cli("train", "--method", "etmc", "--strategy", "lb", "--set", "strategy.lb.update_every=epoch", *SHORT)
+    tracker = Tracker()
+    run = tracker.children(re.search(r"parent run ([0-9a-f]{32})", result.output).group(1))[0]
+    hypergradients = _history(tracker, run, "alpha_hypergradient")
+    assert len(hypergradients) == 2 and all(g == g and g != 0 for g in hypergradients)
+    assert _history(tracker, run, "alpha")[-1] != pytest.approx(0.5)  # moved from strategy.lb.initial_alpha
 
 
 def test_dempster_shafer_with_a_vacuous_opinion_changes_nothing():
@@ -304,3 +306,30 @@ def test_dempster_shafer_with_a_vacuous_opinion_changes_nothing():
     torch.testing.assert_close(dempster_shafer(vacuous, opinion), opinion)
     agreeing = dempster_shafer(opinion, opinion)
     assert (agreeing.sum(-1) > opinion.sum(-1)).all()  # two agreeing opinions: more evidence, less uncertainty
+
+
+# --------------------------------------------------------------------------------------------------- resume
+
+
+def test_resume_is_exact_with_the_probes_optimiser_state(run_cli, synthetic):
+    """The probes' Adam state is method state: without it in the checkpoint the resumed probes would drift."""
+    config = load_config("synthetic", ["train.epochs=2", "method.name=affine", "strategy.name=constant"])
+    reference = runner.train(config, [0], run_name="reference")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_epoch_1(seed, epoch, total, metrics):
+        if epoch == 1:
+            raise Stop()
+
+    parents: list[str] = []
+    with pytest.raises(Stop):
+        runner.train(config, [0], run_name="stopped", progress=stop_after_epoch_1, on_parent=parents.append)
+    tracker = Tracker()
+    child = tracker.children(parents[0])[0]
+    run_cli("train", "--resume", child.info.run_id)
+    reference_run = tracker.get_run(reference.seeds[0].run_id)
+    resumed_run = tracker.get_run(child.info.run_id)
+    for key in ("train_loss", "val_acc", "test_acc_fast", "test_acc_slow", "probe_loss"):
+        assert _history(tracker, resumed_run, key) == _history(tracker, reference_run, key), key

@@ -132,6 +132,11 @@ def test_tuning_samples_per_strategy_ranges_and_reports_every_epoch(run_cli, syn
         run = Tracker().get_run(trial.user_attrs["mlflow_run_id"])
         assert math.isclose(float(run.data.params["optim.lr"]), trial.params["lr@lb"])
     assert trials[0].params["lr@lb"] != trials[1].params["lr@lb"]
+    # raising the count of an existing study queues just the difference
+    more = run_cli("sweep", "--study", "tune", "--n-trials", "3")
+    assert "re-enqueued 1 trial(s)" in more.output and "this worker ran 1 trial(s)" in more.output
+    assert len(_study(f"sqlite:///{registry / 'optuna.db'}", "tune").get_trials()) == 3
+    assert "it can only be raised" in run_cli("sweep", "--study", "tune", "--n-trials", "1", expect=1).output
 
 
 def test_strategy_median_pruner_compares_a_trial_with_its_own_strategy():
@@ -202,14 +207,15 @@ def test_two_workers_on_a_journal_file_share_the_trials(run_cli, synthetic, regi
 
 def test_a_killed_workers_trial_is_failed_retried_and_does_not_block(run_cli, synthetic, registry):
     storage = f"journal:{registry / 'optuna.log'}"
-    run_cli("sweep", "--study", "kill", "--storage", storage, "--strategies", "constant:0,lb", "--seeds", "2",
-            "--set", "train.epochs=4", "--heartbeat", "1", "--create-only")
+    run_cli("sweep", "--study", "kill", "--storage", storage, "--strategies", "constant:0,lb", "--seeds", "1",
+            "--set", "train.epochs=6", "--heartbeat", "1", "--create-only")
     doomed = _worker("--study", "kill", "--storage", storage)
     victim = _wait_for(lambda: _trial_started(storage, "kill"), "a trial to start training", process=doomed)
     doomed.send_signal(signal.SIGKILL)
     doomed.communicate()
 
-    output = _finish(_worker("--study", "kill", "--storage", storage))  # waits out the 3 s grace period
+    # another worker finishes the study: it runs the other trial, waits out the 3 s grace period, then the retry
+    output = run_cli("sweep", "--study", "kill", "--storage", storage).output
     trials = _study(storage, "kill").get_trials()
     states = {t.number: t.state for t in trials}
     assert states[victim.number] == TrialState.FAIL

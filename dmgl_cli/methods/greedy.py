@@ -1,29 +1,26 @@
 """Greedy: balancing the conditional learning speed (Wu, Jastrzebski, Cho & Geras, ICML 2022, "Characterizing and
 overcoming the greedy nature of learning in multi-modal deep neural networks").
 
-The paper measures how fast a multi-modal network learns to use each modality with the *conditional learning
-speed*: the effective update ``mu(theta) = ||grad_theta L||^2 / ||theta||^2`` of the layers that bring one modality
-into the prediction, accumulated over training (``M = sum_t mu_t``), relative to that of the modality's own branch.
-Here the network is Concat: the part of the fusion head that reads modality j is its columns ``W_j`` of the head
-weight, and its branch is its encoder, so
+The paper measures how fast a multi-modal network learns from each modality with a *learning speed* built from the
+effective update ``mu(theta) = ||grad_theta L||^2 / ||theta||^2`` of the parameters a modality flows through,
+accumulated over training (``M = sum_t mu_t``), and balances the two modalities' speeds. Its network has
+uni-directional fusion (MMTM) layers between two uni-modal branches, and its conditional speed compares those
+layers with the branches. Concat has no such layers; what modality j's input alone flows through is its encoder
+and its columns ``W_j`` of the fusion head, so here
 
-    s_j = log M(W_j) - log M(encoder_j),       d_speed = s_a - s_b.
+    s_j = log M(encoder_j, W_j),       d_speed = s_a - s_b.
 
 Balanced multi-modal learning alternates *normal* steps with *re-balancing* steps: after a normal step with
 ``|d_speed| > tolerance``, the next ``window`` steps re-balance towards the slower modality (smaller s_j) — only
-its branch is updated (the faster modality's encoder and head columns get no gradient), so the head learns to use
-it. Then training returns to normal steps. The effective updates are measured from every step's full gradient,
-before the re-balancing drops part of it.
-
-The paper's network has uni-directional fusion (MMTM) layers between two branches, and a re-balancing step uses
-one direction only; on Concat the fusion is the head, so re-balancing updates one modality's branch and head
-columns. Like the paper, it is defined for exactly two modalities (the paper's own restriction; §4 of the DMGL
-paper lists Greedy as a two-modality method). The tolerance and window are tuned per dataset in the paper; the
-defaults here (0.1, 5 steps) are ours.
+its branch is updated (the other modality's encoder and head columns get no gradient) — then training returns to
+normal steps. The effective updates are measured from every step's full gradient, before re-balancing drops part
+of it. Like the paper, the method is defined for exactly two modalities (§4 of the DMGL paper lists Greedy as a
+two-modality method). The tolerance and window are tuned per dataset in the paper; the defaults here (0.1, 5
+steps) are ours.
 
 Settings (``method.options.greedy.*``): ``tolerance`` (>= 0, default 0.1), ``window`` (>= 1, default 5).
 Logged per epoch: ``greedy_rebalance_steps_<modality>`` (steps spent re-balancing towards it), ``greedy_speed_<m>``
-(s_j at the epoch's end), ``greedy_dspeed``.
+(s_j at the epoch's end), ``greedy_dspeed`` (mean over the epoch's normal steps).
 """
 
 from __future__ import annotations
@@ -45,14 +42,14 @@ from dmgl_cli.models import ModelOutput, MultimodalModel
 
 
 class GreedyMethod(RebalanceMethod):
-    """Balanced multi-modal learning by conditional learning speed; see the module docstring."""
+    """Balanced multi-modal learning by learning speed; see the module docstring."""
 
     name = "greedy"
     defaults: dict[str, Any] = {"tolerance": 0.1, "window": 5}
 
     def __init__(self, config, options: dict[str, Any]):
         super().__init__(config, options)
-        self.accumulated: dict[str, float] = {}  # "head:<m>" / "encoder:<m>" -> M
+        self.accumulated: dict[str, float] = {}  # modality -> M, its branch's accumulated effective update
         self.target: str | None = None  # modality being re-balanced towards
         self.remaining = 0
 
@@ -68,21 +65,16 @@ class GreedyMethod(RebalanceMethod):
         return super().build_model(modalities, num_classes)
 
     def speeds(self) -> dict[str, float]:
-        modalities = sorted({key.split(":", 1)[1] for key in self.accumulated})
-        return {m: math.log(self.accumulated[f"head:{m}"] + 1e-30) - math.log(self.accumulated[f"encoder:{m}"] + 1e-30)
-                for m in modalities}
+        return {m: math.log(total + 1e-30) for m, total in self.accumulated.items()}
 
     def after_backward(self, model: MultimodalModel, output: ModelOutput, labels: Tensor, step: dict[str, Any]) -> None:
         weight = concat_head(model).head.weight
         for modality in model.modalities:
             columns = head_columns(model, modality)
-            head_grad = weight.grad[:, columns] if weight.grad is not None else None
-            head_update = float(head_grad.float().pow(2).sum()) if head_grad is not None else 0.0
-            head_update /= float(weight[:, columns].detach().float().pow(2).sum()) + 1e-12
-            params = encoder_parameters(model, modality)
-            encoder_update = relative_update(params, [p.grad for p in params])
-            self.accumulated[f"head:{modality}"] = self.accumulated.get(f"head:{modality}", 0.0) + head_update
-            self.accumulated[f"encoder:{modality}"] = self.accumulated.get(f"encoder:{modality}", 0.0) + encoder_update
+            params = [*encoder_parameters(model, modality), weight[:, columns]]
+            grads = [p.grad for p in encoder_parameters(model, modality)]
+            grads.append(weight.grad[:, columns] if weight.grad is not None else None)
+            self.accumulated[modality] = self.accumulated.get(modality, 0.0) + relative_update(params, grads)
 
         if self.remaining > 0:  # a re-balancing step: only the target modality's branch learns
             for modality in model.modalities:

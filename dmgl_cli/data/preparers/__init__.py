@@ -9,12 +9,17 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from dmgl_cli.data.preparers import crema_d, synthetic
+from dmgl_cli.data.preparers import crema_d, custom, kinetics_sounds, nvgesture, sarcasm, synthetic, twitter2015
 from dmgl_cli.data.preparers.base import PrepareJob
 
 PREPARERS: dict[str, ModuleType] = {
     synthetic.NAME: synthetic,
     crema_d.NAME: crema_d,
+    custom.NAME: custom,
+    kinetics_sounds.NAME: kinetics_sounds,
+    nvgesture.NAME: nvgesture,
+    sarcasm.NAME: sarcasm,
+    twitter2015.NAME: twitter2015,
 }
 
 __all__ = ["PREPARERS", "PrepareJob"]

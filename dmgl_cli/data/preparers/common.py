@@ -69,7 +69,7 @@ def exact_stratified_split(labels: Sequence[int], held_out: int, seed: int) -> t
         take[position] += 1
     rng = np.random.default_rng(seed)
     held = []
-    for cls, count in zip(classes, take):
+    for cls, count in zip(classes, take, strict=True):
         members = np.flatnonzero(labels == cls)
         rng.shuffle(members)
         held.append(members[:count])
@@ -159,3 +159,46 @@ def class_order(labels: Iterable[str]) -> list[str]:
         return sorted(distinct, key=int)
     except ValueError:
         return distinct
+
+
+def text_image_plan(job: PrepareJob, entries: dict[str, list[dict[str, Any]]], classes: list[str],
+                    known_bad: list[dict[str, Any]], extra: dict[str, Any]):
+    """The plan of a text-image dataset (Sarcasm, Twitter2015). ``entries[split]`` rows carry ``id``, ``label``,
+    ``image`` (path), ``text`` and optionally ``pair`` (a second text segment). Text is tokenised up front (one
+    fixed [n, 2, max_tokens] array per split); images are decoded per sample by the driver."""
+    import functools
+
+    from dmgl_cli.data.media import load_tokenizer, tokenize
+    from dmgl_cli.data.preparers import driver
+
+    size = positive_int(job, "image_size", 8)
+    length = positive_int(job, "max_tokens", 2)
+    text_model = job.option("text_model", str)
+    tokenizer = load_tokenizer(text_model)
+    samples, fixed = [], {}
+    for split, rows in entries.items():
+        if not rows:
+            continue
+        for index, row in enumerate(rows):
+            samples.append(driver.Sample(split, index, row["label"], row["id"], row["image"]))
+        pairs = [row["pair"] for row in rows] if "pair" in rows[0] else None
+        fixed[split] = {"text": tokenize(tokenizer, [row["text"] for row in rows], length, pairs)}
+    return driver.Plan(
+        samples=samples,
+        classes=classes,
+        decoded={"image": driver.Modality("image", (size, size, 3), "uint8")},
+        decode=functools.partial(decode_image, size=size),
+        fixed=fixed,
+        fixed_modalities={"text": driver.Modality("text", (2, length), "int64")},
+        known_bad=known_bad,
+        extra={"text_model": text_model, **extra},
+        order=["text", "image"],
+    )
+
+
+def decode_image(path: str, *, size: int) -> dict[str, Any]:
+    from dmgl_cli.data.media import BadSample, load_image
+
+    if not Path(path).is_file():
+        raise BadSample(path, "does not exist (every sample needs its image)")
+    return {"image": load_image(path, size)}

@@ -81,6 +81,7 @@ class Plan:
     # Samples dropped before decoding under --skip-bad (a malformed list line, an unreadable text file):
     # {"split", "id", "path", "reason"} records that join the manifest's bad_samples.
     known_bad: list[dict[str, Any]] = field(default_factory=list)
+    order: list[str] | None = None  # modality order in the manifest (default: decoded, then fixed)
 
 
 def split_sizes(samples: Sequence[Sample]) -> dict[str, int]:
@@ -360,7 +361,8 @@ def run(job: PrepareJob, plan: Plan, *, preparer: str, version: str) -> dict[str
             shutil.rmtree(work.path / "staging", ignore_errors=True)
             records = list(plan.known_bad) + [bad[key] for key in sorted(bad)]
             work.release()
-            modalities = {k: m.spec() for k, m in {**plan.decoded, **plan.fixed_modalities}.items()}
+            every = {**plan.decoded, **plan.fixed_modalities}
+            modalities = {k: every[k].spec() for k in (plan.order or every)}
             return writer.finish(
                 name=job.name,
                 classes=plan.classes,

@@ -1,0 +1,253 @@
+"""Shared helpers of the performance benchmarks: a private registry, CREMA-D-shaped prepared sets, an in-memory
+run sink, interleaved timing and table printing.
+
+Every benchmark reports *ratios measured in one process*, with the compared variants interleaved (A B A B ...),
+because the machines they run on are shared and noisy: a slow minute slows every variant alike. Absolute figures
+are printed too, but only the ratios are compared with targets.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+INTERLEAVE_NOTE = ("ratios are medians over repeats of variants run interleaved (A B A B ...) in this one process, "
+                   "so that load from other processes hits every variant alike")
+
+# CREMA-D as the crema-d preparer stores it: audio log-spectrogram [257, 299] (3 s at 16 kHz), 10 uint8 frames
+# (3 of them are sampled at train time by the recipe's data.options.frames), 6 classes.
+CREMA_AUDIO_SHAPE = (257, 299)
+CREMA_STORED_FRAMES = 10
+CREMA_FRAME_SIZE = 224
+CREMA_CLASSES = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
+
+
+def use_private_registry(prefix: str = "dmgl-bench-") -> Path:
+    """DMGL_HOME as given, or a fresh temporary registry, so that a benchmark never touches the user's runs."""
+    home = os.environ.get("DMGL_HOME") or tempfile.mkdtemp(prefix=prefix)
+    os.environ["DMGL_HOME"] = home
+    return Path(home)
+
+
+def set_threads(threads: int | None) -> int:
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def machine_line() -> str:
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, {cuda}, "
+            f"load average {load:.1f}")
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+
+
+def ensure_synthetic(samples: int | None = None) -> str:
+    """The built-in synthetic dataset, prepared once per registry."""
+    from dmgl_cli.data.registry import DatasetRegistry
+    from dmgl_cli.prepare import prepare_dataset
+
+    name = "synthetic" if samples is None else f"synthetic-{samples}"
+    if name not in {r["name"] for r in DatasetRegistry().rows()}:
+        prepare_dataset("synthetic", name=name, options=None if samples is None else {"samples": samples})
+    return name
+
+
+def write_crema_shaped(name: str, train: int, test: int, *, frames: int = CREMA_STORED_FRAMES,
+                       frame_size: int = CREMA_FRAME_SIZE, audio_shape: tuple[int, int] = CREMA_AUDIO_SHAPE,
+                       audio_dtype: str = "float32", seed: int = 0) -> str:
+    """A prepared dataset with CREMA-D's modalities and shapes (random content with a weak class signal, so the
+    losses move as in training), written with the real PreparedWriter and registered. Re-used if present."""
+    from dmgl_cli.data.prepared import PreparedWriter
+    from dmgl_cli.data.registry import DatasetRegistry
+    from dmgl_cli.paths import datasets_dir, ensure_registry
+
+    registry = DatasetRegistry()
+    if name in {r["name"] for r in registry.rows()}:
+        return name
+    home = ensure_registry()
+    destination = datasets_dir(home) / name
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    audio_means = rng.standard_normal((len(CREMA_CLASSES), audio_shape[0], 1)).astype(np.float32)
+    chunk = 64
+    with PreparedWriter(destination) as writer:
+        for split, count in (("train", train), ("test", test)):
+            labels = rng.integers(0, len(CREMA_CLASSES), count).astype(np.int64)
+            writer.put(split, "labels", labels)
+            audio = writer.array(split, "audio", (count, *audio_shape), audio_dtype)
+            visual = writer.array(split, "visual", (count, frames, frame_size, frame_size, 3), np.uint8)
+            for start in range(0, count, chunk):
+                part = labels[start : start + chunk]
+                noise = rng.standard_normal((len(part), *audio_shape), dtype=np.float32)
+                audio[start : start + len(part)] = (noise + 0.5 * audio_means[part]).astype(audio_dtype)
+                frames_part = rng.integers(0, 256, (len(part), frames, frame_size, frame_size, 3), dtype=np.uint8)
+                frames_part[..., 0] = (frames_part[..., 0] // 2 + 20 * part[:, None, None, None]).astype(np.uint8)
+                visual[start : start + len(part)] = frames_part
+        manifest = writer.finish(
+            name=name,
+            classes=CREMA_CLASSES,
+            modalities={
+                "audio": {"kind": "audio", "dtype": audio_dtype, "shape": list(audio_shape)},
+                "visual": {"kind": "video", "dtype": "uint8", "shape": [frames, frame_size, frame_size, 3]},
+            },
+            preparer="bench-crema-shaped",
+            preparer_version="1",
+            extra={"note": "random CREMA-D-shaped data written by bench/common.py"},
+        )
+    registry.register(manifest, destination)
+    return name
+
+
+def crema_overrides(dataset: str, encoder: str, width: int, batch_size: int, sampled_frames: int = 3,
+                    augment: str = "flip_crop") -> list[str]:
+    """The crema-d recipe's settings pointed at ``dataset``, with the encoder and batch size of the benchmark."""
+    return [
+        f"dataset={dataset}",
+        f"train.batch_size={batch_size}",
+        f"train.eval_batch_size={batch_size}",
+        "data.num_workers=0",
+        f"data.options.frames.visual={sampled_frames}",
+        f"data.options.augment.visual={augment}",
+        f"model.encoders.audio.name={encoder}",
+        f"model.encoders.visual.name={encoder}",
+        f"model.encoders.audio.options.width={width}",
+        f"model.encoders.visual.options.width={width}",
+        f"model.embed_dim={width * 8}",
+    ]
+
+
+def open_dataset(name: str):
+    from dmgl_cli import runner
+
+    return runner.open_dataset(name)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@dataclass
+class MemorySink:
+    """A RunSink that keeps metrics in memory and checkpoints by reference (no disk, no MLflow): timing only."""
+
+    metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def save_checkpoint(self, name: str, state: dict[str, Any]) -> None:
+        self.checkpoints[name] = state
+
+
+class EpochRunner:
+    """A Trainer advanced one epoch at a time through its public ``fit`` (``train.epochs`` raised by one per call),
+    so that several configurations can be interleaved epoch by epoch. Returns the trainer's own per-epoch metrics
+    (``epoch_seconds``, ``train_samples_per_s``) — the figures every run logs to MLflow."""
+
+    def __init__(self, config, seed: int = 0):
+        from dmgl_cli.train import Trainer
+
+        self.config = config
+        self.config.train.epochs = 0
+        self.config.train.eval_test_every_epoch = False
+        self.sink = MemorySink()
+        self.trainer = Trainer(config, open_dataset(config.dataset), seed, self.sink)
+
+    def epoch(self) -> dict[str, float]:
+        self.config.train.epochs += 1
+        self.trainer.fit()
+        return self.trainer.history[-1]
+
+
+def load(recipe: str, overrides: list[str]):
+    from dmgl_cli.config import load_config
+
+    return load_config(recipe, overrides)
+
+
+# ------------------------------------------------------------------------------------------------- timing
+
+
+def interleave(variants: dict[str, Callable[[], float]], repeats: int, warmup: int = 1,
+               progress: bool = True) -> dict[str, list[float]]:
+    """Call every variant in turn (A B C A B C ...) ``warmup`` times unrecorded, then ``repeats`` times recorded;
+    each call returns the figure it measured (seconds, or a rate)."""
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    for round_number in range(warmup + repeats):
+        for name, call in variants.items():
+            value = call()
+            if round_number >= warmup:
+                results[name].append(value)
+            if progress:
+                tag = "warm-up" if round_number < warmup else f"repeat {round_number - warmup + 1}/{repeats}"
+                print(f"  [{tag}] {name}: {value:.4g}", file=sys.stderr, flush=True)
+    return results
+
+
+def paired_ratios(numerator: list[float], denominator: list[float]) -> list[float]:
+    """Ratios of the values measured in the same round (neighbours in time)."""
+    return [a / b for a, b in zip(numerator, denominator, strict=True)]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return ""
+    return f"[{min(values):.3g}-{max(values):.3g}]"
+
+
+def timed(call: Callable[[], Any], sync: bool = False) -> float:
+    if sync and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    call()
+    if sync and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def verdict(value: float, target: float, at_most: bool) -> str:
+    if value != value:  # NaN
+        return "n/a"
+    ok = value <= target if at_most else value >= target
+    return "meets" if ok else "MISSES"
+
+
+def print_table(headers: list[str], rows: list[list[Any]], title: str | None = None) -> None:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    if title:
+        print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    sys.stdout.flush()
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        if value != value:
+            return "-"
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
