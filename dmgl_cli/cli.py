@@ -154,6 +154,10 @@ def prepare(dataset, raw, name, seed, workers, skip_bad, options, split_files, m
     try:
         manifest, path = prepare_dataset(dataset, raw=raw, name=name, seed=seed, workers=workers, skip_bad=skip_bad,
                                          options=settings, progress=progress)
+    except KeyboardInterrupt:
+        click.echo("\nInterrupted: the samples prepared so far are kept; run the same command again to resume.",
+                   err=True)
+        raise SystemExit(130) from None
     finally:
         for bar in bars.values():
             bar.close()

@@ -66,7 +66,7 @@ def sweep(recipe, strategies, tune, n_trials, seeds, overrides, experiment, stud
         return
     click.echo(outcome.summary_text(), nl=False)
     if outcome.interrupted:
-        click.echo(f"\nInterrupted: the current trial was re-enqueued; continue with "
+        click.echo(f"\nInterrupted; the study is resumable (an interrupted trial goes back to the queue): "
                    f"`dmgl sweep --study {outcome.study}" + (f" --storage {storage}`" if storage else "`"), err=True)
         raise SystemExit(130)
     state = "complete" if outcome.complete else "not complete yet (other workers are still running trials)"

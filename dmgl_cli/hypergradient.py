@@ -126,6 +126,69 @@ def inverse_hvp(
     return solution
 
 
+def hessian_vector_products(
+    grads_with_graph: Sequence[Tensor], params: Sequence[Tensor], vectors: Sequence[Sequence[Tensor]]
+) -> list[TensorList]:
+    """``[H @ x for x in vectors]`` in one batched double backward (``is_grads_batched``, i.e. ``torch.func.vmap``
+    over the backward pass), which keeps the device busier than one product after another.
+
+    Falls back to one product at a time when the batched backward is not available for an operator in the graph.
+    """
+    vectors = [list(x) for x in vectors]
+    if len(vectors) == 1:
+        return [hessian_vector_product(grads_with_graph, params, vectors[0])]
+    params = list(params)
+    connected = [i for i, g in enumerate(grads_with_graph) if g.requires_grad]
+    if not connected:
+        return [[torch.zeros_like(p) for p in params] for _ in vectors]
+    try:
+        batched = torch.autograd.grad(
+            [grads_with_graph[i] for i in connected],
+            params,
+            grad_outputs=[torch.stack([x[i].detach() for x in vectors]) for i in connected],
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+    except (RuntimeError, NotImplementedError):
+        # an operator without a batching rule for its double backward: one product per vector gives the same values
+        return [hessian_vector_product(grads_with_graph, params, x) for x in vectors]
+    return [_fill_unused([None if g is None else g[k] for g in batched], params) for k in range(len(vectors))]
+
+
+def neumann_bilinear(
+    hvps: Callable[[list[TensorList]], list[TensorList]],
+    left: Sequence[Tensor],
+    right: Sequence[Tensor],
+    terms: int,
+    scale: float,
+    damping: float,
+) -> Tensor:
+    """``left^T (scale * sum_{k=0..terms} M^k) right`` with ``M = I - scale (H + damping I)``: the Neumann
+    approximation of ``left^T H^{-1} right`` without forming ``H^{-1} right``.
+
+    ``M`` is symmetric, so ``left^T M^k right = (M^a left)^T (M^b right)`` for any ``a + b = k``: two chains of
+    powers, one from each side, reach ``terms`` with ``ceil(terms / 2)`` rounds of products instead of ``terms``, and
+    each round's two products are taken together by ``hvps`` (a batched Hessian-vector product). The value equals
+    ``left^T inverse_hvp(..., "neumann", ...)`` up to rounding.
+    """
+    left_powers = [[t.detach() for t in left]]
+    right_powers = [[t.detach() for t in right]]
+    left_needed, right_needed = terms // 2, terms - terms // 2
+    for round_number in range(right_needed):
+        current = ([left_powers[-1]] if round_number < left_needed else []) + [right_powers[-1]]
+        products = hvps(current)
+        stepped = [
+            [x - scale * (hx + damping * x) if damping else x - scale * hx for x, hx in zip(vector, product, strict=True)]
+            for vector, product in zip(current, products, strict=True)
+        ]
+        if round_number < left_needed:
+            left_powers.append(stepped[0])
+        right_powers.append(stepped[-1])
+    series = sum(_dot(left_powers[k // 2], right_powers[k - k // 2]) for k in range(terms + 1))
+    return scale * series
+
+
 def alpha_hypergradient(
     cls_loss_inner: Tensor,
     mm_loss_inner: Tensor,
@@ -144,6 +207,11 @@ def alpha_hypergradient(
     that enter ``H``; their graphs are retained, so the caller may still backpropagate them. With ``identity`` the
     result is ``-scale * (g_MM - g_CLS)^T v``. The value is the derivative itself: gradient descent on alpha moves it
     by ``-lr * value``.
+
+    Cost, in backward passes through the inner graph: ``g_MM - g_CLS`` is one plain backward of ``L_MM - L_CLS``
+    (both gradients are never needed apart); ``neumann`` and ``cg`` add one backward that builds the graph of
+    ``grad L_tot`` (double backward needs it) and then their Hessian-vector products — ``ceil(terms / 2)`` batched
+    rounds for ``neumann`` (:func:`neumann_bilinear`), up to ``terms`` for ``cg``.
     """
     if approx not in APPROXIMATIONS:
         raise DmglError(f"unknown inverse-Hessian approximation '{approx}'; valid names: {', '.join(APPROXIMATIONS)}")
@@ -151,18 +219,22 @@ def alpha_hypergradient(
     alpha = float(alpha)
     # the outer loss may share its forward graph with the inner ones, so keep it for the gradients below
     v = _fill_unused(torch.autograd.grad(cls_loss_outer, params, retain_graph=True, allow_unused=True), params)
-    needs_hvp = approx != "identity"
-    g_cls, g_mm = (
-        _fill_unused(
-            torch.autograd.grad(loss, params, create_graph=needs_hvp, retain_graph=True, allow_unused=True), params
-        )
-        for loss in (cls_loss_inner, mm_loss_inner)
+    mixed = _fill_unused(
+        torch.autograd.grad(mm_loss_inner - cls_loss_inner, params, retain_graph=True, allow_unused=True), params
     )
-    g_tot = [(1 - alpha) * gc + alpha * gm for gc, gm in zip(g_cls, g_mm, strict=True)]
+    if approx == "identity":
+        return float(-scale * _dot(mixed, v))
+    total = (1 - alpha) * cls_loss_inner + alpha * mm_loss_inner
+    g_tot = _fill_unused(
+        torch.autograd.grad(total, params, create_graph=True, retain_graph=True, allow_unused=True), params
+    )
+    if approx == "neumann":
+        value = neumann_bilinear(lambda vectors: hessian_vector_products(g_tot, params, vectors), mixed, v, terms,
+                                 scale, damping)
+        return float(-value)
 
     def hvp(vector: TensorList) -> TensorList:
         return hessian_vector_product(g_tot, params, vector)
 
     h_inv_v = inverse_hvp(hvp, v, approx, terms, scale, damping)
-    mixed = [(gm - gc).detach() for gc, gm in zip(g_cls, g_mm, strict=True)]
     return float(-_dot(mixed, h_inv_v))

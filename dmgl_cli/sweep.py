@@ -6,10 +6,10 @@ The only module that imports Optuna. Design:
   seeds, trials per strategy) as a study user attribute and enqueues one WAITING trial per (strategy, repeat)
   with the strategy fixed. Workers only *claim* waiting trials — Optuna's own atomic pop of its trial queue —
   and never create trials of their own, so several workers on one or many machines complete exactly the
-  requested trials, none lost or duplicated. Without ``--tune`` this queue is the grid of strategies (sampler
-  GridSampler); with ``--tune`` each trial's remaining parameters are sampled by TPE under per-strategy names
-  (``lr@lb``), so the model of each strategy learns from that strategy's trials only, and pruning compares a
-  trial with the median of its own strategy's trials at the same step.
+  requested trials, none lost or duplicated. Without ``--tune`` this queue is the grid of strategies; with
+  ``--tune`` each trial's remaining parameters are sampled by TPE under per-strategy names (``lr@lb``), so the
+  model of each strategy learns from that strategy's trials only, and pruning compares a trial with the median
+  of its own strategy's trials at the same step.
 * **Dead workers.** A claimed trial is kept alive by Optuna's heartbeat protocol. RDB storages (SQLite,
   PostgreSQL, MySQL) implement it natively; Optuna's journal storage does not (Optuna 5), so
   :class:`HeartbeatJournalStorage` implements the same protocol by stamping the running trial's system attribute
@@ -609,9 +609,9 @@ def _top_up(study: optuna.Study, settings: SweepSettings) -> int:
 
 
 def _sampler(settings: SweepSettings):
-    if settings.tune:
-        return optuna.samplers.TPESampler()
-    return optuna.samplers.GridSampler({"strategy": settings.strategies})
+    """TPE for tuned settings. Without --tune every parameter is fixed by the queue (the queue is the grid), so
+    the sampler is never asked; not GridSampler, whose bookkeeping assumes it assigned the grid points itself."""
+    return optuna.samplers.TPESampler() if settings.tune else optuna.samplers.RandomSampler()
 
 
 class StrategyMedianPruner(optuna.pruners.BasePruner):
@@ -732,19 +732,25 @@ class _Worker:
     def run(self) -> tuple[list[int], bool]:
         """Claim and run trials until none is waiting or running; returns (trials run, interrupted)."""
         ran: list[int] = []
+        try:
+            interrupted = self._loop(ran)
+        except (KeyboardInterrupt, Interrupted):
+            interrupted = True  # while waiting or between trials: no trial of ours is left half-done
+        return ran, interrupted
+
+    def _loop(self, ran: list[int]) -> bool:
         waiting_said = False
-        poll = min(5.0, max(0.5, self.settings.heartbeat / 2))
         while True:
             trial = _claim(self.study)
             if trial is None:
                 running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                 if not running:
-                    return ran, False
+                    return False
                 if not waiting_said:
                     self.on_message(f"waiting for {len(running)} trial(s) running in other workers (a dead worker's "
                                     f"trial is retried after {3 * self.settings.heartbeat}s without heartbeat)")
                     waiting_said = True
-                time.sleep(poll)
+                time.sleep(1.0)  # one cheap storage read per second while other workers finish
                 continue
             waiting_said = False
             ran.append(trial.number)
@@ -762,7 +768,7 @@ class _Worker:
                     if self._tell(trial, state=TrialState.FAIL):
                         with _quiet():
                             RetryStaleTrial(max_retry=None)(self.study, self._frozen(trial.number))
-                    return ran, True
+                    return True
                 except BaseException as exc:
                     trial.set_user_attr("message", f"{type(exc).__name__}: {exc}"[:500])
                     self._tell(trial, state=TrialState.FAIL)

@@ -193,7 +193,11 @@ class Trainer:
         self.method = build_method(config)
         self.model = self.method.build_model(dataset.modalities, dataset.num_classes).to(self.device)
         if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+            # channels_last for 2D convolutions only: Module.to(memory_format=channels_last) fails on the 5D
+            # weights of 3D convolutions (NVGesture's video encoders).
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.Conv2d):
+                    module.to(memory_format=torch.channels_last)
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.strategy = build_strategy_from_config(config)

@@ -121,3 +121,10 @@ def test_twitter2015_bad_header_bad_line_missing_image(run_cli, registry, tmp_pa
     reasons = sorted(r["reason"] for r in manifest["bad_samples"])
     assert reasons[0].startswith("does not exist") and "not 0, 1 or 2" in reasons[1]
     assert manifest["splits"] == {"train": 5, "val": 3, "test": 3}
+
+
+def test_text_model_that_cannot_be_loaded_is_a_clear_error(run_cli, registry, tmp_path):
+    make_sarcasm(tmp_path, per_split={"train": 2, "valid2": 1, "test2": 1})
+    result = run_cli("prepare", "sarcasm", "--raw", tmp_path, "--text-model", tmp_path / "no-such-model", expect=1)
+    assert "cannot load the tokenizer of text model" in result.output and "local folder" in result.output
+    assert not (registry / "datasets" / "sarcasm").exists()

@@ -148,8 +148,8 @@ def test_weight_learns_per_sample_modality_weights_and_logs_them(run_cli, synthe
 
 def test_weight_combines_with_the_heuristic_strategy(run_cli, synthetic):
     result = run_cli("train", "--method", "weight", "--strategy", "heuristic", *SHORT)
-    run = Tracker().children(re.search(r"parent run ([0-9a-f]{32})", result.output).group(1))[0]
     tracker = Tracker()
+    run = tracker.children(re.search(r"parent run ([0-9a-f]{32})", result.output).group(1))[0]
     alphas = _history(tracker, run, "alpha")
     assert alphas[0] > 0 and all(v > 0 for v in _history(tracker, run, "train_mm_loss"))
 

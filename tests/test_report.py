@@ -3,6 +3,7 @@ and golden files for every table format (regenerate with DMGL_UPDATE_GOLDEN=1 af
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from dmgl_cli.report import (
     attach_notes,
     build_tables,
     parse_strategies,
+    parse_strategy,
     render,
     spec_from_params,
 )
@@ -106,7 +108,7 @@ def test_main_latex_marks_best_bold_and_second_underlined(report_cli, swept):
         ranked = sorted({round(100 * m, 2) for m, _ in shown.values()}, reverse=True)
         for strategy, (mean, std) in shown.items():
             cell = lines[labels[strategy]].split(" & ")[1 + column].rstrip(" \\")
-            body = f"{100 * mean:.2f}\\% $\\pm$ {100 * std:.2f}\\%"
+            body = f"{100 * mean:.2f}\\% {{\\scriptsize $\\pm$ {100 * std:.2f}\\%}}"
             rank = ranked.index(round(100 * mean, 2))
             expected = {0: rf"\textbf{{{body}}}", 1: rf"\underline{{{body}}}"}.get(rank, body)
             assert cell == expected, (strategy, key, cell, expected)
@@ -262,8 +264,17 @@ def test_golden_inputs_exercise_the_edge_cases():
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
 def test_latex_output_compiles(tmp_path):
-    body = "\n".join(render(build_tables(kind, _golden_runs()), "latex") for kind in ("main", "strategies", "ablation"))
-    (tmp_path / "doc.tex").write_text("\\documentclass{article}\\usepackage{booktabs,amssymb}\n"
+    wide = [r for r in _golden_runs() if r.dataset == "crema-d" and r.method == "concat"]
+    for number in range(4):  # nine strategies, like Table 4: scaled to the line width
+        for seed in range(3):
+            extra = copy.deepcopy(wide[seed])
+            extra.run_id, extra.spec = f"{extra.run_id}-extra{number}", parse_strategy(f"constant:0.{number + 1}")
+            extra.params["strategy.alpha"] = f"0.{number + 1}"
+            wide.append(extra)
+    body = "\n".join(render(build_tables(kind, runs), "latex")
+                     for kind, runs in (("main", _golden_runs()), ("strategies", wide), ("ablation", _golden_runs())))
+    assert r"\resizebox{\linewidth}" in body
+    (tmp_path / "doc.tex").write_text("\\documentclass{article}\\usepackage{booktabs,amssymb,graphicx}\n"
                                       "\\usepackage[margin=1cm,landscape]{geometry}\\begin{document}\n"
                                       f"{body}\n\\end{{document}}\n")
     result = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,

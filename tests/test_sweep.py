@@ -120,6 +120,12 @@ def test_grid_sweep_runs_one_trial_per_strategy_nested_in_mlflow(run_cli, synthe
     assert len(_study(f"sqlite:///{registry / 'optuna.db'}", "grid").get_trials()) == 3
 
 
+def test_a_single_strategy_grid(run_cli, synthetic, registry):
+    run_cli("sweep", "--strategies", "heuristic", "--study", "one", "--set", "train.epochs=1")
+    (trial,) = _study(f"sqlite:///{registry / 'optuna.db'}", "one").get_trials()
+    assert trial.state == TrialState.COMPLETE and trial.params == {"strategy": "heuristic"}
+
+
 def test_tuning_samples_per_strategy_ranges_and_reports_every_epoch(run_cli, synthetic, registry):
     run_cli("sweep", "--strategies", "lb", "--tune", "lr=0.01:0.1,alpha_lr", "--n-trials", "2", "--seeds", "1",
             "--study", "tune", *FAST)

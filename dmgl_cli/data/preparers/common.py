@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,22 +79,29 @@ def exact_stratified_split(labels: Sequence[int], held_out: int, seed: int) -> t
     return kept_idx, held_idx
 
 
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file (a BOM is dropped); anything else is a clear error."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DmglError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+
+
 def read_id_label_csv(path: Path, what: str) -> list[tuple[str, str]]:
     """Rows ``id,label`` (an optional header row whose first cell is a known column name is skipped)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DmglError(f"{what} {path} does not exist")
     rows: list[tuple[str, str]] = []
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        for number, row in enumerate(csv.reader(handle), start=1):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) < 2:
-                raise DmglError(f"{path}:{number}: expected `id,label`, got {','.join(row)!r}")
-            ident, label = row[0].strip(), row[1].strip()
-            if number == 1 and ident.lower() in ("clip_id", "id", "clip", "name", "youtube_id", "video_id"):
-                continue
-            rows.append((ident, label))
+    for number, row in enumerate(csv.reader(io.StringIO(read_text_file(path), newline="")), start=1):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 2:
+            raise DmglError(f"{path}:{number}: expected `id,label`, got {','.join(row)!r}")
+        ident, label = row[0].strip(), row[1].strip()
+        if number == 1 and ident.lower() in ("clip_id", "id", "clip", "name", "youtube_id", "video_id"):
+            continue
+        rows.append((ident, label))
     if not rows:
         raise DmglError(f"{what} {path} lists no samples")
     return rows

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ from dmgl_cli.data.preparers.common import (
     normalise_split,
     positive_float,
     positive_int,
+    read_text_file,
     reject,
 )
 from dmgl_cli.errors import DmglError
@@ -182,10 +184,9 @@ def prepare(job: PrepareJob) -> dict:
         else:
             entry["max_tokens"] = _setting(entry, "max_tokens", positive_int(job, "max_tokens", 2), column)
 
-    with open(manifest, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        rows = [(number, row) for number, row in enumerate(reader, start=2)]
+    reader = csv.DictReader(io.StringIO(read_text_file(manifest), newline=""))
+    header = reader.fieldnames or []
+    rows = [(number, row) for number, row in enumerate(reader, start=2)]
     needed = [columns["label"], *modalities]
     missing = [c for c in needed if c not in header]
     if missing:

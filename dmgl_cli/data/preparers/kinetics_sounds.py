@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from dmgl_cli.data.preparers.common import (
     positive_int,
     raw_folder,
     read_id_label_csv,
+    read_text_file,
     reject,
     split_files_option,
     visible_files,
@@ -76,10 +78,9 @@ def decode_clip(path: str, *, seconds: float, frames: int, size: int, audio_dtyp
 
 def _read_annotations(path: Path) -> list[tuple[str, str, str, str]]:
     """(clip, label, split, where) rows."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = [h.strip().lower() for h in next(reader, [])]
-        rows = [(number, row) for number, row in enumerate(reader, start=2) if "".join(row).strip()]
+    reader = csv.reader(io.StringIO(read_text_file(path), newline=""))
+    header = [h.strip().lower() for h in next(reader, [])]
+    rows = [(number, row) for number, row in enumerate(reader, start=2) if "".join(row).strip()]
     column = {name: header.index(name) for name in header}
     if "clip" not in column and "id" in column:
         column["clip"] = column["id"]

@@ -42,7 +42,14 @@ import numpy as np
 from dmgl_cli.data.media import BadSample, count_frames, decode_frames, even_indices
 from dmgl_cli.data.preparers import driver
 from dmgl_cli.data.preparers.base import PrepareJob
-from dmgl_cli.data.preparers.common import check_layout, positive_float, positive_int, raw_folder, reject
+from dmgl_cli.data.preparers.common import (
+    check_layout,
+    positive_float,
+    positive_int,
+    raw_folder,
+    read_text_file,
+    reject,
+)
 from dmgl_cli.errors import DmglError
 
 NAME = "nvgesture"
@@ -152,7 +159,7 @@ def prepare(job: PrepareJob) -> dict[str, Any]:
     known_bad: list[dict[str, Any]] = []
     for split, name in LISTS.items():
         index = 0
-        for number, line in enumerate((raw / name).read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(read_text_file(raw / name).splitlines(), start=1):
             if not line.strip():
                 continue
             try:

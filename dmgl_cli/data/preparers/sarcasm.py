@@ -27,7 +27,14 @@ from typing import Any
 
 from dmgl_cli.data.preparers import driver
 from dmgl_cli.data.preparers.base import PrepareJob
-from dmgl_cli.data.preparers.common import check_layout, choice, raw_folder, reject, text_image_plan
+from dmgl_cli.data.preparers.common import (
+    check_layout,
+    choice,
+    raw_folder,
+    read_text_file,
+    reject,
+    text_image_plan,
+)
 
 NAME = "sarcasm"
 VERSION = "1"
@@ -79,13 +86,7 @@ def prepare(job: PrepareJob) -> dict[str, Any]:
     for split, rel in FILES.items():
         path = raw / rel
         rows = []
-        with open(path, encoding="utf-8", errors="strict") as handle:
-            try:
-                lines = handle.read().splitlines()
-            except UnicodeDecodeError as exc:
-                reject(job, known_bad, split=split, ident=rel, path=path, reason=f"is not UTF-8 text ({exc})")
-                lines = []
-        for number, line in enumerate(lines, start=1):
+        for number, line in enumerate(read_text_file(path).splitlines(), start=1):
             if not line.strip():
                 continue
             try:

@@ -22,11 +22,19 @@ we do not invent data).
 from __future__ import annotations
 
 import csv
+import io
 from typing import Any
 
 from dmgl_cli.data.preparers import driver
 from dmgl_cli.data.preparers.base import PrepareJob
-from dmgl_cli.data.preparers.common import check_layout, choice, raw_folder, reject, text_image_plan
+from dmgl_cli.data.preparers.common import (
+    check_layout,
+    choice,
+    raw_folder,
+    read_text_file,
+    reject,
+    text_image_plan,
+)
 from dmgl_cli.errors import DmglError
 
 NAME = "twitter2015"
@@ -71,8 +79,7 @@ def prepare(job: PrepareJob) -> dict[str, Any]:
     known_bad: list[dict[str, Any]] = []
     for split, name in FILES.items():
         path = raw / name
-        with open(path, encoding="utf-8", newline="") as handle:
-            lines = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+        lines = list(csv.reader(io.StringIO(read_text_file(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
         if not lines or [c.strip() for c in lines[0]] != HEADER:
             found = "\t".join(lines[0]) if lines else "an empty file"
             raise DmglError(f"{path}: the first line must be the header {chr(9).join(HEADER)!r}, found {found!r}")
