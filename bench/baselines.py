@@ -48,6 +48,13 @@ def rows_for(methods: dict, modalities: list[str]) -> list[tuple[str, list[str]]
     return rows
 
 
+def cell(summary: dict[str, float], key: str) -> str:
+    """``mean±std`` of ``key`` over seeds, or ``-`` when the row has no such score."""
+    if f"{key}_mean" not in summary:
+        return f"{'-':>16}"
+    return f"{summary[key + '_mean']:>9.4f}±{summary[key + '_std']:.4f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
@@ -85,14 +92,9 @@ def main() -> None:
         outcome = runner.train(config, list(range(args.seeds)), run_name=run_name)
         seconds = time.perf_counter() - started
         summary = outcome.summary
-
-        def cell(key: str) -> str:
-            if f"{key}_mean" not in summary:
-                return f"{'-':>16}"
-            return f"{summary[key + '_mean']:>9.4f}±{summary[key + '_std']:.4f}"
-
-        line = f"{label:<18} {cell('test_acc')} " + " ".join(cell(f"test_acc_{m}") for m in modalities)
-        line += f" {cell('test_gap_acc')} {seconds:>8.1f}"
+        line = f"{label:<18} {cell(summary, 'test_acc')} "
+        line += " ".join(cell(summary, f"test_acc_{m}") for m in modalities)
+        line += f" {cell(summary, 'test_gap_acc')} {seconds:>8.1f}"
         lines.append(line)
         print(line, flush=True)
 

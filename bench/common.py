@@ -8,7 +8,9 @@ are printed too, but only the ratios are compared with targets.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -37,8 +39,12 @@ CREMA_CLASSES = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
 
 
 def use_private_registry(prefix: str = "dmgl-bench-") -> Path:
-    """DMGL_HOME as given, or a fresh temporary registry, so that a benchmark never touches the user's runs."""
-    home = os.environ.get("DMGL_HOME") or tempfile.mkdtemp(prefix=prefix)
+    """DMGL_HOME as given (kept, so generated datasets are re-used), or a fresh temporary registry removed at exit,
+    so that a benchmark never touches the user's runs."""
+    home = os.environ.get("DMGL_HOME")
+    if not home:
+        home = tempfile.mkdtemp(prefix=prefix)
+        atexit.register(shutil.rmtree, home, ignore_errors=True)
     os.environ["DMGL_HOME"] = home
     return Path(home)
 

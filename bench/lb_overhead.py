@@ -114,9 +114,16 @@ def hypergradient_costs(case: str, args) -> list[list]:
         total_loss(0.5, cls_loss, mm_loss).backward()
         trainer.optimizer.step()
 
-    calls = {"step": lambda: common.timed(lambda: step(None), sync)}
+    # sub-millisecond steps (synthetic) are timed in loops of `loops` calls, so one figure spans >= ~0.2 s
+    step(None)
+    loops = max(1, min(200, round(0.2 / max(common.timed(lambda: step(None), sync), 1e-6))))
+
+    def repeated(setting: tuple | None) -> float:
+        return common.timed(lambda: [step(setting) for _ in range(loops)], sync) / loops
+
+    calls = {"step": lambda: repeated(None)}
     for setting in settings:
-        calls[_setting_name(setting)] = (lambda s=setting: common.timed(lambda: step(s), sync))
+        calls[_setting_name(setting)] = (lambda s=setting: repeated(s))
     times = common.interleave(calls, args.repeats + 2, warmup=1, progress=False)
     rows = []
     for setting in settings:
@@ -197,7 +204,8 @@ def main() -> None:
     parser.add_argument("--frame-size", type=int, default=112, help="stored frame side (CREMA-D: 224)")
     parser.add_argument("--batch-size", type=int, help="CREMA-D-shaped cases (default 16 tiny, 8 ResNet18)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: steadier timings on a shared machine)")
     parser.add_argument("--all-variants", action="store_true", help="every approximation on the ResNet18 case too")
     parser.add_argument("--skip", default="", help="comma-separated tables to skip: epochs, costs, accuracy")
     args = parser.parse_args()
