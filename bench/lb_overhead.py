@@ -64,6 +64,9 @@ def epoch_ratios(case: str, args) -> list[list]:
     variants.update({name: ["strategy.name=lb", *extra] for name, extra in APPROX_VARIANTS.items()})
     if case == "crema-resnet18" and not args.all_variants:
         variants = {k: v for k, v in variants.items() if k in ("heuristic", "lb default", "lb identity")}
+    for text in args.variant:  # NAME=KEY=VALUE,KEY=VALUE: more lb settings to compare
+        name, _, settings = text.partition("=")
+        variants[name] = ["strategy.name=lb", *[item for item in settings.split(",") if item]]
     runners = {name: common.EpochRunner(common.load(recipe, overrides + extra)) for name, extra in variants.items()}
     default_lb = runners["lb default"].config.strategy.lb
     epochs = args.epochs_per_call if case == "synthetic" else 1
@@ -207,6 +210,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: steadier timings on a shared machine)")
     parser.add_argument("--all-variants", action="store_true", help="every approximation on the ResNet18 case too")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="another lb variant for the epoch table: NAME=KEY=VALUE,KEY=VALUE (e.g. "
+                             "every20=strategy.lb.update_every=20)")
     parser.add_argument("--skip", default="", help="comma-separated tables to skip: epochs, costs, accuracy")
     args = parser.parse_args()
 
