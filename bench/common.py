@@ -177,6 +177,10 @@ class EpochRunner:
         self.sink = MemorySink()
         self.trainer = Trainer(config, open_dataset(config.dataset), seed, self.sink)
 
+    @property
+    def samples_per_epoch(self) -> int:
+        return len(self.trainer.train_loader) * self.config.train.batch_size
+
     def epoch(self) -> dict[str, float]:
         self.config.train.epochs += 1
         self.trainer.fit()

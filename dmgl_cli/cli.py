@@ -166,6 +166,10 @@ def prepare(dataset, raw, name, seed, workers, skip_bad, options, split_files, m
     click.echo(f"prepared {manifest['name']}: {len(manifest['classes'])} classes; {splits}; {shapes}")
     if manifest["bad_samples"]:
         click.echo(f"skipped {len(manifest['bad_samples'])} unreadable samples (listed in {path / 'manifest.json'})")
+        for record in manifest["bad_samples"][:20]:
+            click.echo(f"  {record['path']}: {record['reason']}")
+        if len(manifest["bad_samples"]) > 20:
+            click.echo(f"  ... and {len(manifest['bad_samples']) - 20} more")
     click.echo(f"stored in {path}")
 
 
@@ -302,6 +306,10 @@ def train(recipe, strategy, alpha, p, method, modality, seeds, epochs, overrides
             settings.append(f"strategy.name={strategy}")
         if method is not None:
             settings.append(f"method.name={method}")
+            if strategy is None:
+                from dmgl_cli.methods import published_strategy_settings
+
+                settings = published_strategy_settings(method) + settings
         if epochs is not None:
             settings.append(f"train.epochs={epochs}")
         if deterministic:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from dmgl_cli.data.preparers import PREPARERS, PrepareJob
 from dmgl_cli.data.preparers.base import resolve_options
@@ -49,6 +51,13 @@ def prepare_dataset(
     try:
         manifest = preparer.prepare(job)
     except OSError as exc:
-        raise DmglError(f"preparing {name} failed while writing under {destination.parent}: {exc.strerror or exc}") from None
+        # Disk full (ENOSPC), a file-size limit (EFBIG), a quota: the samples decoded so far stay in the work
+        # folder, so the same command resumes once there is room.
+        culprit = f" ({exc.filename})" if exc.filename else ""
+        advice = ("; free some space there (or point DMGL_HOME at a larger disk) and run the same command again to "
+                  "resume" if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else "")
+        raise DmglError(
+            f"preparing {name} failed while writing under {destination.parent}{culprit}: {exc.strerror or exc}{advice}"
+        ) from None
     DatasetRegistry(home).register(manifest, destination)
     return manifest, destination

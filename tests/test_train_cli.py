@@ -170,3 +170,14 @@ def test_seeds_are_reproducible_on_cpu(run_cli, synthetic):
     keys = [k for k in a[0] if k.startswith("final_")]
     assert [[m[k] for k in keys] for m in a] == [[m[k] for k in keys] for m in b]
     assert a[0]["final_test_acc"] != a[1]["final_test_acc"] or a[0]["final_val_cls_loss"] != a[1]["final_val_cls_loss"]
+
+
+def test_a_comparison_method_trains_as_published_unless_a_strategy_is_given(run_cli, synthetic):
+    tracker = Tracker()
+    plain = tracker.get_run(_parent_id(run_cli("train", "--method", "sum", "--epochs", "1").output))
+    assert plain.data.tags["dmgl.strategy"] == "constant" and plain.data.params["strategy.alpha"] == "0.0"
+    combined = tracker.get_run(_parent_id(run_cli("train", "--method", "sum", "--strategy", "heuristic",
+                                                  "--epochs", "1").output))
+    assert combined.data.tags["dmgl.strategy"] == "heuristic"
+    ours = tracker.get_run(_parent_id(run_cli("train", "--method", "concat", "--epochs", "1").output))
+    assert ours.data.tags["dmgl.strategy"] == "lb"  # the paper's model keeps the recipe's strategy

@@ -92,6 +92,36 @@ def _check_samples(path: Path, samples: np.ndarray) -> np.ndarray:
     return samples
 
 
+def _check_wav_length(path: Path) -> None:
+    """Refuse an empty file, and a RIFF/WAVE file whose data chunk is shorter than its header declares.
+
+    libsndfile trusts the file length and reads a truncated WAV without complaint, so a download cut short would
+    otherwise be stored as a shorter clip, silently repeated to the fixed length.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise BadSample(path, "is empty (0 bytes)")
+    if path.suffix.lower() != ".wav":
+        return
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return  # not plain little-endian RIFF/WAVE: libsndfile judges it
+        offset = 12
+        while offset + 8 <= size:
+            handle.seek(offset)
+            chunk = handle.read(8)
+            length = int.from_bytes(chunk[4:8], "little")
+            if chunk[:4] == b"data":
+                available = size - offset - 8
+                # 0 and 0xFFFFFFFF are what streaming writers leave when they could not go back to fill it in.
+                if length not in (0, 0xFFFFFFFF) and length > available:
+                    raise BadSample(path, f"is truncated: its header declares {length} bytes of audio data, the "
+                                          f"file holds {available}")
+                return
+            offset += 8 + length + (length & 1)
+
+
 def load_audio(path: str | Path, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Mono float32 samples at ``sr``: librosa for audio files, PyAV for audio tracks inside other containers."""
     path = Path(path)
@@ -104,6 +134,7 @@ def load_audio(path: str | Path, sr: int = SAMPLE_RATE) -> np.ndarray:
         with warnings.catch_warnings():
             # librosa warns, then falls back to audioread, when libsndfile cannot read a file: treat it as bad.
             warnings.simplefilter("ignore")
+            _check_wav_length(path)
             with soundfile.SoundFile(path) as handle:  # reads the header: corrupt files fail here, cheaply
                 if handle.frames == 0:
                     raise BadSample(path, "contains no audio samples")

@@ -56,3 +56,12 @@ def build_method(config) -> Method:
         )
     method.check()
     return method
+
+
+def published_strategy_settings(name: str) -> list[str]:
+    """``--set`` settings that make ``dmgl train --method NAME`` (given without --strategy) train the method as
+    published: comparison methods without the matching loss, the paper's model with the recipe's strategy."""
+    if name not in METHODS or METHODS[name].published_strategy is None:
+        return []
+    strategy, alpha = METHODS[name].published_strategy
+    return [f"strategy.name={strategy}"] + ([f"strategy.alpha={alpha}"] if strategy == "constant" else [])

@@ -23,6 +23,9 @@ class Method:
     strategies: tuple[str, ...] | None = None
     # Whether L_MM is computed (methods with a single modality have nothing to match).
     uses_matching = True
+    # `dmgl train --method NAME` without --strategy: a comparison method trains as published (Table 1's rows),
+    # i.e. without the matching loss (constant alpha 0); None keeps the recipe's strategy (the paper's method).
+    published_strategy: tuple[str, float] | None = ("constant", 0.0)
     # Where per-modality scores come from: "head-split" (Concat's head split per modality), "own" (the method's
     # own uni-modal outputs) or "probe" (linear probes on detached embeddings); recorded as a run tag.
     per_modality_source = "head-split"
@@ -109,3 +112,4 @@ class ConcatMethod(Method):
     ``lb`` the paper's Ours-H / Ours-LB."""
 
     name = "concat"
+    published_strategy = None

@@ -63,6 +63,7 @@ class DMGLOfficialMethod(Method):
 
     name = "dmgl-official"
     strategies = ("lb",)
+    published_strategy = ("lb", 0.0)
 
     @classmethod
     def configure(cls, config) -> None:

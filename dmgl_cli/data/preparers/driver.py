@@ -212,7 +212,24 @@ class _WorkFolder:
         if not create:
             raise RuntimeError(f"staging array {path} is missing")
         path.parent.mkdir(parents=True, exist_ok=True)
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        return _allocated_memmap(path, dtype, shape)
+
+
+def _allocated_memmap(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A new ``.npy`` memmap whose disk blocks are reserved up front. ``open_memmap`` makes a sparse file, and
+    writing through the map into a sparse file on a full disk kills the process with SIGBUS and no message;
+    reserving fails here instead with an OSError naming the file (ENOSPC), which ``dmgl prepare`` reports."""
+    try:
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        path.unlink(missing_ok=True)  # so that a re-run makes it again rather than reusing a sparse file
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    return array
 
 
 def _save_npy(path: Path, values: np.ndarray) -> None:
@@ -227,7 +244,7 @@ def _compact(source: np.ndarray, kept: np.ndarray, target: Path, chunk_bytes: in
     """Write ``source[kept]`` to ``target`` in chunks (the staging arrays can be far larger than memory)."""
     partial = target.with_name(target.name + ".part")
     target.parent.mkdir(parents=True, exist_ok=True)
-    out = np.lib.format.open_memmap(partial, mode="w+", dtype=source.dtype, shape=(len(kept), *source.shape[1:]))
+    out = _allocated_memmap(partial, source.dtype, (len(kept), *source.shape[1:]))
     row_bytes = max(1, int(np.prod(source.shape[1:], dtype=np.int64)) * source.dtype.itemsize)
     step = max(1, chunk_bytes // row_bytes)
     for begin in range(0, len(kept), step):
