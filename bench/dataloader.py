@@ -34,7 +34,7 @@ TARGET = 3.0
 def case_settings(case: str, args) -> tuple[str, list[str], str]:
     if case == "synthetic":
         return "synthetic", [f"dataset={common.ensure_synthetic()}"], "synthetic: 2 x 32-d vectors, MLP x 2, batch 64"
-    width = {"crema-tiny": 8, "crema-resnet18": 64}[case]
+    width = {"crema-tiny": common.TINY_WIDTH, "crema-resnet18": 64}[case]
     batch = args.batch_size or (32 if case == "crema-tiny" else 8)
     train = math.ceil(args.batches * batch / 0.9) + 2
     dataset = common.write_crema_shaped(f"crema-shaped-{args.frame_size}-{train}", train, 16, frame_size=args.frame_size)

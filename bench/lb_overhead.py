@@ -5,7 +5,7 @@ Target at default settings: <= 1.10. Three tables:
 1. Epoch-time ratios (the target): the trainer's own ``epoch_seconds`` (the figure logged to MLflow), for lb at
    its default settings and with each H^-1 approximation, divided by heuristic's, on the built-in synthetic data
    and on CREMA-D-shaped data (257x299 spectrogram + 10 stored frames, 3 sampled, flip/crop augmentation) with a
-   tiny ResNet18 (width 8) and the real one (width 64). Variants run interleaved, epoch by epoch.
+   tiny ResNet18 (width 16) and the real one (width 64). Variants run interleaved, epoch by epoch.
 2. Cost of one hypergradient in training steps (forward + backward + optimiser step of the same batch), per
    approximation, number of terms and outer batch size, and the epoch ratio it implies for several
    ``update_every``: ratio ~ 1 + cost / update_every. This is how the defaults were chosen.
@@ -44,7 +44,7 @@ def case_settings(case: str, args) -> tuple[str, list[str], str]:
     if case == "synthetic":
         dataset = common.ensure_synthetic()
         return "synthetic", [f"dataset={dataset}", f"train.device={args.device}"], "synthetic (MLP x 2, batch 64)"
-    width = {"crema-tiny": 8, "crema-resnet18": 64}[case]
+    width = {"crema-tiny": common.TINY_WIDTH, "crema-resnet18": 64}[case]
     batch = args.batch_size or (16 if case == "crema-tiny" else 8)
     steps = args.steps_per_epoch
     # enough training samples for `steps` batches after the 10% validation carve-out

@@ -20,7 +20,8 @@ from dmgl_cli.config import load_config
 from dmgl_cli.tracking import Tracker, local_path
 
 TIMING_KEYS = {"train_samples_per_s", "epoch_seconds"}
-SETTINGS = ["train.epochs=6", "train.batch_size=16", "strategy.name=lb", "strategy.lb.update_every=7"]
+# Long enough (many small batches) that a signal sent after epoch 1-3 lands well before the end.
+SETTINGS = ["train.epochs=10", "train.batch_size=16", "strategy.name=lb", "strategy.lb.update_every=7"]
 
 
 def _start_training(*extra: str) -> subprocess.Popen:
@@ -111,7 +112,7 @@ def test_sigterm_and_ctrl_c_checkpoint_mid_epoch_and_resume_exactly(run_cli, ref
     process = _start_training()
     parent_id, folder = _child_of(process)
     _wait_for_epoch(folder, random.Random().randint(1, 3), process)
-    time.sleep(random.Random().uniform(0.0, 0.3))  # land somewhere inside the next epoch
+    time.sleep(random.Random().uniform(0.0, 0.1))  # land somewhere inside the next epoch
     process.send_signal(stop_signal)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 130, output
