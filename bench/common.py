@@ -82,17 +82,29 @@ def ensure_synthetic(samples: int | None = None) -> str:
 def write_crema_shaped(name: str, train: int, test: int, *, frames: int = CREMA_STORED_FRAMES,
                        frame_size: int = CREMA_FRAME_SIZE, audio_shape: tuple[int, int] = CREMA_AUDIO_SHAPE,
                        audio_dtype: str = "float32", seed: int = 0) -> str:
-    """A prepared dataset with CREMA-D's modalities and shapes (random content with a weak class signal, so the
-    losses move as in training), written with the real PreparedWriter and registered. Re-used if present."""
-    from dmgl_cli.data.prepared import PreparedWriter
+    """A registered prepared dataset ``name`` with CREMA-D's modalities and shapes (see
+    :func:`write_crema_shaped_at`); re-used if already registered."""
     from dmgl_cli.data.registry import DatasetRegistry
     from dmgl_cli.paths import datasets_dir, ensure_registry
 
     registry = DatasetRegistry()
     if name in {r["name"] for r in registry.rows()}:
         return name
-    home = ensure_registry()
-    destination = datasets_dir(home) / name
+    destination = datasets_dir(ensure_registry()) / name
+    manifest = write_crema_shaped_at(destination, name, train, test, frames=frames, frame_size=frame_size,
+                                     audio_shape=audio_shape, audio_dtype=audio_dtype, seed=seed)
+    registry.register(manifest, destination)
+    return name
+
+
+def write_crema_shaped_at(destination: Path, name: str, train: int, test: int, *, frames: int = CREMA_STORED_FRAMES,
+                          frame_size: int = CREMA_FRAME_SIZE, audio_shape: tuple[int, int] = CREMA_AUDIO_SHAPE,
+                          audio_dtype: str = "float32", seed: int = 0) -> dict[str, Any]:
+    """Write a prepared dataset with CREMA-D's modalities and shapes (random content with a weak class signal, so
+    the losses move as in training) at ``destination`` with the real PreparedWriter; returns its manifest. Needs no
+    registry (and so neither sqlite-utils nor MLflow): the GPU check uses it on a bare machine."""
+    from dmgl_cli.data.prepared import PreparedWriter
+
     destination.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     audio_means = rng.standard_normal((len(CREMA_CLASSES), audio_shape[0], 1)).astype(np.float32)
@@ -107,10 +119,8 @@ def write_crema_shaped(name: str, train: int, test: int, *, frames: int = CREMA_
                 part = labels[start : start + chunk]
                 noise = rng.standard_normal((len(part), *audio_shape), dtype=np.float32)
                 audio[start : start + len(part)] = (noise + 0.5 * audio_means[part]).astype(audio_dtype)
-                frames_part = rng.integers(0, 256, (len(part), frames, frame_size, frame_size, 3), dtype=np.uint8)
-                frames_part[..., 0] = (frames_part[..., 0] // 2 + 20 * part[:, None, None, None]).astype(np.uint8)
-                visual[start : start + len(part)] = frames_part
-        manifest = writer.finish(
+                visual[start : start + len(part)] = _frames(rng, part, frames, frame_size)
+        return writer.finish(
             name=name,
             classes=CREMA_CLASSES,
             modalities={
@@ -121,8 +131,17 @@ def write_crema_shaped(name: str, train: int, test: int, *, frames: int = CREMA_
             preparer_version="1",
             extra={"note": "random CREMA-D-shaped data written by bench/common.py"},
         )
-    registry.register(manifest, destination)
-    return name
+
+
+def _frames(rng: np.random.Generator, labels: np.ndarray, frames: int, size: int) -> np.ndarray:
+    """Frames with some spatial structure (8x8-pixel blocks plus fine noise), so that they compress and decode as
+    JPEG roughly like video frames do rather than like white noise; the red channel carries the class."""
+    block = 8
+    coarse = rng.integers(0, 200, (len(labels), frames, -(-size // block), -(-size // block), 3), dtype=np.uint8)
+    images = coarse.repeat(block, axis=2).repeat(block, axis=3)[:, :, :size, :size]
+    images = images + rng.integers(0, 24, images.shape, dtype=np.uint8)
+    images[..., 0] = images[..., 0] // 2 + (20 * labels[:, None, None, None]).astype(np.uint8)
+    return images
 
 
 def crema_overrides(dataset: str, encoder: str, width: int, batch_size: int, sampled_frames: int = 3,
@@ -171,14 +190,23 @@ class EpochRunner:
     so that several configurations can be interleaved epoch by epoch. Returns the trainer's own per-epoch metrics
     (``epoch_seconds``, ``train_samples_per_s``) — the figures every run logs to MLflow."""
 
-    def __init__(self, config, seed: int = 0):
+    def __init__(self, config, seed: int = 0, dataset=None, eval_workers: int | None = None):
+        from dmgl_cli.data.loader import make_loader
         from dmgl_cli.train import Trainer
 
         self.config = config
         self.config.train.epochs = 0
         self.config.train.eval_test_every_epoch = False
         self.sink = MemorySink()
-        self.trainer = Trainer(config, open_dataset(config.dataset), seed, self.sink)
+        # dataset: a PreparedDataset, or None to find config.dataset in the registry
+        self.trainer = Trainer(config, dataset or open_dataset(config.dataset), seed, self.sink)
+        if eval_workers is not None:  # evaluation is not timed: fewer idle worker processes
+            trainer = self.trainer
+            trainer.eval_loaders = {
+                name: make_loader(loader.dataset, config.train.eval_batch_size, shuffle=False, seed=seed,
+                                  drop_last=False, num_workers=eval_workers, pin_memory=trainer.device.type == "cuda")
+                for name, loader in trainer.eval_loaders.items()
+            }
 
     @property
     def samples_per_epoch(self) -> int:

@@ -44,15 +44,22 @@ def case_settings(case: str, args) -> tuple[str, list[str], str]:
 
 
 def measure_case(case: str, args, workers: list[int]) -> tuple[list[list], list[list]]:
+    recipe, overrides, description = case_settings(case, args)
+    print(f"\n== {description}", flush=True)
+    base = [*overrides, "strategy.name=heuristic", f"train.device={args.device}"]
+    runners = {w: common.EpochRunner(common.load(recipe, [*base, f"data.num_workers={w}"])) for w in workers}
+    return measure(case, runners, args.batches, args.model_steps, args.repeats)
+
+
+def measure(case: str, runners: dict, batches: int, model_steps: int, repeats: int) -> tuple[list[list], list[list]]:
+    """Loader and model rates of ``runners`` (EpochRunners keyed by their loader's worker count, all on one dataset
+    and device), interleaved; the table rows, and the loader's breakdown per stage."""
     import torch
 
     from dmgl_cli.losses import total_loss
     from dmgl_cli.train import _autocast, _to_device, compute_losses
 
-    recipe, overrides, description = case_settings(case, args)
-    print(f"\n== {description}", flush=True)
-    base = [*overrides, "strategy.name=heuristic", f"train.device={args.device}"]
-    runners = {w: common.EpochRunner(common.load(recipe, [*base, f"data.num_workers={w}"])) for w in workers}
+    workers = list(runners)
     model_runner = runners[workers[0]]
     trainer, method, config = model_runner.trainer, model_runner.trainer.method, model_runner.config
     device = trainer.device
@@ -65,14 +72,14 @@ def measure_case(case: str, args, workers: list[int]) -> tuple[list[list], list[
 
     def model_rate() -> float:
         def steps() -> None:
-            for _ in range(args.model_steps):
+            for _ in range(model_steps):
                 with _autocast(device, config.train.amp):
                     output = method.forward(trainer.model, inputs, training=True)
                 cls_loss, mm_loss = compute_losses(method, config, output, labels)
                 trainer.optimizer.zero_grad(set_to_none=True)
                 total_loss(0.5, cls_loss, mm_loss).backward()
                 trainer.optimizer.step()
-        return args.model_steps * batch_size / common.timed(steps, sync)
+        return model_steps * batch_size / common.timed(steps, sync)
 
     epochs = iter(range(1, 1_000_000))
 
@@ -86,7 +93,7 @@ def measure_case(case: str, args, workers: list[int]) -> tuple[list[list], list[
                 if sync:  # delivered means on the device
                     _to_device(item, device)
                 seen += int(item["labels"].shape[0])
-                if number + 1 >= args.batches:
+                if number + 1 >= batches:
                     break
             if sync:
                 torch.cuda.synchronize()
@@ -95,7 +102,7 @@ def measure_case(case: str, args, workers: list[int]) -> tuple[list[list], list[
 
     calls = {"model": model_rate}
     calls.update({f"loader, {w} workers": loader_rate(w) for w in workers})
-    rates = common.interleave(calls, args.repeats, warmup=1)
+    rates = common.interleave(calls, repeats, warmup=1)
     model = common.median(rates["model"])
     rows = [[case, "model (training step)", model, "", "", ""]]
     for w in workers:
@@ -103,7 +110,7 @@ def measure_case(case: str, args, workers: list[int]) -> tuple[list[list], list[
         ratios = common.paired_ratios(rates[name], rates["model"])
         rows.append([case, name, common.median(rates[name]), common.median(ratios), common.spread(ratios),
                      f">= {TARGET:g} {common.verdict(common.median(ratios), TARGET, False)}"])
-    parts = loader_parts(case, runners[workers[0]].trainer.splits.train, batch_size, args.repeats)
+    parts = loader_parts(case, runners[workers[0]].trainer.splits.train, batch_size, repeats)
     return rows, parts
 
 
@@ -119,7 +126,16 @@ def loader_parts(case: str, split, batch_size: int, repeats: int) -> list[list]:
     split.transform = None
     try:
         raw = split.__getitems__(positions)
-        stages = {"gather (memory-mapped arrays -> batch)": lambda: split.__getitems__(positions)}
+        order = np.argsort(rows, kind="stable")
+        restore = np.empty_like(order)
+        restore[order] = np.arange(len(order))
+
+        def gather_twice() -> None:  # the loader before bench/dataloader.py: sorted fancy index, then reorder
+            for array in split.arrays.inputs.values():
+                np.ascontiguousarray(array[rows[order]][restore])
+
+        stages = {"gather as before (sort, fancy index, reorder: 2 copies)": gather_twice,
+                  "gather (memory-mapped arrays -> batch)": lambda: split.__getitems__(positions)}
         if transform is not None:
             frames_only = BatchTransform(transform.frames, {}, transform.crop_scale, transform.seed, True)
             stages["frame sampling"] = lambda: frames_only(raw["inputs"], rows)

@@ -45,7 +45,7 @@ def case_settings(case: str, args) -> tuple[str, list[str], str]:
         dataset = common.ensure_synthetic()
         return "synthetic", [f"dataset={dataset}", f"train.device={args.device}"], "synthetic (MLP x 2, batch 64)"
     width = {"crema-tiny": common.TINY_WIDTH, "crema-resnet18": 64}[case]
-    batch = args.batch_size or (16 if case == "crema-tiny" else 8)
+    batch = args.batch_size or (16 if case == "crema-tiny" else 4)
     steps = args.steps_per_epoch
     # enough training samples for `steps` batches after the 10% validation carve-out
     train = math.ceil(steps * batch / 0.9) + 2
@@ -161,8 +161,8 @@ def foundation_accuracy() -> list[list]:
 
     default = LearningBasedConfig()
     settings = [
-        (f"default ({default.approx} K={default.terms} scale {default.scale})", default.approx, default.terms,
-         default.scale),
+        (f"default ({default.approx}{'' if default.approx == 'identity' else f' K={default.terms}'} scale "
+         f"{default.scale})", default.approx, default.terms, default.scale),
         ("identity scale 0.01", "identity", 0, 0.01),
         ("neumann K=3 scale 0.01", "neumann", 3, 0.01),
         ("neumann K=10 scale 0.9/lambda_max", "neumann", 10, None),
@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument("--epochs-per-call", type=int, default=3, help="synthetic epochs per timed call")
     parser.add_argument("--steps-per-epoch", type=int, default=20, help="CREMA-D-shaped cases: steps per epoch")
     parser.add_argument("--frame-size", type=int, default=112, help="stored frame side (CREMA-D: 224)")
-    parser.add_argument("--batch-size", type=int, help="CREMA-D-shaped cases (default 16 tiny, 8 ResNet18)")
+    parser.add_argument("--batch-size", type=int, help="CREMA-D-shaped cases (default 16 tiny, 4 ResNet18)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: steadier timings on a shared machine)")

@@ -9,9 +9,7 @@ temporary files from a crash are removed at the next save into the folder.
 from __future__ import annotations
 
 import io
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +17,16 @@ import numpy as np
 import torch
 
 from dmgl_cli.errors import DmglError
+from dmgl_cli.paths import atomic_write_bytes
 
 FORMAT = "dmgl-checkpoint"
 VERSION = 1
-_TMP_PREFIX = ".ckpt-"
+# What atomic_write_bytes leaves behind when a writer dies between writing and renaming.
+_LEFTOVERS = ".*.pt.*.tmp"
 
 
 def clean_leftovers(folder: Path) -> None:
-    for leftover in Path(folder).glob(f"{_TMP_PREFIX}*.tmp"):
+    for leftover in Path(folder).glob(_LEFTOVERS):
         leftover.unlink(missing_ok=True)
 
 
@@ -36,16 +36,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     clean_leftovers(path.parent)
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, "version": VERSION, **state}, buffer)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getbuffer())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -226,23 +226,6 @@ def datasets_verify(name) -> None:
 # ----------------------------------------------------------------------------------------------------- train
 
 
-def _parse_seeds(text: str, base_seed: int) -> list[int]:
-    text = text.strip()
-    try:
-        if "," in text:
-            seeds = [int(part) for part in text.split(",") if part.strip()]
-        else:
-            count = int(text)
-            if count < 1:
-                raise DmglError(f"--seeds must be >= 1 (a count) or a list like 0,1,2; got {text}")
-            seeds = list(range(base_seed, base_seed + count))
-    except ValueError:
-        raise DmglError(f"--seeds must be a count (3) or a comma-separated list (0,1,2); got {text!r}") from None
-    if len(set(seeds)) != len(seeds) or not seeds:
-        raise DmglError(f"--seeds {text!r} must list distinct seeds")
-    return seeds
-
-
 def _epoch_line(seed: int, epoch: int, total: int, m: dict[str, float]) -> str:
     parts = [f"seed {seed} epoch {epoch:>3}/{total}", f"alpha {m['alpha']:.3f}", f"loss {m['train_loss']:.3f}",
              f"val acc {m['val_acc']:.3f}"]
@@ -284,7 +267,7 @@ def train(recipe, strategy, alpha, p, method, modality, seeds, epochs, overrides
       dmgl train --resume 3f2a...                         # continue after a crash
     """
     from dmgl_cli import runner
-    from dmgl_cli.config import load_config
+    from dmgl_cli.config import load_config, parse_seeds
 
     def progress(seed, epoch, total, metrics):
         if not silent:
@@ -332,7 +315,7 @@ def train(recipe, strategy, alpha, p, method, modality, seeds, epochs, overrides
                 raise DmglError(f"--p applies to --strategy stepwise, not {config.strategy.name}")
             settings.append(f"strategy.p={p}")
         config = load_config(recipe, settings)
-        seed_list = _parse_seeds(seeds, config.train.seed)
+        seed_list = parse_seeds(seeds, config.train.seed)
 
         def announce(parent_id: str) -> None:
             if not silent:

@@ -74,7 +74,7 @@ class LearningBasedConfig:
     # epoch, and alpha_lr doubles with the interval so that alpha moves as far per epoch as before.
     initial_alpha: float = 0.5
     alpha_lr: float = 0.6
-    update_every: Union[int, str] = 20  # optimiser steps between alpha updates, or "epoch"
+    update_every: int | str = 20  # optimiser steps between alpha updates, or "epoch"
     approx: str = "identity"  # identity | neumann | cg: how H^-1 v is approximated
     terms: int = 3  # Hessian-vector products (Neumann terms or CG iterations); identity uses none
     scale: float = 0.04  # eta in H^-1 ~ eta * I (identity) or eta * sum_k (I - eta H)^k (neumann)
@@ -314,6 +314,24 @@ def config_from_yaml(text: str) -> Config:
     config = config_from_dict(yaml.safe_load(text))
     validate(config)
     return config
+
+
+def parse_seeds(text: str, base_seed: int) -> list[int]:
+    """``--seeds``: a count (``3``: seeds from the recipe's train.seed up) or a list (``0,1,2``)."""
+    text = text.strip()
+    try:
+        if "," in text:
+            seeds = [int(part) for part in text.split(",") if part.strip()]
+        else:
+            count = int(text)
+            if count < 1:
+                raise DmglError(f"--seeds must be >= 1 (a count) or a list like 0,1,2; got {text}")
+            seeds = list(range(base_seed, base_seed + count))
+    except ValueError:
+        raise DmglError(f"--seeds must be a count (3) or a comma-separated list (0,1,2); got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise DmglError(f"--seeds {text!r} must list distinct seeds")
+    return seeds
 
 
 # ------------------------------------------------------------------------------------------- validation

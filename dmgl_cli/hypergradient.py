@@ -20,6 +20,10 @@ of Eq. 3.
 * ``cg``: K iterations of conjugate gradient on ``(H + damping I) x = v``.
 
 Everything works on lists of tensors, one per parameter, so the model is never flattened into one vector.
+
+Cost (bench/lb_overhead.py measures it): ``identity`` needs two plain backward passes (``v`` and ``g_MM - g_CLS``),
+about one training step; every Hessian-vector product is a double backward, several steps each on a CNN, which is
+why the default is ``identity`` and why Neumann's products are taken two at a time (:func:`neumann_bilinear`).
 """
 
 from collections.abc import Callable, Sequence

@@ -207,7 +207,7 @@ class MetricAccumulator:
                 fused_probs=torch.cat(self._fused_probs).cpu().numpy(),
                 unimodal_probs={name: torch.cat(chunks).cpu().numpy() for name, chunks in self._unimodal_probs.items()},
                 embeddings={name: torch.cat(chunks).cpu() for name, chunks in self._embeddings.items()},
-                weighted_loss_sums={name: float(total) for name, total in zip(loss_names, loss_sums)},
+                weighted_loss_sums={name: float(total) for name, total in zip(loss_names, loss_sums, strict=True)},
             )
         return self._host_cache
 

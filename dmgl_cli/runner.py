@@ -10,10 +10,11 @@ import csv
 import io
 import json
 import signal
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from dmgl_cli import __version__
 from dmgl_cli.checkpoint import load_model_state

@@ -55,7 +55,7 @@ from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from dmgl_cli.config import Config, config_from_dict, load_config, validate
+from dmgl_cli.config import Config, config_from_dict, load_config, parse_seeds, validate
 from dmgl_cli.errors import DmglError, Interrupted
 from dmgl_cli.paths import default_optuna_storage, ensure_registry, safe_name
 from dmgl_cli.report import Cell, Row, StrategySpec, Table, mark_best, parse_strategies, parse_strategy, render_text
@@ -146,24 +146,6 @@ def parse_tune(text: str | None) -> dict[str, list]:
             raise DmglError(f"--tune lists {name} more than once")
         tune[name] = [low, high, tunable.log]
     return tune
-
-
-def parse_seeds(text: str, base_seed: int) -> list[int]:
-    """``3`` (three seeds from the recipe's train.seed up) or ``0,1,2``."""
-    text = text.strip()
-    try:
-        if "," in text:
-            seeds = [int(part) for part in text.split(",") if part.strip()]
-        else:
-            count = int(text)
-            if count < 1:
-                raise DmglError(f"--seeds must be >= 1 (a count) or a list like 0,1,2; got {text}")
-            seeds = list(range(base_seed, base_seed + count))
-    except ValueError:
-        raise DmglError(f"--seeds must be a count (3) or a comma-separated list (0,1,2); got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise DmglError(f"--seeds {text!r} must list distinct seeds")
-    return seeds
 
 
 # ------------------------------------------------------------------------------------------- settings

@@ -20,7 +20,7 @@ def _hand_info_nce_2x2(z_a, z_b, tau):
     """The paper's formula written out for two samples, in plain Python floats."""
 
     def cos(u, w):
-        return sum(x * y for x, y in zip(u, w)) / (math.hypot(*u) * math.hypot(*w))
+        return sum(x * y for x, y in zip(u, w, strict=True)) / (math.hypot(*u) * math.hypot(*w))
 
     s = [[cos(z_a[i], z_b[k]) for k in range(2)] for i in range(2)]
     total = 0.0
@@ -98,13 +98,13 @@ def test_js_divergence_is_zero_for_identical_logits_and_matches_hand_computation
     p, q, m = (0.5, 0.5), (0.75, 0.25), (0.625, 0.375)
 
     def kl(x, y):
-        return sum(xi * math.log(xi / yi) for xi, yi in zip(x, y))
+        return sum(xi * math.log(xi / yi) for xi, yi in zip(x, y, strict=True))
 
     expected_first = 0.5 * kl(p, m) + 0.5 * kl(q, m)
     # second row: one-hot-ish versus uniform over two classes, computed the same way
     p2 = (math.exp(4) / (math.exp(4) + 1), 1 / (math.exp(4) + 1))
     q2 = (0.5, 0.5)
-    m2 = tuple((a + b) / 2 for a, b in zip(p2, q2))
+    m2 = tuple((a + b) / 2 for a, b in zip(p2, q2, strict=True))
     expected_second = 0.5 * kl(p2, m2) + 0.5 * kl(q2, m2)
     got = js_divergence(
         torch.tensor([[0.0, 0.0], [4.0, 0.0]], dtype=torch.float64),

@@ -82,7 +82,7 @@ def _assert_same_as_reference(tracker: Tracker, run_id: str, reference: str) -> 
     worst = 0.0
     for key, history in uninterrupted.items():
         assert [s for s, _ in resumed[key]] == [s for s, _ in history], key
-        worst = max([worst] + [abs(a - b) for (_, a), (_, b) in zip(resumed[key], history)])
+        worst = max([worst] + [abs(a - b) for (_, a), (_, b) in zip(resumed[key], history, strict=True)])
     assert worst == 0.0
     return worst
 
@@ -201,7 +201,7 @@ def test_concurrent_trainings_on_one_sqlite_store_lose_nothing(registry, tmp_pat
         for i in range(3)
     ]
     outputs = [p.communicate(timeout=600)[0] for p in processes]
-    for process, output in zip(processes, outputs):
+    for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0, output
         assert "locked" not in output and "Traceback" not in output
     tracker = Tracker()

@@ -34,7 +34,9 @@ def test_train_lb_two_seeds_records_everything(run_cli, synthetic, registry):
     experiment = tracker.client.get_experiment(parent.info.experiment_id)
     assert experiment.name == "synthetic"
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert parent.data.params["strategy.lb.approx"] == "neumann" and parent.data.params["seeds"] == "0,1"
+    recipe = load_config("synthetic")
+    assert parent.data.params["strategy.lb.approx"] == recipe.strategy.lb.approx
+    assert parent.data.params["seeds"] == "0,1"
     children = tracker.children(parent_id)
     assert [c.data.tags["dmgl.seed"] for c in children] == ["0", "1"]
     finals = []

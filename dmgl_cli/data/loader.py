@@ -7,8 +7,8 @@ epoch e draws exactly the batches the uninterrupted run drew.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch

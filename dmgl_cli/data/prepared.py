@@ -56,7 +56,7 @@ class PreparedWriter:
         self.keep_on_error = keep_on_error
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
 
-    def __enter__(self) -> "PreparedWriter":
+    def __enter__(self) -> PreparedWriter:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         return self
 

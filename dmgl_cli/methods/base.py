@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from dmgl_cli.errors import DmglError
@@ -30,9 +29,20 @@ class Method:
     # own uni-modal outputs) or "probe" (linear probes on detached embeddings); recorded as a run tag.
     per_modality_source = "head-split"
 
+    # A method's settings (``method.options.<name>.<key>``) and their defaults; any other key is refused.
+    defaults: dict[str, Any] = {}
+
     def __init__(self, config, options: dict[str, Any]):
         self.config = config
         self.options = options
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            valid = ", ".join(self.defaults) or "(none)"
+            raise DmglError(
+                f"unknown setting {', '.join(f'method.options.{self.name}.{k}' for k in unknown)}; "
+                f"method {self.name!r} takes: {valid}"
+            )
+        self.settings: dict[str, Any] = {**self.defaults, **options}
 
     # -- construction --------------------------------------------------------------------------------------------
     @classmethod

@@ -88,19 +88,10 @@ class FusionMethod(Method):
     mean gate, Dirichlet strength, ...) are gathered on the device with :meth:`track` and logged at epoch end.
     """
 
-    defaults: dict[str, Any] = {}
     per_modality_source = "own"
 
     def __init__(self, config, options: dict[str, Any]):
         super().__init__(config, options)
-        unknown = sorted(set(options) - set(self.defaults))
-        if unknown:
-            valid = ", ".join(self.defaults) or "(none)"
-            raise DmglError(
-                f"unknown setting {', '.join(f'method.options.{self.name}.{k}' for k in unknown)}; "
-                f"{self.name} takes: {valid}"
-            )
-        self.settings: dict[str, Any] = {**self.defaults, **options}
         self._sums: dict[str, Tensor] = {}
         self._steps = 0
         self._probe_optimizer: torch.optim.Optimizer | None = None

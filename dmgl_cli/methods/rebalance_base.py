@@ -33,19 +33,11 @@ from dmgl_cli.models.fusion import ConcatFusion
 class RebalanceMethod(Method):
     """Base of the rebalancing baselines; subclasses set ``name``, ``defaults`` and override the hooks they use."""
 
-    defaults: dict[str, Any] = {}
     # Methods built on Concat's head need ``model.fusion=concat`` (the head split gives per-modality logits).
     needs_concat_head = True
 
     def __init__(self, config, options: dict[str, Any]):
         super().__init__(config, options)
-        unknown = sorted(set(options) - set(self.defaults))
-        if unknown:
-            valid = ", ".join(self.defaults) or "(none)"
-            raise DmglError(
-                f"unknown setting {', '.join(self.key(k) for k in unknown)}; method {self.name!r} takes: {valid}"
-            )
-        self.settings: dict[str, Any] = {**self.defaults, **options}
         self.trainer = None
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
