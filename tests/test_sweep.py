@@ -240,7 +240,7 @@ def test_a_killed_workers_trial_is_failed_retried_and_does_not_block(run_cli, sy
 def test_ctrl_c_requeues_the_trial_and_the_study_resumes(run_cli, synthetic, registry):
     storage = f"sqlite:///{registry / 'optuna.db'}"
     # Long trials, so that the signal lands inside one (it is honoured after the current optimiser step).
-    run_cli("sweep", "--study", "stop", "--strategies", "constant:0,lb", "--seeds", "1", "--set", "train.epochs=30",
+    run_cli("sweep", "--study", "stop", "--strategies", "constant:0,lb", "--seeds", "1", "--set", "train.epochs=12",
             "--set", "train.batch_size=16", "--create-only")
     worker = _worker("--study", "stop")
     victim = _wait_for(lambda: _trial_started(storage, "stop"), "a trial to start training", process=worker)
