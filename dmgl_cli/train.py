@@ -184,7 +184,7 @@ class Trainer:
         pin = self.device.type == "cuda"
         workers = config.data.num_workers
         self.train_loader = make_loader(self.splits.train, config.train.batch_size, shuffle=True, seed=seed,
-                                        drop_last=True, num_workers=workers, pin_memory=pin)
+                                        drop_last=True, num_workers=workers, pin_memory=pin, persistent=True)
         self.eval_loaders = {
             name: make_loader(split, config.train.eval_batch_size, shuffle=False, seed=seed, drop_last=False,
                               num_workers=workers, pin_memory=pin)

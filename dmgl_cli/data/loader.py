@@ -123,7 +123,9 @@ def make_splits(dataset: PreparedDataset, val_fraction: float, split_seed: int) 
 
 
 def make_loader(split: ArraySplit, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool,
-                num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                num_workers: int = 0, pin_memory: bool = False, persistent: bool = False) -> DataLoader:
+    """``persistent`` keeps the worker processes between epochs (the training loader); evaluation loaders, used
+    once per epoch, start theirs on demand so a run does not hold three sets of workers."""
     sampler = EpochBatchSampler(len(split), batch_size, shuffle, seed, drop_last)
     return DataLoader(
         split,
@@ -131,7 +133,7 @@ def make_loader(split: ArraySplit, batch_size: int, *, shuffle: bool, seed: int,
         collate_fn=_whole_batch,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
+        persistent_workers=persistent and num_workers > 0,
         # Worker RNG (used by augmentations) is derived from the loader's seeded generator: reproducible.
         generator=torch.Generator().manual_seed(seed),
     )

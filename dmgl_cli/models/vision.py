@@ -187,7 +187,10 @@ class FrameEncoder(nn.Module):
             x = x.unsqueeze(1)
         batch, frames = x.shape[:2]
         x = x.flatten(0, 1).permute(0, 3, 1, 2).float().div_(255.0)
-        x = (x - self.mean) / self.std
+        # The permuted frames are already channels_last in memory: what the GPU kernels want, but torch 2.14's CPU
+        # backward of a strided 1x1 convolution crashes on such inputs at small widths, so the CPU gets NCHW.
+        layout = torch.channels_last if x.is_cuda else torch.contiguous_format
+        x = ((x - self.mean) / self.std).contiguous(memory_format=layout)
         features = self.trunk(x).view(batch, frames, -1).mean(dim=1)
         return self.project(features)
 

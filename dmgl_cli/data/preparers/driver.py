@@ -41,8 +41,9 @@ from dmgl_cli.data.preparers.base import PrepareJob
 from dmgl_cli.errors import DmglError
 
 FLUSH_SECONDS = 2.0
-FORKSERVER_PRELOAD = ["__main__", "dmgl_cli.data.preparers", "dmgl_cli.data.media", "librosa", "av", "soundfile",
-                      "PIL.Image"]
+# The forkserver imports these once and workers fork from it; decoder_warmup also runs each decoder once, because
+# librosa loads its submodules lazily on the first decode (~1.2 s a worker otherwise).
+FORKSERVER_PRELOAD = ["__main__", "dmgl_cli.data.preparers", "dmgl_cli.data.media", "dmgl_cli.data.decoder_warmup"]
 IN_FLIGHT_PER_WORKER = 4
 _FINALISED = "finalised"
 
