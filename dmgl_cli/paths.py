@@ -12,6 +12,7 @@ The registry folder (``./registry`` by default, moved by ``DMGL_HOME``) holds ev
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -78,6 +79,38 @@ def repo_root() -> Path:
 def recipes_dir() -> Path:
     """Built-in recipes: ``$DMGL_RECIPES`` or ``<checkout>/recipes``."""
     return Path(os.environ.get("DMGL_RECIPES") or repo_root() / "recipes")
+
+
+_NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "lustre", "gpfs", "ceph",
+                        "glusterfs", "fuse.glusterfs", "afs")
+
+
+def network_filesystem(path: Path, mounts_table: Path = Path("/proc/mounts")) -> str | None:
+    """The type of the network filesystem ``path`` lives on (from the mount table), or None for a local disk.
+
+    SQLite's locking is unreliable over such filesystems, so a SQLite store there is warned about."""
+    try:
+        mounts = mounts_table.read_text().splitlines()
+    except OSError:
+        return None
+    target, best, kind = str(Path(path).resolve()), "", None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) >= 3 and (target == fields[1] or target.startswith(fields[1].rstrip("/") + "/")):
+            if len(fields[1]) > len(best):
+                best, kind = fields[1], fields[2]
+    return kind if kind in _NETWORK_FILESYSTEMS else None
+
+
+def warn_if_shared_sqlite(path: Path, what: str, mounts_table: Path = Path("/proc/mounts")) -> None:
+    """A SQLite file is safe for several processes on one machine, not on a network filesystem."""
+    kind = network_filesystem(path.parent, mounts_table)
+    if kind:
+        logging.getLogger("dmgl").warning(
+            "the %s %s is a SQLite file on a network filesystem (%s): SQLite's locks are unreliable there and "
+            "concurrent writers can corrupt it. Use a PostgreSQL/MySQL URL (or, for Optuna, journal:PATH) to share "
+            "it between machines.", what, path, kind,
+        )
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

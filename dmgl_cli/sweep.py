@@ -57,7 +57,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from dmgl_cli.config import Config, config_from_dict, load_config, parse_seeds, validate
 from dmgl_cli.errors import DmglError, Interrupted
-from dmgl_cli.paths import default_optuna_storage, ensure_registry, safe_name
+from dmgl_cli.paths import default_optuna_storage, ensure_registry, safe_name, warn_if_shared_sqlite
 from dmgl_cli.report import Cell, Row, StrategySpec, Table, mark_best, parse_strategies, parse_strategy, render_text
 from dmgl_cli.runner import Stopped
 
@@ -336,6 +336,8 @@ def open_storage(url: str, heartbeat: int | None = None,
                 storage = HeartbeatJournalStorage(JournalFileBackend(str(journal)), heartbeat, grace,
                                                   stale_trial_callback)
             elif "://" in url:
+                if url.startswith("sqlite:///"):
+                    warn_if_shared_sqlite(Path(url[len("sqlite:///"):]), "Optuna storage")
                 callback_arg = ("heartbeat_stale_trial_callback"
                                 if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback") else "failed_trial_callback")
                 kwargs = {"heartbeat_interval": heartbeat, "grace_period": grace, callback_arg: stale_trial_callback} \

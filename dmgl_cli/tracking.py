@@ -41,7 +41,13 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from dmgl_cli import __version__  # noqa: E402
 from dmgl_cli.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from dmgl_cli.errors import DmglError  # noqa: E402
-from dmgl_cli.paths import default_artifacts_dir, default_tracking_uri, ensure_registry, repo_root  # noqa: E402
+from dmgl_cli.paths import (
+    default_artifacts_dir,
+    default_tracking_uri,
+    ensure_registry,
+    repo_root,
+    warn_if_shared_sqlite,
+)  # noqa: E402
 
 for _noisy in ("mlflow", "alembic", "sqlalchemy"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
@@ -142,6 +148,7 @@ class Tracker:
                 # builds them when the client is made), so that happens under a file lock. WAL lets readers (the
                 # UI, report) work while a training process writes.
                 database.parent.mkdir(parents=True, exist_ok=True)
+                warn_if_shared_sqlite(database, "MLflow store")
                 with _exclusive(database.with_name(database.name + ".lock")):
                     with sqlite3.connect(database, timeout=60) as connection:
                         connection.execute("PRAGMA journal_mode=WAL")

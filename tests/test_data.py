@@ -100,3 +100,16 @@ def test_epoch_sampler_depends_only_on_seed_and_epoch():
     assert list(other) == first and len(first) == 2
     other.set_epoch(3)
     assert list(other) != first
+
+
+def test_sqlite_on_a_network_filesystem_is_warned_about(tmp_path, caplog):
+    from dmgl_cli.paths import network_filesystem, warn_if_shared_sqlite
+
+    table = tmp_path / "mounts"  # a mount table in /proc/mounts' format with an NFS export
+    table.write_text(f"server:/export {tmp_path / 'shared'} nfs4 rw 0 0\n/dev/vda / ext4 rw 0 0\n")
+    assert network_filesystem(tmp_path / "shared" / "x", table) == "nfs4"
+    assert network_filesystem(tmp_path / "local", table) is None
+    assert network_filesystem(tmp_path) is None  # this machine's real table: a local disk
+    with caplog.at_level("WARNING", logger="dmgl"):
+        warn_if_shared_sqlite(tmp_path / "shared" / "optuna.db", "Optuna storage", table)
+    assert "network filesystem (nfs4)" in caplog.text and "PostgreSQL" in caplog.text

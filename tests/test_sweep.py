@@ -191,8 +191,9 @@ def test_pruned_training_marks_runs_killed_not_failed(synthetic, registry):
 # ------------------------------------------------------------------------------------- several workers
 
 
-def test_two_workers_on_a_journal_file_share_the_trials(run_cli, synthetic, registry):
-    storage = f"journal:{registry / 'optuna.log'}"
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_two_workers_on_one_study_share_the_trials(run_cli, synthetic, registry, kind):
+    storage = f"journal:{registry / 'optuna.log'}" if kind == "journal" else f"sqlite:///{registry / 'optuna.db'}"
     run_cli("sweep", "--study", "shared", "--storage", storage, "--strategies", "constant:0,heuristic,lb",
             "--seeds", "1", *FAST, "--create-only")
     assert len(_study(storage, "shared").get_trials(states=(TrialState.WAITING,))) == 3
