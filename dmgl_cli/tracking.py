@@ -21,9 +21,10 @@ import logging
 import os
 import platform
 import random
-import shutil
+import signal
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -373,15 +374,20 @@ class RunRecorder:
 def launch_ui(tracking_uri: str | None, host: str, port: int) -> int:
     """Run ``mlflow ui`` over the store in the foreground; returns its exit code."""
     uri = resolve_tracking_uri(tracking_uri)
-    command = ["mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    # The MLflow of dmgl's own environment, whether or not that environment is activated.
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     if uri == default_tracking_uri():
         ensure_registry()
         command += ["--default-artifact-root", default_artifacts_dir().as_uri()]
-    executable = shutil.which("mlflow")
-    if executable is None:
-        raise DmglError("the `mlflow` command is not on PATH; activate the environment dmgl was installed into")
-    command[0] = executable
+    server = subprocess.Popen(command)
     try:
-        return subprocess.call(command)
+        return server.wait()
     except KeyboardInterrupt:
+        # Hand Ctrl-C on to MLflow so that it stops its own worker processes, rather than orphaning them.
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
         return 0
