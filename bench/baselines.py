@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 EXPERIMENT = "bench-baselines"
 
@@ -48,13 +49,6 @@ def rows_for(methods: dict, modalities: list[str]) -> list[tuple[str, list[str]]
     return rows
 
 
-def cell(summary: dict[str, float], key: str) -> str:
-    """``mean±std`` of ``key`` over seeds, or ``-`` when the row has no such score."""
-    if f"{key}_mean" not in summary:
-        return f"{'-':>16}"
-    return f"{summary[key + '_mean']:>9.4f}±{summary[key + '_std']:.4f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
@@ -63,17 +57,10 @@ def main() -> None:
     parser.add_argument("--only", help="run only rows whose label contains this text")
     args = parser.parse_args()
 
-    home = os.environ.get("DMGL_HOME") or tempfile.mkdtemp(prefix="dmgl-bench-")
-    os.environ["DMGL_HOME"] = home
+    home, modalities = common.kept_registry_with_synthetic()
     from dmgl_cli import runner
     from dmgl_cli.config import load_config
-    from dmgl_cli.data.registry import DatasetRegistry
     from dmgl_cli.methods import METHODS
-    from dmgl_cli.prepare import prepare_dataset
-
-    if "synthetic" not in {r["name"] for r in DatasetRegistry().rows()}:
-        prepare_dataset("synthetic")
-    modalities = list(runner.open_dataset("synthetic").modalities)
     overrides = list(args.overrides) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
     overrides.append(f"experiment={EXPERIMENT}")
     rows = rows_for(METHODS, modalities)
@@ -92,9 +79,9 @@ def main() -> None:
         outcome = runner.train(config, list(range(args.seeds)), run_name=run_name)
         seconds = time.perf_counter() - started
         summary = outcome.summary
-        line = f"{label:<18} {cell(summary, 'test_acc')} "
-        line += " ".join(cell(summary, f"test_acc_{m}") for m in modalities)
-        line += f" {cell(summary, 'test_gap_acc')} {seconds:>8.1f}"
+        line = f"{label:<18} {common.seed_cell(summary, 'test_acc')} "
+        line += " ".join(common.seed_cell(summary, f"test_acc_{m}") for m in modalities)
+        line += f" {common.seed_cell(summary, 'test_gap_acc')} {seconds:>8.1f}"
         lines.append(line)
         print(line, flush=True)
 

@@ -52,6 +52,27 @@ def use_private_registry(prefix: str = "dmgl-bench-") -> Path:
     return Path(home)
 
 
+def kept_registry_with_synthetic() -> tuple[Path, list[str]]:
+    """For the accuracy benches: DMGL_HOME or a new temporary registry that is kept (its runs can be browsed with
+    `dmgl ui` afterwards), with the synthetic dataset prepared once; returns it and the dataset's modalities."""
+    home = Path(os.environ.get("DMGL_HOME") or tempfile.mkdtemp(prefix="dmgl-bench-"))
+    os.environ["DMGL_HOME"] = str(home)
+    from dmgl_cli.data.registry import DatasetRegistry
+    from dmgl_cli.prepare import prepare_dataset
+    from dmgl_cli.runner import open_dataset
+
+    if "synthetic" not in {row["name"] for row in DatasetRegistry().rows()}:
+        prepare_dataset("synthetic")
+    return home, list(open_dataset("synthetic").modalities)
+
+
+def seed_cell(summary: dict[str, float], key: str) -> str:
+    """``mean±std`` of ``key`` over seeds (a runner summary), or ``-`` when the row has no such score."""
+    if f"{key}_mean" not in summary:
+        return f"{'-':>16}"
+    return f"{summary[key + '_mean']:>9.4f}±{summary[key + '_std']:.4f}"
+
+
 def set_threads(threads: int | None) -> int:
     if threads:
         torch.set_num_threads(threads)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 ROWS = [
     ("constant 0 (Concat)", ["strategy.name=constant", "strategy.alpha=0.0"]),
@@ -36,17 +37,11 @@ def main() -> None:
     parser.add_argument("--only", help="run only rows whose label contains this text")
     args = parser.parse_args()
 
-    home = os.environ.get("DMGL_HOME") or tempfile.mkdtemp(prefix="dmgl-bench-")
-    os.environ["DMGL_HOME"] = home
+    home, dataset_modalities = common.kept_registry_with_synthetic()
     from dmgl_cli import runner
     from dmgl_cli.config import load_config
-    from dmgl_cli.data.registry import DatasetRegistry
     from dmgl_cli.methods import METHODS
-    from dmgl_cli.prepare import prepare_dataset
 
-    if "synthetic" not in {r["name"] for r in DatasetRegistry().rows()}:
-        prepare_dataset("synthetic")
-    dataset_modalities = list(runner.open_dataset("synthetic").modalities)
     rows = list(ROWS)
     if "unimodal" in METHODS:
         rows += [(f"{m} alone", ["method.name=unimodal", f"method.options.unimodal.modality={m}",
@@ -67,13 +62,9 @@ def main() -> None:
         seconds = time.perf_counter() - started
         s = outcome.summary
 
-        def cell(key: str) -> str:
-            if f"{key}_mean" not in s:
-                return f"{'-':>16}"
-            return f"{s[key + '_mean']:>9.4f}±{s[key + '_std']:.4f}"
-
-        line = f"{label:<22} {cell('test_acc')} " + " ".join(cell(f"test_acc_{m}") for m in dataset_modalities)
-        line += f" {cell('test_gap_acc')} {seconds:>8.1f}"
+        line = f"{label:<22} {common.seed_cell(s, 'test_acc')} "
+        line += " ".join(common.seed_cell(s, f"test_acc_{m}") for m in dataset_modalities)
+        line += f" {common.seed_cell(s, 'test_gap_acc')} {seconds:>8.1f}"
         lines.append(line)
         print(line, flush=True)
     print()
