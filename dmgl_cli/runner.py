@@ -323,7 +323,7 @@ def evaluate_run(run_id: str, *, checkpoint: str = "best", split: str = "test",
 
 def _evaluate_seed(tracker: Tracker, run, checkpoint: str, split: str) -> EvalOutcome:
     from dmgl_cli.data.loader import make_loader, make_splits
-    from dmgl_cli.data.transforms import build_transforms
+    from dmgl_cli.data.transforms import build_transforms, model_input_specs
     from dmgl_cli.methods import build_method
     from dmgl_cli.train import pick_device
 
@@ -334,7 +334,7 @@ def _evaluate_seed(tracker: Tracker, run, checkpoint: str, split: str) -> EvalOu
     state = tracker.load_checkpoint(run_id, checkpoint)
     method = build_method(config)
     device = pick_device(config.train.device)
-    model = method.build_model(dataset.modalities, dataset.num_classes)
+    model = method.build_model(model_input_specs(dataset.modalities, config), dataset.num_classes)
     load_model_state(model, state["model"], f"run {run_id} checkpoints/{checkpoint}.pt")
     model.to(device)
     splits = make_splits(dataset, config.data.val_fraction, config.data.split_seed)

@@ -34,7 +34,7 @@ from dmgl_cli.checkpoint import capture_rng, load_model_state, restore_rng
 from dmgl_cli.config import Config, build_strategy_from_config
 from dmgl_cli.data.loader import ArraySplit, make_loader, make_splits, sample_batch
 from dmgl_cli.data.prepared import PreparedDataset
-from dmgl_cli.data.transforms import build_transforms
+from dmgl_cli.data.transforms import build_transforms, model_input_specs
 from dmgl_cli.errors import DmglError, Interrupted
 from dmgl_cli.hypergradient import alpha_hypergradient
 from dmgl_cli.losses import modality_matching_loss, total_loss
@@ -192,7 +192,8 @@ class Trainer:
         }
 
         self.method = build_method(config)
-        self.model = self.method.build_model(dataset.modalities, dataset.num_classes).to(self.device)
+        self.model = self.method.build_model(model_input_specs(dataset.modalities, config),
+                                             dataset.num_classes).to(self.device)
         if self.device.type == "cuda":
             # channels_last for 2D convolutions only: Module.to(memory_format=channels_last) fails on the 5D
             # weights of 3D convolutions (NVGesture's video encoders).

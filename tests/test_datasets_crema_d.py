@@ -129,3 +129,13 @@ def test_video_shorter_than_the_requested_frames(run_cli, registry, crema_raw):
     run_cli("prepare", "crema-d", "--raw", crema_raw, *SMALL, "--silent", "--skip-bad", "--name", "crema-skip")
     manifest = json.loads((registry / "datasets" / "crema-skip" / "manifest.json").read_text())
     assert [r["id"] for r in manifest["bad_samples"]] == ["1001_DFA_HAP_XX"]
+
+
+def test_an_mlp_encoder_is_built_for_the_sampled_frames(run_cli, registry, crema_raw):
+    # The recipe samples 3 of the 10 stored frames: an encoder whose size depends on its input must see 3.
+    run_cli("prepare", "crema-d", "--raw", crema_raw, *SMALL)
+    result = run_cli("train", "--recipe", "crema-d", "--epochs", "1", "--set", "model.embed_dim=8",
+                     "--set", "train.batch_size=8", "--set", "data.num_workers=0", "--set", "train.device=cpu",
+                     "--set", "model.encoders.visual.name=mlp", "--set", "model.encoders.visual.hidden=8",
+                     "--set", "model.encoders.audio.options.width=4")
+    assert "mean over 1 seeds" in result.output

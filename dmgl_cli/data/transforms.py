@@ -124,6 +124,16 @@ class BatchTransform:
         return out
 
 
+def model_input_specs(modalities: Mapping[str, dict[str, Any]], config) -> dict[str, dict[str, Any]]:
+    """The modality specs as the model sees them, after frame sampling: encoders whose size depends on the input
+    (an MLP over frames) are built for the sampled frame count, not the stored one."""
+    frames = _per_modality(config.data.options or {}, "frames", modalities)
+    specs = {name: dict(spec) for name, spec in modalities.items()}
+    for name, wanted in frames.items():
+        specs[name]["shape"] = [int(wanted), *list(specs[name]["shape"])[1:]]
+    return specs
+
+
 def build_transforms(modalities: Mapping[str, dict[str, Any]], config, training: bool) -> BatchTransform | None:
     """The batch transform for a dataset's modalities under ``config.data.options`` (None when there is nothing
     to do)."""
