@@ -22,7 +22,7 @@ from dmgl_cli.config import Config, config_from_yaml
 from dmgl_cli.data.prepared import PreparedDataset
 from dmgl_cli.data.registry import DatasetRegistry
 from dmgl_cli.errors import DmglError, Interrupted
-from dmgl_cli.methods import METHODS
+from dmgl_cli.methods import METHODS, build_method
 from dmgl_cli.metrics import summarise_over_seeds
 from dmgl_cli.paths import safe_name
 from dmgl_cli.plots import alpha_figure, close
@@ -186,6 +186,7 @@ def train(config: Config, seeds: list[int], *, tracking_uri: str | None = None, 
     if not seeds:
         raise DmglError("at least one seed is needed")
     run_name = safe_name(run_name or f"{config.method.name}-{config.strategy.name}", "run name")
+    build_method(config)  # the method checks its settings now, so a bad one creates no MLflow run
     dataset = open_dataset(config.dataset)
     tracker = Tracker(tracking_uri)
     experiment = config.experiment or config.dataset
@@ -324,7 +325,6 @@ def evaluate_run(run_id: str, *, checkpoint: str = "best", split: str = "test",
 def _evaluate_seed(tracker: Tracker, run, checkpoint: str, split: str) -> EvalOutcome:
     from dmgl_cli.data.loader import make_loader, make_splits
     from dmgl_cli.data.transforms import build_transforms, model_input_specs
-    from dmgl_cli.methods import build_method
     from dmgl_cli.train import pick_device
 
     run_id = run.info.run_id

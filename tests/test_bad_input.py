@@ -139,3 +139,12 @@ def test_ui_binds_elsewhere_only_with_allow_remote_and_warns(registry):
         ui.send_signal(signal.SIGINT)
         output, _ = ui.communicate(timeout=30)
     assert "no authentication" in output and f"http://127.0.0.2:{port}" in output
+
+
+def test_a_bad_method_setting_creates_no_run(run_cli, synthetic, registry):
+    result = run_cli("train", "--method", "ogm-ge", "--set", "method.options.ogm-ge.start_epoch=3",
+                     "--set", "method.options.ogm-ge.end_epoch=2", expect=1)
+    assert "method.options.ogm-ge.end_epoch (2) must be >= method.options.ogm-ge.start_epoch (3)" in result.output
+    assert "parent run" not in result.output
+    assert not (registry / "mlflow.db").exists() or not Tracker().search(
+        [e.experiment_id for e in Tracker().client.search_experiments()])

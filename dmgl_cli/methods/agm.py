@@ -58,11 +58,7 @@ class AGMMethod(RebalanceMethod):
 
     def check(self) -> None:
         super().check()
-        self.alpha = self.setting_float("alpha", 0.0, low_open=True)
-        self.start_epoch = self.setting_int("start_epoch", 1)
-        self.end_epoch = self.setting_int("end_epoch", 1)
-        if self.end_epoch < self.start_epoch:
-            raise DmglError(f"{self.key('end_epoch')} must be >= {self.key('start_epoch')}")
+        self.read_modulation_window()
 
     def forward(self, model: MultimodalModel, inputs: dict[str, Tensor], training: bool) -> ModelOutput:
         modalities = model.modalities

@@ -58,12 +58,7 @@ class OGMGEMethod(RebalanceMethod):
 
     def check(self) -> None:
         super().check()
-        self.alpha = self.setting_float("alpha", 0.0, low_open=True)
-        self.start_epoch = self.setting_int("start_epoch", 1)
-        self.end_epoch = self.setting_int("end_epoch", 1)
-        if self.end_epoch < self.start_epoch:
-            raise DmglError(f"{self.key('end_epoch')} ({self.end_epoch}) must be >= {self.key('start_epoch')} "
-                            f"({self.start_epoch})")
+        self.read_modulation_window()
         if not isinstance(self.settings["noise"], bool):
             raise DmglError(f"{self.key('noise')} must be true or false, got {self.settings['noise']!r}")
         self.noise = self.settings["noise"]

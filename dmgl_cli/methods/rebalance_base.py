@@ -54,6 +54,15 @@ class RebalanceMethod(Method):
             )
 
     # -- settings ---------------------------------------------------------------------------------------------
+    def read_modulation_window(self) -> None:
+        """``alpha`` (> 0) and the epochs ``[start_epoch, end_epoch]`` in which gradients are modulated (OGM-GE, AGM)."""
+        self.alpha = self.setting_float("alpha", 0.0, low_open=True)
+        self.start_epoch = self.setting_int("start_epoch", 1)
+        self.end_epoch = self.setting_int("end_epoch", 1)
+        if self.end_epoch < self.start_epoch:
+            raise DmglError(f"{self.key('end_epoch')} ({self.end_epoch}) must be >= {self.key('start_epoch')} "
+                            f"({self.start_epoch})")
+
     def setting_float(self, name: str, low: float | None = None, high: float | None = None, *,
                       low_open: bool = False) -> float:
         value = self.settings[name]
