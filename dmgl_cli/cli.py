@@ -239,7 +239,9 @@ def _epoch_line(seed: int, epoch: int, total: int, m: dict[str, float]) -> str:
 
 @cli.command()
 @click.option("--recipe", "-r", default="synthetic", show_default=True, help="Recipe name (see `dmgl recipes`) or YAML path.")
-@click.option("--strategy", "-s", help="How alpha moves: constant, stepwise, heuristic or lb (learning-based).")
+@click.option("--strategy", "-s", help="How alpha moves: constant, stepwise, heuristic or lb (learning-based; by "
+              "default its first-order one-step look-ahead hypergradient, strategy.lb.approx=identity; "
+              "strategy.lb.approx=cg for Eq. 3 with curvature).")
 @click.option("--alpha", type=float, help="alpha for --strategy constant (0 = plain Concat, 1 = matching only).")
 @click.option("--p", "p", type=float, help="p for --strategy stepwise: h(p) uses p, then 1 - p after half the epochs.")
 @click.option("--method", "-m", help="Training method (default: the recipe's, normally concat).")
@@ -264,6 +266,8 @@ def train(recipe, strategy, alpha, p, method, modality, seeds, epochs, overrides
       dmgl train --strategy stepwise --p 0.05
       dmgl train --strategy heuristic --set train.epochs=30
       dmgl train --method unimodal --modality slow --strategy constant --alpha 0
+      dmgl train --strategy lb --set strategy.lb.approx=cg   # Eq. 3 by conjugate gradient (weight decay in H)
+      dmgl train --method dmgl-official                   # Ours-LB as the authors' released code runs it
       dmgl train --resume 3f2a...                         # continue after a crash
     """
     from dmgl_cli import runner

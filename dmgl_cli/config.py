@@ -66,25 +66,33 @@ class LossConfig:
 
 @dataclass
 class LearningBasedConfig:
-    """Settings of the learning-based (bilevel) strategy, Eq. (2)-(3) and Algorithm 1."""
+    """Settings of the learning-based (bilevel) strategy, Eq. (2)-(3) and Algorithm 1; what each computes is in
+    :mod:`dmgl_cli.hypergradient` and :class:`dmgl_cli.strategies.LearningBasedStrategy`. The defaults were chosen
+    with bench/lb_fidelity.py (figures in bench/README.md)."""
 
-    # Defaults measured with bench/lb_overhead.py and bench/imbalance.py (bench/README.md): the former default,
-    # neumann with 3 terms at scale 0.01, gave the same hypergradient as identity at scale 0.04 (correlation 0.9998,
-    # same sign everywhere on the synthetic model) at ~5x the cost; identity every 20 steps costs <= ~10% of an
-    # epoch, and alpha_lr doubles with the interval so that alpha moves as far per epoch as before.
     initial_alpha: float = 0.5
-    alpha_lr: float = 0.6
-    update_every: int | str = 20  # optimiser steps between alpha updates, or "epoch"
-    approx: str = "identity"  # identity | neumann | cg: how H^-1 v is approximated
-    terms: int = 3  # Hessian-vector products (Neumann terms or CG iterations); identity uses none
-    scale: float = 0.04  # eta in H^-1 ~ eta * I (identity) or eta * sum_k (I - eta H)^k (neumann)
-    damping: float = 0.0  # added to H for CG
+    alpha_lr: float = 0.05  # adam: about how far alpha moves per update; sgd: multiplies the hypergradient
+    alpha_optimizer: str = "adam"  # adam (step independent of the hypergradient's magnitude) | sgd (Algorithm 1)
+    alpha_lr_halving: int | None = None  # halve alpha_lr every N epochs (the authors' code: 20); null: never
+    update_every: int | str = 20  # optimiser steps between alpha updates, "epoch" (end) or "epoch_start"
+    # identity: first-order one-step look-ahead (no curvature) | cg, neumann: Eq. 3's H^-1 | official: the
+    # authors' released rule (dmgl-official)
+    approx: str = "identity"
+    terms: int = 20  # CG iterations or Neumann terms (Hessian-vector products); identity uses none
+    # identity: the look-ahead step (auto: the optimiser's learning rate); neumann: the series step (auto:
+    # 1 / lambda_max of H by power iteration, refreshed every curvature_refresh updates); cg: unused
+    scale: float | str = "auto"
+    damping: float = 0.0  # added to H by cg / neumann, on top of the optimiser's (coupled) weight decay
+    curvature_refresh: int = 10  # alpha updates between two lambda_max estimates (neumann with scale auto)
     min_alpha: float = 0.0
     max_alpha: float = 1.0
-    # val | train | holdout: where v = grad L_CLS is measured; holdout = outer_batch_size samples taken out of the
-    # training split (seeded by data.split_seed) and never trained on, as the official code does
-    outer_data: str = "val"
+    # holdout: outer batches from training samples set aside (never trained on), apart from the validation split
+    # that picks the best epoch and drives the scheduler | val: from the validation split (then that split both
+    # steers alpha and selects the model, so its scores are optimistic) | train: from the training split
+    outer_data: str = "holdout"
+    holdout: int | float = 0.05  # a fraction of train (stratified) or a count (seeded random), by data.split_seed
     outer_batch_size: int | None = None  # None: the training batch size
+    outer_sampling: str = "random"  # random: a fresh seeded batch per update | fixed: the first outer_batch_size
     params: str = "all"  # all | head | first (the first parameter tensor only): which enter H and the gradients
 
 
@@ -387,12 +395,16 @@ def validate(config: Config) -> None:
     _choice(config.method.name, METHODS, "method")
     _choice(strat.name, STRATEGIES, "strategy")
     METHODS[config.method.name].configure(config)  # a method defined by fixed settings pins them (dmgl-official)
-    _choice(strat.lb.outer_data, ("val", "train", "holdout"), "strategy.lb.outer_data")
-    _choice(strat.lb.params, ("all", "head", "first"), "strategy.lb.params")
-    _check(
-        strat.lb.outer_batch_size is None or strat.lb.outer_batch_size >= 1,
-        f"strategy.lb.outer_batch_size must be >= 1 or null, got {strat.lb.outer_batch_size}",
-    )
+    lb = strat.lb
+    _choice(lb.outer_data, ("holdout", "val", "train"), "strategy.lb.outer_data")
+    _choice(lb.outer_sampling, ("random", "fixed"), "strategy.lb.outer_sampling")
+    _choice(lb.params, ("all", "head", "first"), "strategy.lb.params")
+    _check(lb.outer_batch_size is None or lb.outer_batch_size >= 1,
+           f"strategy.lb.outer_batch_size must be >= 1 or null, got {lb.outer_batch_size}")
+    _check(isinstance(lb.scale, float) or lb.scale == "auto",
+           f'strategy.lb.scale must be a number > 0 or "auto", got {lb.scale!r}')
+    _check((isinstance(lb.holdout, int) and lb.holdout >= 1) or (isinstance(lb.holdout, float) and 0 < lb.holdout < 1),
+           f"strategy.lb.holdout must be a fraction in (0, 1) or a sample count >= 1, got {lb.holdout!r}")
     build_strategy_from_config(config)  # the strategy validates its own numbers (alpha, p, lb.*)
 
 
@@ -414,8 +426,11 @@ def build_strategy_from_config(config: Config):
         update_every=lb.update_every,
         approx=lb.approx,
         terms=lb.terms,
-        scale=lb.scale,
+        scale=None if lb.scale == "auto" else lb.scale,
         damping=lb.damping,
         min_alpha=lb.min_alpha,
         max_alpha=lb.max_alpha,
+        alpha_optimizer=lb.alpha_optimizer,
+        alpha_lr_halving=lb.alpha_lr_halving,
+        curvature_refresh=lb.curvature_refresh,
     )

@@ -1,32 +1,47 @@
-"""The hypergradient of the learning-based strategy (Eq. 2–3 and Algorithm 1 of the paper).
+"""The hypergradient of the learning-based strategy (Eq. 2-3 and Algorithm 1 of the paper).
 
-The inner problem trains ``theta`` on ``L_tot(theta, alpha) = (1 - alpha) L_CLS(theta) + alpha L_MM(theta)``; the
-outer problem chooses ``alpha`` to minimise ``L_CLS(theta*(alpha))``. At an inner optimum
-``grad_theta L_tot = 0``; differentiating that identity in ``alpha`` (implicit function theorem) gives
-``d theta*/d alpha = -H^{-1} (g_MM - g_CLS)`` with ``H`` the Hessian of ``L_tot`` in ``theta``, hence
+The inner problem trains ``theta`` on ``L_in(theta, alpha) = (1 - alpha) L_CLS(theta) + alpha L_MM(theta) +
+R(theta)``, where ``R`` is the optimiser's coupled weight decay ``sum_i wd_i / 2 * ||theta_i||^2`` (SGD's and Adam's
+``weight_decay`` add ``wd * theta`` to the gradient, so they minimise exactly this). The outer problem chooses
+``alpha`` to minimise ``L_CLS(theta*(alpha))`` on outer data. At an inner optimum ``grad_theta L_in = 0``;
+differentiating that identity in ``alpha`` (implicit function theorem) gives ``d theta*/d alpha = -H^{-1} (g_MM -
+g_CLS)`` with ``H = grad^2 L_in`` (the loss Hessian plus ``diag(wd)``), hence
 
-    d L_CLS_outer(theta*(alpha)) / d alpha = -(g_MM - g_CLS)^T H^{-1} v,
+    d L_CLS_outer(theta*(alpha)) / d alpha = -(g_MM - g_CLS)^T H^{-1} v,                        (Eq. 3)
 
-where ``g_MM``, ``g_CLS`` are the gradients of the two losses on the inner (training) batch and ``v`` is the
-gradient of ``L_CLS`` on the outer batch. ``g_MM - g_CLS`` is the mixed derivative ``d^2 L_tot / d alpha d theta``
-of Eq. 3.
+where ``g_MM``, ``g_CLS`` are the gradients of the two losses on the inner (training) batch and ``v`` the gradient
+of ``L_CLS`` on the outer batch. ``g_MM - g_CLS`` is the mixed derivative ``d^2 L_in / d alpha d theta``; ``R`` does
+not depend on alpha, so weight decay enters ``H`` only. Decoupled decay (AdamW) shrinks the weights outside the
+gradient and is the minimiser of no objective, so it has no term in ``H``: with ``optim.name=adamw`` the weight
+decay passed here is 0 (:func:`coupled_weight_decay`), and ``damping`` is the only regulariser of ``H``.
 
 ``H^{-1} v`` is approximated (:data:`APPROXIMATIONS`):
 
-* ``identity``: ``H^{-1} ~ scale * I``, so the result is ``-scale * (g_MM - g_CLS)^T v`` — a one-step look-ahead,
-  like first-order DARTS; no Hessian-vector product is needed.
-* ``neumann``: truncated Neumann series ``scale * sum_{k=0..K} (I - scale H)^k v`` with K Hessian-vector products;
-  it converges when ``0 < scale < 2 / lambda_max(H)`` and ``H`` is positive definite.
-* ``cg``: K iterations of conjugate gradient on ``(H + damping I) x = v``.
+* ``identity``: ``H^{-1} ~ scale * I``, so the result is ``-scale * (g_MM - g_CLS)^T v``. This is **not** Eq. 3's
+  inverse Hessian: it is the first-order, one-step look-ahead hypergradient (first-order DARTS): one SGD step of size
+  ``scale`` moves ``theta`` by ``-scale * (g_MM - g_CLS)`` per unit of alpha, and ``v`` says what that does to the
+  outer loss. Its sign is Eq. 3's only where ``H`` is close to a multiple of the identity; its magnitude carries
+  ``scale`` and no curvature. No Hessian-vector product is needed.
+* ``neumann``: the truncated Neumann series ``scale * sum_{k=0..K} (I - scale H)^k v`` with K Hessian-vector
+  products; it converges to ``H^{-1} v`` when ``H`` is positive definite and ``0 < scale < 2 / lambda_max(H)``, at
+  the rate ``(1 - scale * lambda_min)^K``. With ``scale=None`` the caller passes ``lambda_max`` (estimated by
+  :func:`largest_eigenvalue`) and the scale is ``1 / lambda_max``. With a small fixed scale and few terms the series
+  is ~``(K + 1) * scale * v``, i.e. ``identity`` again.
+* ``cg``: K iterations of conjugate gradient on ``(H + damping I) x = v`` (weight decay already in ``H``). CG is the
+  curvature-correct choice: exact in ``dim(theta)`` iterations on a positive definite ``H``. On a real network ``H``
+  is indefinite; when CG meets a direction of non-positive curvature it stops there, returns its iterate so far and
+  reports it (:class:`Hypergradient`), and the trainer logs how often that happened.
 
 Everything works on lists of tensors, one per parameter, so the model is never flattened into one vector.
 
-Cost (bench/lb_overhead.py measures it): ``identity`` needs two plain backward passes (``v`` and ``g_MM - g_CLS``),
-about one training step; every Hessian-vector product is a double backward, several steps each on a CNN, which is
-why the default is ``identity`` and why Neumann's products are taken two at a time (:func:`neumann_bilinear`).
+Cost (``bench/lb_overhead.py`` and ``bench/lb_fidelity.py`` measure it): ``identity`` needs two plain backward
+passes (``v`` and ``g_MM - g_CLS``), about one training step; every Hessian-vector product is a double backward,
+several steps each on a CNN; Neumann's products are taken two at a time (:func:`neumann_bilinear`).
 """
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -34,6 +49,10 @@ from torch import Tensor
 from dmgl_cli.errors import DmglError
 
 APPROXIMATIONS = ("identity", "neumann", "cg")
+
+# Power iterations of a fresh lambda_max estimate (scale=None); the estimate is a Rayleigh quotient, which converges
+# quickly enough for a step size: a 10-20% underestimate of lambda_max still keeps 1/lambda within 2/lambda_max.
+POWER_ITERATIONS = 20
 
 # CG stops once the residual norm falls below this fraction of ||v||; float32 cannot do much better anyway
 _CG_RELATIVE_TOLERANCE = 1e-10
@@ -75,6 +94,68 @@ def hessian_vector_product(
     return _fill_unused(products, params)
 
 
+@dataclass
+class ConjugateGradientResult:
+    solution: TensorList
+    iterations: int  # Hessian-vector products taken
+    negative_curvature: bool  # stopped at a direction d with d^T H d <= 0
+    relative_residual: float  # ||v - H x|| / ||v|| at the returned x (1.0 when it stopped at once)
+
+
+def conjugate_gradient(hvp: Callable[[TensorList], TensorList], v: Sequence[Tensor], iterations: int
+                       ) -> ConjugateGradientResult:
+    """Up to ``iterations`` steps of conjugate gradient on ``H x = v`` from ``x = 0``.
+
+    Stops early once the residual is negligible, or at the first direction of non-positive curvature (``H`` not
+    positive definite there): CG's step along it would move towards a saddle, so the iterate so far is returned and
+    the event is reported.
+    """
+    solution = [torch.zeros_like(t) for t in v]
+    residual = [t.clone() for t in v]
+    direction = [t.clone() for t in v]
+    residual_sq = _dot(residual, residual)
+    initial_sq = residual_sq
+    stop_below = (_CG_RELATIVE_TOLERANCE**2) * residual_sq
+    taken, negative = 0, False
+    for _ in range(iterations):
+        if residual_sq <= stop_below or residual_sq == 0:
+            break
+        h_direction = hvp(direction)
+        taken += 1
+        curvature = _dot(direction, h_direction)
+        if curvature <= 0:
+            negative = True
+            break
+        step = residual_sq / curvature
+        solution = [x + step * d for x, d in zip(solution, direction, strict=True)]
+        residual = [r - step * hd for r, hd in zip(residual, h_direction, strict=True)]
+        new_residual_sq = _dot(residual, residual)
+        direction = [r + (new_residual_sq / residual_sq) * d for r, d in zip(residual, direction, strict=True)]
+        residual_sq = new_residual_sq
+    relative = float((residual_sq / initial_sq).sqrt()) if initial_sq > 0 else 0.0
+    return ConjugateGradientResult(solution, taken, negative, relative)
+
+
+def largest_eigenvalue(hvp: Callable[[TensorList], TensorList], like: Sequence[Tensor], iterations: int = POWER_ITERATIONS,
+                       seed: int = 0) -> float:
+    """The eigenvalue of largest magnitude of ``H`` (given ``hvp(x) = H x``) by power iteration from a seeded random
+    start; returns its magnitude, the bound that keeps Neumann's ``I - scale H`` a contraction on ``H``'s positive
+    eigenvalues."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    vector = [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for t in like]
+    norm = _dot(vector, vector).sqrt()
+    vector = [t / norm for t in vector]
+    estimate = 0.0
+    for _ in range(iterations):
+        product = hvp(vector)
+        estimate = float(_dot(vector, product))  # Rayleigh quotient of the unit vector
+        norm = _dot(product, product).sqrt()
+        if norm == 0:
+            return 0.0
+        vector = [t / norm for t in product]
+    return abs(estimate)
+
+
 def inverse_hvp(
     hvp: Callable[[TensorList], TensorList],
     v: Sequence[Tensor],
@@ -83,12 +164,12 @@ def inverse_hvp(
     scale: float,
     damping: float,
 ) -> TensorList:
-    """Approximate ``H^{-1} v`` given ``hvp(x) = H x``; ``approx`` is one of :data:`APPROXIMATIONS`.
+    """Approximate ``(H + damping I)^{-1} v`` given ``hvp(x) = H x``; ``approx`` is one of :data:`APPROXIMATIONS`.
 
     ``terms`` is the number of Neumann terms or CG iterations (ignored by ``identity``); ``scale`` is the step of
     ``identity`` and ``neumann`` (ignored by ``cg``); ``damping`` is added to the diagonal of ``H`` by ``neumann``
-    and ``cg``, which keeps an indefinite or ill-conditioned Hessian invertible. CG stops early once the residual is
-    negligible, or when it meets non-positive curvature (``H`` not positive definite), returning its iterate so far.
+    and ``cg``, which keeps an indefinite or ill-conditioned Hessian invertible. CG stops as
+    :func:`conjugate_gradient` says.
     """
     if approx not in APPROXIMATIONS:
         raise DmglError(f"unknown inverse-Hessian approximation '{approx}'; valid names: {', '.join(APPROXIMATIONS)}")
@@ -107,27 +188,7 @@ def inverse_hvp(
             power_term = [p - scale * hp for p, hp in zip(power_term, damped_hvp(power_term), strict=True)]
             series_sum = [s + p for s, p in zip(series_sum, power_term, strict=True)]
         return [scale * s for s in series_sum]
-
-    solution = [torch.zeros_like(t) for t in v]
-    residual = [t.clone() for t in v]
-    direction = [t.clone() for t in v]
-    residual_sq = _dot(residual, residual)
-    stop_below = (_CG_RELATIVE_TOLERANCE**2) * residual_sq
-    for _ in range(terms):
-        if residual_sq <= stop_below or residual_sq == 0:
-            break
-        h_direction = damped_hvp(direction)
-        curvature = _dot(direction, h_direction)
-        if curvature <= 0:
-            # negative curvature: H is not positive definite along this direction; CG's step would be meaningless
-            break
-        step = residual_sq / curvature
-        solution = [x + step * d for x, d in zip(solution, direction, strict=True)]
-        residual = [r - step * hd for r, hd in zip(residual, h_direction, strict=True)]
-        new_residual_sq = _dot(residual, residual)
-        direction = [r + (new_residual_sq / residual_sq) * d for r, d in zip(residual, direction, strict=True)]
-        residual_sq = new_residual_sq
-    return solution
+    return conjugate_gradient(damped_hvp, v, terms).solution
 
 
 def hessian_vector_products(
@@ -193,6 +254,112 @@ def neumann_bilinear(
     return scale * series
 
 
+
+def coupled_weight_decay(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[float]:
+    """The L2 coefficient the optimiser adds to each of ``params``' gradients: its group's ``weight_decay`` for SGD,
+    Adam and the like (coupled decay, part of the inner objective), 0 for AdamW (decoupled decay, part of none).
+    A parameter the optimiser does not hold gets 0."""
+    if isinstance(optimizer, torch.optim.AdamW):
+        return [0.0 for _ in params]
+    decay = {id(p): float(group.get("weight_decay", 0.0)) for group in optimizer.param_groups for p in group["params"]}
+    return [decay.get(id(p), 0.0) for p in params]
+
+
+@dataclass
+class Hypergradient:
+    """One evaluation of Eq. 3: the value and what it cost and met."""
+
+    value: float  # d L_CLS_outer / d alpha; gradient descent moves alpha by -lr * value
+    hessian_products: int = 0  # Hessian-vector products taken (power iterations included)
+    negative_curvature: bool = False  # CG stopped at a direction of non-positive curvature
+    relative_residual: float | None = None  # CG: ||v - H x|| / ||v||
+    largest_eigenvalue: float | None = None  # neumann with scale=None: the lambda_max it used
+
+
+def implicit_hypergradient(
+    cls_loss_inner: Tensor,
+    mm_loss_inner: Tensor,
+    alpha: float | Tensor,
+    cls_loss_outer: Tensor,
+    params: Sequence[Tensor],
+    approx: str,
+    terms: int,
+    scale: float | None,
+    damping: float,
+    weight_decay: float | Sequence[float] = 0.0,
+    largest_eigenvalue_estimate: float | None = None,
+    power_iterations: int = POWER_ITERATIONS,
+    seed: int = 0,
+) -> Hypergradient:
+    """``d L_CLS_outer(theta*(alpha)) / d alpha = -(g_MM - g_CLS)^T H^{-1} v`` (see the module docstring).
+
+    ``cls_loss_inner`` and ``mm_loss_inner`` are the two losses on the inner (training) batch, ``cls_loss_outer``
+    the classification loss on the outer batch; all must still have their graphs to ``params``, the parameters
+    that enter ``H``; their graphs are retained, so the caller may still backpropagate them. ``weight_decay`` is the
+    optimiser's coupled L2 coefficient, one for all or one per parameter (:func:`coupled_weight_decay`); it is added
+    to every Hessian-vector product. ``scale=None`` (``neumann`` only) uses ``1 / lambda_max`` of ``H + damping I``
+    from ``largest_eigenvalue_estimate``, or from a fresh :func:`largest_eigenvalue` of ``power_iterations`` products
+    when none is given. With ``identity`` the result is ``-scale * (g_MM - g_CLS)^T v``.
+
+    Cost, in backward passes through the inner graph: ``g_MM - g_CLS`` is one plain backward of ``L_MM - L_CLS``;
+    ``neumann`` and ``cg`` add one backward that builds the graph of ``grad L_in`` and then their Hessian-vector
+    products: ``ceil(terms / 2)`` batched rounds for ``neumann`` (:func:`neumann_bilinear`), up to ``terms`` for
+    ``cg``.
+    """
+    if approx not in APPROXIMATIONS:
+        raise DmglError(f"unknown inverse-Hessian approximation '{approx}'; valid names: {', '.join(APPROXIMATIONS)}")
+    if scale is None and approx == "identity":
+        raise ValueError("identity needs a scale (its look-ahead step); scale=None is for neumann (and unused by cg)")
+    params = list(params)
+    decay = [float(weight_decay)] * len(params) if isinstance(weight_decay, (int, float)) else list(weight_decay)
+    if len(decay) != len(params):
+        raise ValueError(f"weight_decay has {len(decay)} entries for {len(params)} parameters")
+    alpha = float(alpha)
+    # the outer loss may share its forward graph with the inner ones, so keep it for the gradients below
+    v = _fill_unused(torch.autograd.grad(cls_loss_outer, params, retain_graph=True, allow_unused=True), params)
+    mixed = _fill_unused(
+        torch.autograd.grad(mm_loss_inner - cls_loss_inner, params, retain_graph=True, allow_unused=True), params
+    )
+    if approx == "identity":
+        return Hypergradient(float(-scale * _dot(mixed, v)))
+    total = (1 - alpha) * cls_loss_inner + alpha * mm_loss_inner
+    g_tot = _fill_unused(
+        torch.autograd.grad(total, params, create_graph=True, retain_graph=True, allow_unused=True), params
+    )
+    products = 0
+
+    def with_decay(vector: TensorList, product: TensorList) -> TensorList:
+        return [h + (wd + damping) * x if wd + damping else h
+                for h, x, wd in zip(product, vector, decay, strict=True)]
+
+    def hvp(vector: TensorList) -> TensorList:
+        nonlocal products
+        products += 1
+        return with_decay(vector, hessian_vector_product(g_tot, params, vector))
+
+    def hvps(vectors: list[TensorList]) -> list[TensorList]:
+        nonlocal products
+        products += len(vectors)
+        raw = hessian_vector_products(g_tot, params, vectors)
+        return [with_decay(vector, product) for vector, product in zip(vectors, raw, strict=True)]
+
+    if approx == "neumann":
+        eigenvalue = None
+        if scale is None:
+            eigenvalue = largest_eigenvalue_estimate
+            if eigenvalue is None:
+                eigenvalue = largest_eigenvalue(hvp, v, power_iterations, seed)
+            if not eigenvalue > 0 or not math.isfinite(eigenvalue):
+                return Hypergradient(0.0, products, largest_eigenvalue=eigenvalue)
+            scale = 1.0 / eigenvalue
+        # damping and weight decay are inside hvps, so the series is taken with damping 0 here
+        value = neumann_bilinear(hvps, mixed, v, terms, scale, 0.0)
+        return Hypergradient(float(-value), products, largest_eigenvalue=eigenvalue)
+    result = conjugate_gradient(hvp, [t.detach() for t in v], terms)
+    return Hypergradient(float(-_dot(mixed, result.solution)), products, result.negative_curvature,
+                         result.relative_residual)
+
+
 def alpha_hypergradient(
     cls_loss_inner: Tensor,
     mm_loss_inner: Tensor,
@@ -201,44 +368,25 @@ def alpha_hypergradient(
     params: Sequence[Tensor],
     approx: str,
     terms: int,
-    scale: float,
+    scale: float | None,
     damping: float,
+    weight_decay: float | Sequence[float] = 0.0,
 ) -> float:
-    """``d L_CLS_outer(theta*(alpha)) / d alpha = -(g_MM - g_CLS)^T H^{-1} v`` (see the module docstring).
+    """The value of :func:`implicit_hypergradient` alone."""
+    return implicit_hypergradient(cls_loss_inner, mm_loss_inner, alpha, cls_loss_outer, params, approx, terms, scale,
+                                  damping, weight_decay).value
 
-    ``cls_loss_inner`` and ``mm_loss_inner`` are the two losses on the inner (training) batch, ``cls_loss_outer``
-    the classification loss on the outer batch; all must still have their graphs to ``params``, the parameters
-    that enter ``H``; their graphs are retained, so the caller may still backpropagate them. With ``identity`` the
-    result is ``-scale * (g_MM - g_CLS)^T v``. The value is the derivative itself: gradient descent on alpha moves it
-    by ``-lr * value``.
 
-    Cost, in backward passes through the inner graph: ``g_MM - g_CLS`` is one plain backward of ``L_MM - L_CLS``
-    (both gradients are never needed apart); ``neumann`` and ``cg`` add one backward that builds the graph of
-    ``grad L_tot`` (double backward needs it) and then their Hessian-vector products — ``ceil(terms / 2)`` batched
-    rounds for ``neumann`` (:func:`neumann_bilinear`), up to ``terms`` for ``cg``.
-    """
-    if approx not in APPROXIMATIONS:
-        raise DmglError(f"unknown inverse-Hessian approximation '{approx}'; valid names: {', '.join(APPROXIMATIONS)}")
+def first_tensor_hessian_gradient_mean(cls_loss: Tensor, matching_loss: Tensor, alpha: float,
+                                       params: Sequence[Tensor]) -> float:
+    """The authors' released alpha gradient (``getAlpha_Learnable`` of ``Crema_epoch_learnable.py`` in
+    njustkmg/NeurIPS24-LFM): with ``L = (1 - alpha) L_CLS + alpha L_MM`` on one batch, the mean over the entries of
+    the *first* parameter tensor of ``H g_CLS``, where ``H`` is the Hessian of ``L`` in all ``params`` and
+    ``g_CLS = grad L_CLS``, both on that same batch. No inverse, no ``g_MM - g_CLS`` and no weight decay: this is not
+    Eq. 3, and ``dmgl-official`` uses it because the released code does."""
     params = list(params)
-    alpha = float(alpha)
-    # the outer loss may share its forward graph with the inner ones, so keep it for the gradients below
-    v = _fill_unused(torch.autograd.grad(cls_loss_outer, params, retain_graph=True, allow_unused=True), params)
-    mixed = _fill_unused(
-        torch.autograd.grad(mm_loss_inner - cls_loss_inner, params, retain_graph=True, allow_unused=True), params
-    )
-    if approx == "identity":
-        return float(-scale * _dot(mixed, v))
-    total = (1 - alpha) * cls_loss_inner + alpha * mm_loss_inner
-    g_tot = _fill_unused(
-        torch.autograd.grad(total, params, create_graph=True, retain_graph=True, allow_unused=True), params
-    )
-    if approx == "neumann":
-        value = neumann_bilinear(lambda vectors: hessian_vector_products(g_tot, params, vectors), mixed, v, terms,
-                                 scale, damping)
-        return float(-value)
-
-    def hvp(vector: TensorList) -> TensorList:
-        return hessian_vector_product(g_tot, params, vector)
-
-    h_inv_v = inverse_hvp(hvp, v, approx, terms, scale, damping)
-    return float(-_dot(mixed, h_inv_v))
+    total = (1 - alpha) * cls_loss + alpha * matching_loss
+    g_total = _fill_unused(torch.autograd.grad(total, params, create_graph=True, allow_unused=True), params)
+    g_cls = _fill_unused(torch.autograd.grad(cls_loss, params, retain_graph=True, allow_unused=True), params)
+    product = hessian_vector_product(g_total, params, g_cls)
+    return float(product[0].mean())

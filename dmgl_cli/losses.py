@@ -1,9 +1,10 @@
 """Loss functions: classification, uniform-label, and modality matching.
 
 The training objective of the paper (Eq. 1) is ``L_tot = (1 - alpha) * L_CLS + alpha * L_MM``. ``L_MM`` is the
-symmetric InfoNCE of §3.2 between every pair of modalities; two alternatives are offered for comparison:
-the official code's Jensen–Shannon divergence between the modalities' predictions, and Figure 1's uniform-label
-loss ``L_U`` on the fused prediction.
+symmetric InfoNCE of §3.2 between every pair of modalities; alternatives are offered for comparison: the authors'
+released code's ``Alignment`` (``mixture_kl``: ½[KL(m‖p) + KL(m‖q)] of the modalities' predictions, which its
+comment calls JS but is not), the true Jensen–Shannon divergence (``js``), and Figure 1's uniform-label loss ``L_U``
+on the fused prediction.
 """
 
 import itertools
@@ -49,8 +50,9 @@ def info_nce(z_a: Tensor, z_b: Tensor, tau: float) -> Tensor:
 def js_divergence(logits_a: Tensor, logits_b: Tensor) -> Tensor:
     """Jensen–Shannon divergence (natural log) between ``softmax(logits_a)`` and ``softmax(logits_b)``, batch mean.
 
-    This is the matching loss of the authors' official code, which compares the modalities' softmax outputs; it
-    differs from the paper, whose §3.2 matching loss is the InfoNCE of the embeddings (:func:`info_nce`).
+    ``JS(p, q) = ½[KL(p‖m) + KL(q‖m)]`` with ``m = (p + q) / 2``. The authors' released code names its matching loss
+    JS but computes ``½[KL(m‖p) + KL(m‖q)]`` (:func:`mixture_kl_divergence`); this is the divergence its name says.
+    The paper's §3.2 matching loss is the InfoNCE of the embeddings (:func:`info_nce`).
     """
     log_p = F.log_softmax(logits_a, dim=-1)
     log_q = F.log_softmax(logits_b, dim=-1)
@@ -59,6 +61,25 @@ def js_divergence(logits_a: Tensor, logits_b: Tensor) -> Tensor:
     kl_p_m = (log_p.exp() * (log_p - log_m)).sum(dim=-1)
     kl_q_m = (log_q.exp() * (log_q - log_m)).sum(dim=-1)
     return (0.5 * (kl_p_m + kl_q_m)).mean()
+
+
+def mixture_kl_divergence(logits_a: Tensor, logits_b: Tensor) -> Tensor:
+    """``½[KL(m‖p) + KL(m‖q)]`` with ``p, q`` the softmax of the two logits and ``m = (p + q) / 2``; sum over classes,
+    mean over the batch.
+
+    This is what ``Alignment`` in the authors' released code (``Crema_epoch_learnable.py``, njustkmg/NeurIPS24-LFM)
+    computes: ``F.kl_div(input, target)`` takes log-probabilities as ``input`` and returns ``KL(target‖input)``, so
+    ``F.kl_div(p.log(), m)`` is ``KL(m‖p)``, not the ``KL(p‖m)`` of Jensen–Shannon (:func:`js_divergence`). Both are
+    0 when ``p = q``; they differ in size and gradient elsewhere (``KL(m‖p)`` grows without bound as ``p`` of a class
+    that ``q`` keeps goes to 0, where JS stays below ``log 2``).
+    """
+    log_p = F.log_softmax(logits_a, dim=-1)
+    log_q = F.log_softmax(logits_b, dim=-1)
+    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
+    m = log_m.exp()
+    kl_m_p = (m * (log_m - log_p)).sum(dim=-1)
+    kl_m_q = (m * (log_m - log_q)).sum(dim=-1)
+    return (0.5 * (kl_m_p + kl_m_q)).mean()
 
 
 def _modality_pairs(per_modality: dict[str, Tensor], kind: str) -> list[tuple[str, str]]:
@@ -86,6 +107,14 @@ def mean_pairwise_js_divergence(
     return torch.stack([js_divergence(unimodal_logits[a], unimodal_logits[b]) for a, b in pairs]).mean()
 
 
+def mean_pairwise_mixture_kl(
+    embeddings: dict[str, Tensor], unimodal_logits: dict[str, Tensor], fused_logits: Tensor, tau: float
+) -> Tensor:
+    """Mean :func:`mixture_kl_divergence` of the unimodal predictions over every unordered pair of modalities."""
+    pairs = _modality_pairs(unimodal_logits, "mixture_kl")
+    return torch.stack([mixture_kl_divergence(unimodal_logits[a], unimodal_logits[b]) for a, b in pairs]).mean()
+
+
 def fused_uniform_label_loss(
     embeddings: dict[str, Tensor], unimodal_logits: dict[str, Tensor], fused_logits: Tensor, tau: float
 ) -> Tensor:
@@ -98,6 +127,7 @@ MatchingLoss = Callable[[dict[str, Tensor], dict[str, Tensor], Tensor, float], T
 MATCHING_LOSSES: dict[str, MatchingLoss] = {
     "infonce": mean_pairwise_info_nce,
     "js": mean_pairwise_js_divergence,
+    "mixture_kl": mean_pairwise_mixture_kl,
     "uniform": fused_uniform_label_loss,
 }
 

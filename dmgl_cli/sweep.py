@@ -111,9 +111,10 @@ TUNABLE: dict[str, Tunable] = {
     "weight_decay": Tunable("optim.weight_decay", 1e-6, 1e-2, True, help="weight decay"),
     "dropout": Tunable("model.dropout", 0.0, 0.5, False, help="dropout before the head"),
     "tau": Tunable("loss.tau", 0.02, 1.0, True, help="temperature of the matching loss"),
-    "alpha_lr": Tunable("strategy.lb.alpha_lr", 0.01, 10.0, True, ("lb",), "step size of alpha (lb)"),
+    "alpha_lr": Tunable("strategy.lb.alpha_lr", 0.005, 0.5, True, ("lb",), "step size of alpha (lb; with adam, about "
+                        "how far one update moves alpha)"),
     "initial_alpha": Tunable("strategy.lb.initial_alpha", 0.0, 1.0, False, ("lb",), "alpha at the start (lb)"),
-    "lb_scale": Tunable("strategy.lb.scale", 1e-3, 1e-1, True, ("lb",), "Neumann step eta (lb)"),
+    "lb_scale": Tunable("strategy.lb.scale", 1e-3, 1e-1, True, ("lb",), "identity's look-ahead step or Neumann's series step (lb)"),
 }
 
 

@@ -5,9 +5,13 @@ Per optimiser step (the inner loop of Algorithm 1)::
     output = model(inputs)
     L_tot  = (1 - alpha) * L_CLS + alpha * L_MM + method's extra terms
     if the strategy learns alpha and it is time:      # the outer step of Algorithm 1
-        g = dL_CLS(theta*(alpha))/dalpha on (this batch, an outer batch)   # implicit gradient, Eq. (3)
+        g = dL_CLS(theta*(alpha))/dalpha on (this batch, an outer batch)   # Eq. (3), approximated
     backward, method's gradient hooks, optimiser step
-    alpha <- clip(alpha - eta_alpha * g, [min, max])
+    alpha <- clip(alpha - step(g), [min, max])        # plain SGD (Algorithm 1) or Adam on alpha
+
+The outer batch comes from training samples held out for it (``strategy.lb.outer_data=holdout``, the default), never
+from the validation split that picks the best epoch; its forward runs in eval mode, so it changes no running
+statistics and uses no dropout: ``v`` is the gradient of the classification loss as the model is scored.
 
 Per epoch: schedules set alpha (heuristic 1 - exp(-1/t), stepwise h(p), constant), the model is scored on the
 validation split (and on test, for the curves), the best epoch is chosen on validation only, and a checkpoint
@@ -34,9 +38,14 @@ from dmgl_cli.checkpoint import capture_rng, load_model_state, restore_rng
 from dmgl_cli.config import Config, build_strategy_from_config
 from dmgl_cli.data.loader import ArraySplit, make_loader, make_splits, sample_batch
 from dmgl_cli.data.prepared import PreparedDataset
+from dmgl_cli.data.splits import stratified_split
 from dmgl_cli.data.transforms import build_transforms, model_input_specs
 from dmgl_cli.errors import DmglError, Interrupted
-from dmgl_cli.hypergradient import alpha_hypergradient
+from dmgl_cli.hypergradient import (
+    coupled_weight_decay,
+    first_tensor_hessian_gradient_mean,
+    implicit_hypergradient,
+)
 from dmgl_cli.losses import modality_matching_loss, total_loss
 from dmgl_cli.methods import build_method
 from dmgl_cli.methods.base import Method
@@ -137,13 +146,26 @@ def evaluate(model: MultimodalModel, method: Method, config: Config, loader, dev
     return accumulator.compute(prefix)
 
 
-def hold_out(train: ArraySplit, count: int, seed: int, transform) -> tuple[ArraySplit, ArraySplit]:
-    """``count`` samples of the training split (chosen from ``seed``) set aside, and the training split without them."""
-    if count >= len(train):
-        raise DmglError(f"strategy.lb.outer_data=holdout asks for {count} held-out samples but the training split has "
-                        f"only {len(train)}; lower strategy.lb.outer_batch_size")
-    chosen = np.sort(np.random.default_rng(seed).permutation(len(train))[:count])
-    kept = np.setdiff1d(np.arange(len(train)), chosen)
+def hold_out(train: ArraySplit, holdout: int | float, seed: int, transform) -> tuple[ArraySplit, ArraySplit]:
+    """Training samples set aside for the LB strategy's outer batches, and the training split without them.
+
+    ``holdout`` is a fraction (stratified by class, as the validation split is carved) or a count (a seeded random
+    draw, in the drawn order, as the authors' code takes its 16 samples); both depend on ``seed`` (data.split_seed)
+    only, so every training seed steers alpha with the same samples.
+    """
+    if len(train) < 2:
+        raise DmglError(f"strategy.lb.outer_data=holdout needs at least 2 training samples, the training split has "
+                        f"{len(train)}; prepare more samples or set strategy.lb.outer_data=val")
+    if isinstance(holdout, float):
+        kept, chosen = stratified_split(np.asarray(train.labels), holdout, seed)
+        if len(chosen) == 0:  # every class too small to give one: a seeded draw of the same fraction instead
+            holdout = max(1, round(holdout * len(train)))
+    if isinstance(holdout, int):
+        if holdout >= len(train):
+            raise DmglError(f"strategy.lb.holdout asks for {holdout} held-out samples but the training split has "
+                            f"only {len(train)}; lower strategy.lb.holdout")
+        chosen = np.random.default_rng(seed).permutation(len(train))[:holdout]
+        kept = np.setdiff1d(np.arange(len(train)), chosen)
     return (ArraySplit(train.arrays, train.indices[kept], train.transform),
             ArraySplit(train.arrays, train.indices[chosen], transform))
 
@@ -175,12 +197,11 @@ class Trainer:
         self.splits.train.transform = build_transforms(dataset.modalities, config, training=True)
         self.splits.val.transform = self.splits.test.transform = build_transforms(dataset.modalities, config,
                                                                                   training=False)
-        # strategy.lb.outer_data=holdout: a few training samples set aside for the outer step, never trained on.
+        # strategy.lb.outer_data=holdout: training samples set aside for the outer step, never trained on.
         self.holdout: ArraySplit | None = None
         if config.strategy.name == "lb" and config.strategy.lb.outer_data == "holdout":
-            self.splits.train, self.holdout = hold_out(self.splits.train, config.strategy.lb.outer_batch_size
-                                                       or config.train.batch_size, config.data.split_seed,
-                                                       self.splits.val.transform)
+            self.splits.train, self.holdout = hold_out(self.splits.train, config.strategy.lb.holdout,
+                                                       config.data.split_seed, self.splits.val.transform)
         pin = self.device.type == "cuda"
         workers = config.data.num_workers
         self.train_loader = make_loader(self.splits.train, config.train.batch_size, shuffle=True, seed=seed,
@@ -203,6 +224,7 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.strategy = build_strategy_from_config(config)
+        self._hypergradient_records: list = []  # this epoch's Hypergradient results, summarised in its metrics
 
         self.epoch = 0  # completed epochs
         self.global_step = 0
@@ -249,17 +271,51 @@ class Trainer:
             return self.holdout
         return self.splits.val if self.config.strategy.lb.outer_data == "val" else self.splits.train
 
-    def _alpha_hypergradient(self, cls_loss: Tensor, mm_loss: Tensor) -> float:
-        """dL_CLS/dalpha from this step's inner losses and a fresh outer batch (Eq. 3)."""
+    def _outer_output(self) -> tuple[ModelOutput, Tensor]:
+        """The model's output on an outer batch, in eval mode: BatchNorm uses (and keeps) its running statistics
+        and dropout is off, so the outer forward changes no state and ``v`` is the gradient of the loss the model
+        is scored on. Gradients flow (unlike :func:`evaluate`)."""
         lb = self.config.strategy.lb
-        outer = sample_batch(self._outer_split(), lb.outer_batch_size or self.config.train.batch_size,
-                             seed=self.seed * 1_000_003 + self.global_step)
-        inputs, labels = _to_device(outer, self.device)
-        with _autocast(self.device, self.config.train.amp):
-            output = self.method.forward(self.model, inputs, training=True)
+        split = self._outer_split()
+        size = min(lb.outer_batch_size or self.config.train.batch_size, len(split))
+        if lb.outer_sampling == "fixed":  # the same samples every time, as the authors' code does
+            batch = split.__getitems__(list(range(size)))
+        else:
+            batch = sample_batch(split, size, seed=self.seed * 1_000_003 + self.global_step)
+        inputs, labels = _to_device(batch, self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with _autocast(self.device, self.config.train.amp):
+                output = self.method.forward(self.model, inputs, training=False)
+        finally:
+            self.model.train(was_training)
+        return output, labels
+
+    def _alpha_hypergradient(self, cls_loss: Tensor, mm_loss: Tensor) -> float:
+        """dL_CLS/dalpha from this step's inner losses and a fresh outer batch (Eq. 3, as ``approx`` says)."""
+        strategy = self.strategy
+        output, labels = self._outer_output()
         outer_cls = self.method.classification_loss(output, labels)
-        return alpha_hypergradient(cls_loss, mm_loss, cls_loss_outer=outer_cls, params=self._hyper_parameters(),
-                                   **self.strategy.hypergradient_settings)
+        params = self._hyper_parameters()
+        scale = strategy.scale
+        if scale is None and strategy.approx == "identity":  # the one-step look-ahead of the optimiser's own step
+            scale = self.optimizer.param_groups[0]["lr"]
+        result = implicit_hypergradient(
+            cls_loss, mm_loss, strategy.alpha, outer_cls, params, strategy.approx, strategy.terms, scale,
+            strategy.damping, weight_decay=coupled_weight_decay(self.optimizer, params),
+            largest_eigenvalue_estimate=strategy.cached_largest_eigenvalue(), seed=self.seed + self.global_step,
+        )
+        strategy.remember_largest_eigenvalue(result.largest_eigenvalue)
+        self._hypergradient_records.append(result)
+        return result.value
+
+    def _epoch_start_alpha_gradient(self) -> float:
+        """The authors' released alpha gradient (``approx=official``) on an outer batch, before the epoch trains."""
+        output, labels = self._outer_output()
+        cls_loss, mm_loss = compute_losses(self.method, self.config, output, labels)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return first_tensor_hessian_gradient_mean(cls_loss, mm_loss, self.strategy.alpha, params)
 
     def _train_epoch(self) -> dict[str, float]:
         config, model, method, strategy = self.config, self.model, self.method, self.strategy
@@ -285,7 +341,8 @@ class Trainer:
                     output = method.forward(model, inputs, training=True)
                 cls_loss, mm_loss = compute_losses(method, config, output, labels)
                 extra = method.extra_losses(output, labels, step_info)
-                loss = total_loss(alpha, cls_loss, mm_loss) + sum(extra.values(), cls_loss.new_zeros(()))
+                loss = method.objective_scale * total_loss(alpha, cls_loss, mm_loss) + sum(extra.values(),
+                                                                                          cls_loss.new_zeros(()))
                 hypergradient = None
                 last_step = index == batches - 1 and number == len(passes) - 1
                 if strategy.needs_hypergradient(self.global_step + 1, end_of_epoch=last_step):
@@ -322,6 +379,20 @@ class Trainer:
         )
         if getattr(strategy, "last_hypergradient", None) is not None:
             metrics["alpha_hypergradient"] = float(strategy.last_hypergradient)
+        metrics.update(self._hypergradient_metrics())
+        return metrics
+
+    def _hypergradient_metrics(self) -> dict[str, float]:
+        """What the epoch's hypergradients cost and met; only what applies to the approximation is logged."""
+        records, self._hypergradient_records = self._hypergradient_records, []
+        if not records or self.strategy.approx == "identity":
+            return {}
+        metrics = {"alpha_hessian_products": float(sum(r.hessian_products for r in records)) / len(records)}
+        if self.strategy.approx == "cg":
+            metrics["alpha_cg_negative_curvature"] = sum(r.negative_curvature for r in records) / len(records)
+            metrics["alpha_cg_residual"] = float(np.mean([r.relative_residual for r in records]))
+        if self.strategy.largest_eigenvalue is not None:
+            metrics["alpha_lambda_max"] = float(self.strategy.largest_eigenvalue)
         return metrics
 
     # ------------------------------------------------------------------------------------------------- epochs
@@ -333,6 +404,9 @@ class Trainer:
         while self.epoch < total:
             number = self.epoch + 1
             self.strategy.start_epoch(self.epoch, total)
+            if getattr(self.strategy, "updates_at_epoch_start", False) and not self._epoch_position:
+                # before the epoch's first step; an epoch resumed mid-way had its update before the interruption
+                self.strategy.apply_hypergradient(self._epoch_start_alpha_gradient())
             self.method.on_epoch_start(self.model, number)
             metrics = self._train_epoch()
             val = evaluate(self.model, self.method, config, self.eval_loaders["val"], self.device, "val")

@@ -5,7 +5,17 @@ import torch
 import torch.nn.functional as F
 
 from dmgl_cli.errors import DmglError
-from dmgl_cli.hypergradient import APPROXIMATIONS, alpha_hypergradient, hessian_vector_product, inverse_hvp
+from dmgl_cli.hypergradient import (
+    APPROXIMATIONS,
+    alpha_hypergradient,
+    conjugate_gradient,
+    coupled_weight_decay,
+    first_tensor_hessian_gradient_mean,
+    hessian_vector_product,
+    implicit_hypergradient,
+    inverse_hvp,
+    largest_eigenvalue,
+)
 
 FEATURES, CLASSES = 4, 3
 WEIGHT_DECAY = 0.05
@@ -222,3 +232,137 @@ def test_inverse_hvp_on_a_known_matrix():
     # zero terms of Neumann is the identity approximation; a zero right-hand side gives zero
     torch.testing.assert_close(inverse_hvp(hvp, v, "neumann", 0, 0.25, 0.0)[0], 0.25 * v[0])
     assert torch.equal(inverse_hvp(hvp, [torch.zeros(2, dtype=torch.float64)], "cg", 5, 1.0, 0.0)[0], torch.zeros(2))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Weight decay from the optimiser: the inner objective is L_tot + wd/2 ||theta||^2, so H = grad^2 L_tot + wd I.
+OPTIMISER_DECAY = 0.03
+
+
+def _plain_losses(weight, bias):
+    """(L_CLS inner, L_MM inner, L_CLS outer) without any L2 term: the optimiser brings the weight decay."""
+    logits_inner = X_INNER @ weight.T + bias
+    cls_inner = F.cross_entropy(logits_inner, Y_INNER)
+    mm_inner = 0.5 * (logits_inner - MATCHING_TARGETS).pow(2).sum(1).mean()
+    return cls_inner, mm_inner, F.cross_entropy(X_OUTER @ weight.T + bias, Y_OUTER)
+
+
+def _decayed_objective(theta, alpha):
+    cls_inner, mm_inner, _ = _plain_losses(*_unflatten(theta))
+    return (1 - alpha) * cls_inner + alpha * mm_inner + 0.5 * OPTIMISER_DECAY * theta.pow(2).sum()
+
+
+def _decayed_optimum(alpha):
+    theta = torch.zeros(N_PARAMS, dtype=torch.float64)
+    for _ in range(40):
+        point = theta.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(_decayed_objective(point, alpha), point)
+        if grad.norm() < 1e-14:
+            break
+        hessian = torch.autograd.functional.hessian(lambda t: _decayed_objective(t, alpha), theta)
+        theta = theta - torch.linalg.solve(hessian, grad)
+    return theta
+
+
+DECAYED_STAR = _decayed_optimum(ALPHA)
+
+
+def _decayed_exact():
+    theta = DECAYED_STAR.detach().requires_grad_(True)
+    cls_inner, mm_inner, cls_outer = _plain_losses(*_unflatten(theta))
+    g_cls, g_mm, v = (torch.autograd.grad(loss, theta, retain_graph=True)[0] for loss in (cls_inner, mm_inner, cls_outer))
+    hessian = torch.autograd.functional.hessian(lambda t: _decayed_objective(t, ALPHA), DECAYED_STAR)
+    return float(-(g_mm - g_cls) @ torch.linalg.solve(hessian, v)), hessian
+
+
+DECAYED_EXACT, DECAYED_HESSIAN = _decayed_exact()
+
+
+def _decayed(approx, terms, scale, weight_decay=OPTIMISER_DECAY, damping=0.0):
+    weight, bias = (t.clone().requires_grad_(True) for t in _unflatten(DECAYED_STAR))
+    cls_inner, mm_inner, cls_outer = _plain_losses(weight, bias)
+    return implicit_hypergradient(cls_inner, mm_inner, ALPHA, cls_outer, [weight, bias], approx, terms, scale,
+                                  damping, weight_decay=weight_decay)
+
+
+def test_weight_decay_problem_is_the_bilevel_derivative():
+    step = 1e-4
+    outer = [_plain_losses(*_unflatten(_decayed_optimum(ALPHA + s)))[2].item() for s in (step, -step)]
+    assert DECAYED_EXACT == pytest.approx((outer[0] - outer[1]) / (2 * step), rel=1e-6)
+
+
+def test_default_cg_includes_the_optimisers_weight_decay_in_h():
+    from dmgl_cli.config import LearningBasedConfig
+
+    terms = LearningBasedConfig().terms  # the default number of CG iterations
+    with_decay = _decayed("cg", terms, None)
+    assert with_decay.value == pytest.approx(DECAYED_EXACT, rel=1e-3)
+    assert not with_decay.negative_curvature and with_decay.relative_residual < 1e-6
+    without = _decayed("cg", terms, None, weight_decay=0.0).value
+    assert without != pytest.approx(DECAYED_EXACT, rel=1e-2)  # leaving the decay out of H is measurably wrong
+    per_tensor = _decayed("cg", terms, None, weight_decay=[OPTIMISER_DECAY, OPTIMISER_DECAY]).value
+    assert per_tensor == pytest.approx(with_decay.value, rel=1e-12)
+
+
+def test_neumann_with_lambda_max_scale_converges_with_weight_decay():
+    true_max = torch.linalg.eigvalsh(DECAYED_HESSIAN).max().item()
+    result = _decayed("neumann", 400, None)
+    assert result.largest_eigenvalue == pytest.approx(true_max, rel=0.05)
+    assert result.value == pytest.approx(DECAYED_EXACT, rel=1e-3)
+    assert result.hessian_products >= 400  # power iterations + series
+
+
+def test_largest_eigenvalue_by_power_iteration():
+    matrix = torch.diag(torch.tensor([5.0, 2.0, -1.0, 0.5], dtype=torch.float64))
+    estimate = largest_eigenvalue(lambda x: [matrix @ x[0]], [torch.zeros(4, dtype=torch.float64)], iterations=60)
+    assert estimate == pytest.approx(5.0, rel=1e-6)
+    dominant_negative = torch.diag(torch.tensor([1.0, -4.0], dtype=torch.float64))
+    estimate = largest_eigenvalue(lambda x: [dominant_negative @ x[0]], [torch.zeros(2, dtype=torch.float64)], 60)
+    assert estimate == pytest.approx(4.0, rel=1e-6)  # the magnitude bounds the spectrum
+
+
+def test_cg_reports_negative_curvature():
+    indefinite = torch.tensor([[-1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    result = conjugate_gradient(lambda x: [indefinite @ x[0]], [torch.tensor([1.0, 0.0], dtype=torch.float64)], 10)
+    assert result.negative_curvature and result.iterations == 1
+    assert torch.equal(result.solution[0], torch.zeros(2, dtype=torch.float64)) and result.relative_residual == 1.0
+    definite = conjugate_gradient(lambda x: [-indefinite @ x[0] + 3 * x[0]], [torch.tensor([1.0, 1.0], dtype=torch.float64)], 10)
+    assert not definite.negative_curvature and definite.relative_residual < 1e-6
+
+
+def test_coupled_weight_decay_per_parameter_group():
+    first, second, unheld = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    groups = [{"params": [first], "weight_decay": 0.1}, {"params": [second], "weight_decay": 0.0}]
+    for optimizer_class in (torch.optim.SGD, torch.optim.Adam):
+        optimizer = optimizer_class(groups, lr=0.1)
+        assert coupled_weight_decay(optimizer, [first, second, unheld]) == [0.1, 0.0, 0.0]
+    adamw = torch.optim.AdamW([{"params": [first], "weight_decay": 0.1}], lr=0.1)
+    assert coupled_weight_decay(adamw, [first]) == [0.0]  # decoupled decay is in no objective
+
+
+def test_first_tensor_hessian_gradient_mean_against_the_full_hessian():
+    # the authors' rule: mean over the first tensor of H g_CLS, H of (1 - a) CLS + a MM on the same batch
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    bias = torch.randn(3, generator=generator, dtype=torch.float64)
+    x = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    target = torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    alpha = 0.7
+
+    def losses(w, b):
+        logits = x @ w.T + b
+        return F.cross_entropy(logits, y), (logits - target).pow(2).mean()
+
+    def flat_losses(theta):
+        return losses(theta[:12].reshape(3, 4), theta[12:])
+
+    theta = torch.cat([weight.reshape(-1), bias])
+    hessian = torch.autograd.functional.hessian(
+        lambda t: (1 - alpha) * flat_losses(t)[0] + alpha * flat_losses(t)[1], theta)
+    point = theta.clone().requires_grad_(True)
+    (g_cls,) = torch.autograd.grad(flat_losses(point)[0], point)
+    expected = float((hessian @ g_cls)[:12].mean())
+    w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    cls_loss, mm_loss = losses(w, b)
+    assert first_tensor_hessian_gradient_mean(cls_loss, mm_loss, alpha, [w, b]) == pytest.approx(expected, rel=1e-10)

@@ -154,7 +154,7 @@ def test_unknown_matching_kind_lists_valid_names():
     assert "'cosine'" in message
     for name in MATCHING_LOSSES:
         assert name in message
-    assert set(MATCHING_LOSSES) == {"infonce", "js", "uniform"}
+    assert set(MATCHING_LOSSES) == {"infonce", "js", "mixture_kl", "uniform"}
 
 
 @pytest.mark.parametrize("kind", ["infonce", "js"])

@@ -91,6 +91,7 @@ def test_learning_based_keeps_alpha_on_non_finite_hypergradient():
     strategy = _lb()
     strategy.apply_hypergradient(float("nan"))
     assert strategy.alpha == 0.5 and strategy.updates == 0 and math.isnan(strategy.last_hypergradient)
+    assert strategy.skipped == 1
 
 
 def test_update_every_semantics():
@@ -122,6 +123,9 @@ def test_update_every_semantics():
         ({"approx": "cg", "terms": 0}, "strategy.lb.terms"),
         ({"approx": "neumann", "terms": 2.0}, "strategy.lb.terms"),
         ({"scale": 0.0}, "strategy.lb.scale"),
+        ({"alpha_optimizer": "rmsprop"}, "strategy.lb.alpha_optimizer"),
+        ({"alpha_lr_halving": 0}, "strategy.lb.alpha_lr_halving"),
+        ({"curvature_refresh": 0}, "strategy.lb.curvature_refresh"),
         ({"damping": -1e-3}, "strategy.lb.damping"),
         ({"min_alpha": -0.1}, "strategy.lb.min_alpha"),
         ({"max_alpha": 1.1}, "strategy.lb.max_alpha"),
@@ -133,15 +137,61 @@ def test_learning_based_validation_names_the_setting(overrides, setting):
         _lb(**overrides)
 
 
-def test_identity_ignores_terms():
-    strategy = _lb(approx="identity", terms=0)
-    assert strategy.hypergradient_settings == {
-        "alpha": 0.5,
-        "approx": "identity",
-        "terms": 0,
-        "scale": 0.01,
-        "damping": 0.0,
-    }
+def test_identity_ignores_terms_and_auto_scale_is_none():
+    strategy = _lb(approx="identity", terms=0, scale=None)
+    assert strategy.terms == 0 and strategy.scale is None
+
+
+def test_adam_step_is_independent_of_the_hypergradient_magnitude():
+    # the first bias-corrected Adam step is exactly lr * sign(g), whatever |g| is
+    for magnitude in (1e-6, 1.0, 1e6):
+        strategy = _lb(alpha_optimizer="adam", alpha_lr=0.05)
+        strategy.apply_hypergradient(magnitude)
+        assert strategy.alpha == pytest.approx(0.45, abs=1e-7)
+    # by hand: two steps of Adam (betas 0.9, 0.999) on g = 2 then g = -1
+    strategy = _lb(alpha_optimizer="adam", alpha_lr=0.05)
+    strategy.apply_hypergradient(2.0)
+    strategy.apply_hypergradient(-1.0)
+    m = 0.9 * (0.1 * 2.0) + 0.1 * -1.0
+    v = 0.999 * (0.001 * 4.0) + 0.001 * 1.0
+    second_step = 0.05 * (m / (1 - 0.9**2)) / math.sqrt(v / (1 - 0.999**2))
+    assert strategy.alpha == pytest.approx(0.5 - 0.05 - second_step, rel=1e-9)
+    restored = _lb(alpha_optimizer="adam", alpha_lr=0.05)
+    restored.load_state_dict(_round_trip(strategy.state_dict()))
+    strategy.apply_hypergradient(0.3)
+    restored.apply_hypergradient(0.3)
+    assert restored.alpha == strategy.alpha  # the moments are checkpointed: resume continues the same walk
+
+
+def test_alpha_lr_halving_follows_the_epochs():
+    strategy = _lb(alpha_lr=1e-4, alpha_lr_halving=20)
+    for epoch, expected in ((0, 1e-4), (19, 1e-4), (20, 5e-5), (39, 5e-5), (40, 2.5e-5)):
+        strategy.start_epoch(epoch, 100)
+        assert strategy.current_lr == pytest.approx(expected, rel=1e-12)
+    strategy.apply_hypergradient(100.0)
+    assert strategy.alpha == pytest.approx(0.5 - 2.5e-5 * 100.0)
+
+
+def test_epoch_start_goes_with_the_official_rule_only():
+    official = _lb(approx="official", update_every="epoch_start")
+    assert official.updates_at_epoch_start and not official.needs_hypergradient(5, True)
+    for overrides in ({"approx": "official", "update_every": "epoch"}, {"approx": "cg", "update_every": "epoch_start"}):
+        with pytest.raises(DmglError, match="epoch_start"):
+            _lb(**overrides)
+
+
+def test_largest_eigenvalue_is_cached_for_curvature_refresh_updates():
+    strategy = _lb(approx="neumann", scale=None, curvature_refresh=2)
+    assert strategy.cached_largest_eigenvalue() is None
+    strategy.remember_largest_eigenvalue(4.0)
+    assert strategy.cached_largest_eigenvalue() == 4.0
+    strategy.apply_hypergradient(0.1)
+    assert strategy.cached_largest_eigenvalue() == 4.0
+    strategy.apply_hypergradient(0.1)
+    assert strategy.cached_largest_eigenvalue() is None  # two updates old: estimate again
+    restored = _lb(approx="neumann", scale=None, curvature_refresh=2)
+    restored.load_state_dict(_round_trip(strategy.state_dict()))
+    assert restored.largest_eigenvalue == 4.0 and restored.eigenvalue_update == 0
 
 
 def test_approx_error_lists_valid_names():

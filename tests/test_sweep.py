@@ -133,7 +133,7 @@ def test_tuning_samples_per_strategy_ranges_and_reports_every_epoch(run_cli, syn
     assert len(trials) == 2 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     for trial in trials:
         assert set(trial.params) == {"strategy", "lr@lb", "alpha_lr@lb"}
-        assert 0.01 <= trial.params["lr@lb"] <= 0.1 and 0.01 <= trial.params["alpha_lr@lb"] <= 10
+        assert 0.01 <= trial.params["lr@lb"] <= 0.1 and 0.005 <= trial.params["alpha_lr@lb"] <= 0.5
         assert sorted(trial.intermediate_values) == [1, 2]  # one report per epoch
         run = Tracker().get_run(trial.user_attrs["mlflow_run_id"])
         assert math.isclose(float(run.data.params["optim.lr"]), trial.params["lr@lb"])

@@ -7,7 +7,7 @@ from dmgl_cli.methods.affine import AffineMethod
 from dmgl_cli.methods.agm import AGMMethod
 from dmgl_cli.methods.base import ConcatMethod, Method
 from dmgl_cli.methods.channel import ChannelMethod
-from dmgl_cli.methods.dmgl_official import DMGLOfficialMethod
+from dmgl_cli.methods.dmgl_official import DMGLOfficialEq3Method, DMGLOfficialMethod
 from dmgl_cli.methods.domfn import DOMFNMethod
 from dmgl_cli.methods.etmc import ETMCMethod
 from dmgl_cli.methods.g_blend import GBlendMethod
@@ -41,6 +41,7 @@ METHODS: dict[str, type[Method]] = {
     AGMMethod.name: AGMMethod,
     MLAMethod.name: MLAMethod,
     DMGLOfficialMethod.name: DMGLOfficialMethod,
+    DMGLOfficialEq3Method.name: DMGLOfficialEq3Method,
 }
 
 

@@ -1,27 +1,47 @@
 """AGM: adaptive gradient modulation (Li et al., ICCV 2023).
 
-Modality responses. Each modality's contribution to the prediction is its Shapley value over the modalities,
-obtained by running the model with the other inputs zeroed ("padded"): with f(S) the logits when only the
-modalities in S are given, ``phi_j = sum_{S without j} |S|!(m-|S|-1)!/m! (f(S + j) - f(S))``. For two modalities
-this is the authors' ``m_a = (f(a,v) - f(0,v) + f(a,0) - f(0,0)) / 2``. The model's prediction is
-``sum_j phi_j = f(all) - f(none)`` (the code's ``out = m_a + m_v``), and the ``phi_j`` are the per-modality outputs.
+Follows the authors' code, github.com/lihong2303/AGM_ICCV2023: ``model/CREMAD_net.py`` (``GradMod.forward``, the
+``Modality_Audio`` / ``Modality_Visual`` responses and the backward hooks ``hooka`` / ``hookv``) and
+``run/CREMAD_main.py`` (``train``: the scores, ratios, coefficients and the conditional gradient clip).
 
-Modulation. Per step, ``score_j`` is the cross-entropy of ``phi_j`` on the batch (probabilities floored at 1e-8);
-``ratio_j = exp(m/(m-1) * (mean_k score_k - score_j))`` (for two modalities ``exp(score_v - score_a)``); the target
-``optimal_ratio_j`` is the same expression on the running averages of the scores over all past steps; the gradient
-that flows through ``phi_j`` is multiplied by ``coeff_j = exp(alpha * min(optimal_ratio_j - ratio_j, 10))``. A
-modality that is currently ahead of its running balance is slowed down, one that is behind is sped up.
+Modality responses. The model runs once on the real inputs (in the model's current mode) and once per proper,
+non-empty subset S of the modalities with the other inputs replaced by zeros ("padded"), these passes in eval mode
+(the authors call ``net.eval()`` around them: BatchNorm uses and keeps its running statistics, dropout is off) and
+with gradients. With f(S) those logits, a modality's response is its Shapley value in the game v(S) = f(S) for
+S non-empty and v(empty) = 0 — the all-zero pass is not part of it:
 
-From the authors' code (github.com/lihong2303/AGM_ICCV2023), where the paper leaves it open: the coefficient scales
-the gradient of ``phi_j`` in the backward pass (their backward hooks on the modality outputs — here a gradient-
-scaling autograd function whose coefficient is set from the batch before backward, in ``extra_losses``); the running
-averages start at 0 and are cumulative means over every step so far, updated after the coefficients are computed;
-``alpha = 1.0``; modulation from epoch ``start_epoch`` to ``end_epoch``. The exponent is capped at 10 so that one
-bad batch cannot blow the step up (public re-implementations cap it; the value is ours to state, not the paper's).
+    phi_j = sum_{S without j} |S|! (m - |S| - 1)! / m! * (v(S + j) - v(S))
 
-Settings (``method.options.agm.*``): ``alpha`` (> 0, default 1.0), ``start_epoch`` / ``end_epoch`` (1-based,
-inclusive; default 1 and 1000). 2^m forward passes per step (4 for two modalities). Logged per epoch:
-``agm_coeff_<modality>``, ``agm_ratio_<modality>``, ``agm_score_<modality>`` (running average).
+For two modalities this is the authors' ``m_a = (f(a,v) - f(0,v) + f(a,0)) / 2``; for three it is their UR-Funny
+``Modality_Text`` formula. The responses sum to f(all), the model's prediction (the code's ``out = m_a + m_v``);
+the ``phi_j`` are the per-modality outputs that are scored.
+
+Modulation. Per step, ``score_j`` is the cross-entropy of ``phi_j`` on the batch (probabilities floored at 1e-8),
+``ratio_j = exp(m/(m-1) * (mean_k score_k - score_j))`` (for two modalities ``exp(score_v - score_a)``), the target
+``optimal_ratio_j`` is the same expression on the running means of the scores over every step so far (starting at
+0, updated after the coefficients), and the gradient that flows back through ``phi_j`` is multiplied by
+``coeff_j = exp(alpha * min(optimal_ratio_j - ratio_j, cap))``. A modality ahead of its running balance is slowed
+down, one behind it is sped up. The coefficients are applied from ``start_epoch`` to ``end_epoch``; before that
+they are 1 and after it they stay at their last value (the authors' hooks keep the scale last set). After the
+backward pass, when an entry of the gradient of the fused head's weight lies outside [-1, 1], all gradients are
+clipped to total norm 1.0 (the authors' check on ``fc_out.weight.grad``).
+
+Defaults are the code's: ``alpha`` 1.0 (``--alpha``), modulation epochs 1..20 (``--modulation_starts 0
+--modulation_ends 20`` with 1-based epochs), cap 10 (CREMA-D; the UR-Funny script caps at 7, the MOSEI script does
+not cap).
+
+Deviations from the authors' code:
+- the all-zero pass f(0, ..., 0) is not run: the code computes it and never uses it in the responses or the loss;
+- the coefficient scales the gradient of ``phi_j`` through an autograd function (``scale_gradient``) instead of a
+  module backward hook; the coefficients are set from the batch in ``extra_losses``, before the backward pass;
+- more than three modalities use the same Shapley form (the code has two- and three-modality versions only);
+- the model is our Concat (encoders, concatenation, linear head); the clip checks that head's weight.
+
+Settings (``method.options.agm.*``): ``alpha`` (> 0, 1.0), ``start_epoch`` / ``end_epoch`` (1-based, inclusive;
+1 and 20), ``cap`` (> 0 or null for none; 10), ``hold_after_window`` (true: the code's last coefficients stay after
+``end_epoch``; false: ours, they return to 1), ``clip`` (true: the code's conditional clip; false: none).
+2^m - 1 forward passes per step (3 for two modalities). Logged per epoch: ``agm_coeff_<modality>`` (applied),
+``agm_ratio_<modality>``, ``agm_score_<modality>`` (running mean), ``agm_clipped`` (fraction of clipped steps).
 """
 
 from __future__ import annotations
@@ -34,7 +54,7 @@ import torch
 from torch import Tensor
 
 from dmgl_cli.errors import DmglError
-from dmgl_cli.methods.rebalance_base import RebalanceMethod, scale_gradient
+from dmgl_cli.methods.rebalance_base import RebalanceMethod, concat_head, scale_gradient
 from dmgl_cli.models import ModelOutput, MultimodalModel
 
 
@@ -43,12 +63,49 @@ def shapley_weights(count: int) -> dict[int, float]:
     return {s: math.factorial(s) * math.factorial(count - s - 1) / math.factorial(count) for s in range(count)}
 
 
+def coalition_outputs(model: MultimodalModel, inputs: dict[str, Tensor]) -> tuple[ModelOutput, dict[frozenset, Tensor]]:
+    """The model's output on the real inputs and the logits f(S) of every non-empty coalition S (the full one is
+    that output's). The padded passes run in eval mode, as the authors' ``net.eval()`` does, so they neither move
+    BatchNorm's running statistics nor use the zero batch's statistics; every submodule's mode is restored after."""
+    modalities = model.modalities
+    full = model(inputs)
+    logits: dict[frozenset, Tensor] = {frozenset(modalities): full.logits}
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        for size in range(1, len(modalities)):
+            for subset in itertools.combinations(modalities, size):
+                padded = {m: inputs[m] if m in subset else torch.zeros_like(inputs[m]) for m in modalities}
+                logits[frozenset(subset)] = model(padded).logits
+    finally:
+        for module, training in modes:
+            module.training = training
+    return full, logits
+
+
+def shapley_responses(modalities: list[str], logits: dict[frozenset, Tensor]) -> dict[str, Tensor]:
+    """``phi_j`` of the game v(S) = logits[S], v(empty) = 0; the responses sum to the full coalition's logits."""
+    weights = shapley_weights(len(modalities))
+    responses = {}
+    for modality in modalities:
+        others = [m for m in modalities if m != modality]
+        phi = 0
+        for size in range(len(others) + 1):
+            for subset in itertools.combinations(others, size):
+                coalition = frozenset(subset)
+                without = logits[coalition] if coalition else 0
+                phi = phi + weights[size] * (logits[coalition | {modality}] - without)
+        responses[modality] = phi
+    return responses
+
+
 class AGMMethod(RebalanceMethod):
     """Adaptive gradient modulation on Shapley modality responses; see the module docstring."""
 
     name = "agm"
     per_modality_source = "own"
-    defaults: dict[str, Any] = {"alpha": 1.0, "start_epoch": 1, "end_epoch": 1000}
+    defaults: dict[str, Any] = {"alpha": 1.0, "start_epoch": 1, "end_epoch": 20, "cap": 10.0,
+                                "hold_after_window": True, "clip": True}
 
     def __init__(self, config, options: dict[str, Any]):
         super().__init__(config, options)
@@ -59,32 +116,25 @@ class AGMMethod(RebalanceMethod):
     def check(self) -> None:
         super().check()
         self.read_modulation_window()
+        self.cap = None if self.settings["cap"] is None else self.setting_float("cap", 0.0, low_open=True)
+        for flag in ("hold_after_window", "clip"):
+            if not isinstance(self.settings[flag], bool):
+                raise DmglError(f"{self.key(flag)} must be true or false, got {self.settings[flag]!r}")
+        self.hold_after_window = self.settings["hold_after_window"]
+        self.clip = self.settings["clip"]
 
     def forward(self, model: MultimodalModel, inputs: dict[str, Tensor], training: bool) -> ModelOutput:
         modalities = model.modalities
         if len(modalities) < 2:
             raise DmglError("method 'agm' needs at least two modalities")
-        full = model(inputs)
-        responses: dict[frozenset, Tensor] = {frozenset(modalities): full.logits}
-        for size in range(len(modalities)):
-            for subset in itertools.combinations(modalities, size):
-                padded = {m: inputs[m] if m in subset else torch.zeros_like(inputs[m]) for m in modalities}
-                responses[frozenset(subset)] = model(padded).logits
-        weights = shapley_weights(len(modalities))
-        phis = {}
-        for modality in modalities:
-            others = [m for m in modalities if m != modality]
-            phi = 0
-            for size in range(len(others) + 1):
-                for subset in itertools.combinations(others, size):
-                    coalition = frozenset(subset)
-                    phi = phi + weights[size] * (responses[coalition | {modality}] - responses[coalition])
-            if training:
+        full, logits = coalition_outputs(model, inputs)
+        responses = shapley_responses(modalities, logits)
+        if training:
+            for modality in modalities:
                 self.coefficients.setdefault(modality, 1.0)
-                phi = scale_gradient(phi, self.coefficients, modality)
-            phis[modality] = phi
-        logits = torch.stack(list(phis.values())).sum(dim=0)
-        return ModelOutput(logits=logits, unimodal_logits=phis, embeddings=full.embeddings)
+                responses[modality] = scale_gradient(responses[modality], self.coefficients, modality)
+        fused = torch.stack(list(responses.values())).sum(dim=0)
+        return ModelOutput(logits=fused, unimodal_logits=responses, embeddings=full.embeddings)
 
     def extra_losses(self, output: ModelOutput, labels: Tensor, step: dict[str, Any]) -> dict[str, Tensor]:
         # The first hook that sees the labels: set this step's coefficients before the backward pass reads them.
@@ -97,19 +147,35 @@ class AGMMethod(RebalanceMethod):
         mean_score = sum(scores.values()) / count
         ratios = {m: math.exp(factor * (mean_score - s)) for m, s in scores.items()}
         if not self.running_scores:
-            self.running_scores = {m: 0.0 for m in scores}  # the authors' code starts the averages at 0
+            self.running_scores = {m: 0.0 for m in scores}  # the authors' code starts the means at 0
         mean_running = sum(self.running_scores.values()) / count
         optimal = {m: math.exp(factor * (mean_running - s)) for m, s in self.running_scores.items()}
-        active = self.start_epoch <= step["epoch"] <= self.end_epoch
+        epoch = step["epoch"]
         for modality in scores:
-            exponent = min(optimal[modality] - ratios[modality], 10.0)
-            self.coefficients[modality] = math.exp(self.alpha * exponent) if active else 1.0
+            if self.start_epoch <= epoch <= self.end_epoch:
+                exponent = optimal[modality] - ratios[modality]
+                if self.cap is not None:
+                    exponent = min(exponent, self.cap)
+                self.coefficients[modality] = math.exp(self.alpha * exponent)
+            elif epoch < self.start_epoch or not self.hold_after_window:
+                self.coefficients[modality] = 1.0
+            else:  # after the window the authors' hooks keep the scale they were last given
+                self.coefficients.setdefault(modality, 1.0)
         self.iterations += 1
         for modality, score in scores.items():
             self.running_scores[modality] += (score - self.running_scores[modality]) / self.iterations
-        self.track({f"agm_coeff_{m}": c for m, c in self.coefficients.items()})
+        self.track({f"agm_coeff_{m}": self.coefficients[m] for m in scores})
         self.track({f"agm_ratio_{m}": r for m, r in ratios.items()})
         return {}
+
+    def after_backward(self, model: MultimodalModel, output: ModelOutput, labels: Tensor, step: dict[str, Any]) -> None:
+        if not self.clip:
+            return
+        weight_grad = concat_head(model).head.weight.grad
+        clipped = weight_grad is not None and bool(weight_grad.abs().max() > 1.0)
+        if clipped:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+        self.track({"agm_clipped": float(clipped)})
 
     def on_epoch_end(self, model: MultimodalModel, epoch: int, val_metrics: dict[str, float]) -> dict[str, float]:
         return {**self.epoch_statistics(), **{f"agm_score_{m}": s for m, s in self.running_scores.items()}}

@@ -28,6 +28,9 @@ class Method:
     # Where per-modality scores come from: "head-split" (Concat's head split per modality), "own" (the method's
     # own uni-modal outputs) or "probe" (linear probes on detached embeddings); recorded as a run tag.
     per_modality_source = "head-split"
+    # The training objective is objective_scale * ((1 - alpha) L_CLS + alpha L_MM) + extra terms; the authors'
+    # dmgl code doubles it (dmgl-official), every other method leaves it as Eq. 1 writes it.
+    objective_scale = 1.0
 
     # A method's settings (``method.options.<name>.<key>``) and their defaults; any other key is refused.
     defaults: dict[str, Any] = {}

@@ -159,12 +159,20 @@ class MMTM(nn.Module):
         self.squeeze = nn.Linear(sum(channels), max(1, int(2 * sum(channels) / ratio)))
         self.excitations = nn.ModuleList([nn.Linear(self.squeeze.out_features, c) for c in channels])
 
-    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    def gates(self, features: list[Tensor]) -> list[Tensor]:
+        """Each modality's channel gate [batch, C_j] from all modalities' squeezed feature maps."""
         squeezed = [f.flatten(2).mean(dim=2) if f.dim() > 2 else f for f in features]
         joint = torch.relu(self.squeeze(torch.cat(squeezed, dim=1)))
-        gates = [self.gate_scale * torch.sigmoid(excite(joint)) for excite in self.excitations]
-        recalibrated = [f * g.view(*g.shape, *([1] * (f.dim() - 2))) for f, g in zip(features, gates, strict=True)]
-        return recalibrated, gates
+        return [self.gate_scale * torch.sigmoid(excite(joint)) for excite in self.excitations]
+
+    @staticmethod
+    def recalibrate(features: list[Tensor], gates: list[Tensor]) -> list[Tensor]:
+        """Every feature map times its gate, broadcast over the spatial/temporal axes."""
+        return [f * g.view(*g.shape, *([1] * (f.dim() - 2))) for f, g in zip(features, gates, strict=True)]
+
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        gates = self.gates(features)
+        return self.recalibrate(features, gates), gates
 
 
 class StreamHeads(nn.Module):
@@ -231,18 +239,25 @@ class ChannelMethod(FusionMethod):
 
     name = "channel"
     defaults: dict[str, Any] = {"ratio": 4, "gate_scale": 2.0}
+    # The row of the paper's Table 1 a text modality is refused for (the paper has no result there either).
+    table_row = "Channel"
 
     def check(self) -> None:
         positive_int(self.settings["ratio"], self.key("ratio"))
         positive_float(self.settings["gate_scale"], self.key("gate_scale"))
 
+    def make_mmtm(self, channels: list[int]) -> MMTM:
+        """The module at one fusion point, over feature maps of ``channels`` channels (one per modality)."""
+        return MMTM(channels, self.settings["ratio"], float(self.settings["gate_scale"]))
+
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> MMTMModel:
+        method = f"method {self.name!r} (MMTM)"
         for modality, spec in modalities.items():
             if spec.get("kind") == "text":
                 raise DmglError(
-                    f"method 'channel' (MMTM) exchanges channels between CNN feature maps; modality {modality!r} is "
+                    f"{method} exchanges channels between CNN feature maps; modality {modality!r} is "
                     f"text (encoder {self.config.encoder_for(modality).name!r}), which has none — the paper reports "
-                    "no Channel result for the text-image datasets. Use another method for this dataset."
+                    f"no {self.table_row} result for the text-image datasets. Use another method for this dataset."
                 )
         encoders = encoders_for(self.config, modalities, num_classes)
         stages: dict[str, list[Stage]] = {}
@@ -250,13 +265,13 @@ class ChannelMethod(FusionMethod):
             found = encoder_stages(encoder)
             if found is None:
                 raise DmglError(
-                    f"method 'channel' (MMTM) needs intermediate feature maps, but the encoder "
+                    f"{method} needs intermediate feature maps, but the encoder "
                     f"{self.config.encoder_for(modality).name!r} of modality {modality!r} exposes no stages "
                     "(a stages() method listing its blocks); use an mlp or CNN encoder that does"
                 )
             if len(found) < 2:
                 raise DmglError(
-                    f"method 'channel' (MMTM) sits between encoder stages, but the encoder of modality {modality!r} "
+                    f"{method} sits between encoder stages, but the encoder of modality {modality!r} "
                     "has a single stage (an mlp encoder with layers=0); give it hidden layers, e.g. "
                     f"--set model.encoders.{modality}.layers=2"
                 )
@@ -264,15 +279,13 @@ class ChannelMethod(FusionMethod):
         counts = {m: len(s) for m, s in stages.items()}
         if len(set(counts.values())) != 1:
             raise DmglError(
-                "method 'channel' (MMTM) fuses the encoders stage by stage and needs the same number of stages in "
+                f"{method} fuses the encoders stage by stage and needs the same number of stages in "
                 f"every encoder; got {', '.join(f'{m}: {n}' for m, n in counts.items())}"
             )
         widths = {m: _stage_widths(encoders[m], stages[m], modalities[m]) for m in stages}
         names = list(modalities)
-        mmtms = nn.ModuleList([
-            MMTM([widths[m][point] for m in names], self.settings["ratio"], float(self.settings["gate_scale"]))
-            for point in range(counts[names[0]] - 1)
-        ])
+        mmtms = nn.ModuleList([self.make_mmtm([widths[m][point] for m in names])
+                               for point in range(counts[names[0]] - 1)])
         heads = StreamHeads(names, self.config.model.embed_dim, num_classes)
         return MMTMModel(encoders, heads, stages, mmtms)
 

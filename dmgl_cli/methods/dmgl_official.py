@@ -1,34 +1,58 @@
-"""``dmgl-official``: the paper's learning-based method as its authors' published code runs it, for comparison.
+"""``dmgl-official``: the paper's learning-based method as the authors' released code runs it, for comparison.
 
-The code released with the paper (linked from its checklist) differs from the paper's description. Side by side:
+Follows ``Crema_epoch_learnable.py`` of njustkmg/NeurIPS24-LFM (the code linked from the paper), functions
+``Alignment``, ``getAlpha_Learnable`` and ``train_audio_video`` and its ``__main__``, with ``AVClassifier`` of
+``model/AudioVideo.py``. The released code differs from the paper in every part of the learning-based step:
 
-===============================  ========================================  ==========================================
-                                 paper (``concat`` + ``--strategy lb``)    official code (``dmgl-official``)
-===============================  ========================================  ==========================================
-matching loss L_MM               symmetric InfoNCE of the embeddings       Jensen–Shannon divergence between the
-                                 (§3.2)                                    modalities' softmax outputs (``js``)
-when alpha moves                 every ``update_every`` steps              once per epoch (``update_every: epoch``)
-H^-1 v                           configurable approximation                one Hessian-vector product: ``neumann``
-                                                                           with ``terms: 1``
-parameters in H and gradients    all (or the head)                         the first parameter tensor only
-                                                                           (``params: first``)
-outer data (v)                   validation batches                        8 samples held out from the training
-                                                                           split (``outer_data: holdout``,
-                                                                           ``outer_batch_size: 8``), never trained on
-starting weights                 ``initial_alpha`` (recipe)                CE weight 0.05, i.e. alpha = 0.95
-alpha range                      [0, 1] (Algorithm 1)                      [0.05, 0.95]
-===============================  ========================================  ==========================================
-
-Mapping of "one Hessian-vector product": the truncated Neumann series with one term,
-``H^-1 v ~ scale * (v + (I - scale H) v)``, is the approximation of the implicit gradient that costs exactly one
-HVP; it keeps the recipe's ``scale`` and ``alpha_lr``. ``params: first`` puts only the model's first trainable
-tensor (the first encoder's first weight) into H, v and g_MM - g_CLS, as the official code differentiates its
-first parameter only.
+==========================  ==========================================  ==========================================
+                            paper (``concat`` + ``--strategy lb``)      released code (``dmgl-official``)
+==========================  ==========================================  ==========================================
+model                       Concat: one linear head on [z_a; z_v]       one linear head per modality, each with
+                                                                        its own bias; L_CLS is the cross-entropy
+                                                                        of ½(o_a + o_v)
+matching loss L_MM          symmetric InfoNCE of the embeddings         ``mixture_kl``: ½[KL(m‖p) + KL(m‖q)] of
+                                                                        the two heads' softmax outputs (the code
+                                                                        calls it JS; ``F.kl_div(p.log(), m)`` is
+                                                                        KL(m‖p), see ``losses.py``)
+objective                   (1 - alpha) L_CLS + alpha L_MM              2 [(1 - alpha) L_CLS + alpha L_MM]
+alpha's gradient            Eq. 3: -(g_MM - g_CLS)^T H^-1 v             mean over the entries of the first
+                                                                        parameter tensor of H g_CLS, H the
+                                                                        Hessian of (1 - alpha) L_CLS + alpha L_MM
+                                                                        in all parameters, H and g_CLS on the
+                                                                        same batch; no inverse, no g_MM - g_CLS,
+                                                                        no weight decay (``approx: official``)
+outer data                  held-out training samples                   16 training samples held out (seeded),
+                                                                        the same first 8 of them every time
+                                                                        (``holdout: 16``, ``outer_batch_size: 8``,
+                                                                        ``outer_sampling: fixed``)
+when alpha moves            every ``update_every`` steps                once before each epoch, the first before
+                                                                        any training (``update_every:
+                                                                        epoch_start``)
+alpha's step                Adam on alpha (dmgl's default) or SGD       SGD with lr 1e-4, halved every 20 epochs
+                                                                        (``alpha_lr_halving: 20``)
+starting alpha, range       ``initial_alpha``; [0, 1] (Algorithm 1)     0.95 (CE weight 0.05); [0.05, 0.95]
+==========================  ==========================================  ==========================================
 
 How the settings are applied: this method *is* that configuration, so :meth:`configure` writes the values above
-into the run's config before it is validated and recorded — the run's parameters and ``config.yaml`` show what ran,
-and a warning names every setting it changed. It runs with ``--strategy lb`` only, and with the Concat model (the
-official code's fusion).
+into the run's config before it is validated and recorded; the run's parameters and ``config.yaml`` show what ran,
+and a warning names every setting it changed. It runs with ``--strategy lb`` only.
+
+Deliberate differences from the released code:
+
+* The alpha step's forward runs in eval mode every time (BatchNorm on its running statistics, which it does not
+  update). The released code calls it on a model left in eval mode by the previous epoch's test pass, except before
+  epoch 0, where the fresh module is in train mode: that first step uses the 8 samples' batch statistics and adds
+  them to BatchNorm's running averages.
+* The encoders are dmgl's (the recipe's): each projects to ``model.embed_dim`` where the released code's ResNet18
+  feeds its 512 pooled features to the heads, and weights start from PyTorch's default initialisation, not the
+  code's ``weight_init``. The optimiser, scheduler and epochs are the recipe's (the released CREMA-D run: SGD lr
+  1e-2, momentum 0.9, weight decay 1e-4, StepLR 70 x0.1, batch 64, 200 epochs).
+* The released code evaluates on the test split every epoch and keeps no validation split; dmgl selects the best
+  epoch on validation only.
+
+``dmgl-official-eq3`` keeps all of the above except alpha's gradient: it takes Eq. 3 with conjugate gradient
+(weight decay in H) at the end of each epoch, stepped with Adam, so that the two rules can be compared with
+everything else held fixed.
 """
 
 from __future__ import annotations
@@ -36,59 +60,107 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+from torch import Tensor, nn
+
 from dmgl_cli.errors import DmglError
-from dmgl_cli.methods.base import Method
+from dmgl_cli.methods.fusion_base import FusionMethod, FusionModel, encoders_for
 
 LOG = logging.getLogger("dmgl")
 
-# (section, setting, value) pinned by the official variant.
+# (section, setting, value) pinned by the released code's variant.
 OFFICIAL_SETTINGS: tuple[tuple[str, str, Any], ...] = (
-    ("loss", "matching", "js"),
-    ("strategy.lb", "update_every", "epoch"),
-    ("strategy.lb", "approx", "neumann"),
-    ("strategy.lb", "terms", 1),
-    ("strategy.lb", "params", "first"),
-    ("strategy.lb", "outer_data", "holdout"),
-    ("strategy.lb", "outer_batch_size", 8),
+    ("loss", "matching", "mixture_kl"),
+    ("strategy.lb", "approx", "official"),
+    ("strategy.lb", "update_every", "epoch_start"),
+    ("strategy.lb", "alpha_optimizer", "sgd"),
+    ("strategy.lb", "alpha_lr", 1e-4),
+    ("strategy.lb", "alpha_lr_halving", 20),
     ("strategy.lb", "initial_alpha", 0.95),
     ("strategy.lb", "min_alpha", 0.05),
     ("strategy.lb", "max_alpha", 0.95),
+    ("strategy.lb", "outer_data", "holdout"),
+    ("strategy.lb", "holdout", 16),
+    ("strategy.lb", "outer_batch_size", 8),
+    ("strategy.lb", "outer_sampling", "fixed"),
+    ("strategy.lb", "params", "all"),
+)
+
+# dmgl-official-eq3: the same, with Eq. 3 (CG, weight decay in H) at each epoch's end, stepped by Adam.
+EQ3_SETTINGS: tuple[tuple[str, str, Any], ...] = tuple(
+    (section, setting, value) for section, setting, value in OFFICIAL_SETTINGS
+    if setting not in ("approx", "update_every", "alpha_optimizer", "alpha_lr", "alpha_lr_halving")
+) + (
+    ("strategy.lb", "approx", "cg"),
+    ("strategy.lb", "update_every", "epoch"),
+    ("strategy.lb", "alpha_optimizer", "adam"),
+    ("strategy.lb", "alpha_lr", 0.05),
+    ("strategy.lb", "alpha_lr_halving", 20),
 )
 
 _warned: set[str] = set()  # the CLI resolves a config more than once; say each change once per process
 
 
-class DMGLOfficialMethod(Method):
-    """The official code's variant of Ours-LB; see the module docstring for how it differs from the paper."""
+class MeanOfHeadsFusion(nn.Module):
+    """``AVClassifier``'s heads: one linear classifier (with bias) per modality; the fused logits whose cross-entropy
+    is L_CLS are their mean ½(o_a + o_v) (the released code's ``0.5 * o_v + 0.5 * o_a``)."""
+
+    def __init__(self, modalities: list[str], embed_dim: int, num_classes: int):
+        super().__init__()
+        self.heads = nn.ModuleDict({m: nn.Linear(embed_dim, num_classes) for m in modalities})
+
+    def forward(self, embeddings: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], dict[str, Any]]:
+        unimodal = {m: head(embeddings[m]) for m, head in self.heads.items()}
+        return torch.stack(list(unimodal.values())).mean(dim=0), unimodal, {}
+
+
+def _pin(config, settings: tuple[tuple[str, str, Any], ...], method: str) -> None:
+    if config.strategy.name != "lb":
+        raise DmglError(
+            f"method '{method}' is the released code's learning-based variant and runs with --strategy lb only, "
+            f"got --strategy {config.strategy.name}"
+        )
+    changed = []
+    for section, setting, value in settings:
+        holder = config
+        for part in section.split("."):
+            holder = getattr(holder, part)
+        current = getattr(holder, setting)
+        if current != value or type(current) is not type(value):
+            changed.append(f"{section}.{setting}={value} (was {current})")
+            setattr(holder, setting, value)
+    message = f"method {method} sets " + ", ".join(changed)
+    if changed and message not in _warned:
+        _warned.add(message)
+        LOG.warning(message)
+
+
+class DMGLOfficialMethod(FusionMethod):
+    """The released code's variant of Ours-LB; see the module docstring for how it differs from the paper."""
 
     name = "dmgl-official"
     strategies = ("lb",)
     published_strategy = ("lb", 0.0)
+    per_modality_source = "own"
+    objective_scale = 2.0  # train_audio_video: loss = 2 * (cls_k[0] * loss_cls + cls_k[1] * loss_alignment)
+    settings_pinned = OFFICIAL_SETTINGS
 
     @classmethod
     def configure(cls, config) -> None:
-        if config.strategy.name != "lb":
-            raise DmglError(
-                f"method 'dmgl-official' is the official code's learning-based variant and runs with --strategy lb "
-                f"only, got --strategy {config.strategy.name}"
-            )
-        changed = []
-        for section, setting, value in OFFICIAL_SETTINGS:
-            holder = config
-            for part in section.split("."):
-                holder = getattr(holder, part)
-            current = getattr(holder, setting)
-            if current != value:
-                changed.append(f"{section}.{setting}={value} (was {current})")
-                setattr(holder, setting, value)
-        message = "method dmgl-official sets " + ", ".join(changed)
-        if changed and message not in _warned:
-            _warned.add(message)
-            LOG.warning(message)
+        _pin(config, cls.settings_pinned, cls.name)
+        cls(config, config.method_options(cls.name)).check()
 
     def check(self) -> None:
         if self.options:
-            raise DmglError(f"method 'dmgl-official' takes no settings, got: {', '.join(sorted(self.options))}")
-        if self.config.model.fusion != "concat":
-            raise DmglError("method 'dmgl-official' uses the Concat model (the official code's fusion); "
-                            f"got model.fusion={self.config.model.fusion}")
+            raise DmglError(f"method '{self.name}' takes no settings, got: {', '.join(sorted(self.options))}")
+
+    def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> FusionModel:
+        encoders = encoders_for(self.config, modalities, num_classes)
+        return FusionModel(encoders, MeanOfHeadsFusion(list(modalities), self.config.model.embed_dim, num_classes))
+
+
+class DMGLOfficialEq3Method(DMGLOfficialMethod):
+    """``dmgl-official`` with alpha's gradient taken from Eq. 3 (CG) instead of the released rule."""
+
+    name = "dmgl-official-eq3"
+    settings_pinned = EQ3_SETTINGS

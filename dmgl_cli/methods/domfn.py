@@ -1,18 +1,27 @@
 """DOMFN: divergence-orientated multi-modal fusion network (Yang et al., ACM MM 2022).
 
-DOMFN trains a uni-modal classifier per modality next to the fused (Concat) classifier, measures per sample how
-much the uni-modal predictions disagree, and uses that divergence twice: in training, an amended loss penalises
-divergence beyond a margin; at test time, the fused prediction is used only for samples whose divergence is within
-the margin — for the others the fused prediction is rejected and the most confident uni-modal prediction is used
+Our reconstruction (no public code): the authors released none, and the DMGL paper, which lists DOMFN in its
+tables, does not say how it ran it. What follows the paper: a uni-modal classifier per modality is trained next to
+the fused classifier; a per-sample divergence between the uni-modal predictions drives an amended training loss
+that penalises divergence beyond a margin; at test time the fused prediction is used only for samples whose
+divergence is within the margin, and for the others it is rejected in favour of a uni-modal prediction
 (instance-aware fusion).
 
-Here: the divergence of a sample is the mean over modality pairs of the Jensen–Shannon divergence between the
-uni-modal predictive distributions (natural log, in [0, ln 2]); the training loss adds
-``sum_j CE(uni_j) + beta * mean_i max(0, d_i - margin)`` to the loop's ``(1 - alpha) CE_fused (+ alpha L_MM)``;
-prediction takes the fused logits where ``d_i <= margin`` and otherwise the log-probabilities of the uni-modal
-head with the largest maximum probability. The paper computes a learnt "functional penalty score"; its exact form
-and constants are not recoverable from the public description and no code was released, so this pairwise-JS
-penalty, ``margin = 0.3`` and ``beta = 1.0`` are our choices, written down here.
+Computed here::
+
+    d_i   = mean over modality pairs (j, k) of JS(softmax(u_j), softmax(u_k))      # natural log, in [0, ln 2]
+    loss  = (1 - alpha) CE(fused) (+ alpha L_MM)       # the shared loop's loss
+          + sum_j CE(u_j)                              # domfn_unimodal
+          + beta * mean_i max(0, d_i - margin)         # domfn_penalty
+    predict_i = log_softmax(fused_i)            if d_i <= margin
+              = log_softmax(u_{j*,i}), j* = argmax_j max_c softmax(u_j)_c   otherwise
+
+Choices that are ours (the paper's "functional penalty score" is learnt and its form and constants are not
+recoverable from the text): the fused classifier is Concat's linear head and each uni-modal classifier a linear
+head on its modality's embedding (``AuxHeadsModel``); the divergence is the pairwise Jensen–Shannon divergence;
+the penalty is the hinge ``max(0, d - margin)`` averaged over the batch, weighted by ``beta``; the uni-modal
+cross-entropies are added with weight 1; a rejected sample takes the most confident uni-modal head;
+``margin = 0.3`` and ``beta = 1.0``.
 
 Settings (``method.options.domfn.*``): ``margin`` ((0, ln 2], default 0.3), ``beta`` (>= 0, default 1.0).
 Logged per epoch: ``domfn_divergence`` (mean training divergence), ``domfn_rejected`` (fraction of validation

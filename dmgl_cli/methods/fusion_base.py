@@ -110,12 +110,13 @@ class FusionMethod(Method):
         """Probe logits see detached embeddings, so a matching loss over predictions (``js``) would match probes,
         not modalities: refuse it whenever alpha can be non-zero."""
         strategy = self.config.strategy
-        if self.per_modality_source == "probe" and self.config.loss.matching == "js" and not (
+        if self.per_modality_source == "probe" and self.config.loss.matching in ("js", "mixture_kl") and not (
             strategy.name == "constant" and strategy.alpha == 0
         ):
             raise DmglError(
                 f"method {self.name!r} has no per-modality predictions of its own (its per-modality scores come from "
-                "linear probes on detached embeddings), so loss.matching=js has nothing to match; "
+                f"linear probes on detached embeddings), so loss.matching={self.config.loss.matching} (which matches "
+                "predictions) has nothing to match; "
                 "use loss.matching=infonce"
             )
 

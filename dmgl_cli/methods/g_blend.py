@@ -1,120 +1,266 @@
 """G-Blend: gradient blending (Wang, Tran & Feiszli, CVPR 2020, "What makes training multi-modal classification
-networks hard?").
+networks hard?"), Algorithm 2 (offline / online Gradient-Blending).
 
-The model is Concat plus one linear classifier per modality on its embedding (uni-modal heads, which are the
-per-modality outputs). The classification part of the loss is a weighted blend over the heads k in
-{modalities, fused}: ``sum_k w_k CE_k``, with weights that sum to 1. The weights come from each head's
-overfitting-to-generalisation ratio over the last *super-epoch* of ``super_epoch`` epochs, measured on the held-out
-validation split (V) and the training split (T):
+The authors released no code. This follows the G-Blend of BalanceBenchmark (github.com/GeWu-Lab/BalanceBenchmark),
+used as the reference implementation: ``balancemm/trainer/GBlending_trainer.py``, ``GBlendingTrainer.fit`` (when
+to estimate), ``GBlendingTrainer.super_epoch_origin`` (the estimate) and ``GBlendingTrainer.training_step`` (the
+blended loss); ``balancemm/models/avclassify_model.py``, ``BaseClassifierModel.forward`` (``padding``: the inputs
+of the modalities left out are zeros) and ``unimodality_calculate`` (the per-modality outputs are Concat's head
+split); ``balancemm/train.py`` (a temporary model and optimiser for the estimate); ``configs/trainer_config.yaml``
+(``GBlending``: online, ``super_epoch`` 10).
 
-    Delta_G_k = L^V_k(N) - L^V_k(N + n)                        (generalisation: how much V-loss fell)
-    Delta_O_k = O_k(N + n) - O_k(N),  O_k = L^V_k - L^T_k        (overfitting: how much the V/T gap grew)
-    w_k  proportional to  max(Delta_G_k, 0) / Delta_O_k^2
+The model is plain Concat. Its heads are k in {each modality, fused}: a modality's logits are Concat's head split
+(``W_k z_k + b / M``), the fused logits are the head's output. Training minimises the blend
+``sum_k w_k CE_k`` with weights that sum to 1.
 
-This is the online form of G-Blend: the weights are re-estimated at every super-epoch boundary, starting from
-uniform weights. The losses are measured in eval mode at the boundaries (before the first epoch, then after every
-``super_epoch`` epochs) on the validation split and on a fixed random subset of ``train_samples`` samples of the
-training split. If no head's ``Delta_G`` is > 0 the previous weights are kept. The authors released no code; the
-estimator is the paper's formula, with a floor of 1e-8 on ``Delta_O^2``. The paper measures the losses on
-uni-modal and multi-modal models trained for the super-epoch; here the heads of the network being trained give
-them, which costs two evaluation passes per super-epoch instead of m + 1 extra trainings.
+The weights are estimated before the first epoch and then every ``super_epoch`` epochs (before epochs
+1, 1 + S, 1 + 2S, ...), from the checkpoint the real model has reached. For every head k a temporary copy is made:
+a deep copy of the model with a fresh optimiser of the run's class and settings (its base learning rate, no
+scheduler, no state), trained for ``copy_epochs`` epochs on the cross-entropy of its fused output alone (plain
+Concat training). The copy of a modality sees that modality only: the inputs of the other modalities are replaced
+by zeros, in training and validation; the copy of ``fused`` sees every modality. The copy records
 
-With an alpha strategy the blend replaces the classification term: ``(1 - alpha) (sum_k w_k CE_k) + alpha L_MM``.
-The loop always adds ``(1 - alpha) CE_fused``; the logged extra term ``gblend_blend`` is the difference
-``(1 - alpha) ((w_fused - 1) CE_fused + sum_j w_j CE_j)``, so it can be negative.
+* ``train_first`` / ``train_last``: its training loss during its first / last epoch (the running loss of the
+  batches it trained on, in train mode), and
+* ``val_first`` / ``val_last``: its validation loss (eval mode) after its first / last epoch,
 
-Settings (``method.options.g-blend.*``): ``super_epoch`` (>= 1, default 1), ``train_samples`` (>= 1, default 2048).
-Logged per epoch: ``gblend_weight_<head>`` (``<modality>`` or ``fused``) and ``gblend_updates`` (estimates so far).
+each as the sum over batches of the batch-mean cross-entropy (the reference's sums; ``loss_reduction: mean`` gives
+per-sample means instead). Then, with the paper's definitions as the reference implements them,
+
+    Delta_G_k = val_first - val_last                                        (generalisation gained)
+    Delta_O_k = (val_last - train_last) - (val_first - train_first)         (overfitting gained)
+    w_k = |Delta_G_k| / Delta_O_k^2,   normalised to sum 1.
+
+The copies are thrown away; the real model and its optimiser are never touched (the copies share no tensor with
+them). Each copy draws the batches the real run will draw in the coming epochs (the run's sampler seed, epochs
+``N .. N + copy_epochs - 1``) and runs under a forked random state seeded from (run seed, epoch, head), so the
+estimate is the same in a resumed run and the real run's random stream does not move.
+
+Cost: each estimate trains M + 1 copies for ``copy_epochs`` epochs; with the defaults (10 and 10) that is M + 1
+extra trainings of the same length as the run. ``copy_batches`` (ours) caps the batches of a copy epoch.
+
+Differences from the paper, inherited from the reference: the uni-modal models are the multimodal network with
+the other inputs zeroed (the paper trains separate uni-modal networks), the per-modality heads are Concat's head
+split (not separate classifiers), the first measurement is taken after the copies' first epoch (not at the
+checkpoint), losses are sums over batches, and ``|Delta_G|`` is used (a head whose validation loss rose still gets
+a positive weight).
+
+Deviations from the reference code:
+
+* the copies train for ``copy_epochs`` epochs, a setting of its own (the reference trains them for ``super_epoch``
+  epochs; both default to 10, so the defaults agree). ``copy_epochs`` must be >= 2: with one epoch the reference's
+  first and last measurements coincide and its estimate is meaningless;
+* ``mode: offline`` estimates once, before epoch 1, with copies trained for ``train.epochs`` epochs as in the
+  reference, unless ``copy_epochs`` is given explicitly;
+* ``Delta_O^2`` is floored at 1e-12 and an estimate in which no head has a finite, non-zero weight is skipped (the
+  previous weights stay; uniform ones if it was the first): the reference divides by zero and gets inf / NaN;
+* the copies' batch order and random state are seeded as above (the reference continues its shared loader and the
+  global random state), and they apply ``optim.grad_clip`` and bf16 autocast like the real run (the reference has
+  neither, in either loop);
+* with an alpha strategy the blend replaces the classification term: ``(1 - alpha) sum_k w_k CE_k + alpha L_MM``
+  (the published method is ``--strategy constant --alpha 0``, the reference's loss). The loop always adds
+  ``(1 - alpha) CE_fused``; the logged extra term ``gblend_blend`` is the difference
+  ``(1 - alpha) ((w_fused - 1) CE_fused + sum_j w_j CE_j)``, so it can be negative;
+* ``copy_batches`` and ``loss_reduction: mean`` are ours (their defaults, 0 = whole epochs and ``batch-sum``, are
+  the reference's).
+
+Settings (``method.options.g-blend.*``): ``mode`` (online | offline, default online), ``super_epoch`` (>= 1,
+default 10), ``copy_epochs`` (>= 2, default 10), ``copy_batches`` (>= 0, default 0 = all), ``loss_reduction``
+(batch-sum | mean, default batch-sum).
+Logged per epoch: ``gblend_weight_<head>`` (``<modality>`` or ``fused``; the weights of that epoch),
+``gblend_updates`` (estimates so far) and, in an epoch that began with an estimate, ``gblend_generalisation_<head>``
+(Delta_G) and ``gblend_overfitting_<head>`` (Delta_O). The last estimate's recorded losses are in the checkpoint
+(method state ``last_estimate``).
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
+import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dmgl_cli.methods.rebalance_base import AuxHeadsModel, RebalanceMethod, autocast_for, split_batches
-from dmgl_cli.models import ModelOutput, MultimodalModel, build_model
+from dmgl_cli.data.loader import make_loader
+from dmgl_cli.errors import DmglError
+from dmgl_cli.methods.rebalance_base import RebalanceMethod, autocast_for, split_batches
+from dmgl_cli.models import ModelOutput, MultimodalModel
 
 FUSED = "fused"
+# Keeps w = |Delta_G| / Delta_O^2 finite when a head's overfitting did not change at all.
+MIN_OVERFIT_SQUARED = 1e-12
+
+
+def blend_weights(losses: dict[str, dict[str, float]]
+                  ) -> tuple[dict[str, float] | None, dict[str, float], dict[str, float]]:
+    """(weights, Delta_G, Delta_O) per head from the copies' recorded losses; weights is None when no head has a
+    finite, non-zero weight."""
+    gains, overfits, raw = {}, {}, {}
+    for head, loss in losses.items():
+        gains[head] = loss["val_first"] - loss["val_last"]
+        overfits[head] = (loss["val_last"] - loss["train_last"]) - (loss["val_first"] - loss["train_first"])
+        raw[head] = abs(gains[head]) / max(overfits[head] ** 2, MIN_OVERFIT_SQUARED)
+    total = sum(raw.values())
+    if not math.isfinite(total) or total <= 0:
+        return None, gains, overfits
+    return {head: value / total for head, value in raw.items()}, gains, overfits
+
+
+def fresh_optimizer(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """A new optimiser of ``optimizer``'s class built with the same settings (its base learning rate), no state."""
+    accepted = inspect.signature(type(optimizer)).parameters
+    # ``defaults`` also holds values the constructor derives itself (AdamW's decoupled_weight_decay).
+    settings = {key: value for key, value in optimizer.defaults.items() if key in accepted}
+    return type(optimizer)(groups, **settings)
+
+
+def keep_only(inputs: dict[str, Tensor], kept: set[str]) -> dict[str, Tensor]:
+    """The batch with the inputs of the modalities not in ``kept`` replaced by zeros."""
+    return {m: x if m in kept else torch.zeros_like(x) for m, x in inputs.items()}
 
 
 class GBlendMethod(RebalanceMethod):
-    """Online gradient blending; see the module docstring."""
+    """Gradient blending with weights from temporary copies; see the module docstring."""
 
     name = "g-blend"
-    per_modality_source = "own"
-    defaults: dict[str, Any] = {"super_epoch": 1, "train_samples": 2048}
+    per_modality_source = "head-split"
+    defaults: dict[str, Any] = {"mode": "online", "super_epoch": 10, "copy_epochs": 10, "copy_batches": 0,
+                                "loss_reduction": "batch-sum"}
 
     def __init__(self, config, options: dict[str, Any]):
         super().__init__(config, options)
         self.weights: dict[str, float] = {}
-        self.reference: dict[str, dict[str, float]] = {}  # losses at the last super-epoch boundary
         self.updates = 0
+        # {"epoch": the epoch it was made before, "losses": {head: {train_first, val_first, train_last, val_last}}}
+        self.last_estimate: dict[str, Any] = {}
 
     def check(self) -> None:
         super().check()
+        self.mode = self.setting_choice("mode", ("online", "offline"))
         self.super_epoch = self.setting_int("super_epoch", 1)
-        self.train_samples = self.setting_int("train_samples", 1)
-
-    def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> MultimodalModel:
-        concat = build_model(self.config, modalities, num_classes)
-        return AuxHeadsModel(concat.encoders, concat.fusion, self.config.model.embed_dim, num_classes)
+        self.copy_epochs = self.setting_int("copy_epochs", 0)
+        self.copy_batches = self.setting_int("copy_batches", 0)
+        self.loss_reduction = self.setting_choice("loss_reduction", ("batch-sum", "mean"))
+        if self.mode == "offline":
+            self.super_epoch = max(self.config.train.epochs, 1)  # one estimate, before the first epoch
+            if "copy_epochs" not in self.options:
+                self.copy_epochs = self.config.train.epochs
+        if self.copy_epochs < 2:
+            where = self.key("copy_epochs")
+            if self.mode == "offline" and "copy_epochs" not in self.options:
+                where = f"train.epochs (the copies' epochs under {self.key('mode')}=offline)"
+            raise DmglError(f"{where} must be >= 2, got {self.copy_epochs}: the estimate compares the copies' losses "
+                            "after their first and their last epoch")
 
     def heads(self, model: MultimodalModel) -> list[str]:
         return [*model.modalities, FUSED]
 
-    @torch.no_grad()
-    def head_losses(self, model: MultimodalModel, split: str) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        totals: dict[str, float] = {}
-        seen = 0
-        limit = self.train_samples if split == "train" else None
-        for inputs, labels in split_batches(self.trainer, split, limit, seed=self.trainer.config.data.split_seed):
-            with autocast_for(self.trainer):
-                output = model(inputs)
-            logits = {**output.unimodal_logits, FUSED: output.logits}
-            for head, z in logits.items():
-                totals[head] = totals.get(head, 0.0) + float(F.cross_entropy(z.float(), labels, reduction="sum"))
-            seen += int(labels.shape[0])
-        model.train(was_training)
-        return {head: total / max(seen, 1) for head, total in totals.items()}
-
-    def _measure(self, model: MultimodalModel) -> dict[str, dict[str, float]]:
-        return {"val": self.head_losses(model, "val"), "train": self.head_losses(model, "train")}
-
+    # -- the estimate ---------------------------------------------------------------------------------------------
     def start_of_epoch(self, model: MultimodalModel, epoch: int) -> None:
-        if not self.weights:
+        if (epoch - 1) % self.super_epoch == 0:
+            self.estimate(model, epoch)
+        if not self.weights:  # the first estimate was skipped (see blend_weights)
             heads = self.heads(model)
-            self.weights = {h: 1.0 / len(heads) for h in heads}
-        if not self.reference:
-            self.reference = self._measure(model)
+            self.weights = {head: 1.0 / len(heads) for head in heads}
 
-    def estimate(self, before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, float] | None:
-        """Blending weights from two measurements, or None when no head generalised better."""
-        raw = {}
-        for head in before["val"]:
-            gain = before["val"][head] - after["val"][head]
-            overfit = (after["val"][head] - after["train"][head]) - (before["val"][head] - before["train"][head])
-            raw[head] = max(gain, 0.0) / max(overfit * overfit, 1e-8)
-        total = sum(raw.values())
-        if total <= 0:
-            return None
-        return {head: value / total for head, value in raw.items()}
+    def estimate(self, model: MultimodalModel, epoch: int) -> None:
+        """Train the temporary copies from ``model`` and set the weights from their losses."""
+        losses = self.copy_losses(model, epoch)
+        self.last_estimate = {"epoch": epoch, "losses": losses}
+        weights, _, _ = blend_weights(losses)
+        if weights is not None:
+            self.weights = weights
+            self.updates += 1
 
+    def copy_losses(self, model: MultimodalModel, epoch: int) -> dict[str, dict[str, float]]:
+        trainer = self.trainer
+        # The real run's sampler (same seed, drop_last), so copy epoch e draws the batches of real epoch N + e.
+        loader = make_loader(trainer.splits.train, trainer.config.train.batch_size, shuffle=True, seed=trainer.seed,
+                             drop_last=True, num_workers=trainer.config.data.num_workers,
+                             pin_memory=trainer.device.type == "cuda")
+        return {head: self.train_copy(model, head, index, loader, epoch)
+                for index, head in enumerate(self.heads(model))}
+
+    def train_copy(self, model: MultimodalModel, head: str, index: int, loader, epoch: int) -> dict[str, float]:
+        """The four losses of ``head``'s copy of ``model``, trained for ``copy_epochs`` epochs."""
+        trainer = self.trainer
+        kept = set(model.modalities) if head == FUSED else {head}
+        replica = copy.deepcopy(model)
+        for parameter in replica.parameters():
+            parameter.grad = None
+        optimizer = fresh_optimizer(trainer.optimizer, self.param_groups(replica))
+        seed = int(np.random.SeedSequence([trainer.seed, epoch, index]).generate_state(1)[0])
+        record: dict[str, float] = {}
+        devices = [trainer.device] if trainer.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for copy_epoch in range(self.copy_epochs):
+                train_loss = self._train_copy_epoch(replica, optimizer, loader, kept, epoch - 1 + copy_epoch)
+                if copy_epoch in (0, self.copy_epochs - 1):
+                    which = "first" if copy_epoch == 0 else "last"
+                    record[f"train_{which}"] = train_loss
+                    record[f"val_{which}"] = self._copy_val_loss(replica, kept)
+        return record
+
+    def _reduce(self, total: float, samples: int) -> float:
+        return total if self.loss_reduction == "batch-sum" else total / max(samples, 1)
+
+    def _train_copy_epoch(self, replica: MultimodalModel, optimizer, loader, kept: set[str], sampler_epoch: int
+                          ) -> float:
+        trainer = self.trainer
+        replica.train()
+        loader.batch_sampler.set_epoch(sampler_epoch)
+        total = torch.zeros((), device=trainer.device)  # summed on the device: one host sync per epoch
+        batches = samples = 0
+        non_blocking = trainer.device.type == "cuda"
+        for batch in loader:
+            if self.copy_batches and batches >= self.copy_batches:
+                break
+            inputs = {m: t.to(trainer.device, non_blocking=non_blocking) for m, t in batch["inputs"].items()}
+            labels = batch["labels"].to(trainer.device, non_blocking=non_blocking)
+            with autocast_for(trainer):
+                logits = replica(keep_only(inputs, kept)).logits
+            loss = F.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if trainer.config.optim.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(replica.parameters(), trainer.config.optim.grad_clip)
+            optimizer.step()
+            size = int(labels.shape[0])
+            total += loss.detach() * (1 if self.loss_reduction == "batch-sum" else size)
+            batches, samples = batches + 1, samples + size
+        return self._reduce(float(total), samples)
+
+    @torch.no_grad()
+    def _copy_val_loss(self, replica: MultimodalModel, kept: set[str]) -> float:
+        replica.eval()
+        total = 0.0
+        samples = 0
+        for inputs, labels in split_batches(self.trainer, "val"):
+            with autocast_for(self.trainer):
+                logits = replica(keep_only(inputs, kept)).logits
+            loss = float(F.cross_entropy(logits.float(), labels))
+            size = int(labels.shape[0])
+            total += loss if self.loss_reduction == "batch-sum" else loss * size
+            samples += size
+        replica.train()
+        return self._reduce(total, samples)
+
+    # -- training ------------------------------------------------------------------------------------------------
     def on_epoch_end(self, model: MultimodalModel, epoch: int, val_metrics: dict[str, float]) -> dict[str, float]:
-        if epoch % self.super_epoch == 0:
-            now = self._measure(model)
-            weights = self.estimate(self.reference, now)
-            if weights is not None:
-                self.weights = weights
-                self.updates += 1
-            self.reference = now
-        metrics = {f"gblend_weight_{head}": w for head, w in self.weights.items()}
-        return {**self.epoch_statistics(), **metrics, "gblend_updates": float(self.updates)}
+        metrics = {f"gblend_weight_{head}": weight for head, weight in self.weights.items()}
+        metrics["gblend_updates"] = float(self.updates)
+        if self.last_estimate.get("epoch") == epoch:
+            _, gains, overfits = blend_weights(self.last_estimate["losses"])
+            for head in gains:
+                if math.isfinite(gains[head]) and math.isfinite(overfits[head]):
+                    metrics[f"gblend_generalisation_{head}"] = gains[head]
+                    metrics[f"gblend_overfitting_{head}"] = overfits[head]
+        return {**self.epoch_statistics(), **metrics}
 
     def extra_losses(self, output: ModelOutput, labels: Tensor, step: dict[str, Any]) -> dict[str, Tensor]:
         keep = 1.0 - float(step["alpha"])
@@ -123,11 +269,20 @@ class GBlendMethod(RebalanceMethod):
             blend = blend + self.weights[modality] * F.cross_entropy(logits.float(), labels)
         return {"gblend_blend": keep * blend}
 
+    # -- state ---------------------------------------------------------------------------------------------------
     def method_state(self) -> dict[str, Any]:
-        return {"weights": dict(self.weights), "reference": {k: dict(v) for k, v in self.reference.items()},
-                "updates": self.updates}
+        estimate = {}
+        if self.last_estimate:
+            estimate = {"epoch": int(self.last_estimate["epoch"]),
+                        "losses": {h: dict(v) for h, v in self.last_estimate["losses"].items()}}
+        return {"weights": dict(self.weights), "updates": self.updates, "last_estimate": estimate}
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         self.weights = {k: float(v) for k, v in state.get("weights", {}).items()}
-        self.reference = {k: {h: float(x) for h, x in v.items()} for k, v in state.get("reference", {}).items()}
         self.updates = int(state.get("updates", 0))
+        estimate = state.get("last_estimate") or {}
+        self.last_estimate = {}
+        if estimate:
+            self.last_estimate = {"epoch": int(estimate["epoch"]),
+                                  "losses": {h: {k: float(x) for k, x in v.items()}
+                                             for h, v in estimate["losses"].items()}}

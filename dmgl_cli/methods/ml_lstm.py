@@ -1,16 +1,20 @@
-"""ML-LSTM: multi-layer LSTM fusion (Nie et al., Multimedia Tools and Applications 2021).
+"""ML-LSTM: multi-layer LSTM fusion (Nie, Yan, Song & Wang, Multimedia Tools and Applications 2021).
 
-Nie et al. fuse modality features with stacked LSTM layers; their setting has a sequence of utterances per video,
-which the datasets here do not (one clip, one label), and the DMGL paper does not describe its adaptation. The
-choice made here: the LSTM runs over the sequence of modality embeddings, one step per modality in the dataset's
-modality order::
+Our reconstruction (no public code): the authors released none. Nie et al. fuse modality features with stacked
+LSTM layers over a sequence of utterances per video; the datasets here have one clip per label, and the DMGL paper,
+which lists ML-LSTM in its tables, does not describe its adaptation.
 
-    h = LSTM_L(...LSTM_1([z_1, z_2, ..., z_m]))      # num_layers stacked layers, hidden size `hidden`
+Choices that are ours: the LSTM runs over the sequence of modality embeddings, one step per modality in the
+dataset's modality order::
+
+    h = LSTM_L(...LSTM_1([z_1, z_2, ..., z_m]))      # `layers` stacked layers, hidden size `hidden`
     logits = W h_m + b                                # the top layer's state after the last modality
 
 so every modality's features pass through every layer, and the fused state carries the interactions the
-recurrence builds. ML-LSTM has no per-modality predictions: per-modality scores come from linear probes on the
-detached embeddings (``per_modality_source = "probe"``).
+recurrence builds; the classifier is one linear layer on that last state; ``layers = 2``, ``hidden =
+model.embed_dim``, no dropout between layers. ML-LSTM has no per-modality predictions: per-modality scores come
+from linear probes on the detached embeddings (``per_modality_source = "probe"``), trained with their own Adam at
+``probe_lr`` and never touching the model.
 
 Settings (``method.options.ml-lstm.*``): ``layers`` (2, stacked LSTM layers), ``hidden`` (null = model.embed_dim),
 ``dropout`` (0.0, between LSTM layers), ``probe_lr`` (1e-3).

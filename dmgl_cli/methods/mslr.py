@@ -1,70 +1,127 @@
 """MSLR: modality-specific learning rates for late fusion (Yao & Mihalcea, Findings of ACL 2022).
 
-Concat with a linear head is additive late fusion — its logits are the sum of the per-modality predictions
-``W_j z_j`` plus a bias — so MSLR applies to it directly: each modality's encoder gets its own learning rate, the
-fusion head keeps the global one. The optimiser has one parameter group per modality encoder and one for the rest;
-before every epoch a modality's rate is ``lr_scale_j * dynamic_j * lr``, with ``lr`` the shared group's current rate
-(so the LR scheduler still applies to every group).
+Follows the MSLR baseline in the code of AGM (Li et al., ICCV 2023), github.com/lihong2303/AGM_ICCV2023, which the
+comparison tables of this line of work reuse: ``run/CREMAD_main.py`` (likewise ``AVMNIST_main.py``,
+``URFunny_main.py``), function ``train`` (the ``methods == "MSLR"`` branch) and the epoch loop of ``CREMAD_main``
+(the ``audio_lr_memory`` update). We found no code from the MSLR authors.
 
-The paper proposes three ways to set the rates: *keep* the rates that suit each uni-modal model (``schedule:
-keep``: ``lr_scale`` per modality, fixed), *smooth* and *dynamic*. ``schedule: dynamic`` (the default) follows the
-MSLR baseline in the code of AGM (Li et al., ICCV 2023; github.com/lihong2303/AGM_ICCV2023), which the comparison
-tables of this line of work reuse: once ``window`` epochs have been seen, ``dynamic_j`` is modality j's validation
-accuracy this epoch divided by its mean over the previous ``window`` epochs (5 there), so a modality that is still
-improving learns faster and one that has stalled slows down. That code uses initial scales of 1.3 (audio) and 0.7
-(visual); they are dataset-specific and go in a recipe as ``lr_scale: {audio: 1.3, visual: 0.7}`` (default 1.0).
-The per-modality accuracy is that of Concat's head split on the validation split.
+Concat with a linear head is additive late fusion — its logits are the sum of the per-modality predictions
+``W_j z_j`` plus a bias, the AGM code's ``audio_cls(a) + visual_cls(v)`` — so MSLR applies to it directly.
+Modality j's rate is scaled by
+
+    coeff_j = lr_scale_j * dynamic_j
+
+and, as in that code, the scaling is applied to the GRADIENTS of modality j's branch after backward: its encoder
+and its classifier, i.e. its columns ``W_j`` of the head (``params.grad * mslr_audio_coeff`` for every parameter
+of ``audio_net`` and ``audio_cls``). With plain SGD that is a learning rate of ``coeff_j * lr``; the weight decay
+the optimiser adds is not scaled. The scaling is active in epochs ``start_epoch..end_epoch`` (the code's
+``modulation_starts <= epoch <= modulation_ends``, defaults 0 and 20 with 1-based epochs: epochs 1-20); outside
+them every branch trains at the global rate.
+
+``dynamic_j`` (``schedule: dynamic``, the code's ``audio_lr_ratio``) starts at 1; after each epoch, once
+``window`` (5) accuracies are stored, it becomes modality j's validation accuracy this epoch divided by the mean of
+the stored ones, and the window slides. It is updated every epoch, inside or outside the modulation window.
+``schedule: keep`` fixes ``dynamic_j = 1`` (the paper's "keep" strategy). ``lr_scale`` is the code's
+``*_lr_init_coeff``: dataset-specific there (AV-MNIST audio 1.3 / visual 0.7, CREMA-D 0.9 / 1.1, UR-Funny audio 0.9 /
+visual 1.4 / text 0.7), so the default is 1.0 and a recipe sets its dataset's values.
+
+Deviations from the AGM code:
+
+* Concat has ONE bias shared by the modalities (AGM's late-fusion model has one per modality classifier); it is
+  not scaled.
+* The per-modality accuracy is that of Concat's head split on the validation split (the code uses its test
+  loader). The CREMA-D ``test`` there counts ``acc_a`` when the VISUAL prediction is right (a slip that makes both
+  ratios follow the visual accuracy); the true per-modality accuracies are used here.
+* ``scaling: learning-rate`` (ours) gives each encoder its own optimiser parameter group with rate
+  ``coeff_j * lr`` instead (the head, one tensor, keeps the global rate). Use it with Adam: Adam normalises the
+  gradient, so the code's gradient scaling has almost no effect under Adam.
 
 Settings (``method.options.mslr.*``): ``lr_scale`` (a number, or ``{modality: number}``; default 1.0),
-``schedule`` (keep | dynamic; default dynamic), ``window`` (>= 1, default 5).
-Logged per epoch: ``mslr_lr_<modality>`` (the rate the epoch trained with) and ``mslr_dynamic_<modality>``.
+``schedule`` (keep | dynamic; default dynamic), ``window`` (>= 1, default 5), ``start_epoch`` / ``end_epoch``
+(1-based, inclusive; default 1 and 20), ``scaling`` (gradient | learning-rate; default gradient).
+Logged per epoch: ``mslr_coeff_<modality>`` (the factor the epoch trained with: 1 outside the window),
+``mslr_lr_<modality>`` (the rate that amounts to) and ``mslr_dynamic_<modality>``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from dmgl_cli.methods.rebalance_base import RebalanceMethod
-from dmgl_cli.models import MultimodalModel
+from dmgl_cli.errors import DmglError
+from dmgl_cli.methods.rebalance_base import RebalanceMethod, concat_head, encoder_parameters, head_columns
+from dmgl_cli.models import ModelOutput, MultimodalModel
+
+
+@torch.no_grad()
+def scale_branch_gradients(model: MultimodalModel, coefficients: dict[str, float]) -> None:
+    """Multiply the gradients of each modality's encoder and of its head columns ``W_j`` by its coefficient."""
+    weight = concat_head(model).head.weight
+    for modality, coefficient in coefficients.items():
+        for param in encoder_parameters(model, modality):
+            if param.grad is not None:
+                param.grad.mul_(coefficient)
+        if weight.grad is not None:
+            weight.grad[:, head_columns(model, modality)] *= coefficient
 
 
 class MSLRMethod(RebalanceMethod):
     """Modality-specific learning rates; see the module docstring."""
 
     name = "mslr"
-    defaults: dict[str, Any] = {"lr_scale": 1.0, "schedule": "dynamic", "window": 5}
+    defaults: dict[str, Any] = {"lr_scale": 1.0, "schedule": "dynamic", "window": 5, "start_epoch": 1,
+                                "end_epoch": 20, "scaling": "gradient"}
 
     def __init__(self, config, options: dict[str, Any]):
         super().__init__(config, options)
         self.dynamic: dict[str, float] = {}
         self.memory: dict[str, list[float]] = {}
+        self.coefficients: dict[str, float] = {}  # in force this epoch (1 outside the window)
 
     def check(self) -> None:
         super().check()
         self.schedule = self.setting_choice("schedule", ("keep", "dynamic"))
+        self.scaling = self.setting_choice("scaling", ("gradient", "learning-rate"))
         self.window = self.setting_int("window", 1)
+        self.start_epoch = self.setting_int("start_epoch", 1)
+        self.end_epoch = self.setting_int("end_epoch", 1)
+        if self.end_epoch < self.start_epoch:
+            raise DmglError(f"{self.key('end_epoch')} ({self.end_epoch}) must be >= {self.key('start_epoch')} "
+                            f"({self.start_epoch})")
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         self.scales = self.per_modality_floats("lr_scale", list(model.encoders), 1.0)
+        if self.scaling == "gradient":
+            return super().param_groups(model)
         encoder_ids = {id(p) for p in model.encoders.parameters()}
         shared = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_ids]
         groups = [{"params": shared, "modality": None}]
         for modality, encoder in model.encoders.items():
-            groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "modality": modality,
-                           "lr": self.config.optim.lr * self.scales[modality]})
+            groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "modality": modality})
         return groups
 
+    def coefficients_for(self, epoch: int) -> dict[str, float]:
+        """``lr_scale_j * dynamic_j`` per modality in the modulation window, 1 outside it."""
+        active = self.start_epoch <= epoch <= self.end_epoch
+        return {m: self.scales[m] * self.dynamic.get(m, 1.0) if active else 1.0 for m in self.scales}
+
     def start_of_epoch(self, model: MultimodalModel, epoch: int) -> None:
+        self.coefficients = self.coefficients_for(epoch)
         groups = self.trainer.optimizer.param_groups
-        shared_lr = next(g["lr"] for g in groups if g.get("modality") is None)
+        shared_lr = next((g["lr"] for g in groups if g.get("modality") is None), groups[0]["lr"])
         for group in groups:
-            modality = group.get("modality")
-            if modality is None:
-                continue
-            group["lr"] = shared_lr * self.scales[modality] * self.dynamic.get(modality, 1.0)
-            self.track({f"mslr_lr_{modality}": group["lr"], f"mslr_dynamic_{modality}": self.dynamic.get(modality, 1.0)})
+            if group.get("modality") is not None:
+                group["lr"] = shared_lr * self.coefficients[group["modality"]]
+        for modality, coefficient in self.coefficients.items():
+            self.track({f"mslr_coeff_{modality}": coefficient, f"mslr_lr_{modality}": shared_lr * coefficient,
+                        f"mslr_dynamic_{modality}": self.dynamic.get(modality, 1.0)})
+
+    def after_backward(self, model: MultimodalModel, output: ModelOutput, labels: Tensor, step: dict[str, Any]) -> None:
+        if self.scaling == "gradient":
+            # Read per step, not from start_of_epoch: the same coefficients, also right after a mid-epoch resume.
+            scale_branch_gradients(model, self.coefficients_for(step["epoch"]))
 
     def on_epoch_end(self, model: MultimodalModel, epoch: int, val_metrics: dict[str, float]) -> dict[str, float]:
         if self.schedule == "dynamic":

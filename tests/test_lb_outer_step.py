@@ -1,0 +1,121 @@
+"""The learning-based strategy's outer step inside the trainer: where its data comes from, what its forward may
+change, and what it logs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dmgl_cli.config import load_config
+from dmgl_cli.errors import DmglError
+from dmgl_cli.runner import open_dataset
+from dmgl_cli.train import Trainer, hold_out
+
+
+class NullSink:
+    def log_metrics(self, metrics, step):
+        pass
+
+    def save_checkpoint(self, name, state):
+        pass
+
+
+def _trainer(overrides=()):
+    config = load_config("synthetic", ["train.epochs=2", "train.batch_size=32", "strategy.name=lb", *overrides])
+    return Trainer(config, open_dataset("synthetic"), 0, NullSink())
+
+
+def test_default_outer_data_is_a_stratified_holdout_apart_from_validation(synthetic):
+    trainer = _trainer()
+    lb = trainer.config.strategy.lb
+    assert lb.outer_data == "holdout" and lb.holdout == 0.05
+    held, train, val = (set(s.indices.tolist()) for s in (trainer.holdout, trainer.splits.train, trainer.splits.val))
+    assert held and not held & train and not held & val
+    assert len(held) + len(train) == 405  # 450 training samples minus the 10% validation split
+    # stratified: every class of the training split is in the holdout, in proportion
+    labels = np.asarray(trainer.holdout.labels)
+    assert set(labels.tolist()) == set(np.asarray(trainer.splits.train.labels).tolist())
+    assert trainer._outer_split() is trainer.holdout
+    # the same samples for every training seed: they depend on data.split_seed only
+    other_seed = Trainer(trainer.config, open_dataset("synthetic"), 5, NullSink())
+    assert np.array_equal(other_seed.holdout.indices, trainer.holdout.indices)
+
+
+def test_holdout_count_and_errors(synthetic):
+    trainer = _trainer()
+    kept, held = hold_out(trainer.splits.train, 16, seed=1, transform=None)
+    assert len(held) == 16 and len(kept) == len(trainer.splits.train) - 16
+    again = hold_out(trainer.splits.train, 16, seed=1, transform=None)[1]
+    assert np.array_equal(again.indices, held.indices)  # seeded, in the drawn order
+    with pytest.raises(DmglError, match="strategy.lb.holdout"):
+        hold_out(trainer.splits.train, len(trainer.splits.train), seed=1, transform=None)
+    with pytest.raises(DmglError, match="strategy.lb.holdout must be"):
+        load_config("synthetic", ["strategy.lb.holdout=1.5"])
+    val_trainer = _trainer(["strategy.lb.outer_data=val"])
+    assert val_trainer.holdout is None and val_trainer._outer_split() is val_trainer.splits.val
+
+
+def test_outer_forward_changes_no_running_state_and_is_deterministic(synthetic):
+    trainer = _trainer(["strategy.lb.approx=cg", "strategy.lb.terms=3"])
+    # give one encoder BatchNorm and dropout, the state an outer forward in train mode would touch
+    trainer.model.encoders["fast"] = nn.Sequential(nn.BatchNorm1d(32), nn.Dropout(0.5), trainer.model.encoders["fast"])
+    trainer.optimizer = trainer._build_optimizer()
+    batch_norm = trainer.model.encoders["fast"][0]
+    batch_norm.running_mean.fill_(0.3)
+    before = {k: v.clone() for k, v in batch_norm.state_dict().items()}
+    trainer.model.train()
+    first = trainer._outer_output()[0].logits
+    second = trainer._outer_output()[0].logits
+    torch.testing.assert_close(first, second, rtol=0, atol=0)  # no dropout, no batch statistics
+    for key, value in batch_norm.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert trainer.model.training  # the train/eval mode is restored
+    # a whole hypergradient leaves the buffers alone too (the inner forward is the training step's own)
+    inputs = {m: torch.randn(8, 32) for m in ("fast", "slow")}
+    with torch.no_grad():
+        pass
+    output = trainer.model(inputs)
+    after_inner = {k: v.clone() for k, v in batch_norm.state_dict().items()}
+    from dmgl_cli.train import compute_losses
+
+    cls_loss, mm_loss = compute_losses(trainer.method, trainer.config, output, torch.randint(0, 8, (8,)))
+    trainer._alpha_hypergradient(cls_loss, mm_loss)
+    for key, value in batch_norm.state_dict().items():
+        assert torch.equal(value, after_inner[key]), key
+
+
+def test_hypergradient_uses_the_optimisers_weight_decay(synthetic, monkeypatch):
+    seen = {}
+    import dmgl_cli.train as train_module
+
+    real = train_module.implicit_hypergradient
+
+    def spy(*args, **kwargs):
+        seen["weight_decay"] = kwargs["weight_decay"]
+        seen["scale"] = args[7]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "implicit_hypergradient", spy)
+    for optimiser, expected in (("sgd", 1e-4), ("adam", 1e-4), ("adamw", 0.0)):
+        trainer = _trainer([f"optim.name={optimiser}", "strategy.lb.update_every=2"])
+        trainer._train_epoch()
+        assert set(seen["weight_decay"]) == {expected}, optimiser
+        assert seen["scale"] == pytest.approx(trainer.optimizer.param_groups[0]["lr"])  # identity, scale auto
+
+
+def test_cg_and_neumann_log_what_they_met(synthetic):
+    cg = _trainer(["strategy.lb.approx=cg", "strategy.lb.terms=4", "strategy.lb.update_every=3"])
+    metrics = cg._train_epoch()
+    assert 1 <= metrics["alpha_hessian_products"] <= 4
+    assert 0.0 <= metrics["alpha_cg_negative_curvature"] <= 1.0 and metrics["alpha_cg_residual"] >= 0.0
+    neumann = _trainer(["strategy.lb.approx=neumann", "strategy.lb.terms=4", "strategy.lb.update_every=3",
+                        "strategy.lb.curvature_refresh=100"])
+    metrics = neumann._train_epoch()
+    assert metrics["alpha_lambda_max"] > 0
+    # lambda_max was estimated once (power iterations) and then reused: later updates take only the series
+    assert neumann.strategy.eigenvalue_update == 0 and neumann.strategy.updates > 1
+    identity = _trainer(["strategy.lb.update_every=3"])
+    metrics = identity._train_epoch()
+    assert "alpha_hessian_products" not in metrics and "alpha_hypergradient" in metrics
