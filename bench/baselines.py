@@ -10,7 +10,7 @@ file: ``concat`` gives Concat (``--strategy constant --alpha 0``), Ours-H (``heu
 method runs as published, without the matching loss (``constant``, alpha 0), or with the first strategy it allows.
 
     python bench/baselines.py                       # 3 seeds, the synthetic recipe (20 epochs)
-    python bench/baselines.py --epochs 10 --only ogm  # rows whose label contains "ogm"
+    python bench/baselines.py --epochs 10 --only ogm,pmr  # rows whose label contains "ogm" or "pmr"
     DMGL_HOME=/tmp/bench python bench/baselines.py  # keep the runs (default: a temporary registry)
 """
 
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, help="override the recipe's train.epochs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override KEY=VALUE")
-    parser.add_argument("--only", help="run only rows whose label contains this text")
+    parser.add_argument("--only", help="run only rows whose label contains one of these comma-separated texts")
     args = parser.parse_args()
 
     home, modalities = common.kept_registry_with_synthetic()
@@ -65,7 +65,8 @@ def main() -> None:
     overrides.append(f"experiment={EXPERIMENT}")
     rows = rows_for(METHODS, modalities)
     if args.only:
-        rows = [r for r in rows if args.only in r[0]]
+        wanted = [text for text in args.only.split(",") if text]
+        rows = [r for r in rows if any(text in r[0] for text in wanted)]
 
     print(f"registry {home}; {args.seeds} seeds; overrides {overrides}", flush=True)
     header = f"{'method':<18} {'multimodal ACC':>16} " + " ".join(f"{m + ' ACC':>16}" for m in modalities)

@@ -21,6 +21,7 @@ checkpoints to a :class:`RunSink`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -42,6 +43,7 @@ from dmgl_cli.data.splits import stratified_split
 from dmgl_cli.data.transforms import build_transforms, model_input_specs
 from dmgl_cli.errors import DmglError, Interrupted
 from dmgl_cli.hypergradient import (
+    Hypergradient,
     coupled_weight_decay,
     first_tensor_hessian_gradient_mean,
     implicit_hypergradient,
@@ -329,6 +331,8 @@ class Trainer:
         sampler.skip = position.get("batch", 0)
         sums: dict[str, Tensor] = {k: torch.tensor(v, device=self.device) for k, v in position.get("sums", {}).items()}
         seen = position.get("seen", 0)
+        # the hypergradients of the epoch's first part, so that its summary metrics match an uninterrupted run's
+        self._hypergradient_records = [Hypergradient(**record) for record in position.get("hypergradients", [])]
         started = time.perf_counter() - position.get("seconds", 0.0)
         passes = method.train_passes()  # optimiser steps per batch: one, or one per modality (MLA)
         for index, batch in enumerate(self.train_loader, start=sampler.skip):
@@ -363,6 +367,7 @@ class Trainer:
                     sums[name] = sums.get(name, 0) + value.detach().float() * size
             if self.stop_requested and index < batches - 1:
                 self._epoch_position = {"batch": index + 1, "sums": {k: float(v) for k, v in sums.items()},
+                                        "hypergradients": [dataclasses.asdict(r) for r in self._hypergradient_records],
                                         "seen": seen, "seconds": time.perf_counter() - started}
                 self.sink.save_checkpoint("last", self.state_dict())
                 raise Interrupted()

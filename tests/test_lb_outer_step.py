@@ -11,7 +11,7 @@ from torch import nn
 from dmgl_cli.config import load_config
 from dmgl_cli.errors import DmglError
 from dmgl_cli.runner import open_dataset
-from dmgl_cli.train import Trainer, hold_out
+from dmgl_cli.train import Trainer, compute_losses, hold_out
 
 
 class NullSink:
@@ -74,12 +74,8 @@ def test_outer_forward_changes_no_running_state_and_is_deterministic(synthetic):
     assert trainer.model.training  # the train/eval mode is restored
     # a whole hypergradient leaves the buffers alone too (the inner forward is the training step's own)
     inputs = {m: torch.randn(8, 32) for m in ("fast", "slow")}
-    with torch.no_grad():
-        pass
     output = trainer.model(inputs)
     after_inner = {k: v.clone() for k, v in batch_norm.state_dict().items()}
-    from dmgl_cli.train import compute_losses
-
     cls_loss, mm_loss = compute_losses(trainer.method, trainer.config, output, torch.randint(0, 8, (8,)))
     trainer._alpha_hypergradient(cls_loss, mm_loss)
     for key, value in batch_norm.state_dict().items():
@@ -119,3 +115,38 @@ def test_cg_and_neumann_log_what_they_met(synthetic):
     identity = _trainer(["strategy.lb.update_every=3"])
     metrics = identity._train_epoch()
     assert "alpha_hessian_products" not in metrics and "alpha_hypergradient" in metrics
+
+
+class KeepingSink(NullSink):
+    def __init__(self):
+        self.checkpoints = {}
+
+    def save_checkpoint(self, name, state):
+        self.checkpoints[name] = state
+
+
+def test_mid_epoch_resume_keeps_the_epochs_hypergradient_records(synthetic):
+    from dmgl_cli.errors import Interrupted
+
+    settings = ["strategy.lb.approx=cg", "strategy.lb.terms=3", "strategy.lb.update_every=2", "train.epochs=1"]
+    reference = _trainer(settings)
+    expected = reference.fit().history[0]
+    sink = KeepingSink()
+    config = load_config("synthetic", ["train.batch_size=32", "strategy.name=lb", *settings])
+    stopped = Trainer(config, open_dataset("synthetic"), 0, sink)
+    original = stopped._alpha_hypergradient
+
+    def stop_after_two_updates(*args):
+        value = original(*args)
+        stopped.stop_requested = len(stopped._hypergradient_records) == 2
+        return value
+
+    stopped._alpha_hypergradient = stop_after_two_updates
+    with pytest.raises(Interrupted):
+        stopped.fit()
+    resumed = Trainer(config, open_dataset("synthetic"), 0, NullSink())
+    resumed.load_state_dict(sink.checkpoints["last"], "test")
+    metrics = resumed.fit().history[0]
+    for key in ("alpha", "alpha_hypergradient", "alpha_hessian_products", "alpha_cg_residual",
+                "alpha_cg_negative_curvature", "train_loss", "val_acc"):
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
