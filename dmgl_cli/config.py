@@ -74,7 +74,9 @@ class LearningBasedConfig:
     alpha_lr: float = 0.05  # adam: about how far alpha moves per update; sgd: multiplies the hypergradient
     alpha_optimizer: str = "adam"  # adam (step independent of the hypergradient's magnitude) | sgd (Algorithm 1)
     alpha_lr_halving: int | None = None  # halve alpha_lr every N epochs (the authors' code: 20); null: never
-    update_every: int | str = 20  # optimiser steps between alpha updates, "epoch" (end) or "epoch_start"
+    # "epoch": once at each epoch's end, after its inner loop (Algorithm 1); N: every N optimiser steps;
+    # "epoch_start": before each epoch (the released code, with approx official)
+    update_every: int | str = "epoch"
     # identity: first-order one-step look-ahead (no curvature) | cg, neumann: Eq. 3's H^-1 | official: the
     # authors' released rule (dmgl-official)
     approx: str = "identity"

@@ -60,11 +60,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods.fusion_base import FusionMethod, FusionModel, encoders_for
+from dmgl_cli.methods.sum import SumFusion
 
 LOG = logging.getLogger("dmgl")
 
@@ -101,17 +101,13 @@ EQ3_SETTINGS: tuple[tuple[str, str, Any], ...] = tuple(
 _warned: set[str] = set()  # the CLI resolves a config more than once; say each change once per process
 
 
-class MeanOfHeadsFusion(nn.Module):
+class MeanOfHeadsFusion(SumFusion):
     """``AVClassifier``'s heads: one linear classifier (with bias) per modality; the fused logits whose cross-entropy
     is L_CLS are their mean ½(o_a + o_v) (the released code's ``0.5 * o_v + 0.5 * o_a``)."""
 
-    def __init__(self, modalities: list[str], embed_dim: int, num_classes: int):
-        super().__init__()
-        self.heads = nn.ModuleDict({m: nn.Linear(embed_dim, num_classes) for m in modalities})
-
     def forward(self, embeddings: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], dict[str, Any]]:
-        unimodal = {m: head(embeddings[m]) for m, head in self.heads.items()}
-        return torch.stack(list(unimodal.values())).mean(dim=0), unimodal, {}
+        summed, unimodal, extras = super().forward(embeddings)
+        return summed / len(unimodal), unimodal, extras
 
 
 def _pin(config, settings: tuple[tuple[str, str, Any], ...], method: str) -> None:
