@@ -27,7 +27,7 @@ from dmgl_cli.metrics import summarise_over_seeds
 from dmgl_cli.paths import safe_name
 from dmgl_cli.plots import alpha_figure, close
 from dmgl_cli.tracking import RunRecorder, Tracker
-from dmgl_cli.train import Trainer, TrainResult, evaluate
+from dmgl_cli.train import Trainer, TrainResult, check_against_dataset, evaluate
 
 # progress(seed, epoch, total_epochs, metrics)
 Progress = Callable[[int, int, int, dict[str, float]], None]
@@ -188,6 +188,7 @@ def train(config: Config, seeds: list[int], *, tracking_uri: str | None = None, 
     run_name = safe_name(run_name or f"{config.method.name}-{config.strategy.name}", "run name")
     build_method(config)  # the method checks its settings now, so a bad one creates no MLflow run
     dataset = open_dataset(config.dataset)
+    check_against_dataset(config, dataset)  # and so do settings that do not fit the dataset
     tracker = Tracker(tracking_uri)
     experiment = config.experiment or config.dataset
     experiment_id = tracker.experiment_id(experiment)

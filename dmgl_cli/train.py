@@ -172,6 +172,14 @@ def hold_out(train: ArraySplit, holdout: int | float, seed: int, transform) -> t
             ArraySplit(train.arrays, train.indices[chosen], transform))
 
 
+def check_against_dataset(config: Config, dataset: PreparedDataset) -> None:
+    """Refuse settings that do not fit ``dataset`` before any run is created: the LB strategy's holdout must leave
+    samples both for its outer batches and for training."""
+    if config.strategy.name == "lb" and config.strategy.lb.outer_data == "holdout":
+        splits = make_splits(dataset, config.data.val_fraction, config.data.split_seed)
+        hold_out(splits.train, config.strategy.lb.holdout, config.data.split_seed, None)
+
+
 class Trainer:
     """One seed of one configuration on one dataset."""
 

@@ -150,3 +150,12 @@ def test_mid_epoch_resume_keeps_the_epochs_hypergradient_records(synthetic):
     for key in ("alpha", "alpha_hypergradient", "alpha_hessian_products", "alpha_cg_residual",
                 "alpha_cg_negative_curvature", "train_loss", "val_acc"):
         assert metrics[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
+
+
+def test_a_holdout_that_does_not_fit_the_dataset_creates_no_run(run_cli, synthetic, registry):
+    from dmgl_cli.tracking import Tracker
+
+    result = run_cli("train", "--strategy", "lb", "--set", "strategy.lb.holdout=100000", "--epochs", "1", expect=1)
+    assert "strategy.lb.holdout asks for 100000 held-out samples" in result.output and "parent run" not in result.output
+    assert not (registry / "mlflow.db").exists() or not Tracker().search(
+        [e.experiment_id for e in Tracker().client.search_experiments()])
