@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -58,7 +57,6 @@ def main() -> None:
     args = parser.parse_args()
 
     home, modalities = common.kept_registry_with_synthetic()
-    from dmgl_cli import runner
     from dmgl_cli.config import load_config
     from dmgl_cli.methods import METHODS
     overrides = list(args.overrides) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
@@ -75,14 +73,9 @@ def main() -> None:
     print(header, flush=True)
     for label, settings in rows:
         config = load_config("synthetic", settings + overrides)
-        started = time.perf_counter()
         run_name = "bench-" + "".join(c if c.isalnum() or c in "._-" else "-" for c in label).strip("-")
-        outcome = runner.train(config, list(range(args.seeds)), run_name=run_name)
-        seconds = time.perf_counter() - started
-        summary = outcome.summary
-        line = f"{label:<18} {common.seed_cell(summary, 'test_acc')} "
-        line += " ".join(common.seed_cell(summary, f"test_acc_{m}") for m in modalities)
-        line += f" {common.seed_cell(summary, 'test_gap_acc')} {seconds:>8.1f}"
+        summary, seconds = common.train_seeds(config, args.seeds, run_name)
+        line = f"{common.accuracy_line(label, summary, modalities, width=18)} {seconds:>8.1f}"
         lines.append(line)
         print(line, flush=True)
 

@@ -73,6 +73,23 @@ def seed_cell(summary: dict[str, float], key: str) -> str:
     return f"{summary[key + '_mean']:>9.4f}±{summary[key + '_std']:.4f}"
 
 
+def train_seeds(config, seeds: int, run_name: str) -> tuple[dict[str, float], float]:
+    """Train ``config`` over seeds 0..seeds-1 through the runner (one parent run); (summary, seconds)."""
+    from dmgl_cli import runner
+
+    started = time.perf_counter()
+    outcome = runner.train(config, list(range(seeds)), run_name=run_name)
+    return outcome.summary, time.perf_counter() - started
+
+
+def accuracy_line(label: str, summary: dict[str, float], modalities: list[str], width: int = 22,
+                  gap: bool = True) -> str:
+    """``label``, fused and per-modality test ACC (and the gap) as ``mean±std`` cells, for the accuracy tables."""
+    line = f"{label:<{width}} {seed_cell(summary, 'test_acc')} "
+    line += " ".join(seed_cell(summary, f"test_acc_{m}") for m in modalities)
+    return line + (f" {seed_cell(summary, 'test_gap_acc')}" if gap else "")
+
+
 def set_threads(threads: int | None) -> int:
     if threads:
         torch.set_num_threads(threads)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -38,7 +37,6 @@ def main() -> None:
     args = parser.parse_args()
 
     home, dataset_modalities = common.kept_registry_with_synthetic()
-    from dmgl_cli import runner
     from dmgl_cli.config import load_config
     from dmgl_cli.methods import METHODS
 
@@ -57,14 +55,8 @@ def main() -> None:
     lines = [header, "-" * len(header)]
     for label, settings in rows:
         config = load_config("synthetic", settings + args.overrides)
-        started = time.perf_counter()
-        outcome = runner.train(config, list(range(args.seeds)), run_name=f"bench-{label.split()[0]}")
-        seconds = time.perf_counter() - started
-        s = outcome.summary
-
-        line = f"{label:<22} {common.seed_cell(s, 'test_acc')} "
-        line += " ".join(common.seed_cell(s, f"test_acc_{m}") for m in dataset_modalities)
-        line += f" {common.seed_cell(s, 'test_gap_acc')} {seconds:>8.1f}"
+        summary, seconds = common.train_seeds(config, args.seeds, f"bench-{label.split()[0]}")
+        line = f"{common.accuracy_line(label, summary, dataset_modalities)} {seconds:>8.1f}"
         lines.append(line)
         print(line, flush=True)
     print()

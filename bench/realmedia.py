@@ -290,13 +290,8 @@ def main() -> None:
     lines = [header, "-" * len(header)]
     for label, settings in rows:
         config = load_config(RECIPE, overrides + settings + args.overrides)
-        started = time.perf_counter()
-        outcome = runner.train(config, list(range(args.seeds)), run_name=f"realmedia-{label.split()[0]}")
-        per_run = (time.perf_counter() - started) / args.seeds
-        summary = outcome.summary
-        line = f"{label:<22} {common.seed_cell(summary, 'test_acc')} "
-        line += " ".join(common.seed_cell(summary, f"test_acc_{m}") for m in modalities)
-        line += f" {per_run:>6.1f}"
+        summary, seconds = common.train_seeds(config, args.seeds, f"realmedia-{label.split()[0]}")
+        line = f"{common.accuracy_line(label, summary, modalities, gap=False)} {seconds / args.seeds:>6.1f}"
         lines.append(line)
         print(line, flush=True)
     print()
