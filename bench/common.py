@@ -90,6 +90,27 @@ def accuracy_line(label: str, summary: dict[str, float], modalities: list[str], 
     return line + (f" {seed_cell(summary, 'test_gap_acc')}" if gap else "")
 
 
+def accuracy_table(recipe: str, rows: list[tuple[str, list[str]]], overrides: list[str], seeds: int,
+                   modalities: list[str], run_prefix: str, gap: bool = True, per_run: bool = False) -> list[str]:
+    """Train every (label, settings) row of ``recipe`` over ``seeds`` seeds, printing each row's accuracy line as it
+    finishes and then the whole table; returns its lines. The last column is seconds per row, or per run."""
+    from dmgl_cli.config import load_config
+
+    header = f"{'strategy':<22} {'multimodal ACC':>16} " + " ".join(f"{m + ' ACC':>16}" for m in modalities)
+    header += (f" {'gap':>16}" if gap else "") + (f" {'s/run':>8}" if per_run else f" {'seconds':>8}")
+    lines = [header, "-" * len(header)]
+    print(header, flush=True)
+    for label, settings in rows:
+        config = load_config(recipe, settings + overrides)
+        summary, seconds = train_seeds(config, seeds, f"{run_prefix}-{label.split()[0]}")
+        line = f"{accuracy_line(label, summary, modalities, gap=gap)} {seconds / (seeds if per_run else 1):>8.1f}"
+        lines.append(line)
+        print(line, flush=True)
+    print()
+    print("\n".join(lines))
+    return lines
+
+
 def set_threads(threads: int | None) -> int:
     if threads:
         torch.set_num_threads(threads)

@@ -37,7 +37,6 @@ def main() -> None:
     args = parser.parse_args()
 
     home, dataset_modalities = common.kept_registry_with_synthetic()
-    from dmgl_cli.config import load_config
     from dmgl_cli.methods import METHODS
 
     rows = list(ROWS)
@@ -50,17 +49,7 @@ def main() -> None:
         rows = [r for r in rows if args.only in r[0]]
 
     print(f"registry {home}; {args.seeds} seeds; overrides {args.overrides or 'none'}")
-    header = f"{'strategy':<22} {'multimodal ACC':>16} " + " ".join(f"{m + ' ACC':>16}" for m in dataset_modalities)
-    header += f" {'gap':>16} {'seconds':>8}"
-    lines = [header, "-" * len(header)]
-    for label, settings in rows:
-        config = load_config("synthetic", settings + args.overrides)
-        summary, seconds = common.train_seeds(config, args.seeds, f"bench-{label.split()[0]}")
-        line = f"{common.accuracy_line(label, summary, dataset_modalities)} {seconds:>8.1f}"
-        lines.append(line)
-        print(line, flush=True)
-    print()
-    print("\n".join(lines))
+    common.accuracy_table("synthetic", rows, args.overrides, args.seeds, dataset_modalities, "bench")
 
 
 if __name__ == "__main__":

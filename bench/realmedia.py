@@ -279,23 +279,13 @@ def main() -> None:
     common.set_threads(args.threads)
     dataset, overrides = ensure_dataset(args.name)
     from dmgl_cli import runner
-    from dmgl_cli.config import load_config
 
     modalities = list(runner.open_dataset(dataset).modalities)
     rows = [r for r in table_rows(modalities) if not args.only or args.only in r[0]]
     print(f"registry {home}; dataset {dataset}; {args.seeds} seeds; {common.machine_line()}")
     print(f"settings: {' '.join(overrides + args.overrides)}")
-    header = f"{'strategy':<22} {'multimodal ACC':>16} " + " ".join(f"{m + ' ACC':>16}" for m in modalities)
-    header += f" {'s/run':>6}"
-    lines = [header, "-" * len(header)]
-    for label, settings in rows:
-        config = load_config(RECIPE, overrides + settings + args.overrides)
-        summary, seconds = common.train_seeds(config, args.seeds, f"realmedia-{label.split()[0]}")
-        line = f"{common.accuracy_line(label, summary, modalities, gap=False)} {seconds / args.seeds:>6.1f}"
-        lines.append(line)
-        print(line, flush=True)
-    print()
-    print("\n".join(lines))
+    common.accuracy_table(RECIPE, rows, overrides + args.overrides, args.seeds, modalities, "realmedia", gap=False,
+                          per_run=True)
 
 
 if __name__ == "__main__":
