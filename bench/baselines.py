@@ -81,9 +81,10 @@ def main() -> None:
 
     print("\n" + "\n".join(lines))
     from dmgl_cli.report import Selection, make_report
+    from dmgl_cli.tracking import Tracker
 
     print(f"\n`dmgl report --table main --experiment {EXPERIMENT}`:")
-    print(make_report(Selection(experiments=[EXPERIMENT]), table="main").text)
+    print(make_report(Selection(experiments=[EXPERIMENT]), tracker=Tracker(), table="main").text)
 
 
 if __name__ == "__main__":

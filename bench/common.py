@@ -57,9 +57,8 @@ def kept_registry_with_synthetic() -> tuple[Path, list[str]]:
     `dmgl ui` afterwards), with the synthetic dataset prepared once; returns it and the dataset's modalities."""
     home = Path(os.environ.get("DMGL_HOME") or tempfile.mkdtemp(prefix="dmgl-bench-"))
     os.environ["DMGL_HOME"] = str(home)
-    from dmgl_cli.data.registry import DatasetRegistry
+    from dmgl_cli.data.registry import DatasetRegistry, open_dataset
     from dmgl_cli.prepare import prepare_dataset
-    from dmgl_cli.runner import open_dataset
 
     if "synthetic" not in {row["name"] for row in DatasetRegistry().rows()}:
         prepare_dataset("synthetic")
@@ -76,9 +75,10 @@ def seed_cell(summary: dict[str, float], key: str) -> str:
 def train_seeds(config, seeds: int, run_name: str) -> tuple[dict[str, float], float]:
     """Train ``config`` over seeds 0..seeds-1 through the runner (one parent run); (summary, seconds)."""
     from dmgl_cli import runner
+    from dmgl_cli.tracking import Tracker
 
     started = time.perf_counter()
-    outcome = runner.train(config, list(range(seeds)), run_name=run_name)
+    outcome = runner.train(config, list(range(seeds)), tracker=Tracker(), run_name=run_name)
     return outcome.summary, time.perf_counter() - started
 
 
@@ -222,9 +222,9 @@ def crema_overrides(dataset: str, encoder: str, width: int, batch_size: int, sam
 
 
 def open_dataset(name: str):
-    from dmgl_cli import runner
+    from dmgl_cli.data.registry import open_dataset as registered
 
-    return runner.open_dataset(name)
+    return registered(name)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -244,6 +244,13 @@ class MemorySink:
         self.checkpoints[name] = state
 
 
+def _with_epochs(config, epochs: int):
+    import dataclasses
+
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=epochs,
+                                                                 eval_test_every_epoch=False))
+
+
 class EpochRunner:
     """A Trainer advanced one epoch at a time through its public ``fit`` (``train.epochs`` raised by one per call),
     so that several configurations can be interleaved epoch by epoch. Returns the trainer's own per-epoch metrics
@@ -253,12 +260,10 @@ class EpochRunner:
         from dmgl_cli.data.loader import make_loader
         from dmgl_cli.train import Trainer
 
-        self.config = config
-        self.config.train.epochs = 0
-        self.config.train.eval_test_every_epoch = False
+        self.config = _with_epochs(config, 0)
         self.sink = MemorySink()
         # dataset: a PreparedDataset, or None to find config.dataset in the registry
-        self.trainer = Trainer(config, dataset or open_dataset(config.dataset), seed, self.sink)
+        self.trainer = Trainer(self.config, dataset or open_dataset(config.dataset), seed, self.sink)
         if eval_workers is not None:  # evaluation is not timed: fewer idle worker processes
             trainer = self.trainer
             trainer.eval_loaders = {
@@ -272,7 +277,9 @@ class EpochRunner:
         return len(self.trainer.train_loader) * self.config.train.batch_size
 
     def epoch(self) -> dict[str, float]:
-        self.config.train.epochs += 1
+        # The config is frozen: the trainer (and its method) get a copy with one more epoch.
+        self.config = _with_epochs(self.config, self.config.train.epochs + 1)
+        self.trainer.config = self.trainer.method.config = self.config
         self.trainer.fit()
         return self.trainer.history[-1]
 

@@ -56,8 +56,10 @@ def measure(case: str, runners: dict, batches: int, model_steps: int, repeats: i
     and device), interleaved; the table rows, and the loader's breakdown per stage."""
     import torch
 
+    from dmgl_cli.device import autocast as _autocast
+    from dmgl_cli.device import to_device as _to_device
     from dmgl_cli.losses import total_loss
-    from dmgl_cli.train import _autocast, _to_device, compute_losses
+    from dmgl_cli.train import compute_losses
 
     workers = list(runners)
     model_runner = runners[workers[0]]

@@ -136,8 +136,10 @@ def step_flops(trainer) -> float:
     """FLOPs of one training step (forward + backward) on one batch, counted by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from dmgl_cli.device import autocast as _autocast
+    from dmgl_cli.device import to_device as _to_device
     from dmgl_cli.losses import total_loss
-    from dmgl_cli.train import _autocast, _to_device, compute_losses
+    from dmgl_cli.train import compute_losses
 
     batch = next(iter(trainer.train_loader))
     inputs, labels = _to_device(batch, trainer.device)
@@ -155,7 +157,8 @@ def report_memory_formats(trainer, label: str) -> None:
     """Whether each encoder's first convolution sees channels_last input and gives channels_last output."""
     import torch
 
-    from dmgl_cli.train import _autocast, _to_device
+    from dmgl_cli.device import autocast as _autocast
+    from dmgl_cli.device import to_device as _to_device
 
     seen: dict[str, str] = {}
     hooks = []

@@ -153,7 +153,8 @@ UNROLLED_APPROXIMATIONS = [  # label, config overrides, cases (None: all)
 
 def unrolled_case(case: str, args) -> tuple[list[list], dict[str, float]]:
     """(rows, hypergradient seconds per approximation) for one case."""
-    from dmgl_cli.train import _to_device, compute_losses
+    from dmgl_cli.device import to_device as _to_device
+    from dmgl_cli.train import compute_losses
 
     recipe, overrides = _case_settings(case, args)
     config = common.load(recipe, overrides + ["strategy.name=lb", "strategy.lb.outer_sampling=fixed",
@@ -286,6 +287,8 @@ ACCURACY_ROWS = [
 def accuracy_rows(dataset: str, args) -> list[list]:
     from dmgl_cli import runner
     from dmgl_cli.config import load_config
+    from dmgl_cli.data.registry import open_dataset
+    from dmgl_cli.tracking import Tracker
 
     if dataset == "synthetic":
         recipe, overrides = "synthetic", [f"dataset={common.ensure_synthetic()}"]
@@ -294,14 +297,14 @@ def accuracy_rows(dataset: str, args) -> list[list]:
 
         name, overrides = realmedia.ensure_dataset(dataset)
         recipe, overrides = "custom", [f"dataset={name}", *overrides]
-    modalities = list(runner.open_dataset(overrides[0].split("=", 1)[1]).modalities)
+    modalities = list(open_dataset(overrides[0].split("=", 1)[1]).modalities)
     rows = []
     extra_rows = [(label, ["strategy.name=lb", *settings.split(",")]) for label, settings in
                   (item.split("=", 1) for item in args.lb_variant)]
     for label, settings in ([] if args.variants_only else ACCURACY_ROWS) + extra_rows:
         config = load_config(recipe, overrides + settings + args.overrides)
         started = time.perf_counter()
-        outcome = runner.train(config, list(range(args.seeds)), run_name=f"fidelity-{label.split()[0]}")
+        outcome = runner.train(config, list(range(args.seeds)), tracker=Tracker(), run_name=f"fidelity-{label.split()[0]}")
         seconds = time.perf_counter() - started
         summary = outcome.summary
         alphas = [_final_alpha(seed.run_id) for seed in outcome.seeds] if settings[0] == "strategy.name=lb" else []
@@ -316,8 +319,7 @@ def accuracy_rows(dataset: str, args) -> list[list]:
 def _final_alpha(run_id: str) -> float:
     from dmgl_cli.tracking import Tracker
 
-    history = sorted((m.step, m.value) for m in Tracker().client.get_metric_history(run_id, "alpha"))
-    return history[-1][1]
+    return Tracker().metric_history(run_id, "alpha")[-1][1]
 
 
 def _alpha_cell(alphas: list[float]) -> str:

@@ -96,8 +96,10 @@ def epoch_ratios(case: str, args) -> list[list]:
 
 def hypergradient_costs(case: str, args) -> list[list]:
     """Seconds of one hypergradient / seconds of one training step, measured interleaved on one batch."""
+    from dmgl_cli.device import autocast as _autocast
+    from dmgl_cli.device import to_device as _to_device
     from dmgl_cli.losses import total_loss
-    from dmgl_cli.train import _autocast, _to_device, compute_losses
+    from dmgl_cli.train import compute_losses
 
     recipe, overrides, _ = case_settings(case, args)
     runner = common.EpochRunner(common.load(recipe, overrides + ["strategy.name=lb"]))
@@ -108,15 +110,14 @@ def hypergradient_costs(case: str, args) -> list[list]:
     settings = [("identity", 0, None), ("neumann", 1, None), ("neumann", 3, None), ("neumann", 5, None),
                 ("cg", 3, None), ("identity", 0, max(8, config.train.batch_size // 2)),
                 ("neumann", 3, max(8, config.train.batch_size // 2))]
-    lb = config.strategy.lb
 
     def step(hyper: tuple | None) -> None:
         with _autocast(trainer.device, config.train.amp):
             output = method.forward(trainer.model, inputs, training=True)
         cls_loss, mm_loss = compute_losses(method, config, output, labels)
         if hyper is not None:
-            lb.approx, lb.terms, lb.outer_batch_size = hyper
-            trainer.strategy.approx, trainer.strategy.terms = hyper[0], hyper[1]
+            # every lb setting lives on the strategy object the trainer reads
+            trainer.learner.approx, trainer.learner.terms, trainer.learner.outer_batch_size = hyper
             trainer._alpha_hypergradient(cls_loss, mm_loss)
         trainer.optimizer.zero_grad(set_to_none=True)
         total_loss(0.5, cls_loss, mm_loss).backward()

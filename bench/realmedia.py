@@ -221,10 +221,9 @@ def ensure_dataset(name: str = DATASET) -> tuple[str, list[str]]:
     """The dataset registered as ``name`` in the registry ``DMGL_HOME`` names (built under ``<DMGL_HOME>/raw/<name>``
     and prepared with the ``custom`` preparer unless already there), and the ``--set`` overrides of the ``custom``
     recipe (:data:`RECIPE`) that train it quickly on a CPU; add a strategy or method to them."""
-    from dmgl_cli.data.registry import DatasetRegistry
+    from dmgl_cli.data.registry import DatasetRegistry, open_dataset
     from dmgl_cli.paths import ensure_registry, safe_name
     from dmgl_cli.prepare import prepare_dataset
-    from dmgl_cli.runner import open_dataset
 
     safe_name(name, "dataset name")
     overrides = [f"dataset={name}", *TRAIN_SETTINGS]
@@ -278,9 +277,9 @@ def main() -> None:
 
     common.set_threads(args.threads)
     dataset, overrides = ensure_dataset(args.name)
-    from dmgl_cli import runner
+    from dmgl_cli.data.registry import open_dataset
 
-    modalities = list(runner.open_dataset(dataset).modalities)
+    modalities = list(open_dataset(dataset).modalities)
     rows = [r for r in table_rows(modalities) if not args.only or args.only in r[0]]
     print(f"registry {home}; dataset {dataset}; {args.seeds} seeds; {common.machine_line()}")
     print(f"settings: {' '.join(overrides + args.overrides)}")

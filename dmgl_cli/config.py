@@ -1,28 +1,40 @@
-"""One typed configuration object per run: recipe YAML + ``--set key=value`` overrides, validated.
+"""One typed, frozen configuration object per run: recipe YAML + settings, resolved once and validated.
 
 A recipe (``recipes/<name>.yaml``) is a nested mapping whose keys mirror the dataclasses below. Anything not in
-the recipe takes the default written here. The resolved config is logged whole to every run (flattened as params,
-and as ``config.yaml``), and ``dmgl train --resume`` / ``dmgl eval`` rebuild the run from that file, never from
-the current recipe.
+the recipe takes the default written here. :func:`resolve` turns (recipe, ``--set key=value`` overrides, the
+CLI's typed flags) into a :class:`Config` once per command; it is passed on unchanged, and the seeds' copies are
+made with :func:`with_seed` (``dataclasses.replace``). A method defined by fixed settings (``dmgl-official``)
+has them written in here (``Method.pinned_settings``), so the run records what ran; :func:`validate` only checks.
+The resolved config is logged whole to every run (flattened as params, and as ``config.yaml``), and
+``dmgl train --resume`` / ``dmgl eval`` rebuild the run from that file, never from the current recipe.
+See ARCHITECTURE.md for where the config goes from here.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import logging
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import yaml
 
 from dmgl_cli.errors import DmglError
 from dmgl_cli.paths import recipes_dir, safe_name
 
+if TYPE_CHECKING:
+    from dmgl_cli.strategies import StrategySpec
 
-@dataclass
+LOG = logging.getLogger("dmgl")
+
+
+@dataclass(frozen=True)
 class EncoderConfig:
     """Encoder of one modality. ``name`` picks from ``models.ENCODERS``."""
 
@@ -34,7 +46,7 @@ class EncoderConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     embed_dim: int = 64  # every encoder projects to this size so modalities can be matched by cosine similarity
     dropout: float = 0.0
@@ -43,13 +55,13 @@ class ModelConfig:
     encoders: dict[str, EncoderConfig] = field(default_factory=lambda: {"default": EncoderConfig()})
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
-    name: str = "sgd"  # sgd | adam | adamw
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    scheduler: str = "plateau"  # none | plateau | step
+    scheduler: Literal["none", "plateau", "step"] = "plateau"
     # ReduceLROnPlateau on the validation classification loss (§4.1: "reduced x10 on plateau").
     plateau_factor: float = 0.1
     plateau_patience: int = 5
@@ -58,13 +70,13 @@ class OptimConfig:
     grad_clip: float | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     matching: str = "infonce"  # infonce (paper) | js (official code) | uniform (Figure 1's uniform-label loss)
     tau: float = 0.1
 
 
-@dataclass
+@dataclass(frozen=True)
 class LearningBasedConfig:
     """Settings of the learning-based (bilevel) strategy, Eq. (2)-(3) and Algorithm 1; what each computes is in
     :mod:`dmgl_cli.hypergradient` and :class:`dmgl_cli.strategies.LearningBasedStrategy`. The defaults were chosen
@@ -72,18 +84,18 @@ class LearningBasedConfig:
 
     initial_alpha: float = 0.5
     alpha_lr: float = 0.05  # adam: about how far alpha moves per update; sgd: multiplies the hypergradient
-    alpha_optimizer: str = "adam"  # adam (step independent of the hypergradient's magnitude) | sgd (Algorithm 1)
+    alpha_optimizer: Literal["adam", "sgd"] = "adam"  # adam (step independent of the hypergradient's magnitude) | sgd (Algorithm 1)
     alpha_lr_halving: int | None = None  # halve alpha_lr every N epochs (the authors' code: 20); null: never
     # "epoch": once at each epoch's end, after its inner loop (Algorithm 1); N: every N optimiser steps;
     # "epoch_start": before each epoch (the released code, with approx official)
-    update_every: int | str = "epoch"
+    update_every: int | Literal["epoch", "epoch_start"] = "epoch"
     # identity: first-order one-step look-ahead (no curvature) | cg, neumann: Eq. 3's H^-1 | official: the
     # authors' released rule (dmgl-official)
-    approx: str = "identity"
+    approx: Literal["identity", "neumann", "cg", "official"] = "identity"
     terms: int = 20  # CG iterations or Neumann terms (Hessian-vector products); identity uses none
     # identity: the look-ahead step (auto: the optimiser's learning rate); neumann: the series step (auto:
     # 1 / lambda_max of H by power iteration, refreshed every curvature_refresh updates); cg: unused
-    scale: float | str = "auto"
+    scale: float | Literal["auto"] = "auto"
     damping: float = 0.0  # added to H by cg / neumann, on top of the optimiser's (coupled) weight decay
     curvature_refresh: int = 10  # alpha updates between two lambda_max estimates (neumann with scale auto)
     min_alpha: float = 0.0
@@ -91,29 +103,30 @@ class LearningBasedConfig:
     # holdout: outer batches from training samples set aside (never trained on), apart from the validation split
     # that picks the best epoch and drives the scheduler | val: from the validation split (then that split both
     # steers alpha and selects the model, so its scores are optimistic) | train: from the training split
-    outer_data: str = "holdout"
+    outer_data: Literal["holdout", "val", "train"] = "holdout"
     holdout: int | float = 0.05  # a fraction of train (stratified) or a count (seeded random), by data.split_seed
     outer_batch_size: int | None = None  # None: the training batch size
-    outer_sampling: str = "random"  # random: a fresh seeded batch per update | fixed: the first outer_batch_size
-    params: str = "all"  # all | head | first (the first parameter tensor only): which enter H and the gradients
+    outer_sampling: Literal["random", "fixed"] = "random"  # random: a fresh seeded batch per update | fixed: the first outer_batch_size
+    # which parameters enter H and the gradients: all | head | first (the first parameter tensor only)
+    params: Literal["all", "head", "first"] = "all"
 
 
-@dataclass
+@dataclass(frozen=True)
 class StrategyConfig:
-    name: str = "lb"  # constant | stepwise | heuristic | lb
+    name: Literal["constant", "stepwise", "heuristic", "lb"] = "lb"
     alpha: float = 0.0  # constant
     p: float = 0.05  # stepwise h(p)
     lb: LearningBasedConfig = field(default_factory=LearningBasedConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MethodConfig:
     name: str = "concat"
     # Per-method hyperparameters, keyed by method name: method.<name>.<setting>.
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     val_fraction: float = 0.1  # carved from train (seeded, stratified) when the dataset has no validation split
     split_seed: int = 0
@@ -121,20 +134,20 @@ class DataConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 20
     batch_size: int = 64
     eval_batch_size: int = 512
     seed: int = 0
-    select_metric: str = "acc"  # validation metric that picks the best epoch (never test)
+    select_metric: Literal["acc", "map", "f1"] = "acc"  # validation metric that picks the best epoch (never test)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast, used on CUDA only
     deterministic: bool = False
     eval_test_every_epoch: bool = True  # per-epoch test curves; selection still uses validation only
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     dataset: str = "synthetic"
     recipe: str = ""
@@ -179,25 +192,37 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+
+# Messages name these fields by what the user typed (--strategy, --method), not by their dotted key.
+_FIELD_LABELS = {"strategy.name": "strategy", "method.name": "method"}
+
+
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(f'"{choice}"' for choice in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check/convert one YAML value against a dataclass field type."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, str) and value in choices:
+            return value
+        label = _FIELD_LABELS.get(where, where)
+        raise DmglError(f"unknown {label} {value!r}; valid: {', '.join(choices)}")
     if origin in (Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
-        errors = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _convert(value, option, where)
-            except DmglError as exc:
-                errors.append(str(exc))
+            except DmglError:
+                continue
         names = " or ".join(_type_name(o) for o in options)
         raise DmglError(f"setting '{where}' must be {names}, got {value!r}")
     if dataclasses.is_dataclass(tp):
@@ -244,8 +269,104 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    return _build(Config, data or {})
+# ------------------------------------------------------------------------------------------ dotted settings
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """``tree['a']['b'] = value`` for ``key='a.b'``, creating groups on the way — the one way the CLI's ``--set``,
+    a sweep trial and a method's pinned settings change a config."""
+    parts = key.split(".")
+    if not all(parts):
+        raise DmglError(f"setting {key!r} has an empty key part")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise DmglError(f"setting {key!r}: '{part}' is a value, not a group of settings")
+        node = child
+    node[parts[-1]] = value
+
+
+def _get_dotted(tree: dict[str, Any], key: str) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.epochs=5' -> ('train.epochs', 5); the value is read as YAML (numbers, true/false, null)."""
+    if "=" not in text:
+        raise DmglError(f"--set {text!r} must look like key=value, e.g. --set train.epochs=5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not all(key.split(".")):
+        raise DmglError(f"--set {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _pin_method_settings(tree: dict[str, Any], *, announce: bool) -> None:
+    """Write the settings that define the chosen method (``Method.pinned_settings``) into the config tree."""
+    from dmgl_cli.methods import METHODS
+
+    method = METHODS.get(str(_get_dotted(tree, "method.name") or MethodConfig.name))
+    if method is None or not method.pinned_settings:
+        return
+    strategy = _get_dotted(tree, "strategy.name") or StrategyConfig.name
+    if method.strategies is not None and strategy not in method.strategies:
+        return  # validate() refuses the combination, naming the strategies the method supports
+    changed, defaults = [], Config().flat()
+    for key, value in method.pinned_settings.items():
+        current = _get_dotted(tree, key)
+        current = defaults.get(key) if current is None else current
+        if current != value or type(current) is not type(value):
+            changed.append(f"{key}={value} (was {current})")
+        set_dotted(tree, key, value)
+    if changed and announce:
+        LOG.warning("method %s sets %s", method.name, ", ".join(changed))
+
+
+def _tree_of(data: Mapping[str, Any] | None) -> dict[str, Any]:
+    return copy.deepcopy(dict(data or {}))  # a caller's mapping is never changed
+
+
+def _finish(tree: dict[str, Any], *, announce: bool) -> Config:
+    _pin_method_settings(tree, announce=announce)
+    config = _build(Config, tree)
+    validate(config)
+    return config
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """A validated config from a nested mapping (a sweep's stored base config, tests)."""
+    return _finish(_tree_of(data), announce=False)
+
+
+def config_from_yaml(text: str) -> Config:
+    """A recorded ``config.yaml``, as resume and eval rebuild the run."""
+    return config_from_dict(yaml.safe_load(text) or {})
+
+
+def derive(config: Config, settings: Mapping[str, Any]) -> Config:
+    """A new validated config: ``config`` with dotted ``settings`` (``{"optim.lr": 0.01}``) applied — a sweep
+    trial's configuration."""
+    tree = config.to_dict()
+    for key, value in settings.items():
+        set_dotted(tree, key, value)
+    return _finish(tree, announce=False)
+
+
+def with_seed(config: Config, seed: int) -> Config:
+    """The config of one seed's run."""
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
 
 
 # ---------------------------------------------------------------------------------------------- recipes
@@ -283,47 +404,50 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
     return data
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.epochs=5' -> (['train', 'epochs'], 5); the value is read as YAML (numbers, true/false, null)."""
-    if "=" not in text:
-        raise DmglError(f"--set {text!r} must look like key=value, e.g. --set train.epochs=5")
-    key, raw = text.split("=", 1)
-    keys = [k for k in key.strip().split(".")]
-    if not all(keys):
-        raise DmglError(f"--set {text!r} has an empty key part")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return keys, value
+def resolve(
+    recipe: str,
+    overrides: Sequence[str] = (),
+    *,
+    strategy: StrategySpec | None = None,
+    method: str | None = None,
+    modality: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> Config:
+    """The one resolution of a command's configuration, in order of precedence (later wins):
 
+    the recipe; the published strategy of ``method`` when no ``strategy`` is given (a comparison method trains as
+    published: constant alpha 0); ``overrides`` (``--set key=value``); ``method``, ``strategy`` (a
+    :class:`~dmgl_cli.strategies.StrategySpec`: its name and, if given, its alpha or p), ``modality`` (for the
+    ``unimodal`` method) and ``settings`` (dotted keys, from the CLI's typed flags such as ``--epochs``); then the
+    method's pinned settings. Returns a frozen, validated :class:`Config`.
+    """
+    from dmgl_cli.methods import METHODS
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    tree = read_recipe(recipe)
+    published = METHODS[method].published_strategy if method in METHODS and strategy is None else None
+    for key, value in (published.settings() if published else {}).items():
+        set_dotted(tree, key, value)
     for text in overrides:
-        keys, value = parse_override(text)
-        node = data
-        for key in keys[:-1]:
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                raise DmglError(f"--set {text!r}: '{key}' is a value, not a group of settings")
-            node = child
-        node[keys[-1]] = value
-    return data
+        set_dotted(tree, *parse_override(text))
+    if method is not None:
+        set_dotted(tree, "method.name", method)
+    if strategy is not None:
+        for key, value in strategy.settings().items():
+            set_dotted(tree, key, value)
+    if modality is not None:
+        chosen = _get_dotted(tree, "method.name") or MethodConfig.name
+        if chosen != "unimodal":
+            raise DmglError(f"--modality picks the one modality of --method unimodal; method {chosen!r} uses every "
+                            "modality, drop --modality")
+        set_dotted(tree, "method.options.unimodal.modality", modality)
+    for key, value in (settings or {}).items():
+        set_dotted(tree, key, value)
+    return _finish(tree, announce=True)
 
 
-def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    data = apply_overrides(read_recipe(recipe), list(overrides))
-    config = config_from_dict(data)
-    validate(config)
-    return config
-
-
-def config_from_yaml(text: str) -> Config:
-    config = config_from_dict(yaml.safe_load(text))
-    validate(config)
-    return config
+def load_config(recipe: str, overrides: Sequence[str] = ()) -> Config:
+    """A recipe with ``--set`` overrides (:func:`resolve` without the CLI's typed flags)."""
+    return resolve(recipe, overrides)
 
 
 def parse_seeds(text: str, base_seed: int) -> list[int]:
@@ -358,14 +482,14 @@ def _choice(value: str, valid: typing.Iterable[str], key: str) -> None:
 
 
 def validate(config: Config) -> None:
-    """Range and name checks; each failure names the setting and the valid values."""
-    # Imported here: the registries live with the code they name, and they import config's dataclasses.
+    """Range and name checks; each failure names the setting and the valid values. Changes nothing."""
+    # Imported here: the registries live with the code they name (and import torch).
     from dmgl_cli.losses import MATCHING_LOSSES
     from dmgl_cli.methods import METHODS
     from dmgl_cli.models import ENCODERS, FUSIONS
-    from dmgl_cli.strategies import STRATEGIES
+    from dmgl_cli.strategies import strategy_from_config
 
-    train, optim, strat = config.train, config.optim, config.strategy
+    train, optim, lb = config.train, config.optim, config.strategy.lb
     # Both become folder names (prepared data, the experiment's artifact folder): nothing may climb out.
     safe_name(config.dataset, "dataset")
     if config.experiment is not None:
@@ -373,18 +497,15 @@ def validate(config: Config) -> None:
     _check(train.epochs >= 1, f"train.epochs must be >= 1, got {train.epochs}")
     _check(train.batch_size >= 1, f"train.batch_size must be >= 1, got {train.batch_size}")
     _check(train.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {train.eval_batch_size}")
-    _check(train.select_metric in ("acc", "map", "f1"), f"train.select_metric must be acc, map or f1, got {train.select_metric!r}")
     _check(
         train.device in ("auto", "cpu", "cuda") or train.device.startswith("cuda:"),
         f"train.device must be auto, cpu, cuda or cuda:N, got {train.device!r}",
     )
     _check(0.0 < config.data.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {config.data.val_fraction}")
     _check(config.data.num_workers >= 0, f"data.num_workers must be >= 0, got {config.data.num_workers}")
-    _choice(optim.name, ("sgd", "adam", "adamw"), "optim.name")
     _check(optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}")
     _check(optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}")
     _check(0.0 <= optim.momentum < 1.0, f"optim.momentum must be in [0, 1), got {optim.momentum}")
-    _choice(optim.scheduler, ("none", "plateau", "step"), "optim.scheduler")
     _check(0.0 < optim.plateau_factor < 1.0, f"optim.plateau_factor must be in (0, 1), got {optim.plateau_factor}")
     _check(optim.grad_clip is None or optim.grad_clip > 0, f"optim.grad_clip must be > 0 or null, got {optim.grad_clip}")
     _check(config.model.embed_dim >= 1, f"model.embed_dim must be >= 1, got {config.model.embed_dim}")
@@ -395,44 +516,9 @@ def validate(config: Config) -> None:
     _choice(config.loss.matching, MATCHING_LOSSES, "loss.matching")
     _check(config.loss.tau > 0, f"loss.tau must be > 0, got {config.loss.tau}")
     _choice(config.method.name, METHODS, "method")
-    _choice(strat.name, STRATEGIES, "strategy")
-    METHODS[config.method.name].configure(config)  # a method defined by fixed settings pins them (dmgl-official)
-    lb = strat.lb
-    _choice(lb.outer_data, ("holdout", "val", "train"), "strategy.lb.outer_data")
-    _choice(lb.outer_sampling, ("random", "fixed"), "strategy.lb.outer_sampling")
-    _choice(lb.params, ("all", "head", "first"), "strategy.lb.params")
+    METHODS[config.method.name].check_config(config)  # strategies it runs with, its pinned settings and options
     _check(lb.outer_batch_size is None or lb.outer_batch_size >= 1,
            f"strategy.lb.outer_batch_size must be >= 1 or null, got {lb.outer_batch_size}")
-    _check(isinstance(lb.scale, float) or lb.scale == "auto",
-           f'strategy.lb.scale must be a number > 0 or "auto", got {lb.scale!r}')
     _check((isinstance(lb.holdout, int) and lb.holdout >= 1) or (isinstance(lb.holdout, float) and 0 < lb.holdout < 1),
            f"strategy.lb.holdout must be a fraction in (0, 1) or a sample count >= 1, got {lb.holdout!r}")
-    build_strategy_from_config(config)  # the strategy validates its own numbers (alpha, p, lb.*)
-
-
-def build_strategy_from_config(config: Config):
-    from dmgl_cli.strategies import build_strategy
-
-    strat = config.strategy
-    if strat.name == "constant":
-        return build_strategy("constant", alpha=strat.alpha)
-    if strat.name == "stepwise":
-        return build_strategy("stepwise", p=strat.p)
-    if strat.name == "heuristic":
-        return build_strategy("heuristic")
-    lb = strat.lb
-    return build_strategy(
-        "lb",
-        initial_alpha=lb.initial_alpha,
-        alpha_lr=lb.alpha_lr,
-        update_every=lb.update_every,
-        approx=lb.approx,
-        terms=lb.terms,
-        scale=None if lb.scale == "auto" else lb.scale,
-        damping=lb.damping,
-        min_alpha=lb.min_alpha,
-        max_alpha=lb.max_alpha,
-        alpha_optimizer=lb.alpha_optimizer,
-        alpha_lr_halving=lb.alpha_lr_halving,
-        curvature_refresh=lb.curvature_refresh,
-    )
+    strategy_from_config(config.strategy)  # the strategy validates its own numbers (alpha, p, lb.*)

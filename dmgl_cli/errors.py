@@ -15,3 +15,8 @@ class Interrupted(BaseException):
 
     A BaseException, like KeyboardInterrupt, so that ordinary ``except Exception`` handlers do not swallow it.
     """
+
+
+class Stopped(Exception):
+    """Raised from a training ``progress`` callback to stop on purpose (a pruned sweep trial): the runs are marked
+    KILLED rather than FAILED, and the exception propagates to the caller."""

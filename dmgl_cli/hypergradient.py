@@ -47,8 +47,7 @@ import torch
 from torch import Tensor
 
 from dmgl_cli.errors import DmglError
-
-APPROXIMATIONS = ("identity", "neumann", "cg")
+from dmgl_cli.strategies import APPROXIMATIONS
 
 # Power iterations of a fresh lambda_max estimate (scale=None); the estimate is a Rayleigh quotient, which converges
 # quickly enough for a step size: a 10-20% underestimate of lambda_max still keeps 1/lambda within 2/lambda_max.

@@ -233,22 +233,27 @@ def _float32_softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.detach().to(torch.float32), dim=-1)
 
 
-def summarise_over_seeds(per_seed: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """``{key}_mean`` and ``{key}_std`` for every key present in all of the per-seed result dicts.
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard deviation of per-seed values, as every table and summary in dmgl reports them.
 
-    The paper reports "mean ± std over 3 seeds" without saying which std; this uses the sample standard deviation
-    (``ddof=1``) when there are several seeds and 0.0 (``ddof=0``) for a single seed, where ``ddof=1`` is undefined.
-    NaN in any seed makes that key's mean and std NaN.
+    The paper reports "mean ± std over 3 seeds" without saying which std; this is the sample standard deviation
+    (``ddof=1``) of several values and 0.0 (``ddof=0``) for a single value, where ``ddof=1`` is undefined. A NaN
+    among the values makes both NaN; an infinite one makes the std NaN.
     """
+    if len(values) == 0:
+        raise ValueError("mean_std needs at least one value")
+    array = np.asarray(values, dtype=np.float64)
+    return float(np.mean(array)), float(np.std(array, ddof=1 if len(array) > 1 else 0))
+
+
+def summarise_over_seeds(per_seed: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """``{key}_mean`` and ``{key}_std`` (:func:`mean_std`) for every key present in all of the per-seed result dicts."""
     if not per_seed:
         raise ValueError("summarise_over_seeds needs at least one seed's results")
     common_keys = [key for key in per_seed[0] if all(key in results for results in per_seed[1:])]
-    ddof = 1 if len(per_seed) > 1 else 0
     summary: dict[str, float] = {}
     for key in common_keys:
-        values = np.array([results[key] for results in per_seed], dtype=np.float64)
-        summary[f"{key}_mean"] = float(np.mean(values))
-        summary[f"{key}_std"] = float(np.std(values, ddof=ddof))
+        summary[f"{key}_mean"], summary[f"{key}_std"] = mean_std([results[key] for results in per_seed])
     return summary
 
 
@@ -256,6 +261,7 @@ __all__ = [
     "MetricAccumulator",
     "classification_scores",
     "mean_pairwise_modality_gap",
+    "mean_std",
     "modality_gap_distance",
     "performance_gap",
     "summarise_over_seeds",

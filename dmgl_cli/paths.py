@@ -12,6 +12,7 @@ The registry folder (``./registry`` by default, moved by ``DMGL_HOME``) holds ev
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import os
 import re
@@ -63,6 +64,11 @@ def default_tracking_uri(home: Path | None = None) -> str:
     return f"sqlite:///{(home or registry_home()) / 'mlflow.db'}"
 
 
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the registry's own SQLite store."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
 def default_artifacts_dir(home: Path | None = None) -> Path:
     return (home or registry_home()) / "artifacts"
 
@@ -71,14 +77,25 @@ def default_optuna_storage(home: Path | None = None) -> str:
     return f"sqlite:///{(home or registry_home()) / 'optuna.db'}"
 
 
-def repo_root() -> Path:
-    """The checkout this package runs from (recipes/ lives there)."""
-    return Path(__file__).resolve().parent.parent
+def repo_root() -> Path | None:
+    """The git checkout this package runs from (a source tree or an editable install), or None when it runs from
+    an installed wheel or an unpacked sdist: callers must not ask git about whatever repository happens to enclose
+    site-packages or the current folder."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / ".git").exists() and (root / "pyproject.toml").is_file() else None
 
 
 def recipes_dir() -> Path:
-    """Built-in recipes: ``$DMGL_RECIPES`` or ``<checkout>/recipes``."""
-    return Path(os.environ.get("DMGL_RECIPES") or repo_root() / "recipes")
+    """Built-in recipes: ``$DMGL_RECIPES``; else the package data ``dmgl_cli/recipes`` of an installed wheel (the
+    wheel carries the top-level ``recipes/`` there, see ``[tool.setuptools.package-dir]`` in pyproject.toml); else
+    ``recipes/`` beside the package, as in a checkout or an editable install, where the folder stays at the top."""
+    override = os.environ.get("DMGL_RECIPES")
+    if override:
+        return Path(override).expanduser()
+    packaged = importlib.resources.files("dmgl_cli") / "recipes"
+    if isinstance(packaged, Path) and packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "recipes"
 
 
 _NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "lustre", "gpfs", "ceph",

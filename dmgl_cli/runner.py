@@ -2,6 +2,8 @@
 
 One ``dmgl train`` = one MLflow parent run + one child run per seed. Each child records its resolved config
 (``config.yaml``), so resume and eval rebuild exactly the run that was recorded, whatever the recipe says today.
+Every function takes the command's :class:`~dmgl_cli.tracking.Tracker` and works in terms of
+:class:`~dmgl_cli.tracking.RunRecord`.
 """
 
 from __future__ import annotations
@@ -13,20 +15,22 @@ import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from dmgl_cli import __version__
 from dmgl_cli.checkpoint import load_model_state
-from dmgl_cli.config import Config, config_from_yaml
+from dmgl_cli.config import Config, config_from_yaml, with_seed
+from dmgl_cli.data.loader import eval_loader
 from dmgl_cli.data.prepared import PreparedDataset
-from dmgl_cli.data.registry import DatasetRegistry
-from dmgl_cli.errors import DmglError, Interrupted
+from dmgl_cli.data.registry import open_dataset
+from dmgl_cli.data.transforms import model_input_specs
+from dmgl_cli.device import pick_device
+from dmgl_cli.errors import DmglError, Interrupted, Stopped
 from dmgl_cli.methods import METHODS, build_method
 from dmgl_cli.metrics import summarise_over_seeds
 from dmgl_cli.paths import safe_name
 from dmgl_cli.plots import alpha_figure, close
-from dmgl_cli.tracking import RunRecorder, Tracker
+from dmgl_cli.tracking import RunRecord, RunRecorder, Tracker
 from dmgl_cli.train import Trainer, TrainResult, check_against_dataset, evaluate
 
 # progress(seed, epoch, total_epochs, metrics)
@@ -34,9 +38,7 @@ Progress = Callable[[int, int, int, dict[str, float]], None]
 FINAL_PREFIX = "final_"
 
 
-class Stopped(Exception):
-    """Raised from a ``progress`` callback to stop training on purpose (a pruned sweep trial): the runs are marked
-    KILLED rather than FAILED, and the exception propagates to the caller."""
+__all__ = ["Stopped", "train", "resume", "evaluate_run", "reconcile"]  # Stopped: raised by progress callbacks
 
 
 @contextmanager
@@ -77,14 +79,6 @@ class TrainOutcome:
     summary: dict[str, float] = field(default_factory=dict)
 
 
-def open_dataset(name: str) -> PreparedDataset:
-    row = DatasetRegistry().get(name)
-    path = Path(row["path"])
-    if not path.is_dir():
-        raise DmglError(f"dataset {name!r} is registered at {path}, which no longer exists; run `dmgl prepare {name}` again")
-    return PreparedDataset(path)
-
-
 def _tags(config: Config, dataset: PreparedDataset, role: str) -> dict[str, str]:
     return {
         "dmgl.role": role,
@@ -97,13 +91,6 @@ def _tags(config: Config, dataset: PreparedDataset, role: str) -> dict[str, str]
         "dmgl.recipe": config.recipe,
         "dmgl.version": __version__,
     }
-
-
-def _seed_config(config: Config, seed: int) -> Config:
-    text = config.to_yaml()
-    seeded = config_from_yaml(text)
-    seeded.train.seed = seed
-    return seeded
 
 
 def _alpha_csv(history: list[dict[str, float]]) -> str:
@@ -132,18 +119,11 @@ def _train_seed(tracker: Tracker, run_id: str, config: Config, dataset: Prepared
     recorder = RunRecorder(tracker, run_id, tracker.logged_steps(run_id) if resume_state else ())
     epoch_progress = (lambda e, t, m: progress(seed, e, t, m)) if progress else None
     holder: dict[str, Trainer] = {}
-    try:
-        with _graceful_stop(holder):
-            trainer = holder["trainer"] = Trainer(config, dataset, seed, recorder, epoch_progress)
-            if resume_state is not None:
-                trainer.load_state_dict(resume_state, f"run {run_id} checkpoints/last.pt")
-            result = trainer.fit()
-    except (KeyboardInterrupt, Interrupted, Stopped):
-        tracker.end_run(run_id, "KILLED")
-        raise
-    except BaseException:
-        tracker.end_run(run_id, "FAILED")
-        raise
+    with tracker.run(run_id), _graceful_stop(holder):
+        trainer = holder["trainer"] = Trainer(config, dataset, seed, recorder, epoch_progress)
+        if resume_state is not None:
+            trainer.load_state_dict(resume_state, f"run {run_id} checkpoints/last.pt")
+        result = trainer.fit()
     _finish_seed(tracker, run_id, result, seed)
     return SeedOutcome(seed=seed, run_id=run_id, final=result.final)
 
@@ -156,8 +136,7 @@ def _finish_parent(tracker: Tracker, parent_id: str, outcomes: list[SeedOutcome]
                                            indent=2, sort_keys=True), "final_metrics.json")
     trajectories = {}
     for outcome in outcomes:
-        history = tracker.client.get_metric_history(outcome.run_id, "alpha")
-        trajectories[f"seed {outcome.seed}"] = [m.value for m in sorted(history, key=lambda m: m.step)]
+        trajectories[f"seed {outcome.seed}"] = [value for _, value in tracker.metric_history(outcome.run_id, "alpha")]
     figure = alpha_figure(trajectories)
     tracker.log_figure(parent_id, figure, "alpha.png")
     close(figure)
@@ -176,7 +155,7 @@ def _start_seed_run(tracker: Tracker, experiment_id: str, parent_id: str, config
     return run_id
 
 
-def train(config: Config, seeds: list[int], *, tracking_uri: str | None = None, progress: Progress | None = None,
+def train(config: Config, seeds: list[int], *, tracker: Tracker, progress: Progress | None = None,
           run_name: str | None = None, on_parent: Callable[[str], None] | None = None,
           sweep_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> TrainOutcome:
     """Train ``config`` once per seed under one parent run; returns run ids and the mean/std summary.
@@ -186,10 +165,8 @@ def train(config: Config, seeds: list[int], *, tracking_uri: str | None = None, 
     if not seeds:
         raise DmglError("at least one seed is needed")
     run_name = safe_name(run_name or f"{config.method.name}-{config.strategy.name}", "run name")
-    build_method(config)  # the method checks its settings now, so a bad one creates no MLflow run
     dataset = open_dataset(config.dataset)
     check_against_dataset(config, dataset)  # and so do settings that do not fit the dataset
-    tracker = Tracker(tracking_uri)
     experiment = config.experiment or config.dataset
     experiment_id = tracker.experiment_id(experiment)
     tracker.warn_stale([experiment_id])
@@ -201,17 +178,11 @@ def train(config: Config, seeds: list[int], *, tracking_uri: str | None = None, 
     tracker.log_params(parent_id, {**config.flat(), "seeds": ",".join(map(str, seeds))})
     tracker.log_text(parent_id, config.to_yaml(), "config.yaml")
     outcomes = []
-    try:
+    with tracker.run(parent_id):
         for seed in seeds:
-            seeded = _seed_config(config, seed)
+            seeded = with_seed(config, seed)
             run_id = _start_seed_run(tracker, experiment_id, parent_id, seeded, dataset, run_name, extra_tags)
             outcomes.append(_train_seed(tracker, run_id, seeded, dataset, progress))
-    except (KeyboardInterrupt, Interrupted, Stopped):
-        tracker.end_run(parent_id, "KILLED")
-        raise
-    except BaseException:
-        tracker.end_run(parent_id, "FAILED")
-        raise
     summary = _finish_parent(tracker, parent_id, outcomes)
     return TrainOutcome(parent_run_id=parent_id, experiment=experiment, seeds=outcomes, summary=summary)
 
@@ -225,12 +196,12 @@ def _check_dataset(config: Config, dataset: PreparedDataset, run_tags: dict[str,
         )
 
 
-def _resume_seed(tracker: Tracker, run, progress: Progress | None) -> SeedOutcome:
-    run_id = run.info.run_id
+def _resume_seed(tracker: Tracker, run: RunRecord, progress: Progress | None) -> SeedOutcome:
+    run_id = run.run_id
     config = config_from_yaml(tracker.read_text(run_id, "config.yaml"))
     dataset = open_dataset(config.dataset)
-    _check_dataset(config, dataset, run.data.tags)
-    if run.info.status == "FINISHED":
+    _check_dataset(config, dataset, run.tags)
+    if run.status == "FINISHED":
         final = json.loads(tracker.read_text(run_id, "final_metrics.json"))
         return SeedOutcome(seed=config.train.seed, run_id=run_id, final=final)
     try:
@@ -243,44 +214,37 @@ def _resume_seed(tracker: Tracker, run, progress: Progress | None) -> SeedOutcom
     return _train_seed(tracker, run_id, config, dataset, progress, resume_state=state)
 
 
-def resume(run_id: str, *, tracking_uri: str | None = None, progress: Progress | None = None) -> TrainOutcome:
+def resume(run_id: str, *, tracker: Tracker, progress: Progress | None = None) -> TrainOutcome:
     """Continue an interrupted ``dmgl train`` in the same MLflow runs: a seed run from its last checkpoint, or —
     given the parent run — every seed it asked for (finished seeds are kept, unfinished ones resumed, seeds that
     never started are started). The parent gets its mean/std once all its seeds are finished."""
-    tracker = Tracker(tracking_uri)
     run = tracker.get_run(run_id)
-    role = run.data.tags.get("dmgl.role")
+    role = run.role
     if role not in ("parent", "seed"):
         raise DmglError(f"run {run_id} was not made by `dmgl train` (no dmgl.role tag); nothing to resume")
-    parent_id = run_id if role == "parent" else run.data.tags["mlflow.parentRunId"]
+    parent_id = run_id if role == "parent" else run.tags["mlflow.parentRunId"]
     parent = tracker.get_run(parent_id)
-    tracker.warn_stale([parent.info.experiment_id])
+    tracker.warn_stale([parent.experiment_id])
     parent_config = config_from_yaml(tracker.read_text(parent_id, "config.yaml"))
-    wanted = [int(s) for s in parent.data.tags.get("dmgl.seeds", "").split(",") if s]
+    wanted = [int(s) for s in parent.tags.get("dmgl.seeds", "").split(",") if s]
     tracker.mark_running(parent_id)
     outcomes: dict[int, SeedOutcome] = {}
-    try:
-        children = {int(c.data.tags["dmgl.seed"]): c for c in tracker.children(parent_id)}
+    with tracker.run(parent_id):
+        children = {int(c.tags["dmgl.seed"]): c for c in tracker.children(parent_id)}
         for seed in wanted:
             child = children.get(seed)
-            if role == "seed" and child is not None and child.info.run_id != run_id and child.info.status != "FINISHED":
+            if role == "seed" and child is not None and child.run_id != run_id and child.status != "FINISHED":
                 continue  # only the seed run that was named is resumed
             if child is not None:
                 outcomes[seed] = _resume_seed(tracker, child, progress)
             elif role == "parent":
                 dataset = open_dataset(parent_config.dataset)
-                seeded = _seed_config(parent_config, seed)
-                child_id = _start_seed_run(tracker, parent.info.experiment_id, parent_id, seeded, dataset,
-                                           parent.info.run_name)
+                seeded = with_seed(parent_config, seed)
+                child_id = _start_seed_run(tracker, parent.experiment_id, parent_id, seeded, dataset,
+                                           parent.name)
                 outcomes[seed] = _train_seed(tracker, child_id, seeded, dataset, progress)
-    except (KeyboardInterrupt, Interrupted):
-        tracker.end_run(parent_id, "KILLED")
-        raise
-    except BaseException:
-        tracker.end_run(parent_id, "FAILED")
-        raise
     ordered = [outcomes[s] for s in sorted(outcomes)]
-    experiment = tracker.client.get_experiment(parent.info.experiment_id).name
+    experiment = tracker.experiment_name(parent.experiment_id)
     if all(s in outcomes for s in wanted):
         summary = _finish_parent(tracker, parent_id, ordered)
     else:
@@ -304,16 +268,15 @@ class EvalOutcome:
         return max((abs(self.metrics[k] - self.logged[k]) for k in shared), default=None)
 
 
-def evaluate_run(run_id: str, *, checkpoint: str = "best", split: str = "test",
-                 tracking_uri: str | None = None) -> list[EvalOutcome]:
+def evaluate_run(run_id: str, *, tracker: Tracker, checkpoint: str = "best", split: str = "test"
+                 ) -> list[EvalOutcome]:
     """Re-score a seed run's checkpoint (or every seed of a parent run) and record the result on the run."""
     if checkpoint not in ("best", "last"):
         raise DmglError(f"--checkpoint must be best or last, got {checkpoint!r}")
     if split not in ("val", "test"):
         raise DmglError(f"--split must be val or test, got {split!r}")
-    tracker = Tracker(tracking_uri)
     run = tracker.get_run(run_id)
-    role = run.data.tags.get("dmgl.role")
+    role = run.role
     if role == "parent":
         runs = tracker.children(run_id)
     elif role == "seed":
@@ -323,25 +286,18 @@ def evaluate_run(run_id: str, *, checkpoint: str = "best", split: str = "test",
     return [_evaluate_seed(tracker, r, checkpoint, split) for r in runs]
 
 
-def _evaluate_seed(tracker: Tracker, run, checkpoint: str, split: str) -> EvalOutcome:
-    from dmgl_cli.data.loader import make_loader, make_splits
-    from dmgl_cli.data.transforms import build_transforms, model_input_specs
-    from dmgl_cli.train import pick_device
-
-    run_id = run.info.run_id
+def _evaluate_seed(tracker: Tracker, run: RunRecord, checkpoint: str, split: str) -> EvalOutcome:
+    run_id = run.run_id
     config = config_from_yaml(tracker.read_text(run_id, "config.yaml"))
     dataset = open_dataset(config.dataset)
-    _check_dataset(config, dataset, run.data.tags)
+    _check_dataset(config, dataset, run.tags)
     state = tracker.load_checkpoint(run_id, checkpoint)
     method = build_method(config)
     device = pick_device(config.train.device)
     model = method.build_model(model_input_specs(dataset.modalities, config), dataset.num_classes)
     load_model_state(model, state["model"], f"run {run_id} checkpoints/{checkpoint}.pt")
     model.to(device)
-    splits = make_splits(dataset, config.data.val_fraction, config.data.split_seed)
-    getattr(splits, split).transform = build_transforms(dataset.modalities, config, training=False)
-    loader = make_loader(getattr(splits, split), config.train.eval_batch_size, shuffle=False, seed=0, drop_last=False)
-    metrics = evaluate(model, method, config, loader, device, split)
+    metrics = evaluate(model, method, config, eval_loader(dataset, config, split), device, split)
     if checkpoint == "best":
         logged = {k: v for k, v in state.get("metrics", {}).items() if k.startswith(f"{split}_")}
     else:
@@ -354,15 +310,14 @@ def _evaluate_seed(tracker: Tracker, run, checkpoint: str, split: str) -> EvalOu
                        metrics=metrics, logged=logged)
 
 
-def reconcile(*, experiment: str | None = None, older_than_minutes: float = 60.0,
-              tracking_uri: str | None = None) -> list:
+def reconcile(*, tracker: Tracker, experiment: str | None = None, older_than_minutes: float = 60.0
+              ) -> list[RunRecord]:
     """Mark stale RUNNING runs (their process died: SIGKILL, OOM, a lost machine) KILLED; returns them."""
-    tracker = Tracker(tracking_uri)
     if experiment:
         experiment_ids = [tracker.experiment_id(experiment, create=False)]
     else:
-        experiment_ids = [e.experiment_id for e in tracker.client.search_experiments()]
+        experiment_ids = list(tracker.experiments())
     stale = tracker.stale_runs(experiment_ids, older_than_minutes)
     for run in stale:
-        tracker.end_run(run.info.run_id, "KILLED")
+        tracker.end_run(run.run_id, "KILLED")
     return stale

@@ -7,6 +7,9 @@
   inverse-Hessian approximation ``approx`` (``identity``: the first-order one-step look-ahead; ``cg`` / ``neumann``:
   curvature-corrected), or with the authors' released rule (``official``).
 
+A strategy is named on the command line, in sweeps and in reports by a :class:`StrategySpec` (``constant:0.5``,
+``stepwise:0.95``, ``heuristic``, ``lb``), and built from the resolved config by :func:`strategy_from_config`.
+
 The trainer calls :meth:`AlphaStrategy.start_epoch` before each epoch and, after every optimiser step,
 :meth:`AlphaStrategy.needs_hypergradient`; when that says yes it computes
 :func:`dmgl_cli.hypergradient.implicit_hypergradient` and hands its value to
@@ -14,11 +17,23 @@ The trainer calls :meth:`AlphaStrategy.start_epoch` before each epoch and, after
 State dicts hold plain Python values only, so that checkpoints load with ``torch.load(weights_only=True)``.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import inspect
 import math
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from dmgl_cli.errors import DmglError
-from dmgl_cli.hypergradient import APPROXIMATIONS
+
+if TYPE_CHECKING:
+    from dmgl_cli.config import LearningBasedConfig, StrategyConfig
+
+# The inverse-Hessian approximations that dmgl_cli.hypergradient implements (named here, where they are chosen:
+# building a strategy needs no torch).
+APPROXIMATIONS = ("identity", "neumann", "cg")
 
 
 def _real(value: object, setting: str) -> float:
@@ -117,6 +132,9 @@ class HeuristicStrategy(AlphaStrategy):
 
 ALPHA_GRADIENTS = (*APPROXIMATIONS, "official")
 ALPHA_OPTIMIZERS = ("sgd", "adam")
+OUTER_DATA = ("holdout", "val", "train")
+OUTER_SAMPLING = ("random", "fixed")
+HYPER_PARAMETERS = ("all", "head", "first")
 _ADAM_BETAS, _ADAM_EPSILON = (0.9, 0.999), 1e-12
 
 
@@ -159,6 +177,11 @@ class LearningBasedStrategy(AlphaStrategy):
         alpha_optimizer: str = "sgd",
         alpha_lr_halving: int | None = None,
         curvature_refresh: int = 10,
+        outer_data: str = "holdout",
+        holdout: int | float = 0.05,
+        outer_batch_size: int | None = None,
+        outer_sampling: str = "random",
+        params: str = "all",
     ) -> None:
         self.min_alpha = _unit_interval(min_alpha, "strategy.lb.min_alpha")
         self.max_alpha = _unit_interval(max_alpha, "strategy.lb.max_alpha")
@@ -215,6 +238,24 @@ class LearningBasedStrategy(AlphaStrategy):
         if isinstance(curvature_refresh, bool) or not isinstance(curvature_refresh, int) or curvature_refresh < 1:
             raise DmglError(f"strategy.lb.curvature_refresh must be an integer >= 1, got {curvature_refresh!r}")
         self.curvature_refresh = curvature_refresh
+        # Where the outer batches come from, how many, and which parameters enter H (read by the trainer).
+        if outer_data not in OUTER_DATA:
+            raise DmglError(f"strategy.lb.outer_data must be one of {', '.join(OUTER_DATA)}, got {outer_data!r}")
+        self.outer_data = outer_data
+        self.holdout = holdout
+        if outer_batch_size is not None and (
+            isinstance(outer_batch_size, bool) or not isinstance(outer_batch_size, int) or outer_batch_size < 1
+        ):
+            raise DmglError(f"strategy.lb.outer_batch_size must be an integer >= 1 or null, got {outer_batch_size!r}")
+        self.outer_batch_size = outer_batch_size
+        if outer_sampling not in OUTER_SAMPLING:
+            raise DmglError(
+                f"strategy.lb.outer_sampling must be one of {', '.join(OUTER_SAMPLING)}, got {outer_sampling!r}"
+            )
+        self.outer_sampling = outer_sampling
+        if params not in HYPER_PARAMETERS:
+            raise DmglError(f"strategy.lb.params must be one of {', '.join(HYPER_PARAMETERS)}, got {params!r}")
+        self.params = params
         super().__init__(initial)
         self.current_lr = self.alpha_lr
         self.last_hypergradient: float | None = None
@@ -226,6 +267,13 @@ class LearningBasedStrategy(AlphaStrategy):
         # neumann with scale None: the cached lambda_max and the update at which it was estimated
         self.largest_eigenvalue: float | None = None
         self.eigenvalue_update: int | None = None
+
+    @classmethod
+    def from_config(cls, settings: LearningBasedConfig) -> LearningBasedStrategy:
+        """The strategy of a resolved config's ``strategy.lb`` section; ``scale: auto`` becomes ``None``."""
+        fields = dataclasses.asdict(settings)
+        fields["scale"] = None if settings.scale == "auto" else settings.scale
+        return cls(**fields)
 
     def start_epoch(self, epoch: int, total_epochs: int) -> None:
         _check_epoch(epoch, total_epochs)
@@ -308,6 +356,19 @@ STRATEGIES: dict[str, type[AlphaStrategy]] = {
 }
 
 
+def strategy_from_config(settings: StrategyConfig) -> AlphaStrategy:
+    """The strategy a resolved config's ``strategy`` section names, with its settings."""
+    if settings.name == "constant":
+        return ConstantStrategy(settings.alpha)
+    if settings.name == "stepwise":
+        return StepwiseStrategy(settings.p)
+    if settings.name == "heuristic":
+        return HeuristicStrategy()
+    if settings.name == "lb":
+        return LearningBasedStrategy.from_config(settings.lb)
+    raise DmglError(f"unknown strategy {settings.name!r}; valid: {', '.join(STRATEGIES)}")
+
+
 def build_strategy(name: str, **kwargs: object) -> AlphaStrategy:
     """The strategy registered as ``name`` in :data:`STRATEGIES`, built from its settings."""
     if name not in STRATEGIES:
@@ -320,3 +381,146 @@ def build_strategy(name: str, **kwargs: object) -> AlphaStrategy:
         valid = ", ".join(signature.parameters) or "none"
         raise DmglError(f"alpha strategy '{name}': {error}; its settings are: {valid}") from None
     return strategy_class(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------ strategy specs
+# A strategy with its one setting, as the CLI, sweeps and reports name it; the schedules' classes are above.
+
+
+STRATEGY_ORDER = ("constant", "stepwise", "heuristic", "lb")
+STRATEGY_GROUPS = {"constant": "Constant", "stepwise": "Stepwise", "heuristic": "Dynamic", "lb": "Dynamic"}
+# The columns of the paper's Table 4 / A3, in the paper's order.
+TABLE4 = ("constant:0", "constant:0.5", "constant:1", "stepwise:0", "stepwise:1", "stepwise:0.05", "stepwise:0.95",
+          "heuristic", "lb")
+STRATEGY_SETS: dict[str, tuple[str, ...]] = {"table4": TABLE4}
+# The config setting that a spec's value sets: constant's alpha, stepwise's p.
+SETTING_OF = {"constant": "strategy.alpha", "stepwise": "strategy.p"}
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """One integration strategy with its setting: ``constant:0.5``, ``stepwise:0.95``, ``heuristic``, ``lb``."""
+
+    name: str
+    value: float | None = None
+
+    @property
+    def key(self) -> str:
+        return self.name if self.value is None else f"{self.name}:{_number(self.value)}"
+
+    @property
+    def label(self) -> str:
+        """Stand-alone column label: ``const 0.5``, ``h(0.95)``, ``heuristic``, ``LB``."""
+        if self.name == "constant" and self.value is not None:
+            return f"const {_number(self.value)}"
+        return self.short
+
+    @property
+    def short(self) -> str:
+        """Label under its group header (Constant / Stepwise / Dynamic), as in Table 4."""
+        if self.value is None:
+            return "LB" if self.name == "lb" else self.name
+        if self.name == "constant":
+            return _number(self.value)
+        if self.name == "stepwise":
+            return f"h({_number(self.value)})"
+        return "LB" if self.name == "lb" else self.name
+
+    @property
+    def group(self) -> str:
+        return STRATEGY_GROUPS.get(self.name, self.name)
+
+    def settings(self) -> dict[str, Any]:
+        """Config settings (dotted keys) that select this strategy."""
+        settings: dict[str, Any] = {"strategy.name": self.name}
+        if self.value is not None and self.name in SETTING_OF:
+            settings[SETTING_OF[self.name]] = self.value
+        return settings
+
+    def sort_key(self) -> tuple:
+        table4 = TABLE4.index(self.key) if self.key in TABLE4 else len(TABLE4)
+        rank = STRATEGY_ORDER.index(self.name) if self.name in STRATEGY_ORDER else len(STRATEGY_ORDER)
+        return (rank, table4, self.value if self.value is not None else -1.0, self.name)
+
+
+_STEPWISE_ALIAS = re.compile(r"^h\((?P<p>[^)]*)\)$")
+
+
+def parse_strategy(text: str, *, value_required: bool = True) -> StrategySpec:
+    """``constant:0.5`` / ``stepwise:0.95`` (or ``h(0.95)``) / ``heuristic`` / ``lb``, in any case. Without
+    ``value_required`` (``dmgl train --strategy constant``), constant and stepwise may come without their value:
+    the recipe's then stays."""
+    raw = text.strip()
+    alias = _STEPWISE_ALIAS.match(raw)
+    name, _, value = ("stepwise", ":", alias["p"]) if alias else raw.partition(":")
+    name = name.strip().lower()
+    if name not in STRATEGY_ORDER:
+        raise DmglError(f"unknown strategy {raw!r}; valid: {', '.join(STRATEGY_ORDER)} (with a value: constant:A, "
+                        f"stepwise:P or h(P); in --strategies also the set {', '.join(STRATEGY_SETS)})")
+    if name in ("constant", "stepwise"):
+        what = "alpha" if name == "constant" else "p"
+        if not value.strip():
+            if not value_required:
+                return StrategySpec(name)
+            raise DmglError(f"strategy {raw!r} needs its {what}, e.g. {name}:0.5")
+        try:
+            number = float(value)
+        except ValueError:
+            raise DmglError(f"strategy {raw!r}: {what} must be a number in [0, 1], got {value!r}") from None
+        if not (math.isfinite(number) and 0.0 <= number <= 1.0):
+            raise DmglError(f"strategy {raw!r}: {what} must be in [0, 1], got {value}")
+        return StrategySpec(name, number)
+    if value:
+        raise DmglError(f"strategy {raw!r}: {name} takes no value (write just {name!r})")
+    return StrategySpec(name)
+
+
+def spec_from_flags(strategy: str | None, alpha: float | None = None, p: float | None = None) -> StrategySpec | None:
+    """``dmgl train``'s ``--strategy`` (a name or ``constant:0.5``), ``--alpha`` and ``--p`` as one spec; None when
+    none is given (the recipe's strategy stays). ``--alpha`` alone means constant, ``--p`` alone stepwise."""
+    spec = parse_strategy(strategy, value_required=False) if strategy is not None else None
+    for flag, value, name in (("--alpha", alpha, "constant"), ("--p", p, "stepwise")):
+        if value is None:
+            continue
+        if spec is not None and spec.name != name:
+            hint = " (for lb, set strategy.lb.initial_alpha)" if spec.name == "lb" and flag == "--alpha" else ""
+            raise DmglError(f"{flag} applies to --strategy {name}, not {spec.name}{hint}")
+        if spec is not None and spec.value is not None and spec.value != value:
+            raise DmglError(f"--strategy {strategy} and {flag} {value} give two values; give one")
+        spec = parse_strategy(f"{name}:{value!r}")
+    return spec
+
+
+def parse_strategies(text: str) -> list[StrategySpec]:
+    """A named set (``table4``) or a comma-separated list of specs; duplicates are an error."""
+    specs: list[StrategySpec] = []
+    for part in (p.strip() for p in text.split(",")):
+        if part.lower() in STRATEGY_SETS:
+            specs.extend(parse_strategy(k) for k in STRATEGY_SETS[part.lower()])
+        elif part:
+            specs.append(parse_strategy(part))
+    if not specs:
+        raise DmglError(f"--strategies {text!r} names no strategy; e.g. table4 or constant:0.5,stepwise:0.95,lb")
+    keys = [s.key for s in specs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise DmglError(f"--strategies lists {', '.join(repeated)} more than once")
+    return specs
+
+
+def spec_from_params(params: dict[str, str], tags: dict[str, str] | None = None) -> StrategySpec | None:
+    """The strategy spec a run was trained with, from its logged (flattened) config; None if unrecognisable."""
+    name = params.get("strategy.name") or (tags or {}).get("dmgl.strategy")
+    if name not in STRATEGY_ORDER:
+        return None
+    setting = SETTING_OF.get(name)
+    if setting is None:
+        return StrategySpec(name)
+    try:
+        return StrategySpec(name, float(params[setting]))
+    except (KeyError, ValueError):
+        return None

@@ -1,6 +1,7 @@
 """The only module that talks to MLflow.
 
-Layout (DESIGN.md "Tracking layout"):
+A command makes one :class:`Tracker` (one MLflow client) and passes it down; the rest of dmgl sees runs as
+:class:`RunRecord` values, never as MLflow objects. Layout (ARCHITECTURE.md, "From train to MLflow"):
 
 * backend ``sqlite:///<registry>/mlflow.db`` with artifacts under ``<registry>/artifacts`` unless
   ``--tracking-uri`` / ``MLFLOW_TRACKING_URI`` names another store or a server;
@@ -21,14 +22,12 @@ import logging
 import os
 import platform
 import random
-import signal
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -41,14 +40,19 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from dmgl_cli import __version__  # noqa: E402
 from dmgl_cli.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from dmgl_cli.errors import DmglError  # noqa: E402
-from dmgl_cli.paths import (
+from dmgl_cli.errors import (  # noqa: E402
+    DmglError,  # noqa: E402
+    Interrupted,
+    Stopped,
+)
+from dmgl_cli.paths import (  # noqa: E402
     default_artifacts_dir,
     default_tracking_uri,
     ensure_registry,
-    repo_root,
+    resolve_tracking_uri,
     warn_if_shared_sqlite,
-)  # noqa: E402
+)
+from dmgl_cli.provenance import environment_tags, git_commit, process_alive  # noqa: E402
 
 for _noisy in ("mlflow", "alembic", "sqlalchemy"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
@@ -57,46 +61,6 @@ logger = logging.getLogger("dmgl")
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 PARENT_TAG = "mlflow.parentRunId"
 _BATCH = 100  # MLflow accepts up to 1000 metrics / 100 params per log_batch call
-
-
-def resolve_tracking_uri(explicit: str | None = None) -> str:
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of a process (Linux /proc), so a recycled pid is not mistaken for our process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Field 22 (starttime); the command name (field 2) may contain spaces, so split after its closing ')'.
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def process_alive(pid: int, start_time: str | None) -> bool:
-    current = process_start_time(pid)
-    return current is not None and (start_time is None or current == start_time)
-
-
-def environment_tags() -> dict[str, str]:
-    import torch
-
-    return {
-        "dmgl.host": platform.node(),
-        "dmgl.pid": str(os.getpid()),
-        "dmgl.pid_start": process_start_time(os.getpid()) or "",
-        "dmgl.torch": torch.__version__,
-        "dmgl.cuda": torch.version.cuda or "none",
-        "dmgl.heartbeat": str(int(time.time())),
-    }
 
 
 def local_path(uri: str) -> Path | None:
@@ -132,6 +96,39 @@ def _with_retries(call, *args, **kwargs):
                 raise
             time.sleep(delay * (1 + random.random()))
             delay = min(delay * 2, 2.0)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One recorded run as dmgl's other modules see it (they never handle MLflow's own ``Run`` objects)."""
+
+    run_id: str
+    name: str
+    experiment_id: str
+    status: str  # RUNNING | SCHEDULED | FINISHED | FAILED | KILLED
+    start_time: int  # milliseconds since the epoch
+    end_time: int | None
+    artifact_uri: str
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # the latest value of each metric
+
+    @property
+    def role(self) -> str | None:
+        """parent | seed | sweep for runs dmgl made, else None."""
+        return self.tags.get("dmgl.role")
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.tags.get(PARENT_TAG)
+
+    @classmethod
+    def of(cls, run) -> RunRecord:
+        info, data = run.info, run.data
+        return cls(run_id=info.run_id, name=info.run_name or "", experiment_id=info.experiment_id,
+                   status=info.status, start_time=int(info.start_time or 0), end_time=info.end_time,
+                   artifact_uri=info.artifact_uri, params=dict(data.params), tags=dict(data.tags),
+                   metrics=dict(data.metrics))
 
 
 class Tracker:
@@ -190,27 +187,24 @@ class Tracker:
         run = self.client.create_run(experiment_id, run_name=name, tags=tags)
         return run.info.run_id
 
-    def get_run(self, run_id: str):
+    def get_run(self, run_id: str) -> RunRecord:
         try:
-            return self.client.get_run(run_id)
+            return RunRecord.of(self.client.get_run(run_id))
         except MlflowException:
             raise DmglError(f"run {run_id!r} does not exist in {self.uri}; `dmgl ui` lists the runs") from None
 
-    def children(self, parent_id: str) -> list:
+    def children(self, parent_id: str) -> list[RunRecord]:
         run = self.get_run(parent_id)
-        runs = self.client.search_runs(
-            [run.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
-            run_view_type=ViewType.ACTIVE_ONLY, max_results=10000,
-        )
-        return sorted(runs, key=lambda r: int(r.data.tags.get("dmgl.seed", 0)))
+        runs = self.search([run.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=10000)
+        return sorted(runs, key=lambda r: int(r.tags.get("dmgl.seed", 0)))
 
-    def search(self, experiment_ids: list[str], filter_string: str = "", max_results: int = 50000) -> list:
+    def search(self, experiment_ids: list[str], filter_string: str = "", max_results: int = 50000) -> list[RunRecord]:
         runs, token = [], None
         while True:
             page = self.client.search_runs(experiment_ids, filter_string=filter_string,
                                            run_view_type=ViewType.ACTIVE_ONLY, max_results=min(max_results, 50000),
                                            page_token=token)
-            runs.extend(page)
+            runs.extend(RunRecord.of(run) for run in page)
             token = page.token
             if not token or len(runs) >= max_results:
                 return runs
@@ -232,7 +226,10 @@ class Tracker:
         except MlflowException as exc:
             raise DmglError(f"cannot read experiments from the MLflow store {self.uri} ({exc.message})") from None
 
-    def find_runs(self, experiment_ids: list[str], filter_string: str = "") -> list:
+    def experiment_name(self, experiment_id: str) -> str:
+        return self.client.get_experiment(experiment_id).name
+
+    def find_runs(self, experiment_ids: list[str], filter_string: str = "") -> list[RunRecord]:
         """:meth:`search`, with a malformed filter reported as a DmglError."""
         try:
             return self.search(experiment_ids, filter_string)
@@ -266,7 +263,7 @@ class Tracker:
         """Every (metric key, step) already recorded on a run — what a resumed run must not log again."""
         run = self.get_run(run_id)
         seen = set()
-        for key in run.data.metrics:
+        for key in run.metrics:
             for metric in self.client.get_metric_history(run_id, key):
                 seen.add((key, metric.step))
         return seen
@@ -274,32 +271,46 @@ class Tracker:
     def end_run(self, run_id: str, status: str) -> None:
         _with_retries(self.client.set_terminated, run_id, status=status)
 
+    @contextmanager
+    def run(self, run_id: str) -> Iterator[str]:
+        """Work recorded into ``run_id``: leaving by a stop (Ctrl-C, SIGTERM, a pruned sweep trial) marks the run
+        KILLED (resumable), by an error FAILED; both re-raise. A normal exit leaves the status to the caller, who
+        ends the run FINISHED once its results are logged."""
+        try:
+            yield run_id
+        except (KeyboardInterrupt, Interrupted, Stopped):
+            self.end_run(run_id, "KILLED")
+            raise
+        except BaseException:
+            self.end_run(run_id, "FAILED")
+            raise
+
     def mark_running(self, run_id: str) -> None:
         """A resumed run: RUNNING again, owned by this process."""
         self.client.update_run(run_id, status="RUNNING")
         self.set_tags(run_id, {k: v for k, v in environment_tags().items() if k in ("dmgl.host", "dmgl.pid",
                                                                                    "dmgl.pid_start", "dmgl.heartbeat")})
 
-    def stale_runs(self, experiment_ids: list[str], older_than_minutes: float = 60.0) -> list:
+    def stale_runs(self, experiment_ids: list[str], older_than_minutes: float = 60.0) -> list[RunRecord]:
         """Runs marked RUNNING whose process is gone: on this host, the recorded pid no longer runs; on another
         host (where the pid cannot be checked), no heartbeat for ``older_than_minutes``."""
         host, now = platform.node(), time.time()
         stale = []
         for run in self.search(experiment_ids, "attributes.status = 'RUNNING'"):
-            tags = run.data.tags
+            tags = run.tags
             if "dmgl.role" not in tags:
                 continue
             if tags.get("dmgl.host") == host and tags.get("dmgl.pid"):
                 if not process_alive(int(tags["dmgl.pid"]), tags.get("dmgl.pid_start") or None):
                     stale.append(run)
-            elif now - float(tags.get("dmgl.heartbeat", run.info.start_time / 1000)) > older_than_minutes * 60:
+            elif now - float(tags.get("dmgl.heartbeat", run.start_time / 1000)) > older_than_minutes * 60:
                 stale.append(run)
         return stale
 
-    def warn_stale(self, experiment_ids: list[str]) -> list:
+    def warn_stale(self, experiment_ids: list[str]) -> list[RunRecord]:
         stale = self.stale_runs(experiment_ids)
         if stale:
-            names = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in stale[:5])
+            names = ", ".join(f"{r.run_id} ({r.name})" for r in stale[:5])
             logger.warning(
                 "%d run(s) are marked RUNNING but their process is gone: %s. `dmgl train --resume RUN_ID` continues "
                 "one; `dmgl runs reconcile` marks them KILLED.", len(stale), names,
@@ -307,11 +318,11 @@ class Tracker:
         return stale
 
     def status(self, run_id: str) -> str:
-        return self.get_run(run_id).info.status
+        return self.get_run(run_id).status
 
     # ---------------------------------------------------------------------------------------------- artifacts
     def _artifact_dir(self, run_id: str) -> Path | None:
-        return local_path(self.get_run(run_id).info.artifact_uri)
+        return local_path(self.get_run(run_id).artifact_uri)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
@@ -369,25 +380,3 @@ class RunRecorder:
 
     def save_checkpoint(self, name: str, state: dict[str, Any]) -> None:
         self.tracker.save_checkpoint(self.run_id, name, state)
-
-
-def launch_ui(tracking_uri: str | None, host: str, port: int) -> int:
-    """Run ``mlflow ui`` over the store in the foreground; returns its exit code."""
-    uri = resolve_tracking_uri(tracking_uri)
-    # The MLflow of dmgl's own environment, whether or not that environment is activated.
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    if uri == default_tracking_uri():
-        ensure_registry()
-        command += ["--default-artifact-root", default_artifacts_dir().as_uri()]
-    server = subprocess.Popen(command)
-    try:
-        return server.wait()
-    except KeyboardInterrupt:
-        # Hand Ctrl-C on to MLflow so that it stops its own worker processes, rather than orphaning them.
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        return 0

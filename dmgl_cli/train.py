@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import random
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,11 +33,11 @@ import torch
 from torch import Tensor
 
 from dmgl_cli.checkpoint import capture_rng, load_model_state, restore_rng
-from dmgl_cli.config import Config, build_strategy_from_config
-from dmgl_cli.data.loader import ArraySplit, make_loader, make_splits, sample_batch
+from dmgl_cli.config import Config
+from dmgl_cli.data.loader import ArraySplit, eval_loader, hold_out, make_loader, make_splits, sample_batch
 from dmgl_cli.data.prepared import PreparedDataset
-from dmgl_cli.data.splits import stratified_split
 from dmgl_cli.data.transforms import build_transforms, model_input_specs
+from dmgl_cli.device import autocast, configure_determinism, pick_device, seed_everything, to_device
 from dmgl_cli.errors import DmglError, Interrupted
 from dmgl_cli.hypergradient import (
     Hypergradient,
@@ -53,6 +50,7 @@ from dmgl_cli.methods import build_method
 from dmgl_cli.methods.base import Method
 from dmgl_cli.metrics import MetricAccumulator
 from dmgl_cli.models import ModelOutput, MultimodalModel
+from dmgl_cli.strategies import AlphaStrategy, LearningBasedStrategy, strategy_from_config
 
 
 class RunSink(Protocol):
@@ -68,44 +66,6 @@ class TrainResult:
     best_epoch: int
     final: dict[str, float]  # val_* and test_* at the best (validation-selected) epoch
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics, epoch 1..T
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DmglError(f"train.device={name} but CUDA is not available here; use --set train.device=cpu or auto")
-    return torch.device(name)
-
-
-def configure_determinism(enabled: bool) -> None:
-    """PyTorch's determinism switches (and cuBLAS's workspace setting) for bit-identical reruns."""
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    else:
-        torch.use_deterministic_algorithms(False)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
-    non_blocking = device.type == "cuda"
-    inputs = {m: t.to(device, non_blocking=non_blocking) for m, t in batch["inputs"].items()}
-    return inputs, batch["labels"].to(device, non_blocking=non_blocking)
-
-
-def _autocast(device: torch.device, enabled: bool):
-    # bf16 autocast on CUDA only: CPU runs stay in fp32 so that results are exactly reproducible.
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def compute_losses(method: Method, config: Config, output: ModelOutput, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -132,8 +92,8 @@ def evaluate(model: MultimodalModel, method: Method, config: Config, loader, dev
     model.eval()
     accumulator = MetricAccumulator()
     for batch in loader:
-        inputs, labels = _to_device(batch, device)
-        with _autocast(device, config.train.amp):
+        inputs, labels = to_device(batch, device)
+        with autocast(device, config.train.amp):
             output = method.forward(model, inputs, training=False)
         cls_loss, mm_loss = compute_losses(method, config, output, labels)
         accumulator.add(
@@ -148,36 +108,13 @@ def evaluate(model: MultimodalModel, method: Method, config: Config, loader, dev
     return accumulator.compute(prefix)
 
 
-def hold_out(train: ArraySplit, holdout: int | float, seed: int, transform) -> tuple[ArraySplit, ArraySplit]:
-    """Training samples set aside for the LB strategy's outer batches, and the training split without them.
-
-    ``holdout`` is a fraction (stratified by class, as the validation split is carved) or a count (a seeded random
-    draw, in the drawn order, as the authors' code takes its 16 samples); both depend on ``seed`` (data.split_seed)
-    only, so every training seed steers alpha with the same samples.
-    """
-    if len(train) < 2:
-        raise DmglError(f"strategy.lb.outer_data=holdout needs at least 2 training samples, the training split has "
-                        f"{len(train)}; prepare more samples or set strategy.lb.outer_data=val")
-    if isinstance(holdout, float):
-        kept, chosen = stratified_split(np.asarray(train.labels), holdout, seed)
-        if len(chosen) == 0:  # every class too small to give one: a seeded draw of the same fraction instead
-            holdout = max(1, round(holdout * len(train)))
-    if isinstance(holdout, int):
-        if holdout >= len(train):
-            raise DmglError(f"strategy.lb.holdout asks for {holdout} held-out samples but the training split has "
-                            f"only {len(train)}; lower strategy.lb.holdout")
-        chosen = np.random.default_rng(seed).permutation(len(train))[:holdout]
-        kept = np.setdiff1d(np.arange(len(train)), chosen)
-    return (ArraySplit(train.arrays, train.indices[kept], train.transform),
-            ArraySplit(train.arrays, train.indices[chosen], transform))
-
-
 def check_against_dataset(config: Config, dataset: PreparedDataset) -> None:
     """Refuse settings that do not fit ``dataset`` before any run is created: the LB strategy's holdout must leave
     samples both for its outer batches and for training."""
-    if config.strategy.name == "lb" and config.strategy.lb.outer_data == "holdout":
+    strategy = strategy_from_config(config.strategy)
+    if isinstance(strategy, LearningBasedStrategy) and strategy.outer_data == "holdout":
         splits = make_splits(dataset, config.data.val_fraction, config.data.split_seed)
-        hold_out(splits.train, config.strategy.lb.holdout, config.data.split_seed, None)
+        hold_out(splits.train, strategy.holdout, config.data.split_seed, None)
 
 
 class Trainer:
@@ -207,18 +144,18 @@ class Trainer:
         self.splits.train.transform = build_transforms(dataset.modalities, config, training=True)
         self.splits.val.transform = self.splits.test.transform = build_transforms(dataset.modalities, config,
                                                                                   training=False)
+        self.strategy: AlphaStrategy = strategy_from_config(config.strategy)
         # strategy.lb.outer_data=holdout: training samples set aside for the outer step, never trained on.
         self.holdout: ArraySplit | None = None
-        if config.strategy.name == "lb" and config.strategy.lb.outer_data == "holdout":
-            self.splits.train, self.holdout = hold_out(self.splits.train, config.strategy.lb.holdout,
+        if isinstance(self.strategy, LearningBasedStrategy) and self.strategy.outer_data == "holdout":
+            self.splits.train, self.holdout = hold_out(self.splits.train, self.strategy.holdout,
                                                        config.data.split_seed, self.splits.val.transform)
         pin = self.device.type == "cuda"
         workers = config.data.num_workers
         self.train_loader = make_loader(self.splits.train, config.train.batch_size, shuffle=True, seed=seed,
                                         drop_last=True, num_workers=workers, pin_memory=pin, persistent=True)
         self.eval_loaders = {
-            name: make_loader(split, config.train.eval_batch_size, shuffle=False, seed=seed, drop_last=False,
-                              num_workers=workers, pin_memory=pin)
+            name: eval_loader(dataset, config, split, num_workers=workers, pin_memory=pin)
             for name, split in (("val", self.splits.val), ("test", self.splits.test))
         }
 
@@ -233,7 +170,6 @@ class Trainer:
                     module.to(memory_format=torch.channels_last)
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
-        self.strategy = build_strategy_from_config(config)
         self._hypergradient_records: list = []  # this epoch's Hypergradient results, summarised in its metrics
 
         self.epoch = 0  # completed epochs
@@ -269,34 +205,41 @@ class Trainer:
         return None
 
     def _hyper_parameters(self) -> list[Tensor]:
-        if self.config.strategy.lb.params == "head":
+        if self.learner.params == "head":
             return [p for p in self.model.head_parameters() if p.requires_grad]
-        if self.config.strategy.lb.params == "first":  # the official code differentiates its first tensor only
+        if self.learner.params == "first":  # the official code differentiates its first tensor only
             return [next(p for p in self.model.parameters() if p.requires_grad)]
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def learner(self) -> LearningBasedStrategy:
+        """The strategy, in the code that only a learnt alpha (``--strategy lb``) reaches."""
+        if not isinstance(self.strategy, LearningBasedStrategy):
+            raise RuntimeError(f"strategy '{self.strategy.name}' does not learn alpha")
+        return self.strategy
 
     # ---------------------------------------------------------------------------------------------- the step
     def _outer_split(self) -> ArraySplit:
         if self.holdout is not None:
             return self.holdout
-        return self.splits.val if self.config.strategy.lb.outer_data == "val" else self.splits.train
+        return self.splits.val if self.learner.outer_data == "val" else self.splits.train
 
     def _outer_output(self) -> tuple[ModelOutput, Tensor]:
         """The model's output on an outer batch, in eval mode: BatchNorm uses (and keeps) its running statistics
         and dropout is off, so the outer forward changes no state and ``v`` is the gradient of the loss the model
         is scored on. Gradients flow (unlike :func:`evaluate`)."""
-        lb = self.config.strategy.lb
+        lb = self.learner
         split = self._outer_split()
         size = min(lb.outer_batch_size or self.config.train.batch_size, len(split))
         if lb.outer_sampling == "fixed":  # the same samples every time, as the authors' code does
             batch = split.__getitems__(list(range(size)))
         else:
             batch = sample_batch(split, size, seed=self.seed * 1_000_003 + self.global_step)
-        inputs, labels = _to_device(batch, self.device)
+        inputs, labels = to_device(batch, self.device)
         was_training = self.model.training
         self.model.eval()
         try:
-            with _autocast(self.device, self.config.train.amp):
+            with autocast(self.device, self.config.train.amp):
                 output = self.method.forward(self.model, inputs, training=False)
         finally:
             self.model.train(was_training)
@@ -304,7 +247,7 @@ class Trainer:
 
     def _alpha_hypergradient(self, cls_loss: Tensor, mm_loss: Tensor) -> float:
         """dL_CLS/dalpha from this step's inner losses and a fresh outer batch (Eq. 3, as ``approx`` says)."""
-        strategy = self.strategy
+        strategy = self.learner
         output, labels = self._outer_output()
         outer_cls = self.method.classification_loss(output, labels)
         params = self._hyper_parameters()
@@ -344,12 +287,12 @@ class Trainer:
         started = time.perf_counter() - position.get("seconds", 0.0)
         passes = method.train_passes()  # optimiser steps per batch: one, or one per modality (MLA)
         for index, batch in enumerate(self.train_loader, start=sampler.skip):
-            inputs, labels = _to_device(batch, self.device)
+            inputs, labels = to_device(batch, self.device)
             for number, pass_key in enumerate(passes):
                 method.start_pass(pass_key)
                 alpha = strategy.alpha
                 step_info = {"epoch": self.epoch + 1, "global_step": self.global_step, "alpha": alpha}
-                with _autocast(self.device, config.train.amp):
+                with autocast(self.device, config.train.amp):
                     output = method.forward(model, inputs, training=True)
                 cls_loss, mm_loss = compute_losses(method, config, output, labels)
                 extra = method.extra_losses(output, labels, step_info)
@@ -398,14 +341,14 @@ class Trainer:
     def _hypergradient_metrics(self) -> dict[str, float]:
         """What the epoch's hypergradients cost and met; only what applies to the approximation is logged."""
         records, self._hypergradient_records = self._hypergradient_records, []
-        if not records or self.strategy.approx == "identity":
+        if not records or self.learner.approx == "identity":
             return {}
         metrics = {"alpha_hessian_products": float(sum(r.hessian_products for r in records)) / len(records)}
-        if self.strategy.approx == "cg":
+        if self.learner.approx == "cg":
             metrics["alpha_cg_negative_curvature"] = sum(r.negative_curvature for r in records) / len(records)
             metrics["alpha_cg_residual"] = float(np.mean([r.relative_residual for r in records]))
-        if self.strategy.largest_eigenvalue is not None:
-            metrics["alpha_lambda_max"] = float(self.strategy.largest_eigenvalue)
+        if self.learner.largest_eigenvalue is not None:
+            metrics["alpha_lambda_max"] = float(self.learner.largest_eigenvalue)
         return metrics
 
     # ------------------------------------------------------------------------------------------------- epochs
@@ -417,7 +360,8 @@ class Trainer:
         while self.epoch < total:
             number = self.epoch + 1
             self.strategy.start_epoch(self.epoch, total)
-            if getattr(self.strategy, "updates_at_epoch_start", False) and not self._epoch_position:
+            if (isinstance(self.strategy, LearningBasedStrategy) and self.strategy.updates_at_epoch_start
+                    and not self._epoch_position):
                 # before the epoch's first step; an epoch resumed mid-way had its update before the interruption
                 self.strategy.apply_hypergradient(self._epoch_start_alpha_gradient())
             self.method.on_epoch_start(self.model, number)

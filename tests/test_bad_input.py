@@ -74,29 +74,32 @@ def _trained_child(run_cli, *extra):
     return Tracker().children(parent_id)[0]
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_refused(run_cli, synthetic):
     child = _trained_child(run_cli)
-    best = local_path(child.info.artifact_uri) / "checkpoints" / "best.pt"
+    best = local_path(child.artifact_uri) / "checkpoints" / "best.pt"
     best.write_bytes(best.read_bytes()[:100])
-    result = run_cli("eval", child.info.run_id, expect=1)
+    result = run_cli("eval", child.run_id, expect=1)
     assert "is corrupt or not a dmgl checkpoint" in result.output
 
 
+@pytest.mark.slow
 def test_foreign_checkpoint_is_refused(run_cli, synthetic):
     small = _trained_child(run_cli, "--set", "model.embed_dim=8")
     large = _trained_child(run_cli, "--set", "model.embed_dim=16")
-    source = local_path(small.info.artifact_uri) / "checkpoints" / "best.pt"
-    target = local_path(large.info.artifact_uri) / "checkpoints" / "best.pt"
+    source = local_path(small.artifact_uri) / "checkpoints" / "best.pt"
+    target = local_path(large.artifact_uri) / "checkpoints" / "best.pt"
     shutil.copyfile(source, target)
-    result = run_cli("eval", large.info.run_id, expect=1)
+    result = run_cli("eval", large.run_id, expect=1)
     assert "was made for another model" in result.output
 
 
+@pytest.mark.slow
 def test_a_pickled_object_is_not_loaded(run_cli, synthetic):
     child = _trained_child(run_cli)
-    best = local_path(child.info.artifact_uri) / "checkpoints" / "best.pt"
+    best = local_path(child.artifact_uri) / "checkpoints" / "best.pt"
     torch.save({"format": "dmgl-checkpoint", "version": 1, "payload": object()}, best)
-    result = run_cli("eval", child.info.run_id, expect=1)
+    result = run_cli("eval", child.run_id, expect=1)
     assert "is corrupt or not a dmgl checkpoint" in result.output
 
 
@@ -106,6 +109,7 @@ def test_failed_prepare_leaves_no_dataset(run_cli, registry):
     assert not list((registry / "datasets").glob(".tmp-*"))
 
 
+@pytest.mark.integration
 def test_ui_binds_elsewhere_only_with_allow_remote_and_warns(registry):
     import signal
     import socket
@@ -141,6 +145,7 @@ def test_ui_binds_elsewhere_only_with_allow_remote_and_warns(registry):
     assert "no authentication" in output and f"http://127.0.0.2:{port}" in output
 
 
+@pytest.mark.slow
 def test_a_bad_method_setting_creates_no_run(run_cli, synthetic, registry):
     result = run_cli("train", "--method", "ogm-ge", "--set", "method.options.ogm-ge.start_epoch=3",
                      "--set", "method.options.ogm-ge.end_epoch=2", expect=1)

@@ -51,6 +51,7 @@ from dmgl_cli.data.prepared import PreparedDataset
 from dmgl_cli.data.registry import DatasetRegistry
 from dmgl_cli.tracking import Tracker, local_path
 
+pytestmark = pytest.mark.integration  # every case runs `python -m dmgl_cli` in a subprocess
 CREMA = ["-o", "frame_size=16", "--silent"]
 NV_LIST = "nvgesture_train_correct_cvpr2016_v2.lst"
 RUN_ID = "0123456789abcdef0123456789abcdef"
@@ -208,9 +209,9 @@ def checkpoint_from_another_model(run_cli, **_):
     run_cli("prepare", "synthetic", "-o", "samples=400", "--silent")
     small = _trained_child(run_cli, "--set", "model.embed_dim=8")
     large = _trained_child(run_cli, "--set", "model.embed_dim=16")
-    target = local_path(large.info.artifact_uri) / "checkpoints" / "best.pt"
-    shutil.copyfile(local_path(small.info.artifact_uri) / "checkpoints" / "best.pt", target)
-    return Case(["eval", large.info.run_id], f"checkpoint run {large.info.run_id} checkpoints/best.pt",
+    target = local_path(large.artifact_uri) / "checkpoints" / "best.pt"
+    shutil.copyfile(local_path(small.artifact_uri) / "checkpoints" / "best.pt", target)
+    return Case(["eval", large.run_id], f"checkpoint run {large.run_id} checkpoints/best.pt",
                 "was made for another model (shape differs for")
 
 

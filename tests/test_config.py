@@ -1,11 +1,28 @@
-"""Recipes, overrides and validation."""
+"""Recipes, overrides, resolution and validation."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import typing
+
 import pytest
 
-from dmgl_cli.config import Config, apply_overrides, config_from_yaml, flatten, load_config
+from dmgl_cli import config as config_module
+from dmgl_cli.config import (
+    Config,
+    LearningBasedConfig,
+    config_from_yaml,
+    derive,
+    flatten,
+    load_config,
+    resolve,
+    set_dotted,
+    validate,
+    with_seed,
+)
 from dmgl_cli.errors import DmglError
+from dmgl_cli.strategies import ALPHA_GRADIENTS, StrategySpec, spec_from_flags
 
 
 def test_synthetic_recipe_loads_with_overrides():
@@ -72,10 +89,96 @@ def test_recipe_path_and_bad_yaml(tmp_path):
 
 
 def test_override_into_a_value_is_refused():
+    tree = {"train": {"epochs": 3}}
     with pytest.raises(DmglError, match="'epochs' is a value"):
-        apply_overrides({"train": {"epochs": 3}}, ["train.epochs.x=1"])
+        set_dotted(tree, "train.epochs.x", 1)
+    set_dotted(tree, "strategy.lb.terms", 5)
+    assert tree == {"train": {"epochs": 3}, "strategy": {"lb": {"terms": 5}}}
     with pytest.raises(DmglError, match="must look like key=value"):
-        apply_overrides({}, ["train.epochs"])
+        load_config("synthetic", ["train.epochs"])
+
+
+def test_resolved_config_is_frozen_and_seed_copies_share_the_rest():
+    config = load_config("synthetic")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.epochs = 3  # type: ignore[misc]
+    seeded = with_seed(config, 7)
+    assert seeded.train.seed == 7 and config.train.seed == 0
+    assert dataclasses.replace(seeded.train, seed=0) == config.train and seeded.model is config.model
+
+
+def test_resolve_precedence_recipe_then_published_then_set_then_flags():
+    # --method without --strategy: the comparison method trains as published (constant alpha 0) ...
+    assert resolve("synthetic", method="greedy").strategy.name == "constant"
+    # ... unless --set or --strategy says otherwise; the typed flags win over --set.
+    assert resolve("synthetic", ["strategy.name=heuristic"], method="greedy").strategy.name == "heuristic"
+    config = resolve("synthetic", ["strategy.name=heuristic", "train.epochs=9"],
+                     strategy=StrategySpec("constant", 0.25), settings={"train.epochs": 2})
+    assert (config.strategy.name, config.strategy.alpha, config.train.epochs) == ("constant", 0.25, 2)
+    # a spec without a value keeps the recipe's alpha
+    assert resolve("synthetic", ["strategy.alpha=0.75"], strategy=StrategySpec("constant")).strategy.alpha == 0.75
+    unimodal = resolve("synthetic", method="unimodal", modality="slow")
+    assert unimodal.method.options["unimodal"]["modality"] == "slow"
+    with pytest.raises(DmglError, match="--modality picks the one modality of --method unimodal"):
+        resolve("synthetic", modality="slow")
+
+
+def test_strategy_flags_become_one_spec():
+    assert spec_from_flags(None) is None
+    assert spec_from_flags("LB") == StrategySpec("lb")
+    assert spec_from_flags("constant:0.5") == StrategySpec("constant", 0.5)
+    assert spec_from_flags("constant", alpha=0.5) == StrategySpec("constant", 0.5)
+    assert spec_from_flags(None, alpha=0.0) == StrategySpec("constant", 0.0)
+    assert spec_from_flags("h(0.95)") == StrategySpec("stepwise", 0.95)
+    with pytest.raises(DmglError, match="--alpha applies to --strategy constant, not lb"):
+        spec_from_flags("lb", alpha=0.5)
+    with pytest.raises(DmglError, match="--p applies to --strategy stepwise, not heuristic"):
+        spec_from_flags("heuristic", p=0.5)
+    with pytest.raises(DmglError, match="two values"):
+        spec_from_flags("constant:0.5", alpha=0.25)
+
+
+def test_validate_only_checks_and_a_method_pins_its_settings_once(caplog):
+    with caplog.at_level(logging.WARNING, logger="dmgl"):
+        config = resolve("synthetic", method="dmgl-official", strategy=StrategySpec("lb"))
+    assert config.strategy.lb.approx == "official" and config.loss.matching == "mixture_kl"
+    assert len([r for r in caplog.records if "method dmgl-official sets" in r.getMessage()]) == 1
+    before = config.to_dict()
+    validate(config)
+    assert config.to_dict() == before
+    # a recorded config that no longer holds the method's settings is refused, not silently rewritten
+    edited = dataclasses.replace(config, strategy=dataclasses.replace(
+        config.strategy, lb=dataclasses.replace(config.strategy.lb, approx="cg")))
+    with pytest.raises(DmglError, match="cannot run with strategy.lb.approx='cg'"):
+        validate(edited)
+
+
+def test_derive_applies_dotted_settings_and_validates():
+    base = load_config("synthetic")
+    trial = derive(base, {"strategy.name": "stepwise", "strategy.p": 0.95, "optim.lr": 0.5})
+    assert (trial.strategy.name, trial.strategy.p, trial.optim.lr) == ("stepwise", 0.95, 0.5)
+    assert base.strategy.name == "lb" and base.optim.lr != 0.5
+    with pytest.raises(DmglError, match=r"p must be in \[0, 1\]"):
+        derive(base, {"strategy.name": "stepwise", "strategy.p": 2.0})
+
+
+def test_choice_fields_are_literal_types_matching_the_code():
+    hints = typing.get_type_hints(LearningBasedConfig)
+    approx = typing.get_args(hints["approx"])
+    assert set(approx) == set(ALPHA_GRADIENTS)
+    with pytest.raises(DmglError, match="unknown strategy.lb.outer_data 'test'; valid: holdout, val, train"):
+        load_config("synthetic", ["strategy.lb.outer_data=test"])
+    with pytest.raises(DmglError, match="strategy.lb.update_every' must be int or \"epoch\" or \"epoch_start\""):
+        load_config("synthetic", ["strategy.lb.update_every=never"])
+
+
+@pytest.mark.slow
+def test_train_resolves_the_config_once(monkeypatch, synthetic, run_cli):
+    calls = []
+    real = config_module.validate
+    monkeypatch.setattr(config_module, "validate", lambda config: (calls.append(1), real(config))[1])
+    run_cli("train", "--epochs", "1", "--seeds", "2", "--silent", "--strategy", "constant:0.5")
+    assert len(calls) == 1
 
 
 def test_defaults_are_valid():

@@ -26,6 +26,7 @@ def crema_raw(tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_prepare_checks_shapes_labels_registry_and_trains(run_cli, registry, crema_raw):
     result = run_cli("prepare", "crema-d", "--raw", crema_raw, "--workers", "2", *SMALL)
     assert "prepared crema-d: 6 classes; train 16, test 2; audio (257, 299), visual (10, 32, 32, 3)" in result.output
@@ -131,6 +132,7 @@ def test_video_shorter_than_the_requested_frames(run_cli, registry, crema_raw):
     assert [r["id"] for r in manifest["bad_samples"]] == ["1001_DFA_HAP_XX"]
 
 
+@pytest.mark.slow
 def test_an_mlp_encoder_is_built_for_the_sampled_frames(run_cli, registry, crema_raw):
     # The recipe samples 3 of the 10 stored frames: an encoder whose size depends on its input must see 3.
     run_cli("prepare", "crema-d", "--raw", crema_raw, *SMALL)

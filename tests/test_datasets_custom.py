@@ -52,6 +52,7 @@ KINDS = ["--modality", "voice=audio", "--modality", "face=video", "--modality", 
          "--modality", "caption=text"]
 
 
+@pytest.mark.slow
 def test_custom_manifest_prepares_every_kind_and_trains(run_cli, registry, tmp_path, text_model):
     rows = write_manifest(tmp_path)
     result = run_cli("prepare", "custom", "--manifest", tmp_path / "samples.csv", *KINDS, "--text-model", text_model,

@@ -6,6 +6,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 from rawgen import KS_CLASSES, make_kinetics_sounds, truncate
 
 from dmgl_cli.data.media import audio_spectrogram
@@ -15,6 +16,7 @@ from dmgl_cli.data.registry import DatasetRegistry
 SMALL = ["-o", "frame_size=24"]
 
 
+@pytest.mark.slow
 def test_annotations_csv_prepares_three_splits_and_trains(run_cli, registry, tmp_path):
     rows = make_kinetics_sounds(tmp_path)
     result = run_cli("prepare", "kinetics-sounds", "--raw", tmp_path, *SMALL)

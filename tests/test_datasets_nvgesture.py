@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from rawgen import make_nvgesture, nvgesture_line, write_video
 
 from dmgl_cli.data.prepared import PreparedDataset
@@ -15,6 +16,7 @@ SMALL = ["-o", "frames=4", "-o", "frame_size=16"]
 LIST = "nvgesture_train_correct_cvpr2016_v2.lst"
 
 
+@pytest.mark.slow
 def test_prepares_rgb_depth_flow_and_trains(run_cli, registry, tmp_path):
     lists = make_nvgesture(tmp_path)
     result = run_cli("prepare", "nvgesture", "--raw", tmp_path, *SMALL)

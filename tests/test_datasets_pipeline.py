@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -85,9 +86,8 @@ VIDEO = {"visual": {"kind": "video", "dtype": "uint8", "shape": [10, 8, 8, 3]},
 
 def config_with(options: dict, seed: int = 0) -> Config:
     config = Config()
-    config.data.options = options
-    config.train.seed = seed
-    return config
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, options=options),
+                               train=dataclasses.replace(config.train, seed=seed))
 
 
 def video_batch(n: int = 6) -> dict[str, torch.Tensor]:
@@ -162,6 +162,7 @@ def test_resnet_loads_torchvision_weights_into_one_channel_audio(tmp_path):
         ENCODERS["resnet18"](spec, small, 32, 0.0)
 
 
+@pytest.mark.slow
 def test_video_encoder_takes_flow_channels_and_kinetics_weights(tmp_path):
     reference = r3d_18()
     torch.save({"state_dict": reference.state_dict()}, tmp_path / "r3d.pt")

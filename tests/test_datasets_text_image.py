@@ -32,6 +32,7 @@ def tiny_train(recipe: str, text_model) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- Sarcasm
 
 
+@pytest.mark.slow
 def test_sarcasm_prepares_splits_labels_tokens_images_and_trains(run_cli, registry, tmp_path, text_model):
     lines = make_sarcasm(tmp_path)
     result = run_cli("prepare", "sarcasm", "--raw", tmp_path, *small(text_model))
@@ -88,6 +89,7 @@ def test_sarcasm_missing_folder_shows_layout(run_cli, registry, tmp_path):
 # ------------------------------------------------------------------------------------------------ Twitter2015
 
 
+@pytest.mark.slow
 def test_twitter2015_prepares_pairs_and_trains(run_cli, registry, tmp_path, text_model):
     rows = make_twitter2015(tmp_path)
     result = run_cli("prepare", "twitter2015", "--raw", tmp_path, *small(text_model))

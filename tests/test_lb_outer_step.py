@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from dmgl_cli.config import load_config
+from dmgl_cli.data.loader import hold_out
+from dmgl_cli.data.registry import open_dataset
 from dmgl_cli.errors import DmglError
-from dmgl_cli.runner import open_dataset
-from dmgl_cli.train import Trainer, compute_losses, hold_out
+from dmgl_cli.train import Trainer, compute_losses
 
 
 class NullSink:
@@ -101,6 +102,7 @@ def test_hypergradient_uses_the_optimisers_weight_decay(synthetic, monkeypatch):
         assert seen["scale"] == pytest.approx(trainer.optimizer.param_groups[0]["lr"])  # identity, scale auto
 
 
+@pytest.mark.slow
 def test_cg_and_neumann_log_what_they_met(synthetic):
     cg = _trainer(["strategy.lb.approx=cg", "strategy.lb.terms=4", "strategy.lb.update_every=3"])
     metrics = cg._train_epoch()
@@ -152,6 +154,7 @@ def test_mid_epoch_resume_keeps_the_epochs_hypergradient_records(synthetic):
         assert metrics[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
 
 
+@pytest.mark.slow
 def test_a_holdout_that_does_not_fit_the_dataset_creates_no_run(run_cli, synthetic, registry):
     from dmgl_cli.tracking import Tracker
 

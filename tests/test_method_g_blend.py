@@ -41,8 +41,8 @@ def _setup(*settings: str):
         "method.options.g-blend.copy_epochs=2", *settings])
     method = build_method(config)
     torch.manual_seed(0)
-    model = method.build_model({m: {"kind": "vector", "dtype": "float32", "shape": [d]} for m, d in DIMS.items()},
-                               CLASSES)
+    modalities = {m: {"kind": "vector", "dtype": "float32", "shape": [d]} for m, d in DIMS.items()}
+    model = method.build_model(modalities, CLASSES)
     optim = config.optim
     optimizer = torch.optim.SGD(method.param_groups(model), lr=optim.lr, momentum=optim.momentum,
                                 weight_decay=optim.weight_decay)
@@ -55,7 +55,8 @@ def _setup(*settings: str):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    trainer = SimpleNamespace(config=config, splits=Splits(train, val, val, "test"), device=torch.device("cpu"),
+    trainer = SimpleNamespace(config=config, dataset=SimpleNamespace(modalities=modalities),
+                              splits=Splits(train, val, val, "test"), device=torch.device("cpu"),
                               model=model, optimizer=optimizer, seed=3)
     method.attach(trainer)
     return method, model, trainer
@@ -106,6 +107,7 @@ def _hand_copy_losses(model, trainer, head: str, epoch: int, copy_epochs: int, r
     return record
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("reduction", "copy_batches"), [("batch-sum", 0), ("mean", 2)])
 def test_weights_are_generalisation_over_squared_overfitting_of_the_copies(reduction, copy_batches):
     method, model, trainer = _setup(f"method.options.g-blend.loss_reduction={reduction}",
@@ -135,6 +137,7 @@ def test_weights_are_generalisation_over_squared_overfitting_of_the_copies(reduc
         assert metrics[f"gblend_weight_{head}"] == method.weights[head]
 
 
+@pytest.mark.slow
 def test_the_estimate_leaves_the_real_model_optimiser_and_random_state_untouched():
     method, model, trainer = _setup("model.dropout=0.3")
     parameters = {k: v.clone() for k, v in model.state_dict().items()}
@@ -183,6 +186,7 @@ def test_training_starts_from_an_estimate_and_minimises_the_blend():
         assert float(total.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_estimates_every_super_epoch_and_resumes_with_the_same_weights():
     method, model, trainer = _setup("method.options.g-blend.super_epoch=2")
     method.on_epoch_start(model, 1)

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from dmgl_cli.config import load_config
+from dmgl_cli.device import seed_everything
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods import build_method
 from dmgl_cli.methods.mla import SharedHeadFusion, entropy_weights, update_projection
-from dmgl_cli.train import seed_everything
 
 SPECS = {m: {"kind": "vector", "dtype": "float32", "shape": [6]} for m in ("fast", "slow")}
 BATCHES = 5  # batches per epoch the fake trainer reports

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from dmgl_cli.config import load_config
+from dmgl_cli.device import seed_everything
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods import build_method
-from dmgl_cli.train import seed_everything
 
 SPECS = {m: {"kind": "vector", "dtype": "float32", "shape": [6]} for m in ("fast", "slow")}
 COLUMNS = {"fast": slice(0, 3), "slow": slice(3, 6)}  # embed_dim 3: the head's columns that read each modality

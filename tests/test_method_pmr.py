@@ -123,7 +123,7 @@ def test_entropy_regulariser_is_an_option():
 
 
 def test_prototype_batches_are_a_tenth_of_the_training_batches(synthetic):
-    from dmgl_cli.runner import open_dataset
+    from dmgl_cli.data.registry import open_dataset
     from dmgl_cli.train import Trainer
 
     class Sink:

@@ -16,11 +16,13 @@ import torch.nn.functional as F
 from dmgl_cli import runner
 from dmgl_cli.config import config_from_yaml, load_config
 from dmgl_cli.data.loader import make_splits, sample_batch
+from dmgl_cli.data.registry import open_dataset
+from dmgl_cli.device import seed_everything
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods import METHODS, build_method
 from dmgl_cli.methods.etmc import dempster_shafer
 from dmgl_cli.tracking import Tracker
-from dmgl_cli.train import compute_losses, seed_everything
+from dmgl_cli.train import compute_losses
 
 FUSION_METHODS = ["unimodal", "sum", "weight", "affine", "channel", "ml-lstm", "etmc"]
 SHORT = ["--epochs", "2", "--set", "train.batch_size=64"]
@@ -33,12 +35,12 @@ def _train(run_cli, method: str, *extra: str):
     parent_id = re.search(r"parent run ([0-9a-f]{32})", result.output).group(1)
     tracker = Tracker()
     (child,) = tracker.children(parent_id)
-    assert child.info.status == "FINISHED"
+    assert child.status == "FINISHED"
     return tracker, child
 
 
 def _history(tracker: Tracker, run, key: str) -> list[float]:
-    return [value for _, value in tracker.metric_history(run.info.run_id, key)]
+    return [value for _, value in tracker.metric_history(run.run_id, key)]
 
 
 def _assert_common_metrics(tracker: Tracker, run, modalities: list[str], source: str, epochs: int = 2) -> None:
@@ -53,18 +55,18 @@ def _assert_common_metrics(tracker: Tracker, run, modalities: list[str], source:
         assert len(values) == epochs, key
         assert all(v == v for v in values), key  # no NaN
     for key in ("final_test_acc", "final_test_gap_acc", *(f"final_test_acc_{m}" for m in modalities)):
-        assert key in run.data.metrics, key
-    assert 0.0 <= run.data.metrics["final_test_acc"] <= 1.0
-    assert run.data.tags["dmgl.per_modality_scores"] == source
+        assert key in run.metrics, key
+    assert 0.0 <= run.metrics["final_test_acc"] <= 1.0
+    assert run.tags["dmgl.per_modality_scores"] == source
 
 
 def _rebuild(tracker: Tracker, run):
     """(method, model in eval mode with the best weights, a test batch) of a recorded seed run."""
-    config = config_from_yaml(tracker.read_text(run.info.run_id, "config.yaml"))
-    dataset = runner.open_dataset(config.dataset)
+    config = config_from_yaml(tracker.read_text(run.run_id, "config.yaml"))
+    dataset = open_dataset(config.dataset)
     method = build_method(config)
     model = method.build_model(dataset.modalities, dataset.num_classes)
-    model.load_state_dict(tracker.load_checkpoint(run.info.run_id, "best")["model"])
+    model.load_state_dict(tracker.load_checkpoint(run.run_id, "best")["model"])
     model.eval()
     splits = make_splits(dataset, config.data.val_fraction, config.data.split_seed)
     batch = sample_batch(splits.test, 48, seed=0)
@@ -88,9 +90,9 @@ def test_unknown_method_lists_every_valid_name(run_cli, synthetic):
 def test_unimodal_trains_one_encoder_and_scores_it(run_cli, synthetic):
     tracker, run = _train(run_cli, "unimodal", "--modality", "slow")
     _assert_common_metrics(tracker, run, ["slow"], "own")
-    assert run.data.params["method.options.unimodal.modality"] == "slow"
+    assert run.params["method.options.unimodal.modality"] == "slow"
     # One encoder, one head: nothing of the other modality exists in the model.
-    state = tracker.load_checkpoint(run.info.run_id, "best")["model"]
+    state = tracker.load_checkpoint(run.run_id, "best")["model"]
     assert {key.split(".")[1] for key in state if key.startswith("encoders.")} == {"slow"}
     assert not any("fast" in key for key in state)
     assert not _history(tracker, run, "test_acc_fast") and not _history(tracker, run, "test_modality_gap")
@@ -99,6 +101,7 @@ def test_unimodal_trains_one_encoder_and_scores_it(run_cli, synthetic):
     assert _history(tracker, run, "train_mm_loss") == [0.0, 0.0]
 
 
+@pytest.mark.slow
 def test_unimodal_refusals_are_clear(run_cli, synthetic):
     out = run_cli("train", "--method", "unimodal", *BASELINE, *SHORT, expect=1).output
     assert "--modality NAME" in out
@@ -116,6 +119,7 @@ def test_unimodal_refusals_are_clear(run_cli, synthetic):
 # ------------------------------------------------------------------------------------------------------ sum
 
 
+@pytest.mark.slow
 def test_sum_logits_are_the_sum_of_per_modality_logits(run_cli, synthetic):
     tracker, run = _train(run_cli, "sum")
     _assert_common_metrics(tracker, run, MODALITIES, "own")
@@ -129,6 +133,7 @@ def test_sum_logits_are_the_sum_of_per_modality_logits(run_cli, synthetic):
 # --------------------------------------------------------------------------------------------------- weight
 
 
+@pytest.mark.slow
 def test_weight_learns_per_sample_modality_weights_and_logs_them(run_cli, synthetic):
     tracker, run = _train(run_cli, "weight")
     _assert_common_metrics(tracker, run, MODALITIES, "own")
@@ -146,6 +151,7 @@ def test_weight_learns_per_sample_modality_weights_and_logs_them(run_cli, synthe
     torch.testing.assert_close(out.logits.softmax(-1), mixture)
 
 
+@pytest.mark.slow
 def test_weight_combines_with_the_heuristic_strategy(run_cli, synthetic):
     result = run_cli("train", "--method", "weight", "--strategy", "heuristic", *SHORT)
     tracker = Tracker()
@@ -157,6 +163,7 @@ def test_weight_combines_with_the_heuristic_strategy(run_cli, synthetic):
 # --------------------------------------------------------------------------------------------------- affine
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("condition", ["fast", "slow"])
 def test_affine_scale_and_shift_come_from_the_conditioning_modality(run_cli, synthetic, condition):
     tracker, run = _train(run_cli, "affine", "--set", f"method.options.affine.condition={condition}")
@@ -219,6 +226,7 @@ def test_probe_methods_refuse_prediction_matching(run_cli, synthetic):
 # -------------------------------------------------------------------------------------------------- channel
 
 
+@pytest.mark.slow
 def test_channel_exchanges_squeeze_excitation_gates_between_encoders(run_cli, synthetic):
     tracker, run = _train(run_cli, "channel")
     _assert_common_metrics(tracker, run, MODALITIES, "own")
@@ -250,6 +258,7 @@ def test_channel_refuses_text_modalities(registry):
 # -------------------------------------------------------------------------------------------------- ml-lstm
 
 
+@pytest.mark.slow
 def test_ml_lstm_runs_over_the_modality_sequence(run_cli, synthetic):
     tracker, run = _train(run_cli, "ml-lstm")
     _assert_common_metrics(tracker, run, MODALITIES, "probe")
@@ -269,6 +278,7 @@ def test_ml_lstm_runs_over_the_modality_sequence(run_cli, synthetic):
 # ----------------------------------------------------------------------------------------------------- etmc
 
 
+@pytest.mark.slow
 def test_etmc_logs_uncertainty_and_anneals_the_kl_term(run_cli, synthetic):
     tracker, run = _train(run_cli, "etmc", "--epochs", "3", "--set", "method.options.etmc.annealing_epochs=2")
     _assert_common_metrics(tracker, run, MODALITIES, "own", epochs=3)
@@ -289,6 +299,7 @@ def test_etmc_logs_uncertainty_and_anneals_the_kl_term(run_cli, synthetic):
     assert not torch.isclose(method.classification_loss(out, batch["labels"]), F.cross_entropy(out.logits, batch["labels"]))
 
 
+@pytest.mark.slow
 def test_etmc_combines_with_the_lb_strategy(run_cli, synthetic):
     """The LB outer step differentiates the method's L_CLS (ETMC's evidential loss) and moves alpha."""
     result = run_cli("train", "--method", "etmc", "--strategy", "lb", "--set", "strategy.lb.update_every=epoch", *SHORT)
@@ -311,10 +322,11 @@ def test_dempster_shafer_with_a_vacuous_opinion_changes_nothing():
 # --------------------------------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 def test_resume_is_exact_with_the_probes_optimiser_state(run_cli, synthetic):
     """The probes' Adam state is method state: without it in the checkpoint the resumed probes would drift."""
     config = load_config("synthetic", ["train.epochs=2", "method.name=affine", "strategy.name=constant"])
-    reference = runner.train(config, [0], run_name="reference")
+    reference = runner.train(config, [0], tracker=Tracker(), run_name="reference")
 
     class Stop(Exception):
         pass
@@ -325,11 +337,11 @@ def test_resume_is_exact_with_the_probes_optimiser_state(run_cli, synthetic):
 
     parents: list[str] = []
     with pytest.raises(Stop):
-        runner.train(config, [0], run_name="stopped", progress=stop_after_epoch_1, on_parent=parents.append)
+        runner.train(config, [0], tracker=Tracker(), run_name="stopped", progress=stop_after_epoch_1, on_parent=parents.append)
     tracker = Tracker()
     child = tracker.children(parents[0])[0]
-    run_cli("train", "--resume", child.info.run_id)
+    run_cli("train", "--resume", child.run_id)
     reference_run = tracker.get_run(reference.seeds[0].run_id)
-    resumed_run = tracker.get_run(child.info.run_id)
+    resumed_run = tracker.get_run(child.run_id)
     for key in ("train_loss", "val_acc", "test_acc_fast", "test_acc_slow", "probe_loss"):
         assert _history(tracker, resumed_run, key) == _history(tracker, reference_run, key), key

@@ -29,7 +29,7 @@ def _train(run_cli, *args: str) -> str:
         assert all(math.isfinite(value) for _, value in history), key
     gap = _history(run_id, "test_gap_acc")[-1][1]
     assert gap == pytest.approx(abs(_history(run_id, "test_acc_fast")[-1][1] - _history(run_id, "test_acc_slow")[-1][1]))
-    assert tracker.get_run(run_id).info.status == "FINISHED"
+    assert tracker.get_run(run_id).status == "FINISHED"
     return run_id
 
 
@@ -44,7 +44,7 @@ def _values(run_id: str, key: str) -> list[float]:
 
 
 def _last_checkpoint(run_id: str) -> dict:
-    folder = local_path(Tracker().get_run(run_id).info.artifact_uri)
+    folder = local_path(Tracker().get_run(run_id).artifact_uri)
     return torch.load(folder / "checkpoints" / "last.pt", weights_only=True)
 
 
@@ -55,6 +55,7 @@ def test_unknown_method_lists_the_valid_ones(run_cli, synthetic):
         assert name in result.output
 
 
+@pytest.mark.slow
 def test_ogm_ge_slows_the_dominant_modality(run_cli, synthetic):
     # The synthetic encoders are MLPs, without the 2-D convolution kernels the authors' rule modulates.
     run_id = _train(run_cli, "--method", "ogm-ge", "--epochs", "2", *BASE,
@@ -65,6 +66,7 @@ def test_ogm_ge_slows_the_dominant_modality(run_cli, synthetic):
     assert _values(run_id, "ogm_ratio_fast")[0] > 1 > _values(run_id, "ogm_ratio_slow")[0]
 
 
+@pytest.mark.slow
 def test_g_blend_estimates_its_weights_from_temporary_copies(run_cli, synthetic):
     run_id = _train(run_cli, "--method", "g-blend", "--epochs", "2", *BASE,
                     "--set", "method.options.g-blend.super_epoch=1", "--set", "method.options.g-blend.copy_epochs=2",
@@ -85,6 +87,7 @@ def test_g_blend_estimates_its_weights_from_temporary_copies(run_cli, synthetic)
     assert _values(run_id, "train_gblend_blend")
 
 
+@pytest.mark.slow
 def test_mla_alternates_modalities_with_a_shared_head(run_cli, synthetic):
     run_id = _train(run_cli, "--method", "mla", "--epochs", "2", *BASE)
     fast, slow = _values(run_id, "mla_steps_fast"), _values(run_id, "mla_steps_slow")
@@ -104,6 +107,7 @@ def test_mla_refuses_a_matching_strategy(run_cli, synthetic):
     assert Tracker().client.get_experiment_by_name("synthetic") is None  # refused before any run was created
 
 
+@pytest.mark.slow
 def test_pmr_moves_its_prototypes(run_cli, synthetic):
     run_id = _train(run_cli, "--method", "pmr", "--epochs", "2", *BASE)
     for modality in ("fast", "slow"):
@@ -116,6 +120,7 @@ def test_pmr_moves_its_prototypes(run_cli, synthetic):
     assert own["prototypes"]["fast"].shape == (8, 32) and own["prototype_updates"] == 2
 
 
+@pytest.mark.slow
 def test_mses_freezes_and_restores_an_encoder(run_cli, synthetic):
     # min_delta larger than any loss: no epoch after the first counts as an improvement, so with patience 0 every
     # modality stops after epoch 2; the whole model is put back to epoch 1 and both branches are zeroed in epoch 3.
@@ -128,6 +133,7 @@ def test_mses_freezes_and_restores_an_encoder(run_cli, synthetic):
     assert own["snapshots"] == {} and own["pending_restore"] == []  # restored, and nothing left to return to
 
 
+@pytest.mark.slow
 def test_mslr_sets_per_modality_learning_rates(run_cli, synthetic):
     run_id = _train(run_cli, "--method", "mslr", "--epochs", "3", *BASE,
                     "--set", "method.options.mslr.lr_scale={fast: 0.5, slow: 2.0}",
@@ -143,6 +149,7 @@ def test_mslr_sets_per_modality_learning_rates(run_cli, synthetic):
         assert coefficients[2] == pytest.approx(scale * dynamic[2])
 
 
+@pytest.mark.slow
 def test_greedy_rebalances_after_its_warm_up_epoch(run_cli, synthetic):
     run_id = _train(run_cli, "--method", "greedy", "--epochs", "2", *BASE,
                     "--set", "method.options.greedy.epsilon=0.0")
@@ -158,6 +165,7 @@ def test_greedy_rebalances_after_its_warm_up_epoch(run_cli, synthetic):
     assert int(state["model"]["mmtms.0.averaged_batches"]) > state["global_step"]
 
 
+@pytest.mark.slow
 def test_domfn_rejects_fusion_when_modalities_diverge(run_cli, synthetic):
     run_id = _train(run_cli, "--method", "domfn", "--epochs", "2", *BASE, "--set", "method.options.domfn.margin=0.05")
     rejected = _values(run_id, "domfn_rejected")
@@ -165,6 +173,7 @@ def test_domfn_rejects_fusion_when_modalities_diverge(run_cli, synthetic):
     assert _values(run_id, "domfn_divergence")[0] > 0 and _values(run_id, "train_domfn_unimodal")[0] > 0
 
 
+@pytest.mark.slow
 def test_agm_modulates_by_shapley_responses(run_cli, synthetic):
     run_id = _train(run_cli, "--method", "agm", "--epochs", "2", *BASE)
     coefficients = _values(run_id, "agm_coeff_fast") + _values(run_id, "agm_coeff_slow")

@@ -22,7 +22,8 @@ from optuna.trial import TrialState
 from dmgl_cli.tracking import Tracker
 
 ADMIN_URL = os.environ.get("DMGL_TEST_POSTGRES_URL")
-pytestmark = pytest.mark.skipif(not ADMIN_URL, reason="needs PostgreSQL: .ci/run starts one and sets DMGL_TEST_POSTGRES_URL")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not ADMIN_URL, reason="needs PostgreSQL: .ci/run starts one and sets DMGL_TEST_POSTGRES_URL")]
 
 
 @pytest.fixture
@@ -112,15 +113,15 @@ def test_two_sweep_workers_and_a_training_on_postgresql(synthetic, databases, ml
     tracker = Tracker(mlflow_server)
     for trial in complete:
         trial_run = tracker.get_run(trial.user_attrs["mlflow_run_id"])
-        assert trial_run.info.status == "FINISHED"
-        children = tracker.children(trial_run.info.run_id)
+        assert trial_run.status == "FINISHED"
+        children = tracker.children(trial_run.run_id)
         assert len(children) == 2
         for child in children:
-            steps = [m.step for m in tracker.client.get_metric_history(child.info.run_id, "val_acc")]
+            steps = [m.step for m in tracker.client.get_metric_history(child.run_id, "val_acc")]
             assert sorted(steps) == [1, 2]
     parent_id = re.search(r"parent run ([0-9a-f]{32})", train_output).group(1)
-    assert tracker.get_run(parent_id).info.status == "FINISHED"
+    assert tracker.get_run(parent_id).status == "FINISHED"
     for child in tracker.children(parent_id):
         for key in ("alpha", "train_loss", "test_acc", "val_acc_slow"):
-            assert sorted(m.step for m in tracker.client.get_metric_history(child.info.run_id, key)) == [1, 2, 3]
-        assert child.data.metrics["final_test_acc"] > 0
+            assert sorted(m.step for m in tracker.client.get_metric_history(child.run_id, key)) == [1, 2, 3]
+        assert child.metrics["final_test_acc"] > 0

@@ -40,7 +40,7 @@ def _child_of(process: subprocess.Popen) -> tuple[str, Path]:
     while time.time() < deadline:
         children = tracker.children(parent_id)
         if children:
-            return parent_id, local_path(children[0].info.artifact_uri) / "checkpoints"
+            return parent_id, local_path(children[0].artifact_uri) / "checkpoints"
         time.sleep(0.05)
     raise AssertionError("the training process never started its seed run")
 
@@ -59,7 +59,7 @@ def _wait_for_epoch(folder: Path, epoch: int, process: subprocess.Popen) -> None
 def _histories(tracker: Tracker, run_id: str) -> dict[str, list[tuple[int, float]]]:
     run = tracker.get_run(run_id)
     out = {}
-    for key in run.data.metrics:
+    for key in run.metrics:
         if key in TIMING_KEYS:
             continue
         history = [(m.step, m.value) for m in tracker.client.get_metric_history(run_id, key)]
@@ -72,7 +72,7 @@ def _histories(tracker: Tracker, run_id: str) -> dict[str, list[tuple[int, float
 @pytest.fixture
 def reference(synthetic):
     """The uninterrupted run of the same seed, recorded in-process."""
-    outcome = runner.train(load_config("synthetic", SETTINGS), [0], run_name="reference")
+    outcome = runner.train(load_config("synthetic", SETTINGS), [0], tracker=Tracker(), run_name="reference")
     return outcome.seeds[0].run_id
 
 
@@ -87,6 +87,7 @@ def _assert_same_as_reference(tracker: Tracker, run_id: str, reference: str) -> 
     return worst
 
 
+@pytest.mark.integration
 def test_sigkill_then_resume_is_exact(run_cli, reference):
     kill_after = random.Random().randint(1, 4)
     process = _start_training()
@@ -96,17 +97,18 @@ def test_sigkill_then_resume_is_exact(run_cli, reference):
     process.wait(timeout=30)
     tracker = Tracker()
     child = tracker.children(parent_id)[0]
-    assert child.info.status == "RUNNING"  # SIGKILL leaves no chance to say otherwise
+    assert child.status == "RUNNING"  # SIGKILL leaves no chance to say otherwise
     # The next command that touches the experiment reports it; reconcile settles it.
     run_cli("train", "--epochs", "1", "--strategy", "heuristic")
     settled = run_cli("runs", "reconcile")
-    assert child.info.run_id in settled.output and parent_id in settled.output
-    assert tracker.get_run(child.info.run_id).info.status == "KILLED"
+    assert child.run_id in settled.output and parent_id in settled.output
+    assert tracker.get_run(child.run_id).status == "KILLED"
     run_cli("train", "--resume", parent_id)
-    assert tracker.get_run(child.info.run_id).info.status == "FINISHED"
-    _assert_same_as_reference(tracker, child.info.run_id, reference)
+    assert tracker.get_run(child.run_id).status == "FINISHED"
+    _assert_same_as_reference(tracker, child.run_id, reference)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_checkpoint_mid_epoch_and_resume_exactly(run_cli, reference, stop_signal):
     process = _start_training()
@@ -119,11 +121,11 @@ def test_sigterm_and_ctrl_c_checkpoint_mid_epoch_and_resume_exactly(run_cli, ref
     assert "Traceback" not in output and "checkpointed and marked KILLED" in output
     tracker = Tracker()
     child = tracker.children(parent_id)[0]
-    assert child.info.status == "KILLED" and tracker.get_run(parent_id).info.status == "KILLED"
-    run_cli("train", "--resume", child.info.run_id)
-    assert tracker.get_run(child.info.run_id).info.status == "FINISHED"
-    assert tracker.get_run(parent_id).info.status == "FINISHED"
-    _assert_same_as_reference(tracker, child.info.run_id, reference)
+    assert child.status == "KILLED" and tracker.get_run(parent_id).status == "KILLED"
+    run_cli("train", "--resume", child.run_id)
+    assert tracker.get_run(child.run_id).status == "FINISHED"
+    assert tracker.get_run(parent_id).status == "FINISHED"
+    _assert_same_as_reference(tracker, child.run_id, reference)
 
 
 def test_an_exception_marks_the_runs_failed(run_cli, synthetic):
@@ -134,10 +136,10 @@ def test_an_exception_marks_the_runs_failed(run_cli, synthetic):
 
     parents = []
     with pytest.raises(RuntimeError):
-        runner.train(config, [0], progress=explode, on_parent=parents.append)
+        runner.train(config, [0], tracker=Tracker(), progress=explode, on_parent=parents.append)
     tracker = Tracker()
-    assert tracker.get_run(parents[0]).info.status == "FAILED"
-    assert tracker.children(parents[0])[0].info.status == "FAILED"
+    assert tracker.get_run(parents[0]).status == "FAILED"
+    assert tracker.children(parents[0])[0].status == "FAILED"
 
 
 WRITER = """
@@ -151,6 +153,7 @@ while True:
 """
 
 
+@pytest.mark.integration
 def test_killed_checkpoint_writers_never_leave_a_corrupt_checkpoint(tmp_path):
     target = tmp_path / "ckpt" / "last.pt"
     rng = random.Random()
@@ -173,6 +176,7 @@ def test_killed_checkpoint_writers_never_leave_a_corrupt_checkpoint(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["last.pt"]
 
 
+@pytest.mark.slow
 def test_deterministic_runs_give_bit_identical_weights(run_cli, synthetic):
     outputs = [run_cli("train", "--deterministic", "--epochs", "2", "--strategy", "lb").output for _ in range(2)]
     tracker = Tracker()
@@ -180,9 +184,9 @@ def test_deterministic_runs_give_bit_identical_weights(run_cli, synthetic):
     for output in outputs:
         parent_id = re.search(r"parent run ([0-9a-f]{32})", output).group(1)
         child = tracker.children(parent_id)[0]
-        assert child.data.params["train.deterministic"] == "True"
-        assert child.data.tags["dmgl.torch"] == torch.__version__ and "dmgl.cuda" in child.data.tags
-        weights.append(torch.load(local_path(child.info.artifact_uri) / "checkpoints" / "last.pt",
+        assert child.params["train.deterministic"] == "True"
+        assert child.tags["dmgl.torch"] == torch.__version__ and "dmgl.cuda" in child.tags
+        weights.append(torch.load(local_path(child.artifact_uri) / "checkpoints" / "last.pt",
                                   weights_only=True)["model"])
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
@@ -190,6 +194,7 @@ def test_deterministic_runs_give_bit_identical_weights(run_cli, synthetic):
     torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.integration
 def test_concurrent_trainings_on_one_sqlite_store_lose_nothing(registry, tmp_path):
     # A store nobody created yet: the processes race to create its tables and the experiment, then write at once.
     subprocess.run([sys.executable, "-m", "dmgl_cli", "prepare", "synthetic", "-o", "samples=400", "--silent"],
@@ -208,9 +213,9 @@ def test_concurrent_trainings_on_one_sqlite_store_lose_nothing(registry, tmp_pat
     parents = [re.search(r"parent run ([0-9a-f]{32})", o).group(1) for o in outputs]
     written = 0
     for parent_id in parents:
-        assert tracker.get_run(parent_id).info.status == "FINISHED"
+        assert tracker.get_run(parent_id).status == "FINISHED"
         for child in tracker.children(parent_id):
-            histories = _histories(tracker, child.info.run_id)
+            histories = _histories(tracker, child.run_id)
             for key in ("alpha", "train_loss", "val_acc", "test_acc_slow", "val_modality_gap"):
                 assert [step for step, _ in histories[key]] == [1, 2, 3], key
             written += sum(len(h) for h in histories.values())

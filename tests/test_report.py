@@ -16,15 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from dmgl_cli.cli import cli
-from dmgl_cli.report import (
-    SeedRun,
-    attach_notes,
-    build_tables,
-    parse_strategies,
-    parse_strategy,
-    render,
-    spec_from_params,
-)
+from dmgl_cli.report import SeedRun, attach_notes, build_tables, render
+from dmgl_cli.strategies import parse_strategies, parse_strategy, spec_from_params
 from dmgl_cli.tracking import Tracker
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -69,12 +62,12 @@ def _seed_runs_by_strategy() -> dict[str, list]:
     runs = tracker.find_runs(list(tracker.experiments()), "tags.`dmgl.role` = 'seed' and tags.`dmgl.sweep` = 'rep'")
     grouped: dict[str, list] = {}
     for run in runs:
-        grouped.setdefault(spec_from_params(run.data.params).key, []).append(run)
+        grouped.setdefault(spec_from_params(run.params).key, []).append(run)
     return grouped
 
 
 def _mean_std(runs, key: str) -> tuple[float, float]:
-    values = [r.data.metrics[key] for r in runs]
+    values = [r.metrics[key] for r in runs]
     return statistics.mean(values), statistics.stdev(values)
 
 
@@ -93,7 +86,7 @@ def test_strategies_table_equals_mean_and_std_recomputed_from_the_runs(report_cl
             assert cell["n"] == 2
             assert math.isclose(cell["mean"], mean, rel_tol=1e-12, abs_tol=1e-15)
             assert math.isclose(cell["std"], std, rel_tol=1e-12, abs_tol=1e-15)
-            assert sorted(cell["runs"]) == sorted(r.info.run_id for r in grouped[strategy])
+            assert sorted(cell["runs"]) == sorted(r.run_id for r in grouped[strategy])
 
 
 def test_main_latex_marks_best_bold_and_second_underlined(report_cli, swept):
@@ -262,6 +255,7 @@ def test_golden_inputs_exercise_the_edge_cases():
     assert marks.count("best") == 1 and marks.count("second") == 1
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
 def test_latex_output_compiles(tmp_path):
     wide = [r for r in _golden_runs() if r.dataset == "crema-d" and r.method == "concat"]

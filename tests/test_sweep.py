@@ -1,12 +1,13 @@
 """`dmgl sweep`: real Optuna storages (SQLite, journal file), real MLflow runs, real worker processes.
 
-Optuna is imported here only to read back what the sweep wrote (the package itself imports it in sweep.py only).
+Optuna is imported here only to read back what the sweep wrote (dmgl_cli itself imports it only in sweep/).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def _trial_started(storage: str, name: str):
     tracker = Tracker()
     for trial in _study(storage, name).get_trials(states=(TrialState.RUNNING,)):
         run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id and any("alpha" in c.data.metrics for c in tracker.children(run_id)):
+        if run_id and any("alpha" in c.metrics for c in tracker.children(run_id)):
             return trial
     return None
 
@@ -74,6 +75,7 @@ def _trial_started(storage: str, name: str):
 # ---------------------------------------------------------------------------------------------- grid
 
 
+@pytest.mark.slow
 def test_grid_sweep_runs_one_trial_per_strategy_nested_in_mlflow(run_cli, synthetic, registry):
     result = run_cli("sweep", "--strategies", "constant:0,heuristic,lb", "--seeds", "2", "--study", "grid", *FAST)
     lines = [line for line in result.output.splitlines() if line.startswith("trial ")]
@@ -89,30 +91,30 @@ def test_grid_sweep_runs_one_trial_per_strategy_nested_in_mlflow(run_cli, synthe
     tracker = Tracker()
     sweep_run_id = study.user_attrs["mlflow_sweep_run_id"]
     sweep_run = tracker.get_run(sweep_run_id)
-    assert sweep_run.info.status == "FINISHED"
-    assert sweep_run.data.tags["dmgl.role"] == "sweep" and sweep_run.data.tags["dmgl.sweep"] == "grid"
-    assert sweep_run.data.params["strategies"] == "constant:0,heuristic,lb"
+    assert sweep_run.status == "FINISHED"
+    assert sweep_run.tags["dmgl.role"] == "sweep" and sweep_run.tags["dmgl.sweep"] == "grid"
+    assert sweep_run.params["strategies"] == "constant:0,heuristic,lb"
     best = max(trials, key=lambda t: t.value)
-    assert sweep_run.data.tags["dmgl.best_trial"] == str(best.number)
-    assert sweep_run.data.tags["dmgl.best_run_id"] == best.user_attrs["mlflow_run_id"]
-    assert math.isclose(sweep_run.data.metrics["best_val_acc"], best.value)
+    assert sweep_run.tags["dmgl.best_trial"] == str(best.number)
+    assert sweep_run.tags["dmgl.best_run_id"] == best.user_attrs["mlflow_run_id"]
+    assert math.isclose(sweep_run.metrics["best_val_acc"], best.value)
 
     trial_runs = tracker.children(sweep_run_id)
     assert len(trial_runs) == 3
-    assert {r.info.run_id for r in trial_runs} == {t.user_attrs["mlflow_run_id"] for t in trials}
+    assert {r.run_id for r in trial_runs} == {t.user_attrs["mlflow_run_id"] for t in trials}
     for trial in trials:
         parent = tracker.get_run(trial.user_attrs["mlflow_run_id"])
-        tags = parent.data.tags
+        tags = parent.tags
         assert tags["dmgl.role"] == "parent" and tags["mlflow.parentRunId"] == sweep_run_id
         assert tags["dmgl.sweep"] == "grid" and tags["dmgl.trial"] == str(trial.number)
-        seeds = tracker.children(parent.info.run_id)
-        assert [s.data.tags["dmgl.role"] for s in seeds] == ["seed", "seed"]
-        assert sorted(s.data.tags["dmgl.seed"] for s in seeds) == ["0", "1"]
-        assert all(s.data.tags["dmgl.sweep"] == "grid" and s.info.status == "FINISHED" for s in seeds)
+        seeds = tracker.children(parent.run_id)
+        assert [s.tags["dmgl.role"] for s in seeds] == ["seed", "seed"]
+        assert sorted(s.tags["dmgl.seed"] for s in seeds) == ["0", "1"]
+        assert all(s.tags["dmgl.sweep"] == "grid" and s.status == "FINISHED" for s in seeds)
         # the objective is the mean validation score of the seeds, never test
-        val = [s.data.metrics["final_val_acc"] for s in seeds]
+        val = [s.metrics["final_val_acc"] for s in seeds]
         assert math.isclose(trial.value, sum(val) / 2)
-        assert trial.user_attrs["seed_run_ids"] == [s.info.run_id for s in seeds]
+        assert trial.user_attrs["seed_run_ids"] == [s.run_id for s in seeds]
 
     # running the study again continues it: nothing is left, so nothing is added or rerun
     again = run_cli("sweep", "--study", "grid")
@@ -126,6 +128,7 @@ def test_a_single_strategy_grid(run_cli, synthetic, registry):
     assert trial.state == TrialState.COMPLETE and trial.params == {"strategy": "heuristic"}
 
 
+@pytest.mark.slow
 def test_tuning_samples_per_strategy_ranges_and_reports_every_epoch(run_cli, synthetic, registry):
     run_cli("sweep", "--strategies", "lb", "--tune", "lr=0.01:0.1,alpha_lr", "--n-trials", "2", "--seeds", "1",
             "--study", "tune", *FAST)
@@ -136,7 +139,7 @@ def test_tuning_samples_per_strategy_ranges_and_reports_every_epoch(run_cli, syn
         assert 0.01 <= trial.params["lr@lb"] <= 0.1 and 0.005 <= trial.params["alpha_lr@lb"] <= 0.5
         assert sorted(trial.intermediate_values) == [1, 2]  # one report per epoch
         run = Tracker().get_run(trial.user_attrs["mlflow_run_id"])
-        assert math.isclose(float(run.data.params["optim.lr"]), trial.params["lr@lb"])
+        assert math.isclose(float(run.params["optim.lr"]), trial.params["lr@lb"])
     assert trials[0].params["lr@lb"] != trials[1].params["lr@lb"]
     # raising the count of an existing study queues just the difference
     more = run_cli("sweep", "--study", "tune", "--n-trials", "3")
@@ -173,24 +176,25 @@ def test_strategy_median_pruner_compares_a_trial_with_its_own_strategy():
 
 def test_pruned_training_marks_runs_killed_not_failed(synthetic, registry):
     from dmgl_cli import runner
-    from dmgl_cli.config import load_config
+    from dmgl_cli.config import resolve
     from dmgl_cli.sweep import PrunedTrial
 
     def progress(seed, epoch, total, metrics):
         raise PrunedTrial("stop")
 
-    config = load_config("synthetic", ["train.epochs=2"])
+    config = resolve("synthetic", ["train.epochs=2"])
     parents = []
-    with pytest.raises(optuna.TrialPruned):
-        runner.train(config, [0], progress=progress, on_parent=parents.append)
     tracker = Tracker()
+    with pytest.raises(optuna.TrialPruned):
+        runner.train(config, [0], tracker=tracker, progress=progress, on_parent=parents.append)
     assert tracker.status(parents[0]) == "KILLED"
-    assert [c.info.status for c in tracker.children(parents[0])] == ["KILLED"]
+    assert [c.status for c in tracker.children(parents[0])] == ["KILLED"]
 
 
 # ------------------------------------------------------------------------------------- several workers
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
 def test_two_workers_on_one_study_share_the_trials(run_cli, synthetic, registry, kind):
     storage = f"journal:{registry / 'optuna.log'}" if kind == "journal" else f"sqlite:///{registry / 'optuna.db'}"
@@ -207,11 +211,12 @@ def test_two_workers_on_one_study_share_the_trials(run_cli, synthetic, registry,
     assert ran == 3
     tracker = Tracker()
     sweep_run_id = _study(storage, "shared").user_attrs["mlflow_sweep_run_id"]
-    assert sorted(r.info.run_id for r in tracker.children(sweep_run_id)) == \
+    assert sorted(r.run_id for r in tracker.children(sweep_run_id)) == \
         sorted(t.user_attrs["mlflow_run_id"] for t in trials)
     assert tracker.status(sweep_run_id) == "FINISHED"
 
 
+@pytest.mark.integration
 def test_a_killed_workers_trial_is_failed_retried_and_does_not_block(run_cli, synthetic, registry):
     storage = f"journal:{registry / 'optuna.log'}"
     run_cli("sweep", "--study", "kill", "--storage", storage, "--strategies", "constant:0,lb", "--seeds", "1",
@@ -235,9 +240,10 @@ def test_a_killed_workers_trial_is_failed_retried_and_does_not_block(run_cli, sy
     tracker = Tracker()
     dead = victim.user_attrs["mlflow_run_id"]
     assert tracker.status(dead) == "FAILED"
-    assert all(c.info.status != "RUNNING" for c in tracker.children(dead))
+    assert all(c.status != "RUNNING" for c in tracker.children(dead))
 
 
+@pytest.mark.integration
 def test_ctrl_c_requeues_the_trial_and_the_study_resumes(run_cli, synthetic, registry):
     storage = f"sqlite:///{registry / 'optuna.db'}"
     # Long trials, so that the signal lands inside one (it is honoured after the current optimiser step).
@@ -319,7 +325,8 @@ def test_a_corrupt_journal_is_reported(run_cli, synthetic, tmp_path):
 
 
 def test_the_package_imports_optuna_only_in_sweep():
+    """Only dmgl_cli/sweep/ imports Optuna (tests/test_architecture.py: only sweep/storage.py its private modules)."""
     package = Path(__file__).resolve().parent.parent / "dmgl_cli"
-    users = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
-                   if "import optuna" in p.read_text() or "from optuna" in p.read_text())
-    assert users == ["sweep.py"]
+    users = sorted(p.relative_to(package).as_posix() for p in package.rglob("*.py")
+                   if re.search(r"^\s*(import|from) optuna\b", p.read_text(), re.M))
+    assert users and all(name.startswith("sweep/") for name in users), users

@@ -23,33 +23,34 @@ def _history(tracker: Tracker, run_id: str, key: str) -> list[tuple[int, float]]
     return sorted((m.step, m.value) for m in tracker.client.get_metric_history(run_id, key))
 
 
+@pytest.mark.slow
 def test_train_lb_two_seeds_records_everything(run_cli, synthetic, registry):
     result = run_cli("train", "--strategy", "lb", "--seeds", "2", *FAST)
     parent_id = _parent_id(result.output)
     assert "mean over 2 seeds" in result.output
     tracker = Tracker()
     parent = tracker.get_run(parent_id)
-    assert parent.info.status == "FINISHED"
-    assert parent.data.tags["dmgl.role"] == "parent" and parent.data.tags["dmgl.strategy"] == "lb"
-    experiment = tracker.client.get_experiment(parent.info.experiment_id)
+    assert parent.status == "FINISHED"
+    assert parent.tags["dmgl.role"] == "parent" and parent.tags["dmgl.strategy"] == "lb"
+    experiment = tracker.client.get_experiment(parent.experiment_id)
     assert experiment.name == "synthetic"
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     recipe = load_config("synthetic")
-    assert parent.data.params["strategy.lb.approx"] == recipe.strategy.lb.approx
-    assert parent.data.params["seeds"] == "0,1"
+    assert parent.params["strategy.lb.approx"] == recipe.strategy.lb.approx
+    assert parent.params["seeds"] == "0,1"
     children = tracker.children(parent_id)
-    assert [c.data.tags["dmgl.seed"] for c in children] == ["0", "1"]
+    assert [c.tags["dmgl.seed"] for c in children] == ["0", "1"]
     finals = []
     for child in children:
-        run_id = child.info.run_id
-        assert child.info.status == "FINISHED"
-        assert child.data.params["train.seed"] == child.data.tags["dmgl.seed"]
+        run_id = child.run_id
+        assert child.status == "FINISHED"
+        assert child.params["train.seed"] == child.tags["dmgl.seed"]
         alpha = _history(tracker, run_id, "alpha")
         assert [step for step, _ in alpha] == [1, 2, 3]  # one value per epoch, step = epoch
         assert all(0.0 <= value <= 1.0 for _, value in alpha)
         assert len(_history(tracker, run_id, "val_acc_slow")) == 3
         assert len(_history(tracker, run_id, "test_modality_gap")) == 3
-        folder = local_path(child.info.artifact_uri)
+        folder = local_path(child.artifact_uri)
         for name in ("best", "last"):
             state = torch.load(folder / "checkpoints" / f"{name}.pt", weights_only=True)
             assert state["format"] == "dmgl-checkpoint" and "model" in state
@@ -58,44 +59,47 @@ def test_train_lb_two_seeds_records_everything(run_cli, synthetic, registry):
         assert csv_lines[0].startswith("epoch,epoch_fraction,alpha") and len(csv_lines) == 4
         final = json.loads((folder / "final_metrics.json").read_text())
         assert 1 <= final["best_epoch"] <= 3
-        assert child.data.metrics["final_test_acc"] == pytest.approx(final["test_acc"])
+        assert child.metrics["final_test_acc"] == pytest.approx(final["test_acc"])
         finals.append(final["test_acc"])
     mean = sum(finals) / 2
-    assert parent.data.metrics["final_test_acc_mean"] == pytest.approx(mean)
-    assert (local_path(parent.info.artifact_uri) / "alpha.png").is_file()
+    assert parent.metrics["final_test_acc_mean"] == pytest.approx(mean)
+    assert (local_path(parent.artifact_uri) / "alpha.png").is_file()
 
 
+@pytest.mark.slow
 def test_best_epoch_is_chosen_on_validation(run_cli, synthetic):
     result = run_cli("train", "--strategy", "heuristic", "--epochs", "4")
     tracker = Tracker()
     child = tracker.children(_parent_id(result.output))[0]
-    val = _history(tracker, child.info.run_id, "val_acc")
-    test = dict(_history(tracker, child.info.run_id, "test_acc"))
+    val = _history(tracker, child.run_id, "val_acc")
+    test = dict(_history(tracker, child.run_id, "test_acc"))
     best_epoch = max(val, key=lambda sv: (sv[1], -sv[0]))[0]  # first epoch with the highest val acc
-    assert child.data.metrics["final_best_epoch"] == best_epoch
-    assert child.data.metrics["final_test_acc"] == test[best_epoch]
+    assert child.metrics["final_best_epoch"] == best_epoch
+    assert child.metrics["final_test_acc"] == test[best_epoch]
 
 
+@pytest.mark.slow
 def test_eval_reproduces_the_logged_test_metrics_exactly(run_cli, synthetic):
     result = run_cli("train", "--strategy", "lb", *FAST)
     parent_id = _parent_id(result.output)
     tracker = Tracker()
     child = tracker.children(parent_id)[0]
-    out = run_cli("eval", child.info.run_id)
+    out = run_cli("eval", child.run_id)
     assert "matches the logged metrics exactly" in out.output
-    outcome = runner.evaluate_run(child.info.run_id, checkpoint="best", split="test")[0]
+    outcome = runner.evaluate_run(child.run_id, tracker=tracker, checkpoint="best", split="test")[0]
     for key in ("test_acc", "test_map", "test_f1", "test_acc_fast", "test_acc_slow", "test_gap_acc"):
-        assert outcome.metrics[key] == child.data.metrics[f"final_{key}"]
+        assert outcome.metrics[key] == child.metrics[f"final_{key}"]
     assert outcome.max_abs_diff == 0
-    last = runner.evaluate_run(parent_id, checkpoint="last", split="val")
+    last = runner.evaluate_run(parent_id, tracker=tracker, checkpoint="last", split="val")
     assert len(last) == 1 and last[0].max_abs_diff == 0
-    recorded = tracker.get_run(child.info.run_id).data.metrics
-    assert recorded["eval_best_test_acc"] == child.data.metrics["final_test_acc"]
+    recorded = tracker.get_run(child.run_id).metrics
+    assert recorded["eval_best_test_acc"] == child.metrics["final_test_acc"]
 
 
+@pytest.mark.slow
 def test_resume_after_a_stop_equals_an_uninterrupted_run(run_cli, synthetic):
     config = load_config("synthetic", ["train.epochs=4", "strategy.name=lb", "strategy.lb.update_every=5"])
-    reference = runner.train(config, [0], run_name="reference")
+    reference = runner.train(config, [0], tracker=Tracker(), run_name="reference")
 
     class Stop(Exception):
         pass
@@ -106,24 +110,25 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(run_cli, synthetic):
 
     parents = []
     with pytest.raises(Stop):
-        runner.train(config, [0], run_name="stopped", progress=stop_after_epoch_2, on_parent=parents.append)
+        runner.train(config, [0], tracker=Tracker(), run_name="stopped", progress=stop_after_epoch_2, on_parent=parents.append)
     tracker = Tracker()
     child = tracker.children(parents[0])[0]
-    assert child.info.status == "FAILED"
-    run_cli("train", "--resume", child.info.run_id)
-    resumed = tracker.get_run(child.info.run_id)
-    assert resumed.info.status == "FINISHED"
-    assert tracker.get_run(parents[0]).info.status == "FINISHED"
+    assert child.status == "FAILED"
+    run_cli("train", "--resume", child.run_id)
+    resumed = tracker.get_run(child.run_id)
+    assert resumed.status == "FINISHED"
+    assert tracker.get_run(parents[0]).status == "FINISHED"
     ref_child = reference.seeds[0].run_id
     for key in ("alpha", "train_loss", "val_acc", "test_acc", "test_acc_slow", "val_modality_gap"):
         # Same values at every epoch, each (key, step) logged once: exact resume in the same run.
-        assert _history(tracker, child.info.run_id, key) == _history(tracker, ref_child, key)
-    ref_final = tracker.get_run(ref_child).data.metrics
+        assert _history(tracker, child.run_id, key) == _history(tracker, ref_child, key)
+    ref_final = tracker.get_run(ref_child).metrics
     for key, value in ref_final.items():
         if key.startswith("final_"):
-            assert resumed.data.metrics[key] == value
+            assert resumed.metrics[key] == value
 
 
+@pytest.mark.slow
 def test_resume_of_a_parent_finishes_its_seeds(run_cli, synthetic):
     config = load_config("synthetic", ["train.epochs=2", "strategy.name=heuristic"])
 
@@ -133,19 +138,20 @@ def test_resume_of_a_parent_finishes_its_seeds(run_cli, synthetic):
 
     parents = []
     with pytest.raises(KeyboardInterrupt):
-        runner.train(config, [0, 1, 2], progress=interrupt, on_parent=parents.append)
+        runner.train(config, [0, 1, 2], tracker=Tracker(), progress=interrupt, on_parent=parents.append)
     tracker = Tracker()
-    assert tracker.get_run(parents[0]).info.status == "KILLED"
-    statuses = [c.info.status for c in tracker.children(parents[0])]
+    assert tracker.get_run(parents[0]).status == "KILLED"
+    statuses = [c.status for c in tracker.children(parents[0])]
     assert statuses == ["FINISHED", "KILLED"]  # seed 2 never started
     result = run_cli("train", "--resume", parents[0])
     assert "mean over 3 seeds" in result.output
     children = tracker.children(parents[0])
-    assert [c.data.tags["dmgl.seed"] for c in children] == ["0", "1", "2"]
-    assert all(c.info.status == "FINISHED" for c in children)
-    assert tracker.get_run(parents[0]).info.status == "FINISHED"
+    assert [c.tags["dmgl.seed"] for c in children] == ["0", "1", "2"]
+    assert all(c.status == "FINISHED" for c in children)
+    assert tracker.get_run(parents[0]).status == "FINISHED"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", [["--strategy", "constant", "--alpha", "0"], ["--strategy", "stepwise", "--p", "0.05"],
                                       ["--strategy", "lb", "--set", "strategy.lb.approx=cg"],
                                       ["--strategy", "lb", "--set", "strategy.lb.approx=identity",
@@ -160,26 +166,28 @@ def test_constant_alpha_is_logged_unchanged(run_cli, synthetic):
     result = run_cli("train", "--strategy", "constant", "--alpha", "0.25", "--epochs", "2")
     tracker = Tracker()
     child = tracker.children(_parent_id(result.output))[0]
-    assert [v for _, v in _history(tracker, child.info.run_id, "alpha")] == [0.25, 0.25]
+    assert [v for _, v in _history(tracker, child.run_id, "alpha")] == [0.25, 0.25]
 
 
+@pytest.mark.slow
 def test_seeds_are_reproducible_on_cpu(run_cli, synthetic):
     first = run_cli("train", "--strategy", "lb", "--epochs", "2", "--seeds", "5,6")
     second = run_cli("train", "--strategy", "lb", "--epochs", "2", "--seeds", "5,6")
     tracker = Tracker()
-    a = [c.data.metrics for c in tracker.children(_parent_id(first.output))]
-    b = [c.data.metrics for c in tracker.children(_parent_id(second.output))]
+    a = [c.metrics for c in tracker.children(_parent_id(first.output))]
+    b = [c.metrics for c in tracker.children(_parent_id(second.output))]
     keys = [k for k in a[0] if k.startswith("final_")]
     assert [[m[k] for k in keys] for m in a] == [[m[k] for k in keys] for m in b]
     assert a[0]["final_test_acc"] != a[1]["final_test_acc"] or a[0]["final_val_cls_loss"] != a[1]["final_val_cls_loss"]
 
 
+@pytest.mark.slow
 def test_a_comparison_method_trains_as_published_unless_a_strategy_is_given(run_cli, synthetic):
     tracker = Tracker()
     plain = tracker.get_run(_parent_id(run_cli("train", "--method", "sum", "--epochs", "1").output))
-    assert plain.data.tags["dmgl.strategy"] == "constant" and plain.data.params["strategy.alpha"] == "0.0"
+    assert plain.tags["dmgl.strategy"] == "constant" and plain.params["strategy.alpha"] == "0.0"
     combined = tracker.get_run(_parent_id(run_cli("train", "--method", "sum", "--strategy", "heuristic",
                                                   "--epochs", "1").output))
-    assert combined.data.tags["dmgl.strategy"] == "heuristic"
+    assert combined.tags["dmgl.strategy"] == "heuristic"
     ours = tracker.get_run(_parent_id(run_cli("train", "--method", "concat", "--epochs", "1").output))
-    assert ours.data.tags["dmgl.strategy"] == "lb"  # the paper's model keeps the recipe's strategy
+    assert ours.tags["dmgl.strategy"] == "lb"  # the paper's model keeps the recipe's strategy

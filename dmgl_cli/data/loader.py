@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dmgl_cli.data.prepared import PreparedDataset, SplitArrays
 from dmgl_cli.data.splits import stratified_split
+from dmgl_cli.errors import DmglError
 
 Batch = dict[str, object]  # {"inputs": {modality: Tensor}, "labels": Tensor, "indices": Tensor}
 
@@ -145,3 +146,42 @@ def sample_batch(split: ArraySplit, batch_size: int, seed: int) -> Batch:
     size = min(batch_size, len(split))
     positions = torch.randperm(len(split), generator=generator)[:size].tolist()
     return split.__getitems__(positions)
+
+
+def hold_out(train: ArraySplit, holdout: int | float, seed: int, transform) -> tuple[ArraySplit, ArraySplit]:
+    """Training samples set aside for the LB strategy's outer batches, and the training split without them.
+
+    ``holdout`` is a fraction (stratified by class, as the validation split is carved) or a count (a seeded random
+    draw, in the drawn order, as the authors' code takes its 16 samples); both depend on ``seed`` (data.split_seed)
+    only, so every training seed steers alpha with the same samples.
+    """
+    if len(train) < 2:
+        raise DmglError(f"strategy.lb.outer_data=holdout needs at least 2 training samples, the training split has "
+                        f"{len(train)}; prepare more samples or set strategy.lb.outer_data=val")
+    if isinstance(holdout, float):
+        kept, chosen = stratified_split(np.asarray(train.labels), holdout, seed)
+        if len(chosen) == 0:  # every class too small to give one: a seeded draw of the same fraction instead
+            holdout = max(1, round(holdout * len(train)))
+    if isinstance(holdout, int):
+        if holdout >= len(train):
+            raise DmglError(f"strategy.lb.holdout asks for {holdout} held-out samples but the training split has "
+                            f"only {len(train)}; lower strategy.lb.holdout")
+        chosen = np.random.default_rng(seed).permutation(len(train))[:holdout]
+        kept = np.setdiff1d(np.arange(len(train)), chosen)
+    return (ArraySplit(train.arrays, train.indices[kept], train.transform),
+            ArraySplit(train.arrays, train.indices[chosen], transform))
+
+
+def eval_loader(dataset: PreparedDataset, config, split: str | ArraySplit, *, num_workers: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    """Batches of one split (``"train"``, ``"val"``, ``"test"``, or an :class:`ArraySplit` of ``dataset``) for
+    scoring: the evaluation transform (no random augmentation), ``train.eval_batch_size``, a fixed order and no
+    dropped samples, as the trainer scores its epochs, ``dmgl eval`` re-scores a checkpoint and methods read data
+    beyond the batch."""
+    from dmgl_cli.data.transforms import build_transforms
+
+    if isinstance(split, str):
+        split = getattr(make_splits(dataset, config.data.val_fraction, config.data.split_seed), split)
+    scored = ArraySplit(split.arrays, split.indices, build_transforms(dataset.modalities, config, training=False))
+    return make_loader(scored, config.train.eval_batch_size, shuffle=False, seed=0, drop_last=False,
+                       num_workers=num_workers, pin_memory=pin_memory)

@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlite_utils
 
+from dmgl_cli.data.prepared import PreparedDataset
 from dmgl_cli.errors import DmglError
 from dmgl_cli.paths import ensure_registry, registry_home
 
@@ -81,3 +82,12 @@ class DatasetRegistry:
         for key in ("modalities", "classes", "splits"):
             out[key] = json.loads(out[key])
         return out
+
+
+def open_dataset(name: str) -> PreparedDataset:
+    """The prepared dataset registered as ``name``."""
+    row = DatasetRegistry().get(name)
+    path = Path(row["path"])
+    if not path.is_dir():
+        raise DmglError(f"dataset {name!r} is registered at {path}, which no longer exists; run `dmgl prepare {name}` again")
+    return PreparedDataset(path)

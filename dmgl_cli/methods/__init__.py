@@ -46,23 +46,10 @@ METHODS: dict[str, type[Method]] = {
 
 
 def build_method(config) -> Method:
+    """The method a validated config names (``config.validate`` checked that it can run with the strategy)."""
     name = config.method.name
     if name not in METHODS:
         raise DmglError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
     method = METHODS[name](config, config.method_options(name))
-    if method.strategies is not None and config.strategy.name not in method.strategies:
-        raise DmglError(
-            f"method {name!r} cannot be combined with --strategy {config.strategy.name}; "
-            f"it supports: {', '.join(method.strategies)}"
-        )
     method.check()
     return method
-
-
-def published_strategy_settings(name: str) -> list[str]:
-    """``--set`` settings that make ``dmgl train --method NAME`` (given without --strategy) train the method as
-    published: comparison methods without the matching loss, the paper's model with the recipe's strategy."""
-    if name not in METHODS or METHODS[name].published_strategy is None:
-        return []
-    strategy, alpha = METHODS[name].published_strategy
-    return [f"strategy.name={strategy}"] + ([f"strategy.alpha={alpha}"] if strategy == "constant" else [])

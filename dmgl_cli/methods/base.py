@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from dmgl_cli.errors import DmglError
 from dmgl_cli.losses import classification_loss
 from dmgl_cli.models import ModelOutput, MultimodalModel, build_model
+from dmgl_cli.strategies import StrategySpec
 
 
 class Method:
@@ -24,7 +25,7 @@ class Method:
     uses_matching = True
     # `dmgl train --method NAME` without --strategy: a comparison method trains as published (Table 1's rows),
     # i.e. without the matching loss (constant alpha 0); None keeps the recipe's strategy (the paper's method).
-    published_strategy: tuple[str, float] | None = ("constant", 0.0)
+    published_strategy: StrategySpec | None = StrategySpec("constant", 0.0)
     # Where per-modality scores come from: "head-split" (Concat's head split per modality), "own" (the method's
     # own uni-modal outputs) or "probe" (linear probes on detached embeddings); recorded as a run tag.
     per_modality_source = "head-split"
@@ -34,6 +35,9 @@ class Method:
 
     # A method's settings (``method.options.<name>.<key>``) and their defaults; any other key is refused.
     defaults: dict[str, Any] = {}
+    # Settings (dotted key -> value) that define the method: `config.resolve` writes them into the run's config
+    # (with a warning naming each one it changed), so the run records what ran (dmgl-official).
+    pinned_settings: dict[str, Any] = {}
 
     def __init__(self, config, options: dict[str, Any]):
         self.config = config
@@ -49,15 +53,16 @@ class Method:
 
     # -- construction --------------------------------------------------------------------------------------------
     @classmethod
-    def configure(cls, config) -> None:
-        """Adjust the resolved config before it is validated and recorded (called by ``config.validate``, so a
-        refusal comes before any run is created): a method defined by fixed settings (``dmgl-official``) pins them
-        here, so the run records what it ran. The default refuses a strategy the method cannot be combined with."""
+    def check_config(cls, config) -> None:
+        """Refuse a configuration the method cannot run (called by ``config.validate``, so a refusal comes before
+        any run is created): a strategy the method cannot be combined with, or a bad ``method.options`` setting
+        (the method is built once and runs :meth:`check`)."""
         if cls.strategies is not None and config.strategy.name not in cls.strategies:
             raise DmglError(
                 f"method {cls.name!r} cannot be combined with --strategy {config.strategy.name}; "
                 f"it supports: {', '.join(cls.strategies)}"
             )
+        cls(config, config.method_options(cls.name)).check()
 
     def check(self) -> None:
         """Refuse a configuration this method cannot run (raise DmglError)."""

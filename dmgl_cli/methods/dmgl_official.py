@@ -33,9 +33,10 @@ alpha's step                Adam on alpha (dmgl's default) or SGD       SGD with
 starting alpha, range       ``initial_alpha``; [0, 1] (Algorithm 1)     0.95 (CE weight 0.05); [0.05, 0.95]
 ==========================  ==========================================  ==========================================
 
-How the settings are applied: this method *is* that configuration, so :meth:`configure` writes the values above
-into the run's config before it is validated and recorded; the run's parameters and ``config.yaml`` show what ran,
-and a warning names every setting it changed. It runs with ``--strategy lb`` only.
+How the settings are applied: this method *is* that configuration, so its ``pinned_settings`` are written into the
+run's config when it is resolved (``config.resolve``), before it is validated and recorded; the run's parameters
+and ``config.yaml`` show what ran, and a warning names every setting it changed. It runs with ``--strategy lb``
+only.
 
 Deliberate differences from the released code:
 
@@ -57,7 +58,6 @@ everything else held fixed.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from torch import Tensor
@@ -65,40 +65,35 @@ from torch import Tensor
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods.fusion_base import FusionMethod, FusionModel, encoders_for
 from dmgl_cli.methods.sum import SumFusion
+from dmgl_cli.strategies import StrategySpec
 
-LOG = logging.getLogger("dmgl")
-
-# (section, setting, value) pinned by the released code's variant.
-OFFICIAL_SETTINGS: tuple[tuple[str, str, Any], ...] = (
-    ("loss", "matching", "mixture_kl"),
-    ("strategy.lb", "approx", "official"),
-    ("strategy.lb", "update_every", "epoch_start"),
-    ("strategy.lb", "alpha_optimizer", "sgd"),
-    ("strategy.lb", "alpha_lr", 1e-4),
-    ("strategy.lb", "alpha_lr_halving", 20),
-    ("strategy.lb", "initial_alpha", 0.95),
-    ("strategy.lb", "min_alpha", 0.05),
-    ("strategy.lb", "max_alpha", 0.95),
-    ("strategy.lb", "outer_data", "holdout"),
-    ("strategy.lb", "holdout", 16),
-    ("strategy.lb", "outer_batch_size", 8),
-    ("strategy.lb", "outer_sampling", "fixed"),
-    ("strategy.lb", "params", "all"),
-)
+# The settings that make the released code's variant (dotted key -> value).
+OFFICIAL_SETTINGS: dict[str, Any] = {
+    "loss.matching": "mixture_kl",
+    "strategy.lb.approx": "official",
+    "strategy.lb.update_every": "epoch_start",
+    "strategy.lb.alpha_optimizer": "sgd",
+    "strategy.lb.alpha_lr": 1e-4,
+    "strategy.lb.alpha_lr_halving": 20,
+    "strategy.lb.initial_alpha": 0.95,
+    "strategy.lb.min_alpha": 0.05,
+    "strategy.lb.max_alpha": 0.95,
+    "strategy.lb.outer_data": "holdout",
+    "strategy.lb.holdout": 16,
+    "strategy.lb.outer_batch_size": 8,
+    "strategy.lb.outer_sampling": "fixed",
+    "strategy.lb.params": "all",
+}
 
 # dmgl-official-eq3: the same, with Eq. 3 (CG, weight decay in H) at each epoch's end, stepped by Adam.
-EQ3_SETTINGS: tuple[tuple[str, str, Any], ...] = tuple(
-    (section, setting, value) for section, setting, value in OFFICIAL_SETTINGS
-    if setting not in ("approx", "update_every", "alpha_optimizer", "alpha_lr", "alpha_lr_halving")
-) + (
-    ("strategy.lb", "approx", "cg"),
-    ("strategy.lb", "update_every", "epoch"),
-    ("strategy.lb", "alpha_optimizer", "adam"),
-    ("strategy.lb", "alpha_lr", 0.05),
-    ("strategy.lb", "alpha_lr_halving", 20),
-)
-
-_warned: set[str] = set()  # the CLI resolves a config more than once; say each change once per process
+EQ3_SETTINGS: dict[str, Any] = {
+    **OFFICIAL_SETTINGS,
+    "strategy.lb.approx": "cg",
+    "strategy.lb.update_every": "epoch",
+    "strategy.lb.alpha_optimizer": "adam",
+    "strategy.lb.alpha_lr": 0.05,
+    "strategy.lb.alpha_lr_halving": 20,
+}
 
 
 class MeanOfHeadsFusion(SumFusion):
@@ -110,41 +105,29 @@ class MeanOfHeadsFusion(SumFusion):
         return summed / len(unimodal), unimodal, extras
 
 
-def _pin(config, settings: tuple[tuple[str, str, Any], ...], method: str) -> None:
-    if config.strategy.name != "lb":
-        raise DmglError(
-            f"method '{method}' is the released code's learning-based variant and runs with --strategy lb only, "
-            f"got --strategy {config.strategy.name}"
-        )
-    changed = []
-    for section, setting, value in settings:
-        holder = config
-        for part in section.split("."):
-            holder = getattr(holder, part)
-        current = getattr(holder, setting)
-        if current != value or type(current) is not type(value):
-            changed.append(f"{section}.{setting}={value} (was {current})")
-            setattr(holder, setting, value)
-    message = f"method {method} sets " + ", ".join(changed)
-    if changed and message not in _warned:
-        _warned.add(message)
-        LOG.warning(message)
-
-
 class DMGLOfficialMethod(FusionMethod):
     """The released code's variant of Ours-LB; see the module docstring for how it differs from the paper."""
 
     name = "dmgl-official"
     strategies = ("lb",)
-    published_strategy = ("lb", 0.0)
+    published_strategy = StrategySpec("lb")
     per_modality_source = "own"
     objective_scale = 2.0  # train_audio_video: loss = 2 * (cls_k[0] * loss_cls + cls_k[1] * loss_alignment)
-    settings_pinned = OFFICIAL_SETTINGS
+    pinned_settings = OFFICIAL_SETTINGS
 
     @classmethod
-    def configure(cls, config) -> None:
-        _pin(config, cls.settings_pinned, cls.name)
-        cls(config, config.method_options(cls.name)).check()
+    def check_config(cls, config) -> None:
+        if config.strategy.name != "lb":
+            raise DmglError(
+                f"method '{cls.name}' is the released code's learning-based variant and runs with --strategy lb "
+                f"only, got --strategy {config.strategy.name}"
+            )
+        recorded = config.flat()
+        differing = [f"{key}={recorded.get(key)!r} (it is defined by {value!r})"
+                     for key, value in cls.pinned_settings.items() if recorded.get(key) != value]
+        if differing:  # a hand-edited config.yaml: the run would not be this method
+            raise DmglError(f"method '{cls.name}' cannot run with {', '.join(differing)}")
+        super().check_config(config)
 
     def check(self) -> None:
         if self.options:
@@ -159,4 +142,4 @@ class DMGLOfficialEq3Method(DMGLOfficialMethod):
     """``dmgl-official`` with alpha's gradient taken from Eq. 3 (CG) instead of the released rule."""
 
     name = "dmgl-official-eq3"
-    settings_pinned = EQ3_SETTINGS
+    pinned_settings = EQ3_SETTINGS

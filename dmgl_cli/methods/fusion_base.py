@@ -97,12 +97,6 @@ class FusionMethod(Method):
         self._probe_optimizer: torch.optim.Optimizer | None = None
         self._probe_state: dict[str, Any] | None = None
 
-    @classmethod
-    def configure(cls, config) -> None:
-        """Check the settings while the config is validated, so that a bad one is refused before a run exists."""
-        super().configure(config)
-        cls(config, config.method_options(cls.name)).check()
-
     def key(self, setting: str) -> str:
         return f"method.options.{self.name}.{setting}"
 

@@ -134,7 +134,7 @@ class MLAMethod(RebalanceMethod):
         self.batch = 0  # batch index within the epoch
 
     @classmethod
-    def configure(cls, config) -> None:
+    def check_config(cls, config) -> None:
         if config.strategy.name != "constant" or config.strategy.alpha != 0:
             given = (f"--strategy {config.strategy.name}" if config.strategy.name != "constant"
                      else f"alpha {config.strategy.alpha}")
@@ -142,6 +142,7 @@ class MLAMethod(RebalanceMethod):
                 "method 'mla' trains one modality per optimiser step, so there is no pair of modalities to match: "
                 f"it runs with --strategy constant --alpha 0 only, got {given}"
             )
+        super().check_config(config)
 
     def check(self) -> None:
         super().check()

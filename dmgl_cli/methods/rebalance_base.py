@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dmgl_cli.device import autocast, to_device
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods.base import Method
 from dmgl_cli.models import ModelOutput, MultimodalModel
@@ -231,22 +232,16 @@ def split_batches(trainer, split: str, max_samples: int | None = None, seed: int
                   ) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
     """Batches of ``split`` ("train" or "val") on the trainer's device, in a fixed order; with ``max_samples`` a
     fixed random subset (drawn from ``seed`` alone, so it is the same every epoch and after a resume)."""
-    from dmgl_cli.data.loader import ArraySplit, make_loader
+    from dmgl_cli.data.loader import ArraySplit, eval_loader
 
     source = getattr(trainer.splits, split)
     indices = source.indices
     if max_samples is not None and max_samples < len(source):
         indices = indices[np.sort(np.random.default_rng(seed).choice(len(source), size=max_samples, replace=False))]
-    # The evaluation transform (no random augmentation), whichever split is read.
-    source = ArraySplit(source.arrays, indices, trainer.splits.val.transform)
-    loader = make_loader(source, trainer.config.train.eval_batch_size, shuffle=False, seed=0, drop_last=False)
-    non_blocking = trainer.device.type == "cuda"
-    for batch in loader:
-        inputs = {m: t.to(trainer.device, non_blocking=non_blocking) for m, t in batch["inputs"].items()}
-        yield inputs, batch["labels"].to(trainer.device, non_blocking=non_blocking)
+    subset = ArraySplit(source.arrays, indices)
+    for batch in eval_loader(trainer.dataset, trainer.config, subset):
+        yield to_device(batch, trainer.device)
 
 
 def autocast_for(trainer):
-    from dmgl_cli.train import _autocast
-
-    return _autocast(trainer.device, trainer.config.train.amp)
+    return autocast(trainer.device, trainer.config.train.amp)

@@ -1,4 +1,4 @@
-"""``dmgl report``: parse, call :func:`dmgl_cli.report.make_report`, print. The logic lives in ``report.py``."""
+"""``dmgl report``: parse, call :func:`dmgl_cli.report.make_report`, print. The logic lives in :mod:`dmgl_cli.report`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from dmgl_cli.cli.options import tracking_option
 from dmgl_cli.errors import DmglError
 
 _TABLES = ("main", "strategies", "ablation", "runs")
@@ -41,8 +42,7 @@ def _split_plots(values: tuple[str, ...]) -> list[str]:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("dmgl-report"), show_default=True,
               help="Folder for the PNG figures.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Write the table to this file instead of stdout.")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI",
-              help="MLflow tracking URI (a server or database). Default: sqlite:///<registry>/mlflow.db.")
+@tracking_option
 def report(table, fmt, experiments, datasets, sweep, filter_string, split, metric, plots, out_dir, output,
            tracking_uri) -> None:
     """Paper-style tables and figures regenerated from the recorded runs.
@@ -62,14 +62,15 @@ def report(table, fmt, experiments, datasets, sweep, filter_string, split, metri
     """
     from dmgl_cli.paths import atomic_write_bytes
     from dmgl_cli.report import Selection, make_report
+    from dmgl_cli.tracking import Tracker
 
     kinds = _split_plots(plots)
     if table is None and not kinds:
         table = "main"
     selection = Selection(list(experiments) or None, list(datasets) or None, sweep, filter_string)
     color = output is None and fmt == "text" and sys.stdout.isatty()
-    result = make_report(selection, table=table, fmt=fmt, split=split, metric=metric, plot_kinds=kinds,
-                         out_dir=out_dir, tracking_uri=tracking_uri, color=color)
+    result = make_report(selection, tracker=Tracker(tracking_uri), table=table, fmt=fmt, split=split, metric=metric,
+                         plot_kinds=kinds, out_dir=out_dir, color=color)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if fmt in ("csv", "latex"):  # text, markdown and json carry the notes inside the tables

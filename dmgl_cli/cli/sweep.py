@@ -1,8 +1,10 @@
-"""``dmgl sweep``: parse, call :func:`dmgl_cli.sweep.run_sweep`, print. The logic lives in ``sweep.py``."""
+"""``dmgl sweep``: parse, call :func:`dmgl_cli.sweep.run_sweep`, print. The logic lives in :mod:`dmgl_cli.sweep`."""
 
 from __future__ import annotations
 
 import click
+
+from dmgl_cli.cli.options import silent_option, tracking_option
 
 
 @click.command()
@@ -26,9 +28,8 @@ import click
 @click.option("--heartbeat", type=int, metavar="SECONDS",
               help="Heartbeat interval of a new study (default 30); a trial silent for 3x this is failed and retried.")
 @click.option("--create-only", is_flag=True, help="Create the study and its plan, then exit; start workers after.")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI",
-              help="MLflow tracking URI (a server or database). Default: sqlite:///<registry>/mlflow.db.")
-@click.option("--silent", is_flag=True, help="Print only the summary.")
+@tracking_option
+@silent_option(help="Print only the summary.")
 def sweep(recipe, strategies, tune, n_trials, seeds, overrides, experiment, study, storage, prune, heartbeat,
           create_only, tracking_uri, silent) -> None:
     """Compare integration strategies (and tune within each) with Optuna; every trial is an MLflow run.
@@ -47,10 +48,11 @@ def sweep(recipe, strategies, tune, n_trials, seeds, overrides, experiment, stud
       dmgl report --sweep cmp --table strategies --format latex
     """
     from dmgl_cli.sweep import SweepRequest, run_sweep
+    from dmgl_cli.tracking import Tracker
 
     request = SweepRequest(study=study, storage=storage, recipe=recipe, overrides=list(overrides),
                            strategies=strategies, tune=tune, n_trials=n_trials, seeds=seeds, experiment=experiment,
-                           prune=prune, heartbeat=heartbeat, tracking_uri=tracking_uri, create_only=create_only)
+                           prune=prune, heartbeat=heartbeat, create_only=create_only)
     def on_trial(record) -> None:
         if not silent:
             click.echo(record.line())
@@ -59,7 +61,7 @@ def sweep(recipe, strategies, tune, n_trials, seeds, overrides, experiment, stud
         if not silent:
             click.echo(text, err=True)
 
-    outcome = run_sweep(request, on_trial=on_trial, on_message=on_message)
+    outcome = run_sweep(request, tracker=Tracker(tracking_uri), on_trial=on_trial, on_message=on_message)
     if create_only:
         click.echo(f"study {outcome.study} is ready ({outcome.settings.total_trials} trials queued); start workers "
                    f"with: dmgl sweep --study {outcome.study}" + (f" --storage {storage}" if storage else ""))

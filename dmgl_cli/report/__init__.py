@@ -1,0 +1,75 @@
+"""Paper-style tables and figures regenerated from recorded runs (``dmgl report``).
+
+:func:`make_report` selects the seed runs (:mod:`~dmgl_cli.report.selection`, which also groups them), builds the
+paper's tables (:mod:`~dmgl_cli.report.tables`), renders them in text, markdown, LaTeX (booktabs), CSV or JSON
+(:mod:`dmgl_cli.tables`) and writes the figures (:mod:`~dmgl_cli.report.figures`), all through one tracker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dmgl_cli.errors import DmglError
+from dmgl_cli.report.figures import PLOTS, write_plots
+from dmgl_cli.report.selection import Group, SeedRun, Selection, Stat, group_runs, select_runs
+from dmgl_cli.report.tables import TABLES, attach_notes, build_tables
+from dmgl_cli.tables import FORMATS, Table, render
+
+if TYPE_CHECKING:
+    from dmgl_cli.tracking import Tracker
+
+__all__ = [
+    "FORMATS", "PLOTS", "TABLES", "Group", "Report", "SeedRun", "Selection", "Stat", "attach_notes", "build_tables",
+    "group_runs", "make_report", "render", "select_runs", "write_plots",
+]
+
+
+@dataclass
+class Report:
+    text: str
+    tables: list[Table]
+    plots: list[Path]
+    warnings: list[str]
+    notes: list[str]
+    runs: int
+
+
+def make_report(selection: Selection, *, tracker: Tracker, table: str | None = "main", fmt: str = "text",
+                split: str = "test", metric: str | None = None, plot_kinds: Sequence[str] = (),
+                out_dir: Path | None = None, color: bool = False) -> Report:
+    """Select runs through ``tracker``, build the table (if any) and write the figures (if any)."""
+    if table is not None and table not in TABLES:
+        raise DmglError(f"unknown table {table!r}; valid: {', '.join(TABLES)}")
+    if fmt not in FORMATS:
+        raise DmglError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    warnings: list[str] = []
+    notes: list[str] = []
+    warn = _once(warnings)
+    note = _once(notes)
+    runs, searched = select_runs(selection, tracker)
+    if not runs:
+        raise DmglError(f"no seed runs match ({searched}); train or sweep first, or widen the selection")
+    finished = [r for r in runs if r.status == "FINISHED"]
+    if table not in (None, "runs") and not finished:
+        raise DmglError(f"{len(runs)} seed run(s) match ({searched}) but none finished; `--table runs` lists them")
+    tables = build_tables(table, runs, split, metric, warn, note) if table else []
+    attach_notes(tables, notes)
+    written = []
+    if plot_kinds:
+        written = write_plots(plot_kinds, runs, out_dir or Path("dmgl-report"), split, metric or "acc",
+                              tracker=tracker, warn=warn, note=note)
+    text = render(tables, fmt, warnings, color) if tables else ""
+    return Report(text, tables, written, warnings, notes, len(runs))
+
+
+def _once(sink: list[str]) -> Callable[[str], None]:
+    """A callback that appends each distinct message to ``sink`` once (a warning repeats per cell otherwise)."""
+
+    def add(message: str) -> None:
+        if message not in sink:
+            sink.append(message)
+
+    return add

@@ -1,0 +1,176 @@
+"""The paper's tables, built from grouped seed runs (:mod:`dmgl_cli.report.selection`).
+
+``main`` (Table 1 / A1): rows method (strategy), columns dataset x (ACC, MAP) for audio-video data or (ACC, macro-F1)
+for text-image data; best bold, second best underlined per column. ``strategies`` (Table 4 / A3): fused and
+per-modality rows (plus their gap) x strategies, marks per row. ``ablation`` (Table 3 / A2): matching loss on/off x
+dynamic integration on/off with per-modality scores and their gap. ``runs``: one line per seed run. Cells are
+percentages; :mod:`dmgl_cli.tables` renders them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+from dmgl_cli.errors import DmglError
+from dmgl_cli.report.selection import Group, SeedRun, Stat, group_runs, validation_score
+from dmgl_cli.tables import CHECK, CROSS, Cell, Row, Table, mark_best, mark_columns
+
+# Primary metrics per dataset as in the paper: audio-video (ACC, MAP), text-image and NVGesture (ACC, macro-F1).
+DATASET_METRICS: dict[str, tuple[str, str]] = {
+    "kinetics-sounds": ("acc", "map"),
+    "crema-d": ("acc", "map"),
+    "sarcasm": ("acc", "f1"),
+    "twitter2015": ("acc", "f1"),
+    "nvgesture": ("acc", "f1"),
+}
+METRIC_NAMES = {"acc": "ACC", "map": "MAP", "f1": "F1"}
+TABLES = ("main", "strategies", "ablation", "runs")
+
+
+def dataset_metrics(dataset: str, modalities: Iterable[str]) -> tuple[str, str]:
+    """The two metrics the paper shows for ``dataset``; an unknown one with text or image data gets ACC and F1."""
+    if dataset.lower() in DATASET_METRICS:
+        return DATASET_METRICS[dataset.lower()]
+    return ("acc", "f1") if {"text", "image"} & {m.lower() for m in modalities} else ("acc", "map")
+
+
+def _cell(stat: Stat) -> Cell:
+    """A percent cell showing a group's mean ± std, naming the runs it came from."""
+    return Cell(stat.mean, stat.std, stat.n, runs=stat.runs)
+
+
+def main_table(groups: Sequence[Group], split: str = "test", warn: Callable[[str], None] | None = None) -> Table:
+    """Table 1 / A1: method (strategy) x dataset (ACC, MAP or ACC, F1), mean ± std over seeds."""
+    datasets = sorted({g.dataset for g in groups})
+    metrics = {d: dataset_metrics(d, {m for g in groups if g.dataset == d for m in g.modalities}) for d in datasets}
+    labels = sorted({(g.method, g.spec) for g in groups}, key=lambda ms: (ms[0], ms[1].sort_key()))
+    by_key = {(g.dataset, g.method, g.spec): g for g in groups}
+    table = Table("main", f"Comparison of methods ({split} scores, mean ± std over seeds)", ["Method"],
+                  [METRIC_NAMES[m] for d in datasets for m in metrics[d]], groups=[(d, 2) for d in datasets])
+    for method, spec in labels:
+        cells = []
+        for dataset in datasets:
+            group = by_key.get((dataset, method, spec))
+            for metric in metrics[dataset]:
+                cells.append(_cell(group.stat(f"final_{split}_{metric}", warn)) if group else Cell())
+        table.rows.append(Row([f"{method} ({spec.label})"], cells))
+    mark_columns(table)
+    return table
+
+
+def strategies_tables(groups: Sequence[Group], split: str = "test", metric: str = "acc",
+                      warn: Callable[[str], None] | None = None) -> list[Table]:
+    """Table 4 / A3: fused, per-modality and gap rows x integration strategies; one table per dataset and method."""
+    tables = []
+    for (dataset, method) in sorted({(g.dataset, g.method) for g in groups}):
+        mine = sorted((g for g in groups if (g.dataset, g.method) == (dataset, method)),
+                      key=lambda g: g.spec.sort_key())
+        modalities = sorted({m for g in mine for m in g.modalities})
+        spans: list[tuple[str, int]] = []
+        for group in mine:
+            if spans and spans[-1][0] == group.spec.group:
+                spans[-1] = (group.spec.group, spans[-1][1] + 1)
+            else:
+                spans.append((group.spec.group, 1))
+        name = METRIC_NAMES[metric]
+        table = Table("strategies", f"Integration strategies on {dataset} ({method}): {split} {name}, mean ± std",
+                      ["Modality"], [g.spec.short for g in mine], groups=spans, dataset=dataset, method=method,
+                      marks="row")
+        rows = [("Multi", f"final_{split}_{metric}")] + [(m, f"final_{split}_{metric}_{m}") for m in modalities]
+        if len(modalities) > 1:
+            rows.append(("Gap", f"final_{split}_gap_{metric}"))
+        for label, key in rows:
+            cells = [_cell(g.stat(key, warn)) for g in mine]
+            mark_best(cells, higher_is_better=label != "Gap")
+            table.rows.append(Row([label], cells))
+        tables.append(table)
+    return tables
+
+
+def ablation_tables(groups: Sequence[Group], split: str = "test", metric: str | None = None,
+                    warn: Callable[[str], None] | None = None) -> list[Table]:
+    """Table 3 / A2: matching loss (CL) and dynamic integration (DI) on/off.
+
+    CL×/DI× is ``constant:0`` (classification only); CL✓/DI× the constant 0 < alpha < 1 with the best validation
+    score; CL✓/DI✓ the dynamic strategies (heuristic, then learning-based). Default metric: the dataset's second
+    one (MAP or F1), as in the paper."""
+    tables = []
+    for (dataset, method) in sorted({(g.dataset, g.method) for g in groups}):
+        mine = [g for g in groups if (g.dataset, g.method) == (dataset, method)]
+        modalities = sorted({m for g in mine for m in g.modalities})
+        chosen_metric = metric or dataset_metrics(dataset, modalities)[1]
+        by_spec = {g.spec.key: g for g in mine}
+        constants = [g for g in mine if g.spec.name == "constant" and 0.0 < (g.spec.value or 0.0) < 1.0]
+        rows: list[tuple[str, str, Group]] = []
+        if "constant:0" in by_spec:
+            rows.append((CROSS, CROSS, by_spec["constant:0"]))
+        if constants:
+            rows.append((CHECK, CROSS, max(constants, key=lambda g: validation_score(g.runs))))
+        rows += [(CHECK, CHECK, by_spec[k]) for k in ("heuristic", "lb") if k in by_spec]
+        if not rows:
+            if warn:
+                warn(f"no ablation table for {dataset} / {method}: it needs constant:0, a constant 0<alpha<1, "
+                     "heuristic or lb runs")
+            continue
+        name = METRIC_NAMES[chosen_metric]
+        columns = ["Multi", *modalities] + (["GAP"] if len(modalities) > 1 else [])
+        table = Table("ablation", f"Ablation on {dataset} ({method}): {split} {name}; CL = matching loss, "
+                      "DI = dynamic integration", ["CL", "DI", "Strategy"], columns, groups=[(name, len(columns))],
+                      dataset=dataset, method=method)
+        for cl, di, group in rows:
+            keys = [f"final_{split}_{chosen_metric}"] + [f"final_{split}_{chosen_metric}_{m}" for m in modalities]
+            if len(modalities) > 1:
+                keys.append(f"final_{split}_gap_{chosen_metric}")
+            table.rows.append(Row([cl, di, group.spec.label], [_cell(group.stat(k, warn)) for k in keys]))
+        mark_columns(table, lower_is_better=[len(columns) - 1] if len(modalities) > 1 else [])
+        tables.append(table)
+    return tables
+
+
+def runs_table(runs: Sequence[SeedRun], split: str = "test", warn: Callable[[str], None] | None = None) -> Table:
+    """One line per seed run, any status."""
+    table = Table("runs", f"Seed runs ({split} scores at the validation-selected epoch)",
+                  ["Run", "Parent", "Dataset", "Method", "Strategy", "Seed", "Status"],
+                  ["Best epoch", "Val (select)", f"{split} ACC", f"{split} MAP", f"{split} F1", "Modality gap"])
+    ordered = sorted(runs, key=lambda r: (r.dataset, r.method, r.spec.sort_key() if r.spec else (9,), r.seed or 0,
+                                          r.start_time))
+    for run in ordered:
+        keys = ["final_best_epoch", f"final_val_{run.select_metric}"]
+        keys += [f"final_{split}_{m}" for m in ("acc", "map", "f1")]
+        missing = [k for k in keys if k not in run.metrics]
+        if missing and run.status == "FINISHED" and warn:
+            warn(f"run {run.run_id} ({run.dataset} / {run.method}) has no metric {', '.join(missing)}; shown as -")
+        cells = [Cell(run.metrics.get(keys[0]), None, 1, "integer")]
+        cells += [Cell(run.metrics.get(k), None, 1) for k in keys[1:]]
+        cells.append(Cell(run.metrics.get(f"final_{split}_modality_gap"), None, 1, "number"))
+        table.rows.append(Row([run.run_id, run.parent_id[:12], run.dataset, run.method,
+                               run.spec.label if run.spec else run.tags.get("dmgl.strategy", "?"),
+                               "" if run.seed is None else str(run.seed), run.status], cells))
+    return table
+
+
+def attach_notes(tables: Sequence[Table], notes: Sequence[str]) -> None:
+    """Give each table the grouping notes about its own cells (notes read "DATASET / METHOD (STRATEGY): ...")."""
+    for table in tables:
+        prefix = f"{table.dataset} / {table.method} (" if table.dataset else ""
+        table.notes.extend(n for n in notes if n.startswith(prefix))
+
+
+def build_tables(kind: str, runs: Sequence[SeedRun], split: str = "test", metric: str | None = None,
+                 warn: Callable[[str], None] | None = None, note: Callable[[str], None] | None = None) -> list[Table]:
+    """The ``kind`` table(s) of ``runs``; ``warn`` hears of missing metrics, ``note`` of groups with several
+    configurations."""
+    if kind not in TABLES:
+        raise DmglError(f"unknown table {kind!r}; valid: {', '.join(TABLES)}")
+    if split not in ("val", "test"):
+        raise DmglError(f"--split must be val or test, got {split!r}")
+    if metric is not None and metric not in METRIC_NAMES:
+        raise DmglError(f"unknown metric {metric!r}; valid: {', '.join(METRIC_NAMES)}")
+    if kind == "runs":
+        return [runs_table(runs, split, warn)]
+    groups = group_runs(runs, note)
+    if kind == "main":
+        return [main_table(groups, split, warn)]
+    if kind == "strategies":
+        return strategies_tables(groups, split, metric or "acc", warn)
+    return ablation_tables(groups, split, metric, warn)
