@@ -36,11 +36,15 @@ def rows_for(methods: dict, modalities: list[str]) -> list[tuple[str, list[str]]
     for name, method in methods.items():
         base = [f"method.name={name}"]
         if name == "concat":
-            rows += [("concat", base + constant), ("Ours-H", base + ["strategy.name=heuristic"]),
-                     ("Ours-LB", base + ["strategy.name=lb"])]
+            rows += [
+                ("concat", base + constant),
+                ("Ours-H", base + ["strategy.name=heuristic"]),
+                ("Ours-LB", base + ["strategy.name=lb"]),
+            ]
         elif name == "unimodal":
-            rows += [(f"unimodal ({m})", base + constant + [f"method.options.unimodal.modality={m}"])
-                     for m in modalities]
+            rows += [
+                (f"unimodal ({m})", base + constant + [f"method.options.unimodal.modality={m}"]) for m in modalities
+            ]
         elif method.strategies is not None and "constant" not in method.strategies:
             rows.append((name, base + [f"strategy.name={method.strategies[0]}"]))
         else:
@@ -59,6 +63,7 @@ def main() -> None:
     home, modalities = common.kept_registry_with_synthetic()
     from dmgl_cli.config import load_config
     from dmgl_cli.methods import METHODS
+
     overrides = list(args.overrides) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
     overrides.append(f"experiment={EXPERIMENT}")
     rows = rows_for(METHODS, modalities)

@@ -27,8 +27,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-INTERLEAVE_NOTE = ("ratios are medians over repeats of variants run interleaved (A B A B ...) in this one process, "
-                   "so that load from other processes hits every variant alike")
+INTERLEAVE_NOTE = (
+    "ratios are medians over repeats of variants run interleaved (A B A B ...) in this one process, "
+    "so that load from other processes hits every variant alike"
+)
 
 # CREMA-D as the crema-d preparer stores it: audio log-spectrogram [257, 299] (3 s at 16 kHz), 10 uint8 frames
 # (3 of them are sampled at train time by the recipe's data.options.frames), 6 classes.
@@ -82,16 +84,25 @@ def train_seeds(config, seeds: int, run_name: str) -> tuple[dict[str, float], fl
     return outcome.summary, time.perf_counter() - started
 
 
-def accuracy_line(label: str, summary: dict[str, float], modalities: list[str], width: int = 22,
-                  gap: bool = True) -> str:
+def accuracy_line(
+    label: str, summary: dict[str, float], modalities: list[str], width: int = 22, gap: bool = True
+) -> str:
     """``label``, fused and per-modality test ACC (and the gap) as ``mean±std`` cells, for the accuracy tables."""
     line = f"{label:<{width}} {seed_cell(summary, 'test_acc')} "
     line += " ".join(seed_cell(summary, f"test_acc_{m}") for m in modalities)
     return line + (f" {seed_cell(summary, 'test_gap_acc')}" if gap else "")
 
 
-def accuracy_table(recipe: str, rows: list[tuple[str, list[str]]], overrides: list[str], seeds: int,
-                   modalities: list[str], run_prefix: str, gap: bool = True, per_run: bool = False) -> list[str]:
+def accuracy_table(
+    recipe: str,
+    rows: list[tuple[str, list[str]]],
+    overrides: list[str],
+    seeds: int,
+    modalities: list[str],
+    run_prefix: str,
+    gap: bool = True,
+    per_run: bool = False,
+) -> list[str]:
     """Train every (label, settings) row of ``recipe`` over ``seeds`` seeds, printing each row's accuracy line as it
     finishes and then the whole table; returns its lines. The last column is seconds per row, or per run."""
     from dmgl_cli.config import load_config
@@ -120,8 +131,10 @@ def set_threads(threads: int | None) -> int:
 def machine_line() -> str:
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, {cuda}, "
-            f"load average {load:.1f}")
+    return (
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, {cuda}, "
+        f"load average {load:.1f}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ datasets
@@ -138,9 +151,17 @@ def ensure_synthetic(samples: int | None = None) -> str:
     return name
 
 
-def write_crema_shaped(name: str, train: int, test: int, *, frames: int = CREMA_STORED_FRAMES,
-                       frame_size: int = CREMA_FRAME_SIZE, audio_shape: tuple[int, int] = CREMA_AUDIO_SHAPE,
-                       audio_dtype: str = "float32", seed: int = 0) -> str:
+def write_crema_shaped(
+    name: str,
+    train: int,
+    test: int,
+    *,
+    frames: int = CREMA_STORED_FRAMES,
+    frame_size: int = CREMA_FRAME_SIZE,
+    audio_shape: tuple[int, int] = CREMA_AUDIO_SHAPE,
+    audio_dtype: str = "float32",
+    seed: int = 0,
+) -> str:
     """A registered prepared dataset ``name`` with CREMA-D's modalities and shapes (see
     :func:`write_crema_shaped_at`); re-used if already registered."""
     from dmgl_cli.data.registry import DatasetRegistry
@@ -150,15 +171,33 @@ def write_crema_shaped(name: str, train: int, test: int, *, frames: int = CREMA_
     if name in {r["name"] for r in registry.rows()}:
         return name
     destination = datasets_dir(ensure_registry()) / name
-    manifest = write_crema_shaped_at(destination, name, train, test, frames=frames, frame_size=frame_size,
-                                     audio_shape=audio_shape, audio_dtype=audio_dtype, seed=seed)
+    manifest = write_crema_shaped_at(
+        destination,
+        name,
+        train,
+        test,
+        frames=frames,
+        frame_size=frame_size,
+        audio_shape=audio_shape,
+        audio_dtype=audio_dtype,
+        seed=seed,
+    )
     registry.register(manifest, destination)
     return name
 
 
-def write_crema_shaped_at(destination: Path, name: str, train: int, test: int, *, frames: int = CREMA_STORED_FRAMES,
-                          frame_size: int = CREMA_FRAME_SIZE, audio_shape: tuple[int, int] = CREMA_AUDIO_SHAPE,
-                          audio_dtype: str = "float32", seed: int = 0) -> dict[str, Any]:
+def write_crema_shaped_at(
+    destination: Path,
+    name: str,
+    train: int,
+    test: int,
+    *,
+    frames: int = CREMA_STORED_FRAMES,
+    frame_size: int = CREMA_FRAME_SIZE,
+    audio_shape: tuple[int, int] = CREMA_AUDIO_SHAPE,
+    audio_dtype: str = "float32",
+    seed: int = 0,
+) -> dict[str, Any]:
     """Write a prepared dataset with CREMA-D's modalities and shapes (random content with a weak class signal, so
     the losses move as in training) at ``destination`` with the real PreparedWriter; returns its manifest. Needs no
     registry (and so neither sqlite-utils nor MLflow): the GPU check uses it on a bare machine."""
@@ -203,8 +242,9 @@ def _frames(rng: np.random.Generator, labels: np.ndarray, frames: int, size: int
     return images
 
 
-def crema_overrides(dataset: str, encoder: str, width: int, batch_size: int, sampled_frames: int = 3,
-                    augment: str = "flip_crop") -> list[str]:
+def crema_overrides(
+    dataset: str, encoder: str, width: int, batch_size: int, sampled_frames: int = 3, augment: str = "flip_crop"
+) -> list[str]:
     """The crema-d recipe's settings pointed at ``dataset``, with the encoder and batch size of the benchmark."""
     return [
         f"dataset={dataset}",
@@ -247,8 +287,9 @@ class MemorySink:
 def _with_epochs(config, epochs: int):
     import dataclasses
 
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=epochs,
-                                                                 eval_test_every_epoch=False))
+    return dataclasses.replace(
+        config, train=dataclasses.replace(config.train, epochs=epochs, eval_test_every_epoch=False)
+    )
 
 
 class EpochRunner:
@@ -267,8 +308,15 @@ class EpochRunner:
         if eval_workers is not None:  # evaluation is not timed: fewer idle worker processes
             trainer = self.trainer
             trainer.eval_loaders = {
-                name: make_loader(loader.dataset, config.train.eval_batch_size, shuffle=False, seed=seed,
-                                  drop_last=False, num_workers=eval_workers, pin_memory=trainer.device.type == "cuda")
+                name: make_loader(
+                    loader.dataset,
+                    config.train.eval_batch_size,
+                    shuffle=False,
+                    seed=seed,
+                    drop_last=False,
+                    num_workers=eval_workers,
+                    pin_memory=trainer.device.type == "cuda",
+                )
                 for name, loader in trainer.eval_loaders.items()
             }
 
@@ -293,8 +341,9 @@ def load(recipe: str, overrides: list[str]):
 # ------------------------------------------------------------------------------------------------- timing
 
 
-def interleave(variants: dict[str, Callable[[], float]], repeats: int, warmup: int = 1,
-               progress: bool = True) -> dict[str, list[float]]:
+def interleave(
+    variants: dict[str, Callable[[], float]], repeats: int, warmup: int = 1, progress: bool = True
+) -> dict[str, list[float]]:
     """Call every variant in turn (A B C A B C ...) ``warmup`` times unrecorded, then ``repeats`` times recorded;
     each call returns the figure it measured (seconds, or a rate)."""
     results: dict[str, list[float]] = {name: [] for name in variants}

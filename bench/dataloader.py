@@ -37,9 +37,13 @@ def case_settings(case: str, args) -> tuple[str, list[str], str]:
     width = {"crema-tiny": common.TINY_WIDTH, "crema-resnet18": 64}[case]
     batch = args.batch_size or (32 if case == "crema-tiny" else 8)
     train = math.ceil(args.batches * batch / 0.9) + 2
-    dataset = common.write_crema_shaped(f"crema-shaped-{args.frame_size}-{train}", train, 16, frame_size=args.frame_size)
-    description = (f"{case}: 257x299 spectrogram + 10 stored frames {args.frame_size}px (3 sampled, flip+crop), "
-                   f"ResNet18 width {width} x 2, batch {batch}")
+    dataset = common.write_crema_shaped(
+        f"crema-shaped-{args.frame_size}-{train}", train, 16, frame_size=args.frame_size
+    )
+    description = (
+        f"{case}: 257x299 spectrogram + 10 stored frames {args.frame_size}px (3 sampled, flip+crop), "
+        f"ResNet18 width {width} x 2, batch {batch}"
+    )
     return "crema-d", common.crema_overrides(dataset, "resnet18", width, batch), description
 
 
@@ -81,6 +85,7 @@ def measure(case: str, runners: dict, batches: int, model_steps: int, repeats: i
                 trainer.optimizer.zero_grad(set_to_none=True)
                 total_loss(0.5, cls_loss, mm_loss).backward()
                 trainer.optimizer.step()
+
         return model_steps * batch_size / common.timed(steps, sync)
 
     epochs = iter(range(1, 1_000_000))
@@ -100,6 +105,7 @@ def measure(case: str, runners: dict, batches: int, model_steps: int, repeats: i
             if sync:
                 torch.cuda.synchronize()
             return seen / (time.perf_counter() - started)
+
         return call
 
     calls = {"model": model_rate}
@@ -110,8 +116,16 @@ def measure(case: str, runners: dict, batches: int, model_steps: int, repeats: i
     for w in workers:
         name = f"loader, {w} workers"
         ratios = common.paired_ratios(rates[name], rates["model"])
-        rows.append([case, name, common.median(rates[name]), common.median(ratios), common.spread(ratios),
-                     f">= {TARGET:g} {common.verdict(common.median(ratios), TARGET, False)}"])
+        rows.append(
+            [
+                case,
+                name,
+                common.median(rates[name]),
+                common.median(ratios),
+                common.spread(ratios),
+                f">= {TARGET:g} {common.verdict(common.median(ratios), TARGET, False)}",
+            ]
+        )
     parts = loader_parts(case, runners[workers[0]].trainer.splits.train, batch_size, repeats)
     return rows, parts
 
@@ -136,8 +150,10 @@ def loader_parts(case: str, split, batch_size: int, repeats: int) -> list[list]:
             for array in split.arrays.inputs.values():
                 np.ascontiguousarray(array[rows[order]][restore])
 
-        stages = {"gather as before (sort, fancy index, reorder: 2 copies)": gather_twice,
-                  "gather (memory-mapped arrays -> batch)": lambda: split.__getitems__(positions)}
+        stages = {
+            "gather as before (sort, fancy index, reorder: 2 copies)": gather_twice,
+            "gather (memory-mapped arrays -> batch)": lambda: split.__getitems__(positions),
+        }
         if transform is not None:
             frames_only = BatchTransform(transform.frames, {}, transform.crop_scale, transform.seed, True)
             stages["frame sampling"] = lambda: frames_only(raw["inputs"], rows)
@@ -146,8 +162,9 @@ def loader_parts(case: str, split, batch_size: int, repeats: int) -> list[list]:
                 flip = BatchTransform(transform.frames, flips, transform.crop_scale, transform.seed, True)
                 stages["frame sampling + flip"] = lambda: flip(raw["inputs"], rows)
             stages["all training transforms"] = lambda: transform(raw["inputs"], rows)
-        times = common.interleave({k: (lambda f=f: common.timed(f)) for k, f in stages.items()}, repeats + 1,
-                                  warmup=1, progress=False)
+        times = common.interleave(
+            {k: (lambda f=f: common.timed(f)) for k, f in stages.items()}, repeats + 1, warmup=1, progress=False
+        )
     finally:
         split.transform = transform
     return [[case, stage, 1000 * min(values) / len(positions)] for stage, values in times.items()]
@@ -155,8 +172,11 @@ def loader_parts(case: str, split, batch_size: int, repeats: int) -> list[list]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="synthetic,crema-tiny,crema-resnet18",
-                        help="comma-separated: synthetic, crema-tiny, crema-resnet18")
+    parser.add_argument(
+        "--cases",
+        default="synthetic,crema-tiny,crema-resnet18",
+        help="comma-separated: synthetic, crema-tiny, crema-resnet18",
+    )
     parser.add_argument("--workers", default="0,2", help="comma-separated worker counts for the loader")
     parser.add_argument("--frame-size", type=int, default=112, help="stored frame side (CREMA-D: 224)")
     parser.add_argument("--batch-size", type=int, help="CREMA-D-shaped cases (default 32 tiny, 8 ResNet18)")
@@ -164,8 +184,12 @@ def main() -> None:
     parser.add_argument("--model-steps", type=int, default=3, help="training steps per model measurement")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads of the model (default 1: steadier timings on a shared machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads of the model (default 1: steadier timings on a shared machine)",
+    )
     args = parser.parse_args()
 
     common.use_private_registry()
@@ -178,10 +202,16 @@ def main() -> None:
         case_rows, case_parts = measure_case(case, args, workers)
         rows += case_rows
         parts += case_parts
-    common.print_table(["case", "what", "samples/s", "loader / model", "per-round range", "target"], rows,
-                       f"Loader samples/s / model samples/s (target >= {TARGET:g}), device {args.device}")
-    common.print_table(["case", "loader stage (cumulative)", "ms per sample"], parts,
-                       "Where the loader's time goes (one process, best of the repeats)")
+    common.print_table(
+        ["case", "what", "samples/s", "loader / model", "per-round range", "target"],
+        rows,
+        f"Loader samples/s / model samples/s (target >= {TARGET:g}), device {args.device}",
+    )
+    common.print_table(
+        ["case", "loader stage (cumulative)", "ms per sample"],
+        parts,
+        "Where the loader's time goes (one process, best of the repeats)",
+    )
 
 
 if __name__ == "__main__":

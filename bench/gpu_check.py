@@ -67,14 +67,18 @@ def section(title: str, budget: Budget, needs: float, call) -> object:
 def environment(args) -> None:
     import torch
 
-    print(f"torch {torch.__version__}, CUDA build {torch.version.cuda}, cuDNN "
-          f"{torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else '-'}, {os.cpu_count()} CPUs")
+    print(
+        f"torch {torch.__version__}, CUDA build {torch.version.cuda}, cuDNN "
+        f"{torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else '-'}, {os.cpu_count()} CPUs"
+    )
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("CUDA is not available here: this check needs a GPU (or run with --device cpu --tiny)")
         props = torch.cuda.get_device_properties(0)
-        print(f"device: {props.name}, {props.total_memory / 2**30:.1f} GiB, {props.multi_processor_count} SMs, "
-              f"capability {props.major}.{props.minor}, bf16 supported: {torch.cuda.is_bf16_supported()}")
+        print(
+            f"device: {props.name}, {props.total_memory / 2**30:.1f} GiB, {props.multi_processor_count} SMs, "
+            f"capability {props.major}.{props.minor}, bf16 supported: {torch.cuda.is_bf16_supported()}"
+        )
     SUMMARY.append(["device", torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "", ""])
 
 
@@ -109,27 +113,43 @@ def write_data(args, home: Path):
     audio_shape = (64, 64) if args.tiny else common.CREMA_AUDIO_SHAPE
     destination = home / "datasets" / "gpu-crema-shaped"
     started = time.perf_counter()
-    common.write_crema_shaped_at(destination, "gpu-crema-shaped", train, args.batch_size, frames=args.stored_frames,
-                                 frame_size=args.frame_size, audio_shape=audio_shape)
+    common.write_crema_shaped_at(
+        destination,
+        "gpu-crema-shaped",
+        train,
+        args.batch_size,
+        frames=args.stored_frames,
+        frame_size=args.frame_size,
+        audio_shape=audio_shape,
+    )
     dataset = PreparedDataset(destination)
     size = sum(f.stat().st_size for f in destination.rglob("*.npy")) / 2**30
-    print(f"{train} training samples: audio {list(audio_shape)} float32, {args.stored_frames} frames "
-          f"{args.frame_size}px uint8; {size:.2f} GiB written in {time.perf_counter() - started:.1f} s")
+    print(
+        f"{train} training samples: audio {list(audio_shape)} float32, {args.stored_frames} frames "
+        f"{args.frame_size}px uint8; {size:.2f} GiB written in {time.perf_counter() - started:.1f} s"
+    )
     return dataset
 
 
 def overrides(args, strategy: str = "heuristic", extra: tuple[str, ...] = ()) -> list[str]:
     width = common.TINY_WIDTH if args.tiny else 64
-    settings = common.crema_overrides("gpu-crema-shaped", "resnet18", width, args.batch_size,
-                                      sampled_frames=min(3, args.stored_frames))
+    settings = common.crema_overrides(
+        "gpu-crema-shaped", "resnet18", width, args.batch_size, sampled_frames=min(3, args.stored_frames)
+    )
     settings = [s for s in settings if not s.startswith("data.num_workers")]
-    return [*settings, f"data.num_workers={args.workers}", f"train.device={args.device}",
-            f"strategy.name={strategy}", *extra]
+    return [
+        *settings,
+        f"data.num_workers={args.workers}",
+        f"train.device={args.device}",
+        f"strategy.name={strategy}",
+        *extra,
+    ]
 
 
 def runner(args, dataset, strategy: str = "heuristic", extra: tuple[str, ...] = ()):
-    return common.EpochRunner(common.load("crema-d", overrides(args, strategy, extra)), dataset=dataset,
-                              eval_workers=min(2, args.workers))
+    return common.EpochRunner(
+        common.load("crema-d", overrides(args, strategy, extra)), dataset=dataset, eval_workers=min(2, args.workers)
+    )
 
 
 def step_flops(trainer) -> float:
@@ -163,12 +183,15 @@ def report_memory_formats(trainer, label: str) -> None:
     seen: dict[str, str] = {}
     hooks = []
     for name, encoder in trainer.model.encoders.items():
+
         def record(module, inputs, output, name=name):
             def layout(t) -> str:
                 if t.shape[1] == 1:
                     return "1 channel (either layout)"
                 return "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else "NCHW"
+
             seen[name] = f"input {layout(inputs[0])}, output {layout(output)}, {output.dtype}"
+
         hooks.append(encoder.trunk.conv1.register_forward_hook(record))
     batch = next(iter(trainer.train_loader))
     inputs, _ = _to_device(batch, trainer.device)
@@ -209,6 +232,7 @@ def throughput(args, dataset, peak: float | None) -> float | None:
             if cuda:
                 memory[name] = max(memory.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
             return metrics["epoch_seconds"]
+
         return run
 
     times = common.interleave({name: call(name) for name in variants}, args.epochs, warmup=1)
@@ -220,14 +244,31 @@ def throughput(args, dataset, peak: float | None) -> float | None:
         step = common.median(values) / steps
         samples = args.batch_size / step
         achieved = flops / step / 1e12
-        rows.append([name, samples, 1000 * step, achieved, f"{100 * achieved / peak:.0f}%" if peak else "-",
-                     memory.get(name, float("nan"))])
+        rows.append(
+            [
+                name,
+                samples,
+                1000 * step,
+                achieved,
+                f"{100 * achieved / peak:.0f}%" if peak else "-",
+                memory.get(name, float("nan")),
+            ]
+        )
         if name.startswith("dmgl default"):
             best = samples
-            SUMMARY.append(["train samples/s (default)", f"{samples:.0f}", f"{1000 * step:.1f} ms/step",
-                            f"{achieved:.1f} TFLOP/s = {100 * achieved / peak:.0f}% of peak" if peak else ""])
-    common.print_table(["variant", "samples/s", "ms/step", "TFLOP/s", "of matmul peak", "peak GiB"], rows,
-                       f"ResNet18 x 2, batch {args.batch_size}, {steps} steps/epoch, median of {args.epochs} epochs")
+            SUMMARY.append(
+                [
+                    "train samples/s (default)",
+                    f"{samples:.0f}",
+                    f"{1000 * step:.1f} ms/step",
+                    f"{achieved:.1f} TFLOP/s = {100 * achieved / peak:.0f}% of peak" if peak else "",
+                ]
+            )
+    common.print_table(
+        ["variant", "samples/s", "ms/step", "TFLOP/s", "of matmul peak", "peak GiB"],
+        rows,
+        f"ResNet18 x 2, batch {args.batch_size}, {steps} steps/epoch, median of {args.epochs} epochs",
+    )
     return best
 
 
@@ -235,24 +276,32 @@ def lb_overhead(args, dataset) -> None:
     variants = {
         "heuristic": runner(args, dataset),
         "lb default": runner(args, dataset, "lb"),
-        "lb neumann K=3": runner(args, dataset, "lb", ("strategy.lb.approx=neumann", "strategy.lb.terms=3",
-                                                       "strategy.lb.scale=0.01")),
+        "lb neumann K=3": runner(
+            args, dataset, "lb", ("strategy.lb.approx=neumann", "strategy.lb.terms=3", "strategy.lb.scale=0.01")
+        ),
     }
     lb = variants["lb default"].config.strategy.lb
-    print(f"lb default: approx {lb.approx}, update_every {lb.update_every}, outer batch "
-          f"{lb.outer_batch_size or 'train batch'}; {len(variants['heuristic'].trainer.train_loader)} steps/epoch")
-    times = common.interleave({name: (lambda r=r: r.epoch()["epoch_seconds"]) for name, r in variants.items()},
-                              args.epochs, warmup=1)
+    print(
+        f"lb default: approx {lb.approx}, update_every {lb.update_every}, outer batch "
+        f"{lb.outer_batch_size or 'train batch'}; {len(variants['heuristic'].trainer.train_loader)} steps/epoch"
+    )
+    times = common.interleave(
+        {name: (lambda r=r: r.epoch()["epoch_seconds"]) for name, r in variants.items()}, args.epochs, warmup=1
+    )
     rows = []
     for name, values in times.items():
         ratios = common.paired_ratios(values, times["heuristic"])
         verdict = f"<= 1.10 {common.verdict(common.median(ratios), 1.10, True)}" if name == "lb default" else ""
         rows.append([name, common.median(values), common.median(ratios), common.spread(ratios), verdict])
         if name == "lb default":
-            SUMMARY.append(["LB overhead (lb default / heuristic)", f"{common.median(ratios):.3f}", "target <= 1.10",
-                            verdict])
-    common.print_table(["strategy", "s/epoch", "ratio vs heuristic", "per-round range", "target"], rows,
-                       "LB overhead on this device (epochs interleaved)")
+            SUMMARY.append(
+                ["LB overhead (lb default / heuristic)", f"{common.median(ratios):.3f}", "target <= 1.10", verdict]
+            )
+    common.print_table(
+        ["strategy", "s/epoch", "ratio vs heuristic", "per-round range", "target"],
+        rows,
+        "LB overhead on this device (epochs interleaved)",
+    )
 
 
 def loader_ratio(args, dataset) -> None:
@@ -261,8 +310,11 @@ def loader_ratio(args, dataset) -> None:
     counts = sorted({0, args.workers})
     runners = {w: runner(args, dataset, extra=(f"data.num_workers={w}",)) for w in counts}
     rows, parts = dataloader.measure("gpu-crema", runners, args.loader_batches, 3, args.epochs)
-    common.print_table(["case", "what", "samples/s", "loader / model", "per-round range", "target"], rows,
-                       "Loader samples/s (to the device) / model samples/s (target >= 3)")
+    common.print_table(
+        ["case", "what", "samples/s", "loader / model", "per-round range", "target"],
+        rows,
+        "Loader samples/s (to the device) / model samples/s (target >= 3)",
+    )
     common.print_table(["case", "loader stage", "ms per sample"], parts, "Where the loader's time goes")
     for row in rows[1:]:
         SUMMARY.append([f"loader / model, {row[1]}", f"{row[3]:.2f}", "target >= 3", row[5]])
@@ -277,8 +329,11 @@ def compiled(args, dataset) -> None:
     started = time.perf_counter()
     first = target.epoch()["epoch_seconds"]  # includes compiling forward and backward
     print(f"first compiled epoch (compiling): {time.perf_counter() - started:.1f} s (epoch_seconds {first:.1f})")
-    times = common.interleave({"eager": lambda: eager.epoch()["epoch_seconds"],
-                               "torch.compile": lambda: target.epoch()["epoch_seconds"]}, args.epochs, warmup=1)
+    times = common.interleave(
+        {"eager": lambda: eager.epoch()["epoch_seconds"], "torch.compile": lambda: target.epoch()["epoch_seconds"]},
+        args.epochs,
+        warmup=1,
+    )
     ratio = common.median(common.paired_ratios(times["torch.compile"], times["eager"]))
     steps = len(eager.trainer.train_loader)
     rows = [[name, args.batch_size * steps / common.median(values)] for name, values in times.items()]
@@ -297,8 +352,12 @@ def main() -> None:
     parser.add_argument("--stored-frames", type=int, default=3, help="frames stored per sample (CREMA-D keeps 10)")
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: CPUs - 4, at most 12)")
     parser.add_argument("--loader-batches", type=int, help="batches per loader measurement")
-    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="torch.compile section: auto = on CUDA when time is left")
+    parser.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="torch.compile section: auto = on CUDA when time is left",
+    )
     parser.add_argument("--budget", type=float, default=270.0, help="seconds: sections that would not fit are skipped")
     args = parser.parse_args()
     tiny = args.tiny
@@ -306,15 +365,18 @@ def main() -> None:
     args.steps_per_epoch = args.steps_per_epoch or (3 if tiny else 16)
     args.epochs = args.epochs or (1 if tiny else 2)
     args.frame_size = args.frame_size or (32 if tiny else common.CREMA_FRAME_SIZE)
-    args.workers = args.workers if args.workers is not None else (
-        1 if tiny else max(2, min(12, (os.cpu_count() or 4) - 4)))
+    args.workers = (
+        args.workers if args.workers is not None else (1 if tiny else max(2, min(12, (os.cpu_count() or 4) - 4)))
+    )
     args.loader_batches = args.loader_batches or (2 if tiny else 12)
 
     budget = Budget(args.budget)
     home = common.use_private_registry("dmgl-gpu-check-")  # DMGL_HOME, or a temporary folder removed at exit
-    print(f"gpu_check: device {args.device}{' (tiny dry run)' if tiny else ''}, batch {args.batch_size}, "
-          f"{args.steps_per_epoch} steps/epoch, {args.epochs} recorded epochs per variant, {args.workers} loader "
-          f"workers, frames {args.frame_size}px, registry {home}")
+    print(
+        f"gpu_check: device {args.device}{' (tiny dry run)' if tiny else ''}, batch {args.batch_size}, "
+        f"{args.steps_per_epoch} steps/epoch, {args.epochs} recorded epochs per variant, {args.workers} loader "
+        f"workers, frames {args.frame_size}px, registry {home}"
+    )
     print(f"note: {common.INTERLEAVE_NOTE}")
 
     section("1. environment", budget, 0, lambda: environment(args))

@@ -41,8 +41,18 @@ def main() -> None:
 
     rows = list(ROWS)
     if "unimodal" in METHODS:
-        rows += [(f"{m} alone", ["method.name=unimodal", f"method.options.unimodal.modality={m}",
-                                 "strategy.name=constant", "strategy.alpha=0.0"]) for m in dataset_modalities]
+        rows += [
+            (
+                f"{m} alone",
+                [
+                    "method.name=unimodal",
+                    f"method.options.unimodal.modality={m}",
+                    "strategy.name=constant",
+                    "strategy.alpha=0.0",
+                ],
+            )
+            for m in dataset_modalities
+        ]
     else:
         print("note: --method unimodal is not available; the 'modality alone' rows are skipped", file=sys.stderr)
     if args.only:

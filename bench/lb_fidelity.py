@@ -58,10 +58,13 @@ def _exact_problem():
     targets = randn(40, CLASSES)  # the matching term pulls the logits towards targets that disagree with the labels
 
     def losses(theta):
-        weight, bias = theta[: CLASSES * FEATURES].reshape(CLASSES, FEATURES), theta[CLASSES * FEATURES:]
+        weight, bias = theta[: CLASSES * FEATURES].reshape(CLASSES, FEATURES), theta[CLASSES * FEATURES :]
         logits = x_inner @ weight.T + bias
-        return (F.cross_entropy(logits, y_inner), 0.5 * (logits - targets).pow(2).sum(1).mean(),
-                F.cross_entropy(x_outer @ weight.T + bias, y_outer))
+        return (
+            F.cross_entropy(logits, y_inner),
+            0.5 * (logits - targets).pow(2).sum(1).mean(),
+            F.cross_entropy(x_outer @ weight.T + bias, y_outer),
+        )
 
     return losses
 
@@ -119,11 +122,30 @@ def exact_table() -> list[list]:
         for alpha, theta in points:
             point = theta.clone().requires_grad_(True)
             cls, mm, outer = losses(point)
-            values.append(implicit_hypergradient(cls, mm, alpha, outer, [point], approx, terms, scale, 0.0,
-                                                 weight_decay=WEIGHT_DECAY if with_decay else 0.0).value)
+            values.append(
+                implicit_hypergradient(
+                    cls,
+                    mm,
+                    alpha,
+                    outer,
+                    [point],
+                    approx,
+                    terms,
+                    scale,
+                    0.0,
+                    weight_decay=WEIGHT_DECAY if with_decay else 0.0,
+                ).value
+            )
         errors = [abs(v - e) / abs(e) for v, e in zip(values, exact, strict=True)]
-        rows.append([label, f"{common.median(errors):.1e}", f"{max(errors):.1e}", _agreement(values, exact),
-                     _correlation(values, exact)])
+        rows.append(
+            [
+                label,
+                f"{common.median(errors):.1e}",
+                f"{max(errors):.1e}",
+                _agreement(values, exact),
+                _correlation(values, exact),
+            ]
+        )
     return rows
 
 
@@ -144,8 +166,11 @@ def _correlation(values: list[float], reference: list[float]) -> float:
 UNROLLED_APPROXIMATIONS = [  # label, config overrides, cases (None: all)
     ("identity (scale = lr)", ["strategy.lb.approx=identity", "strategy.lb.scale=auto"], None),
     # ~110 training steps per value on the ResNet (20 power iterations + 10 rounds): the synthetic case only
-    ("neumann K=20, 1/lambda_max", ["strategy.lb.approx=neumann", "strategy.lb.terms=20", "strategy.lb.scale=auto"],
-     ("synthetic",)),
+    (
+        "neumann K=20, 1/lambda_max",
+        ["strategy.lb.approx=neumann", "strategy.lb.terms=20", "strategy.lb.scale=auto"],
+        ("synthetic",),
+    ),
     ("cg K=5", ["strategy.lb.approx=cg", "strategy.lb.terms=5"], None),
     ("cg K=20", ["strategy.lb.approx=cg", "strategy.lb.terms=20"], None),
 ]
@@ -157,8 +182,16 @@ def unrolled_case(case: str, args) -> tuple[list[list], dict[str, float]]:
     from dmgl_cli.train import compute_losses
 
     recipe, overrides = _case_settings(case, args)
-    config = common.load(recipe, overrides + ["strategy.name=lb", "strategy.lb.outer_sampling=fixed",
-                                              "strategy.lb.outer_batch_size=100000", "train.amp=false"])
+    config = common.load(
+        recipe,
+        overrides
+        + [
+            "strategy.name=lb",
+            "strategy.lb.outer_sampling=fixed",
+            "strategy.lb.outer_batch_size=100000",
+            "train.amp=false",
+        ],
+    )
     runner = common.EpochRunner(config)
     trainer = runner.trainer
     strategy = trainer.strategy
@@ -191,8 +224,9 @@ def unrolled_case(case: str, args) -> tuple[list[list], dict[str, float]]:
     for _ in range(args.warmup_steps):  # away from initialisation, where training actually is
         train_step(*batches[position], alpha)
         position += 1
-    approximations = [(label, settings) for label, settings, cases in UNROLLED_APPROXIMATIONS
-                      if cases is None or case in cases]
+    approximations = [
+        (label, settings) for label, settings, cases in UNROLLED_APPROXIMATIONS if cases is None or case in cases
+    ]
     estimates: dict[str, list[float]] = {label: [] for label, _ in approximations}
     seconds: dict[str, list[float]] = {label: [] for label, _ in approximations}
     differences: dict[int, list[float]] = {h: [] for h in args.horizons}
@@ -232,8 +266,11 @@ def unrolled_case(case: str, args) -> tuple[list[list], dict[str, float]]:
         row = [case, label]
         for h in args.horizons:
             ratios = [abs(v / d) for v, d in zip(estimates[label], differences[h], strict=True) if d != 0]
-            row += [_agreement(estimates[label], differences[h]), _correlation(estimates[label], differences[h]),
-                    common.median(ratios)]
+            row += [
+                _agreement(estimates[label], differences[h]),
+                _correlation(estimates[label], differences[h]),
+                common.median(ratios),
+            ]
         rows.append(row)
     return rows, {label: common.median(values) for label, values in seconds.items()}
 
@@ -249,6 +286,7 @@ def _case_settings(case: str, args) -> tuple[str, list[str]]:
 
 # ----------------------------------------------------------------------------------------------------- 3. cost
 
+
 def cost_rows(case: str, args, hypergradient_seconds: dict[str, float]) -> list[list]:
     """Epoch time of lb (default, and cg K=20 once per epoch) over heuristic's, interleaved; one hypergradient's
     cost in training steps from the unrolled section's timings."""
@@ -257,14 +295,22 @@ def cost_rows(case: str, args, hypergradient_seconds: dict[str, float]) -> list[
         "heuristic": ["strategy.name=heuristic"],
         "lb default (identity, once per epoch)": ["strategy.name=lb"],
         "lb identity every 20 steps": ["strategy.name=lb", "strategy.lb.update_every=20"],
-        "lb cg K=20, every epoch": ["strategy.name=lb", "strategy.lb.approx=cg", "strategy.lb.terms=20",
-                                    "strategy.lb.update_every=epoch"],
+        "lb cg K=20, every epoch": [
+            "strategy.name=lb",
+            "strategy.lb.approx=cg",
+            "strategy.lb.terms=20",
+            "strategy.lb.update_every=epoch",
+        ],
     }
     if case == "crema-resnet18":
         overrides = overrides + [f"train.batch_size={args.crema_batch_size}"]
     runners = {name: common.EpochRunner(common.load(recipe, overrides + extra)) for name, extra in variants.items()}
-    times = common.interleave({name: (lambda r=r: r.epoch()["epoch_seconds"]) for name, r in runners.items()},
-                              args.repeats, warmup=1, progress=False)
+    times = common.interleave(
+        {name: (lambda r=r: r.epoch()["epoch_seconds"]) for name, r in runners.items()},
+        args.repeats,
+        warmup=1,
+        progress=False,
+    )
     step_seconds = common.median(times["heuristic"]) / len(runners["heuristic"].trainer.train_loader)
     rows = []
     for name in variants:
@@ -299,12 +345,16 @@ def accuracy_rows(dataset: str, args) -> list[list]:
         recipe, overrides = "custom", [f"dataset={name}", *overrides]
     modalities = list(open_dataset(overrides[0].split("=", 1)[1]).modalities)
     rows = []
-    extra_rows = [(label, ["strategy.name=lb", *settings.split(",")]) for label, settings in
-                  (item.split("=", 1) for item in args.lb_variant)]
+    extra_rows = [
+        (label, ["strategy.name=lb", *settings.split(",")])
+        for label, settings in (item.split("=", 1) for item in args.lb_variant)
+    ]
     for label, settings in ([] if args.variants_only else ACCURACY_ROWS) + extra_rows:
         config = load_config(recipe, overrides + settings + args.overrides)
         started = time.perf_counter()
-        outcome = runner.train(config, list(range(args.seeds)), tracker=Tracker(), run_name=f"fidelity-{label.split()[0]}")
+        outcome = runner.train(
+            config, list(range(args.seeds)), tracker=Tracker(), run_name=f"fidelity-{label.split()[0]}"
+        )
         seconds = time.perf_counter() - started
         summary = outcome.summary
         alphas = [_final_alpha(seed.run_id) for seed in outcome.seeds] if settings[0] == "strategy.name=lb" else []
@@ -346,8 +396,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="cost: recorded interleaved epochs per variant")
     parser.add_argument("--seeds", type=int, default=3, help="accuracy: seeds per row")
     parser.add_argument("--datasets", default="synthetic,digits-av", help="accuracy: datasets")
-    parser.add_argument("--lb-variant", action="append", default=[],
-                        help="accuracy: another LB row, LABEL=KEY=VALUE,KEY=VALUE (strategy.lb.approx=cg,...)")
+    parser.add_argument(
+        "--lb-variant",
+        action="append",
+        default=[],
+        help="accuracy: another LB row, LABEL=KEY=VALUE,KEY=VALUE (strategy.lb.approx=cg,...)",
+    )
     parser.add_argument("--variants-only", action="store_true", help="accuracy: only the --lb-variant rows")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="accuracy: recipe override")
     parser.add_argument("--threads", type=int, default=1)
@@ -360,9 +414,11 @@ def main() -> None:
     print(f"lb_fidelity: {common.machine_line()}; registry {home}")
     started = time.perf_counter()
     if "exact" in sections:
-        common.print_table(["setting", "median rel. error", "max rel. error", "sign agrees", "correlation"],
-                           exact_table(), f"1. Against the exact implicit gradient (weight decay {WEIGHT_DECAY} in "
-                           "the inner objective, 36 points)")
+        common.print_table(
+            ["setting", "median rel. error", "max rel. error", "sign agrees", "correlation"],
+            exact_table(),
+            f"1. Against the exact implicit gradient (weight decay {WEIGHT_DECAY} in the inner objective, 36 points)",
+        )
     seconds_by_case: dict[str, dict[str, float]] = {}
     cases = [c for c in args.cases.split(",") if c]
     if "unrolled" in sections:
@@ -373,20 +429,29 @@ def main() -> None:
         headers = ["case", "approximation"]
         for h in args.horizons:
             headers += [f"sign h={h}", f"corr h={h}", f"|ratio| h={h}"]
-        common.print_table(headers, rows, f"2. Against unrolled finite differences of the outer loss ({args.points} "
-                           f"points on synthetic, {args.crema_points} on the ResNet18, eps {args.eps})")
+        common.print_table(
+            headers,
+            rows,
+            f"2. Against unrolled finite differences of the outer loss ({args.points} "
+            f"points on synthetic, {args.crema_points} on the ResNet18, eps {args.eps})",
+        )
     if "cost" in sections:
         rows = []
         for case in cases:
             rows += cost_rows(case, args, seconds_by_case.get(case, {}))
-        common.print_table(["case", "variant", "s/epoch (median)", "ratio to heuristic", "steps/epoch"], rows,
-                           f"3. Cost ({common.INTERLEAVE_NOTE}); aim: <= 1.05 identity, <= 1.25 curvature-correct")
+        common.print_table(
+            ["case", "variant", "s/epoch (median)", "ratio to heuristic", "steps/epoch"],
+            rows,
+            f"3. Cost ({common.INTERLEAVE_NOTE}); aim: <= 1.05 identity, <= 1.25 curvature-correct",
+        )
     if "accuracy" in sections:
         for dataset in [d for d in args.datasets.split(",") if d]:
             rows, modalities = accuracy_rows(dataset, args)
-            common.print_table(["dataset", "row", "test ACC", *[f"{m} ACC" for m in modalities], "gap",
-                                "final alpha", "seconds"], rows,
-                               f"4. Accuracy over {args.seeds} seeds (test at the epoch chosen on validation)")
+            common.print_table(
+                ["dataset", "row", "test ACC", *[f"{m} ACC" for m in modalities], "gap", "final alpha", "seconds"],
+                rows,
+                f"4. Accuracy over {args.seeds} seeds (test at the epoch chosen on validation)",
+            )
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 

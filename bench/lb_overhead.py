@@ -49,11 +49,13 @@ def case_settings(case: str, args) -> tuple[str, list[str], str]:
     steps = args.steps_per_epoch
     # enough training samples for `steps` batches after the 10% validation carve-out
     train = math.ceil(steps * batch / 0.9) + 2
-    dataset = common.write_crema_shaped(f"crema-shaped-{args.frame_size}-{train}", train, max(batch, 16),
-                                        frame_size=args.frame_size)
+    dataset = common.write_crema_shaped(
+        f"crema-shaped-{args.frame_size}-{train}", train, max(batch, 16), frame_size=args.frame_size
+    )
     overrides = common.crema_overrides(dataset, "resnet18", width, batch) + [f"train.device={args.device}"]
-    description = (f"CREMA-D-shaped, ResNet18 width {width} x 2, frames {args.frame_size}px, batch {batch}, "
-                   f"{steps} steps/epoch")
+    description = (
+        f"CREMA-D-shaped, ResNet18 width {width} x 2, frames {args.frame_size}px, batch {batch}, {steps} steps/epoch"
+    )
     return "crema-d", overrides, description
 
 
@@ -74,6 +76,7 @@ def epoch_ratios(case: str, args) -> list[list]:
     def run(name: str):
         def call() -> float:
             return sum(runners[name].epoch()["epoch_seconds"] for _ in range(epochs))
+
         return call
 
     # synthetic epochs take tens of milliseconds: more rounds to average the noise out
@@ -87,10 +90,13 @@ def epoch_ratios(case: str, args) -> list[list]:
         ratio, best = common.median(per_round), min(times[name]) / min(times["heuristic"])
         target = "<= 1.10 " + common.verdict(ratio, 1.10, True) if name == "lb default" else ""
         samples_per_s = runners[name].samples_per_epoch * epochs / min(times[name])
-        rows.append([case, name, min(times[name]) / epochs, samples_per_s, ratio, common.spread(per_round), best,
-                     target])
-    print(f"   lb default here: approx {default_lb.approx}, terms {default_lb.terms}, update_every "
-          f"{default_lb.update_every}, outer batch {default_lb.outer_batch_size or 'train batch'}")
+        rows.append(
+            [case, name, min(times[name]) / epochs, samples_per_s, ratio, common.spread(per_round), best, target]
+        )
+    print(
+        f"   lb default here: approx {default_lb.approx}, terms {default_lb.terms}, update_every "
+        f"{default_lb.update_every}, outer batch {default_lb.outer_batch_size or 'train batch'}"
+    )
     return rows
 
 
@@ -107,9 +113,15 @@ def hypergradient_costs(case: str, args) -> list[list]:
     batch = next(iter(trainer.train_loader))
     inputs, labels = _to_device(batch, trainer.device)
     sync = trainer.device.type == "cuda"
-    settings = [("identity", 0, None), ("neumann", 1, None), ("neumann", 3, None), ("neumann", 5, None),
-                ("cg", 3, None), ("identity", 0, max(8, config.train.batch_size // 2)),
-                ("neumann", 3, max(8, config.train.batch_size // 2))]
+    settings = [
+        ("identity", 0, None),
+        ("neumann", 1, None),
+        ("neumann", 3, None),
+        ("neumann", 5, None),
+        ("cg", 3, None),
+        ("identity", 0, max(8, config.train.batch_size // 2)),
+        ("neumann", 3, max(8, config.train.batch_size // 2)),
+    ]
 
     def step(hyper: tuple | None) -> None:
         with _autocast(trainer.device, config.train.amp):
@@ -132,7 +144,7 @@ def hypergradient_costs(case: str, args) -> list[list]:
 
     calls = {"step": lambda: repeated(None)}
     for setting in settings:
-        calls[_setting_name(setting)] = (lambda s=setting: repeated(s))
+        calls[_setting_name(setting)] = lambda s=setting: repeated(s)
     times = common.interleave(calls, args.repeats + 2, warmup=1, progress=False)
     rows = []
     for setting in settings:
@@ -164,8 +176,13 @@ def foundation_accuracy() -> list[list]:
     # scale auto is the optimiser's learning rate for identity; this problem has none, so the synthetic recipe's
     default_scale = 0.05 if default.scale == "auto" else default.scale
     settings = [
-        (f"default ({default.approx}{'' if default.approx == 'identity' else f' K={default.terms}'} scale "
-         f"{default.scale} = {default_scale})", default.approx, default.terms, default_scale),
+        (
+            f"default ({default.approx}{'' if default.approx == 'identity' else f' K={default.terms}'} scale "
+            f"{default.scale} = {default_scale})",
+            default.approx,
+            default.terms,
+            default_scale,
+        ),
         ("identity scale 0.01", "identity", 0, 0.01),
         ("neumann K=3 scale 0.01", "neumann", 3, 0.01),
         ("neumann K=10 scale 0.9/lambda_max", "neumann", 10, None),
@@ -183,14 +200,17 @@ def foundation_accuracy() -> list[list]:
     rows = []
     for label, approx, terms, scale in settings:
         values = []
-        for (alpha, theta) in points:
+        for alpha, theta in points:
             step_scale = scale
             if step_scale is None:
                 step_scale = 0.9 / torch.linalg.eigvalsh(foundation._hessian(theta, alpha)).max().item()
             weight, bias = (t.clone().requires_grad_(True) for t in foundation._unflatten(theta.detach()))
             cls_inner, mm_inner, cls_outer = foundation._losses(weight, bias)
-            values.append(alpha_hypergradient(cls_inner, mm_inner, alpha, cls_outer, [weight, bias], approx, terms,
-                                              step_scale, 0.0))
+            values.append(
+                alpha_hypergradient(
+                    cls_inner, mm_inner, alpha, cls_outer, [weight, bias], approx, terms, step_scale, 0.0
+                )
+            )
         agree = sum((v > 0) == (e > 0) for v, e in zip(values, exact, strict=True)) / len(values)
         correlation = float(torch.corrcoef(torch.tensor([values, exact], dtype=torch.float64))[0, 1])
         ratio = common.median([v / e for v, e in zip(values, exact, strict=True) if e != 0])
@@ -207,20 +227,28 @@ def _exact(foundation, theta, alpha) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="synthetic,crema-tiny,crema-resnet18",
-                        help="comma-separated: synthetic, crema-tiny, crema-resnet18")
+    parser.add_argument(
+        "--cases",
+        default="synthetic,crema-tiny,crema-resnet18",
+        help="comma-separated: synthetic, crema-tiny, crema-resnet18",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="recorded rounds per variant (after one warm-up)")
     parser.add_argument("--epochs-per-call", type=int, default=3, help="synthetic epochs per timed call")
     parser.add_argument("--steps-per-epoch", type=int, default=20, help="CREMA-D-shaped cases: steps per epoch")
     parser.add_argument("--frame-size", type=int, default=112, help="stored frame side (CREMA-D: 224)")
     parser.add_argument("--batch-size", type=int, help="CREMA-D-shaped cases (default 16 tiny, 4 ResNet18)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: steadier timings on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: steadier timings on a shared machine)"
+    )
     parser.add_argument("--all-variants", action="store_true", help="every approximation on the ResNet18 case too")
-    parser.add_argument("--variant", action="append", default=[],
-                        help="another lb variant for the epoch table: NAME=KEY=VALUE,KEY=VALUE (e.g. "
-                             "every20=strategy.lb.update_every=20)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="another lb variant for the epoch table: NAME=KEY=VALUE,KEY=VALUE (e.g. "
+        "every20=strategy.lb.update_every=20)",
+    )
     parser.add_argument("--skip", default="", help="comma-separated tables to skip: epochs, costs, accuracy")
     args = parser.parse_args()
 
@@ -234,19 +262,36 @@ def main() -> None:
         rows = []
         for case in cases:
             rows += epoch_ratios(case, args)
-        common.print_table(["case", "variant", "best s/epoch", "samples/s", "ratio (median)", "per-round range",
-                            "ratio (best/best)", "target"],
-                           rows, "Epoch time / heuristic's epoch time (target <= 1.10 at default settings)")
+        common.print_table(
+            [
+                "case",
+                "variant",
+                "best s/epoch",
+                "samples/s",
+                "ratio (median)",
+                "per-round range",
+                "ratio (best/best)",
+                "target",
+            ],
+            rows,
+            "Epoch time / heuristic's epoch time (target <= 1.10 at default settings)",
+        )
     if "costs" not in skip:
         rows = []
         for case in cases:
             if case != "crema-resnet18" or args.all_variants:
                 rows += hypergradient_costs(case, args)
-        common.print_table(["case", "hypergradient", "cost in steps", "every 1", "every 10", "every 25", "every 50"],
-                           rows, "One hypergradient, in training steps, and the epoch ratio it implies per update_every")
+        common.print_table(
+            ["case", "hypergradient", "cost in steps", "every 1", "every 10", "every 25", "every 50"],
+            rows,
+            "One hypergradient, in training steps, and the epoch ratio it implies per update_every",
+        )
     if "accuracy" not in skip:
-        common.print_table(["approximation", "sign agrees", "correlation", "median ratio"], foundation_accuracy(),
-                           "Against the exact implicit gradient (tests/test_hypergradient.py's problem, 36 points)")
+        common.print_table(
+            ["approximation", "sign agrees", "correlation", "median ratio"],
+            foundation_accuracy(),
+            "Against the exact implicit gradient (tests/test_hypergradient.py's problem, 36 points)",
+        )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,14 @@ def write_raw(root: Path, per_class: int, width: int, height: int, seconds: floa
         for k in range(per_class):
             clip = f"{1001 + k}_DFA_{emotion}_XX"
             rawgen.write_wav(root / "AudioWAV" / f"{clip}.wav", seconds, 200 + 100 * e)
-            rawgen.write_video(root / "VideoFlash" / f"{clip}.flv", int(seconds * fps), rawgen.COLOURS[e],
-                               width=width, height=height, fps=fps)
+            rawgen.write_video(
+                root / "VideoFlash" / f"{clip}.flv",
+                int(seconds * fps),
+                rawgen.COLOURS[e],
+                width=width,
+                height=height,
+                fps=fps,
+            )
             count += 1
     return count
 
@@ -64,8 +70,11 @@ def main() -> None:
     try:
         started = time.perf_counter()
         clips = write_raw(raw, args.clips_per_class, width, height, args.seconds, args.fps)
-        print(f"raw fixture: {clips} clips ({width}x{height} FLV at {args.fps} fps, {args.seconds} s; WAV 16 kHz) "
-              f"written in {time.perf_counter() - started:.1f} s", flush=True)
+        print(
+            f"raw fixture: {clips} clips ({width}x{height} FLV at {args.fps} fps, {args.seconds} s; WAV 16 kHz) "
+            f"written in {time.perf_counter() - started:.1f} s",
+            flush=True,
+        )
         runs = iter(range(1_000_000))
 
         def prepare(count: int):
@@ -76,6 +85,7 @@ def main() -> None:
                 shutil.rmtree(row["path"], ignore_errors=True)  # ~1.8 MB per clip: keep the disk free
                 DatasetRegistry().remove(name)
                 return clips / seconds
+
             return call
 
         # one unrecorded round first: it starts the worker server (which imports librosa and PyAV) once
@@ -86,11 +96,21 @@ def main() -> None:
     rows = []
     for w in workers:
         speedup = common.paired_ratios(rates[f"{w} workers"], base)
-        rows.append([w, common.median(rates[f"{w} workers"]), common.median(speedup), common.spread(speedup),
-                     f"{common.median(speedup) / (w / workers[0]):.0%}"])
-    common.print_table(["workers", "clips/s", f"speed-up vs {workers[0]}", "per-round range", "scaling efficiency"],
-                       rows, f"dmgl prepare crema-d on {clips} generated clips (should scale with the workers, up to "
-                             f"the {os.cpu_count()} cores here)")
+        rows.append(
+            [
+                w,
+                common.median(rates[f"{w} workers"]),
+                common.median(speedup),
+                common.spread(speedup),
+                f"{common.median(speedup) / (w / workers[0]):.0%}",
+            ]
+        )
+    common.print_table(
+        ["workers", "clips/s", f"speed-up vs {workers[0]}", "per-round range", "scaling efficiency"],
+        rows,
+        f"dmgl prepare crema-d on {clips} generated clips (should scale with the workers, up to "
+        f"the {os.cpu_count()} cores here)",
+    )
 
 
 if __name__ == "__main__":

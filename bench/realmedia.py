@@ -65,8 +65,33 @@ SAMPLE_RATE = 16_000
 ESPEAK_RATE = 22_050  # espeak-ng's output rate
 # espeak-ng's own English voices (its mbrola voices need extra packages) and voice variants.
 VOICES = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029", "en-us-nyc"]
-VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5", "klatt", "klatt2", "klatt3",
-            "croak", "whisper", "whisperf", "Andy", "Annie", "anika", "david", "edward", "linda", "steph"]
+VARIANTS = [
+    "m1",
+    "m2",
+    "m3",
+    "m4",
+    "m5",
+    "m6",
+    "m7",
+    "f1",
+    "f2",
+    "f3",
+    "f4",
+    "f5",
+    "klatt",
+    "klatt2",
+    "klatt3",
+    "croak",
+    "whisper",
+    "whisperf",
+    "Andy",
+    "Annie",
+    "anika",
+    "david",
+    "edward",
+    "linda",
+    "steph",
+]
 SPEED_WPM = (150, 260)
 PITCH = (15, 85)
 AMPLITUDE = (60, 160)
@@ -92,16 +117,23 @@ def espeak_binary() -> str:
         if found:
             return found
         detail = (install.stderr or install.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise DmglError(f"the speech synthesiser espeak-ng is missing and `apt-get install -y espeak-ng` failed "
-                           f"({detail[0]}); install it by hand to build the {DATASET} dataset")
-    raise DmglError(f"the speech synthesiser espeak-ng is missing; install it (Debian/Ubuntu: "
-                       f"`sudo apt-get install -y espeak-ng`) to build the {DATASET} dataset")
+        raise DmglError(
+            f"the speech synthesiser espeak-ng is missing and `apt-get install -y espeak-ng` failed "
+            f"({detail[0]}); install it by hand to build the {DATASET} dataset"
+        )
+    raise DmglError(
+        f"the speech synthesiser espeak-ng is missing; install it (Debian/Ubuntu: "
+        f"`sudo apt-get install -y espeak-ng`) to build the {DATASET} dataset"
+    )
 
 
 def speak(binary: str, word: str, voice: str, speed: int, pitch: int, amplitude: int) -> np.ndarray:
     """The word as espeak-ng says it: float32 samples at ``ESPEAK_RATE``, trailing silence cut."""
-    result = subprocess.run([binary, "-v", voice, "-s", str(speed), "-p", str(pitch), "-a", str(amplitude),
-                             "--stdout", word], capture_output=True, check=True)
+    result = subprocess.run(
+        [binary, "-v", voice, "-s", str(speed), "-p", str(pitch), "-a", str(amplitude), "--stdout", word],
+        capture_output=True,
+        check=True,
+    )
     data = result.stdout
     # espeak-ng streams its WAV to stdout with placeholder sizes in the header: the samples are all after "data".
     start = data.find(b"data")
@@ -157,8 +189,10 @@ def build_raw(folder: Path, seed: int = 0) -> Path:
     folder = Path(folder)
     manifest = folder / "manifest.csv"
     stamp = folder / "built.txt"
-    signature = (f"{DATASET} raw version {RAW_VERSION} seed {seed} clip {AUDIO_SECONDS} s snr {SNR_DB} dB "
-                 f"speed {SPEED_WPM} png {PNG_PIXELS}\n")
+    signature = (
+        f"{DATASET} raw version {RAW_VERSION} seed {seed} clip {AUDIO_SECONDS} s snr {SNR_DB} dB "
+        f"speed {SPEED_WPM} png {PNG_PIXELS}\n"
+    )
     if manifest.is_file() and stamp.is_file() and stamp.read_text() == signature:
         return manifest
     binary = espeak_binary()
@@ -173,12 +207,25 @@ def build_raw(folder: Path, seed: int = 0) -> Path:
         ident = f"d{index:04d}"
         write_png(folder / "image" / f"{ident}.png", image)
         voice = f"{VOICES[rng.integers(len(VOICES))]}+{VARIANTS[rng.integers(len(VARIANTS))]}"
-        word = speak(binary, WORDS[label], voice, int(rng.integers(*SPEED_WPM)), int(rng.integers(*PITCH)),
-                     int(rng.integers(*AMPLITUDE)))
+        word = speak(
+            binary,
+            WORDS[label],
+            voice,
+            int(rng.integers(*SPEED_WPM)),
+            int(rng.integers(*PITCH)),
+            int(rng.integers(*AMPLITUDE)),
+        )
         clip = place_in_clip(word, rng, float(rng.uniform(*SNR_DB)))
         soundfile.write(folder / "audio" / f"{ident}.wav", clip, SAMPLE_RATE, subtype="PCM_16")
-        rows.append({"id": ident, "label": str(label), "split": "test" if test[index] else "train",
-                     "image": f"image/{ident}.png", "audio": f"audio/{ident}.wav"})
+        rows.append(
+            {
+                "id": ident,
+                "label": str(label),
+                "split": "test" if test[index] else "train",
+                "image": f"image/{ident}.png",
+                "audio": f"audio/{ident}.wav",
+            }
+        )
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=["id", "label", "split", "image", "audio"], lineterminator="\n")
     writer.writeheader()
@@ -231,18 +278,24 @@ def ensure_dataset(name: str = DATASET) -> tuple[str, list[str]]:
     if name in {row["name"] for row in DatasetRegistry().rows()}:
         found = {m: list(spec["shape"]) for m, spec in open_dataset(name).modalities.items()}
         if found != expected:
-            raise DmglError(f"dataset {name!r} is registered with modalities {found}, not the {expected} this "
-                               f"script builds; pick another name or point DMGL_HOME at another registry")
+            raise DmglError(
+                f"dataset {name!r} is registered with modalities {found}, not the {expected} this "
+                f"script builds; pick another name or point DMGL_HOME at another registry"
+            )
         return name, overrides
     home = ensure_registry()
     manifest = build_raw(home / "raw" / name)
     started = time.perf_counter()
-    prepare_dataset("custom", name=name, options={
-        "manifest": str(manifest),
-        "modalities": {"image": "image", "audio": "audio"},
-        "audio_seconds": AUDIO_SECONDS,
-        "image_size": IMAGE_SIZE,
-    })
+    prepare_dataset(
+        "custom",
+        name=name,
+        options={
+            "manifest": str(manifest),
+            "modalities": {"image": "image", "audio": "audio"},
+            "audio_seconds": AUDIO_SECONDS,
+            "image_size": IMAGE_SIZE,
+        },
+    )
     print(f"prepared {name} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return name, overrides
 
@@ -254,8 +307,9 @@ CONCAT = ["strategy.name=constant", "strategy.alpha=0.0"]
 
 def table_rows(modalities: list[str]) -> list[tuple[str, list[str]]]:
     rows = [("constant 0 (Concat)", CONCAT), ("heuristic (Ours-H)", ["strategy.name=heuristic"])]
-    rows += [(f"{m} alone", ["method.name=unimodal", f"method.options.unimodal.modality={m}", *CONCAT])
-             for m in modalities]
+    rows += [
+        (f"{m} alone", ["method.name=unimodal", f"method.options.unimodal.modality={m}", *CONCAT]) for m in modalities
+    ]
     return rows
 
 
@@ -283,8 +337,9 @@ def main() -> None:
     rows = [r for r in table_rows(modalities) if not args.only or args.only in r[0]]
     print(f"registry {home}; dataset {dataset}; {args.seeds} seeds; {common.machine_line()}")
     print(f"settings: {' '.join(overrides + args.overrides)}")
-    common.accuracy_table(RECIPE, rows, overrides + args.overrides, args.seeds, modalities, "realmedia", gap=False,
-                          per_run=True)
+    common.accuracy_table(
+        RECIPE, rows, overrides + args.overrides, args.seeds, modalities, "realmedia", gap=False, per_run=True
+    )
 
 
 if __name__ == "__main__":

@@ -38,16 +38,31 @@ SAMPLED_FRAMES = 3
 
 CASES = {
     # name: (encoder overrides, description)
-    "decode-bound": (["model.encoders.audio.name=mlp", "model.encoders.visual.name=mlp",
-                      "model.encoders.audio.hidden=4", "model.encoders.visual.hidden=4",
-                      "model.encoders.audio.layers=1", "model.encoders.visual.layers=1", "model.embed_dim=32",
-                      "optim.lr=1.0e-6"],  # raw 0-255 pixels into a linear layer: a small step keeps it finite
-                     "MLP encoders (hidden 4): the model is cheap, decoding dominates"),
-    "tiny": ([f"model.encoders.audio.options.width={common.TINY_WIDTH}",
-              f"model.encoders.visual.options.width={common.TINY_WIDTH}", f"model.embed_dim={common.TINY_WIDTH * 8}"],
-             f"ResNet18 width {common.TINY_WIDTH} x 2"),
-    "resnet18": (["model.encoders.audio.options.width=64", "model.encoders.visual.options.width=64",
-                  "model.embed_dim=512"], "ResNet18 x 2 (width 64)"),
+    "decode-bound": (
+        [
+            "model.encoders.audio.name=mlp",
+            "model.encoders.visual.name=mlp",
+            "model.encoders.audio.hidden=4",
+            "model.encoders.visual.hidden=4",
+            "model.encoders.audio.layers=1",
+            "model.encoders.visual.layers=1",
+            "model.embed_dim=32",
+            "optim.lr=1.0e-6",
+        ],  # raw 0-255 pixels into a linear layer: a small step keeps it finite
+        "MLP encoders (hidden 4): the model is cheap, decoding dominates",
+    ),
+    "tiny": (
+        [
+            f"model.encoders.audio.options.width={common.TINY_WIDTH}",
+            f"model.encoders.visual.options.width={common.TINY_WIDTH}",
+            f"model.embed_dim={common.TINY_WIDTH * 8}",
+        ],
+        f"ResNet18 width {common.TINY_WIDTH} x 2",
+    ),
+    "resnet18": (
+        ["model.encoders.audio.options.width=64", "model.encoders.visual.options.width=64", "model.embed_dim=512"],
+        "ResNet18 x 2 (width 64)",
+    ),
 }
 
 
@@ -89,10 +104,12 @@ def reference_dataset(rows, frame_size: int):
         """One sample per call: a pickle, 3 JPEG decodes, a crop + flip per frame — as the lineage's loaders do."""
 
         def __init__(self):
-            self.augment = transforms.Compose([
-                transforms.RandomResizedCrop(frame_size, scale=(0.64, 1.0), ratio=(1.0, 1.0)),
-                transforms.RandomHorizontalFlip(),
-            ])
+            self.augment = transforms.Compose(
+                [
+                    transforms.RandomResizedCrop(frame_size, scale=(0.64, 1.0), ratio=(1.0, 1.0)),
+                    transforms.RandomHorizontalFlip(),
+                ]
+            )
 
         def __len__(self) -> int:
             return len(rows)
@@ -121,11 +138,18 @@ class ReferenceLoop:
         self.method = build_method(config)
         self.model = self.method.build_model(dataset.modalities, dataset.num_classes).to(device)
         optim = config.optim
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=optim.lr, momentum=optim.momentum,
-                                         weight_decay=optim.weight_decay)
-        self.loader = DataLoader(reference_dataset(rows, frame_size), batch_size=config.train.batch_size,
-                                 shuffle=True, drop_last=True, num_workers=workers, pin_memory=device.type == "cuda",
-                                 persistent_workers=workers > 0)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+        )
+        self.loader = DataLoader(
+            reference_dataset(rows, frame_size),
+            batch_size=config.train.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+        )
         self.losses: list[float] = []
 
     def epoch(self) -> float:
@@ -156,11 +180,21 @@ def run_case(case: str, args) -> list[list]:
     extra, description = CASES[case]
     batch = args.batch_size
     # 3 stored frames, the 3 the reference decodes (the MLP encoder is built for the stored frame count)
-    dataset_name = common.write_crema_shaped(f"crema-shaped-3f-{args.frame_size}-{args.samples}",
-                                             args.samples, 16, frames=SAMPLED_FRAMES, frame_size=args.frame_size)
-    overrides = [*common.crema_overrides(dataset_name, "resnet18", common.TINY_WIDTH, batch), *extra,
-                 "strategy.name=heuristic", f"train.device={args.device}", f"data.num_workers={args.workers}",
-                 "data.val_fraction=0.02"]
+    dataset_name = common.write_crema_shaped(
+        f"crema-shaped-3f-{args.frame_size}-{args.samples}",
+        args.samples,
+        16,
+        frames=SAMPLED_FRAMES,
+        frame_size=args.frame_size,
+    )
+    overrides = [
+        *common.crema_overrides(dataset_name, "resnet18", common.TINY_WIDTH, batch),
+        *extra,
+        "strategy.name=heuristic",
+        f"train.device={args.device}",
+        f"data.num_workers={args.workers}",
+        "data.val_fraction=0.02",
+    ]
     config = common.load("crema-d", overrides)
     runner = common.EpochRunner(config)
     dataset = common.open_dataset(dataset_name)
@@ -169,25 +203,45 @@ def run_case(case: str, args) -> list[list]:
         started = time.perf_counter()
         # the reference trains on the same samples dmgl's training split holds
         rows = write_reference_files(dataset, folder, runner.trainer.splits.train.indices.tolist())
-        print(f"\n== {case}: {description}; {len(rows)} training samples, batch {batch}, {args.workers} workers, "
-              f"frames {args.frame_size}px (reference files written in {time.perf_counter() - started:.1f} s)",
-              flush=True)
+        print(
+            f"\n== {case}: {description}; {len(rows)} training samples, batch {batch}, {args.workers} workers, "
+            f"frames {args.frame_size}px (reference files written in {time.perf_counter() - started:.1f} s)",
+            flush=True,
+        )
         reference = ReferenceLoop(config, dataset, rows, args.frame_size, args.workers, runner.trainer.device)
         # the same dmgl run without the frame flip/crop: how much of dmgl's epoch its augmentation takes
         plain = common.EpochRunner(common.load("crema-d", [*overrides, "data.options.augment.visual=none"]))
-        times = common.interleave({"reference": reference.epoch, "dmgl": lambda: runner.epoch()["epoch_seconds"],
-                                   "dmgl, no flip/crop": lambda: plain.epoch()["epoch_seconds"]},
-                                  args.repeats, warmup=1)
+        times = common.interleave(
+            {
+                "reference": reference.epoch,
+                "dmgl": lambda: runner.epoch()["epoch_seconds"],
+                "dmgl, no flip/crop": lambda: plain.epoch()["epoch_seconds"],
+            },
+            args.repeats,
+            warmup=1,
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     samples = len(runner.trainer.train_loader) * batch
     rows = []
     for name in ("dmgl", "dmgl, no flip/crop"):
         ratios = common.paired_ratios(times[name], times["reference"])
-        target = "(model-bound)" if case != "decode-bound" else (
-            f"<= {TARGET:g} {common.verdict(common.median(ratios), TARGET, True)}" if name == "dmgl" else "")
-        rows.append([case, name, samples / common.median(times["reference"]), samples / common.median(times[name]),
-                     common.median(ratios), common.spread(ratios), target])
+        target = (
+            "(model-bound)"
+            if case != "decode-bound"
+            else (f"<= {TARGET:g} {common.verdict(common.median(ratios), TARGET, True)}" if name == "dmgl" else "")
+        )
+        rows.append(
+            [
+                case,
+                name,
+                samples / common.median(times["reference"]),
+                samples / common.median(times[name]),
+                common.median(ratios),
+                common.spread(ratios),
+                target,
+            ]
+        )
     return rows
 
 
@@ -200,8 +254,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers, both loops")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: steadier timings on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: steadier timings on a shared machine)"
+    )
     args = parser.parse_args()
 
     common.use_private_registry()
@@ -209,9 +264,12 @@ def main() -> None:
     print(f"vs_reference_loop: {common.machine_line()}")
     print(f"note: {common.INTERLEAVE_NOTE}")
     rows = [row for case in args.cases.split(",") if case.strip() for row in run_case(case.strip(), args)]
-    common.print_table(["case", "dmgl", "reference samples/s", "dmgl samples/s", "dmgl / reference time", "per-round range",
-                        "target"], rows, f"One training epoch, dmgl / the lineage's loop (target <= {TARGET:g} where "
-                                         f"decoding dominates), device {args.device}")
+    common.print_table(
+        ["case", "dmgl", "reference samples/s", "dmgl samples/s", "dmgl / reference time", "per-round range", "target"],
+        rows,
+        f"One training epoch, dmgl / the lineage's loop (target <= {TARGET:g} where "
+        f"decoding dominates), device {args.device}",
+    )
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt/foreign files; all mean "not loadable"
-        raise DmglError(f"checkpoint {path} is corrupt or not a dmgl checkpoint ({type(exc).__name__}: {exc})") from None
+        raise DmglError(
+            f"checkpoint {path} is corrupt or not a dmgl checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DmglError(f"checkpoint {path} is not a dmgl checkpoint")
     if state.get("version") != VERSION:

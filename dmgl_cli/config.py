@@ -84,7 +84,9 @@ class LearningBasedConfig:
 
     initial_alpha: float = 0.5
     alpha_lr: float = 0.05  # adam: about how far alpha moves per update; sgd: multiplies the hypergradient
-    alpha_optimizer: Literal["adam", "sgd"] = "adam"  # adam (step independent of the hypergradient's magnitude) | sgd (Algorithm 1)
+    alpha_optimizer: Literal["adam", "sgd"] = (
+        "adam"  # adam (step independent of the hypergradient's magnitude) | sgd (Algorithm 1)
+    )
     alpha_lr_halving: int | None = None  # halve alpha_lr every N epochs (the authors' code: 20); null: never
     # "epoch": once at each epoch's end, after its inner loop (Algorithm 1); N: every N optimiser steps;
     # "epoch_start": before each epoch (the released code, with approx official)
@@ -106,7 +108,9 @@ class LearningBasedConfig:
     outer_data: Literal["holdout", "val", "train"] = "holdout"
     holdout: int | float = 0.05  # a fraction of train (stratified) or a count (seeded random), by data.split_seed
     outer_batch_size: int | None = None  # None: the training batch size
-    outer_sampling: Literal["random", "fixed"] = "random"  # random: a fresh seeded batch per update | fixed: the first outer_batch_size
+    outer_sampling: Literal["random", "fixed"] = (
+        "random"  # random: a fresh seeded batch per update | fixed: the first outer_batch_size
+    )
     # which parameters enter H and the gradients: all | head | first (the first parameter tensor only)
     params: Literal["all", "head", "first"] = "all"
 
@@ -190,7 +194,6 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
 
 
 # Messages name these fields by what the user typed (--strategy, --method), not by their dotted key.
@@ -437,8 +440,10 @@ def resolve(
     if modality is not None:
         chosen = _get_dotted(tree, "method.name") or MethodConfig.name
         if chosen != "unimodal":
-            raise DmglError(f"--modality picks the one modality of --method unimodal; method {chosen!r} uses every "
-                            "modality, drop --modality")
+            raise DmglError(
+                f"--modality picks the one modality of --method unimodal; method {chosen!r} uses every "
+                "modality, drop --modality"
+            )
         set_dotted(tree, "method.options.unimodal.modality", modality)
     for key, value in (settings or {}).items():
         set_dotted(tree, key, value)
@@ -507,7 +512,9 @@ def validate(config: Config) -> None:
     _check(optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}")
     _check(0.0 <= optim.momentum < 1.0, f"optim.momentum must be in [0, 1), got {optim.momentum}")
     _check(0.0 < optim.plateau_factor < 1.0, f"optim.plateau_factor must be in (0, 1), got {optim.plateau_factor}")
-    _check(optim.grad_clip is None or optim.grad_clip > 0, f"optim.grad_clip must be > 0 or null, got {optim.grad_clip}")
+    _check(
+        optim.grad_clip is None or optim.grad_clip > 0, f"optim.grad_clip must be > 0 or null, got {optim.grad_clip}"
+    )
     _check(config.model.embed_dim >= 1, f"model.embed_dim must be >= 1, got {config.model.embed_dim}")
     _check(0.0 <= config.model.dropout < 1.0, f"model.dropout must be in [0, 1), got {config.model.dropout}")
     _choice(config.model.fusion, FUSIONS, "model.fusion")
@@ -517,8 +524,12 @@ def validate(config: Config) -> None:
     _check(config.loss.tau > 0, f"loss.tau must be > 0, got {config.loss.tau}")
     _choice(config.method.name, METHODS, "method")
     METHODS[config.method.name].check_config(config)  # strategies it runs with, its pinned settings and options
-    _check(lb.outer_batch_size is None or lb.outer_batch_size >= 1,
-           f"strategy.lb.outer_batch_size must be >= 1 or null, got {lb.outer_batch_size}")
-    _check((isinstance(lb.holdout, int) and lb.holdout >= 1) or (isinstance(lb.holdout, float) and 0 < lb.holdout < 1),
-           f"strategy.lb.holdout must be a fraction in (0, 1) or a sample count >= 1, got {lb.holdout!r}")
+    _check(
+        lb.outer_batch_size is None or lb.outer_batch_size >= 1,
+        f"strategy.lb.outer_batch_size must be >= 1 or null, got {lb.outer_batch_size}",
+    )
+    _check(
+        (isinstance(lb.holdout, int) and lb.holdout >= 1) or (isinstance(lb.holdout, float) and 0 < lb.holdout < 1),
+        f"strategy.lb.holdout must be a fraction in (0, 1) or a sample count >= 1, got {lb.holdout!r}",
+    )
     strategy_from_config(config.strategy)  # the strategy validates its own numbers (alpha, p, lb.*)

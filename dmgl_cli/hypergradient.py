@@ -101,8 +101,9 @@ class ConjugateGradientResult:
     relative_residual: float  # ||v - H x|| / ||v|| at the returned x (1.0 when it stopped at once)
 
 
-def conjugate_gradient(hvp: Callable[[TensorList], TensorList], v: Sequence[Tensor], iterations: int
-                       ) -> ConjugateGradientResult:
+def conjugate_gradient(
+    hvp: Callable[[TensorList], TensorList], v: Sequence[Tensor], iterations: int
+) -> ConjugateGradientResult:
     """Up to ``iterations`` steps of conjugate gradient on ``H x = v`` from ``x = 0``.
 
     Stops early once the residual is negligible, or at the first direction of non-positive curvature (``H`` not
@@ -135,8 +136,9 @@ def conjugate_gradient(hvp: Callable[[TensorList], TensorList], v: Sequence[Tens
     return ConjugateGradientResult(solution, taken, negative, relative)
 
 
-def largest_eigenvalue(hvp: Callable[[TensorList], TensorList], like: Sequence[Tensor], iterations: int = POWER_ITERATIONS,
-                       seed: int = 0) -> float:
+def largest_eigenvalue(
+    hvp: Callable[[TensorList], TensorList], like: Sequence[Tensor], iterations: int = POWER_ITERATIONS, seed: int = 0
+) -> float:
     """The eigenvalue of largest magnitude of ``H`` (given ``hvp(x) = H x``) by power iteration from a seeded random
     start; returns its magnitude, the bound that keeps Neumann's ``I - scale H`` a contraction on ``H``'s positive
     eigenvalues."""
@@ -243,7 +245,10 @@ def neumann_bilinear(
         current = ([left_powers[-1]] if round_number < left_needed else []) + [right_powers[-1]]
         products = hvps(current)
         stepped = [
-            [x - scale * (hx + damping * x) if damping else x - scale * hx for x, hx in zip(vector, product, strict=True)]
+            [
+                x - scale * (hx + damping * x) if damping else x - scale * hx
+                for x, hx in zip(vector, product, strict=True)
+            ]
             for vector, product in zip(current, products, strict=True)
         ]
         if round_number < left_needed:
@@ -251,7 +256,6 @@ def neumann_bilinear(
         right_powers.append(stepped[-1])
     series = sum(_dot(left_powers[k // 2], right_powers[k - k // 2]) for k in range(terms + 1))
     return scale * series
-
 
 
 def coupled_weight_decay(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[float]:
@@ -328,8 +332,7 @@ def implicit_hypergradient(
     products = 0
 
     def with_decay(vector: TensorList, product: TensorList) -> TensorList:
-        return [h + (wd + damping) * x if wd + damping else h
-                for h, x, wd in zip(product, vector, decay, strict=True)]
+        return [h + (wd + damping) * x if wd + damping else h for h, x, wd in zip(product, vector, decay, strict=True)]
 
     def hvp(vector: TensorList) -> TensorList:
         nonlocal products
@@ -355,8 +358,9 @@ def implicit_hypergradient(
         value = neumann_bilinear(hvps, mixed, v, terms, scale, 0.0)
         return Hypergradient(float(-value), products, largest_eigenvalue=eigenvalue)
     result = conjugate_gradient(hvp, [t.detach() for t in v], terms)
-    return Hypergradient(float(-_dot(mixed, result.solution)), products, result.negative_curvature,
-                         result.relative_residual)
+    return Hypergradient(
+        float(-_dot(mixed, result.solution)), products, result.negative_curvature, result.relative_residual
+    )
 
 
 def alpha_hypergradient(
@@ -372,12 +376,14 @@ def alpha_hypergradient(
     weight_decay: float | Sequence[float] = 0.0,
 ) -> float:
     """The value of :func:`implicit_hypergradient` alone."""
-    return implicit_hypergradient(cls_loss_inner, mm_loss_inner, alpha, cls_loss_outer, params, approx, terms, scale,
-                                  damping, weight_decay).value
+    return implicit_hypergradient(
+        cls_loss_inner, mm_loss_inner, alpha, cls_loss_outer, params, approx, terms, scale, damping, weight_decay
+    ).value
 
 
-def first_tensor_hessian_gradient_mean(cls_loss: Tensor, matching_loss: Tensor, alpha: float,
-                                       params: Sequence[Tensor]) -> float:
+def first_tensor_hessian_gradient_mean(
+    cls_loss: Tensor, matching_loss: Tensor, alpha: float, params: Sequence[Tensor]
+) -> float:
     """The authors' released alpha gradient (``getAlpha_Learnable`` of ``Crema_epoch_learnable.py`` in
     njustkmg/NeurIPS24-LFM): with ``L = (1 - alpha) L_CLS + alpha L_MM`` on one batch, the mean over the entries of
     the *first* parameter tensor of ``H g_CLS``, where ``H`` is the Hessian of ``L`` in all ``params`` and

@@ -98,8 +98,21 @@ def recipes_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "recipes"
 
 
-_NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "lustre", "gpfs", "ceph",
-                        "glusterfs", "fuse.glusterfs", "afs")
+_NETWORK_FILESYSTEMS = (
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "fuse.sshfs",
+    "9p",
+    "lustre",
+    "gpfs",
+    "ceph",
+    "glusterfs",
+    "fuse.glusterfs",
+    "afs",
+)
 
 
 def network_filesystem(path: Path, mounts_table: Path = Path("/proc/mounts")) -> str | None:
@@ -126,7 +139,10 @@ def warn_if_shared_sqlite(path: Path, what: str, mounts_table: Path = Path("/pro
         logging.getLogger("dmgl").warning(
             "the %s %s is a SQLite file on a network filesystem (%s): SQLite's locks are unreliable there and "
             "concurrent writers can corrupt it. Use a PostgreSQL/MySQL URL (or, for Optuna, journal:PATH) to share "
-            "it between machines.", what, path, kind,
+            "it between machines.",
+            what,
+            path,
+            kind,
         )
 
 

@@ -54,8 +54,11 @@ def prepare_dataset(
         # Disk full (ENOSPC), a file-size limit (EFBIG), a quota: the samples decoded so far stay in the work
         # folder, so the same command resumes once there is room.
         culprit = f" ({exc.filename})" if exc.filename else ""
-        advice = ("; free some space there (or point DMGL_HOME at a larger disk) and run the same command again to "
-                  "resume" if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else "")
+        advice = (
+            "; free some space there (or point DMGL_HOME at a larger disk) and run the same command again to resume"
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+            else ""
+        )
         raise DmglError(
             f"preparing {name} failed while writing under {destination.parent}{culprit}: {exc.strerror or exc}{advice}"
         ) from None

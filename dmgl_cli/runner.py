@@ -113,8 +113,14 @@ def _finish_seed(tracker: Tracker, run_id: str, result: TrainResult, seed: int) 
     tracker.end_run(run_id, "FINISHED")
 
 
-def _train_seed(tracker: Tracker, run_id: str, config: Config, dataset: PreparedDataset, progress: Progress | None,
-                resume_state: dict[str, Any] | None = None) -> SeedOutcome:
+def _train_seed(
+    tracker: Tracker,
+    run_id: str,
+    config: Config,
+    dataset: PreparedDataset,
+    progress: Progress | None,
+    resume_state: dict[str, Any] | None = None,
+) -> SeedOutcome:
     seed = config.train.seed
     recorder = RunRecorder(tracker, run_id, tracker.logged_steps(run_id) if resume_state else ())
     epoch_progress = (lambda e, t, m: progress(seed, e, t, m)) if progress else None
@@ -132,8 +138,11 @@ def _finish_parent(tracker: Tracker, parent_id: str, outcomes: list[SeedOutcome]
     finals = [o.final for o in outcomes]
     summary = summarise_over_seeds(finals)
     tracker.log_metrics(parent_id, {FINAL_PREFIX + k: v for k, v in summary.items()})
-    tracker.log_text(parent_id, json.dumps({"summary": summary, "per_seed": {o.seed: o.final for o in outcomes}},
-                                           indent=2, sort_keys=True), "final_metrics.json")
+    tracker.log_text(
+        parent_id,
+        json.dumps({"summary": summary, "per_seed": {o.seed: o.final for o in outcomes}}, indent=2, sort_keys=True),
+        "final_metrics.json",
+    )
     trajectories = {}
     for outcome in outcomes:
         trajectories[f"seed {outcome.seed}"] = [value for _, value in tracker.metric_history(outcome.run_id, "alpha")]
@@ -144,20 +153,38 @@ def _finish_parent(tracker: Tracker, parent_id: str, outcomes: list[SeedOutcome]
     return summary
 
 
-def _start_seed_run(tracker: Tracker, experiment_id: str, parent_id: str, config: Config, dataset: PreparedDataset,
-                    run_name: str, extra_tags: dict[str, str] | None = None) -> str:
+def _start_seed_run(
+    tracker: Tracker,
+    experiment_id: str,
+    parent_id: str,
+    config: Config,
+    dataset: PreparedDataset,
+    run_name: str,
+    extra_tags: dict[str, str] | None = None,
+) -> str:
     seed = config.train.seed
-    run_id = tracker.start_run(experiment_id, f"{run_name}-seed{seed}",
-                               {**_tags(config, dataset, "seed"), "dmgl.seed": str(seed), **(extra_tags or {})},
-                               parent_id=parent_id)
+    run_id = tracker.start_run(
+        experiment_id,
+        f"{run_name}-seed{seed}",
+        {**_tags(config, dataset, "seed"), "dmgl.seed": str(seed), **(extra_tags or {})},
+        parent_id=parent_id,
+    )
     tracker.log_params(run_id, config.flat())
     tracker.log_text(run_id, config.to_yaml(), "config.yaml")
     return run_id
 
 
-def train(config: Config, seeds: list[int], *, tracker: Tracker, progress: Progress | None = None,
-          run_name: str | None = None, on_parent: Callable[[str], None] | None = None,
-          sweep_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> TrainOutcome:
+def train(
+    config: Config,
+    seeds: list[int],
+    *,
+    tracker: Tracker,
+    progress: Progress | None = None,
+    run_name: str | None = None,
+    on_parent: Callable[[str], None] | None = None,
+    sweep_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> TrainOutcome:
     """Train ``config`` once per seed under one parent run; returns run ids and the mean/std summary.
 
     ``sweep_run_id`` nests the parent run under a ``dmgl sweep`` run (``mlflow.parentRunId``); ``extra_tags`` go on
@@ -170,9 +197,12 @@ def train(config: Config, seeds: list[int], *, tracker: Tracker, progress: Progr
     experiment = config.experiment or config.dataset
     experiment_id = tracker.experiment_id(experiment)
     tracker.warn_stale([experiment_id])
-    parent_id = tracker.start_run(experiment_id, run_name,
-                                  {**_tags(config, dataset, "parent"), "dmgl.seeds": ",".join(map(str, seeds)),
-                                   **(extra_tags or {})}, parent_id=sweep_run_id)
+    parent_id = tracker.start_run(
+        experiment_id,
+        run_name,
+        {**_tags(config, dataset, "parent"), "dmgl.seeds": ",".join(map(str, seeds)), **(extra_tags or {})},
+        parent_id=sweep_run_id,
+    )
     if on_parent:
         on_parent(parent_id)
     tracker.log_params(parent_id, {**config.flat(), "seeds": ",".join(map(str, seeds))})
@@ -240,8 +270,7 @@ def resume(run_id: str, *, tracker: Tracker, progress: Progress | None = None) -
             elif role == "parent":
                 dataset = open_dataset(parent_config.dataset)
                 seeded = with_seed(parent_config, seed)
-                child_id = _start_seed_run(tracker, parent.experiment_id, parent_id, seeded, dataset,
-                                           parent.name)
+                child_id = _start_seed_run(tracker, parent.experiment_id, parent_id, seeded, dataset, parent.name)
                 outcomes[seed] = _train_seed(tracker, child_id, seeded, dataset, progress)
     ordered = [outcomes[s] for s in sorted(outcomes)]
     experiment = tracker.experiment_name(parent.experiment_id)
@@ -268,8 +297,7 @@ class EvalOutcome:
         return max((abs(self.metrics[k] - self.logged[k]) for k in shared), default=None)
 
 
-def evaluate_run(run_id: str, *, tracker: Tracker, checkpoint: str = "best", split: str = "test"
-                 ) -> list[EvalOutcome]:
+def evaluate_run(run_id: str, *, tracker: Tracker, checkpoint: str = "best", split: str = "test") -> list[EvalOutcome]:
     """Re-score a seed run's checkpoint (or every seed of a parent run) and record the result on the run."""
     if checkpoint not in ("best", "last"):
         raise DmglError(f"--checkpoint must be best or last, got {checkpoint!r}")
@@ -304,14 +332,17 @@ def _evaluate_seed(tracker: Tracker, run: RunRecord, checkpoint: str, split: str
         history = state.get("history") or [{}]
         logged = {k: v for k, v in history[-1].items() if k.startswith(f"{split}_")}
     tracker.log_metrics(run_id, {f"eval_{checkpoint}_{k}": v for k, v in metrics.items()})
-    tracker.log_text(run_id, json.dumps({"metrics": metrics, "logged": logged}, indent=2, sort_keys=True),
-                     f"eval/{checkpoint}-{split}.json")
-    return EvalOutcome(run_id=run_id, seed=config.train.seed, checkpoint=checkpoint, split=split,
-                       metrics=metrics, logged=logged)
+    tracker.log_text(
+        run_id,
+        json.dumps({"metrics": metrics, "logged": logged}, indent=2, sort_keys=True),
+        f"eval/{checkpoint}-{split}.json",
+    )
+    return EvalOutcome(
+        run_id=run_id, seed=config.train.seed, checkpoint=checkpoint, split=split, metrics=metrics, logged=logged
+    )
 
 
-def reconcile(*, tracker: Tracker, experiment: str | None = None, older_than_minutes: float = 60.0
-              ) -> list[RunRecord]:
+def reconcile(*, tracker: Tracker, experiment: str | None = None, older_than_minutes: float = 60.0) -> list[RunRecord]:
     """Mark stale RUNNING runs (their process died: SIGKILL, OOM, a lost machine) KILLED; returns them."""
     if experiment:
         experiment_ids = [tracker.experiment_id(experiment, create=False)]

@@ -208,7 +208,7 @@ class LearningBasedStrategy(AlphaStrategy):
         if (approx == "official") != (update_every == "epoch_start"):
             raise DmglError(
                 "strategy.lb.approx=official (the authors' rule, from the outer batch alone) goes with "
-                'strategy.lb.update_every=epoch_start and only with it; the other approximations need the inner batch '
+                "strategy.lb.update_every=epoch_start and only with it; the other approximations need the inner batch "
                 f"of a training step (got approx={approx}, update_every={update_every})"
             )
         self.approx = approx
@@ -232,8 +232,9 @@ class LearningBasedStrategy(AlphaStrategy):
         if alpha_lr_halving is not None and (
             isinstance(alpha_lr_halving, bool) or not isinstance(alpha_lr_halving, int) or alpha_lr_halving < 1
         ):
-            raise DmglError(f"strategy.lb.alpha_lr_halving must be an integer >= 1 (epochs) or null, "
-                            f"got {alpha_lr_halving!r}")
+            raise DmglError(
+                f"strategy.lb.alpha_lr_halving must be an integer >= 1 (epochs) or null, got {alpha_lr_halving!r}"
+            )
         self.alpha_lr_halving = alpha_lr_halving
         if isinstance(curvature_refresh, bool) or not isinstance(curvature_refresh, int) or curvature_refresh < 1:
             raise DmglError(f"strategy.lb.curvature_refresh must be an integer >= 1, got {curvature_refresh!r}")
@@ -390,8 +391,17 @@ def build_strategy(name: str, **kwargs: object) -> AlphaStrategy:
 STRATEGY_ORDER = ("constant", "stepwise", "heuristic", "lb")
 STRATEGY_GROUPS = {"constant": "Constant", "stepwise": "Stepwise", "heuristic": "Dynamic", "lb": "Dynamic"}
 # The columns of the paper's Table 4 / A3, in the paper's order.
-TABLE4 = ("constant:0", "constant:0.5", "constant:1", "stepwise:0", "stepwise:1", "stepwise:0.05", "stepwise:0.95",
-          "heuristic", "lb")
+TABLE4 = (
+    "constant:0",
+    "constant:0.5",
+    "constant:1",
+    "stepwise:0",
+    "stepwise:1",
+    "stepwise:0.05",
+    "stepwise:0.95",
+    "heuristic",
+    "lb",
+)
 STRATEGY_SETS: dict[str, tuple[str, ...]] = {"table4": TABLE4}
 # The config setting that a spec's value sets: constant's alpha, stepwise's p.
 SETTING_OF = {"constant": "strategy.alpha", "stepwise": "strategy.p"}
@@ -459,8 +469,10 @@ def parse_strategy(text: str, *, value_required: bool = True) -> StrategySpec:
     name, _, value = ("stepwise", ":", alias["p"]) if alias else raw.partition(":")
     name = name.strip().lower()
     if name not in STRATEGY_ORDER:
-        raise DmglError(f"unknown strategy {raw!r}; valid: {', '.join(STRATEGY_ORDER)} (with a value: constant:A, "
-                        f"stepwise:P or h(P); in --strategies also the set {', '.join(STRATEGY_SETS)})")
+        raise DmglError(
+            f"unknown strategy {raw!r}; valid: {', '.join(STRATEGY_ORDER)} (with a value: constant:A, "
+            f"stepwise:P or h(P); in --strategies also the set {', '.join(STRATEGY_SETS)})"
+        )
     if name in ("constant", "stepwise"):
         what = "alpha" if name == "constant" else "p"
         if not value.strip():

@@ -72,7 +72,7 @@ def local_path(uri: str) -> Path | None:
 
 
 def sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
 @contextmanager
@@ -125,10 +125,18 @@ class RunRecord:
     @classmethod
     def of(cls, run) -> RunRecord:
         info, data = run.info, run.data
-        return cls(run_id=info.run_id, name=info.run_name or "", experiment_id=info.experiment_id,
-                   status=info.status, start_time=int(info.start_time or 0), end_time=info.end_time,
-                   artifact_uri=info.artifact_uri, params=dict(data.params), tags=dict(data.tags),
-                   metrics=dict(data.metrics))
+        return cls(
+            run_id=info.run_id,
+            name=info.run_name or "",
+            experiment_id=info.experiment_id,
+            status=info.status,
+            start_time=int(info.start_time or 0),
+            end_time=info.end_time,
+            artifact_uri=info.artifact_uri,
+            params=dict(data.params),
+            tags=dict(data.tags),
+            metrics=dict(data.metrics),
+        )
 
 
 class Tracker:
@@ -201,9 +209,13 @@ class Tracker:
     def search(self, experiment_ids: list[str], filter_string: str = "", max_results: int = 50000) -> list[RunRecord]:
         runs, token = [], None
         while True:
-            page = self.client.search_runs(experiment_ids, filter_string=filter_string,
-                                           run_view_type=ViewType.ACTIVE_ONLY, max_results=min(max_results, 50000),
-                                           page_token=token)
+            page = self.client.search_runs(
+                experiment_ids,
+                filter_string=filter_string,
+                run_view_type=ViewType.ACTIVE_ONLY,
+                max_results=min(max_results, 50000),
+                page_token=token,
+            )
             runs.extend(RunRecord.of(run) for run in page)
             token = page.token
             if not token or len(runs) >= max_results:
@@ -238,7 +250,9 @@ class Tracker:
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         """(step, value) pairs of one metric, by step; the last value logged wins for a repeated step."""
-        by_step = {m.step: m.value for m in sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+        by_step = {
+            m.step: m.value for m in sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+        }
         return sorted(by_step.items())
 
     def set_status(self, run_id: str, status: str) -> None:
@@ -288,8 +302,14 @@ class Tracker:
     def mark_running(self, run_id: str) -> None:
         """A resumed run: RUNNING again, owned by this process."""
         self.client.update_run(run_id, status="RUNNING")
-        self.set_tags(run_id, {k: v for k, v in environment_tags().items() if k in ("dmgl.host", "dmgl.pid",
-                                                                                   "dmgl.pid_start", "dmgl.heartbeat")})
+        self.set_tags(
+            run_id,
+            {
+                k: v
+                for k, v in environment_tags().items()
+                if k in ("dmgl.host", "dmgl.pid", "dmgl.pid_start", "dmgl.heartbeat")
+            },
+        )
 
     def stale_runs(self, experiment_ids: list[str], older_than_minutes: float = 60.0) -> list[RunRecord]:
         """Runs marked RUNNING whose process is gone: on this host, the recorded pid no longer runs; on another
@@ -313,7 +333,9 @@ class Tracker:
             names = ", ".join(f"{r.run_id} ({r.name})" for r in stale[:5])
             logger.warning(
                 "%d run(s) are marked RUNNING but their process is gone: %s. `dmgl train --resume RUN_ID` continues "
-                "one; `dmgl runs reconcile` marks them KILLED.", len(stale), names,
+                "one; `dmgl runs reconcile` marks them KILLED.",
+                len(stale),
+                names,
             )
         return stale
 
@@ -335,7 +357,9 @@ class Tracker:
             try:
                 path = self.client.download_artifacts(run_id, artifact_file, tmp)
             except (MlflowException, OSError):
-                raise DmglError(f"run {run_id} has no artifact {artifact_file!r}; was it made by `dmgl train`?") from None
+                raise DmglError(
+                    f"run {run_id} has no artifact {artifact_file!r}; was it made by `dmgl train`?"
+                ) from None
             return Path(path).read_text()
 
     def save_checkpoint(self, run_id: str, name: str, state: dict[str, Any]) -> None:

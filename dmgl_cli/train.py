@@ -85,7 +85,9 @@ def compute_losses(method: Method, config: Config, output: ModelOutput, labels: 
 
 
 @torch.no_grad()
-def evaluate(model: MultimodalModel, method: Method, config: Config, loader, device: torch.device, prefix: str) -> dict[str, float]:
+def evaluate(
+    model: MultimodalModel, method: Method, config: Config, loader, device: torch.device, prefix: str
+) -> dict[str, float]:
     """Scores of one split: fused and per-modality ACC / MAP / macro-F1, their gap, the modality-gap distance,
     and the two losses — all prefixed (``val_acc``, ``test_acc_audio``, ...)."""
     was_training = model.training
@@ -142,26 +144,37 @@ class Trainer:
             )
         # Frame sampling and augmentation from data.options: random (seeded per batch) in training only.
         self.splits.train.transform = build_transforms(dataset.modalities, config, training=True)
-        self.splits.val.transform = self.splits.test.transform = build_transforms(dataset.modalities, config,
-                                                                                  training=False)
+        self.splits.val.transform = self.splits.test.transform = build_transforms(
+            dataset.modalities, config, training=False
+        )
         self.strategy: AlphaStrategy = strategy_from_config(config.strategy)
         # strategy.lb.outer_data=holdout: training samples set aside for the outer step, never trained on.
         self.holdout: ArraySplit | None = None
         if isinstance(self.strategy, LearningBasedStrategy) and self.strategy.outer_data == "holdout":
-            self.splits.train, self.holdout = hold_out(self.splits.train, self.strategy.holdout,
-                                                       config.data.split_seed, self.splits.val.transform)
+            self.splits.train, self.holdout = hold_out(
+                self.splits.train, self.strategy.holdout, config.data.split_seed, self.splits.val.transform
+            )
         pin = self.device.type == "cuda"
         workers = config.data.num_workers
-        self.train_loader = make_loader(self.splits.train, config.train.batch_size, shuffle=True, seed=seed,
-                                        drop_last=True, num_workers=workers, pin_memory=pin, persistent=True)
+        self.train_loader = make_loader(
+            self.splits.train,
+            config.train.batch_size,
+            shuffle=True,
+            seed=seed,
+            drop_last=True,
+            num_workers=workers,
+            pin_memory=pin,
+            persistent=True,
+        )
         self.eval_loaders = {
             name: eval_loader(dataset, config, split, num_workers=workers, pin_memory=pin)
             for name, split in (("val", self.splits.val), ("test", self.splits.test))
         }
 
         self.method = build_method(config)
-        self.model = self.method.build_model(model_input_specs(dataset.modalities, config),
-                                             dataset.num_classes).to(self.device)
+        self.model = self.method.build_model(model_input_specs(dataset.modalities, config), dataset.num_classes).to(
+            self.device
+        )
         if self.device.type == "cuda":
             # channels_last for 2D convolutions only: Module.to(memory_format=channels_last) fails on the 5D
             # weights of 3D convolutions (NVGesture's video encoders).
@@ -255,9 +268,18 @@ class Trainer:
         if scale is None and strategy.approx == "identity":  # the one-step look-ahead of the optimiser's own step
             scale = self.optimizer.param_groups[0]["lr"]
         result = implicit_hypergradient(
-            cls_loss, mm_loss, strategy.alpha, outer_cls, params, strategy.approx, strategy.terms, scale,
-            strategy.damping, weight_decay=coupled_weight_decay(self.optimizer, params),
-            largest_eigenvalue_estimate=strategy.cached_largest_eigenvalue(), seed=self.seed + self.global_step,
+            cls_loss,
+            mm_loss,
+            strategy.alpha,
+            outer_cls,
+            params,
+            strategy.approx,
+            strategy.terms,
+            scale,
+            strategy.damping,
+            weight_decay=coupled_weight_decay(self.optimizer, params),
+            largest_eigenvalue_estimate=strategy.cached_largest_eigenvalue(),
+            seed=self.seed + self.global_step,
         )
         strategy.remember_largest_eigenvalue(result.largest_eigenvalue)
         self._hypergradient_records.append(result)
@@ -296,8 +318,9 @@ class Trainer:
                     output = method.forward(model, inputs, training=True)
                 cls_loss, mm_loss = compute_losses(method, config, output, labels)
                 extra = method.extra_losses(output, labels, step_info)
-                loss = method.objective_scale * total_loss(alpha, cls_loss, mm_loss) + sum(extra.values(),
-                                                                                          cls_loss.new_zeros(()))
+                loss = method.objective_scale * total_loss(alpha, cls_loss, mm_loss) + sum(
+                    extra.values(), cls_loss.new_zeros(())
+                )
                 hypergradient = None
                 last_step = index == batches - 1 and number == len(passes) - 1
                 if strategy.needs_hypergradient(self.global_step + 1, end_of_epoch=last_step):
@@ -317,9 +340,13 @@ class Trainer:
                 for name, value in {"loss": loss, "cls_loss": cls_loss, "mm_loss": mm_loss, **extra}.items():
                     sums[name] = sums.get(name, 0) + value.detach().float() * size
             if self.stop_requested and index < batches - 1:
-                self._epoch_position = {"batch": index + 1, "sums": {k: float(v) for k, v in sums.items()},
-                                        "hypergradients": [dataclasses.asdict(r) for r in self._hypergradient_records],
-                                        "seen": seen, "seconds": time.perf_counter() - started}
+                self._epoch_position = {
+                    "batch": index + 1,
+                    "sums": {k: float(v) for k, v in sums.items()},
+                    "hypergradients": [dataclasses.asdict(r) for r in self._hypergradient_records],
+                    "seen": seen,
+                    "seconds": time.perf_counter() - started,
+                }
                 self.sink.save_checkpoint("last", self.state_dict())
                 raise Interrupted()
         sampler.skip = 0
@@ -360,8 +387,11 @@ class Trainer:
         while self.epoch < total:
             number = self.epoch + 1
             self.strategy.start_epoch(self.epoch, total)
-            if (isinstance(self.strategy, LearningBasedStrategy) and self.strategy.updates_at_epoch_start
-                    and not self._epoch_position):
+            if (
+                isinstance(self.strategy, LearningBasedStrategy)
+                and self.strategy.updates_at_epoch_start
+                and not self._epoch_position
+            ):
                 # before the epoch's first step; an epoch resumed mid-way had its update before the interruption
                 self.strategy.apply_hypergradient(self._epoch_start_alpha_gradient())
             self.method.on_epoch_start(self.model, number)
@@ -435,7 +465,11 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         best = state["best"]
-        self.best_metric, self.best_epoch, self.best_scores = float(best["metric"]), int(best["epoch"]), dict(best["scores"])
+        self.best_metric, self.best_epoch, self.best_scores = (
+            float(best["metric"]),
+            int(best["epoch"]),
+            dict(best["scores"]),
+        )
         self.history = [dict(h) for h in state["history"]]
         self._epoch_position = dict(state.get("epoch_position") or {})
         restore_rng(state["rng"])

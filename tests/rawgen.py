@@ -39,9 +39,18 @@ def frame_image(index: int, colour: tuple[int, int, int], width: int, height: in
     return frame
 
 
-def write_video(path: Path, frames: int, colour: tuple[int, int, int], *, width: int = 32, height: int = 24,
-                fps: int = 10, audio_seconds: float | None = None, freq: float = 440.0,
-                gray_levels: bool = False) -> Path:
+def write_video(
+    path: Path,
+    frames: int,
+    colour: tuple[int, int, int],
+    *,
+    width: int = 32,
+    height: int = 24,
+    fps: int = 10,
+    audio_seconds: float | None = None,
+    freq: float = 440.0,
+    gray_levels: bool = False,
+) -> Path:
     """A clip in the container named by the suffix: .flv (FLV1 + MP3), .mp4 (MPEG-4 + AAC), .avi (MPEG-4)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
@@ -73,8 +82,9 @@ def write_video(path: Path, frames: int, colour: tuple[int, int, int], *, width:
                 piece = np.zeros(chunk, dtype=np.float32)
                 part = samples[begin : begin + chunk]
                 piece[: part.size] = part
-                frame = av.AudioFrame.from_ndarray(piece.reshape(1, -1), format="fltp" if fmt == "fltp" else "flt",
-                                                   layout="mono")
+                frame = av.AudioFrame.from_ndarray(
+                    piece.reshape(1, -1), format="fltp" if fmt == "fltp" else "flt", layout="mono"
+                )
                 frame.sample_rate = rate
                 frame.pts = begin
                 frame.time_base = Fraction(1, rate)
@@ -129,8 +139,9 @@ def make_crema_d(root: Path, per_class: int = 3, frames: int = 12, audio_seconds
 KS_CLASSES = ["playing bagpipes", "playing drums", "singing"]
 
 
-def make_kinetics_sounds(root: Path, per_split: dict[str, int] | None = None, frames: int = 12,
-                         audio_seconds: float = 2.0) -> list[dict[str, str]]:
+def make_kinetics_sounds(
+    root: Path, per_split: dict[str, int] | None = None, frames: int = 12, audio_seconds: float = 2.0
+) -> list[dict[str, str]]:
     """videos/<clip>.mp4 (video + AAC audio) and annotations.csv (``clip,label,split``)."""
     per_split = per_split or {"train": 3, "val": 1, "test": 1}
     rows = []
@@ -138,8 +149,9 @@ def make_kinetics_sounds(root: Path, per_split: dict[str, int] | None = None, fr
         for split, count in per_split.items():
             for k in range(count):
                 clip = f"yt{c}{split[:2]}{k}_000010_000020"
-                write_video(root / "videos" / f"{clip}.mp4", frames, COLOURS[c], audio_seconds=audio_seconds,
-                            freq=300 + 150 * c)
+                write_video(
+                    root / "videos" / f"{clip}.mp4", frames, COLOURS[c], audio_seconds=audio_seconds, freq=300 + 150 * c
+                )
                 rows.append({"clip": clip, "label": label, "split": split})
     with open(root / "annotations.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["clip", "label", "split"])
@@ -189,7 +201,7 @@ def make_twitter2015(root: Path, per_split: dict[str, int] | None = None) -> dic
         for k in range(count):
             label = k % 3
             target = targets[k % len(targets)]
-            sentence = f"RT @user : $T$ is \"{['awful', 'here', 'great'][label]}\" today #news"
+            sentence = f'RT @user : $T$ is "{["awful", "here", "great"][label]}" today #news'
             image_id = f"{image}.jpg"
             image += 1
             write_jpeg(root / "twitter2015_images" / image_id, COLOURS[label])
@@ -207,12 +219,21 @@ def make_twitter2015(root: Path, per_split: dict[str, int] | None = None) -> dic
 
 def nvgesture_line(class_id: int, subject: int, repeat: int, start: int, end: int) -> str:
     path = f"./Video_data/class_{class_id:02d}/subject{subject}_r{repeat}"
-    return (f"path:{path} depth:sk_depth:{start}:{end} color:sk_color:{start}:{end} "
-            f"duo_left:duo_left:{start}:{end} label:{class_id}")
+    return (
+        f"path:{path} depth:sk_depth:{start}:{end} color:sk_color:{start}:{end} "
+        f"duo_left:duo_left:{start}:{end} label:{class_id}"
+    )
 
 
-def make_nvgesture(root: Path, classes: int = 3, train_per_class: int = 2, test_per_class: int = 1,
-                   frames: int = 14, start: int = 2, end: int = 12) -> dict[str, list[str]]:
+def make_nvgesture(
+    root: Path,
+    classes: int = 3,
+    train_per_class: int = 2,
+    test_per_class: int = 1,
+    frames: int = 14,
+    start: int = 2,
+    end: int = 12,
+) -> dict[str, list[str]]:
     """Video_data/class_XX/subjectN_rM/{sk_color,sk_depth}.avi and the two .lst files (labels 1-based)."""
     lists: dict[str, list[str]] = {"train": [], "test": []}
     subject = 1
@@ -221,8 +242,9 @@ def make_nvgesture(root: Path, classes: int = 3, train_per_class: int = 2, test_
             for repeat in range(count):
                 folder = root / "Video_data" / f"class_{class_id:02d}" / f"subject{subject}_r{repeat}"
                 write_video(folder / "sk_color.avi", frames, COLOURS[class_id - 1], width=40, height=30)
-                write_video(folder / "sk_depth.avi", frames, COLOURS[class_id - 1], width=40, height=30,
-                            gray_levels=True)
+                write_video(
+                    folder / "sk_depth.avi", frames, COLOURS[class_id - 1], width=40, height=30, gray_levels=True
+                )
                 lists[split].append(nvgesture_line(class_id, subject, repeat, start, end))
             subject += 1
     for split, lines in lists.items():
@@ -238,14 +260,23 @@ def make_tiny_text_model(folder: Path) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(
-        "oh great love monday traffic rain sunny coffee again just what i needed today # < > user rt @ : is "
-        "awful here news obama apple lakers , ' \" . a the it".split()))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(
+        set(
+            "oh great love monday traffic rain sunny coffee again just what i needed today # < > user rt @ : is "
+            "awful here news obama apple lakers , ' \" . a the it".split()
+        )
+    )
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
     tokenizer.save_pretrained(folder)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=160)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=160,
+    )
     BertModel(config).save_pretrained(folder)
     return folder
 

@@ -122,15 +122,21 @@ def test_ui_binds_elsewhere_only_with_allow_remote_and_warns(registry):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     # 127.0.0.2 is another loopback address: not the default, so it needs the flag, yet stays on this machine.
-    ui = subprocess.Popen([sys.executable, "-m", "dmgl_cli", "ui", "--host", "127.0.0.2", "--port", str(port),
-                           "--allow-remote"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "dmgl_cli", "ui", "--host", "127.0.0.2", "--port", str(port), "--allow-remote"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     last_error = None
     try:
         deadline = time.time() + 90
         while time.time() < deadline:
             try:
                 # MLflow's DNS-rebinding guard accepts a localhost Host header.
-                request = urllib.request.Request(f"http://127.0.0.2:{port}/health", headers={"Host": f"localhost:{port}"})
+                request = urllib.request.Request(
+                    f"http://127.0.0.2:{port}/health", headers={"Host": f"localhost:{port}"}
+                )
                 with urllib.request.urlopen(request, timeout=2) as response:
                     if response.status == 200:
                         break
@@ -147,9 +153,18 @@ def test_ui_binds_elsewhere_only_with_allow_remote_and_warns(registry):
 
 @pytest.mark.slow
 def test_a_bad_method_setting_creates_no_run(run_cli, synthetic, registry):
-    result = run_cli("train", "--method", "ogm-ge", "--set", "method.options.ogm-ge.start_epoch=3",
-                     "--set", "method.options.ogm-ge.end_epoch=2", expect=1)
+    result = run_cli(
+        "train",
+        "--method",
+        "ogm-ge",
+        "--set",
+        "method.options.ogm-ge.start_epoch=3",
+        "--set",
+        "method.options.ogm-ge.end_epoch=2",
+        expect=1,
+    )
     assert "method.options.ogm-ge.end_epoch (2) must be >= method.options.ogm-ge.start_epoch (3)" in result.output
     assert "parent run" not in result.output
     assert not (registry / "mlflow.db").exists() or not Tracker().search(
-        [e.experiment_id for e in Tracker().client.search_experiments()])
+        [e.experiment_id for e in Tracker().client.search_experiments()]
+    )

@@ -87,8 +87,9 @@ def _crema(tmp_path: Path) -> Path:
 
 
 def _crema_case(raw: Path, culprit: Path, says: str, resumable: bool = True) -> Case:
-    return Case(["prepare", "crema-d", "--raw", raw, *CREMA], str(culprit), says, dataset="crema-d",
-                resumable=resumable)
+    return Case(
+        ["prepare", "crema-d", "--raw", raw, *CREMA], str(culprit), says, dataset="crema-d", resumable=resumable
+    )
 
 
 def missing_raw_folder(tmp_path, **_):
@@ -134,8 +135,19 @@ def text_model(tmp_path_factory):
 def _twitter(tmp_path: Path, text_model: Path) -> tuple[Path, list[str]]:
     raw = tmp_path / "twitter2015"
     make_twitter2015(raw, per_split={"train": 3, "dev": 2, "test": 2})
-    args = ["prepare", "twitter2015", "--raw", raw, "--text-model", text_model, "-o", "image_size=16",
-            "-o", "max_tokens=16", "--silent"]
+    args = [
+        "prepare",
+        "twitter2015",
+        "--raw",
+        raw,
+        "--text-model",
+        text_model,
+        "-o",
+        "image_size=16",
+        "-o",
+        "max_tokens=16",
+        "--silent",
+    ]
     return raw, args
 
 
@@ -199,8 +211,9 @@ def run_not_found(**_):
 
 
 def _trained_child(run_cli, *extra: str):
-    result = run_cli("train", "--strategy", "heuristic", "--epochs", "1", "--silent", "--set", "train.batch_size=64",
-                     *extra)
+    result = run_cli(
+        "train", "--strategy", "heuristic", "--epochs", "1", "--silent", "--set", "train.batch_size=64", *extra
+    )
     parent_id = re.search(r"parent run ([0-9a-f]{32})", result.output).group(1)
     return Tracker().children(parent_id)[0]
 
@@ -211,8 +224,11 @@ def checkpoint_from_another_model(run_cli, **_):
     large = _trained_child(run_cli, "--set", "model.embed_dim=16")
     target = local_path(large.artifact_uri) / "checkpoints" / "best.pt"
     shutil.copyfile(local_path(small.artifact_uri) / "checkpoints" / "best.pt", target)
-    return Case(["eval", large.run_id], f"checkpoint run {large.run_id} checkpoints/best.pt",
-                "was made for another model (shape differs for")
+    return Case(
+        ["eval", large.run_id],
+        f"checkpoint run {large.run_id} checkpoints/best.pt",
+        "was made for another model (shape differs for",
+    )
 
 
 # ----------------------------------------------------------------------------------- the system says no
@@ -238,8 +254,13 @@ def registry_read_only(tmp_path, registry, **_):
     raw = _crema(tmp_path)
     registry.mkdir()
     registry.chmod(0o555)
-    return Case(["prepare", "crema-d", "--raw", raw, *CREMA], f"registry folder {registry}",
-                "is not writable (Permission denied)", dataset="crema-d", preexec=_drop_root_file_override())
+    return Case(
+        ["prepare", "crema-d", "--raw", raw, *CREMA],
+        f"registry folder {registry}",
+        "is not writable (Permission denied)",
+        dataset="crema-d",
+        preexec=_drop_root_file_override(),
+    )
 
 
 def _staging_file(registry: Path) -> str:
@@ -259,9 +280,15 @@ def disk_full_during_prepare(tmp_path, registry, run_cli, **_):
         assert "prepared crema-d: 6 classes; train 11, test 1" in result.output
         assert not (registry / "datasets" / ".work-crema-d").exists()
 
-    return Case(["prepare", "crema-d", "--raw", raw, *CREMA], _staging_file(registry),
-                "File too large; free some space there", dataset="crema-d", resumable=True,
-                preexec=_file_size_limit, after=resumes_once_there_is_room)
+    return Case(
+        ["prepare", "crema-d", "--raw", raw, *CREMA],
+        _staging_file(registry),
+        "File too large; free some space there",
+        dataset="crema-d",
+        resumable=True,
+        preexec=_file_size_limit,
+        after=resumes_once_there_is_room,
+    )
 
 
 def _can_mount_privately() -> bool:
@@ -279,17 +306,23 @@ def disk_full_for_real(tmp_path, registry, **_):
     raw = _crema(tmp_path)
     registry.mkdir()
     # The mount vanishes with the child, so the child lists what it left there (on stderr, after the message).
-    script = ('mount -t tmpfs -o size=3m tmpfs "$DMGL_HOME" || exit 99; "$@"; rc=$?; '
-              'echo "left:" >&2; find "$DMGL_HOME" -type f -printf "%P\\n" >&2; exit $rc')
+    script = (
+        'mount -t tmpfs -o size=3m tmpfs "$DMGL_HOME" || exit 99; "$@"; rc=$?; '
+        'echo "left:" >&2; find "$DMGL_HOME" -type f -printf "%P\\n" >&2; exit $rc'
+    )
 
     def leaves_only_the_work_folder(output: str) -> None:
         left = output.split("left:\n", 1)[1].split()
         assert sorted(left) == sorted(["datasets/.work-crema-d/.lock", "datasets/.work-crema-d/plan.json"]), left
 
-    return Case(["prepare", "crema-d", "--raw", raw, *CREMA], _staging_file(registry),
-                "No space left on device; free some space there", dataset="crema-d",
-                wrap=["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"],
-                after=leaves_only_the_work_folder)
+    return Case(
+        ["prepare", "crema-d", "--raw", raw, *CREMA],
+        _staging_file(registry),
+        "No space left on device; free some space there",
+        dataset="crema-d",
+        wrap=["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"],
+        after=leaves_only_the_work_folder,
+    )
 
 
 CASES = {
@@ -307,8 +340,12 @@ CASES = {
     "unknown-method": _train("--method", "nope", culprit="method 'nope'", says="unknown method"),
     "unknown-strategy": _train("--strategy", "magic", culprit="strategy 'magic'", says="unknown strategy"),
     "unknown-table": unknown_table,
-    "alpha-above-1": _train("--strategy", "constant", "--alpha", "1.5", culprit="alpha", says="alpha must be in [0, 1], got 1.5"),
-    "alpha-below-0": _train("--strategy", "constant", "--alpha", "-0.1", culprit="alpha", says="alpha must be in [0, 1], got -0.1"),
+    "alpha-above-1": _train(
+        "--strategy", "constant", "--alpha", "1.5", culprit="alpha", says="alpha must be in [0, 1], got 1.5"
+    ),
+    "alpha-below-0": _train(
+        "--strategy", "constant", "--alpha", "-0.1", culprit="alpha", says="alpha must be in [0, 1], got -0.1"
+    ),
     "p-above-1": _train("--strategy", "stepwise", "--p", "2", culprit="p", says="p must be in [0, 1], got 2"),
     "p-below-0": _train("--strategy", "stepwise", "--p", "-0.5", culprit="p", says="p must be in [0, 1], got -0.5"),
     "seeds-0": _train("--seeds", "0", culprit="--seeds", says="must be >= 1 (a count) or a list like 0,1,2; got 0"),
@@ -325,8 +362,11 @@ def _files(root: Path) -> dict[str, tuple[int, int]]:
     """Every file under ``root`` but the MLflow store's (looking a run up opens, and may create, the store)."""
     if not root.exists():
         return {}
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
-            if p.is_file() and not p.name.startswith(TRACKING_STORE)}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.startswith(TRACKING_STORE)
+    }
 
 
 def _tracked(root: Path) -> dict[str, int]:
@@ -343,8 +383,13 @@ def _invoke(case: Case, run_cli) -> tuple[int, str]:
         result = run_cli(*case.args, expect=case.exit_code)
         assert isinstance(result.exception, SystemExit), repr(result.exception)  # not an escaped exception
         return result.exit_code, result.output
-    child = subprocess.run([*(case.wrap or []), sys.executable, "-m", "dmgl_cli", *map(str, case.args)],
-                           capture_output=True, text=True, preexec_fn=case.preexec, timeout=120)
+    child = subprocess.run(
+        [*(case.wrap or []), sys.executable, "-m", "dmgl_cli", *map(str, case.args)],
+        capture_output=True,
+        text=True,
+        preexec_fn=case.preexec,
+        timeout=120,
+    )
     return child.returncode, child.stdout + child.stderr
 
 
@@ -359,7 +404,7 @@ def test_bad_input_gives_one_clear_message_and_leaves_nothing(build, tmp_path, r
     assert code == case.exit_code, output
     assert "Traceback" not in output, output
     assert output.count("Error:") == 1, output
-    message = output[output.index("Error:"):]
+    message = output[output.index("Error:") :]
     assert case.culprit in message and case.says in message, message
     # Nothing half-written: the registry is unchanged but for the documented resumable work folder.
     work = f"datasets/.work-{case.dataset}/"
@@ -421,6 +466,7 @@ def test_skip_bad_quarantines_exactly_the_injected_files(run_cli, registry, tmp_
     good = sorted(p.stem for p in (raw / "AudioWAV").glob("*.wav") if p.stem not in injected)
     assert sorted(stored) == good and len(good) == 8
     for clip in good:
-        np.testing.assert_allclose(stored[clip], audio_spectrogram(raw / "AudioWAV" / f"{clip}.wav", 3.0),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            stored[clip], audio_spectrogram(raw / "AudioWAV" / f"{clip}.wav", 3.0), rtol=1e-5, atol=1e-5
+        )
     assert not (registry / "datasets" / ".work-crema-d").exists()

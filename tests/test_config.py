@@ -112,8 +112,12 @@ def test_resolve_precedence_recipe_then_published_then_set_then_flags():
     assert resolve("synthetic", method="greedy").strategy.name == "constant"
     # ... unless --set or --strategy says otherwise; the typed flags win over --set.
     assert resolve("synthetic", ["strategy.name=heuristic"], method="greedy").strategy.name == "heuristic"
-    config = resolve("synthetic", ["strategy.name=heuristic", "train.epochs=9"],
-                     strategy=StrategySpec("constant", 0.25), settings={"train.epochs": 2})
+    config = resolve(
+        "synthetic",
+        ["strategy.name=heuristic", "train.epochs=9"],
+        strategy=StrategySpec("constant", 0.25),
+        settings={"train.epochs": 2},
+    )
     assert (config.strategy.name, config.strategy.alpha, config.train.epochs) == ("constant", 0.25, 2)
     # a spec without a value keeps the recipe's alpha
     assert resolve("synthetic", ["strategy.alpha=0.75"], strategy=StrategySpec("constant")).strategy.alpha == 0.75
@@ -147,8 +151,9 @@ def test_validate_only_checks_and_a_method_pins_its_settings_once(caplog):
     validate(config)
     assert config.to_dict() == before
     # a recorded config that no longer holds the method's settings is refused, not silently rewritten
-    edited = dataclasses.replace(config, strategy=dataclasses.replace(
-        config.strategy, lb=dataclasses.replace(config.strategy.lb, approx="cg")))
+    edited = dataclasses.replace(
+        config, strategy=dataclasses.replace(config.strategy, lb=dataclasses.replace(config.strategy.lb, approx="cg"))
+    )
     with pytest.raises(DmglError, match="cannot run with strategy.lb.approx='cg'"):
         validate(edited)
 
@@ -168,7 +173,7 @@ def test_choice_fields_are_literal_types_matching_the_code():
     assert set(approx) == set(ALPHA_GRADIENTS)
     with pytest.raises(DmglError, match="unknown strategy.lb.outer_data 'test'; valid: holdout, val, train"):
         load_config("synthetic", ["strategy.lb.outer_data=test"])
-    with pytest.raises(DmglError, match="strategy.lb.update_every' must be int or \"epoch\" or \"epoch_start\""):
+    with pytest.raises(DmglError, match='strategy.lb.update_every\' must be int or "epoch" or "epoch_start"'):
         load_config("synthetic", ["strategy.lb.update_every=never"])
 
 

@@ -14,9 +14,25 @@ from dmgl_cli.data.preparers.common import exact_stratified_split
 from dmgl_cli.data.registry import DatasetRegistry
 
 SMALL = ["-o", "frame_size=32"]
-TINY_TRAIN = ["--epochs", "1", "--silent", "--set", "model.embed_dim=16", "--set", "train.batch_size=8",
-              "--set", "train.eval_batch_size=32", "--set", "data.num_workers=0", "--set", "train.device=cpu",
-              "--set", "model.encoders.audio.options.width=4", "--set", "model.encoders.visual.options.width=4"]
+TINY_TRAIN = [
+    "--epochs",
+    "1",
+    "--silent",
+    "--set",
+    "model.embed_dim=16",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.eval_batch_size=32",
+    "--set",
+    "data.num_workers=0",
+    "--set",
+    "train.device=cpu",
+    "--set",
+    "model.encoders.audio.options.width=4",
+    "--set",
+    "model.encoders.visual.options.width=4",
+]
 
 
 @pytest.fixture
@@ -62,18 +78,42 @@ def test_prepare_checks_shapes_labels_registry_and_trains(run_cli, registry, cre
 def test_split_files_and_seeded_default(run_cli, registry, crema_raw, tmp_path):
     clips = sorted(p.stem for p in (crema_raw / "AudioWAV").glob("*.wav"))
     test_clips = [c for c in clips if c.startswith("1003")]
-    (tmp_path / "train.csv").write_text("clip_id,label\n" + "".join(
-        f"{c},{c.split('_')[2]}\n" for c in clips if c not in test_clips))
+    (tmp_path / "train.csv").write_text(
+        "clip_id,label\n" + "".join(f"{c},{c.split('_')[2]}\n" for c in clips if c not in test_clips)
+    )
     (tmp_path / "test.csv").write_text("".join(f"{c},{c.split('_')[2]}\n" for c in test_clips))
-    run_cli("prepare", "crema-d", "--raw", crema_raw, "--split-file", f"train={tmp_path / 'train.csv'}",
-            "--split-file", f"test={tmp_path / 'test.csv'}", "--name", "crema-files", *SMALL, "--silent")
+    run_cli(
+        "prepare",
+        "crema-d",
+        "--raw",
+        crema_raw,
+        "--split-file",
+        f"train={tmp_path / 'train.csv'}",
+        "--split-file",
+        f"test={tmp_path / 'test.csv'}",
+        "--name",
+        "crema-files",
+        *SMALL,
+        "--silent",
+    )
     dataset = PreparedDataset(registry / "datasets" / "crema-files")
     assert sorted(np.load(dataset.path / "test" / "ids.npy").tolist()) == test_clips
     assert dataset.manifest["splits"] == {"train": 12, "test": 6}
 
     (tmp_path / "bad.csv").write_text("1001_DFA_ANG_XX,SAD\n")
-    result = run_cli("prepare", "crema-d", "--raw", crema_raw, "--split-file", f"train={tmp_path / 'bad.csv'}",
-                     "--split-file", f"test={tmp_path / 'test.csv'}", "--name", "crema-bad", expect=1)
+    result = run_cli(
+        "prepare",
+        "crema-d",
+        "--raw",
+        crema_raw,
+        "--split-file",
+        f"train={tmp_path / 'bad.csv'}",
+        "--split-file",
+        f"test={tmp_path / 'test.csv'}",
+        "--name",
+        "crema-bad",
+        expect=1,
+    )
     assert "labelled SAD but its file name says ANG" in result.output
 
 
@@ -113,7 +153,9 @@ def test_corrupt_wav_stops_with_its_path_then_skip_bad_records_it_and_resumes(ru
     assert "decoding:   0%|          | 0/18" not in result.output  # resumed, not restarted
     manifest = json.loads((registry / "datasets" / "crema-d" / "manifest.json").read_text())
     (record,) = manifest["bad_samples"]
-    assert record["id"] == "1002_DFA_FEA_XX" and record["path"] == str(bad) and "not a readable audio" in record["reason"]
+    assert (
+        record["id"] == "1002_DFA_FEA_XX" and record["path"] == str(bad) and "not a readable audio" in record["reason"]
+    )
     assert sum(manifest["splits"].values()) == 17
     ids = np.concatenate([np.load(registry / "datasets" / "crema-d" / s / "ids.npy") for s in manifest["splits"]])
     assert "1002_DFA_FEA_XX" not in ids
@@ -136,8 +178,25 @@ def test_video_shorter_than_the_requested_frames(run_cli, registry, crema_raw):
 def test_an_mlp_encoder_is_built_for_the_sampled_frames(run_cli, registry, crema_raw):
     # The recipe samples 3 of the 10 stored frames: an encoder whose size depends on its input must see 3.
     run_cli("prepare", "crema-d", "--raw", crema_raw, *SMALL)
-    result = run_cli("train", "--recipe", "crema-d", "--epochs", "1", "--set", "model.embed_dim=8",
-                     "--set", "train.batch_size=8", "--set", "data.num_workers=0", "--set", "train.device=cpu",
-                     "--set", "model.encoders.visual.name=mlp", "--set", "model.encoders.visual.hidden=8",
-                     "--set", "model.encoders.audio.options.width=4")
+    result = run_cli(
+        "train",
+        "--recipe",
+        "crema-d",
+        "--epochs",
+        "1",
+        "--set",
+        "model.embed_dim=8",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "train.device=cpu",
+        "--set",
+        "model.encoders.visual.name=mlp",
+        "--set",
+        "model.encoders.visual.hidden=8",
+        "--set",
+        "model.encoders.audio.options.width=4",
+    )
     assert "mean over 1 seeds" in result.output

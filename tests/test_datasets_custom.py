@@ -14,8 +14,7 @@ from dmgl_cli.data.prepared import PreparedDataset
 from dmgl_cli.data.registry import DatasetRegistry
 
 LABELS = ["cat", "dog", "owl"]
-SMALL = ["-o", "frame_size=32", "-o", "image_size=32", "-o", "max_tokens=16", "-o", "frames=4", "-o",
-         "audio_seconds=1"]
+SMALL = ["-o", "frame_size=32", "-o", "image_size=32", "-o", "max_tokens=16", "-o", "frames=4", "-o", "audio_seconds=1"]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +35,14 @@ def write_manifest(root, per_class=3, with_split=True):
                 (root / "captions").mkdir(exist_ok=True)
                 (root / "captions" / f"{ident}.txt").write_text(caption + "\n")
                 caption = f"captions/{ident}.txt"
-            row = {"id": ident, "label": label, "voice": f"sounds/{ident}.wav", "face": f"clips/{ident}.mp4",
-                   "photo": f"photos/{ident}.jpg", "caption": caption}
+            row = {
+                "id": ident,
+                "label": label,
+                "voice": f"sounds/{ident}.wav",
+                "face": f"clips/{ident}.mp4",
+                "photo": f"photos/{ident}.jpg",
+                "caption": caption,
+            }
             if with_split:
                 row["split"] = ["train", "train", "test"][k]
             rows.append(row)
@@ -48,15 +53,24 @@ def write_manifest(root, per_class=3, with_split=True):
     return rows
 
 
-KINDS = ["--modality", "voice=audio", "--modality", "face=video", "--modality", "photo=image",
-         "--modality", "caption=text"]
+KINDS = [
+    "--modality",
+    "voice=audio",
+    "--modality",
+    "face=video",
+    "--modality",
+    "photo=image",
+    "--modality",
+    "caption=text",
+]
 
 
 @pytest.mark.slow
 def test_custom_manifest_prepares_every_kind_and_trains(run_cli, registry, tmp_path, text_model):
     rows = write_manifest(tmp_path)
-    result = run_cli("prepare", "custom", "--manifest", tmp_path / "samples.csv", *KINDS, "--text-model", text_model,
-                     *SMALL)
+    result = run_cli(
+        "prepare", "custom", "--manifest", tmp_path / "samples.csv", *KINDS, "--text-model", text_model, *SMALL
+    )
     assert "prepared custom: 3 classes; train 6, test 3" in result.output
     dataset = PreparedDataset(registry / "datasets" / "custom")
     assert dataset.classes == LABELS
@@ -81,19 +95,47 @@ def test_custom_manifest_prepares_every_kind_and_trains(run_cli, registry, tmp_p
     assert DatasetRegistry(registry).get("custom")["splits"] == {"train": 6, "test": 3}
     assert dataset.manifest["extra"]["text_model"] == str(text_model)
 
-    trained = run_cli("train", "--recipe", "custom", "--epochs", "1", "--silent", "--set", "model.embed_dim=8",
-                      "--set", f"model.encoders.default.weights={text_model}", "--set",
-                      "model.encoders.default.options.width=4", "--set", "train.batch_size=4", "--set",
-                      "data.num_workers=0", "--set", "train.device=cpu", "--set", "data.val_fraction=0.34")
+    trained = run_cli(
+        "train",
+        "--recipe",
+        "custom",
+        "--epochs",
+        "1",
+        "--silent",
+        "--set",
+        "model.embed_dim=8",
+        "--set",
+        f"model.encoders.default.weights={text_model}",
+        "--set",
+        "model.encoders.default.options.width=4",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "train.device=cpu",
+        "--set",
+        "data.val_fraction=0.34",
+    )
     assert "test_acc" in trained.output
 
 
 def test_yaml_spec_without_split_column_holds_out_a_seeded_test_split(run_cli, registry, tmp_path, text_model):
     write_manifest(tmp_path, per_class=4, with_split=False)
     (tmp_path / "spec.yaml").write_text(
-        "label: label\nid: id\nmodalities:\n  voice: {kind: audio, seconds: 0.5}\n  photo: {kind: image, size: 24}\n")
-    run_cli("prepare", "custom", "--manifest", tmp_path / "samples.csv", "-o", f"spec={tmp_path / 'spec.yaml'}",
-            "-o", "test_fraction=0.25", "--silent")
+        "label: label\nid: id\nmodalities:\n  voice: {kind: audio, seconds: 0.5}\n  photo: {kind: image, size: 24}\n"
+    )
+    run_cli(
+        "prepare",
+        "custom",
+        "--manifest",
+        tmp_path / "samples.csv",
+        "-o",
+        f"spec={tmp_path / 'spec.yaml'}",
+        "-o",
+        "test_fraction=0.25",
+        "--silent",
+    )
     dataset = PreparedDataset(registry / "datasets" / "custom")
     assert dataset.manifest["splits"] == {"train": 9, "test": 3}
     assert sorted(dataset.split("test").labels.tolist()) == [0, 1, 2]

@@ -20,8 +20,10 @@ SMALL = ["-o", "frame_size=24"]
 def test_annotations_csv_prepares_three_splits_and_trains(run_cli, registry, tmp_path):
     rows = make_kinetics_sounds(tmp_path)
     result = run_cli("prepare", "kinetics-sounds", "--raw", tmp_path, *SMALL)
-    assert ("prepared kinetics-sounds: 3 classes; train 9, val 3, test 3; audio (257, 1004), visual (10, 24, 24, 3)"
-            in result.output)
+    assert (
+        "prepared kinetics-sounds: 3 classes; train 9, val 3, test 3; audio (257, 1004), visual (10, 24, 24, 3)"
+        in result.output
+    )
     dataset = PreparedDataset(registry / "datasets" / "kinetics-sounds")
     assert dataset.classes == sorted(KS_CLASSES)
     val = dataset.split("val")
@@ -36,10 +38,26 @@ def test_annotations_csv_prepares_three_splits_and_trains(run_cli, registry, tmp
     assert row["splits"] == {"train": 9, "val": 3, "test": 3}
     assert row["modalities"]["audio"]["shape"] == [257, 1004]
 
-    trained = run_cli("train", "--recipe", "kinetics-sounds", "--epochs", "1", "--silent", "--set",
-                      "model.embed_dim=8", "--set", "model.encoders.audio.options.width=4", "--set",
-                      "model.encoders.visual.options.width=4", "--set", "train.batch_size=4", "--set",
-                      "data.num_workers=0", "--set", "train.device=cpu")
+    trained = run_cli(
+        "train",
+        "--recipe",
+        "kinetics-sounds",
+        "--epochs",
+        "1",
+        "--silent",
+        "--set",
+        "model.embed_dim=8",
+        "--set",
+        "model.encoders.audio.options.width=4",
+        "--set",
+        "model.encoders.visual.options.width=4",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "train.device=cpu",
+    )
     assert "test_acc" in trained.output
 
 
@@ -48,8 +66,20 @@ def test_lineage_id_label_lists_and_kinetics_columns(run_cli, registry, tmp_path
     for split in ("train", "test"):
         with open(tmp_path / f"my_{split}.csv", "w", newline="") as handle:
             csv.writer(handle).writerows([(r["clip"], r["label"]) for r in rows if r["split"] == split])
-    run_cli("prepare", "kinetics-sounds", "--raw", tmp_path, "--split-file", f"train={tmp_path / 'my_train.csv'}",
-            "--split-file", f"test={tmp_path / 'my_test.csv'}", "--name", "ks-lists", *SMALL, "--silent")
+    run_cli(
+        "prepare",
+        "kinetics-sounds",
+        "--raw",
+        tmp_path,
+        "--split-file",
+        f"train={tmp_path / 'my_train.csv'}",
+        "--split-file",
+        f"test={tmp_path / 'my_test.csv'}",
+        "--name",
+        "ks-lists",
+        *SMALL,
+        "--silent",
+    )
     assert PreparedDataset(registry / "datasets" / "ks-lists").manifest["splits"] == {"train": 6, "test": 3}
 
     # Kinetics' own columns: the clip name is rebuilt from youtube_id and the times.
@@ -58,8 +88,18 @@ def test_lineage_id_label_lists_and_kinetics_columns(run_cli, registry, tmp_path
         writer.writerow(["label", "youtube_id", "time_start", "time_end", "split", "is_cc"])
         for r in rows:
             writer.writerow([r["label"], r["clip"][: -len("_000010_000020")], 10, 20, r["split"], 0])
-    run_cli("prepare", "kinetics-sounds", "--raw", tmp_path, "-o", f"annotations={tmp_path / 'kinetics.csv'}",
-            "--name", "ks-kinetics", *SMALL, "--silent")
+    run_cli(
+        "prepare",
+        "kinetics-sounds",
+        "--raw",
+        tmp_path,
+        "-o",
+        f"annotations={tmp_path / 'kinetics.csv'}",
+        "--name",
+        "ks-kinetics",
+        *SMALL,
+        "--silent",
+    )
     assert PreparedDataset(registry / "datasets" / "ks-kinetics").manifest["splits"] == {"train": 6, "test": 3}
 
 

@@ -20,8 +20,10 @@ LIST = "nvgesture_train_correct_cvpr2016_v2.lst"
 def test_prepares_rgb_depth_flow_and_trains(run_cli, registry, tmp_path):
     lists = make_nvgesture(tmp_path)
     result = run_cli("prepare", "nvgesture", "--raw", tmp_path, *SMALL)
-    assert ("prepared nvgesture: 25 classes; train 6, test 3; rgb (4, 16, 16, 3), depth (4, 16, 16, 1), "
-            "flow (4, 16, 16, 2)" in result.output)
+    assert (
+        "prepared nvgesture: 25 classes; train 6, test 3; rgb (4, 16, 16, 3), depth (4, 16, 16, 1), "
+        "flow (4, 16, 16, 2)" in result.output
+    )
     dataset = PreparedDataset(registry / "datasets" / "nvgesture")
     train = dataset.split("train")
     assert train.labels.tolist() == [int(line.rsplit("label:", 1)[1]) - 1 for line in lists["train"]]
@@ -36,18 +38,37 @@ def test_prepares_rgb_depth_flow_and_trains(run_cli, registry, tmp_path):
     assert row["splits"] == {"train": 6, "test": 3} and row["num_classes"] == 25
     assert dataset.manifest["extra"]["optical_flow"]["algorithm"] == "opencv farneback"
 
-    trained = run_cli("train", "--recipe", "nvgesture", "--epochs", "1", "--silent", "--set", "model.embed_dim=8",
-                      *[a for m in ("rgb", "depth", "flow") for a in
-                        ("--set", f"model.encoders.{m}.weights=null", "--set", f"model.encoders.{m}.options.width=4")],
-                      "--set", "train.batch_size=4", "--set", "data.num_workers=0", "--set", "train.device=cpu",
-                      "--set", "data.val_fraction=0.34")
+    trained = run_cli(
+        "train",
+        "--recipe",
+        "nvgesture",
+        "--epochs",
+        "1",
+        "--silent",
+        "--set",
+        "model.embed_dim=8",
+        *[
+            a
+            for m in ("rgb", "depth", "flow")
+            for a in ("--set", f"model.encoders.{m}.weights=null", "--set", f"model.encoders.{m}.options.width=4")
+        ],
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "train.device=cpu",
+        "--set",
+        "data.val_fraction=0.34",
+    )
     assert "test_acc" in trained.output and "acc_flow" in trained.output
 
 
 def test_list_lines_are_parsed_exactly():
     folder, colour, depth, label = parse_line(
         "path:./Video_data/class_01/subject13_r0 depth:sk_depth:46:126 color:sk_color:46:126 "
-        "duo_left:duo_left:60:168 label:1")
+        "duo_left:duo_left:60:168 label:1"
+    )
     assert (folder, colour, depth, label) == ("./Video_data/class_01/subject13_r0", (46, 126), (46, 126), 0)
 
 

@@ -27,11 +27,14 @@ from dmgl_cli.models.encoders import ENCODERS
 
 
 def make_plan(tmp_path: Path) -> driver.Plan:
-    samples = [driver.Sample("train" if i < 6 else "test", i if i < 6 else i - 6, i % 2, f"s{i}", (i, f"file{i}"))
-               for i in range(8)]
+    samples = [
+        driver.Sample("train" if i < 6 else "test", i if i < 6 else i - 6, i % 2, f"s{i}", (i, f"file{i}"))
+        for i in range(8)
+    ]
     decode = functools.partial(decode_logged, log=str(tmp_path / "log.txt"), fail=str(tmp_path / "fail"))
-    return driver.Plan(samples=samples, classes=["a", "b"], decoded={"x": driver.Modality("vector", (2,), "float32")},
-                       decode=decode)
+    return driver.Plan(
+        samples=samples, classes=["a", "b"], decoded={"x": driver.Modality("vector", (2,), "float32")}, decode=decode
+    )
 
 
 def decoded(tmp_path: Path) -> list[int]:
@@ -71,23 +74,36 @@ def test_driver_starts_over_when_the_plan_changes(tmp_path):
 
 def test_driver_workers_give_the_same_arrays(tmp_path):
     (tmp_path / "datasets").mkdir()
-    one = driver.run(PrepareJob(name="one", destination=tmp_path / "datasets" / "one"), make_plan(tmp_path),
-                     preparer="toy", version="1")
-    two = driver.run(PrepareJob(name="two", destination=tmp_path / "datasets" / "two", workers=2),
-                     make_plan(tmp_path), preparer="toy", version="1")
+    one = driver.run(
+        PrepareJob(name="one", destination=tmp_path / "datasets" / "one"),
+        make_plan(tmp_path),
+        preparer="toy",
+        version="1",
+    )
+    two = driver.run(
+        PrepareJob(name="two", destination=tmp_path / "datasets" / "two", workers=2),
+        make_plan(tmp_path),
+        preparer="toy",
+        version="1",
+    )
     assert one["files"] == two["files"]
 
 
 # -------------------------------------------------------------------------------------------------- transforms
 
-VIDEO = {"visual": {"kind": "video", "dtype": "uint8", "shape": [10, 8, 8, 3]},
-         "audio": {"kind": "audio", "dtype": "float32", "shape": [4, 5]}}
+VIDEO = {
+    "visual": {"kind": "video", "dtype": "uint8", "shape": [10, 8, 8, 3]},
+    "audio": {"kind": "audio", "dtype": "float32", "shape": [4, 5]},
+}
 
 
 def config_with(options: dict, seed: int = 0) -> Config:
     config = Config()
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, options=options),
-                               train=dataclasses.replace(config.train, seed=seed))
+    return dataclasses.replace(
+        config,
+        data=dataclasses.replace(config.data, options=options),
+        train=dataclasses.replace(config.train, seed=seed),
+    )
 
 
 def video_batch(n: int = 6) -> dict[str, torch.Tensor]:
@@ -139,8 +155,10 @@ def test_transform_settings_are_checked():
 
 
 def test_array_split_applies_its_transform_to_each_batch():
-    arrays = SplitArrays(labels=np.zeros(4, dtype=np.int64),
-                         inputs={"visual": np.zeros((4, 10, 8, 8, 3), np.uint8), "audio": np.zeros((4, 4, 5), np.float32)})
+    arrays = SplitArrays(
+        labels=np.zeros(4, dtype=np.int64),
+        inputs={"visual": np.zeros((4, 10, 8, 8, 3), np.uint8), "audio": np.zeros((4, 4, 5), np.float32)},
+    )
     split = ArraySplit(arrays, transform=build_transforms(VIDEO, config_with({"frames": {"visual": 3}}), False))
     assert split.__getitems__([0, 2])["inputs"]["visual"].shape == (2, 3, 8, 8, 3)
 
@@ -183,7 +201,8 @@ def test_frame_and_image_encoders_and_auto(tmp_path):
     assert encoder(torch.randint(0, 255, (2, 3, 16, 16, 3), dtype=torch.uint8)).shape == (2, 8)
     image = {"kind": "image", "dtype": "uint8", "shape": [16, 16, 3]}
     assert ENCODERS["resnet50"](image, EncoderConfig(name="resnet50", options={"width": 4}), 8, 0.0)(
-        torch.zeros(2, 16, 16, 3, dtype=torch.uint8)).shape == (2, 8)
+        torch.zeros(2, 16, 16, 3, dtype=torch.uint8)
+    ).shape == (2, 8)
     auto = ENCODERS["auto"](image, EncoderConfig(name="auto", weights="bert-base-uncased", options={"width": 4}), 8, 0)
     assert auto(torch.zeros(2, 16, 16, 3, dtype=torch.uint8)).shape == (2, 8)  # weights name the text model only
     with pytest.raises(DmglError, match="takes audio"):

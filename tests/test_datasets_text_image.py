@@ -23,10 +23,30 @@ def small(text_model) -> list[str]:
 
 
 def tiny_train(recipe: str, text_model) -> list[str]:
-    return ["train", "--recipe", recipe, "--epochs", "1", "--silent", "--set", "model.embed_dim=8",
-            "--set", f"model.encoders.text.weights={text_model}", "--set", "model.encoders.image.weights=null",
-            "--set", "model.encoders.image.options.width=4", "--set", "train.batch_size=4",
-            "--set", "train.eval_batch_size=8", "--set", "data.num_workers=0", "--set", "train.device=cpu"]
+    return [
+        "train",
+        "--recipe",
+        recipe,
+        "--epochs",
+        "1",
+        "--silent",
+        "--set",
+        "model.embed_dim=8",
+        "--set",
+        f"model.encoders.text.weights={text_model}",
+        "--set",
+        "model.encoders.image.weights=null",
+        "--set",
+        "model.encoders.image.options.width=4",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.eval_batch_size=8",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "train.device=cpu",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- Sarcasm
@@ -53,8 +73,18 @@ def test_sarcasm_prepares_splits_labels_tokens_images_and_trains(run_cli, regist
     row = DatasetRegistry(registry).get("sarcasm")
     assert row["splits"] == {"train": 6, "val": 2, "test": 2} and row["num_classes"] == 2
 
-    run_cli("prepare", "sarcasm", "--raw", tmp_path, *small(text_model), "-o", "eval_label=hashtag",
-            "--name", "sarcasm-hashtag", "--silent")
+    run_cli(
+        "prepare",
+        "sarcasm",
+        "--raw",
+        tmp_path,
+        *small(text_model),
+        "-o",
+        "eval_label=hashtag",
+        "--name",
+        "sarcasm-hashtag",
+        "--silent",
+    )
     hashtag = PreparedDataset(registry / "datasets" / "sarcasm-hashtag")
     assert hashtag.split("val").labels.tolist() == [r[2] for r in lines["valid2"]]
 

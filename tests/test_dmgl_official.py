@@ -20,6 +20,7 @@ from dmgl_cli.train import Trainer
 
 def _mixture_kl_by_hand(logits_a: np.ndarray, logits_b: np.ndarray) -> float:
     """½[KL(m‖p) + KL(m‖q)], sum over classes, mean over samples, in numpy."""
+
     def softmax(x):
         e = np.exp(x - x.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
@@ -31,8 +32,10 @@ def _mixture_kl_by_hand(logits_a: np.ndarray, logits_b: np.ndarray) -> float:
 
 def test_mixture_kl_is_kl_from_the_mixture_not_jensen_shannon():
     generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(5, 6, generator=generator, dtype=torch.float64), torch.randn(5, 6, generator=generator,
-                                                                                       dtype=torch.float64)
+    a, b = (
+        torch.randn(5, 6, generator=generator, dtype=torch.float64),
+        torch.randn(5, 6, generator=generator, dtype=torch.float64),
+    )
     value = mixture_kl_divergence(a, b).item()
     assert value == pytest.approx(_mixture_kl_by_hand(a.numpy(), b.numpy()), rel=1e-12)
     # F.kl_div(log p, m, batchmean) is KL(m‖p): the released code's Alignment, term by term
@@ -104,8 +107,10 @@ def test_official_run_updates_alpha_before_each_epoch_with_a_doubled_objective(r
     run_id = re.search(r"seed 0 \(run ([0-9a-f]{32})\)", result.output).group(1)
     run = Tracker().get_run(run_id)
     assert run.params["loss.matching"] == "mixture_kl" and run.params["strategy.lb.approx"] == "official"
-    history = {key: sorted((m.step, m.value) for m in Tracker().client.get_metric_history(run_id, key))
-               for key in ("alpha", "alpha_hypergradient", "train_loss", "train_cls_loss", "train_mm_loss")}
+    history = {
+        key: sorted((m.step, m.value) for m in Tracker().client.get_metric_history(run_id, key))
+        for key in ("alpha", "alpha_hypergradient", "train_loss", "train_cls_loss", "train_mm_loss")
+    }
     alphas = [value for _, value in history["alpha"]]
     gradients = [value for _, value in history["alpha_hypergradient"]]
     # epoch 1 trains at the alpha after the first (pre-training) update: 0.95 - 1e-4 * g1, clipped
@@ -126,5 +131,9 @@ def test_official_run_updates_alpha_before_each_epoch_with_a_doubled_objective(r
 def test_eq3_variant_keeps_the_released_setting_but_takes_eq3(synthetic):
     config = load_config("synthetic", ["method.name=dmgl-official-eq3"])
     lb = config.strategy.lb
-    assert config.loss.matching == "mixture_kl" and (lb.holdout, lb.outer_batch_size, lb.outer_sampling) == (16, 8, "fixed")
+    assert config.loss.matching == "mixture_kl" and (lb.holdout, lb.outer_batch_size, lb.outer_sampling) == (
+        16,
+        8,
+        "fixed",
+    )
     assert (lb.approx, lb.update_every, lb.alpha_optimizer) == ("cg", "epoch", "adam")

@@ -270,7 +270,9 @@ DECAYED_STAR = _decayed_optimum(ALPHA)
 def _decayed_exact():
     theta = DECAYED_STAR.detach().requires_grad_(True)
     cls_inner, mm_inner, cls_outer = _plain_losses(*_unflatten(theta))
-    g_cls, g_mm, v = (torch.autograd.grad(loss, theta, retain_graph=True)[0] for loss in (cls_inner, mm_inner, cls_outer))
+    g_cls, g_mm, v = (
+        torch.autograd.grad(loss, theta, retain_graph=True)[0] for loss in (cls_inner, mm_inner, cls_outer)
+    )
     hessian = torch.autograd.functional.hessian(lambda t: _decayed_objective(t, ALPHA), DECAYED_STAR)
     return float(-(g_mm - g_cls) @ torch.linalg.solve(hessian, v)), hessian
 
@@ -281,8 +283,9 @@ DECAYED_EXACT, DECAYED_HESSIAN = _decayed_exact()
 def _decayed(approx, terms, scale, weight_decay=OPTIMISER_DECAY, damping=0.0):
     weight, bias = (t.clone().requires_grad_(True) for t in _unflatten(DECAYED_STAR))
     cls_inner, mm_inner, cls_outer = _plain_losses(weight, bias)
-    return implicit_hypergradient(cls_inner, mm_inner, ALPHA, cls_outer, [weight, bias], approx, terms, scale,
-                                  damping, weight_decay=weight_decay)
+    return implicit_hypergradient(
+        cls_inner, mm_inner, ALPHA, cls_outer, [weight, bias], approx, terms, scale, damping, weight_decay=weight_decay
+    )
 
 
 def test_weight_decay_problem_is_the_bilevel_derivative():
@@ -326,7 +329,9 @@ def test_cg_reports_negative_curvature():
     result = conjugate_gradient(lambda x: [indefinite @ x[0]], [torch.tensor([1.0, 0.0], dtype=torch.float64)], 10)
     assert result.negative_curvature and result.iterations == 1
     assert torch.equal(result.solution[0], torch.zeros(2, dtype=torch.float64)) and result.relative_residual == 1.0
-    definite = conjugate_gradient(lambda x: [-indefinite @ x[0] + 3 * x[0]], [torch.tensor([1.0, 1.0], dtype=torch.float64)], 10)
+    definite = conjugate_gradient(
+        lambda x: [-indefinite @ x[0] + 3 * x[0]], [torch.tensor([1.0, 1.0], dtype=torch.float64)], 10
+    )
     assert not definite.negative_curvature and definite.relative_residual < 1e-6
 
 
@@ -359,7 +364,8 @@ def test_first_tensor_hessian_gradient_mean_against_the_full_hessian():
 
     theta = torch.cat([weight.reshape(-1), bias])
     hessian = torch.autograd.functional.hessian(
-        lambda t: (1 - alpha) * flat_losses(t)[0] + alpha * flat_losses(t)[1], theta)
+        lambda t: (1 - alpha) * flat_losses(t)[0] + alpha * flat_losses(t)[1], theta
+    )
     point = theta.clone().requires_grad_(True)
     (g_cls,) = torch.autograd.grad(flat_losses(point)[0], point)
     expected = float((hessian @ g_cls)[:12].mean())

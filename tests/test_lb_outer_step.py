@@ -108,8 +108,14 @@ def test_cg_and_neumann_log_what_they_met(synthetic):
     metrics = cg._train_epoch()
     assert 1 <= metrics["alpha_hessian_products"] <= 4
     assert 0.0 <= metrics["alpha_cg_negative_curvature"] <= 1.0 and metrics["alpha_cg_residual"] >= 0.0
-    neumann = _trainer(["strategy.lb.approx=neumann", "strategy.lb.terms=4", "strategy.lb.update_every=3",
-                        "strategy.lb.curvature_refresh=100"])
+    neumann = _trainer(
+        [
+            "strategy.lb.approx=neumann",
+            "strategy.lb.terms=4",
+            "strategy.lb.update_every=3",
+            "strategy.lb.curvature_refresh=100",
+        ]
+    )
     metrics = neumann._train_epoch()
     assert metrics["alpha_lambda_max"] > 0
     # lambda_max was estimated once (power iterations) and then reused: later updates take only the series
@@ -149,8 +155,15 @@ def test_mid_epoch_resume_keeps_the_epochs_hypergradient_records(synthetic):
     resumed = Trainer(config, open_dataset("synthetic"), 0, NullSink())
     resumed.load_state_dict(sink.checkpoints["last"], "test")
     metrics = resumed.fit().history[0]
-    for key in ("alpha", "alpha_hypergradient", "alpha_hessian_products", "alpha_cg_residual",
-                "alpha_cg_negative_curvature", "train_loss", "val_acc"):
+    for key in (
+        "alpha",
+        "alpha_hypergradient",
+        "alpha_hessian_products",
+        "alpha_cg_residual",
+        "alpha_cg_negative_curvature",
+        "train_loss",
+        "val_acc",
+    ):
         assert metrics[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
 
 
@@ -161,4 +174,5 @@ def test_a_holdout_that_does_not_fit_the_dataset_creates_no_run(run_cli, synthet
     result = run_cli("train", "--strategy", "lb", "--set", "strategy.lb.holdout=100000", "--epochs", "1", expect=1)
     assert "strategy.lb.holdout asks for 100000 held-out samples" in result.output and "parent run" not in result.output
     assert not (registry / "mlflow.db").exists() or not Tracker().search(
-        [e.experiment_id for e in Tracker().client.search_experiments()])
+        [e.experiment_id for e in Tracker().client.search_experiments()]
+    )

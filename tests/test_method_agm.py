@@ -24,10 +24,12 @@ def _agm(*overrides: str):
 
 def _batchnorm_model() -> MultimodalModel:
     torch.manual_seed(0)
-    encoders = nn.ModuleDict({
-        m: nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 6))
-        for m in ("a", "v")
-    })
+    encoders = nn.ModuleDict(
+        {
+            m: nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 6))
+            for m in ("a", "v")
+        }
+    )
     return MultimodalModel(encoders, ConcatFusion(["a", "v"], 6, 3))
 
 
@@ -45,8 +47,11 @@ class TableModel(nn.Module):
     def forward(self, inputs):
         present = "".join(m for m in self.modalities if inputs[m].abs().sum() > 0) or "none"
         batch = next(iter(inputs.values())).shape[0]
-        return ModelOutput(logits=self.table[present].expand(batch, -1), unimodal_logits={},
-                           embeddings={m: inputs[m] for m in self.modalities})
+        return ModelOutput(
+            logits=self.table[present].expand(batch, -1),
+            unimodal_logits={},
+            embeddings={m: inputs[m] for m in self.modalities},
+        )
 
 
 def test_padded_passes_leave_batchnorm_statistics_as_a_plain_forward():
@@ -72,8 +77,12 @@ def test_padded_passes_leave_batchnorm_statistics_as_a_plain_forward():
 
 
 def test_responses_are_the_authors_half_differences_without_f00():
-    table = {"av": torch.tensor([1.0, 2.0, -1.0]), "a": torch.tensor([0.5, 0.0, 3.0]),
-             "v": torch.tensor([-2.0, 1.0, 0.0]), "none": torch.tensor([7.0, -7.0, 5.0])}
+    table = {
+        "av": torch.tensor([1.0, 2.0, -1.0]),
+        "a": torch.tensor([0.5, 0.0, 3.0]),
+        "v": torch.tensor([-2.0, 1.0, 0.0]),
+        "none": torch.tensor([7.0, -7.0, 5.0]),
+    }
     model = TableModel(table)
     inputs = {"a": torch.ones(2, 3), "v": torch.ones(2, 3)}
     method = _agm()

@@ -26,8 +26,9 @@ def _softmax(row: list[float]) -> list[float]:
 
 def _js(p: list[float], q: list[float]) -> float:
     m = [(a + b) / 2 for a, b in zip(p, q, strict=True)]
-    return 0.5 * sum(a * math.log(a / c) for a, c in zip(p, m, strict=True)) \
-        + 0.5 * sum(b * math.log(b / c) for b, c in zip(q, m, strict=True))
+    return 0.5 * sum(a * math.log(a / c) for a, c in zip(p, m, strict=True)) + 0.5 * sum(
+        b * math.log(b / c) for b, c in zip(q, m, strict=True)
+    )
 
 
 def _divergences(unimodal: dict[str, torch.Tensor]) -> list[float]:
@@ -41,8 +42,10 @@ def _divergences(unimodal: dict[str, torch.Tensor]) -> list[float]:
 def test_margin_penalty_by_hand(registry):
     method = _domfn("method.options.domfn.margin=0.25", "method.options.domfn.beta=2.0")
     # Sample 0 agrees (divergence 0), sample 1 disagrees mildly, sample 2 strongly.
-    unimodal = {"fast": torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [4.0, 0.0, 0.0]]),
-                "slow": torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 4.0]])}
+    unimodal = {
+        "fast": torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [4.0, 0.0, 0.0]]),
+        "slow": torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 4.0]]),
+    }
     labels = torch.tensor([0, 1, 2])
     output = ModelOutput(logits=torch.zeros(3, 3), unimodal_logits=unimodal, embeddings={})
     divergences = _divergences(unimodal)
@@ -62,8 +65,9 @@ def test_three_modalities_average_the_pairs(registry):
     unimodal = {m: 3 * torch.randn(4, 3) for m in ("audio", "text", "visual")}
     output = ModelOutput(logits=torch.zeros(4, 3), unimodal_logits=unimodal, embeddings={})
     expected = sum(max(0.0, d - 0.2) for d in _divergences(unimodal)) / 4
-    assert float(method.extra_losses(output, torch.zeros(4, dtype=torch.long), {})["domfn_penalty"]) == \
-        pytest.approx(expected, rel=1e-5)
+    assert float(method.extra_losses(output, torch.zeros(4, dtype=torch.long), {})["domfn_penalty"]) == pytest.approx(
+        expected, rel=1e-5
+    )
 
 
 def test_rejected_samples_take_the_most_confident_head(registry):

@@ -29,23 +29,37 @@ BATCH, EVAL_BATCH = 16, 10  # 48 training samples: 3 batches; 25 validation samp
 def _arrays(count: int, seed: int) -> SplitArrays:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, CLASSES, count)
-    inputs = {m: (rng.normal(size=(count, d)) + labels[:, None] * (1.0 if m == "fast" else 0.3)).astype(np.float32)
-              for m, d in DIMS.items()}
+    inputs = {
+        m: (rng.normal(size=(count, d)) + labels[:, None] * (1.0 if m == "fast" else 0.3)).astype(np.float32)
+        for m, d in DIMS.items()
+    }
     return SplitArrays(labels=labels.astype(np.int64), inputs=inputs)
 
 
 def _setup(*settings: str):
-    config = load_config("synthetic", [
-        "method.name=g-blend", "strategy.name=constant", "strategy.alpha=0", f"train.batch_size={BATCH}",
-        f"train.eval_batch_size={EVAL_BATCH}", "train.device=cpu", "model.embed_dim=8", "optim.lr=0.1",
-        "method.options.g-blend.copy_epochs=2", *settings])
+    config = load_config(
+        "synthetic",
+        [
+            "method.name=g-blend",
+            "strategy.name=constant",
+            "strategy.alpha=0",
+            f"train.batch_size={BATCH}",
+            f"train.eval_batch_size={EVAL_BATCH}",
+            "train.device=cpu",
+            "model.embed_dim=8",
+            "optim.lr=0.1",
+            "method.options.g-blend.copy_epochs=2",
+            *settings,
+        ],
+    )
     method = build_method(config)
     torch.manual_seed(0)
     modalities = {m: {"kind": "vector", "dtype": "float32", "shape": [d]} for m, d in DIMS.items()}
     model = method.build_model(modalities, CLASSES)
     optim = config.optim
-    optimizer = torch.optim.SGD(method.param_groups(model), lr=optim.lr, momentum=optim.momentum,
-                                weight_decay=optim.weight_decay)
+    optimizer = torch.optim.SGD(
+        method.param_groups(model), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+    )
     train, val = ArraySplit(_arrays(48, 1)), ArraySplit(_arrays(25, 2))
     # Two real steps first, so the real optimiser has momentum buffers and the parameters have gradients.
     for start in (0, BATCH):
@@ -55,21 +69,29 @@ def _setup(*settings: str):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    trainer = SimpleNamespace(config=config, dataset=SimpleNamespace(modalities=modalities),
-                              splits=Splits(train, val, val, "test"), device=torch.device("cpu"),
-                              model=model, optimizer=optimizer, seed=3)
+    trainer = SimpleNamespace(
+        config=config,
+        dataset=SimpleNamespace(modalities=modalities),
+        splits=Splits(train, val, val, "test"),
+        device=torch.device("cpu"),
+        model=model,
+        optimizer=optimizer,
+        seed=3,
+    )
     method.attach(trainer)
     return method, model, trainer
 
 
-def _hand_copy_losses(model, trainer, head: str, epoch: int, copy_epochs: int, reduction: str,
-                      copy_batches: int = 0) -> dict[str, float]:
+def _hand_copy_losses(
+    model, trainer, head: str, epoch: int, copy_epochs: int, reduction: str, copy_batches: int = 0
+) -> dict[str, float]:
     """The copy of ``head`` retrained by hand: plain Concat on the fused CE, other modalities' inputs zero, a fresh
     SGD with the run's settings, the real run's batches of epochs epoch .. epoch + copy_epochs - 1."""
     optim = trainer.config.optim
     replica = copy.deepcopy(model)
-    optimizer = torch.optim.SGD(replica.parameters(), lr=optim.lr, momentum=optim.momentum,
-                                weight_decay=optim.weight_decay)
+    optimizer = torch.optim.SGD(
+        replica.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+    )
     kept = set(DIMS) if head == FUSED else {head}
 
     def blank(inputs):
@@ -95,8 +117,12 @@ def _hand_copy_losses(model, trainer, head: str, epoch: int, copy_epochs: int, r
         with torch.no_grad():
             for start in range(0, len(val), EVAL_BATCH):
                 batch = val.__getitems__(list(range(start, min(start + EVAL_BATCH, len(val)))))
-                val_losses.append((float(F.cross_entropy(replica(blank(batch["inputs"])).logits, batch["labels"])),
-                                   len(batch["labels"])))
+                val_losses.append(
+                    (
+                        float(F.cross_entropy(replica(blank(batch["inputs"])).logits, batch["labels"])),
+                        len(batch["labels"]),
+                    )
+                )
         if copy_epoch in (0, copy_epochs - 1):
             which = "first" if copy_epoch == 0 else "last"
             for name, losses in (("train", batch_losses), ("val", val_losses)):
@@ -110,8 +136,9 @@ def _hand_copy_losses(model, trainer, head: str, epoch: int, copy_epochs: int, r
 @pytest.mark.slow
 @pytest.mark.parametrize(("reduction", "copy_batches"), [("batch-sum", 0), ("mean", 2)])
 def test_weights_are_generalisation_over_squared_overfitting_of_the_copies(reduction, copy_batches):
-    method, model, trainer = _setup(f"method.options.g-blend.loss_reduction={reduction}",
-                                    f"method.options.g-blend.copy_batches={copy_batches}")
+    method, model, trainer = _setup(
+        f"method.options.g-blend.loss_reduction={reduction}", f"method.options.g-blend.copy_batches={copy_batches}"
+    )
     method.on_epoch_start(model, 1)
     estimate = method.state_dict()["own"]["last_estimate"]
     assert estimate["epoch"] == 1
@@ -124,7 +151,7 @@ def test_weights_are_generalisation_over_squared_overfitting_of_the_copies(reduc
         assert recorded[head] == pytest.approx(hand, rel=1e-5, abs=1e-6), head
         gain = hand["val_first"] - hand["val_last"]
         overfit = (hand["val_last"] - hand["train_last"]) - (hand["val_first"] - hand["train_first"])
-        raw[head] = abs(gain) / overfit ** 2
+        raw[head] = abs(gain) / overfit**2
     total = sum(raw.values())
     assert method.weights == pytest.approx({head: value / total for head, value in raw.items()}, rel=1e-4)
     assert sum(method.weights.values()) == pytest.approx(1.0)
@@ -171,8 +198,10 @@ def test_training_starts_from_an_estimate_and_minimises_the_blend():
     batch = trainer.splits.train.__getitems__(list(range(BATCH)))
     output = model(batch["inputs"])
     labels = batch["labels"]
-    ce = {FUSED: F.cross_entropy(output.logits, labels),
-          **{m: F.cross_entropy(output.unimodal_logits[m], labels) for m in DIMS}}
+    ce = {
+        FUSED: F.cross_entropy(output.logits, labels),
+        **{m: F.cross_entropy(output.unimodal_logits[m], labels) for m in DIMS},
+    }
     # Concat's head split gives the per-modality logits: W_m z_m + b / 2.
     head = model.fusion.head
     embed = model.fusion.embed_dim
@@ -227,14 +256,21 @@ def test_settings_are_checked():
     with pytest.raises(DmglError, match=r"method\.options\.g-blend\.mode must be one of online, offline"):
         build_method(load_config("synthetic", ["method.name=g-blend", "method.options.g-blend.mode=sometimes"]))
     with pytest.raises(DmglError, match=r"train\.epochs"):
-        build_method(load_config("synthetic", ["method.name=g-blend", "method.options.g-blend.mode=offline",
-                                               "train.epochs=1"]))
-    offline = build_method(load_config("synthetic", ["method.name=g-blend", "method.options.g-blend.mode=offline",
-                                                     "train.epochs=7"]))
+        build_method(
+            load_config("synthetic", ["method.name=g-blend", "method.options.g-blend.mode=offline", "train.epochs=1"])
+        )
+    offline = build_method(
+        load_config("synthetic", ["method.name=g-blend", "method.options.g-blend.mode=offline", "train.epochs=7"])
+    )
     assert (offline.super_epoch, offline.copy_epochs) == (7, 7)
     defaults = build_method(load_config("synthetic", ["method.name=g-blend"]))
-    assert (defaults.mode, defaults.super_epoch, defaults.copy_epochs, defaults.copy_batches,
-            defaults.loss_reduction) == ("online", 10, 10, 0, "batch-sum")
+    assert (
+        defaults.mode,
+        defaults.super_epoch,
+        defaults.copy_epochs,
+        defaults.copy_batches,
+        defaults.loss_reduction,
+    ) == ("online", 10, 10, 0, "batch-sum")
 
 
 @pytest.mark.parametrize("kind", [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW])

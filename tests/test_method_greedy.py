@@ -14,10 +14,17 @@ from dmgl_cli.errors import DmglError
 from dmgl_cli.methods import build_method
 from dmgl_cli.methods.greedy import CuratedMMTM
 
-SPECS = {"a": {"kind": "vector", "dtype": "float32", "shape": [5]},
-         "b": {"kind": "vector", "dtype": "float32", "shape": [7]}}
-TINY = ["method.name=greedy", "strategy.name=constant", "strategy.alpha=0", "model.encoders.default.hidden=6",
-        "model.embed_dim=4"]
+SPECS = {
+    "a": {"kind": "vector", "dtype": "float32", "shape": [5]},
+    "b": {"kind": "vector", "dtype": "float32", "shape": [7]},
+}
+TINY = [
+    "method.name=greedy",
+    "strategy.name=constant",
+    "strategy.alpha=0",
+    "model.encoders.default.hidden=6",
+    "model.embed_dim=4",
+]
 
 
 def _method(*settings: str):
@@ -61,8 +68,9 @@ def _hand_effective_updates(model) -> dict[tuple[str, int], float]:
                 assert ".squeeze." in name
                 groups = [("bypass", 0), ("bypass", 1)]
         else:
-            groups = [("main", j) for j, m in enumerate("ab")
-                      if name.startswith((f"encoders.{m}.", f"fusion.heads.{m}."))]
+            groups = [
+                ("main", j) for j, m in enumerate("ab") if name.startswith((f"encoders.{m}.", f"fusion.heads.{m}."))
+            ]
             assert len(groups) == 1, name
         for group in groups:
             grad = param.grad.double().pow(2).sum().item() if param.grad is not None else 0.0
@@ -90,7 +98,8 @@ def test_conditional_learning_speed_matches_a_hand_computation(registry):
         loss = method.classification_loss(output, labels)
         # The authors' blend_loss: the sum of the streams' cross-entropies; the prediction is their mean.
         expected = F.cross_entropy(output.unimodal_logits["a"], labels) + F.cross_entropy(
-            output.unimodal_logits["b"], labels)
+            output.unimodal_logits["b"], labels
+        )
         torch.testing.assert_close(loss, expected)
         torch.testing.assert_close(output.logits, (output.unimodal_logits["a"] + output.unimodal_logits["b"]) / 2)
         optimizer.zero_grad(set_to_none=True)
@@ -230,8 +239,10 @@ def test_greedy_refusals_are_clear(registry):
     config = load_config("synthetic", [*TINY, "model.encoders.a.hidden=4", "model.encoders.b.hidden=6"])
     with pytest.raises(DmglError, match="running_average=own"):
         build_method(config).build_model(SPECS, 3)
-    config = load_config("synthetic", [*TINY, "model.encoders.a.hidden=4", "model.encoders.b.hidden=6",
-                                       "method.options.greedy.running_average=own"])
+    config = load_config(
+        "synthetic",
+        [*TINY, "model.encoders.a.hidden=4", "model.encoders.b.hidden=6", "method.options.greedy.running_average=own"],
+    )
     build_method(config).build_model(SPECS, 3)
     with pytest.raises(DmglError, match="method.options.greedy.training_loss"):
         _method("training_loss=mean")

@@ -54,8 +54,9 @@ def test_projection_update_follows_the_code_by_hand():
         got = update_projection(start, features, a, denominator)
         torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-5, atol=1e-6)
     # The code's element-wise denominator is not the scalar one of the orthogonal projector.
-    assert not torch.allclose(update_projection(start, features, a, "elementwise"),
-                              update_projection(start, features, a, "scalar"), atol=1e-3)
+    assert not torch.allclose(
+        update_projection(start, features, a, "elementwise"), update_projection(start, features, a, "scalar"), atol=1e-3
+    )
 
 
 def test_the_applied_head_gradient_is_projected(registry):
@@ -93,7 +94,7 @@ def test_the_applied_head_gradient_is_projected(registry):
 
     # Next batch: a anneals to 0.1 ** (1 + 1/5) and P keeps accumulating.
     raw, before, features = step("fast")
-    projection = _projection_by_hand(projection, features.tolist(), 0.1 ** 1.2, elementwise=True)
+    projection = _projection_by_hand(projection, features.tolist(), 0.1**1.2, elementwise=True)
     expected = torch.tensor(_matmul_transposed(raw.tolist(), projection))
     assert method.batch == 1
     assert torch.allclose(weight.detach(), before - 0.1 * expected, atol=1e-6)
@@ -116,8 +117,10 @@ def test_projection_false_leaves_the_gradient_alone(registry):
 
 
 def test_fusion_weights_by_hand():
-    logits = {"fast": torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),
-              "slow": torch.tensor([[0.5, 0.5], [3.0, -1.0], [0.0, 0.0]])}
+    logits = {
+        "fast": torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),
+        "slow": torch.tensor([[0.5, 0.5], [3.0, -1.0], [0.0, 0.0]]),
+    }
     rows = {m: z.tolist() for m, z in logits.items()}
 
     # The code: softmax over the BATCH axis per class, entropy summed over the batch: one weight per modality.
@@ -140,9 +143,11 @@ def test_fusion_weights_by_hand():
         probs = [math.exp(x) / sum(math.exp(y) for y in row) for x in row]
         return -sum(p * math.log(p) for p in probs)
 
-    per_sample = [math.exp(-sample_entropy(rows["fast"][i]))
-                  / (math.exp(-sample_entropy(rows["fast"][i])) + math.exp(-sample_entropy(rows["slow"][i])))
-                  for i in range(3)]
+    per_sample = [
+        math.exp(-sample_entropy(rows["fast"][i]))
+        / (math.exp(-sample_entropy(rows["fast"][i])) + math.exp(-sample_entropy(rows["slow"][i])))
+        for i in range(3)
+    ]
     assert entropy_weights(logits, "sample-entropy")[0].tolist() == pytest.approx(per_sample)
 
     # The fused logits are the weighted sum of the shared head's per-modality logits.

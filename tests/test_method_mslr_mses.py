@@ -66,11 +66,12 @@ def test_mslr_scales_each_branch_and_its_head_columns(registry):
     _check_branch_scaling(model, raw, {"fast": 0.75, "slow": 2.0})
     optimizer.step()  # plain SGD: each branch moved by coeff_j * lr * its gradient
     head = model.fusion.head.weight.detach()
-    assert torch.allclose(head[:, COLUMNS["slow"]],
-                          before["fusion.head.weight"][:, COLUMNS["slow"]] - 0.1 * 2.0 * raw["fusion.head.weight"][:, 3:])
+    assert torch.allclose(
+        head[:, COLUMNS["slow"]],
+        before["fusion.head.weight"][:, COLUMNS["slow"]] - 0.1 * 2.0 * raw["fusion.head.weight"][:, 3:],
+    )
     encoder = "encoders.fast." + next(n for n, _ in model.encoders["fast"].named_parameters())
-    assert torch.allclose(dict(model.named_parameters())[encoder].detach(),
-                          before[encoder] - 0.1 * 0.75 * raw[encoder])
+    assert torch.allclose(dict(model.named_parameters())[encoder].detach(), before[encoder] - 0.1 * 0.75 * raw[encoder])
 
     # Outside the modulation window (epochs 1-20 by default) nothing is scaled.
     output, labels = _backward(model, seed=2)
@@ -99,8 +100,9 @@ def test_mslr_accuracy_ratio_schedule_by_hand(registry):
 
 
 def test_mslr_learning_rate_mode_uses_parameter_groups(registry):
-    method, model = _method("mslr", "method.options.mslr.scaling=learning-rate",
-                            "method.options.mslr.lr_scale={fast: 0.5, slow: 2.0}")
+    method, model = _method(
+        "mslr", "method.options.mslr.scaling=learning-rate", "method.options.mslr.lr_scale={fast: 0.5, slow: 2.0}"
+    )
     groups = method.param_groups(model)
     optimizer = torch.optim.SGD(groups, lr=0.1)
     method.attach(SimpleNamespace(optimizer=optimizer))
@@ -150,16 +152,20 @@ def test_mses_stops_on_the_smoothed_loss_and_restores_the_whole_model(registry):
     method.attach(SimpleNamespace(optimizer=optimizer))
     raw = {"fast": [1.0, 0.8, 0.7], "slow": [1.0, 1.2, 1.1]}
     # By hand: smoothed = raw in epoch 1, then 0.6 * previous raw + 0.4 * current raw.
-    smoothed = {"fast": [1.0, 0.6 * 1.0 + 0.4 * 0.8, 0.6 * 0.8 + 0.4 * 0.7],
-                "slow": [1.0, 0.6 * 1.0 + 0.4 * 1.2, 0.6 * 1.2 + 0.4 * 1.1]}
+    smoothed = {
+        "fast": [1.0, 0.6 * 1.0 + 0.4 * 0.8, 0.6 * 0.8 + 0.4 * 0.7],
+        "slow": [1.0, 0.6 * 1.0 + 0.4 * 1.2, 0.6 * 1.2 + 0.4 * 1.1],
+    }
     saved = {}
     for epoch in (1, 2, 3):
         method.start_of_epoch(model, epoch)
         _train_a_little(model, optimizer, seed=epoch)
         method.validation_losses = lambda model, e=epoch: {m: raw[m][e - 1] for m in raw}
         metrics = method.on_epoch_end(model, epoch, {})
-        saved[epoch] = ({k: v.clone() for k, v in model.state_dict().items()},
-                        {i: s["momentum_buffer"].clone() for i, s in optimizer.state_dict()["state"].items()})
+        saved[epoch] = (
+            {k: v.clone() for k, v in model.state_dict().items()},
+            {i: s["momentum_buffer"].clone() for i, s in optimizer.state_dict()["state"].items()},
+        )
         for modality in raw:
             assert metrics[f"mses_val_loss_{modality}"] == pytest.approx(smoothed[modality][epoch - 1])
     # fast improved in every epoch; slow's best is epoch 1 and 3 - 1 > patience 1: it stops after epoch 3.
@@ -204,9 +210,15 @@ def test_mses_branch_restore_puts_back_only_the_stopped_branch(registry):
     assert torch.equal(head[:, COLUMNS["fast"]], current["fusion.head.weight"][:, COLUMNS["fast"]])
 
 
-@pytest.mark.parametrize(("name", "setting", "value"), [
-    ("mses", "restore", "true"), ("mses", "end_epoch", "0"), ("mslr", "scaling", "lr"), ("mslr", "window", "0"),
-])
+@pytest.mark.parametrize(
+    ("name", "setting", "value"),
+    [
+        ("mses", "restore", "true"),
+        ("mses", "end_epoch", "0"),
+        ("mslr", "scaling", "lr"),
+        ("mslr", "window", "0"),
+    ],
+)
 def test_bad_settings_are_refused(registry, name, setting, value):
     with pytest.raises(DmglError, match=f"method.options.{name}.{setting}"):
         _method(name, f"method.options.{name}.{setting}={value}")

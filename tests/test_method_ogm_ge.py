@@ -25,11 +25,18 @@ def _ogm(*overrides: str):
 def _conv_model(channels: int = 4) -> MultimodalModel:
     """Per modality: conv (4-D kernel, bias) -> BatchNorm -> pool -> Linear projection (2-D weight)."""
     torch.manual_seed(0)
-    encoders = nn.ModuleDict({
-        m: nn.Sequential(nn.Conv2d(channels, channels, 3), nn.BatchNorm2d(channels), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(channels, 6))
-        for m in ("a", "v")
-    })
+    encoders = nn.ModuleDict(
+        {
+            m: nn.Sequential(
+                nn.Conv2d(channels, channels, 3),
+                nn.BatchNorm2d(channels),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(channels, 6),
+            )
+            for m in ("a", "v")
+        }
+    )
     model = MultimodalModel(encoders, ConcatFusion(["a", "v"], 6, 2))
     generator = torch.Generator().manual_seed(1)
     for param in model.parameters():

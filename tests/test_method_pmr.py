@@ -27,8 +27,10 @@ def test_prototypes_are_class_means_in_eval_mode():
     encoders = nn.ModuleDict({m: nn.Sequential(nn.Dropout(0.5)) for m in ("a", "v")})
     model = MultimodalModel(encoders, ConcatFusion(["a", "v"], 2, 3)).train()
     batches = [
-        ({"a": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "v": torch.tensor([[0.0, 1.0], [1.0, 0.0]])},
-         torch.tensor([0, 0])),
+        (
+            {"a": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "v": torch.tensor([[0.0, 1.0], [1.0, 0.0]])},
+            torch.tensor([0, 0]),
+        ),
         ({"a": torch.tensor([[5.0, 6.0]]), "v": torch.tensor([[2.0, 2.0]])}, torch.tensor([1])),
     ]
     sums, counts = class_sums(model, batches, num_classes=3)

@@ -45,9 +45,21 @@ def _history(tracker: Tracker, run, key: str) -> list[float]:
 
 def _assert_common_metrics(tracker: Tracker, run, modalities: list[str], source: str, epochs: int = 2) -> None:
     """The metrics every row of Table 1 is built from, per epoch and at the selected epoch."""
-    keys = ["train_loss", "train_cls_loss", "val_acc", "val_map", "val_f1", "test_acc", "test_map", "test_f1",
-            "test_gap_acc", "val_cls_loss"]
-    keys += [f"{split}_{metric}_{m}" for split in ("val", "test") for metric in ("acc", "map", "f1") for m in modalities]
+    keys = [
+        "train_loss",
+        "train_cls_loss",
+        "val_acc",
+        "val_map",
+        "val_f1",
+        "test_acc",
+        "test_map",
+        "test_f1",
+        "test_gap_acc",
+        "val_cls_loss",
+    ]
+    keys += [
+        f"{split}_{metric}_{m}" for split in ("val", "test") for metric in ("acc", "map", "f1") for m in modalities
+    ]
     if len(modalities) >= 2:
         keys.append("test_modality_gap")
     for key in keys:
@@ -109,8 +121,19 @@ def test_unimodal_refusals_are_clear(run_cli, synthetic):
     assert "no such modality" in out and "fast, slow" in out
     out = run_cli("train", "--method", "unimodal", "--modality", "fast", "--strategy", "lb", *SHORT, expect=1).output
     assert "cannot be combined with --strategy lb" in out and "constant" in out
-    out = run_cli("train", "--method", "unimodal", "--modality", "fast", "--strategy", "constant", "--alpha", "0.5",
-                  *SHORT, expect=1).output
+    out = run_cli(
+        "train",
+        "--method",
+        "unimodal",
+        "--modality",
+        "fast",
+        "--strategy",
+        "constant",
+        "--alpha",
+        "0.5",
+        *SHORT,
+        expect=1,
+    ).output
     assert "alpha = 0" in out
     out = run_cli("train", "--method", "sum", "--modality", "fast", *BASELINE, *SHORT, expect=1).output
     assert "--modality" in out and "drop --modality" in out
@@ -218,8 +241,9 @@ def test_probes_train_on_detached_embeddings_and_never_touch_the_model(registry)
 
 
 def test_probe_methods_refuse_prediction_matching(run_cli, synthetic):
-    out = run_cli("train", "--method", "ml-lstm", "--strategy", "heuristic", "--set", "loss.matching=js", *SHORT,
-                  expect=1).output
+    out = run_cli(
+        "train", "--method", "ml-lstm", "--strategy", "heuristic", "--set", "loss.matching=js", *SHORT, expect=1
+    ).output
     assert "loss.matching=js" in out and "infonce" in out
 
 
@@ -249,8 +273,10 @@ def test_channel_exchanges_squeeze_excitation_gates_between_encoders(run_cli, sy
 
 def test_channel_refuses_text_modalities(registry):
     config = load_config("synthetic", ["method.name=channel", "strategy.name=constant"])
-    specs = {"text": {"kind": "text", "dtype": "int64", "shape": [16]},
-             "image": {"kind": "image", "dtype": "uint8", "shape": [8, 8, 3]}}
+    specs = {
+        "text": {"kind": "text", "dtype": "int64", "shape": [16]},
+        "image": {"kind": "image", "dtype": "uint8", "shape": [8, 8, 3]},
+    }
     with pytest.raises(DmglError, match="modality 'text' is text.*no Channel result"):
         build_method(config).build_model(specs, 2)
 
@@ -296,7 +322,9 @@ def test_etmc_logs_uncertainty_and_anneals_the_kl_term(run_cli, synthetic):
     combined = dempster_shafer(dempster_shafer(alphas["fast"], alphas["slow"]), alphas["pseudo"])
     torch.testing.assert_close(alphas["fused"], combined)
     # The evidential loss replaces the cross-entropy as L_CLS.
-    assert not torch.isclose(method.classification_loss(out, batch["labels"]), F.cross_entropy(out.logits, batch["labels"]))
+    assert not torch.isclose(
+        method.classification_loss(out, batch["labels"]), F.cross_entropy(out.logits, batch["labels"])
+    )
 
 
 @pytest.mark.slow
@@ -337,7 +365,9 @@ def test_resume_is_exact_with_the_probes_optimiser_state(run_cli, synthetic):
 
     parents: list[str] = []
     with pytest.raises(Stop):
-        runner.train(config, [0], tracker=Tracker(), run_name="stopped", progress=stop_after_epoch_1, on_parent=parents.append)
+        runner.train(
+            config, [0], tracker=Tracker(), run_name="stopped", progress=stop_after_epoch_1, on_parent=parents.append
+        )
     tracker = Tracker()
     child = tracker.children(parents[0])[0]
     run_cli("train", "--resume", child.run_id)

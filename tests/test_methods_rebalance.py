@@ -12,8 +12,18 @@ import torch
 from dmgl_cli.tracking import Tracker, local_path
 
 BASE = ["--strategy", "constant", "--alpha", "0", "--set", "train.batch_size=32"]
-COMMON = ["val_acc", "test_acc", "test_map", "test_f1", "test_acc_fast", "test_acc_slow", "test_gap_acc",
-          "val_acc_fast", "val_acc_slow", "train_loss"]
+COMMON = [
+    "val_acc",
+    "test_acc",
+    "test_map",
+    "test_f1",
+    "test_acc_fast",
+    "test_acc_slow",
+    "test_gap_acc",
+    "val_acc_fast",
+    "val_acc_slow",
+    "train_loss",
+]
 REBALANCING = ["mses", "g-blend", "ogm-ge", "greedy", "domfn", "mslr", "pmr", "agm", "mla"]
 
 
@@ -28,7 +38,9 @@ def _train(run_cli, *args: str) -> str:
         assert [step for step, _ in history] == list(range(1, epochs + 1)), key
         assert all(math.isfinite(value) for _, value in history), key
     gap = _history(run_id, "test_gap_acc")[-1][1]
-    assert gap == pytest.approx(abs(_history(run_id, "test_acc_fast")[-1][1] - _history(run_id, "test_acc_slow")[-1][1]))
+    assert gap == pytest.approx(
+        abs(_history(run_id, "test_acc_fast")[-1][1] - _history(run_id, "test_acc_slow")[-1][1])
+    )
     assert tracker.get_run(run_id).status == "FINISHED"
     return run_id
 
@@ -58,8 +70,9 @@ def test_unknown_method_lists_the_valid_ones(run_cli, synthetic):
 @pytest.mark.slow
 def test_ogm_ge_slows_the_dominant_modality(run_cli, synthetic):
     # The synthetic encoders are MLPs, without the 2-D convolution kernels the authors' rule modulates.
-    run_id = _train(run_cli, "--method", "ogm-ge", "--epochs", "2", *BASE,
-                    "--set", "method.options.ogm-ge.params=weights")
+    run_id = _train(
+        run_cli, "--method", "ogm-ge", "--epochs", "2", *BASE, "--set", "method.options.ogm-ge.params=weights"
+    )
     fast, slow = _values(run_id, "ogm_coeff_fast"), _values(run_id, "ogm_coeff_slow")
     # The fast modality dominates the synthetic data: its encoder gradients are scaled down, the slow one's are not.
     assert all(0 < f < 1 for f in fast) and all(f < s for f, s in zip(fast, slow, strict=True))
@@ -68,9 +81,20 @@ def test_ogm_ge_slows_the_dominant_modality(run_cli, synthetic):
 
 @pytest.mark.slow
 def test_g_blend_estimates_its_weights_from_temporary_copies(run_cli, synthetic):
-    run_id = _train(run_cli, "--method", "g-blend", "--epochs", "2", *BASE,
-                    "--set", "method.options.g-blend.super_epoch=1", "--set", "method.options.g-blend.copy_epochs=2",
-                    "--set", "method.options.g-blend.copy_batches=4")
+    run_id = _train(
+        run_cli,
+        "--method",
+        "g-blend",
+        "--epochs",
+        "2",
+        *BASE,
+        "--set",
+        "method.options.g-blend.super_epoch=1",
+        "--set",
+        "method.options.g-blend.copy_epochs=2",
+        "--set",
+        "method.options.g-blend.copy_batches=4",
+    )
     assert _values(run_id, "gblend_updates") == [1.0, 2.0]  # an estimate before each epoch, the first included
     heads = ("fast", "slow", "fused")
     weights = {h: _values(run_id, f"gblend_weight_{h}") for h in heads}
@@ -124,8 +148,18 @@ def test_pmr_moves_its_prototypes(run_cli, synthetic):
 def test_mses_freezes_and_restores_an_encoder(run_cli, synthetic):
     # min_delta larger than any loss: no epoch after the first counts as an improvement, so with patience 0 every
     # modality stops after epoch 2; the whole model is put back to epoch 1 and both branches are zeroed in epoch 3.
-    run_id = _train(run_cli, "--method", "mses", "--epochs", "3", *BASE, "--set", "method.options.mses.patience=0",
-                    "--set", "method.options.mses.min_delta=100")
+    run_id = _train(
+        run_cli,
+        "--method",
+        "mses",
+        "--epochs",
+        "3",
+        *BASE,
+        "--set",
+        "method.options.mses.patience=0",
+        "--set",
+        "method.options.mses.min_delta=100",
+    )
     assert _values(run_id, "mses_frozen_slow") == [0.0, 1.0, 1.0]
     assert _values(run_id, "mses_stop_epoch_fast") == [2.0, 2.0]
     own = _last_checkpoint(run_id)["method"]["own"]
@@ -135,9 +169,18 @@ def test_mses_freezes_and_restores_an_encoder(run_cli, synthetic):
 
 @pytest.mark.slow
 def test_mslr_sets_per_modality_learning_rates(run_cli, synthetic):
-    run_id = _train(run_cli, "--method", "mslr", "--epochs", "3", *BASE,
-                    "--set", "method.options.mslr.lr_scale={fast: 0.5, slow: 2.0}",
-                    "--set", "method.options.mslr.window=1")
+    run_id = _train(
+        run_cli,
+        "--method",
+        "mslr",
+        "--epochs",
+        "3",
+        *BASE,
+        "--set",
+        "method.options.mslr.lr_scale={fast: 0.5, slow: 2.0}",
+        "--set",
+        "method.options.mslr.window=1",
+    )
     fast, slow = _values(run_id, "mslr_coeff_fast"), _values(run_id, "mslr_coeff_slow")
     assert fast[0] == pytest.approx(0.5) and slow[0] == pytest.approx(2.0)
     assert _values(run_id, "mslr_lr_slow")[0] == pytest.approx(0.05 * 2.0)
@@ -151,13 +194,13 @@ def test_mslr_sets_per_modality_learning_rates(run_cli, synthetic):
 
 @pytest.mark.slow
 def test_greedy_rebalances_after_its_warm_up_epoch(run_cli, synthetic):
-    run_id = _train(run_cli, "--method", "greedy", "--epochs", "2", *BASE,
-                    "--set", "method.options.greedy.epsilon=0.0")
+    run_id = _train(run_cli, "--method", "greedy", "--epochs", "2", *BASE, "--set", "method.options.greedy.epsilon=0.0")
     fast, slow = _values(run_id, "greedy_curation_steps_fast"), _values(run_id, "greedy_curation_steps_slow")
     # Epoch 1 is the warm-up (starting_epoch 2); with epsilon 0 every normal step of epoch 2 opens a window.
     assert fast[0] == slow[0] == 0.0 and fast[1] + slow[1] > 0
-    assert all(math.isfinite(v) for key in ("greedy_d_bdr", "greedy_bdr_fast", "greedy_bdr_slow")
-               for v in _values(run_id, key))
+    assert all(
+        math.isfinite(v) for key in ("greedy_d_bdr", "greedy_bdr_fast", "greedy_bdr_slow") for v in _values(run_id, key)
+    )
     state = _last_checkpoint(run_id)
     greedy = state["method"]["greedy"]
     assert greedy["unlocked"] and all(v > 0 for v in greedy["bypass_speed"] + greedy["main_speed"])

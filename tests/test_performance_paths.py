@@ -22,8 +22,14 @@ from dmgl_cli.hypergradient import (
 def _conv_problem():
     """A small conv + batch-norm net (the operators the real encoders use) and its two inner losses and outer loss."""
     generator = torch.Generator().manual_seed(5)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                        nn.Flatten(), nn.Linear(4, 3)).double()
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).double()
     x = torch.randn(6, 3, 8, 8, generator=generator, dtype=torch.float64)
     y = torch.randint(0, 3, (6,), generator=generator)
     x_outer = torch.randn(5, 3, 8, 8, generator=generator, dtype=torch.float64)
@@ -51,8 +57,10 @@ def test_batched_products_of_an_unreached_parameter_are_zero():
     theta = torch.tensor([1.5], dtype=torch.float64, requires_grad=True)
     unused = torch.ones(2, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(theta.pow(3).sum(), [theta], create_graph=True)
-    vectors = [[torch.tensor([2.0], dtype=torch.float64), torch.ones(2, dtype=torch.float64)],
-               [torch.tensor([-1.0], dtype=torch.float64), torch.ones(2, dtype=torch.float64)]]
+    vectors = [
+        [torch.tensor([2.0], dtype=torch.float64), torch.ones(2, dtype=torch.float64)],
+        [torch.tensor([-1.0], dtype=torch.float64), torch.ones(2, dtype=torch.float64)],
+    ]
     products = hessian_vector_products([grad, torch.zeros(2, dtype=torch.float64)], [theta, unused], vectors)
     assert [p[0].item() for p in products] == pytest.approx([9 * 2.0, 9 * -1.0])
     assert all(torch.equal(p[1], torch.zeros(2, dtype=torch.float64)) for p in products)
@@ -77,8 +85,9 @@ def test_two_sided_neumann_equals_the_series_applied_to_one_side(terms, damping)
     assert len(calls) == -(-terms // 2) and sum(calls) == terms
 
 
-@pytest.mark.parametrize("approx,terms,scale", [("identity", 0, 0.04), ("neumann", 3, 0.05), ("neumann", 4, 0.05),
-                                                 ("cg", 3, 1.0)])
+@pytest.mark.parametrize(
+    "approx,terms,scale", [("identity", 0, 0.04), ("neumann", 3, 0.05), ("neumann", 4, 0.05), ("cg", 3, 1.0)]
+)
 def test_hypergradient_equals_its_definition_on_a_conv_net(approx, terms, scale):
     params, cls, mm, outer = _conv_problem()
     alpha = 0.35

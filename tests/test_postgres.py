@@ -22,8 +22,10 @@ from optuna.trial import TrialState
 from dmgl_cli.tracking import Tracker
 
 ADMIN_URL = os.environ.get("DMGL_TEST_POSTGRES_URL")
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(not ADMIN_URL, reason="needs PostgreSQL: .ci/run starts one and sets DMGL_TEST_POSTGRES_URL")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not ADMIN_URL, reason="needs PostgreSQL: .ci/run starts one and sets DMGL_TEST_POSTGRES_URL"),
+]
 
 
 @pytest.fixture
@@ -55,9 +57,22 @@ def mlflow_server(databases, tmp_path):
     mlflow = Path(sys.executable).parent / "mlflow"
     log = open(tmp_path / "mlflow-server.log", "w")
     server = subprocess.Popen(
-        [str(mlflow), "server", "--backend-store-uri", databases[0], "--default-artifact-root",
-         (tmp_path / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            str(mlflow),
+            "server",
+            "--backend-store-uri",
+            databases[0],
+            "--default-artifact-root",
+            (tmp_path / "artifacts").as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -80,8 +95,9 @@ def mlflow_server(databases, tmp_path):
 
 def _dmgl(*args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "dmgl_cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dmgl_cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _finish(process: subprocess.Popen) -> str:
@@ -94,10 +110,26 @@ def test_two_sweep_workers_and_a_training_on_postgresql(synthetic, databases, ml
     optuna_url = databases[1]
     fast = ["--set", "train.epochs=2", "--set", "train.batch_size=64"]
     strategies = "constant:0,constant:0.5,heuristic,lb"
-    _finish(_dmgl("sweep", "--study", "pg", "--storage", optuna_url, "--strategies", strategies, "--seeds", "2",
-                  "--tracking-uri", mlflow_server, "--create-only", *fast))
-    workers = [_dmgl("sweep", "--study", "pg", "--storage", optuna_url, "--tracking-uri", mlflow_server)
-               for _ in range(2)]
+    _finish(
+        _dmgl(
+            "sweep",
+            "--study",
+            "pg",
+            "--storage",
+            optuna_url,
+            "--strategies",
+            strategies,
+            "--seeds",
+            "2",
+            "--tracking-uri",
+            mlflow_server,
+            "--create-only",
+            *fast,
+        )
+    )
+    workers = [
+        _dmgl("sweep", "--study", "pg", "--storage", optuna_url, "--tracking-uri", mlflow_server) for _ in range(2)
+    ]
     trainer = _dmgl("train", "--strategy", "lb", "--epochs", "3", "--seeds", "2", "--tracking-uri", mlflow_server)
     outputs = [_finish(w) for w in workers]
     train_output = _finish(trainer)

@@ -186,8 +186,9 @@ def test_deterministic_runs_give_bit_identical_weights(run_cli, synthetic):
         child = tracker.children(parent_id)[0]
         assert child.params["train.deterministic"] == "True"
         assert child.tags["dmgl.torch"] == torch.__version__ and "dmgl.cuda" in child.tags
-        weights.append(torch.load(local_path(child.artifact_uri) / "checkpoints" / "last.pt",
-                                  weights_only=True)["model"])
+        weights.append(
+            torch.load(local_path(child.artifact_uri) / "checkpoints" / "last.pt", weights_only=True)["model"]
+        )
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
@@ -197,12 +198,32 @@ def test_deterministic_runs_give_bit_identical_weights(run_cli, synthetic):
 @pytest.mark.integration
 def test_concurrent_trainings_on_one_sqlite_store_lose_nothing(registry, tmp_path):
     # A store nobody created yet: the processes race to create its tables and the experiment, then write at once.
-    subprocess.run([sys.executable, "-m", "dmgl_cli", "prepare", "synthetic", "-o", "samples=400", "--silent"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "dmgl_cli", "prepare", "synthetic", "-o", "samples=400", "--silent"],
+        check=True,
+        capture_output=True,
+    )
     processes = [
-        subprocess.Popen([sys.executable, "-m", "dmgl_cli", "train", "--strategy", "heuristic", "--epochs", "3",
-                          "--seeds", "2", "--silent", "--name", f"writer{i}"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dmgl_cli",
+                "train",
+                "--strategy",
+                "heuristic",
+                "--epochs",
+                "3",
+                "--seeds",
+                "2",
+                "--silent",
+                "--name",
+                f"writer{i}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(3)
     ]
     outputs = [p.communicate(timeout=600)[0] for p in processes]

@@ -35,9 +35,23 @@ def swept(tmp_path_factory) -> Path:
         patch.setenv("DMGL_HOME", str(home))
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         runner = CliRunner()
-        for args in (["prepare", "synthetic", "-o", "samples=600", "--silent"],
-                     ["sweep", "--study", "rep", "--strategies", ",".join(SWEEP_STRATEGIES), "--seeds", "2",
-                      "--set", "train.epochs=2", "--set", "train.batch_size=64", "--silent"]):
+        for args in (
+            ["prepare", "synthetic", "-o", "samples=600", "--silent"],
+            [
+                "sweep",
+                "--study",
+                "rep",
+                "--strategies",
+                ",".join(SWEEP_STRATEGIES),
+                "--seeds",
+                "2",
+                "--set",
+                "train.epochs=2",
+                "--set",
+                "train.batch_size=64",
+                "--silent",
+            ],
+        ):
             result = runner.invoke(cli, args)
             assert result.exit_code == 0, result.output
     return home
@@ -79,8 +93,12 @@ def test_strategies_table_equals_mean_and_std_recomputed_from_the_runs(report_cl
     assert sorted(grouped) == sorted(SWEEP_STRATEGIES) and all(len(r) == 2 for r in grouped.values())
     rows = {row["stub"][0]: row["cells"] for row in table["rows"]}
     assert list(rows) == ["Multi", "fast", "slow", "Gap"]
-    for row, key in (("Multi", "final_test_acc"), ("fast", "final_test_acc_fast"), ("slow", "final_test_acc_slow"),
-                     ("Gap", "final_test_gap_acc")):
+    for row, key in (
+        ("Multi", "final_test_acc"),
+        ("fast", "final_test_acc_fast"),
+        ("slow", "final_test_acc_slow"),
+        ("Gap", "final_test_gap_acc"),
+    ):
         for cell, strategy in zip(rows[row], SWEEP_STRATEGIES, strict=True):
             mean, std = _mean_std(grouped[strategy], key)
             assert cell["n"] == 2
@@ -94,8 +112,10 @@ def test_main_latex_marks_best_bold_and_second_underlined(report_cli, swept):
     assert r"\toprule" in text and r"\multicolumn{2}{c}{synthetic}" in text
     grouped = _seed_runs_by_strategy()
     labels = {"constant:0": "concat (const 0)", "constant:0.5": "concat (const 0.5)", "lb": "concat (LB)"}
-    lines = {label: next(line for line in text.splitlines() if line.strip().startswith(label + " &"))
-             for label in labels.values()}
+    lines = {
+        label: next(line for line in text.splitlines() if line.strip().startswith(label + " &"))
+        for label in labels.values()
+    }
     for column, key in enumerate(("final_test_acc", "final_test_map")):
         shown = {s: _mean_std(grouped[s], key) for s in SWEEP_STRATEGIES}
         ranked = sorted({round(100 * m, 2) for m, _ in shown.values()}, reverse=True)
@@ -153,9 +173,17 @@ def test_missing_metrics_print_a_dash_and_warn_naming_the_run(run_cli, registry)
         ("lb", 1, {"final_test_acc": 0.6, "final_val_acc": 0.6}),  # no MAP recorded
         ("heuristic", 0, {"final_test_acc": 0.5, "final_val_acc": 0.5}),  # no MAP at all
     ]:
-        run_id = tracker.start_run(experiment, f"{spec}-{seed}", {
-            "dmgl.role": "seed", "dmgl.dataset": "toy", "dmgl.method": "concat", "dmgl.strategy": spec,
-            "dmgl.seed": str(seed)})
+        run_id = tracker.start_run(
+            experiment,
+            f"{spec}-{seed}",
+            {
+                "dmgl.role": "seed",
+                "dmgl.dataset": "toy",
+                "dmgl.method": "concat",
+                "dmgl.strategy": spec,
+                "dmgl.seed": str(seed),
+            },
+        )
         tracker.log_params(run_id, {"strategy.name": spec, "train.seed": seed, "train.select_metric": "acc"})
         tracker.log_metrics(run_id, metrics)
         tracker.end_run(run_id, "FINISHED")
@@ -180,8 +208,13 @@ def _golden_runs() -> list[SeedRun]:
     """Two datasets (audio-video and text-image), two methods, five strategies, three seeds; one seed lacks a
     metric, one group has two configurations, and one method has no run on one dataset."""
     runs = []
-    strategies = {"constant:0": ("constant", "0.0"), "constant:0.5": ("constant", "0.5"),
-                  "stepwise:0.05": ("stepwise", "0.05"), "heuristic": ("heuristic", None), "lb": ("lb", None)}
+    strategies = {
+        "constant:0": ("constant", "0.0"),
+        "constant:0.5": ("constant", "0.5"),
+        "stepwise:0.05": ("stepwise", "0.05"),
+        "heuristic": ("heuristic", None),
+        "lb": ("lb", None),
+    }
     datasets = {"crema-d": ("audio", "video"), "sarcasm": ("image", "text")}
     for d_index, (dataset, modalities) in enumerate(datasets.items()):
         for s_index, (key, (name, value)) in enumerate(strategies.items()):
@@ -197,33 +230,60 @@ def _golden_runs() -> list[SeedRun]:
                         for split, shift in (("val", 0.02), ("test", 0.0)):
                             fused = base + shift + wiggle
                             first, second = fused - 0.05, fused - 0.30 + 0.05 * s_index
-                            metrics.update({
-                                f"final_{split}_acc": fused, f"final_{split}_map": fused + 0.04,
-                                f"final_{split}_f1": fused - 0.03,
-                                f"final_{split}_modality_gap": 0.9 + 0.1 * s_index + 0.01 * seed,
-                            })
+                            metrics.update(
+                                {
+                                    f"final_{split}_acc": fused,
+                                    f"final_{split}_map": fused + 0.04,
+                                    f"final_{split}_f1": fused - 0.03,
+                                    f"final_{split}_modality_gap": 0.9 + 0.1 * s_index + 0.01 * seed,
+                                }
+                            )
                             for metric, offset in (("acc", 0.0), ("map", 0.04), ("f1", -0.03)):
                                 metrics[f"final_{split}_{metric}_{modalities[0]}"] = first + offset
                                 metrics[f"final_{split}_{metric}_{modalities[1]}"] = second + offset
                                 metrics[f"final_{split}_gap_{metric}"] = abs(first - second)
                         if (dataset, key, seed, method) == ("crema-d", "heuristic", 2, "concat"):
                             del metrics["final_test_map"]
-                        params = {"strategy.name": name, "train.seed": str(seed), "train.select_metric": "acc",
-                                  "optim.lr": lr, "method.name": method}
+                        params = {
+                            "strategy.name": name,
+                            "train.seed": str(seed),
+                            "train.select_metric": "acc",
+                            "optim.lr": lr,
+                            "method.name": method,
+                        }
                         if name == "constant":
                             params["strategy.alpha"] = value
                         if name == "stepwise":
                             params["strategy.p"] = value
                         run_id = f"{dataset}-{method}-{key}-lr{lr}-s{seed}".replace(":", "")
-                        runs.append(SeedRun(run_id, "golden", dataset, method, spec_from_params(params), seed,
-                                            "FINISHED", 1_700_000_000_000 + len(runs), metrics, params,
-                                            {"mlflow.parentRunId": f"parent-{dataset}-{key}"}))
+                        runs.append(
+                            SeedRun(
+                                run_id,
+                                "golden",
+                                dataset,
+                                method,
+                                spec_from_params(params),
+                                seed,
+                                "FINISHED",
+                                1_700_000_000_000 + len(runs),
+                                metrics,
+                                params,
+                                {"mlflow.parentRunId": f"parent-{dataset}-{key}"},
+                            )
+                        )
     return runs
 
 
 GOLDEN_CASES = [
-    ("main", "text"), ("main", "markdown"), ("main", "latex"), ("main", "csv"), ("main", "json"),
-    ("strategies", "text"), ("strategies", "latex"), ("ablation", "markdown"), ("ablation", "latex"),
+    ("main", "text"),
+    ("main", "markdown"),
+    ("main", "latex"),
+    ("main", "csv"),
+    ("main", "json"),
+    ("strategies", "text"),
+    ("strategies", "latex"),
+    ("ablation", "markdown"),
+    ("ablation", "latex"),
     ("runs", "text"),
 ]
 
@@ -265,21 +325,45 @@ def test_latex_output_compiles(tmp_path):
             extra.run_id, extra.spec = f"{extra.run_id}-extra{number}", parse_strategy(f"constant:0.{number + 1}")
             extra.params["strategy.alpha"] = f"0.{number + 1}"
             wide.append(extra)
-    body = "\n".join(render(build_tables(kind, runs), "latex")
-                     for kind, runs in (("main", _golden_runs()), ("strategies", wide), ("ablation", _golden_runs())))
+    body = "\n".join(
+        render(build_tables(kind, runs), "latex")
+        for kind, runs in (("main", _golden_runs()), ("strategies", wide), ("ablation", _golden_runs()))
+    )
     assert r"\resizebox{\linewidth}" in body
-    (tmp_path / "doc.tex").write_text("\\documentclass{article}\\usepackage{booktabs,amssymb,graphicx}\n"
-                                      "\\usepackage[margin=1cm,landscape]{geometry}\\begin{document}\n"
-                                      f"{body}\n\\end{{document}}\n")
-    result = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
+    (tmp_path / "doc.tex").write_text(
+        "\\documentclass{article}\\usepackage{booktabs,amssymb,graphicx}\n"
+        "\\usepackage[margin=1cm,landscape]{geometry}\\begin{document}\n"
+        f"{body}\n\\end{{document}}\n"
+    )
+    result = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout[-3000:]
 
 
-@pytest.mark.parametrize("text, keys", [
-    ("table4", ["constant:0", "constant:0.5", "constant:1", "stepwise:0", "stepwise:1", "stepwise:0.05",
-                "stepwise:0.95", "heuristic", "lb"]),
-    ("constant:0.5, h(0.95),LB", ["constant:0.5", "stepwise:0.95", "lb"]),
-])
+@pytest.mark.parametrize(
+    "text, keys",
+    [
+        (
+            "table4",
+            [
+                "constant:0",
+                "constant:0.5",
+                "constant:1",
+                "stepwise:0",
+                "stepwise:1",
+                "stepwise:0.05",
+                "stepwise:0.95",
+                "heuristic",
+                "lb",
+            ],
+        ),
+        ("constant:0.5, h(0.95),LB", ["constant:0.5", "stepwise:0.95", "lb"]),
+    ],
+)
 def test_strategy_specs(text, keys):
     assert [s.key for s in parse_strategies(text)] == keys

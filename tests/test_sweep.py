@@ -28,15 +28,22 @@ def _study(storage: str, name: str) -> optuna.Study:
     if storage.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        storage = JournalStorage(JournalFileBackend(storage[len("journal:"):]))
+        storage = JournalStorage(JournalFileBackend(storage[len("journal:") :]))
     return optuna.load_study(study_name=name, storage=storage)
 
 
 def _worker(*args: str, **kwargs) -> subprocess.Popen:
     """A `dmgl sweep` worker in its own process (inherits DMGL_HOME from the registry fixture)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "dmgl_cli", "sweep", *args], cwd=repo_root(), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dmgl_cli", "sweep", *args],
+        cwd=repo_root(),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 def _finish(process: subprocess.Popen, timeout: float = 240) -> str:
@@ -130,8 +137,20 @@ def test_a_single_strategy_grid(run_cli, synthetic, registry):
 
 @pytest.mark.slow
 def test_tuning_samples_per_strategy_ranges_and_reports_every_epoch(run_cli, synthetic, registry):
-    run_cli("sweep", "--strategies", "lb", "--tune", "lr=0.01:0.1,alpha_lr", "--n-trials", "2", "--seeds", "1",
-            "--study", "tune", *FAST)
+    run_cli(
+        "sweep",
+        "--strategies",
+        "lb",
+        "--tune",
+        "lr=0.01:0.1,alpha_lr",
+        "--n-trials",
+        "2",
+        "--seeds",
+        "1",
+        "--study",
+        "tune",
+        *FAST,
+    )
     trials = _study(f"sqlite:///{registry / 'optuna.db'}", "tune").get_trials()
     assert len(trials) == 2 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     for trial in trials:
@@ -155,8 +174,14 @@ def test_strategy_median_pruner_compares_a_trial_with_its_own_strategy():
     strategy = optuna.distributions.CategoricalDistribution(["lb", "constant:0"])
 
     def finished(name: str, value: float):
-        study.add_trial(optuna.trial.create_trial(params={"strategy": name}, distributions={"strategy": strategy},
-                                                  value=value, intermediate_values={1: value, 2: value}))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"strategy": name},
+                distributions={"strategy": strategy},
+                value=value,
+                intermediate_values={1: value, 2: value},
+            )
+        )
 
     for value in (0.5, 0.6, 0.7):
         finished("lb", value)
@@ -165,8 +190,12 @@ def test_strategy_median_pruner_compares_a_trial_with_its_own_strategy():
     pruner = StrategyMedianPruner(n_startup_trials=3, n_warmup_steps=1)
 
     def running(name: str, values: dict[int, float]):
-        return optuna.trial.create_trial(state=TrialState.RUNNING, params={"strategy": name},
-                                         distributions={"strategy": strategy}, intermediate_values=values)
+        return optuna.trial.create_trial(
+            state=TrialState.RUNNING,
+            params={"strategy": name},
+            distributions={"strategy": strategy},
+            intermediate_values=values,
+        )
 
     assert pruner.prune(study, running("lb", {1: 0.3, 2: 0.3}))  # below lb's median 0.6
     assert not pruner.prune(study, running("lb", {1: 0.3, 2: 0.65}))
@@ -198,8 +227,19 @@ def test_pruned_training_marks_runs_killed_not_failed(synthetic, registry):
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
 def test_two_workers_on_one_study_share_the_trials(run_cli, synthetic, registry, kind):
     storage = f"journal:{registry / 'optuna.log'}" if kind == "journal" else f"sqlite:///{registry / 'optuna.db'}"
-    run_cli("sweep", "--study", "shared", "--storage", storage, "--strategies", "constant:0,heuristic,lb",
-            "--seeds", "1", *FAST, "--create-only")
+    run_cli(
+        "sweep",
+        "--study",
+        "shared",
+        "--storage",
+        storage,
+        "--strategies",
+        "constant:0,heuristic,lb",
+        "--seeds",
+        "1",
+        *FAST,
+        "--create-only",
+    )
     assert len(_study(storage, "shared").get_trials(states=(TrialState.WAITING,))) == 3
     workers = [_worker("--study", "shared", "--storage", storage) for _ in range(2)]
     outputs = [_finish(w) for w in workers]
@@ -211,16 +251,31 @@ def test_two_workers_on_one_study_share_the_trials(run_cli, synthetic, registry,
     assert ran == 3
     tracker = Tracker()
     sweep_run_id = _study(storage, "shared").user_attrs["mlflow_sweep_run_id"]
-    assert sorted(r.run_id for r in tracker.children(sweep_run_id)) == \
-        sorted(t.user_attrs["mlflow_run_id"] for t in trials)
+    assert sorted(r.run_id for r in tracker.children(sweep_run_id)) == sorted(
+        t.user_attrs["mlflow_run_id"] for t in trials
+    )
     assert tracker.status(sweep_run_id) == "FINISHED"
 
 
 @pytest.mark.integration
 def test_a_killed_workers_trial_is_failed_retried_and_does_not_block(run_cli, synthetic, registry):
     storage = f"journal:{registry / 'optuna.log'}"
-    run_cli("sweep", "--study", "kill", "--storage", storage, "--strategies", "constant:0,lb", "--seeds", "1",
-            "--set", "train.epochs=6", "--heartbeat", "1", "--create-only")
+    run_cli(
+        "sweep",
+        "--study",
+        "kill",
+        "--storage",
+        storage,
+        "--strategies",
+        "constant:0,lb",
+        "--seeds",
+        "1",
+        "--set",
+        "train.epochs=6",
+        "--heartbeat",
+        "1",
+        "--create-only",
+    )
     doomed = _worker("--study", "kill", "--storage", storage)
     victim = _wait_for(lambda: _trial_started(storage, "kill"), "a trial to start training", process=doomed)
     doomed.send_signal(signal.SIGKILL)
@@ -247,8 +302,20 @@ def test_a_killed_workers_trial_is_failed_retried_and_does_not_block(run_cli, sy
 def test_ctrl_c_requeues_the_trial_and_the_study_resumes(run_cli, synthetic, registry):
     storage = f"sqlite:///{registry / 'optuna.db'}"
     # Long trials, so that the signal lands inside one (it is honoured after the current optimiser step).
-    run_cli("sweep", "--study", "stop", "--strategies", "constant:0,lb", "--seeds", "1", "--set", "train.epochs=12",
-            "--set", "train.batch_size=16", "--create-only")
+    run_cli(
+        "sweep",
+        "--study",
+        "stop",
+        "--strategies",
+        "constant:0,lb",
+        "--seeds",
+        "1",
+        "--set",
+        "train.epochs=12",
+        "--set",
+        "train.batch_size=16",
+        "--create-only",
+    )
     worker = _worker("--study", "stop")
     victim = _wait_for(lambda: _trial_started(storage, "stop"), "a trial to start training", process=worker)
     worker.send_signal(signal.SIGINT)
@@ -277,34 +344,40 @@ def test_unknown_study_names_the_storage_and_how_to_create(run_cli, synthetic, r
     assert "unknown study 'nope'" in result.output and "--strategies" in result.output
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("constant:2", "must be in [0, 1]"),
-    ("stepwise", "needs its p"),
-    ("heuristic:0.3", "takes no value"),
-    ("annealing", "unknown strategy 'annealing'"),
-    ("lb,lb", "more than once"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("constant:2", "must be in [0, 1]"),
+        ("stepwise", "needs its p"),
+        ("heuristic:0.3", "takes no value"),
+        ("annealing", "unknown strategy 'annealing'"),
+        ("lb,lb", "more than once"),
+    ],
+)
 def test_bad_strategy_specs(run_cli, synthetic, spec, message):
     result = run_cli("sweep", "--strategies", spec, expect=1)
     assert message in result.output
 
 
 def test_bad_tune_and_trial_counts(run_cli, synthetic):
-    assert "unknown hyperparameter 'momentum'" in run_cli("sweep", "--strategies", "lb", "--tune", "momentum",
-                                                          expect=1).output
-    assert "applies only to lb" in run_cli("sweep", "--strategies", "heuristic", "--tune", "alpha_lr",
-                                           expect=1).output
-    assert "only makes sense with --tune" in run_cli("sweep", "--strategies", "lb", "--n-trials", "3",
-                                                     expect=1).output
+    assert (
+        "unknown hyperparameter 'momentum'"
+        in run_cli("sweep", "--strategies", "lb", "--tune", "momentum", expect=1).output
+    )
+    assert "applies only to lb" in run_cli("sweep", "--strategies", "heuristic", "--tune", "alpha_lr", expect=1).output
+    assert "only makes sense with --tune" in run_cli("sweep", "--strategies", "lb", "--n-trials", "3", expect=1).output
     assert "LOW must be > 0" in run_cli("sweep", "--strategies", "lb", "--tune", "lr=0:0.1", expect=1).output
 
 
-@pytest.mark.parametrize("url, message", [
-    ("journal:/no/such/folder/optuna.log", "folder /no/such/folder does not exist"),
-    ("sqlite:////no/such/folder/optuna.db", "cannot open Optuna storage sqlite:////no/such/folder/optuna.db"),
-    ("postgresql://user:secret@127.0.0.1:1/db", "cannot open Optuna storage postgresql://user:***@127.0.0.1:1/db"),
-    ("optuna.txt", "is not a storage URL"),
-])
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("journal:/no/such/folder/optuna.log", "folder /no/such/folder does not exist"),
+        ("sqlite:////no/such/folder/optuna.db", "cannot open Optuna storage sqlite:////no/such/folder/optuna.db"),
+        ("postgresql://user:secret@127.0.0.1:1/db", "cannot open Optuna storage postgresql://user:***@127.0.0.1:1/db"),
+        ("optuna.txt", "is not a storage URL"),
+    ],
+)
 def test_storage_that_cannot_be_opened(run_cli, synthetic, url, message):
     result = run_cli("sweep", "--strategies", "lb", "--storage", url, expect=1)
     assert message in result.output
@@ -327,6 +400,9 @@ def test_a_corrupt_journal_is_reported(run_cli, synthetic, tmp_path):
 def test_the_package_imports_optuna_only_in_sweep():
     """Only dmgl_cli/sweep/ imports Optuna (tests/test_architecture.py: only sweep/storage.py its private modules)."""
     package = Path(__file__).resolve().parent.parent / "dmgl_cli"
-    users = sorted(p.relative_to(package).as_posix() for p in package.rglob("*.py")
-                   if re.search(r"^\s*(import|from) optuna\b", p.read_text(), re.M))
+    users = sorted(
+        p.relative_to(package).as_posix()
+        for p in package.rglob("*.py")
+        if re.search(r"^\s*(import|from) optuna\b", p.read_text(), re.M)
+    )
     assert users and all(name.startswith("sweep/") for name in users), users

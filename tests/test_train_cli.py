@@ -110,7 +110,9 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(run_cli, synthetic):
 
     parents = []
     with pytest.raises(Stop):
-        runner.train(config, [0], tracker=Tracker(), run_name="stopped", progress=stop_after_epoch_2, on_parent=parents.append)
+        runner.train(
+            config, [0], tracker=Tracker(), run_name="stopped", progress=stop_after_epoch_2, on_parent=parents.append
+        )
     tracker = Tracker()
     child = tracker.children(parents[0])[0]
     assert child.status == "FAILED"
@@ -152,11 +154,16 @@ def test_resume_of_a_parent_finishes_its_seeds(run_cli, synthetic):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", [["--strategy", "constant", "--alpha", "0"], ["--strategy", "stepwise", "--p", "0.05"],
-                                      ["--strategy", "lb", "--set", "strategy.lb.approx=cg"],
-                                      ["--strategy", "lb", "--set", "strategy.lb.approx=identity",
-                                       "--set", "strategy.lb.update_every=epoch"],
-                                      ["--strategy", "heuristic", "--set", "loss.matching=js"]])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ["--strategy", "constant", "--alpha", "0"],
+        ["--strategy", "stepwise", "--p", "0.05"],
+        ["--strategy", "lb", "--set", "strategy.lb.approx=cg"],
+        ["--strategy", "lb", "--set", "strategy.lb.approx=identity", "--set", "strategy.lb.update_every=epoch"],
+        ["--strategy", "heuristic", "--set", "loss.matching=js"],
+    ],
+)
 def test_every_strategy_trains(run_cli, synthetic, strategy):
     result = run_cli("train", *strategy, "--epochs", "2")
     assert "mean over 1 seeds" in result.output
@@ -186,8 +193,9 @@ def test_a_comparison_method_trains_as_published_unless_a_strategy_is_given(run_
     tracker = Tracker()
     plain = tracker.get_run(_parent_id(run_cli("train", "--method", "sum", "--epochs", "1").output))
     assert plain.tags["dmgl.strategy"] == "constant" and plain.params["strategy.alpha"] == "0.0"
-    combined = tracker.get_run(_parent_id(run_cli("train", "--method", "sum", "--strategy", "heuristic",
-                                                  "--epochs", "1").output))
+    combined = tracker.get_run(
+        _parent_id(run_cli("train", "--method", "sum", "--strategy", "heuristic", "--epochs", "1").output)
+    )
     assert combined.tags["dmgl.strategy"] == "heuristic"
     ours = tracker.get_run(_parent_id(run_cli("train", "--method", "concat", "--epochs", "1").output))
     assert ours.tags["dmgl.strategy"] == "lb"  # the paper's model keeps the recipe's strategy

@@ -16,6 +16,9 @@ class DmglGroup(click.Group):
         except DmglError as exc:
             raise click.ClickException(str(exc)) from None
         except (KeyboardInterrupt, Interrupted):
-            click.echo("\nInterrupted: the run was checkpointed and marked KILLED; continue it with "
-                       "`dmgl train --resume RUN_ID`.", err=True)
+            click.echo(
+                "\nInterrupted: the run was checkpointed and marked KILLED; continue it with "
+                "`dmgl train --resume RUN_ID`.",
+                err=True,
+            )
             raise SystemExit(130) from None

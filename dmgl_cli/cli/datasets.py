@@ -28,8 +28,10 @@ def datasets(ctx) -> None:
             return
         for row in rows:
             splits = " ".join(f"{k}={v}" for k, v in row["splits"].items())
-            click.echo(f"{row['name']:<20} {row['num_classes']:>3} classes  {splits:<32} "
-                       f"{','.join(row['modalities'])}  ({row['preparer']} v{row['preparer_version']}, {row['created']})")
+            click.echo(
+                f"{row['name']:<20} {row['num_classes']:>3} classes  {splits:<32} "
+                f"{','.join(row['modalities'])}  ({row['preparer']} v{row['preparer_version']}, {row['created']})"
+            )
 
 
 @datasets.command("show")
@@ -51,5 +53,7 @@ def datasets_verify(name) -> None:
 
     bad = open_dataset(name).verify()
     if bad:
-        raise DmglError(f"dataset {name}: {len(bad)} files changed or missing: {', '.join(bad)}; run `dmgl prepare` again")
+        raise DmglError(
+            f"dataset {name}: {len(bad)} files changed or missing: {', '.join(bad)}; run `dmgl prepare` again"
+        )
     click.echo(f"dataset {name}: all files match their checksums")

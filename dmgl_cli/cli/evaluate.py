@@ -30,6 +30,9 @@ def eval_command(run_id, checkpoint, split, tracking_uri) -> None:
         m = outcome.metrics
         line = "  ".join(f"{k} {m[f'{split}_{k}']:.4f}" for k in ("acc", "map", "f1"))
         diff = outcome.max_abs_diff
-        match = "no logged values to compare" if diff is None else (
-            "matches the logged metrics exactly" if diff == 0 else f"max |diff| vs logged {diff:.2e}")
+        match = (
+            "no logged values to compare"
+            if diff is None
+            else ("matches the logged metrics exactly" if diff == 0 else f"max |diff| vs logged {diff:.2e}")
+        )
         click.echo(f"run {outcome.run_id} seed {outcome.seed} {checkpoint}.pt on {split}: {line}  ({match})")

@@ -18,15 +18,26 @@ from dmgl_cli.errors import DmglError
 @click.option("--workers", type=int, default=1, show_default=True, help="Parallel worker processes.")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable raw files in the manifest instead of stopping.")
 @click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE", help="Preparer-specific setting.")
-@click.option("--split-file", "split_files", multiple=True, metavar="SPLIT=PATH",
-              help="A split's sample list instead of the default split (crema-d: clip_id,label CSV); once per split.")
+@click.option(
+    "--split-file",
+    "split_files",
+    multiple=True,
+    metavar="SPLIT=PATH",
+    help="A split's sample list instead of the default split (crema-d: clip_id,label CSV); once per split.",
+)
 @click.option("--manifest", type=click.Path(path_type=Path), help="custom: CSV with one row per sample.")
-@click.option("--modality", "modality_kinds", multiple=True, metavar="COLUMN=KIND",
-              help="custom: a manifest column holding a modality, and its kind (audio, video, image, text).")
+@click.option(
+    "--modality",
+    "modality_kinds",
+    multiple=True,
+    metavar="COLUMN=KIND",
+    help="custom: a manifest column holding a modality, and its kind (audio, video, image, text).",
+)
 @click.option("--text-model", help="Tokenizer for text modalities: a local model folder or a hub id.")
 @silent_option
-def prepare(dataset, raw, name, seed, workers, skip_bad, options, split_files, manifest, modality_kinds, text_model,
-            silent) -> None:
+def prepare(
+    dataset, raw, name, seed, workers, skip_bad, options, split_files, manifest, modality_kinds, text_model, silent
+) -> None:
     """Turn a dataset's raw files into a prepared, registered dataset.
 
     Datasets: synthetic (no raw files), crema-d, kinetics-sounds, nvgesture, sarcasm, twitter2015, and custom (your
@@ -53,8 +64,9 @@ def prepare(dataset, raw, name, seed, workers, skip_bad, options, split_files, m
         if bar is None:
             from tqdm import tqdm
 
-            bar = bars[description] = tqdm(total=total, initial=done, desc=f"  {description}", unit="sample",
-                                           mininterval=0.5, dynamic_ncols=True)
+            bar = bars[description] = tqdm(
+                total=total, initial=done, desc=f"  {description}", unit="sample", mininterval=0.5, dynamic_ncols=True
+            )
         bar.update(done - bar.n)
 
     settings = parse_assignments(options, "--option")
@@ -75,11 +87,20 @@ def prepare(dataset, raw, name, seed, workers, skip_bad, options, split_files, m
             raise DmglError(f"{flag} does not apply to `dmgl prepare {dataset}`")
         settings[key] = value
     try:
-        manifest, path = prepare_dataset(dataset, raw=raw, name=name, seed=seed, workers=workers, skip_bad=skip_bad,
-                                         options=settings, progress=progress)
+        manifest, path = prepare_dataset(
+            dataset,
+            raw=raw,
+            name=name,
+            seed=seed,
+            workers=workers,
+            skip_bad=skip_bad,
+            options=settings,
+            progress=progress,
+        )
     except KeyboardInterrupt:
-        click.echo("\nInterrupted: the samples prepared so far are kept; run the same command again to resume.",
-                   err=True)
+        click.echo(
+            "\nInterrupted: the samples prepared so far are kept; run the same command again to resume.", err=True
+        )
         raise SystemExit(130) from None
     finally:
         for bar in bars.values():

@@ -24,27 +24,55 @@ def _split_plots(values: tuple[str, ...]) -> list[str]:
 
 
 @click.command()
-@click.option("--table", "-t", type=click.Choice(_TABLES),
-              help="main (methods x datasets), strategies (Table 4), ablation (Table 3), runs (one line per run). "
-                   "Default: main, unless only --plot is given.")
+@click.option(
+    "--table",
+    "-t",
+    type=click.Choice(_TABLES),
+    help="main (methods x datasets), strategies (Table 4), ablation (Table 3), runs (one line per run). "
+    "Default: main, unless only --plot is given.",
+)
 @click.option("--format", "-f", "fmt", type=click.Choice(_FORMATS), default="text", show_default=True)
 @click.option("--experiment", "-e", "experiments", multiple=True, help="MLflow experiment(s) to read (default: all).")
 @click.option("--dataset", "-d", "datasets", multiple=True, help="Only runs on this dataset (repeatable).")
 @click.option("--sweep", help="Only the runs of this `dmgl sweep` study.")
-@click.option("--filter", "filter_string", metavar="MLFLOW_FILTER",
-              help="Extra MLflow search filter, e.g. \"params.`optim.lr` = '0.05'\" or \"tags.`dmgl.method` = 'mla'\".")
-@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
-              help="Which scores the tables show (all taken at the validation-selected epoch).")
-@click.option("--metric", type=click.Choice(["acc", "map", "f1"]),
-              help="Metric of the strategies/ablation tables and plots (default: acc; ablation: MAP or F1).")
-@click.option("--plot", "plots", multiple=True, metavar="KINDS",
-              help="alpha (Figure 3), gap (Figure 2 analogue), curves (validation per epoch); comma-separated or repeated.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("dmgl-report"), show_default=True,
-              help="Folder for the PNG figures.")
+@click.option(
+    "--filter",
+    "filter_string",
+    metavar="MLFLOW_FILTER",
+    help="Extra MLflow search filter, e.g. \"params.`optim.lr` = '0.05'\" or \"tags.`dmgl.method` = 'mla'\".",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["test", "val"]),
+    default="test",
+    show_default=True,
+    help="Which scores the tables show (all taken at the validation-selected epoch).",
+)
+@click.option(
+    "--metric",
+    type=click.Choice(["acc", "map", "f1"]),
+    help="Metric of the strategies/ablation tables and plots (default: acc; ablation: MAP or F1).",
+)
+@click.option(
+    "--plot",
+    "plots",
+    multiple=True,
+    metavar="KINDS",
+    help="alpha (Figure 3), gap (Figure 2 analogue), curves (validation per epoch); comma-separated or repeated.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("dmgl-report"),
+    show_default=True,
+    help="Folder for the PNG figures.",
+)
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Write the table to this file instead of stdout.")
 @tracking_option
-def report(table, fmt, experiments, datasets, sweep, filter_string, split, metric, plots, out_dir, output,
-           tracking_uri) -> None:
+def report(
+    table, fmt, experiments, datasets, sweep, filter_string, split, metric, plots, out_dir, output, tracking_uri
+) -> None:
     """Paper-style tables and figures regenerated from the recorded runs.
 
     Seed runs are grouped by (dataset, method, strategy) and shown as mean ± std over seeds, in percent with two
@@ -69,8 +97,17 @@ def report(table, fmt, experiments, datasets, sweep, filter_string, split, metri
         table = "main"
     selection = Selection(list(experiments) or None, list(datasets) or None, sweep, filter_string)
     color = output is None and fmt == "text" and sys.stdout.isatty()
-    result = make_report(selection, tracker=Tracker(tracking_uri), table=table, fmt=fmt, split=split, metric=metric,
-                         plot_kinds=kinds, out_dir=out_dir, color=color)
+    result = make_report(
+        selection,
+        tracker=Tracker(tracking_uri),
+        table=table,
+        fmt=fmt,
+        split=split,
+        metric=metric,
+        plot_kinds=kinds,
+        out_dir=out_dir,
+        color=color,
+    )
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if fmt in ("csv", "latex"):  # text, markdown and json carry the notes inside the tables

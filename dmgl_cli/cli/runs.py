@@ -15,8 +15,13 @@ def runs() -> None:
 
 @runs.command("reconcile")
 @click.option("--experiment", help="Only this MLflow experiment (default: all).")
-@click.option("--older-than", type=click.FloatRange(min=0), default=60.0, show_default=True,
-              help="Minutes without a heartbeat after which a run from another machine counts as dead.")
+@click.option(
+    "--older-than",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Minutes without a heartbeat after which a run from another machine counts as dead.",
+)
 @tracking_option
 def runs_reconcile(experiment, older_than, tracking_uri) -> None:
     """Mark runs KILLED that are recorded as RUNNING but whose process is gone (SIGKILL, OOM, lost machine).

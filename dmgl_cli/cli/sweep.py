@@ -9,29 +9,60 @@ from dmgl_cli.cli.options import silent_option, tracking_option
 
 @click.command()
 @click.option("--recipe", "-r", help="Recipe name or YAML path (new study; default synthetic).")
-@click.option("--strategies", "-s", metavar="SPECS",
-              help="table4 (constant 0, 0.5, 1; stepwise h(0), h(1), h(0.05), h(0.95); heuristic; lb) or a list "
-                   "such as constant:0.5,stepwise:0.95,lb. Default for a new study: table4.")
-@click.option("--tune", metavar="NAMES",
-              help="Hyperparameters tuned by TPE within each strategy: lr, weight_decay, dropout, tau, alpha_lr, "
-                   "initial_alpha, lb_scale; a range as lr=0.001:0.1.")
+@click.option(
+    "--strategies",
+    "-s",
+    metavar="SPECS",
+    help="table4 (constant 0, 0.5, 1; stepwise h(0), h(1), h(0.05), h(0.95); heuristic; lb) or a list "
+    "such as constant:0.5,stepwise:0.95,lb. Default for a new study: table4.",
+)
+@click.option(
+    "--tune",
+    metavar="NAMES",
+    help="Hyperparameters tuned by TPE within each strategy: lr, weight_decay, dropout, tau, alpha_lr, "
+    "initial_alpha, lb_scale; a range as lr=0.001:0.1.",
+)
 @click.option("--n-trials", type=int, help="Trials per strategy (with --tune; default 1).")
 @click.option("--seeds", help="Seeds per trial: a count (from train.seed up) or a list 0,1,2. Default 1.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe setting.")
 @click.option("--experiment", help="MLflow experiment (default: the dataset's name).")
 @click.option("--study", help="Optuna study name: joins it if it exists (default: a new RECIPE-DATE-TIME study).")
-@click.option("--storage", metavar="URL",
-              help="Optuna storage: sqlite:///PATH, postgresql://..., mysql://..., or journal:PATH (a journal file). "
-                   "Default: sqlite:///<registry>/optuna.db.")
-@click.option("--prune/--no-prune", default=None,
-              help="Median-prune trials on the per-epoch validation metric (default: on with --tune, off otherwise).")
-@click.option("--heartbeat", type=int, metavar="SECONDS",
-              help="Heartbeat interval of a new study (default 30); a trial silent for 3x this is failed and retried.")
+@click.option(
+    "--storage",
+    metavar="URL",
+    help="Optuna storage: sqlite:///PATH, postgresql://..., mysql://..., or journal:PATH (a journal file). "
+    "Default: sqlite:///<registry>/optuna.db.",
+)
+@click.option(
+    "--prune/--no-prune",
+    default=None,
+    help="Median-prune trials on the per-epoch validation metric (default: on with --tune, off otherwise).",
+)
+@click.option(
+    "--heartbeat",
+    type=int,
+    metavar="SECONDS",
+    help="Heartbeat interval of a new study (default 30); a trial silent for 3x this is failed and retried.",
+)
 @click.option("--create-only", is_flag=True, help="Create the study and its plan, then exit; start workers after.")
 @tracking_option
 @silent_option(help="Print only the summary.")
-def sweep(recipe, strategies, tune, n_trials, seeds, overrides, experiment, study, storage, prune, heartbeat,
-          create_only, tracking_uri, silent) -> None:
+def sweep(
+    recipe,
+    strategies,
+    tune,
+    n_trials,
+    seeds,
+    overrides,
+    experiment,
+    study,
+    storage,
+    prune,
+    heartbeat,
+    create_only,
+    tracking_uri,
+    silent,
+) -> None:
     """Compare integration strategies (and tune within each) with Optuna; every trial is an MLflow run.
 
     Each trial trains --seeds seeds and scores the mean validation metric (never test). Several workers, on one
@@ -50,9 +81,21 @@ def sweep(recipe, strategies, tune, n_trials, seeds, overrides, experiment, stud
     from dmgl_cli.sweep import SweepRequest, run_sweep
     from dmgl_cli.tracking import Tracker
 
-    request = SweepRequest(study=study, storage=storage, recipe=recipe, overrides=list(overrides),
-                           strategies=strategies, tune=tune, n_trials=n_trials, seeds=seeds, experiment=experiment,
-                           prune=prune, heartbeat=heartbeat, create_only=create_only)
+    request = SweepRequest(
+        study=study,
+        storage=storage,
+        recipe=recipe,
+        overrides=list(overrides),
+        strategies=strategies,
+        tune=tune,
+        n_trials=n_trials,
+        seeds=seeds,
+        experiment=experiment,
+        prune=prune,
+        heartbeat=heartbeat,
+        create_only=create_only,
+    )
+
     def on_trial(record) -> None:
         if not silent:
             click.echo(record.line())
@@ -63,15 +106,22 @@ def sweep(recipe, strategies, tune, n_trials, seeds, overrides, experiment, stud
 
     outcome = run_sweep(request, tracker=Tracker(tracking_uri), on_trial=on_trial, on_message=on_message)
     if create_only:
-        click.echo(f"study {outcome.study} is ready ({outcome.settings.total_trials} trials queued); start workers "
-                   f"with: dmgl sweep --study {outcome.study}" + (f" --storage {storage}" if storage else ""))
+        click.echo(
+            f"study {outcome.study} is ready ({outcome.settings.total_trials} trials queued); start workers "
+            f"with: dmgl sweep --study {outcome.study}" + (f" --storage {storage}" if storage else "")
+        )
         return
     click.echo(outcome.summary_text(), nl=False)
     if outcome.interrupted:
-        click.echo(f"\nInterrupted; the study is resumable (an interrupted trial goes back to the queue): "
-                   f"`dmgl sweep --study {outcome.study}" + (f" --storage {storage}`" if storage else "`"), err=True)
+        click.echo(
+            f"\nInterrupted; the study is resumable (an interrupted trial goes back to the queue): "
+            f"`dmgl sweep --study {outcome.study}" + (f" --storage {storage}`" if storage else "`"),
+            err=True,
+        )
         raise SystemExit(130)
     state = "complete" if outcome.complete else "not complete yet (other workers are still running trials)"
     click.echo(f"study {outcome.study} is {state}; this worker ran {len(outcome.ran)} trial(s)")
-    click.echo(f"browse: dmgl ui  |  optuna-dashboard {outcome.storage}  |  "
-               f"dmgl report --sweep {outcome.study} --table strategies")
+    click.echo(
+        f"browse: dmgl ui  |  optuna-dashboard {outcome.storage}  |  "
+        f"dmgl report --sweep {outcome.study} --table strategies"
+    )

@@ -27,9 +27,14 @@ def ui(port, host, allow_remote, tracking_uri) -> None:
     if host not in ("127.0.0.1", "localhost", "::1"):
         if not allow_remote:
             raise DmglError(f"--host {host} exposes the MLflow UI beyond this machine; add --allow-remote to confirm")
-        click.echo("warning: the MLflow UI has no authentication unless you configure it; anyone who can reach "
-                   f"{host}:{port} can read and delete your runs", err=True)
+        click.echo(
+            "warning: the MLflow UI has no authentication unless you configure it; anyone who can reach "
+            f"{host}:{port} can read and delete your runs",
+            err=True,
+        )
     # MLflow 3's UI opens in its GenAI view; this link opens the "Model training" view, where runs and charts are.
-    click.echo(f"MLflow UI over {resolve_tracking_uri(tracking_uri)}: "
-               f"http://{host}:{port}/#/experiments?workflowType=machine_learning  (Ctrl-C to stop)")
+    click.echo(
+        f"MLflow UI over {resolve_tracking_uri(tracking_uri)}: "
+        f"http://{host}:{port}/#/experiments?workflowType=machine_learning  (Ctrl-C to stop)"
+    )
     raise SystemExit(launch_ui(tracking_uri, host, port))

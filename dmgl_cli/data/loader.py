@@ -123,8 +123,17 @@ def make_splits(dataset: PreparedDataset, val_fraction: float, split_seed: int) 
     return Splits(ArraySplit(train, kept), ArraySplit(train, held_out), test, source)
 
 
-def make_loader(split: ArraySplit, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool,
-                num_workers: int = 0, pin_memory: bool = False, persistent: bool = False) -> DataLoader:
+def make_loader(
+    split: ArraySplit,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    drop_last: bool,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    persistent: bool = False,
+) -> DataLoader:
     """``persistent`` keeps the worker processes between epochs (the training loader); evaluation loaders, used
     once per epoch, start theirs on demand so a run does not hold three sets of workers."""
     sampler = EpochBatchSampler(len(split), batch_size, shuffle, seed, drop_last)
@@ -156,24 +165,31 @@ def hold_out(train: ArraySplit, holdout: int | float, seed: int, transform) -> t
     only, so every training seed steers alpha with the same samples.
     """
     if len(train) < 2:
-        raise DmglError(f"strategy.lb.outer_data=holdout needs at least 2 training samples, the training split has "
-                        f"{len(train)}; prepare more samples or set strategy.lb.outer_data=val")
+        raise DmglError(
+            f"strategy.lb.outer_data=holdout needs at least 2 training samples, the training split has "
+            f"{len(train)}; prepare more samples or set strategy.lb.outer_data=val"
+        )
     if isinstance(holdout, float):
         kept, chosen = stratified_split(np.asarray(train.labels), holdout, seed)
         if len(chosen) == 0:  # every class too small to give one: a seeded draw of the same fraction instead
             holdout = max(1, round(holdout * len(train)))
     if isinstance(holdout, int):
         if holdout >= len(train):
-            raise DmglError(f"strategy.lb.holdout asks for {holdout} held-out samples but the training split has "
-                            f"only {len(train)}; lower strategy.lb.holdout")
+            raise DmglError(
+                f"strategy.lb.holdout asks for {holdout} held-out samples but the training split has "
+                f"only {len(train)}; lower strategy.lb.holdout"
+            )
         chosen = np.random.default_rng(seed).permutation(len(train))[:holdout]
         kept = np.setdiff1d(np.arange(len(train)), chosen)
-    return (ArraySplit(train.arrays, train.indices[kept], train.transform),
-            ArraySplit(train.arrays, train.indices[chosen], transform))
+    return (
+        ArraySplit(train.arrays, train.indices[kept], train.transform),
+        ArraySplit(train.arrays, train.indices[chosen], transform),
+    )
 
 
-def eval_loader(dataset: PreparedDataset, config, split: str | ArraySplit, *, num_workers: int = 0,
-                pin_memory: bool = False) -> DataLoader:
+def eval_loader(
+    dataset: PreparedDataset, config, split: str | ArraySplit, *, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
     """Batches of one split (``"train"``, ``"val"``, ``"test"``, or an :class:`ArraySplit` of ``dataset``) for
     scoring: the evaluation transform (no random augmentation), ``train.eval_batch_size``, a fixed order and no
     dropped samples, as the trainer scores its epochs, ``dmgl eval`` re-scores a checkpoint and methods read data
@@ -183,5 +199,12 @@ def eval_loader(dataset: PreparedDataset, config, split: str | ArraySplit, *, nu
     if isinstance(split, str):
         split = getattr(make_splits(dataset, config.data.val_fraction, config.data.split_seed), split)
     scored = ArraySplit(split.arrays, split.indices, build_transforms(dataset.modalities, config, training=False))
-    return make_loader(scored, config.train.eval_batch_size, shuffle=False, seed=0, drop_last=False,
-                       num_workers=num_workers, pin_memory=pin_memory)
+    return make_loader(
+        scored,
+        config.train.eval_batch_size,
+        shuffle=False,
+        seed=0,
+        drop_last=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+    )

@@ -116,8 +116,10 @@ def _check_wav_length(path: Path) -> None:
                 available = size - offset - 8
                 # 0 and 0xFFFFFFFF are what streaming writers leave when they could not go back to fill it in.
                 if length not in (0, 0xFFFFFFFF) and length > available:
-                    raise BadSample(path, f"is truncated: its header declares {length} bytes of audio data, the "
-                                          f"file holds {available}")
+                    raise BadSample(
+                        path,
+                        f"is truncated: its header declares {length} bytes of audio data, the file holds {available}",
+                    )
                 return
             offset += 8 + length + (length & 1)
 
@@ -285,8 +287,11 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise BadSample(path, f"is {image.width} x {image.height} pixels, more than the "
-                                          f"{MAX_IMAGE_PIXELS} allowed (likely a decompression bomb)")
+                    raise BadSample(
+                        path,
+                        f"is {image.width} x {image.height} pixels, more than the "
+                        f"{MAX_IMAGE_PIXELS} allowed (likely a decompression bomb)",
+                    )
                 image.load()  # truncated files fail here
                 rgb = image.convert("RGB").resize((size, size), Image.BICUBIC)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -315,15 +320,17 @@ def load_tokenizer(model: str):
         ) from None
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_length: int, pairs: Sequence[str] | None = None,
-             batch: int = 2048) -> np.ndarray:
+def tokenize(
+    tokenizer, texts: Sequence[str], max_length: int, pairs: Sequence[str] | None = None, batch: int = 2048
+) -> np.ndarray:
     """Token ids and attention masks, padded/truncated to ``max_length``: int64 [n, 2, max_length]."""
     out = np.zeros((len(texts), 2, max_length), dtype=np.int64)
     for begin in range(0, len(texts), batch):
         chunk = list(texts[begin : begin + batch])
         second = list(pairs[begin : begin + batch]) if pairs is not None else None
-        encoded = tokenizer(chunk, second, padding="max_length", truncation=True, max_length=max_length,
-                            return_attention_mask=True)
+        encoded = tokenizer(
+            chunk, second, padding="max_length", truncation=True, max_length=max_length, return_attention_mask=True
+        )
         out[begin : begin + len(chunk), 0] = np.asarray(encoded["input_ids"], dtype=np.int64)
         out[begin : begin + len(chunk), 1] = np.asarray(encoded["attention_mask"], dtype=np.int64)
     return out

@@ -52,7 +52,9 @@ class PreparedWriter:
         self.destination = Path(destination)
         # A resumable preparer passes a stable work_dir (and keep_on_error) so that a re-run finds the samples
         # it already wrote; everyone else gets a private folder that is removed on failure.
-        self.work_dir = Path(work_dir) if work_dir else self.destination.parent / f".tmp-{self.destination.name}-{os.getpid()}"
+        self.work_dir = (
+            Path(work_dir) if work_dir else self.destination.parent / f".tmp-{self.destination.name}-{os.getpid()}"
+        )
         self.keep_on_error = keep_on_error
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
 
@@ -122,10 +124,7 @@ class PreparedWriter:
         for modality, spec in modalities.items():
             if spec.get("kind") not in MODALITY_KINDS:
                 raise ValueError(f"modality {modality}: kind must be one of {MODALITY_KINDS}")
-        files = {
-            str(p.relative_to(self.work_dir)): sha256_file(p)
-            for p in sorted(self.work_dir.rglob("*.npy"))
-        }
+        files = {str(p.relative_to(self.work_dir)): sha256_file(p) for p in sorted(self.work_dir.rglob("*.npy"))}
         manifest = {
             "name": name,
             "format_version": FORMAT_VERSION,
@@ -134,7 +133,8 @@ class PreparedWriter:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "classes": list(classes),
             "modalities": {
-                m: {"kind": s["kind"], "dtype": str(s["dtype"]), "shape": list(s["shape"])} for m, s in modalities.items()
+                m: {"kind": s["kind"], "dtype": str(s["dtype"]), "shape": list(s["shape"])}
+                for m, s in modalities.items()
             },
             "splits": splits,
             "files": files,

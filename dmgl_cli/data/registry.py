@@ -89,5 +89,7 @@ def open_dataset(name: str) -> PreparedDataset:
     row = DatasetRegistry().get(name)
     path = Path(row["path"])
     if not path.is_dir():
-        raise DmglError(f"dataset {name!r} is registered at {path}, which no longer exists; run `dmgl prepare {name}` again")
+        raise DmglError(
+            f"dataset {name!r} is registered at {path}, which no longer exists; run `dmgl prepare {name}` again"
+        )
     return PreparedDataset(path)

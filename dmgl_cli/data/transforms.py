@@ -37,8 +37,10 @@ def _per_modality(options: Mapping[str, Any], key: str, modalities: Mapping[str,
         raise DmglError(f"data.options.{key} must map modality names to settings, e.g. {{visual: 3}}; got {value!r}")
     unknown = sorted(set(value) - set(modalities))
     if unknown:
-        raise DmglError(f"data.options.{key} names modalities the dataset does not have: {', '.join(unknown)} "
-                        f"(it has {', '.join(modalities)})")
+        raise DmglError(
+            f"data.options.{key} names modalities the dataset does not have: {', '.join(unknown)} "
+            f"(it has {', '.join(modalities)})"
+        )
     return dict(value)
 
 
@@ -88,8 +90,7 @@ def _crop_resize(x: Tensor, scale: float, generator: torch.Generator) -> Tensor:
             continue
         frames = crop.permute(0, 3, 1, 2)  # [T, C, h, w] viewed channels-last, as the uint8 path wants
         if x.dtype == torch.uint8:
-            resized = F.interpolate(frames, size=(height, width), mode="bilinear", align_corners=False,
-                                    antialias=False)
+            resized = F.interpolate(frames, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
         else:
             resized = F.interpolate(frames.float(), size=(height, width), mode="bilinear", align_corners=False)
             resized = resized.round_().clamp_(0, 255).to(x.dtype)
@@ -146,14 +147,17 @@ def build_transforms(modalities: Mapping[str, dict[str, Any]], config, training:
             raise DmglError(f"data.options.frames.{name}: {name} is {spec['kind']}, not a video of stored frames")
         stored = spec["shape"][0]
         if not isinstance(wanted, int) or isinstance(wanted, bool) or not 1 <= wanted <= stored:
-            raise DmglError(f"data.options.frames.{name} must be an integer from 1 to the {stored} stored frames, "
-                            f"got {wanted!r}")
+            raise DmglError(
+                f"data.options.frames.{name} must be an integer from 1 to the {stored} stored frames, got {wanted!r}"
+            )
     for name, mode in augment.items():
         if mode not in AUGMENTATIONS:
             raise DmglError(f"data.options.augment.{name} must be one of {', '.join(AUGMENTATIONS)}, got {mode!r}")
         if mode != "none" and modalities[name]["kind"] not in ("video", "image"):
-            raise DmglError(f"data.options.augment.{name}: only video and image modalities are augmented, "
-                            f"{name} is {modalities[name]['kind']}")
+            raise DmglError(
+                f"data.options.augment.{name}: only video and image modalities are augmented, "
+                f"{name} is {modalities[name]['kind']}"
+            )
     crop_scale = options.get("crop_scale", 0.8)
     if not isinstance(crop_scale, (int, float)) or isinstance(crop_scale, bool) or not 0 < crop_scale <= 1:
         raise DmglError(f"data.options.crop_scale must be in (0, 1], got {crop_scale!r}")

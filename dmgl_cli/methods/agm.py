@@ -104,8 +104,14 @@ class AGMMethod(RebalanceMethod):
 
     name = "agm"
     per_modality_source = "own"
-    defaults: dict[str, Any] = {"alpha": 1.0, "start_epoch": 1, "end_epoch": 20, "cap": 10.0,
-                                "hold_after_window": True, "clip": True}
+    defaults: dict[str, Any] = {
+        "alpha": 1.0,
+        "start_epoch": 1,
+        "end_epoch": 20,
+        "cap": 10.0,
+        "hold_after_window": True,
+        "clip": True,
+    }
 
     def __init__(self, config, options: dict[str, Any]):
         super().__init__(config, options)
@@ -181,8 +187,11 @@ class AGMMethod(RebalanceMethod):
         return {**self.epoch_statistics(), **{f"agm_score_{m}": s for m, s in self.running_scores.items()}}
 
     def method_state(self) -> dict[str, Any]:
-        return {"running_scores": dict(self.running_scores), "iterations": self.iterations,
-                "coefficients": dict(self.coefficients)}
+        return {
+            "running_scores": dict(self.running_scores),
+            "iterations": self.iterations,
+            "coefficients": dict(self.coefficients),
+        }
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         self.running_scores = {k: float(v) for k, v in state.get("running_scores", {}).items()}

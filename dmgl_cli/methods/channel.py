@@ -190,8 +190,9 @@ class StreamHeads(nn.Module):
 class MMTMModel(FusionModel):
     """Encoders run stage by stage in lockstep, with an MMTM between consecutive stages."""
 
-    def __init__(self, encoders: nn.ModuleDict, fusion: nn.Module, stages: dict[str, list[Stage]],
-                 mmtms: nn.ModuleList):
+    def __init__(
+        self, encoders: nn.ModuleDict, fusion: nn.Module, stages: dict[str, list[Stage]], mmtms: nn.ModuleList
+    ):
         super().__init__(encoders, fusion)
         self.mmtms = mmtms
         # A plain dict: the stages are the encoders' own blocks, already registered under `encoders`.
@@ -214,8 +215,9 @@ class MMTMModel(FusionModel):
     def forward(self, inputs: dict[str, Tensor]) -> FusionOutput:
         embeddings, gates = self.run(inputs)
         logits, unimodal, extras = self.fusion(embeddings)
-        return FusionOutput(logits=logits, unimodal_logits=unimodal, embeddings=embeddings,
-                            extras={**extras, "gates": gates})
+        return FusionOutput(
+            logits=logits, unimodal_logits=unimodal, embeddings=embeddings, extras={**extras, "gates": gates}
+        )
 
 
 @torch.no_grad()
@@ -284,16 +286,20 @@ class ChannelMethod(FusionMethod):
             )
         widths = {m: _stage_widths(encoders[m], stages[m], modalities[m]) for m in stages}
         names = list(modalities)
-        mmtms = nn.ModuleList([self.make_mmtm([widths[m][point] for m in names])
-                               for point in range(counts[names[0]] - 1)])
+        mmtms = nn.ModuleList(
+            [self.make_mmtm([widths[m][point] for m in names]) for point in range(counts[names[0]] - 1)]
+        )
         heads = StreamHeads(names, self.config.model.embed_dim, num_classes)
         return MMTMModel(encoders, heads, stages, mmtms)
 
     def extra_losses(self, output: FusionOutput, labels: Tensor, step: dict[str, Any]) -> dict[str, Tensor]:
         gates = output.extras["gates"]
         names = list(output.embeddings)
-        stats = {f"mmtm_gate_{point}_{m}": g.float().mean()
-                 for point, point_gates in enumerate(gates) for m, g in zip(names, point_gates, strict=True)}
+        stats = {
+            f"mmtm_gate_{point}_{m}": g.float().mean()
+            for point, point_gates in enumerate(gates)
+            for m, g in zip(names, point_gates, strict=True)
+        }
         stats["mmtm_gate_std"] = torch.cat([g.float().flatten() for point_gates in gates for g in point_gates]).std()
         self.track(stats)
         return {}

@@ -123,8 +123,11 @@ class DMGLOfficialMethod(FusionMethod):
                 f"only, got --strategy {config.strategy.name}"
             )
         recorded = config.flat()
-        differing = [f"{key}={recorded.get(key)!r} (it is defined by {value!r})"
-                     for key, value in cls.pinned_settings.items() if recorded.get(key) != value]
+        differing = [
+            f"{key}={recorded.get(key)!r} (it is defined by {value!r})"
+            for key, value in cls.pinned_settings.items()
+            if recorded.get(key) != value
+        ]
         if differing:  # a hand-edited config.yaml: the run would not be this method
             raise DmglError(f"method '{cls.name}' cannot run with {', '.join(differing)}")
         super().check_config(config)

@@ -129,7 +129,9 @@ class ETMCMethod(FusionMethod):
 
     def classification_loss(self, output: FusionOutput, labels: Tensor) -> Tensor:
         kl_coef = output.extras["kl_coef"]
-        return torch.stack([evidential_loss(alpha, labels, kl_coef) for alpha in output.extras["alphas"].values()]).sum()
+        return torch.stack(
+            [evidential_loss(alpha, labels, kl_coef) for alpha in output.extras["alphas"].values()]
+        ).sum()
 
     def extra_losses(self, output: FusionOutput, labels: Tensor, step: dict[str, Any]) -> dict[str, Tensor]:
         alphas = output.extras["alphas"]
@@ -140,7 +142,8 @@ class ETMCMethod(FusionMethod):
             "etmc_strength": strengths[FUSED].mean(),
             "etmc_uncertainty": (classes / strengths[FUSED]).mean(),
         }
-        stats.update({f"etmc_uncertainty_{view}": (classes / strengths[view]).mean()
-                      for view in alphas if view != FUSED})
+        stats.update(
+            {f"etmc_uncertainty_{view}": (classes / strengths[view]).mean() for view in alphas if view != FUSED}
+        )
         self.track(stats)
         return {}

@@ -104,8 +104,10 @@ class FusionMethod(Method):
         """Probe logits see detached embeddings, so a matching loss over predictions (``js``) would match probes,
         not modalities: refuse it whenever alpha can be non-zero."""
         strategy = self.config.strategy
-        if self.per_modality_source == "probe" and self.config.loss.matching in ("js", "mixture_kl") and not (
-            strategy.name == "constant" and strategy.alpha == 0
+        if (
+            self.per_modality_source == "probe"
+            and self.config.loss.matching in ("js", "mixture_kl")
+            and not (strategy.name == "constant" and strategy.alpha == 0)
         ):
             raise DmglError(
                 f"method {self.name!r} has no per-modality predictions of its own (its per-modality scores come from "

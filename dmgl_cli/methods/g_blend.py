@@ -95,8 +95,9 @@ FUSED = "fused"
 MIN_OVERFIT_SQUARED = 1e-12
 
 
-def blend_weights(losses: dict[str, dict[str, float]]
-                  ) -> tuple[dict[str, float] | None, dict[str, float], dict[str, float]]:
+def blend_weights(
+    losses: dict[str, dict[str, float]],
+) -> tuple[dict[str, float] | None, dict[str, float], dict[str, float]]:
     """(weights, Delta_G, Delta_O) per head from the copies' recorded losses; weights is None when no head has a
     finite, non-zero weight."""
     gains, overfits, raw = {}, {}, {}
@@ -128,8 +129,13 @@ class GBlendMethod(RebalanceMethod):
 
     name = "g-blend"
     per_modality_source = "head-split"
-    defaults: dict[str, Any] = {"mode": "online", "super_epoch": 10, "copy_epochs": 10, "copy_batches": 0,
-                                "loss_reduction": "batch-sum"}
+    defaults: dict[str, Any] = {
+        "mode": "online",
+        "super_epoch": 10,
+        "copy_epochs": 10,
+        "copy_batches": 0,
+        "loss_reduction": "batch-sum",
+    }
 
     def __init__(self, config, options: dict[str, Any]):
         super().__init__(config, options)
@@ -153,8 +159,10 @@ class GBlendMethod(RebalanceMethod):
             where = self.key("copy_epochs")
             if self.mode == "offline" and "copy_epochs" not in self.options:
                 where = f"train.epochs (the copies' epochs under {self.key('mode')}=offline)"
-            raise DmglError(f"{where} must be >= 2, got {self.copy_epochs}: the estimate compares the copies' losses "
-                            "after their first and their last epoch")
+            raise DmglError(
+                f"{where} must be >= 2, got {self.copy_epochs}: the estimate compares the copies' losses "
+                "after their first and their last epoch"
+            )
 
     def heads(self, model: MultimodalModel) -> list[str]:
         return [*model.modalities, FUSED]
@@ -179,11 +187,18 @@ class GBlendMethod(RebalanceMethod):
     def copy_losses(self, model: MultimodalModel, epoch: int) -> dict[str, dict[str, float]]:
         trainer = self.trainer
         # The real run's sampler (same seed, drop_last), so copy epoch e draws the batches of real epoch N + e.
-        loader = make_loader(trainer.splits.train, trainer.config.train.batch_size, shuffle=True, seed=trainer.seed,
-                             drop_last=True, num_workers=trainer.config.data.num_workers,
-                             pin_memory=trainer.device.type == "cuda")
-        return {head: self.train_copy(model, head, index, loader, epoch)
-                for index, head in enumerate(self.heads(model))}
+        loader = make_loader(
+            trainer.splits.train,
+            trainer.config.train.batch_size,
+            shuffle=True,
+            seed=trainer.seed,
+            drop_last=True,
+            num_workers=trainer.config.data.num_workers,
+            pin_memory=trainer.device.type == "cuda",
+        )
+        return {
+            head: self.train_copy(model, head, index, loader, epoch) for index, head in enumerate(self.heads(model))
+        }
 
     def train_copy(self, model: MultimodalModel, head: str, index: int, loader, epoch: int) -> dict[str, float]:
         """The four losses of ``head``'s copy of ``model``, trained for ``copy_epochs`` epochs."""
@@ -209,8 +224,9 @@ class GBlendMethod(RebalanceMethod):
     def _reduce(self, total: float, samples: int) -> float:
         return total if self.loss_reduction == "batch-sum" else total / max(samples, 1)
 
-    def _train_copy_epoch(self, replica: MultimodalModel, optimizer, loader, kept: set[str], sampler_epoch: int
-                          ) -> float:
+    def _train_copy_epoch(
+        self, replica: MultimodalModel, optimizer, loader, kept: set[str], sampler_epoch: int
+    ) -> float:
         trainer = self.trainer
         replica.train()
         loader.batch_sampler.set_epoch(sampler_epoch)
@@ -273,8 +289,10 @@ class GBlendMethod(RebalanceMethod):
     def method_state(self) -> dict[str, Any]:
         estimate = {}
         if self.last_estimate:
-            estimate = {"epoch": int(self.last_estimate["epoch"]),
-                        "losses": {h: dict(v) for h, v in self.last_estimate["losses"].items()}}
+            estimate = {
+                "epoch": int(self.last_estimate["epoch"]),
+                "losses": {h: dict(v) for h, v in self.last_estimate["losses"].items()},
+            }
         return {"weights": dict(self.weights), "updates": self.updates, "last_estimate": estimate}
 
     def load_method_state(self, state: dict[str, Any]) -> None:
@@ -283,6 +301,7 @@ class GBlendMethod(RebalanceMethod):
         estimate = state.get("last_estimate") or {}
         self.last_estimate = {}
         if estimate:
-            self.last_estimate = {"epoch": int(estimate["epoch"]),
-                                  "losses": {h: {k: float(x) for k, x in v.items()}
-                                             for h, v in estimate["losses"].items()}}
+            self.last_estimate = {
+                "epoch": int(estimate["epoch"]),
+                "losses": {h: {k: float(x) for k, x in v.items()} for h, v in estimate["losses"].items()},
+            }

@@ -91,8 +91,9 @@ class CuratedMMTM(MMTM):
     """An MMTM that keeps a running average of every modality's gate and, while ``curated`` names a modality
     index, gates that modality with its running average instead of its own gate."""
 
-    def __init__(self, channels: list[int], ratio: int, gate_scale: float, average_sources: list[int],
-                 average_eval_batches: bool):
+    def __init__(
+        self, channels: list[int], ratio: int, gate_scale: float, average_sources: list[int], average_eval_batches: bool
+    ):
         super().__init__(channels, ratio, gate_scale)
         # average_sources[j]: the modality whose gate feeds modality j's running average.
         self.average_sources = list(average_sources)
@@ -129,8 +130,9 @@ def branch_groups(model: MMTMModel) -> tuple[list[list[nn.Parameter]], list[list
     main, bypass = [], []
     for index, modality in enumerate(model.modalities):
         main.append([*model.encoders[modality].parameters(), *model.fusion.heads[modality].parameters()])
-        bypass.append([p for mmtm in model.mmtms
-                       for p in (*mmtm.squeeze.parameters(), *mmtm.excitations[index].parameters())])
+        bypass.append(
+            [p for mmtm in model.mmtms for p in (*mmtm.squeeze.parameters(), *mmtm.excitations[index].parameters())]
+        )
     trainable = [[[p for p in group if p.requires_grad] for group in groups] for groups in (main, bypass)]
     return trainable[0], trainable[1]
 
@@ -140,10 +142,17 @@ def effective_updates(groups: list[list[nn.Parameter]]) -> np.ndarray:
     unique = list({id(p): p for group in groups for p in group}.values())
     position = {id(p): i for i, p in enumerate(unique)}
     zero = unique[0].new_zeros((), dtype=torch.float32)
-    squares = torch.stack([
-        torch.stack([p.grad.detach().float().pow(2).sum() if p.grad is not None else zero for p in unique]),
-        torch.stack([p.detach().float().pow(2).sum() for p in unique]),
-    ]).double().cpu().numpy()
+    squares = (
+        torch.stack(
+            [
+                torch.stack([p.grad.detach().float().pow(2).sum() if p.grad is not None else zero for p in unique]),
+                torch.stack([p.detach().float().pow(2).sum() for p in unique]),
+            ]
+        )
+        .double()
+        .cpu()
+        .numpy()
+    )
     ratios = []
     for group in groups:
         columns = [position[id(p)] for p in group]
@@ -190,11 +199,14 @@ class GreedyMethod(ChannelMethod):
         self.starting_epoch = positive_int(self.settings["starting_epoch"], self.key("starting_epoch"))
         for setting, choices in (("running_average", RUNNING_AVERAGES), ("training_loss", TRAINING_LOSSES)):
             if self.settings[setting] not in choices:
-                raise DmglError(f"{self.key(setting)} must be one of {', '.join(choices)}, "
-                                f"got {self.settings[setting]!r}")
+                raise DmglError(
+                    f"{self.key(setting)} must be one of {', '.join(choices)}, got {self.settings[setting]!r}"
+                )
         if not isinstance(self.settings["average_eval_batches"], bool):
-            raise DmglError(f"{self.key('average_eval_batches')} must be true or false, "
-                            f"got {self.settings['average_eval_batches']!r}")
+            raise DmglError(
+                f"{self.key('average_eval_batches')} must be true or false, "
+                f"got {self.settings['average_eval_batches']!r}"
+            )
 
     # -- model ---------------------------------------------------------------------------------------------
     def make_mmtm(self, channels: list[int]) -> CuratedMMTM:
@@ -208,14 +220,21 @@ class GreedyMethod(ChannelMethod):
             sources = [0] * len(channels)
         else:
             sources = list(range(len(channels)))
-        return CuratedMMTM(channels, self.settings["ratio"], float(self.settings["gate_scale"]), sources,
-                           self.settings["average_eval_batches"])
+        return CuratedMMTM(
+            channels,
+            self.settings["ratio"],
+            float(self.settings["gate_scale"]),
+            sources,
+            self.settings["average_eval_batches"],
+        )
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> MMTMModel:
         if len(modalities) != 2:
-            raise DmglError(f"method 'greedy' balances the conditional learning speed between exactly two "
-                            f"modalities; dataset {self.config.dataset!r} has {len(modalities)}: "
-                            f"{', '.join(modalities)}")
+            raise DmglError(
+                f"method 'greedy' balances the conditional learning speed between exactly two "
+                f"modalities; dataset {self.config.dataset!r} has {len(modalities)}: "
+                f"{', '.join(modalities)}"
+            )
         return super().build_model(modalities, num_classes)
 
     def forward(self, model: MultimodalModel, inputs: dict[str, Tensor], training: bool) -> ModelOutput:
@@ -295,9 +314,14 @@ class GreedyMethod(ChannelMethod):
         return {
             **super().state_dict(),
             "greedy": {
-                "bypass_speed": self.bypass_speed.tolist(), "main_speed": self.main_speed.tolist(),
-                "d_bdr": self.d_bdr, "unlocked": self.unlocked, "curating": self.curating,
-                "caring": self.caring, "curation_step": self.curation_step, "epoch": dict(self._epoch),
+                "bypass_speed": self.bypass_speed.tolist(),
+                "main_speed": self.main_speed.tolist(),
+                "d_bdr": self.d_bdr,
+                "unlocked": self.unlocked,
+                "curating": self.curating,
+                "caring": self.caring,
+                "curation_step": self.curation_step,
+                "epoch": dict(self._epoch),
                 "counted_epoch": self._counted_epoch,
             },
         }

@@ -39,12 +39,14 @@ from dmgl_cli.methods.fusion_base import (
 
 
 class LSTMFusion(nn.Module):
-    def __init__(self, modalities: list[str], embed_dim: int, num_classes: int, layers: int, hidden: int,
-                 dropout: float):
+    def __init__(
+        self, modalities: list[str], embed_dim: int, num_classes: int, layers: int, hidden: int, dropout: float
+    ):
         super().__init__()
         self.modalities = list(modalities)
-        self.lstm = nn.LSTM(embed_dim, hidden, num_layers=layers, batch_first=True,
-                            dropout=dropout if layers > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            embed_dim, hidden, num_layers=layers, batch_first=True, dropout=dropout if layers > 1 else 0.0
+        )
         self.head = nn.Linear(hidden, num_classes)
         self.probes = LinearProbes(self.modalities, embed_dim, num_classes)
 
@@ -74,6 +76,12 @@ class MLLSTMMethod(FusionMethod):
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> FusionModel:
         embed_dim = self.config.model.embed_dim
-        fusion = LSTMFusion(list(modalities), embed_dim, num_classes, self.settings["layers"],
-                            self.settings["hidden"] or embed_dim, float(self.settings["dropout"]))
+        fusion = LSTMFusion(
+            list(modalities),
+            embed_dim,
+            num_classes,
+            self.settings["layers"],
+            self.settings["hidden"] or embed_dim,
+            float(self.settings["dropout"]),
+        )
         return FusionModel(encoders_for(self.config, modalities, num_classes), fusion)

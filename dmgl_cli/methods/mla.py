@@ -136,8 +136,11 @@ class MLAMethod(RebalanceMethod):
     @classmethod
     def check_config(cls, config) -> None:
         if config.strategy.name != "constant" or config.strategy.alpha != 0:
-            given = (f"--strategy {config.strategy.name}" if config.strategy.name != "constant"
-                     else f"alpha {config.strategy.alpha}")
+            given = (
+                f"--strategy {config.strategy.name}"
+                if config.strategy.name != "constant"
+                else f"alpha {config.strategy.alpha}"
+            )
             raise DmglError(
                 "method 'mla' trains one modality per optimiser step, so there is no pair of modalities to match: "
                 f"it runs with --strategy constant --alpha 0 only, got {given}"
@@ -212,8 +215,12 @@ class MLAMethod(RebalanceMethod):
         return {**self.epoch_statistics(), **{f"mla_fusion_weight_{m}": s / max(seen, 1) for m, s in sums.items()}}
 
     def method_state(self) -> dict[str, Any]:
-        return {"projection": None if self.projection is None else self.projection.detach().cpu(),
-                "steps_taken": self.steps_taken, "batch": self.batch, "active": self.active}
+        return {
+            "projection": None if self.projection is None else self.projection.detach().cpu(),
+            "steps_taken": self.steps_taken,
+            "batch": self.batch,
+            "active": self.active,
+        }
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         projection = state.get("projection")

@@ -79,8 +79,7 @@ class MSESMethod(RebalanceMethod):
     """Modality-specific early stopping; see the module docstring."""
 
     name = "mses"
-    defaults: dict[str, Any] = {"patience": 10, "min_delta": 0.0, "restore": "model", "start_epoch": 1,
-                                "end_epoch": 20}
+    defaults: dict[str, Any] = {"patience": 10, "min_delta": 0.0, "restore": "model", "start_epoch": 1, "end_epoch": 20}
 
     def __init__(self, config, options: dict[str, Any]):
         super().__init__(config, options)
@@ -100,8 +99,9 @@ class MSESMethod(RebalanceMethod):
         self.start_epoch = self.setting_int("start_epoch", 1)
         self.end_epoch = self.setting_int("end_epoch", 1)
         if self.end_epoch < self.start_epoch:
-            raise DmglError(f"{self.key('end_epoch')} ({self.end_epoch}) must be >= {self.key('start_epoch')} "
-                            f"({self.start_epoch})")
+            raise DmglError(
+                f"{self.key('end_epoch')} ({self.end_epoch}) must be >= {self.key('start_epoch')} ({self.start_epoch})"
+            )
 
     # -- what is remembered and put back ------------------------------------------------------------------------
     @torch.no_grad()
@@ -122,8 +122,10 @@ class MSESMethod(RebalanceMethod):
         return {m: total / max(seen, 1) for m, total in totals.items()}
 
     def _snapshot(self, model: MultimodalModel) -> dict[str, Any]:
-        return {"model": _cpu_copy(model.state_dict()),
-                "optimizer": _cpu_copy(self.trainer.optimizer.state_dict()["state"])}
+        return {
+            "model": _cpu_copy(model.state_dict()),
+            "optimizer": _cpu_copy(self.trainer.optimizer.state_dict()["state"]),
+        }
 
     def _branch(self, model: MultimodalModel, modality: str) -> dict[str, Tensor]:
         state = {f"encoder.{k}": v.detach().cpu().clone() for k, v in model.encoders[modality].state_dict().items()}
@@ -141,7 +143,7 @@ class MSESMethod(RebalanceMethod):
             optimizer.load_state_dict(state)
         elif self.restore == "branch":
             saved = self.best_branch[modality]
-            encoder_state = {k[len("encoder."):]: v for k, v in saved.items() if k.startswith("encoder.")}
+            encoder_state = {k[len("encoder.") :]: v for k, v in saved.items() if k.startswith("encoder.")}
             model.encoders[modality].load_state_dict(encoder_state)
             weight = concat_head(model).head.weight
             weight[:, head_columns(model, modality)] = saved["head_columns"].to(weight.device, weight.dtype)
@@ -194,10 +196,15 @@ class MSESMethod(RebalanceMethod):
             scale_branch_gradients(model, {m: 0.0 for m in self.frozen})
 
     def method_state(self) -> dict[str, Any]:
-        return {"frozen": dict(self.frozen), "previous_raw": dict(self.previous_raw), "best_loss": dict(self.best_loss),
-                "best_epoch": dict(self.best_epoch), "snapshots": dict(self.snapshots),
-                "best_branch": {m: dict(b) for m, b in self.best_branch.items()},
-                "pending_restore": list(self.pending_restore)}
+        return {
+            "frozen": dict(self.frozen),
+            "previous_raw": dict(self.previous_raw),
+            "best_loss": dict(self.best_loss),
+            "best_epoch": dict(self.best_epoch),
+            "snapshots": dict(self.snapshots),
+            "best_branch": {m: dict(b) for m, b in self.best_branch.items()},
+            "pending_restore": list(self.pending_restore),
+        }
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         self.frozen = {k: int(v) for k, v in state.get("frozen", {}).items()}

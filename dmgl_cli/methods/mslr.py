@@ -71,8 +71,14 @@ class MSLRMethod(RebalanceMethod):
     """Modality-specific learning rates; see the module docstring."""
 
     name = "mslr"
-    defaults: dict[str, Any] = {"lr_scale": 1.0, "schedule": "dynamic", "window": 5, "start_epoch": 1,
-                                "end_epoch": 20, "scaling": "gradient"}
+    defaults: dict[str, Any] = {
+        "lr_scale": 1.0,
+        "schedule": "dynamic",
+        "window": 5,
+        "start_epoch": 1,
+        "end_epoch": 20,
+        "scaling": "gradient",
+    }
 
     def __init__(self, config, options: dict[str, Any]):
         super().__init__(config, options)
@@ -88,8 +94,9 @@ class MSLRMethod(RebalanceMethod):
         self.start_epoch = self.setting_int("start_epoch", 1)
         self.end_epoch = self.setting_int("end_epoch", 1)
         if self.end_epoch < self.start_epoch:
-            raise DmglError(f"{self.key('end_epoch')} ({self.end_epoch}) must be >= {self.key('start_epoch')} "
-                            f"({self.start_epoch})")
+            raise DmglError(
+                f"{self.key('end_epoch')} ({self.end_epoch}) must be >= {self.key('start_epoch')} ({self.start_epoch})"
+            )
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         self.scales = self.per_modality_floats("lr_scale", list(model.encoders), 1.0)
@@ -115,8 +122,13 @@ class MSLRMethod(RebalanceMethod):
             if group.get("modality") is not None:
                 group["lr"] = shared_lr * self.coefficients[group["modality"]]
         for modality, coefficient in self.coefficients.items():
-            self.track({f"mslr_coeff_{modality}": coefficient, f"mslr_lr_{modality}": shared_lr * coefficient,
-                        f"mslr_dynamic_{modality}": self.dynamic.get(modality, 1.0)})
+            self.track(
+                {
+                    f"mslr_coeff_{modality}": coefficient,
+                    f"mslr_lr_{modality}": shared_lr * coefficient,
+                    f"mslr_dynamic_{modality}": self.dynamic.get(modality, 1.0),
+                }
+            )
 
     def after_backward(self, model: MultimodalModel, output: ModelOutput, labels: Tensor, step: dict[str, Any]) -> None:
         if self.scaling == "gradient":
@@ -131,10 +143,10 @@ class MSLRMethod(RebalanceMethod):
                     continue
                 history = self.memory.setdefault(modality, [])
                 if len(history) >= self.window:
-                    mean = sum(history[-self.window:]) / self.window
+                    mean = sum(history[-self.window :]) / self.window
                     self.dynamic[modality] = accuracy / mean if mean > 0 else 1.0
                 history.append(accuracy)
-                del history[:-self.window]
+                del history[: -self.window]
         return self.epoch_statistics()
 
     def method_state(self) -> dict[str, Any]:

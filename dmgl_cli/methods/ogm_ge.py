@@ -55,8 +55,9 @@ PARAMETER_SELECTIONS = {
 
 def true_class_scores(unimodal_logits: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
     """``sum_i softmax(logits_j)[i, y_i]`` per modality (the discrepancy scores of OGM-GE and PMR)."""
-    return {m: torch.softmax(z.detach().float(), dim=1).gather(1, labels[:, None]).sum()
-            for m, z in unimodal_logits.items()}
+    return {
+        m: torch.softmax(z.detach().float(), dim=1).gather(1, labels[:, None]).sum() for m, z in unimodal_logits.items()
+    }
 
 
 def discrepancy_ratios(scores: dict[str, Tensor]) -> dict[str, float]:
@@ -70,8 +71,9 @@ def discrepancy_ratios(scores: dict[str, Tensor]) -> dict[str, float]:
 
 def ogm_coefficients(ratios: dict[str, float], alpha: float) -> dict[str, float]:
     """``1 - tanh(alpha * relu(rho))`` for a dominant modality (rho > 1), 1 for the others."""
-    return {m: 1.0 - float(torch.tanh(torch.tensor(alpha * max(rho, 0.0)))) if rho > 1 else 1.0
-            for m, rho in ratios.items()}
+    return {
+        m: 1.0 - float(torch.tanh(torch.tensor(alpha * max(rho, 0.0)))) if rho > 1 else 1.0 for m, rho in ratios.items()
+    }
 
 
 class OGMGEMethod(RebalanceMethod):
@@ -101,7 +103,8 @@ class OGMGEMethod(RebalanceMethod):
             logging.getLogger("dmgl").warning(
                 f"{self.key('params')}={self.params}: the {modality} encoder has no such parameters, so OGM-GE leaves "
                 f"its gradients unmodulated (the authors' code modulates 2-D convolution kernels only); "
-                f"--set {self.key('params')}=weights modulates its weight matrices too")
+                f"--set {self.key('params')}=weights modulates its weight matrices too"
+            )
         return chosen
 
     def coefficients(self, output: ModelOutput, labels: Tensor) -> tuple[dict[str, float], dict[str, float]]:

@@ -63,8 +63,9 @@ def prototype_batches(trainer, epoch: int, fraction: float) -> Iterator[tuple[di
     from dmgl_cli.data.loader import make_loader
 
     # A seed of its own: the shuffle is not the one the epoch's training batches come from.
-    loader = make_loader(trainer.splits.train, trainer.config.train.batch_size, shuffle=True,
-                         seed=trainer.seed + 1, drop_last=False)
+    loader = make_loader(
+        trainer.splits.train, trainer.config.train.batch_size, shuffle=True, seed=trainer.seed + 1, drop_last=False
+    )
     loader.batch_sampler.set_epoch(epoch)
     wanted = max(1, int(fraction * len(loader)))
     non_blocking = trainer.device.type == "cuda"
@@ -76,8 +77,12 @@ def prototype_batches(trainer, epoch: int, fraction: float) -> Iterator[tuple[di
 
 
 @torch.no_grad()
-def class_sums(model: MultimodalModel, batches: Iterable[tuple[dict[str, Tensor], Tensor]], num_classes: int,
-               autocast: Callable[[], AbstractContextManager] = nullcontext) -> tuple[dict[str, Tensor], Tensor]:
+def class_sums(
+    model: MultimodalModel,
+    batches: Iterable[tuple[dict[str, Tensor], Tensor]],
+    num_classes: int,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> tuple[dict[str, Tensor], Tensor]:
     """Per modality the sum of the embeddings of each class, and the class counts (model in eval mode)."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
@@ -123,8 +128,15 @@ class PMRMethod(RebalanceMethod):
     """Prototypical modal rebalance; see the module docstring."""
 
     name = "pmr"
-    defaults: dict[str, Any] = {"alpha": 1.0, "momentum": 0.2, "start_epoch": 1, "end_epoch": 101,
-                                "proto_fraction": 0.1, "mu": 0.0, "entropy_epochs": 5}
+    defaults: dict[str, Any] = {
+        "alpha": 1.0,
+        "momentum": 0.2,
+        "start_epoch": 1,
+        "end_epoch": 101,
+        "proto_fraction": 0.1,
+        "mu": 0.0,
+        "entropy_epochs": 5,
+    }
 
     def __init__(self, config, options: dict[str, Any]):
         super().__init__(config, options)
@@ -140,8 +152,9 @@ class PMRMethod(RebalanceMethod):
         self.start_epoch = self.setting_int("start_epoch", 1)
         self.end_epoch = self.setting_int("end_epoch", 1)
         if self.end_epoch < self.start_epoch:
-            raise DmglError(f"{self.key('end_epoch')} ({self.end_epoch}) must be >= {self.key('start_epoch')} "
-                            f"({self.start_epoch})")
+            raise DmglError(
+                f"{self.key('end_epoch')} ({self.end_epoch}) must be >= {self.key('start_epoch')} ({self.start_epoch})"
+            )
         self.proto_fraction = self.setting_float("proto_fraction", 0.0, 1.0, low_open=True)
         self.mu = self.setting_float("mu", 0.0)
         self.entropy_epochs = self.setting_int("entropy_epochs", 0)
@@ -189,8 +202,10 @@ class PMRMethod(RebalanceMethod):
         return losses
 
     def method_state(self) -> dict[str, Any]:
-        return {"prototypes": {m: p.detach().cpu() for m, p in self.prototypes.items()},
-                "prototype_updates": self.prototype_updates}
+        return {
+            "prototypes": {m: p.detach().cpu() for m, p in self.prototypes.items()},
+            "prototype_updates": self.prototype_updates,
+        }
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         device = self.trainer.device if self.trainer is not None else "cpu"

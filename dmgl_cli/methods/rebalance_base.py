@@ -61,11 +61,13 @@ class RebalanceMethod(Method):
         self.start_epoch = self.setting_int("start_epoch", 1)
         self.end_epoch = self.setting_int("end_epoch", 1)
         if self.end_epoch < self.start_epoch:
-            raise DmglError(f"{self.key('end_epoch')} ({self.end_epoch}) must be >= {self.key('start_epoch')} "
-                            f"({self.start_epoch})")
+            raise DmglError(
+                f"{self.key('end_epoch')} ({self.end_epoch}) must be >= {self.key('start_epoch')} ({self.start_epoch})"
+            )
 
-    def setting_float(self, name: str, low: float | None = None, high: float | None = None, *,
-                      low_open: bool = False) -> float:
+    def setting_float(
+        self, name: str, low: float | None = None, high: float | None = None, *, low_open: bool = False
+    ) -> float:
         value = self.settings[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise DmglError(f"{self.key(name)} must be a number, got {value!r}")
@@ -95,14 +97,20 @@ class RebalanceMethod(Method):
         if isinstance(value, dict):
             unknown = sorted(set(value) - set(modalities))
             if unknown:
-                raise DmglError(f"{self.key(name)} names {', '.join(unknown)}, which the dataset does not have; "
-                                f"its modalities: {', '.join(modalities)}")
+                raise DmglError(
+                    f"{self.key(name)} names {', '.join(unknown)}, which the dataset does not have; "
+                    f"its modalities: {', '.join(modalities)}"
+                )
             values = {m: value.get(m, default) for m in modalities}
         else:
             values = {m: value for m in modalities}
         for modality, number in values.items():
-            if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
-                    or number <= 0:
+            if (
+                isinstance(number, bool)
+                or not isinstance(number, (int, float))
+                or not math.isfinite(number)
+                or number <= 0
+            ):
                 raise DmglError(f"{self.key(name)} for {modality} must be a number > 0, got {number!r}")
         return {m: float(v) for m, v in values.items()}
 
@@ -148,8 +156,12 @@ class RebalanceMethod(Method):
         pass
 
     def state_dict(self) -> dict[str, Any]:
-        return {"started_epoch": self._started_epoch, "sums": dict(self._sums), "counts": dict(self._counts),
-                "own": self.method_state()}
+        return {
+            "started_epoch": self._started_epoch,
+            "sums": dict(self._sums),
+            "counts": dict(self._counts),
+            "own": self.method_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._started_epoch = int(state.get("started_epoch", 0))
@@ -228,8 +240,9 @@ def scale_gradient(tensor: Tensor, holder: dict, key: str) -> Tensor:
 # ------------------------------------------------------------------------------------------------- data passes
 
 
-def split_batches(trainer, split: str, max_samples: int | None = None, seed: int = 0
-                  ) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
+def split_batches(
+    trainer, split: str, max_samples: int | None = None, seed: int = 0
+) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
     """Batches of ``split`` ("train" or "val") on the trainer's device, in a fixed order; with ``max_samples`` a
     fixed random subset (drawn from ``seed`` alone, so it is the same every epoch and after a resume)."""
     from dmgl_cli.data.loader import ArraySplit, eval_loader

@@ -42,8 +42,10 @@ class UnimodalMethod(FusionMethod):
     def check(self) -> None:
         modality = self.settings["modality"]
         if modality is None:
-            raise DmglError("method 'unimodal' needs the modality to train: pass --modality NAME "
-                            f"(or --set {self.key('modality')}=NAME)")
+            raise DmglError(
+                "method 'unimodal' needs the modality to train: pass --modality NAME "
+                f"(or --set {self.key('modality')}=NAME)"
+            )
         if not isinstance(modality, str) or not modality:
             raise DmglError(f"{self.key('modality')} must be a modality name, got {modality!r}")
         if self.config.strategy.alpha != 0:

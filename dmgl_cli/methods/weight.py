@@ -60,7 +60,9 @@ class WeightMethod(FusionMethod):
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> FusionModel:
         encoders = encoders_for(self.config, modalities, num_classes)
-        return FusionModel(encoders, WeightedPredictionFusion(list(modalities), self.config.model.embed_dim, num_classes))
+        return FusionModel(
+            encoders, WeightedPredictionFusion(list(modalities), self.config.model.embed_dim, num_classes)
+        )
 
     def extra_losses(self, output: FusionOutput, labels: Tensor, step: dict[str, Any]) -> dict[str, Tensor]:
         weights = output.extras["weights"]
@@ -69,5 +71,7 @@ class WeightMethod(FusionMethod):
         scale = float(self.settings["unimodal_weight"])
         if scale == 0:
             return {}
-        unimodal_ce = torch.stack([F.cross_entropy(logits.float(), labels) for logits in output.unimodal_logits.values()])
+        unimodal_ce = torch.stack(
+            [F.cross_entropy(logits.float(), labels) for logits in output.unimodal_logits.values()]
+        )
         return {"unimodal_loss": scale * unimodal_ce.sum()}

@@ -16,7 +16,9 @@ from dmgl_cli.models.fusion import FUSIONS, ModelOutput, MultimodalModel
 __all__ = ["ENCODERS", "FUSIONS", "ModelOutput", "MultimodalModel", "build_model"]
 
 
-def build_model(config, modalities: dict[str, dict[str, Any]], num_classes: int, fusion: str | None = None) -> MultimodalModel:
+def build_model(
+    config, modalities: dict[str, dict[str, Any]], num_classes: int, fusion: str | None = None
+) -> MultimodalModel:
     """Encoders for ``modalities`` (name -> manifest spec), the configured fusion, a linear head."""
     embed_dim = config.model.embed_dim
     encoders = nn.ModuleDict(

@@ -19,8 +19,9 @@ from dmgl_cli.models.vision import Projection
 
 
 class TextEncoder(nn.Module):
-    def __init__(self, model: nn.Module, hidden: int, embed_dim: int, dropout: float, pooling: str,
-                 vocab_size: int | None):
+    def __init__(
+        self, model: nn.Module, hidden: int, embed_dim: int, dropout: float, pooling: str, vocab_size: int | None
+    ):
         super().__init__()
         self.model = model
         self.pooling = pooling
@@ -34,9 +35,11 @@ class TextEncoder(nn.Module):
             # Once per process: ids beyond the vocabulary mean the data was tokenised for another model.
             largest = int(ids.max())
             if largest >= self.vocab_size:
-                raise DmglError(f"token id {largest} is outside the text model's vocabulary ({self.vocab_size}); "
-                                "the dataset was tokenised with another model — use the same --text-model for "
-                                "`dmgl prepare` and model.encoders.<text>.weights")
+                raise DmglError(
+                    f"token id {largest} is outside the text model's vocabulary ({self.vocab_size}); "
+                    "the dataset was tokenised with another model — use the same --text-model for "
+                    "`dmgl prepare` and model.encoders.<text>.weights"
+                )
             self._ids_checked = True
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         if self.pooling == "mean":
@@ -54,8 +57,10 @@ def build_bert(spec: dict[str, Any], cfg, embed_dim: int, dropout: float) -> nn.
     if spec["kind"] != "text" or len(shape) != 2 or shape[0] != 2:
         raise DmglError(f"bert encoder takes text modalities stored as [2, L] (ids, mask), got {spec['kind']} {shape}")
     if not cfg.weights:
-        raise DmglError("bert encoder needs `weights`: the text model the dataset was tokenised with (a local folder "
-                        "or a hub id), e.g. --set model.encoders.text.weights=bert-base-uncased")
+        raise DmglError(
+            "bert encoder needs `weights`: the text model the dataset was tokenised with (a local folder "
+            "or a hub id), e.g. --set model.encoders.text.weights=bert-base-uncased"
+        )
     pooling = cfg.options.get("pooling", "cls")
     if pooling not in ("cls", "mean"):
         raise DmglError(f"bert encoder option pooling must be cls or mean, got {pooling!r}")
@@ -63,8 +68,9 @@ def build_bert(spec: dict[str, Any], cfg, embed_dim: int, dropout: float) -> nn.
         model = AutoModel.from_pretrained(cfg.weights)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DmglError(f"cannot load text model {cfg.weights!r} ({first}); name a local folder, or a hub id with a "
-                        "network") from None
+        raise DmglError(
+            f"cannot load text model {cfg.weights!r} ({first}); name a local folder, or a hub id with a network"
+        ) from None
     hidden = getattr(model.config, "hidden_size", None)
     if not isinstance(hidden, int):
         raise DmglError(f"text model {cfg.weights!r} has no hidden_size; use a BERT-family encoder")

@@ -111,13 +111,17 @@ def _state_dict_from(weights: str, what: str) -> dict[str, Tensor]:
     try:
         entry = get_weight(weights)
     except (ValueError, KeyError, AttributeError):
-        raise DmglError(f"{what}: {weights!r} is neither a file nor a torchvision weights name "
-                        "(e.g. ResNet18_Weights.IMAGENET1K_V1)") from None
+        raise DmglError(
+            f"{what}: {weights!r} is neither a file nor a torchvision weights name "
+            "(e.g. ResNet18_Weights.IMAGENET1K_V1)"
+        ) from None
     try:
         return entry.get_state_dict(progress=False)
     except (OSError, RuntimeError) as exc:
-        raise DmglError(f"{what}: torchvision could not provide {weights} ({exc}); download it once with a network "
-                        "or pass a local state-dict file") from None
+        raise DmglError(
+            f"{what}: torchvision could not provide {weights} ({exc}); download it once with a network "
+            "or pass a local state-dict file"
+        ) from None
 
 
 def _adapt_input_channels(state: dict[str, Tensor], key: str, channels: int) -> None:
@@ -134,13 +138,16 @@ def _load_into(module: nn.Module, state: dict[str, Tensor], skip_prefixes: tuple
     own = module.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if mismatched:
-        raise DmglError(f"{what}: pretrained weights do not fit this network ({', '.join(mismatched[:3])} differ in "
-                        "shape); pretrained weights need options.width=64")
+        raise DmglError(
+            f"{what}: pretrained weights do not fit this network ({', '.join(mismatched[:3])} differ in "
+            "shape); pretrained weights need options.width=64"
+        )
     missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise DmglError(f"{what}: pretrained weights do not match the network (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
+        raise DmglError(
+            f"{what}: pretrained weights do not match the network (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def _normaliser(channels: int, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[Tensor, Tensor]:
@@ -207,8 +214,9 @@ def build_resnet(arch: str, spec: dict[str, Any], cfg, embed_dim: int, dropout: 
     elif kind == "image" and len(shape) == 3:
         channels = shape[-1]
     else:
-        raise DmglError(f"{what} takes audio [F, T], video [T, H, W, C] or image [H, W, C] modalities, "
-                        f"got {kind} {shape}")
+        raise DmglError(
+            f"{what} takes audio [F, T], video [T, H, W, C] or image [H, W, C] modalities, got {kind} {shape}"
+        )
     trunk = ResNetTrunk(arch, channels, _width(cfg))
     if cfg.weights:
         state = _state_dict_from(cfg.weights, what)
@@ -250,13 +258,16 @@ class _ScaledVideoResNet(tv_video.VideoResNet):
         if arch == "r2plus1d_18":
             mid = max(1, width * 45 // 64)
             return nn.Sequential(
-                nn.Conv3d(channels, mid, (1, 7, 7), (1, 2, 2), (0, 3, 3), bias=False), nn.BatchNorm3d(mid),
+                nn.Conv3d(channels, mid, (1, 7, 7), (1, 2, 2), (0, 3, 3), bias=False),
+                nn.BatchNorm3d(mid),
                 nn.ReLU(inplace=True),
-                nn.Conv3d(mid, width, (3, 1, 1), (1, 1, 1), (1, 0, 0), bias=False), nn.BatchNorm3d(width),
+                nn.Conv3d(mid, width, (3, 1, 1), (1, 1, 1), (1, 0, 0), bias=False),
+                nn.BatchNorm3d(width),
                 nn.ReLU(inplace=True),
             )
         return nn.Sequential(
-            nn.Conv3d(channels, width, (3, 7, 7), (1, 2, 2), (1, 3, 3), bias=False), nn.BatchNorm3d(width),
+            nn.Conv3d(channels, width, (3, 7, 7), (1, 2, 2), (1, 3, 3), bias=False),
+            nn.BatchNorm3d(width),
             nn.ReLU(inplace=True),
         )
 

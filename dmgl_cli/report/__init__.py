@@ -22,8 +22,21 @@ if TYPE_CHECKING:
     from dmgl_cli.tracking import Tracker
 
 __all__ = [
-    "FORMATS", "PLOTS", "TABLES", "Group", "Report", "SeedRun", "Selection", "Stat", "attach_notes", "build_tables",
-    "group_runs", "make_report", "render", "select_runs", "write_plots",
+    "FORMATS",
+    "PLOTS",
+    "TABLES",
+    "Group",
+    "Report",
+    "SeedRun",
+    "Selection",
+    "Stat",
+    "attach_notes",
+    "build_tables",
+    "group_runs",
+    "make_report",
+    "render",
+    "select_runs",
+    "write_plots",
 ]
 
 
@@ -37,9 +50,18 @@ class Report:
     runs: int
 
 
-def make_report(selection: Selection, *, tracker: Tracker, table: str | None = "main", fmt: str = "text",
-                split: str = "test", metric: str | None = None, plot_kinds: Sequence[str] = (),
-                out_dir: Path | None = None, color: bool = False) -> Report:
+def make_report(
+    selection: Selection,
+    *,
+    tracker: Tracker,
+    table: str | None = "main",
+    fmt: str = "text",
+    split: str = "test",
+    metric: str | None = None,
+    plot_kinds: Sequence[str] = (),
+    out_dir: Path | None = None,
+    color: bool = False,
+) -> Report:
     """Select runs through ``tracker``, build the table (if any) and write the figures (if any)."""
     if table is not None and table not in TABLES:
         raise DmglError(f"unknown table {table!r}; valid: {', '.join(TABLES)}")
@@ -59,8 +81,16 @@ def make_report(selection: Selection, *, tracker: Tracker, table: str | None = "
     attach_notes(tables, notes)
     written = []
     if plot_kinds:
-        written = write_plots(plot_kinds, runs, out_dir or Path("dmgl-report"), split, metric or "acc",
-                              tracker=tracker, warn=warn, note=note)
+        written = write_plots(
+            plot_kinds,
+            runs,
+            out_dir or Path("dmgl-report"),
+            split,
+            metric or "acc",
+            tracker=tracker,
+            warn=warn,
+            note=note,
+        )
     text = render(tables, fmt, warnings, color) if tables else ""
     return Report(text, tables, written, warnings, notes, len(runs))
 

@@ -35,9 +35,17 @@ def _mean_trajectory(series: list[list[tuple[int, float]]]) -> tuple[list[int], 
     return steps, [sum(by_step[s]) / len(by_step[s]) for s in steps]
 
 
-def write_plots(kinds: Sequence[str], runs: Sequence[SeedRun], out_dir: Path, split: str = "test",
-                metric: str = "acc", *, tracker: Tracker, warn: Callable[[str], None] | None = None,
-                note: Callable[[str], None] | None = None) -> list[Path]:
+def write_plots(
+    kinds: Sequence[str],
+    runs: Sequence[SeedRun],
+    out_dir: Path,
+    split: str = "test",
+    metric: str = "acc",
+    *,
+    tracker: Tracker,
+    warn: Callable[[str], None] | None = None,
+    note: Callable[[str], None] | None = None,
+) -> list[Path]:
     """Write the requested figures as PNG under ``out_dir``; returns the files written. ``tracker`` reads the
     metric histories of the runs shown."""
     from dmgl_cli import plots  # matplotlib loads only when a figure is asked for
@@ -65,10 +73,13 @@ def write_plots(kinds: Sequence[str], runs: Sequence[SeedRun], out_dir: Path, sp
             trajectories[label] = mean
             if len(series) > 1:
                 length = min(len(s) for s in series)
-                bands[label] = ([min(s[i][1] for s in series) for i in range(length)],
-                                [max(s[i][1] for s in series) for i in range(length)])
-        figure = plots.alpha_figure(trajectories, bands=bands,
-                                    title="Learned alpha during training (mean over seeds; band: min-max)")
+                bands[label] = (
+                    [min(s[i][1] for s in series) for i in range(length)],
+                    [max(s[i][1] for s in series) for i in range(length)],
+                )
+        figure = plots.alpha_figure(
+            trajectories, bands=bands, title="Learned alpha during training (mean over seeds; band: min-max)"
+        )
         written.append(plots.save_png(figure, out_dir / "alpha.png"))
     if "gap" in kinds:
         for dataset in sorted({g.dataset for g in groups}):
@@ -80,8 +91,12 @@ def write_plots(kinds: Sequence[str], runs: Sequence[SeedRun], out_dir: Path, sp
                 values.update({m: group.stat(f"final_{split}_{metric}_{m}", warn).mean for m in modalities})
                 scores[group.label] = values
                 distances[group.label] = group.stat(f"final_{split}_modality_gap", warn).mean
-            figure = plots.gap_figure(scores, distances, title=f"{dataset}: per-modality {split} "
-                                      f"{METRIC_NAMES[metric]} and modality gap", metric=METRIC_NAMES[metric])
+            figure = plots.gap_figure(
+                scores,
+                distances,
+                title=f"{dataset}: per-modality {split} {METRIC_NAMES[metric]} and modality gap",
+                metric=METRIC_NAMES[metric],
+            )
             written.append(plots.save_png(figure, out_dir / f"gap-{_safe_file_part(dataset)}.png"))
     if "curves" in kinds:
         for dataset in sorted({g.dataset for g in groups}):
@@ -94,7 +109,10 @@ def write_plots(kinds: Sequence[str], runs: Sequence[SeedRun], out_dir: Path, sp
                     if series:
                         curves["fused" if key == f"val_{metric}" else key.rsplit("_", 1)[-1]] = _mean_trajectory(series)
                 panels[group.label] = curves
-            figure = plots.curves_figure(panels, title=f"{dataset}: validation {METRIC_NAMES[metric]} per epoch "
-                                         "(mean over seeds)", metric=METRIC_NAMES[metric])
+            figure = plots.curves_figure(
+                panels,
+                title=f"{dataset}: validation {METRIC_NAMES[metric]} per epoch (mean over seeds)",
+                metric=METRIC_NAMES[metric],
+            )
             written.append(plots.save_png(figure, out_dir / f"curves-{_safe_file_part(dataset)}.png"))
     return written

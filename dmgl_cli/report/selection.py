@@ -28,8 +28,15 @@ if TYPE_CHECKING:
     from dmgl_cli.tracking import RunRecord, Tracker
 
 # Params that differ between seeds of one configuration, or do not change what is learnt.
-_NOT_CONFIGURATION = {"train.seed", "seeds", "experiment", "train.device", "data.num_workers", "train.eval_batch_size",
-                      "recipe"}
+_NOT_CONFIGURATION = {
+    "train.seed",
+    "seeds",
+    "experiment",
+    "train.device",
+    "data.num_workers",
+    "train.eval_batch_size",
+    "recipe",
+}
 
 
 @dataclass
@@ -61,7 +68,7 @@ class SeedRun:
     @property
     def modalities(self) -> list[str]:
         prefix = "final_val_acc_" if any(k.startswith("final_val_acc_") for k in self.metrics) else "final_test_acc_"
-        return sorted(k[len(prefix):] for k in self.metrics if k.startswith(prefix))
+        return sorted(k[len(prefix) :] for k in self.metrics if k.startswith(prefix))
 
 
 def seed_run_from_record(run: RunRecord, experiment: str) -> SeedRun:
@@ -72,10 +79,17 @@ def seed_run_from_record(run: RunRecord, experiment: str) -> SeedRun:
     except ValueError:
         seed_number = None
     return SeedRun(
-        run_id=run.run_id, experiment=experiment, dataset=tags.get("dmgl.dataset", params.get("dataset", "?")),
-        method=tags.get("dmgl.method", params.get("method.name", "?")), spec=spec_from_params(params, tags),
-        seed=seed_number, status=run.status, start_time=run.start_time,
-        metrics=dict(run.metrics), params=params, tags=tags,
+        run_id=run.run_id,
+        experiment=experiment,
+        dataset=tags.get("dmgl.dataset", params.get("dataset", "?")),
+        method=tags.get("dmgl.method", params.get("method.name", "?")),
+        spec=spec_from_params(params, tags),
+        seed=seed_number,
+        status=run.status,
+        start_time=run.start_time,
+        metrics=dict(run.metrics),
+        params=params,
+        tags=tags,
     )
 
 
@@ -90,8 +104,9 @@ class Selection:
 
     def describe(self, experiment_names: Iterable[str] = ()) -> str:
         names = sorted(experiment_names)
-        parts = [f"experiments {', '.join(names) if names else '(none)'}" if self.experiments or names
-                 else "all experiments"]
+        parts = [
+            f"experiments {', '.join(names) if names else '(none)'}" if self.experiments or names else "all experiments"
+        ]
         if self.datasets:
             parts.append(f"dataset {', '.join(self.datasets)}")
         if self.sweep:
@@ -163,8 +178,10 @@ class Group:
         values = [(r.run_id, r.metrics[key]) for r in self.runs if key in r.metrics]
         missing = [r.run_id for r in self.runs if key not in r.metrics]
         if missing and warn:
-            warn(f"run {', run '.join(missing)} ({self.dataset} / {self.label}) has no metric {key}; "
-                 + ("its cell shows -" if not values else f"the mean uses the other {len(values)} seed(s)"))
+            warn(
+                f"run {', run '.join(missing)} ({self.dataset} / {self.label}) has no metric {key}; "
+                + ("its cell shows -" if not values else f"the mean uses the other {len(values)} seed(s)")
+            )
         if not values:
             return Stat(None, None, 0)
         mean, std = mean_std([v for _, v in values])
@@ -199,7 +216,9 @@ def group_runs(runs: Sequence[SeedRun], note: Callable[[str], None] | None = Non
         group = Group(dataset, method, spec, best, configurations=len(configurations))
         if len(configurations) > 1 and note:
             metric = best[0].select_metric
-            note(f"{dataset} / {group.label}: {len(configurations)} configurations recorded; showing the best by "
-                 f"mean validation {metric} ({validation_score(best):.4f}, runs {', '.join(r.run_id for r in best)})")
+            note(
+                f"{dataset} / {group.label}: {len(configurations)} configurations recorded; showing the best by "
+                f"mean validation {metric} ({validation_score(best):.4f}, runs {', '.join(r.run_id for r in best)})"
+            )
         groups.append(group)
     return sorted(groups, key=lambda g: (g.dataset, g.method, g.spec.sort_key()))

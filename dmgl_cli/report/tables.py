@@ -45,8 +45,13 @@ def main_table(groups: Sequence[Group], split: str = "test", warn: Callable[[str
     metrics = {d: dataset_metrics(d, {m for g in groups if g.dataset == d for m in g.modalities}) for d in datasets}
     labels = sorted({(g.method, g.spec) for g in groups}, key=lambda ms: (ms[0], ms[1].sort_key()))
     by_key = {(g.dataset, g.method, g.spec): g for g in groups}
-    table = Table("main", f"Comparison of methods ({split} scores, mean ± std over seeds)", ["Method"],
-                  [METRIC_NAMES[m] for d in datasets for m in metrics[d]], groups=[(d, 2) for d in datasets])
+    table = Table(
+        "main",
+        f"Comparison of methods ({split} scores, mean ± std over seeds)",
+        ["Method"],
+        [METRIC_NAMES[m] for d in datasets for m in metrics[d]],
+        groups=[(d, 2) for d in datasets],
+    )
     for method, spec in labels:
         cells = []
         for dataset in datasets:
@@ -58,13 +63,15 @@ def main_table(groups: Sequence[Group], split: str = "test", warn: Callable[[str
     return table
 
 
-def strategies_tables(groups: Sequence[Group], split: str = "test", metric: str = "acc",
-                      warn: Callable[[str], None] | None = None) -> list[Table]:
+def strategies_tables(
+    groups: Sequence[Group], split: str = "test", metric: str = "acc", warn: Callable[[str], None] | None = None
+) -> list[Table]:
     """Table 4 / A3: fused, per-modality and gap rows x integration strategies; one table per dataset and method."""
     tables = []
-    for (dataset, method) in sorted({(g.dataset, g.method) for g in groups}):
-        mine = sorted((g for g in groups if (g.dataset, g.method) == (dataset, method)),
-                      key=lambda g: g.spec.sort_key())
+    for dataset, method in sorted({(g.dataset, g.method) for g in groups}):
+        mine = sorted(
+            (g for g in groups if (g.dataset, g.method) == (dataset, method)), key=lambda g: g.spec.sort_key()
+        )
         modalities = sorted({m for g in mine for m in g.modalities})
         spans: list[tuple[str, int]] = []
         for group in mine:
@@ -73,9 +80,16 @@ def strategies_tables(groups: Sequence[Group], split: str = "test", metric: str 
             else:
                 spans.append((group.spec.group, 1))
         name = METRIC_NAMES[metric]
-        table = Table("strategies", f"Integration strategies on {dataset} ({method}): {split} {name}, mean ± std",
-                      ["Modality"], [g.spec.short for g in mine], groups=spans, dataset=dataset, method=method,
-                      marks="row")
+        table = Table(
+            "strategies",
+            f"Integration strategies on {dataset} ({method}): {split} {name}, mean ± std",
+            ["Modality"],
+            [g.spec.short for g in mine],
+            groups=spans,
+            dataset=dataset,
+            method=method,
+            marks="row",
+        )
         rows = [("Multi", f"final_{split}_{metric}")] + [(m, f"final_{split}_{metric}_{m}") for m in modalities]
         if len(modalities) > 1:
             rows.append(("Gap", f"final_{split}_gap_{metric}"))
@@ -87,15 +101,16 @@ def strategies_tables(groups: Sequence[Group], split: str = "test", metric: str 
     return tables
 
 
-def ablation_tables(groups: Sequence[Group], split: str = "test", metric: str | None = None,
-                    warn: Callable[[str], None] | None = None) -> list[Table]:
+def ablation_tables(
+    groups: Sequence[Group], split: str = "test", metric: str | None = None, warn: Callable[[str], None] | None = None
+) -> list[Table]:
     """Table 3 / A2: matching loss (CL) and dynamic integration (DI) on/off.
 
     CL×/DI× is ``constant:0`` (classification only); CL✓/DI× the constant 0 < alpha < 1 with the best validation
     score; CL✓/DI✓ the dynamic strategies (heuristic, then learning-based). Default metric: the dataset's second
     one (MAP or F1), as in the paper."""
     tables = []
-    for (dataset, method) in sorted({(g.dataset, g.method) for g in groups}):
+    for dataset, method in sorted({(g.dataset, g.method) for g in groups}):
         mine = [g for g in groups if (g.dataset, g.method) == (dataset, method)]
         modalities = sorted({m for g in mine for m in g.modalities})
         chosen_metric = metric or dataset_metrics(dataset, modalities)[1]
@@ -109,14 +124,22 @@ def ablation_tables(groups: Sequence[Group], split: str = "test", metric: str | 
         rows += [(CHECK, CHECK, by_spec[k]) for k in ("heuristic", "lb") if k in by_spec]
         if not rows:
             if warn:
-                warn(f"no ablation table for {dataset} / {method}: it needs constant:0, a constant 0<alpha<1, "
-                     "heuristic or lb runs")
+                warn(
+                    f"no ablation table for {dataset} / {method}: it needs constant:0, a constant 0<alpha<1, "
+                    "heuristic or lb runs"
+                )
             continue
         name = METRIC_NAMES[chosen_metric]
         columns = ["Multi", *modalities] + (["GAP"] if len(modalities) > 1 else [])
-        table = Table("ablation", f"Ablation on {dataset} ({method}): {split} {name}; CL = matching loss, "
-                      "DI = dynamic integration", ["CL", "DI", "Strategy"], columns, groups=[(name, len(columns))],
-                      dataset=dataset, method=method)
+        table = Table(
+            "ablation",
+            f"Ablation on {dataset} ({method}): {split} {name}; CL = matching loss, DI = dynamic integration",
+            ["CL", "DI", "Strategy"],
+            columns,
+            groups=[(name, len(columns))],
+            dataset=dataset,
+            method=method,
+        )
         for cl, di, group in rows:
             keys = [f"final_{split}_{chosen_metric}"] + [f"final_{split}_{chosen_metric}_{m}" for m in modalities]
             if len(modalities) > 1:
@@ -129,11 +152,15 @@ def ablation_tables(groups: Sequence[Group], split: str = "test", metric: str | 
 
 def runs_table(runs: Sequence[SeedRun], split: str = "test", warn: Callable[[str], None] | None = None) -> Table:
     """One line per seed run, any status."""
-    table = Table("runs", f"Seed runs ({split} scores at the validation-selected epoch)",
-                  ["Run", "Parent", "Dataset", "Method", "Strategy", "Seed", "Status"],
-                  ["Best epoch", "Val (select)", f"{split} ACC", f"{split} MAP", f"{split} F1", "Modality gap"])
-    ordered = sorted(runs, key=lambda r: (r.dataset, r.method, r.spec.sort_key() if r.spec else (9,), r.seed or 0,
-                                          r.start_time))
+    table = Table(
+        "runs",
+        f"Seed runs ({split} scores at the validation-selected epoch)",
+        ["Run", "Parent", "Dataset", "Method", "Strategy", "Seed", "Status"],
+        ["Best epoch", "Val (select)", f"{split} ACC", f"{split} MAP", f"{split} F1", "Modality gap"],
+    )
+    ordered = sorted(
+        runs, key=lambda r: (r.dataset, r.method, r.spec.sort_key() if r.spec else (9,), r.seed or 0, r.start_time)
+    )
     for run in ordered:
         keys = ["final_best_epoch", f"final_val_{run.select_metric}"]
         keys += [f"final_{split}_{m}" for m in ("acc", "map", "f1")]
@@ -143,9 +170,20 @@ def runs_table(runs: Sequence[SeedRun], split: str = "test", warn: Callable[[str
         cells = [Cell(run.metrics.get(keys[0]), None, 1, "integer")]
         cells += [Cell(run.metrics.get(k), None, 1) for k in keys[1:]]
         cells.append(Cell(run.metrics.get(f"final_{split}_modality_gap"), None, 1, "number"))
-        table.rows.append(Row([run.run_id, run.parent_id[:12], run.dataset, run.method,
-                               run.spec.label if run.spec else run.tags.get("dmgl.strategy", "?"),
-                               "" if run.seed is None else str(run.seed), run.status], cells))
+        table.rows.append(
+            Row(
+                [
+                    run.run_id,
+                    run.parent_id[:12],
+                    run.dataset,
+                    run.method,
+                    run.spec.label if run.spec else run.tags.get("dmgl.strategy", "?"),
+                    "" if run.seed is None else str(run.seed),
+                    run.status,
+                ],
+                cells,
+            )
+        )
     return table
 
 
@@ -156,8 +194,14 @@ def attach_notes(tables: Sequence[Table], notes: Sequence[str]) -> None:
         table.notes.extend(n for n in notes if n.startswith(prefix))
 
 
-def build_tables(kind: str, runs: Sequence[SeedRun], split: str = "test", metric: str | None = None,
-                 warn: Callable[[str], None] | None = None, note: Callable[[str], None] | None = None) -> list[Table]:
+def build_tables(
+    kind: str,
+    runs: Sequence[SeedRun],
+    split: str = "test",
+    metric: str | None = None,
+    warn: Callable[[str], None] | None = None,
+    note: Callable[[str], None] | None = None,
+) -> list[Table]:
     """The ``kind`` table(s) of ``runs``; ``warn`` hears of missing metrics, ``note`` of groups with several
     configurations."""
     if kind not in TABLES:

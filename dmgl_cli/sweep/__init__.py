@@ -49,8 +49,18 @@ if TYPE_CHECKING:
     from dmgl_cli.tracking import Tracker
 
 __all__ = [
-    "TUNABLE", "PrunedTrial", "StrategyMedianPruner", "SweepOutcome", "SweepRequest", "SweepSettings", "TrialRecord",
-    "open_storage", "parse_tune", "redact", "run_sweep", "summary_table",
+    "TUNABLE",
+    "PrunedTrial",
+    "StrategyMedianPruner",
+    "SweepOutcome",
+    "SweepRequest",
+    "SweepSettings",
+    "TrialRecord",
+    "open_storage",
+    "parse_tune",
+    "redact",
+    "run_sweep",
+    "summary_table",
 ]
 
 SETTINGS_ATTR = "dmgl"
@@ -59,16 +69,26 @@ SWEEP_RUN_ATTR = "mlflow_sweep_run_id"
 TRACKING_ATTR = "mlflow_tracking_uri"
 DEFAULT_HEARTBEAT = 30  # seconds; grace period = 3 x interval
 
-_STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "RUNNING": "running", "WAITING": "waiting",
-                "FAIL": "failed"}
+_STATE_NAMES = {
+    "COMPLETE": "complete",
+    "PRUNED": "pruned",
+    "RUNNING": "running",
+    "WAITING": "waiting",
+    "FAIL": "failed",
+}
 
 
 def summary_table(records: list[TrialRecord], settings: SweepSettings, study_name: str) -> Table:
     """Per strategy: trials by state and the best trial (by validation, the objective) with its test score."""
     metric = settings.metric.upper()
-    table = Table("sweep", f"Sweep {study_name}: best trial per strategy ({settings.trials_per_strategy} trial(s) "
-                  f"x {len(settings.seeds)} seed(s) each; chosen on validation {metric})",
-                  ["Strategy", "Trials"], [f"val {metric}", f"test {metric}", "params", "MLflow run"], marks="column")
+    table = Table(
+        "sweep",
+        f"Sweep {study_name}: best trial per strategy ({settings.trials_per_strategy} trial(s) "
+        f"x {len(settings.seeds)} seed(s) each; chosen on validation {metric})",
+        ["Strategy", "Trials"],
+        [f"val {metric}", f"test {metric}", "params", "MLflow run"],
+        marks="column",
+    )
     for spec in settings.specs:
         mine = [r for r in records if r.strategy == spec.key]
         counts = {name: sum(r.state == state for r in mine) for state, name in _STATE_NAMES.items()}
@@ -76,10 +96,12 @@ def summary_table(records: list[TrialRecord], settings: SweepSettings, study_nam
         done = [r for r in mine if r.state == "COMPLETE" and r.value is not None]
         best = max(done, key=lambda r: r.value) if done else None
         n = len(settings.seeds)
-        cells = [Cell(best.value, best.value_std, n) if best else Cell(),
-                 Cell(best.test, best.test_std, n) if best and best.test is not None else Cell(),
-                 Cell.literal(" ".join(f"{k}={v:.3g}" for k, v in best.params.items()) if best else ""),
-                 Cell.literal(best.run_id or "" if best else "")]
+        cells = [
+            Cell(best.value, best.value_std, n) if best else Cell(),
+            Cell(best.test, best.test_std, n) if best and best.test is not None else Cell(),
+            Cell.literal(" ".join(f"{k}={v:.3g}" for k, v in best.params.items()) if best else ""),
+            Cell.literal(best.run_id or "" if best else ""),
+        ]
         table.rows.append(Row([spec.label, state], cells))
     mark_best([row.cells[0] for row in table.rows])
     return table
@@ -121,9 +143,11 @@ class SweepOutcome:
 
 
 def _header(name: str, url: str, created: bool, settings: SweepSettings, sweep_run_id: str) -> str:
-    return (f"study {name} ({'created' if created else 'joined'}) in {redact(url)}: {len(settings.strategies)} "
-            f"strateg{'ies' if len(settings.strategies) > 1 else 'y'} x {settings.trials_per_strategy} trial(s) x "
-            f"{len(settings.seeds)} seed(s), objective val_{settings.metric}; MLflow sweep run {sweep_run_id}")
+    return (
+        f"study {name} ({'created' if created else 'joined'}) in {redact(url)}: {len(settings.strategies)} "
+        f"strateg{'ies' if len(settings.strategies) > 1 else 'y'} x {settings.trials_per_strategy} trial(s) x "
+        f"{len(settings.seeds)} seed(s), objective val_{settings.metric}; MLflow sweep run {sweep_run_id}"
+    )
 
 
 def _settings_from_request(request: SweepRequest, name: str) -> SweepSettings:
@@ -137,17 +161,27 @@ def _settings_from_request(request: SweepRequest, name: str) -> SweepSettings:
     if request.n_trials is not None and request.n_trials < 1:
         raise DmglError(f"--n-trials must be >= 1, got {request.n_trials}")
     if request.n_trials and request.n_trials > 1 and not tune:
-        raise DmglError("--n-trials N > 1 repeats each strategy N times, which only makes sense with --tune "
-                        "(add more seeds with --seeds instead)")
+        raise DmglError(
+            "--n-trials N > 1 repeats each strategy N times, which only makes sense with --tune "
+            "(add more seeds with --seeds instead)"
+        )
     heartbeat = DEFAULT_HEARTBEAT if request.heartbeat is None else request.heartbeat
     if heartbeat < 1:
         raise DmglError(f"--heartbeat must be >= 1 second, got {heartbeat}")
     settings = SweepSettings(
-        recipe=recipe, base_config=config.to_yaml(), overrides=overrides, strategies=[s.key for s in specs],
-        tune=tune, trials_per_strategy=request.n_trials or 1,
-        seeds=parse_seeds(request.seeds or "1", config.train.seed), metric=config.train.select_metric,
-        prune=bool(tune) if request.prune is None else request.prune, heartbeat=heartbeat,
-        experiment=config.experiment or config.dataset, dataset=config.dataset, method=config.method.name,
+        recipe=recipe,
+        base_config=config.to_yaml(),
+        overrides=overrides,
+        strategies=[s.key for s in specs],
+        tune=tune,
+        trials_per_strategy=request.n_trials or 1,
+        seeds=parse_seeds(request.seeds or "1", config.train.seed),
+        metric=config.train.select_metric,
+        prune=bool(tune) if request.prune is None else request.prune,
+        heartbeat=heartbeat,
+        experiment=config.experiment or config.dataset,
+        dataset=config.dataset,
+        method=config.method.name,
     )
     check_plan(settings)
     return settings
@@ -177,8 +211,10 @@ def _check_join(request: SweepRequest, settings: SweepSettings, name: str) -> No
         conflicts.append(("--n-trials", f"{settings.trials_per_strategy} (it can only be raised)"))
     if conflicts:
         flags = ", ".join(f"{flag} (study has {value})" for flag, value in conflicts)
-        raise DmglError(f"study {name!r} was created with other settings: {flags}; drop those options to join it, "
-                        "or pass a new --study name")
+        raise DmglError(
+            f"study {name!r} was created with other settings: {flags}; drop those options to join it, "
+            "or pass a new --study name"
+        )
 
 
 def _read_settings(study: optuna.Study, wait_s: float = 30.0) -> SweepSettings:
@@ -189,21 +225,26 @@ def _read_settings(study: optuna.Study, wait_s: float = 30.0) -> SweepSettings:
         if attrs.get(READY_ATTR) and SETTINGS_ATTR in attrs:
             data = attrs[SETTINGS_ATTR]
             if data.get("version") != SETTINGS_VERSION:
-                raise DmglError(f"study {study.study_name!r} was made by another dmgl version (settings version "
-                                f"{data.get('version')}); start a new study")
+                raise DmglError(
+                    f"study {study.study_name!r} was made by another dmgl version (settings version "
+                    f"{data.get('version')}); start a new study"
+                )
             return SweepSettings(**data)
         # a study being set up by dmgl has no trials until its plan is enqueued; one with trials is someone else's
         foreign = SETTINGS_ATTR not in attrs and study.get_trials(deepcopy=False)
         if foreign or time.time() > deadline:
-            raise DmglError(f"study {study.study_name!r} was not created by `dmgl sweep` (or its creator stopped "
-                            "before finishing it); pick another --study name")
+            raise DmglError(
+                f"study {study.study_name!r} was not created by `dmgl sweep` (or its creator stopped "
+                "before finishing it); pick another --study name"
+            )
         time.sleep(0.5)
 
 
 def _plan_counts(study: optuna.Study) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                          TrialState.RUNNING, TrialState.WAITING)):
+    for trial in study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    ):
         key = trial.params.get("strategy") or trial.system_attrs.get("fixed_params", {}).get("strategy")
         counts[key] = counts.get(key, 0) + 1
     return counts
@@ -220,8 +261,9 @@ def _top_up(study: optuna.Study, settings: SweepSettings) -> int:
     return added
 
 
-def _create(request: SweepRequest, name: str, storage, url: str,
-            tracker: Tracker) -> tuple[optuna.Study, SweepSettings, bool]:
+def _create(
+    request: SweepRequest, name: str, storage, url: str, tracker: Tracker
+) -> tuple[optuna.Study, SweepSettings, bool]:
     """Create the study and its plan, or join it if another process created it first."""
     settings = _settings_from_request(request, name)
     try:
@@ -233,17 +275,36 @@ def _create(request: SweepRequest, name: str, storage, url: str,
         return study, joined, False
     experiment_id = tracker.experiment_id(settings.experiment)
     space = settings.search_space()
-    sweep_run_id = tracker.start_run(experiment_id, f"sweep-{name}"[:100], {
-        "dmgl.role": "sweep", "dmgl.sweep": name, "dmgl.dataset": settings.dataset, "dmgl.method": settings.method,
-        "dmgl.recipe": settings.recipe, "optuna.study": name, "optuna.storage": redact(url),
-    })
-    tracker.log_params(sweep_run_id, {
-        "study": name, "storage": redact(url), "recipe": settings.recipe, "overrides": " ".join(settings.overrides),
-        "strategies": ",".join(settings.strategies), "tune": json.dumps(settings.tune),
-        "trials_per_strategy": settings.trials_per_strategy, "seeds": ",".join(map(str, settings.seeds)),
-        "objective": f"val_{settings.metric} (mean over seeds, maximised)", "prune": settings.prune,
-        "sampler": "TPE" if settings.tune else "grid", "heartbeat_s": settings.heartbeat,
-    })
+    sweep_run_id = tracker.start_run(
+        experiment_id,
+        f"sweep-{name}"[:100],
+        {
+            "dmgl.role": "sweep",
+            "dmgl.sweep": name,
+            "dmgl.dataset": settings.dataset,
+            "dmgl.method": settings.method,
+            "dmgl.recipe": settings.recipe,
+            "optuna.study": name,
+            "optuna.storage": redact(url),
+        },
+    )
+    tracker.log_params(
+        sweep_run_id,
+        {
+            "study": name,
+            "storage": redact(url),
+            "recipe": settings.recipe,
+            "overrides": " ".join(settings.overrides),
+            "strategies": ",".join(settings.strategies),
+            "tune": json.dumps(settings.tune),
+            "trials_per_strategy": settings.trials_per_strategy,
+            "seeds": ",".join(map(str, settings.seeds)),
+            "objective": f"val_{settings.metric} (mean over seeds, maximised)",
+            "prune": settings.prune,
+            "sampler": "TPE" if settings.tune else "grid",
+            "heartbeat_s": settings.heartbeat,
+        },
+    )
     tracker.log_text(sweep_run_id, json.dumps(space, indent=2), "search_space.json")
     tracker.log_text(sweep_run_id, settings.base_config, "config.yaml")
     study.set_user_attr(SETTINGS_ATTR, asdict(settings))
@@ -260,9 +321,11 @@ def _check_tracking(study: optuna.Study, tracker: Tracker) -> str:
     try:
         tracker.get_run(run_id)
     except DmglError:
-        raise DmglError(f"the sweep run {run_id} of study {study.study_name!r} is not in the MLflow store "
-                        f"{tracker.uri}; point --tracking-uri at the store the study was created with "
-                        f"({study.user_attrs.get(TRACKING_ATTR)})") from None
+        raise DmglError(
+            f"the sweep run {run_id} of study {study.study_name!r} is not in the MLflow store "
+            f"{tracker.uri}; point --tracking-uri at the store the study was created with "
+            f"({study.user_attrs.get(TRACKING_ATTR)})"
+        ) from None
     return run_id
 
 
@@ -275,30 +338,59 @@ def _sweep_run_status(tracker: Tracker, sweep_run_id: str, status: str) -> None:
         tracker.set_status(sweep_run_id, status)
 
 
-def _finish(tracker: Tracker, settings: SweepSettings, sweep_run_id: str, records: list[TrialRecord],
-            summary: Table, status: str) -> None:
+def _finish(
+    tracker: Tracker,
+    settings: SweepSettings,
+    sweep_run_id: str,
+    records: list[TrialRecord],
+    summary: Table,
+    status: str,
+) -> None:
     """Record the outcome on the sweep run (idempotent: any worker that sees the study end may do it)."""
     if status == "FINISHED":
         done = [r for r in records if r.state == "COMPLETE" and r.value is not None]
         if done:
             best = max(done, key=lambda r: r.value)
-            tracker.log_metrics(sweep_run_id, {f"best_val_{settings.metric}": best.value,
-                                               "complete_trials": len(done), "trials": len(records)})
-            tracker.set_tags(sweep_run_id, {"dmgl.best_trial": str(best.number), "dmgl.best_strategy": best.strategy,
-                                            "dmgl.best_run_id": best.run_id or "",
-                                            "dmgl.best_params": json.dumps(best.params)})
+            tracker.log_metrics(
+                sweep_run_id,
+                {f"best_val_{settings.metric}": best.value, "complete_trials": len(done), "trials": len(records)},
+            )
+            tracker.set_tags(
+                sweep_run_id,
+                {
+                    "dmgl.best_trial": str(best.number),
+                    "dmgl.best_strategy": best.strategy,
+                    "dmgl.best_run_id": best.run_id or "",
+                    "dmgl.best_params": json.dumps(best.params),
+                },
+            )
         lines = ["number,state,strategy,params,val_mean,val_std,test_mean,test_std,mlflow_run_id,retry_of"]
         for r in records:
-            lines.append(",".join([str(r.number), r.state, r.strategy, json.dumps(r.params).replace(",", ";"),
-                                   *("" if v is None else repr(v) for v in (r.value, r.value_std, r.test, r.test_std)),
-                                   r.run_id or "", "" if r.retry_of is None else str(r.retry_of)]))
+            lines.append(
+                ",".join(
+                    [
+                        str(r.number),
+                        r.state,
+                        r.strategy,
+                        json.dumps(r.params).replace(",", ";"),
+                        *("" if v is None else repr(v) for v in (r.value, r.value_std, r.test, r.test_std)),
+                        r.run_id or "",
+                        "" if r.retry_of is None else str(r.retry_of),
+                    ]
+                )
+            )
         tracker.log_text(sweep_run_id, "\n".join(lines) + "\n", "trials.csv")
         tracker.log_text(sweep_run_id, render_text(summary), "summary.txt")
     tracker.end_run(sweep_run_id, status)
 
 
-def run_sweep(request: SweepRequest, *, tracker: Tracker, on_trial: Callable[[TrialRecord], None] | None = None,
-              on_message: Callable[[str], None] | None = None) -> SweepOutcome:
+def run_sweep(
+    request: SweepRequest,
+    *,
+    tracker: Tracker,
+    on_trial: Callable[[TrialRecord], None] | None = None,
+    on_message: Callable[[str], None] | None = None,
+) -> SweepOutcome:
     """Create or join a study and work on it until it is complete (see the module docstring). Every MLflow run
     (the sweep run, each trial's runs) is read and written through ``tracker``."""
     on_trial = on_trial or (lambda record: None)
@@ -318,8 +410,10 @@ def run_sweep(request: SweepRequest, *, tracker: Tracker, on_trial: Callable[[Tr
             study.set_user_attr(SETTINGS_ATTR, asdict(settings))
     else:
         if request.study is not None and request.strategies is None:
-            raise DmglError(f"unknown study {request.study!r} in {redact(url)} (studies there: "
-                            f"{', '.join(sorted(known)) or 'none'}); to create it, pass --strategies")
+            raise DmglError(
+                f"unknown study {request.study!r} in {redact(url)} (studies there: "
+                f"{', '.join(sorted(known)) or 'none'}); to create it, pass --strategies"
+            )
         recipe_stem = Path(request.recipe or "synthetic").stem
         name = request.study or safe_name(f"{recipe_stem}-{time.strftime('%Y%m%d-%H%M%S')}", "study name")
         study, settings, created = _create(request, name, storage, url, tracker)
@@ -332,13 +426,23 @@ def run_sweep(request: SweepRequest, *, tracker: Tracker, on_trial: Callable[[Tr
     if request.create_only:
         _sweep_run_status(tracker, sweep_run_id, "SCHEDULED")
         records = [trial_record(t, settings.metric) for t in study.get_trials(deepcopy=False)]
-        return SweepOutcome(name, redact(url), created, settings, sweep_run_id, records, [], False,
-                            summary=summary_table(records, settings, name))
+        return SweepOutcome(
+            name,
+            redact(url),
+            created,
+            settings,
+            sweep_run_id,
+            records,
+            [],
+            False,
+            summary=summary_table(records, settings, name),
+        )
     # The worker's own storage carries the study's heartbeat, so every worker judges staleness alike.
     worker_storage = open_storage(url, settings.heartbeat, StaleTrialHandler(tracker))
     with quiet():
-        study = optuna.load_study(study_name=name, storage=worker_storage, sampler=sampler_for(settings),
-                                  pruner=pruner_for(settings))
+        study = optuna.load_study(
+            study_name=name, storage=worker_storage, sampler=sampler_for(settings), pruner=pruner_for(settings)
+        )
     worker = Worker(study, settings, sweep_run_id, tracker, on_trial, on_message)
     _sweep_run_status(tracker, sweep_run_id, "RUNNING")
     try:
@@ -359,5 +463,6 @@ def run_sweep(request: SweepRequest, *, tracker: Tracker, on_trial: Callable[[Tr
         _finish(tracker, settings, sweep_run_id, records, summary, "KILLED")
     else:
         _sweep_run_status(tracker, sweep_run_id, "SCHEDULED")
-    return SweepOutcome(name, redact(url), created, settings, sweep_run_id, records, ran, complete, interrupted,
-                        summary)
+    return SweepOutcome(
+        name, redact(url), created, settings, sweep_run_id, records, ran, complete, interrupted, summary
+    )

@@ -45,11 +45,18 @@ TUNABLE: dict[str, Tunable] = {
     "weight_decay": Tunable("optim.weight_decay", 1e-6, 1e-2, True, help="weight decay"),
     "dropout": Tunable("model.dropout", 0.0, 0.5, False, help="dropout before the head"),
     "tau": Tunable("loss.tau", 0.02, 1.0, True, help="temperature of the matching loss"),
-    "alpha_lr": Tunable("strategy.lb.alpha_lr", 0.005, 0.5, True, ("lb",), "step size of alpha (lb; with adam, about "
-                        "how far one update moves alpha)"),
+    "alpha_lr": Tunable(
+        "strategy.lb.alpha_lr",
+        0.005,
+        0.5,
+        True,
+        ("lb",),
+        "step size of alpha (lb; with adam, about how far one update moves alpha)",
+    ),
     "initial_alpha": Tunable("strategy.lb.initial_alpha", 0.0, 1.0, False, ("lb",), "alpha at the start (lb)"),
-    "lb_scale": Tunable("strategy.lb.scale", 1e-3, 1e-1, True, ("lb",),
-                        "identity's look-ahead step or Neumann's series step (lb)"),
+    "lb_scale": Tunable(
+        "strategy.lb.scale", 1e-3, 1e-1, True, ("lb",), "identity's look-ahead step or Neumann's series step (lb)"
+    ),
 }
 
 
@@ -64,8 +71,10 @@ def parse_tune(text: str | None) -> dict[str, list]:
         name, _, bounds = part.partition("=")
         name = name.strip()
         if name not in TUNABLE:
-            raise DmglError(f"--tune: unknown hyperparameter {name!r}; tunable: "
-                            + ", ".join(f"{n} ({t.key})" for n, t in TUNABLE.items()))
+            raise DmglError(
+                f"--tune: unknown hyperparameter {name!r}; tunable: "
+                + ", ".join(f"{n} ({t.key})" for n, t in TUNABLE.items())
+            )
         tunable = TUNABLE[name]
         low, high = tunable.low, tunable.high
         if bounds:
@@ -116,8 +125,13 @@ class SweepSettings:
         for spec in self.specs:
             for name, (low, high, log) in self.tune.items():
                 if TUNABLE[name].applies(spec):
-                    space[f"{name}@{spec.key}"] = {"type": "float", "low": low, "high": high, "log": log,
-                                                   "setting": TUNABLE[name].key}
+                    space[f"{name}@{spec.key}"] = {
+                        "type": "float",
+                        "low": low,
+                        "high": high,
+                        "log": log,
+                        "setting": TUNABLE[name].key,
+                    }
         return space
 
     def base_dict(self) -> dict[str, Any]:

@@ -57,7 +57,7 @@ def redact(url: str) -> str:
 
 def _journal_path(url: str) -> Path | None:
     if url.startswith("journal:"):
-        rest = url[len("journal:"):]
+        rest = url[len("journal:") :]
         return Path(rest[2:] if rest.startswith("//") else rest).expanduser()
     if "://" not in url and url.endswith((".log", ".journal", ".jsonl")):
         return Path(url).expanduser()
@@ -76,8 +76,10 @@ def _check_journal(path: Path) -> None:
             try:
                 json.loads(line)
             except ValueError:
-                raise DmglError(f"cannot open Optuna storage journal:{path}: line {number} is not an Optuna "
-                                "journal record; point --storage at the right file or start a new one") from None
+                raise DmglError(
+                    f"cannot open Optuna storage journal:{path}: line {number} is not an Optuna "
+                    "journal record; point --storage at the right file or start a new one"
+                ) from None
 
 
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
@@ -85,8 +87,13 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
 
     HEARTBEAT_ATTR = "dmgl:heartbeat"
 
-    def __init__(self, backend: JournalFileBackend, heartbeat_interval: int | None, grace_period: int | None,
-                 stale_trial_callback: StaleTrialCallback | None) -> None:
+    def __init__(
+        self,
+        backend: JournalFileBackend,
+        heartbeat_interval: int | None,
+        grace_period: int | None,
+        stale_trial_callback: StaleTrialCallback | None,
+    ) -> None:
         super().__init__(backend)
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
@@ -123,8 +130,10 @@ def open_storage(url: str, heartbeat: int | None = None, stale_trial_callback: S
     (``journal:PATH`` or a path ending in .log). Anything that cannot be opened is a DmglError."""
     grace = 3 * heartbeat if heartbeat else None
     if url.startswith(("redis://", "rediss://", "http://", "https://")):
-        raise DmglError(f"Optuna storage {redact(url)} is not supported by dmgl; use sqlite:///PATH, "
-                        "postgresql://..., mysql://... or journal:PATH")
+        raise DmglError(
+            f"Optuna storage {redact(url)} is not supported by dmgl; use sqlite:///PATH, "
+            "postgresql://..., mysql://... or journal:PATH"
+        )
     journal = _journal_path(url)
     try:
         with quiet():
@@ -133,26 +142,36 @@ def open_storage(url: str, heartbeat: int | None = None, stale_trial_callback: S
                     problem = "it is a folder" if journal.is_dir() else f"folder {journal.parent} does not exist"
                     raise DmglError(f"cannot open the Optuna journal {journal}: {problem}")
                 _check_journal(journal)
-                storage = HeartbeatJournalStorage(JournalFileBackend(str(journal)), heartbeat, grace,
-                                                  stale_trial_callback)
+                storage = HeartbeatJournalStorage(
+                    JournalFileBackend(str(journal)), heartbeat, grace, stale_trial_callback
+                )
             elif "://" in url:
                 if url.startswith("sqlite:///"):
-                    warn_if_shared_sqlite(Path(url[len("sqlite:///"):]), "Optuna storage")
-                callback_arg = ("heartbeat_stale_trial_callback"
-                                if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
-                                else "failed_trial_callback")
-                kwargs = {"heartbeat_interval": heartbeat, "grace_period": grace, callback_arg: stale_trial_callback} \
-                    if heartbeat else {}
+                    warn_if_shared_sqlite(Path(url[len("sqlite:///") :]), "Optuna storage")
+                callback_arg = (
+                    "heartbeat_stale_trial_callback"
+                    if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
+                    else "failed_trial_callback"
+                )
+                kwargs = (
+                    {"heartbeat_interval": heartbeat, "grace_period": grace, callback_arg: stale_trial_callback}
+                    if heartbeat
+                    else {}
+                )
                 storage = RDBStorage(url, **kwargs)
             else:
-                raise DmglError(f"--storage {url!r} is not a storage URL; use sqlite:///PATH, "
-                                "postgresql://USER@HOST/DB, mysql://USER@HOST/DB or journal:PATH")
+                raise DmglError(
+                    f"--storage {url!r} is not a storage URL; use sqlite:///PATH, "
+                    "postgresql://USER@HOST/DB, mysql://USER@HOST/DB or journal:PATH"
+                )
             storage.get_all_studies()  # reads the store now, so a broken one fails here with a clear message
     except DmglError:
         raise
     except ImportError as exc:
-        raise DmglError(f"cannot open Optuna storage {redact(url)}: its database driver is not installed "
-                        f"({exc.name or exc}); pip install it (e.g. psycopg2-binary or pymysql)") from None
+        raise DmglError(
+            f"cannot open Optuna storage {redact(url)}: its database driver is not installed "
+            f"({exc.name or exc}); pip install it (e.g. psycopg2-binary or pymysql)"
+        ) from None
     except (ValueError, RuntimeError, OSError, KeyError, sqlalchemy.exc.SQLAlchemyError) as exc:
         detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         raise DmglError(f"cannot open Optuna storage {redact(url)}: {detail}") from None

@@ -42,8 +42,9 @@ from dmgl_cli.sweep.storage import heartbeat, quiet
 if TYPE_CHECKING:
     from dmgl_cli.tracking import Tracker
 
-RetryStaleTrial = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
-    optuna.storages.RetryFailedTrialCallback  # the name before Optuna 4.9
+RetryStaleTrial = (
+    getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+)  # the name before Optuna 4.9
 
 RUN_ATTR = "mlflow_run_id"
 MAX_RETRIES = 3  # heartbeat-stale retries of one trial
@@ -67,8 +68,11 @@ class StrategyMedianPruner(optuna.pruners.BasePruner):
         if step is None or step <= self.n_warmup_steps:
             return False
         strategy = trial.params.get("strategy")
-        peers = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                 if t.params.get("strategy") == strategy and step in t.intermediate_values]
+        peers = [
+            t.intermediate_values[step]
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.params.get("strategy") == strategy and step in t.intermediate_values
+        ]
         peers = [v for v in peers if math.isfinite(v)]
         if len(peers) < self.n_startup_trials:
             return False
@@ -168,10 +172,22 @@ def trial_record(trial: FrozenTrial, metric: str) -> TrialRecord:
     if trial.datetime_start and trial.datetime_complete:
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
     label = parse_strategy(strategy).label if strategy != "?" else "?"
-    return TrialRecord(trial.number, trial.state.name, strategy, label, params,
-                       trial.value if trial.state == TrialState.COMPLETE else None, attrs.get("val_std"),
-                       attrs.get("test_mean"), attrs.get("test_std"), attrs.get(RUN_ATTR), seconds,
-                       attrs.get("message") or "", trial.system_attrs.get("failed_trial"), metric)
+    return TrialRecord(
+        trial.number,
+        trial.state.name,
+        strategy,
+        label,
+        params,
+        trial.value if trial.state == TrialState.COMPLETE else None,
+        attrs.get("val_std"),
+        attrs.get("test_mean"),
+        attrs.get("test_std"),
+        attrs.get(RUN_ATTR),
+        seconds,
+        attrs.get("message") or "",
+        trial.system_attrs.get("failed_trial"),
+        metric,
+    )
 
 
 # --------------------------------------------------------------------------------------------- the worker
@@ -186,8 +202,15 @@ def _run_name(study_name: str, number: int, spec: StrategySpec) -> str:
 class Worker:
     """Runs a study's planned trials in this process, training each through ``tracker``."""
 
-    def __init__(self, study: optuna.Study, settings: SweepSettings, sweep_run_id: str, tracker: Tracker,
-                 on_trial: Callable[[TrialRecord], None], on_message: Callable[[str], None]):
+    def __init__(
+        self,
+        study: optuna.Study,
+        settings: SweepSettings,
+        sweep_run_id: str,
+        tracker: Tracker,
+        on_trial: Callable[[TrialRecord], None],
+        on_message: Callable[[str], None],
+    ):
         self.study, self.settings, self.sweep_run_id = study, settings, sweep_run_id
         self.tracker, self.on_trial, self.on_message = tracker, on_trial, on_message
         self.base = settings.base_dict()
@@ -221,11 +244,19 @@ class Worker:
             trial.set_user_attr(RUN_ATTR, run_id)
 
         outcome = runner.train(
-            config, seeds, tracker=self.tracker, progress=progress, on_parent=on_parent,
+            config,
+            seeds,
+            tracker=self.tracker,
+            progress=progress,
+            on_parent=on_parent,
             run_name=_run_name(self.study.study_name, trial.number, spec),
             sweep_run_id=self.sweep_run_id,
-            extra_tags={"dmgl.sweep": self.study.study_name, "dmgl.trial": str(trial.number),
-                        "optuna.study": self.study.study_name, "optuna.trial_number": str(trial.number)},
+            extra_tags={
+                "dmgl.sweep": self.study.study_name,
+                "dmgl.trial": str(trial.number),
+                "optuna.study": self.study.study_name,
+                "optuna.trial_number": str(trial.number),
+            },
         )
         mean, std = mean_std([s.final[f"val_{metric}"] for s in outcome.seeds])
         test = [s.final[f"test_{metric}"] for s in outcome.seeds if f"test_{metric}" in s.final]
@@ -234,9 +265,20 @@ class Worker:
         trial.set_user_attr("test_mean", test_mean)
         trial.set_user_attr("test_std", test_std)
         trial.set_user_attr("seed_run_ids", [s.run_id for s in outcome.seeds])
-        return TrialRecord(trial.number, "COMPLETE", spec.key, spec.label, values, value=mean, value_std=std,
-                           test=test_mean, test_std=test_std, run_id=outcome.parent_run_id,
-                           seconds=time.time() - started, metric=metric)
+        return TrialRecord(
+            trial.number,
+            "COMPLETE",
+            spec.key,
+            spec.label,
+            values,
+            value=mean,
+            value_std=std,
+            test=test_mean,
+            test_std=test_std,
+            run_id=outcome.parent_run_id,
+            seconds=time.time() - started,
+            metric=metric,
+        )
 
     def run(self) -> tuple[list[int], bool]:
         """Claim and run trials until none is waiting or running; returns (trials run, interrupted)."""
@@ -256,8 +298,10 @@ class Worker:
                 if not running:
                     return False
                 if not waiting_said:
-                    self.on_message(f"waiting for {len(running)} trial(s) running in other workers (a dead worker's "
-                                    f"trial is retried after {3 * self.settings.heartbeat}s without heartbeat)")
+                    self.on_message(
+                        f"waiting for {len(running)} trial(s) running in other workers (a dead worker's "
+                        f"trial is retried after {3 * self.settings.heartbeat}s without heartbeat)"
+                    )
                     waiting_said = True
                 time.sleep(1.0)  # one cheap storage read per second while other workers finish
                 continue
@@ -298,8 +342,8 @@ class Worker:
             self.study.tell(trial, values, state=state)
             return True
         except optuna.exceptions.UpdateFinishedTrialError:
-            self.on_message(f"trial {trial.number} was declared dead by another worker (no heartbeat for "
-                            f"{3 * self.settings.heartbeat}s) and retried; this result stays in MLflow only")
+            self.on_message(
+                f"trial {trial.number} was declared dead by another worker (no heartbeat for "
+                f"{3 * self.settings.heartbeat}s) and retried; this result stays in MLflow only"
+            )
             return False
-
-

@@ -13,8 +13,16 @@ import numpy as np
 from dmgl_cli.data.preparers.base import PrepareJob
 from dmgl_cli.errors import DmglError
 
-SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                 "dev": "val", "test": "test", "testing": "test"}
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 def raw_folder(job: PrepareJob, dataset: str, layout: str) -> Path:
@@ -43,8 +51,11 @@ def visible_files(folder: Path, suffixes: set[str], recursive: bool = False) -> 
     """Files in ``folder`` with one of ``suffixes`` (case-insensitive), skipping hidden files (``._x`` etc.)."""
     pattern = "**/*" if recursive else "*"
     return sorted(
-        p for p in folder.glob(pattern)
-        if p.is_file() and p.suffix.lower() in suffixes and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        p
+        for p in folder.glob(pattern)
+        if p.is_file()
+        and p.suffix.lower() in suffixes
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
 
@@ -151,8 +162,9 @@ def few(items: Sequence[Any], limit: int = 5) -> str:
     return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
 
 
-def reject(job: PrepareJob, known_bad: list[dict[str, Any]], *, split: str, ident: str, path: str | Path,
-           reason: str) -> None:
+def reject(
+    job: PrepareJob, known_bad: list[dict[str, Any]], *, split: str, ident: str, path: str | Path, reason: str
+) -> None:
     """A sample found bad before decoding (a malformed line, an unreadable text file): stop with its location, or
     under --skip-bad record it (it joins the manifest's bad_samples) and leave it out."""
     if not job.skip_bad:
@@ -169,8 +181,13 @@ def class_order(labels: Iterable[str]) -> list[str]:
         return distinct
 
 
-def text_image_plan(job: PrepareJob, entries: dict[str, list[dict[str, Any]]], classes: list[str],
-                    known_bad: list[dict[str, Any]], extra: dict[str, Any]):
+def text_image_plan(
+    job: PrepareJob,
+    entries: dict[str, list[dict[str, Any]]],
+    classes: list[str],
+    known_bad: list[dict[str, Any]],
+    extra: dict[str, Any],
+):
     """The plan of a text-image dataset (Sarcasm, Twitter2015). ``entries[split]`` rows carry ``id``, ``label``,
     ``image`` (path), ``text`` and optionally ``pair`` (a second text segment). Text is tokenised up front (one
     fixed [n, 2, max_tokens] array per split); images are decoded per sample by the driver."""

@@ -83,8 +83,10 @@ def _clips(raw: Path) -> dict[str, int]:
             continue
         clips[path.stem] = CLASSES.index(match.group(1))
     if odd:
-        raise DmglError(f"{raw / 'AudioWAV'}: file names not of the form <actor>_<sentence>_<emotion>_<level>.wav "
-                        f"with an emotion in {' '.join(CLASSES)}: {few(odd)}; move them out of the folder")
+        raise DmglError(
+            f"{raw / 'AudioWAV'}: file names not of the form <actor>_<sentence>_<emotion>_<level>.wav "
+            f"with an emotion in {' '.join(CLASSES)}: {few(odd)}; move them out of the folder"
+        )
     if not clips:
         raise DmglError(f"{raw / 'AudioWAV'} holds no .wav clips")
     return clips
@@ -132,8 +134,13 @@ def prepare(job: PrepareJob) -> dict:
     clips = _clips(raw)
     splits = _split(job, clips)
     samples = [
-        driver.Sample(split, index, clips[clip], clip,
-                      (str(raw / "AudioWAV" / f"{clip}.wav"), str(raw / video_folder / f"{clip}{suffix}")))
+        driver.Sample(
+            split,
+            index,
+            clips[clip],
+            clip,
+            (str(raw / "AudioWAV" / f"{clip}.wav"), str(raw / video_folder / f"{clip}{suffix}")),
+        )
         for split, names in splits.items()
         for index, clip in enumerate(names)
     ]
@@ -145,7 +152,9 @@ def prepare(job: PrepareJob) -> dict:
             "visual": driver.Modality("video", (frames, size, size, 3), "uint8"),
         },
         decode=functools.partial(decode_clip, seconds=seconds, frames=frames, size=size, audio_dtype=audio_dtype),
-        extra={"split": "split files" if split_files_option(job) else f"seeded stratified (seed {job.seed})",
-               "class_counts": {c: int(np.sum([clips[n] == i for n in clips])) for i, c in enumerate(CLASSES)}},
+        extra={
+            "split": "split files" if split_files_option(job) else f"seeded stratified (seed {job.seed})",
+            "class_counts": {c: int(np.sum([clips[n] == i for n in clips])) for i, c in enumerate(CLASSES)},
+        },
     )
     return driver.run(job, plan, preparer=NAME, version=VERSION)

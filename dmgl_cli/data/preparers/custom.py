@@ -93,8 +93,11 @@ _SETTINGS = {"audio": {"seconds"}, "video": {"frames", "size"}, "image": {"size"
 
 def _modality_plan(job: PrepareJob) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """({column: {kind, settings...}}, {label/split/id: column}) from --modality or the YAML spec."""
-    columns = {"label": job.option("label_column", str), "split": job.option("split_column", str),
-               "id": job.option("id_column", str)}
+    columns = {
+        "label": job.option("label_column", str),
+        "split": job.option("split_column", str),
+        "id": job.option("id_column", str),
+    }
     declared: dict[str, Any] = {}
     if job.options.get("spec"):
         path = Path(str(job.options["spec"])).expanduser()
@@ -108,8 +111,9 @@ def _modality_plan(job: PrepareJob) -> tuple[dict[str, dict[str, Any]], dict[str
             raise DmglError(f"modality spec {path} needs a `modalities:` mapping of column -> {{kind: ...}}")
         unknown = sorted(set(spec) - {"label", "split", "id", "modalities"})
         if unknown:
-            raise DmglError(f"modality spec {path}: unknown keys {', '.join(unknown)} (valid: label, split, id, "
-                            "modalities)")
+            raise DmglError(
+                f"modality spec {path}: unknown keys {', '.join(unknown)} (valid: label, split, id, modalities)"
+            )
         for key in ("label", "split", "id"):
             if spec.get(key) is not None:
                 columns[key] = str(spec[key])
@@ -120,8 +124,10 @@ def _modality_plan(job: PrepareJob) -> tuple[dict[str, dict[str, Any]], dict[str
             raise DmglError("option modalities must map columns to kinds, e.g. --modality voice=audio")
         declared.update({str(k): {"kind": v} for k, v in given.items()})
     if not declared:
-        raise DmglError("`dmgl prepare custom` needs the manifest's modality columns and their kinds: "
-                        "--modality COLUMN=KIND (audio, video, image, text), or -o spec=FILE.yaml")
+        raise DmglError(
+            "`dmgl prepare custom` needs the manifest's modality columns and their kinds: "
+            "--modality COLUMN=KIND (audio, video, image, text), or -o spec=FILE.yaml"
+        )
     modalities: dict[str, dict[str, Any]] = {}
     for column, entry in declared.items():
         if isinstance(entry, str):
@@ -131,8 +137,10 @@ def _modality_plan(job: PrepareJob) -> tuple[dict[str, dict[str, Any]], dict[str
         kind = entry["kind"]
         extra = sorted(set(entry) - {"kind"} - _SETTINGS[kind])
         if extra:
-            raise DmglError(f"modality {column} ({kind}): unknown settings {', '.join(extra)} "
-                            f"(valid: {', '.join(sorted(_SETTINGS[kind]))})")
+            raise DmglError(
+                f"modality {column} ({kind}): unknown settings {', '.join(extra)} "
+                f"(valid: {', '.join(sorted(_SETTINGS[kind]))})"
+            )
         modalities[column] = dict(entry)
     return modalities, columns
 
@@ -141,8 +149,9 @@ def _setting(entry: dict[str, Any], key: str, default: Any, column: str, integer
     value = entry.get(key, default)
     kinds = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
-        raise DmglError(f"modality {column}: {key} must be a positive {'integer' if integer else 'number'}, "
-                        f"got {value!r}")
+        raise DmglError(
+            f"modality {column}: {key} must be a positive {'integer' if integer else 'number'}, got {value!r}"
+        )
     return value
 
 
@@ -163,8 +172,10 @@ def decode_row(source: tuple, *, settings: dict[str, dict[str, Any]]) -> dict:
 
 def prepare(job: PrepareJob) -> dict:
     if not job.options.get("manifest"):
-        raise DmglError("`dmgl prepare custom` needs --manifest FILE.csv (one row per sample: a label column, "
-                        "optionally a split column, one column per modality)")
+        raise DmglError(
+            "`dmgl prepare custom` needs --manifest FILE.csv (one row per sample: a label column, "
+            "optionally a split column, one column per modality)"
+        )
     manifest = Path(str(job.options["manifest"])).expanduser().resolve()
     if not manifest.is_file():
         raise DmglError(f"manifest {manifest} does not exist")
@@ -235,8 +246,10 @@ def prepare(job: PrepareJob) -> dict:
 
     classes = class_order(r["label"] for r in kept_rows)
     if len(classes) < 2:
-        raise DmglError(f"{manifest}: the label column {columns['label']!r} has one class ({classes[0]}); "
-                        "a classifier needs at least two")
+        raise DmglError(
+            f"{manifest}: the label column {columns['label']!r} has one class ({classes[0]}); "
+            "a classifier needs at least two"
+        )
     if not has_split:
         fraction = positive_float(job, "test_fraction")
         if fraction >= 1:
@@ -273,7 +286,9 @@ def prepare(job: PrepareJob) -> dict:
             length = modalities[column]["max_tokens"]
             fixed_modalities[column] = driver.Modality("text", (2, length), "int64")
             for split, split_rows in by_split.items():
-                fixed.setdefault(split, {})[column] = tokenize(tokenizer, [r["texts"][column] for r in split_rows], length)
+                fixed.setdefault(split, {})[column] = tokenize(
+                    tokenizer, [r["texts"][column] for r in split_rows], length
+                )
     plan = driver.Plan(
         samples=samples,
         classes=classes,
@@ -283,7 +298,11 @@ def prepare(job: PrepareJob) -> dict:
         fixed_modalities=fixed_modalities,
         known_bad=known_bad,
         order=list(modalities),
-        extra={"manifest": str(manifest), "modalities": modalities, "text_model": text_model,
-               "split": "manifest" if has_split else f"seeded stratified (seed {job.seed})"},
+        extra={
+            "manifest": str(manifest),
+            "modalities": modalities,
+            "text_model": text_model,
+            "split": "manifest" if has_split else f"seeded stratified (seed {job.seed})",
+        },
     )
     return driver.run(job, plan, preparer=NAME, version=VERSION)

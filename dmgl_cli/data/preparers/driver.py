@@ -255,8 +255,14 @@ def _compact(source: np.ndarray, kept: np.ndarray, target: Path, chunk_bytes: in
     os.replace(partial, target)
 
 
-def _decode_all(job: PrepareJob, plan: Plan, work: _WorkFolder, sizes: dict[str, int], resumed: bool,
-                bad: dict[tuple[str, int], dict[str, Any]]) -> None:
+def _decode_all(
+    job: PrepareJob,
+    plan: Plan,
+    work: _WorkFolder,
+    sizes: dict[str, int],
+    resumed: bool,
+    bad: dict[tuple[str, int], dict[str, Any]],
+) -> None:
     done, recorded_bad = work.read_done() if resumed else (set(), {})
     if job.skip_bad:
         bad.update(recorded_bad)
@@ -287,7 +293,9 @@ def _decode_all(job: PrepareJob, plan: Plan, work: _WorkFolder, sizes: dict[str,
         for key, mod in plan.decoded.items():
             value = np.asarray(result[key])
             if value.shape != mod.shape:
-                raise ValueError(f"decode returned {key} of shape {value.shape} for {sample.ident}, expected {mod.shape}")
+                raise ValueError(
+                    f"decode returned {key} of shape {value.shape} for {sample.ident}, expected {mod.shape}"
+                )
             arrays[(sample.split, key)][sample.index] = value
         pending_log.append({"s": sample.split, "i": sample.index})
 
@@ -387,8 +395,12 @@ def run(job: PrepareJob, plan: Plan, *, preparer: str, version: str) -> dict[str
                 modalities=modalities,
                 preparer=preparer,
                 preparer_version=version,
-                extra={"seed": job.seed, "raw": str(job.raw) if job.raw else None,
-                       "options": {k: v for k, v in job.options.items()}, **plan.extra},
+                extra={
+                    "seed": job.seed,
+                    "raw": str(job.raw) if job.raw else None,
+                    "options": {k: v for k, v in job.options.items()},
+                    **plan.extra,
+                },
                 bad_samples=records,
             )
     finally:

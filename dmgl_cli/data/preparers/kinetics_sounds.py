@@ -86,8 +86,10 @@ def _read_annotations(path: Path) -> list[tuple[str, str, str, str]]:
         column["clip"] = column["id"]
     youtube = all(k in column for k in ("youtube_id", "time_start", "time_end"))
     if not ({"label", "split"} <= set(column) and ("clip" in column or youtube)):
-        raise DmglError(f"{path}: the header must name clip,label,split (or youtube_id,time_start,time_end,label,"
-                        f"split); found {','.join(header) or 'nothing'}")
+        raise DmglError(
+            f"{path}: the header must name clip,label,split (or youtube_id,time_start,time_end,label,"
+            f"split); found {','.join(header) or 'nothing'}"
+        )
     out = []
     for number, row in rows:
         where = f"{path}:{number}"
@@ -127,11 +129,16 @@ def prepare(job: PrepareJob) -> dict[str, Any]:
     audio_dtype = float_dtype(job)
 
     if files is not None:
-        entries = [(Path(clip).stem if Path(clip).suffix.lower() in VIDEO_SUFFIXES else clip, label, split,
-                    f"{path}") for split, path in files.items() for clip, label in read_id_label_csv(path, f"{split} list")]
+        entries = [
+            (Path(clip).stem if Path(clip).suffix.lower() in VIDEO_SUFFIXES else clip, label, split, f"{path}")
+            for split, path in files.items()
+            for clip, label in read_id_label_csv(path, f"{split} list")
+        ]
     else:
-        entries = [(Path(c).stem if Path(c).suffix.lower() in VIDEO_SUFFIXES else c, label, split, where)
-                   for c, label, split, where in _read_annotations(annotation_path)]
+        entries = [
+            (Path(c).stem if Path(c).suffix.lower() in VIDEO_SUFFIXES else c, label, split, where)
+            for c, label, split, where in _read_annotations(annotation_path)
+        ]
     seen: dict[str, str] = {}
     for clip, _, _, where in entries:
         if clip in seen:
@@ -151,15 +158,23 @@ def prepare(job: PrepareJob) -> dict[str, Any]:
         raise DmglError(f"labels in val/test that no train clip has: {few(unknown)}")
     missing = [clip for clip, *_ in entries if clip not in videos]
     if missing and not job.skip_bad:
-        raise DmglError(f"{len(missing)} annotated clips have no video file under {raw / folder}: {few(missing)}. "
-                        "Download them, or re-run with --skip-bad to record them and leave them out")
+        raise DmglError(
+            f"{len(missing)} annotated clips have no video file under {raw / folder}: {few(missing)}. "
+            "Download them, or re-run with --skip-bad to record them and leave them out"
+        )
 
     known_bad: list[dict[str, Any]] = []
     samples, counts = [], {}
     for clip, label, split, where in entries:
         if clip not in videos:
-            reject(job, known_bad, split=split, ident=clip, path=raw / folder / f"{clip}.mp4",
-                   reason=f"has no video file (listed at {where})")
+            reject(
+                job,
+                known_bad,
+                split=split,
+                ident=clip,
+                path=raw / folder / f"{clip}.mp4",
+                reason=f"has no video file (listed at {where})",
+            )
             continue
         index = counts.get(split, 0)
         counts[split] = index + 1

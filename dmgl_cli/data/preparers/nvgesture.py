@@ -79,8 +79,10 @@ def parse_line(line: str) -> tuple[str, tuple[int, int], tuple[int, int], int]:
         fields[key] = value
     missing = [k for k in ("path", "color", "depth", "label") if k not in fields]
     if missing:
-        raise ValueError(f"has no {', '.join(missing)} field (expected path:... depth:sk_depth:START:END "
-                         "color:sk_color:START:END ... label:K)")
+        raise ValueError(
+            f"has no {', '.join(missing)} field (expected path:... depth:sk_depth:START:END "
+            "color:sk_color:START:END ... label:K)"
+        )
     ranges = {}
     for sensor, stem in (("color", "sk_color"), ("depth", "sk_depth")):
         match = _RANGE.match(fields[sensor])
@@ -99,8 +101,9 @@ def parse_line(line: str) -> tuple[str, tuple[int, int], tuple[int, int], int]:
     return folder, ranges["color"], ranges["depth"], int(fields["label"]) - 1
 
 
-def _frames_at(path: str, start: int, end: int, wanted: int,
-               convert) -> tuple[list[int], list[int], dict[int, np.ndarray]]:
+def _frames_at(
+    path: str, start: int, end: int, wanted: int, convert
+) -> tuple[list[int], list[int], dict[int, np.ndarray]]:
     """Evenly spread indices over [start, end) (capped at the frames the file has), each one's flow partner (the
     next frame, or the previous one at the end), and the decoded frames at all of them."""
     total = count_frames(path)
@@ -108,8 +111,11 @@ def _frames_at(path: str, start: int, end: int, wanted: int,
         stop = min(end, total)
         available = stop - start
         if available < max(wanted, 2):
-            raise BadSample(path, f"has {max(available, 0)} video frames in its range [{start}, {end}), fewer than "
-                                  f"the {max(wanted, 2)} requested")
+            raise BadSample(
+                path,
+                f"has {max(available, 0)} video frames in its range [{start}, {end}), fewer than "
+                f"the {max(wanted, 2)} requested",
+            )
         picks = even_indices(available, wanted, start)
         partners = [p + 1 if p + 1 < stop else p - 1 for p in picks]
         found, decoded = decode_frames(path, sorted(set(picks + partners)), convert)
@@ -131,8 +137,9 @@ def _flow(first: np.ndarray, second: np.ndarray, size: int, bound: float) -> np.
     return np.rint(scaled).astype(np.uint8)
 
 
-def decode_gesture(source: tuple[str, tuple[int, int], str, tuple[int, int]], *, frames: int, size: int,
-                   bound: float) -> dict[str, np.ndarray]:
+def decode_gesture(
+    source: tuple[str, tuple[int, int], str, tuple[int, int]], *, frames: int, size: int, bound: float
+) -> dict[str, np.ndarray]:
     import cv2
 
     colour, (c_start, c_end), depth, (d_start, d_end) = source
@@ -143,7 +150,9 @@ def decode_gesture(source: tuple[str, tuple[int, int], str, tuple[int, int]], *,
     grey = {i: cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for i, f in rgb_frames.items()}
     rgb = np.stack([cv2.resize(rgb_frames[p], (size, size), interpolation=cv2.INTER_AREA) for p in picks])
     # Motion from each kept frame to the next (or from the previous one into the gesture's last frame).
-    flow = np.stack([_flow(grey[min(p, q)], grey[max(p, q)], size, bound) for p, q in zip(picks, partners, strict=True)])
+    flow = np.stack(
+        [_flow(grey[min(p, q)], grey[max(p, q)], size, bound) for p, q in zip(picks, partners, strict=True)]
+    )
     d_picks, _, depth_frames = _frames_at(depth, d_start, d_end, frames, lambda f: f.to_ndarray(format="rgb24")[..., 0])
     depth_out = np.stack([cv2.resize(depth_frames[p], (size, size), interpolation=cv2.INTER_AREA) for p in d_picks])
     return {"rgb": rgb, "depth": depth_out[..., None], "flow": flow}
@@ -165,8 +174,14 @@ def prepare(job: PrepareJob) -> dict[str, Any]:
             try:
                 folder, colour, depth, label = parse_line(line)
             except ValueError as exc:
-                reject(job, known_bad, split=split, ident=f"{name}:{number}", path=f"{raw / name}:{number}",
-                       reason=str(exc))
+                reject(
+                    job,
+                    known_bad,
+                    split=split,
+                    ident=f"{name}:{number}",
+                    path=f"{raw / name}:{number}",
+                    reason=str(exc),
+                )
                 continue
             base = raw / folder
             source = (str(base / "sk_color.avi"), colour, str(base / "sk_depth.avi"), depth)
@@ -184,7 +199,13 @@ def prepare(job: PrepareJob) -> dict[str, Any]:
         },
         decode=functools.partial(decode_gesture, frames=frames, size=size, bound=bound),
         known_bad=known_bad,
-        extra={"optical_flow": {"algorithm": "opencv farneback", **FARNEBACK, "bound": bound,
-                                "encoding": "uint8 = (clip(flow, -bound, bound) + bound) * 255 / (2 bound)"}},
+        extra={
+            "optical_flow": {
+                "algorithm": "opencv farneback",
+                **FARNEBACK,
+                "bound": bound,
+                "encoding": "uint8 = (clip(flow, -bound, bound) + bound) * 255 / (2 bound)",
+            }
+        },
     )
     return driver.run(job, plan, preparer=NAME, version=VERSION)

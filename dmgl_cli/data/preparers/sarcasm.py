@@ -41,8 +41,19 @@ VERSION = "1"
 DESCRIPTION = "Sarcasm (HFM Twitter): 2 classes, text (BERT tokens) + image; 19,816 / 2,410 / 2,409"
 CLASSES = ["non-sarcastic", "sarcastic"]
 FILES = {"train": "text/train.txt", "val": "text/valid2.txt", "test": "text/test2.txt"}
-HFM_FILTER_WORDS = {"sarcasm", "sarcastic", "reposting", "<url>", "joke", "humour", "humor", "jokes", "irony",
-                    "ironic", "exgag"}
+HFM_FILTER_WORDS = {
+    "sarcasm",
+    "sarcastic",
+    "reposting",
+    "<url>",
+    "joke",
+    "humour",
+    "humor",
+    "jokes",
+    "irony",
+    "ironic",
+    "exgag",
+}
 OPTIONS = {
     "text_model": "bert-base-uncased",  # tokenizer: local folder or hub id (or --text-model)
     "max_tokens": 128,
@@ -64,8 +75,10 @@ def parse_line(line: str, split: str, eval_label: str) -> tuple[str, str, int]:
         raise ValueError(f"is not a Python literal list ({type(exc).__name__}: {exc})") from None
     size = 3 if split == "train" else 4
     if not isinstance(value, (list, tuple)) or len(value) != size:
-        raise ValueError(f"must be a list of {size} elements ['<id>', '<text>', <label>"
-                         f"{'' if size == 3 else ', <label>'}], got {line.strip()[:80]!r}")
+        raise ValueError(
+            f"must be a list of {size} elements ['<id>', '<text>', <label>"
+            f"{'' if size == 3 else ', <label>'}], got {line.strip()[:80]!r}"
+        )
     ident, text = value[0], value[1]
     label = value[2] if split == "train" or eval_label == "hashtag" else value[3]
     if not isinstance(ident, (str, int)) or not str(ident).strip() or not isinstance(text, str):
@@ -92,14 +105,27 @@ def prepare(job: PrepareJob) -> dict[str, Any]:
             try:
                 ident, text, label = parse_line(line, split, eval_label)
             except ValueError as exc:
-                reject(job, known_bad, split=split, ident=f"{Path(rel).name}:{number}", path=f"{path}:{number}",
-                       reason=str(exc))
+                reject(
+                    job,
+                    known_bad,
+                    split=split,
+                    ident=f"{Path(rel).name}:{number}",
+                    path=f"{path}:{number}",
+                    reason=str(exc),
+                )
                 continue
             if hfm_filter and HFM_FILTER_WORDS & set(text.split()):
                 dropped += 1
                 continue
-            rows.append({"id": ident, "label": label, "text": text, "image": str(raw / "dataset_image" / f"{ident}.jpg")})
+            rows.append(
+                {"id": ident, "label": label, "text": text, "image": str(raw / "dataset_image" / f"{ident}.jpg")}
+            )
         entries[split] = rows
-    plan = text_image_plan(job, entries, CLASSES, known_bad,
-                           {"eval_label": eval_label, "hfm_filter": hfm_filter, "hfm_filtered_lines": dropped})
+    plan = text_image_plan(
+        job,
+        entries,
+        CLASSES,
+        known_bad,
+        {"eval_label": eval_label, "hfm_filter": hfm_filter, "hfm_filtered_lines": dropped},
+    )
     return driver.run(job, plan, preparer=NAME, version=VERSION)

@@ -40,8 +40,17 @@ OPTIONS = {
 }
 
 
-def generate(seed: int, samples: int, modalities: int, classes: int, dim: int, fast_pair_signal: float,
-             fast_class_signal: float, slow_class_signal: float, slow_scale: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def generate(
+    seed: int,
+    samples: int,
+    modalities: int,
+    classes: int,
+    dim: int,
+    fast_pair_signal: float,
+    fast_class_signal: float,
+    slow_class_signal: float,
+    slow_scale: float,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Labels and per-modality float32 features; a pure function of its arguments."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, classes, samples)
@@ -73,8 +82,10 @@ def prepare(job: PrepareJob) -> dict:
         raise DmglError(f"option samples must be at least {8 * classes} for {classes} classes, got {samples}")
     if dim < 1:
         raise DmglError(f"option dim must be >= 1, got {dim}")
-    signals = {k: float(job.option(k, (int, float))) for k in
-               ("fast_pair_signal", "fast_class_signal", "slow_class_signal", "slow_scale")}
+    signals = {
+        k: float(job.option(k, (int, float)))
+        for k in ("fast_pair_signal", "fast_class_signal", "slow_class_signal", "slow_scale")
+    }
     labels, features = generate(job.seed, samples, modalities, classes, dim, **signals)
     n_train = samples * 3 // 4
     with PreparedWriter(job.destination) as writer:
@@ -89,6 +100,8 @@ def prepare(job: PrepareJob) -> dict:
             modalities={m: {"kind": "vector", "dtype": "float32", "shape": [dim]} for m in features},
             preparer=NAME,
             preparer_version=VERSION,
-            extra={"seed": job.seed, "options": {"samples": samples, "modalities": modalities, "classes": classes,
-                                                 "dim": dim, **signals}},
+            extra={
+                "seed": job.seed,
+                "options": {"samples": samples, "modalities": modalities, "classes": classes, "dim": dim, **signals},
+            },
         )

@@ -58,8 +58,9 @@ LAYOUT = f"""  train.tsv, dev.tsv, test.tsv   header: {chr(9).join(HEADER)!r}
 def parse_row(fields: list[str]) -> tuple[int, str, str, str]:
     """(label, image id, sentence, target); ValueError with the reason if malformed."""
     if len(fields) != 5:
-        raise ValueError(f"has {len(fields)} tab-separated fields, expected 5 (index, label, image id, sentence, "
-                         "target)")
+        raise ValueError(
+            f"has {len(fields)} tab-separated fields, expected 5 (index, label, image id, sentence, target)"
+        )
     _, label, image, sentence, target = (f.strip() for f in fields)
     if label not in ("0", "1", "2"):
         raise ValueError(f"has label {label!r}, not 0, 1 or 2")
