@@ -77,7 +77,9 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
 
 def capture_rng() -> dict[str, Any]:
     """Every RNG the training loop may draw from, as tensors and plain values."""
-    np_state = np.random.get_state()
+    # legacy=True is numpy's default; spelled out because numpy's stubs type the bare call as the dict form.
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the global RandomState is an MT19937, whose legacy state is a tuple
     py_version, py_internal, py_gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),

@@ -228,7 +228,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 continue
         names = " or ".join(_type_name(o) for o in options)
         raise DmglError(f"setting '{where}' must be {names}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise DmglError(f"setting '{where}' must be a mapping, got {value!r}")
         return _build(tp, value, where)

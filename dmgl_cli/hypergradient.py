@@ -39,7 +39,9 @@ passes (``v`` and ``g_MM - g_CLS``), about one training step; every Hessian-vect
 several steps each on a CNN; Neumann's products are taken two at a time (:func:`neumann_bilinear`).
 """
 
+import functools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -254,7 +256,9 @@ def neumann_bilinear(
         if round_number < left_needed:
             left_powers.append(stepped[0])
         right_powers.append(stepped[-1])
-    series = sum(_dot(left_powers[k // 2], right_powers[k - k // 2]) for k in range(terms + 1))
+    series = functools.reduce(
+        operator.add, (_dot(left_powers[k // 2], right_powers[k - k // 2]) for k in range(terms + 1))
+    )
     return scale * series
 
 
@@ -324,6 +328,7 @@ def implicit_hypergradient(
         torch.autograd.grad(mm_loss_inner - cls_loss_inner, params, retain_graph=True, allow_unused=True), params
     )
     if approx == "identity":
+        assert scale is not None  # refused above
         return Hypergradient(float(-scale * _dot(mixed, v)))
     total = (1 - alpha) * cls_loss_inner + alpha * mm_loss_inner
     g_tot = _fill_unused(

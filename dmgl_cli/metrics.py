@@ -42,7 +42,8 @@ def classification_scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, fl
 
     predictions = probs.argmax(axis=1)
     accuracy = accuracy_score(labels, predictions)
-    macro_f1 = f1_score(labels, predictions, average="macro", labels=list(range(num_classes)), zero_division=0)
+    # sklearn ships no type hints: pyright infers zero_division's type (str) from its "warn" default.
+    macro_f1 = f1_score(labels, predictions, average="macro", labels=list(range(num_classes)), zero_division=0)  # pyright: ignore[reportArgumentType]
     per_class_ap = [
         average_precision_score(labels == class_id, probs[:, class_id])
         for class_id in range(num_classes)

@@ -288,7 +288,7 @@ class LearningBasedStrategy(AlphaStrategy):
     def needs_hypergradient(self, global_step: int, end_of_epoch: bool) -> bool:
         if self.update_every == "epoch_start":
             return False  # the trainer asks before the epoch instead (updates_at_epoch_start)
-        if self.update_every == "epoch":
+        if isinstance(self.update_every, str):  # "epoch"
             return end_of_epoch
         return global_step % self.update_every == 0
 
@@ -370,7 +370,7 @@ def strategy_from_config(settings: StrategyConfig) -> AlphaStrategy:
     raise DmglError(f"unknown strategy {settings.name!r}; valid: {', '.join(STRATEGIES)}")
 
 
-def build_strategy(name: str, **kwargs: object) -> AlphaStrategy:
+def build_strategy(name: str, **kwargs: Any) -> AlphaStrategy:
     """The strategy registered as ``name`` in :data:`STRATEGIES`, built from its settings."""
     if name not in STRATEGIES:
         raise DmglError(f"unknown alpha strategy '{name}'; valid names: {', '.join(STRATEGIES)}")

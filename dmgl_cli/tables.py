@@ -84,7 +84,7 @@ class Table:
 
 def mark_best(cells: Sequence[Cell], higher_is_better: bool = True) -> None:
     """Best value bold, second best underlined; equal displayed values share a mark; needs two valued cells."""
-    valued = [(c.rounded(), c) for c in cells if c.rounded() is not None]
+    valued = [(value, c) for c in cells if (value := c.rounded()) is not None]
     if len(valued) < 2:
         return
     distinct = sorted({v for v, _ in valued}, reverse=higher_is_better)

@@ -1,7 +1,7 @@
 """The only module that talks to MLflow.
 
 A command makes one :class:`Tracker` (one MLflow client) and passes it down; the rest of dmgl sees runs as
-:class:`RunRecord` values, never as MLflow objects. Layout (ARCHITECTURE.md, "From train to MLflow"):
+:class:`RunRecord` values, never as MLflow objects. Layout (also in ARCHITECTURE.md, "Tracking layout"):
 
 * backend ``sqlite:///<registry>/mlflow.db`` with artifacts under ``<registry>/artifacts`` unless
   ``--tracking-uri`` / ``MLFLOW_TRACKING_URI`` names another store or a server;
@@ -180,7 +180,9 @@ class Tracker:
             )
         except MlflowException as exc:
             if "already exists" in str(exc):  # another process created it between our lookup and create
-                return self.client.get_experiment_by_name(name).experiment_id
+                existing = self.client.get_experiment_by_name(name)
+                assert existing is not None  # creating it failed because it exists
+                return existing.experiment_id
             raise DmglError(f"MLflow store {self.uri}: {exc.message}") from None
 
     # -------------------------------------------------------------------------------------------------- runs

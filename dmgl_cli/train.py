@@ -34,7 +34,15 @@ from torch import Tensor
 
 from dmgl_cli.checkpoint import capture_rng, load_model_state, restore_rng
 from dmgl_cli.config import Config
-from dmgl_cli.data.loader import ArraySplit, eval_loader, hold_out, make_loader, make_splits, sample_batch
+from dmgl_cli.data.loader import (
+    ArraySplit,
+    EpochBatchSampler,
+    eval_loader,
+    hold_out,
+    make_loader,
+    make_splits,
+    sample_batch,
+)
 from dmgl_cli.data.prepared import PreparedDataset
 from dmgl_cli.data.transforms import build_transforms, model_input_specs
 from dmgl_cli.device import autocast, configure_determinism, pick_device, seed_everything, to_device
@@ -296,6 +304,7 @@ class Trainer:
         config, model, method, strategy = self.config, self.model, self.method, self.strategy
         model.train()
         sampler = self.train_loader.batch_sampler
+        assert isinstance(sampler, EpochBatchSampler)  # make_loader's: shuffles from (seed, epoch), can skip ahead
         sampler.set_epoch(self.epoch)
         batches = len(self.train_loader)
         # After an interruption mid-epoch: skip the batches already trained and carry on the epoch's sums.
@@ -360,7 +369,7 @@ class Trainer:
             train_samples_per_s=seen / seconds if seconds > 0 else 0.0,
             epoch_seconds=seconds,
         )
-        if getattr(strategy, "last_hypergradient", None) is not None:
+        if isinstance(strategy, LearningBasedStrategy) and strategy.last_hypergradient is not None:
             metrics["alpha_hypergradient"] = float(strategy.last_hypergradient)
         metrics.update(self._hypergradient_metrics())
         return metrics

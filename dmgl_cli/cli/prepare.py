@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from dmgl_cli.cli.options import parse_assignments, silent_option
 from dmgl_cli.errors import DmglError
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 @click.command()
@@ -55,7 +59,7 @@ def prepare(
     """
     from dmgl_cli.prepare import prepare_dataset
 
-    bars: dict[str, object] = {}
+    bars: dict[str, tqdm] = {}
 
     def progress(done: int, total: int, description: str) -> None:
         if silent:

@@ -36,7 +36,7 @@ def warm_up() -> None:
         samples, _ = librosa.load(buffer, sr=rate, mono=True)
         librosa.resample(samples, orig_sr=rate, target_sr=rate // 2)
     media.log_spectrogram(samples, len(samples) / rate, rate)
-    PIL.Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).resize((2, 2), PIL.Image.BICUBIC)
+    PIL.Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).resize((2, 2), PIL.Image.Resampling.BICUBIC)
 
 
 try:

@@ -140,7 +140,8 @@ def make_loader(
     return DataLoader(
         split,
         batch_sampler=sampler,
-        collate_fn=_whole_batch,
+        # torch types collate_fn as taking a list of samples; with __getitems__ it gets the dataset's whole batch.
+        collate_fn=_whole_batch,  # pyright: ignore[reportArgumentType]
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=persistent and num_workers > 0,
@@ -196,9 +197,12 @@ def eval_loader(
     beyond the batch."""
     from dmgl_cli.data.transforms import build_transforms
 
-    if isinstance(split, str):
-        split = getattr(make_splits(dataset, config.data.val_fraction, config.data.split_seed), split)
-    scored = ArraySplit(split.arrays, split.indices, build_transforms(dataset.modalities, config, training=False))
+    chosen: ArraySplit = (
+        getattr(make_splits(dataset, config.data.val_fraction, config.data.split_seed), split)
+        if isinstance(split, str)
+        else split
+    )
+    scored = ArraySplit(chosen.arrays, chosen.indices, build_transforms(dataset.modalities, config, training=False))
     return make_loader(
         scored,
         config.train.eval_batch_size,

@@ -151,6 +151,7 @@ def load_audio(path: str | Path, sr: int = SAMPLE_RATE) -> np.ndarray:
 def audio_from_container(path: str | Path, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Decode the first audio stream of any container PyAV reads; mono float32 resampled to ``sr`` by librosa."""
     import av
+    import av.error  # the submodule with FFmpegError, imported so type checkers know av.error
     import librosa
 
     path = Path(path)
@@ -200,6 +201,7 @@ def even_indices(count: int, wanted: int, start: int = 0) -> list[int]:
 def count_frames(path: str | Path) -> int:
     """Video frames in the first video stream, counted by demuxing (no decoding)."""
     import av
+    import av.error  # the submodule with FFmpegError, imported so type checkers know av.error
 
     path = Path(path)
     try:
@@ -218,6 +220,7 @@ def decode_frames(path: str | Path, indices: Sequence[int], convert: Any) -> tup
     """Decode the first video stream and return ``{index: convert(frame)}`` for the wanted indices, plus the number
     of frames decoded (which stops once the last wanted index is reached)."""
     import av
+    import av.error  # the submodule with FFmpegError, imported so type checkers know av.error
 
     path = Path(path)
     wanted = set(int(i) for i in indices)
@@ -293,7 +296,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
                         f"{MAX_IMAGE_PIXELS} allowed (likely a decompression bomb)",
                     )
                 image.load()  # truncated files fail here
-                rgb = image.convert("RGB").resize((size, size), Image.BICUBIC)
+                rgb = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadSample(path, f"is refused as a decompression bomb ({exc})") from None
     except (Image.UnidentifiedImageError, SyntaxError, ValueError) as exc:

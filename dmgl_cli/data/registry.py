@@ -49,7 +49,7 @@ class DatasetRegistry:
         }
         ensure_registry(self.home)
         try:
-            self._db()[TABLE].upsert(row, pk="name")
+            self._db().table(TABLE).upsert(row, pk="name")
         except sqlite3.Error as exc:
             raise DmglError(f"could not write the dataset registry {self.path} ({exc})") from None
         return row
@@ -74,7 +74,7 @@ class DatasetRegistry:
 
     def remove(self, name: str) -> None:
         self.get(name)
-        self._db()[TABLE].delete(name)
+        self._db().table(TABLE).delete(name)
 
     @staticmethod
     def _decode(row: dict[str, Any]) -> dict[str, Any]:

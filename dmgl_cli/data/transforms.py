@@ -112,7 +112,7 @@ class BatchTransform:
             x = out[name]
             positions = frame_positions(x.shape[1], wanted, x.shape[0], generator)
             out[name] = x[torch.arange(x.shape[0]).unsqueeze(1), positions]
-        if self.training:
+        if generator is not None:  # training
             for name, mode in self.augment.items():
                 x = out[name]
                 if "flip" in mode:

@@ -7,14 +7,17 @@ every hook in the same place for every method, so adding a method never forks th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from dmgl_cli.errors import DmglError
 from dmgl_cli.losses import classification_loss
 from dmgl_cli.models import ModelOutput, MultimodalModel, build_model
 from dmgl_cli.strategies import StrategySpec
+
+if TYPE_CHECKING:
+    from dmgl_cli.train import Trainer
 
 
 class Method:
@@ -67,7 +70,7 @@ class Method:
     def check(self) -> None:
         """Refuse a configuration this method cannot run (raise DmglError)."""
 
-    def attach(self, trainer) -> None:
+    def attach(self, trainer: Trainer) -> None:
         """Called once by the Trainer after the model, optimiser, scheduler and strategy exist. Methods that need
         more than the batch keep the trainer: its ``splits`` and ``device`` (G-Blend's validation losses, PMR's
         prototypes over the training set, MSES's per-modality validation loss) or its ``optimizer`` (MSLR)."""
@@ -75,7 +78,7 @@ class Method:
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> MultimodalModel:
         return build_model(self.config, modalities, num_classes)
 
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+    def param_groups(self, model: MultimodalModel) -> list[dict[str, Any]]:
         """Optimiser parameter groups (per-modality learning rates go here)."""
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 

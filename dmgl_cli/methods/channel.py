@@ -35,7 +35,7 @@ paper's and code's reduction ratio), ``gate_scale`` (2.0). Logged per epoch over
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -53,7 +53,7 @@ from dmgl_cli.methods.fusion_base import (
     positive_int,
 )
 from dmgl_cli.models.encoders import MLPEncoder
-from dmgl_cli.models.vision import ClipEncoder, FrameEncoder, SpectrogramEncoder
+from dmgl_cli.models.vision import ClipEncoder, FrameEncoder, ResNetTrunk, SpectrogramEncoder
 
 Stage = Callable[[Tensor], Tensor]
 
@@ -70,7 +70,7 @@ def _mlp_stages(encoder: MLPEncoder) -> list[Stage]:
     return stages
 
 
-def _resnet_stages(trunk: nn.Module, stem: Stage, fold: Stage, unfold: Stage, finish: Stage) -> list[Stage]:
+def _resnet_stages(trunk: ResNetTrunk, stem: Stage, fold: Stage, unfold: Stage, finish: Stage) -> list[Stage]:
     """ResNet stages in [batch, C, ...] layout: (stem, layer1, layer2), layer3, layer4, (pooling + projection).
 
     ``fold``/``unfold`` move between that layout and the one the trunk's 2D layers take (frames in the batch)."""
@@ -144,7 +144,7 @@ def encoder_stages(encoder: nn.Module) -> list[Stage] | None:
         return _frame_stages(encoder)
     if isinstance(encoder, ClipEncoder):
         return _clip_stages(encoder)
-    stages_method = getattr(encoder, "stages", None)
+    stages_method: Callable[[], Iterable[Stage]] | None = getattr(encoder, "stages", None)
     if callable(stages_method):
         return list(stages_method())
     return None

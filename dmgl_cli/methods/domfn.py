@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,8 @@ class DOMFNMethod(RebalanceMethod):
         return AuxHeadsModel(concat.encoders, concat.fusion, self.config.model.embed_dim, num_classes)
 
     def extra_losses(self, output: ModelOutput, labels: Tensor, step: dict[str, Any]) -> dict[str, Tensor]:
-        unimodal = sum(F.cross_entropy(z.float(), labels) for z in output.unimodal_logits.values())
+        # A Tensor: the sum runs over at least one modality (pyright types sum() as possibly its start, 0).
+        unimodal = cast(Tensor, sum(F.cross_entropy(z.float(), labels) for z in output.unimodal_logits.values()))
         divergence = pairwise_js(output.unimodal_logits)
         penalty = self.beta * torch.relu(divergence - self.margin).mean()
         self.track({"domfn_divergence": divergence.mean()})

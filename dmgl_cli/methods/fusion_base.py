@@ -154,7 +154,9 @@ class FusionMethod(Method):
         optimizer = self._probes_optimizer(model)
         optimizer.zero_grad(set_to_none=True)
         # Recomputed from the (detached) embeddings: a fresh graph, whatever the main backward freed.
-        probe_logits = model.fusion.probes(output.embeddings)
+        probes = model.fusion.probes
+        assert isinstance(probes, LinearProbes)  # what every "probe" method's fusion carries (affine, ml-lstm)
+        probe_logits = probes(output.embeddings)
         probe_loss = torch.stack([F.cross_entropy(logits, labels) for logits in probe_logits.values()]).mean()
         probe_loss.backward()
         optimizer.step()

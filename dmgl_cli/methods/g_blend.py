@@ -186,6 +186,7 @@ class GBlendMethod(RebalanceMethod):
 
     def copy_losses(self, model: MultimodalModel, epoch: int) -> dict[str, dict[str, float]]:
         trainer = self.trainer
+        assert trainer is not None  # attached before the first epoch starts
         # The real run's sampler (same seed, drop_last), so copy epoch e draws the batches of real epoch N + e.
         loader = make_loader(
             trainer.splits.train,
@@ -203,6 +204,7 @@ class GBlendMethod(RebalanceMethod):
     def train_copy(self, model: MultimodalModel, head: str, index: int, loader, epoch: int) -> dict[str, float]:
         """The four losses of ``head``'s copy of ``model``, trained for ``copy_epochs`` epochs."""
         trainer = self.trainer
+        assert trainer is not None  # attached before the first epoch starts
         kept = set(model.modalities) if head == FUSED else {head}
         replica = copy.deepcopy(model)
         for parameter in replica.parameters():
@@ -228,6 +230,7 @@ class GBlendMethod(RebalanceMethod):
         self, replica: MultimodalModel, optimizer, loader, kept: set[str], sampler_epoch: int
     ) -> float:
         trainer = self.trainer
+        assert trainer is not None  # attached before the first epoch starts
         replica.train()
         loader.batch_sampler.set_epoch(sampler_epoch)
         total = torch.zeros((), device=trainer.device)  # summed on the device: one host sync per epoch

@@ -71,7 +71,7 @@ forward replaced that modality's gate), and the ``mmtm_gate_*`` statistics of ``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dmgl_cli.errors import DmglError
-from dmgl_cli.methods.channel import MMTM, ChannelMethod, MMTMModel
+from dmgl_cli.methods.channel import MMTM, ChannelMethod, MMTMModel, StreamHeads
 from dmgl_cli.methods.fusion_base import FusionOutput, non_negative_float, positive_int
 from dmgl_cli.models import ModelOutput, MultimodalModel
 
@@ -90,6 +90,8 @@ TRAINING_LOSSES = ("streams", "fused")
 class CuratedMMTM(MMTM):
     """An MMTM that keeps a running average of every modality's gate and, while ``curated`` names a modality
     index, gates that modality with its running average instead of its own gate."""
+
+    averaged_batches: Tensor  # a registered buffer (nn.Module types attributes it does not know as Tensor | Module)
 
     def __init__(
         self, channels: list[int], ratio: int, gate_scale: float, average_sources: list[int], average_eval_batches: bool
@@ -127,11 +129,14 @@ class CuratedMMTM(MMTM):
 def branch_groups(model: MMTMModel) -> tuple[list[list[nn.Parameter]], list[list[nn.Parameter]]]:
     """Per modality (in the model's order): its main branch (encoder and stream classifier) and its bypass (every
     MMTM's joint squeeze layer and its excitation layer), trainable parameters only."""
+    fusion = model.fusion
+    assert isinstance(fusion, StreamHeads)  # ChannelMethod.build_model's late fusion
+    mmtms = cast(list[MMTM], list(model.mmtms))  # nn.ModuleList is not generic: its items type as Module
     main, bypass = [], []
     for index, modality in enumerate(model.modalities):
-        main.append([*model.encoders[modality].parameters(), *model.fusion.heads[modality].parameters()])
+        main.append([*model.encoders[modality].parameters(), *fusion.heads[modality].parameters()])
         bypass.append(
-            [p for mmtm in model.mmtms for p in (*mmtm.squeeze.parameters(), *mmtm.excitations[index].parameters())]
+            [p for mmtm in mmtms for p in (*mmtm.squeeze.parameters(), *mmtm.excitations[index].parameters())]
         )
     trainable = [[[p for p in group if p.requires_grad] for group in groups] for groups in (main, bypass)]
     return trainable[0], trainable[1]
@@ -239,18 +244,21 @@ class GreedyMethod(ChannelMethod):
 
     def forward(self, model: MultimodalModel, inputs: dict[str, Tensor], training: bool) -> ModelOutput:
         curated = self.caring if training and self.curating else None
-        for mmtm in model.mmtms:
+        assert isinstance(model, MMTMModel)  # the one build_model built
+        mmtms = cast(list[CuratedMMTM], list(model.mmtms))  # make_mmtm's; nn.ModuleList types its items as Module
+        for mmtm in mmtms:
             mmtm.curated = curated
         try:
             return model(inputs)
         finally:  # a forward pass outside the method (dmgl eval, probes) always sees the model's own gates
-            for mmtm in model.mmtms:
+            for mmtm in mmtms:
                 mmtm.curated = None
 
     def classification_loss(self, output: FusionOutput, labels: Tensor) -> Tensor:
         if self.settings["training_loss"] == "fused":
             return super().classification_loss(output, labels)
-        return sum(F.cross_entropy(logits.float(), labels) for logits in output.unimodal_logits.values())
+        # A Tensor: the sum runs over the two streams (pyright types sum() as possibly its start, 0).
+        return cast(Tensor, sum(F.cross_entropy(logits.float(), labels) for logits in output.unimodal_logits.values()))
 
     # -- the balancing ---------------------------------------------------------------------------------------
     def bdr(self) -> np.ndarray:
@@ -272,6 +280,7 @@ class GreedyMethod(ChannelMethod):
 
     def after_backward(self, model: MultimodalModel, output: ModelOutput, labels: Tensor, step: dict[str, Any]) -> None:
         super().after_backward(model, output, labels, step)
+        assert isinstance(model, MMTMModel)  # the one build_model built
         if self.curating:  # the step that just ran replaced the cared-for modality's gate
             key = f"curated_{self.caring}"
             self._epoch[key] = self._epoch.get(key, 0.0) + 1

@@ -117,6 +117,13 @@ class SharedHeadFusion(nn.Module):
         return (weights[:, :, None] * stacked).sum(dim=0), unimodal
 
 
+def shared_head(model: MultimodalModel) -> nn.Linear:
+    """The head every modality's embedding goes through (the SharedHeadFusion of :meth:`MLAMethod.build_model`)."""
+    fusion = model.fusion
+    assert isinstance(fusion, SharedHeadFusion)
+    return fusion.head
+
+
 class MLAMethod(RebalanceMethod):
     """Alternating uni-modal adaptation; see the module docstring."""
 
@@ -180,17 +187,18 @@ class MLAMethod(RebalanceMethod):
         if not training or self.active is None:
             return model(inputs)
         z = model.encoders[self.active](inputs[self.active])
-        logits = model.fusion.head(z)
+        logits = shared_head(model)(z)
         return ModelOutput(logits=logits, unimodal_logits={self.active: logits}, embeddings={self.active: z})
 
     @torch.no_grad()
     def after_backward(self, model: MultimodalModel, output: ModelOutput, labels: Tensor, step: dict[str, Any]) -> None:
-        weight = model.fusion.head.weight
+        weight = shared_head(model).weight
         if self.projection is None:
             self.projection = torch.eye(weight.shape[1], device=weight.device)
         if self.use_projection and self.steps_taken > 0 and weight.grad is not None:
             batches = max(len(self.trainer.train_loader), 1) if self.trainer is not None else 1
             a = 0.1 ** (1.0 + self.batch / batches)
+            assert self.active is not None  # after_backward follows start_pass: one modality's step
             self.projection = update_projection(self.projection, output.embeddings[self.active], a, self.denominator)
             weight.grad.copy_(weight.grad @ self.projection.T.to(weight.grad.dtype))
         self.steps_taken += 1

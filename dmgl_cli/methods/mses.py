@@ -122,6 +122,7 @@ class MSESMethod(RebalanceMethod):
         return {m: total / max(seen, 1) for m, total in totals.items()}
 
     def _snapshot(self, model: MultimodalModel) -> dict[str, Any]:
+        assert self.trainer is not None  # attached before the first epoch ends
         return {
             "model": _cpu_copy(model.state_dict()),
             "optimizer": _cpu_copy(self.trainer.optimizer.state_dict()["state"]),
@@ -137,6 +138,7 @@ class MSESMethod(RebalanceMethod):
         if self.restore == "model":
             snapshot = self.snapshots[self.best_epoch[modality]]
             model.load_state_dict(snapshot["model"])
+            assert self.trainer is not None  # attached before the first epoch ends
             optimizer = self.trainer.optimizer
             state = optimizer.state_dict()  # current hyperparameters (learning rates) are kept
             state["state"] = _cpu_copy(snapshot["optimizer"])

@@ -48,7 +48,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods.rebalance_base import RebalanceMethod, concat_head, encoder_parameters, head_columns
@@ -98,7 +98,7 @@ class MSLRMethod(RebalanceMethod):
                 f"{self.key('end_epoch')} ({self.end_epoch}) must be >= {self.key('start_epoch')} ({self.start_epoch})"
             )
 
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+    def param_groups(self, model: MultimodalModel) -> list[dict[str, Any]]:
         self.scales = self.per_modality_floats("lr_scale", list(model.encoders), 1.0)
         if self.scaling == "gradient":
             return super().param_groups(model)
@@ -116,6 +116,7 @@ class MSLRMethod(RebalanceMethod):
 
     def start_of_epoch(self, model: MultimodalModel, epoch: int) -> None:
         self.coefficients = self.coefficients_for(epoch)
+        assert self.trainer is not None  # attached before the first epoch starts
         groups = self.trainer.optimizer.param_groups
         shared_lr = next((g["lr"] for g in groups if g.get("modality") is None), groups[0]["lr"])
         for group in groups:

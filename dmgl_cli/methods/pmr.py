@@ -60,13 +60,15 @@ from dmgl_cli.models import ModelOutput, MultimodalModel
 def prototype_batches(trainer, epoch: int, fraction: float) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
     """The first ``max(1, int(fraction * len(loader)))`` batches of a shuffled pass over the training split (its
     training transforms and batch size; the last batch may be partial), drawn from (training seed, ``epoch``)."""
-    from dmgl_cli.data.loader import make_loader
+    from dmgl_cli.data.loader import EpochBatchSampler, make_loader
 
     # A seed of its own: the shuffle is not the one the epoch's training batches come from.
     loader = make_loader(
         trainer.splits.train, trainer.config.train.batch_size, shuffle=True, seed=trainer.seed + 1, drop_last=False
     )
-    loader.batch_sampler.set_epoch(epoch)
+    sampler = loader.batch_sampler
+    assert isinstance(sampler, EpochBatchSampler)  # make_loader's: shuffles from (seed, epoch)
+    sampler.set_epoch(epoch)
     wanted = max(1, int(fraction * len(loader)))
     non_blocking = trainer.device.type == "cuda"
     for number, batch in enumerate(loader):
@@ -161,6 +163,7 @@ class PMRMethod(RebalanceMethod):
 
     def start_of_epoch(self, model: MultimodalModel, epoch: int) -> None:
         trainer = self.trainer
+        assert trainer is not None  # attached before the first epoch starts
         batches = prototype_batches(trainer, epoch, self.proto_fraction)
         sums, counts = class_sums(model, batches, trainer.dataset.num_classes, lambda: autocast_for(trainer))
         self.update(sums, counts)
@@ -192,7 +195,7 @@ class PMRMethod(RebalanceMethod):
             self.track({f"pmr_ratio_{modality}": rho, f"pmr_boost_{modality}": float(boosted)})
         if self.mu > 0:
             entropy_loss = losses["pmr_proto"].new_zeros(())
-            dominant = max(ratios, key=ratios.get)
+            dominant = max(ratios, key=ratios.__getitem__)
             if step["epoch"] <= self.entropy_epochs and ratios[dominant] > 1.0:
                 log_p = torch.log_softmax(similarities[dominant], dim=1)
                 entropy = -(log_p.exp() * log_p).sum(dim=1).mean()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from dmgl_cli.methods.base import Method
 from dmgl_cli.models import ModelOutput, MultimodalModel
 from dmgl_cli.models.fusion import ConcatFusion
 
+if TYPE_CHECKING:
+    from dmgl_cli.train import Trainer
+
 
 class RebalanceMethod(Method):
     """Base of the rebalancing baselines; subclasses set ``name``, ``defaults`` and override the hooks they use."""
@@ -39,7 +42,7 @@ class RebalanceMethod(Method):
 
     def __init__(self, config, options: dict[str, Any]):
         super().__init__(config, options)
-        self.trainer = None
+        self.trainer: Trainer | None = None  # set by attach(), before any training hook runs
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
         self._started_epoch = 0  # the epoch whose start-of-epoch work is done (so a resumed epoch is not redone)
@@ -115,7 +118,7 @@ class RebalanceMethod(Method):
         return {m: float(v) for m, v in values.items()}
 
     # -- the trainer ------------------------------------------------------------------------------------------
-    def attach(self, trainer) -> None:
+    def attach(self, trainer: Trainer) -> None:
         self.trainer = trainer
 
     def start_of_epoch(self, model: MultimodalModel, epoch: int) -> None:

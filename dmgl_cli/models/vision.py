@@ -35,7 +35,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
 
-RESNETS: dict[str, tuple[type[nn.Module], list[int]]] = {
+RESNETS: dict[str, tuple[type[tv_resnet.BasicBlock | tv_resnet.Bottleneck], list[int]]] = {
     "resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2]),
     "resnet34": (tv_resnet.BasicBlock, [3, 4, 6, 3]),
     "resnet50": (tv_resnet.Bottleneck, [3, 4, 6, 3]),
@@ -181,6 +181,9 @@ class SpectrogramEncoder(nn.Module):
 class FrameEncoder(nn.Module):
     """[B, T, H, W, C] (or [B, H, W, C]) uint8 -> frames through a 2D ResNet, averaged over time -> [B, embed_dim]."""
 
+    mean: Tensor  # buffers, registered in __init__
+    std: Tensor
+
     def __init__(self, trunk: ResNetTrunk, channels: int, embed_dim: int, dropout: float):
         super().__init__()
         self.trunk = trunk
@@ -274,6 +277,9 @@ class _ScaledVideoResNet(tv_video.VideoResNet):
 
 class ClipEncoder(nn.Module):
     """[B, T, H, W, C] uint8 clip -> 3D ResNet -> [B, embed_dim]."""
+
+    mean: Tensor  # buffers, registered in __init__
+    std: Tensor
 
     def __init__(self, backbone: _ScaledVideoResNet, channels: int, embed_dim: int, dropout: float):
         super().__init__()

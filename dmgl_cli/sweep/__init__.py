@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import optuna
 from optuna.trial import TrialState
@@ -78,6 +78,12 @@ _STATE_NAMES = {
 }
 
 
+def _value(record: TrialRecord) -> float:
+    """The objective of a trial that has one (callers rank only completed trials with a value)."""
+    assert record.value is not None
+    return record.value
+
+
 def summary_table(records: list[TrialRecord], settings: SweepSettings, study_name: str) -> Table:
     """Per strategy: trials by state and the best trial (by validation, the objective) with its test score."""
     metric = settings.metric.upper()
@@ -94,7 +100,7 @@ def summary_table(records: list[TrialRecord], settings: SweepSettings, study_nam
         counts = {name: sum(r.state == state for r in mine) for state, name in _STATE_NAMES.items()}
         state = ", ".join(f"{n} {name}" for name, n in counts.items() if n) or "none"
         done = [r for r in mine if r.state == "COMPLETE" and r.value is not None]
-        best = max(done, key=lambda r: r.value) if done else None
+        best = max(done, key=_value) if done else None
         n = len(settings.seeds)
         cells = [
             Cell(best.value, best.value_std, n) if best else Cell(),
@@ -317,7 +323,8 @@ def _create(
 
 def _check_tracking(study: optuna.Study, tracker: Tracker) -> str:
     """The study's sweep run id, which must be in ``tracker``'s store."""
-    run_id = study.user_attrs.get(SWEEP_RUN_ATTR)
+    # Set by _create before it marks the study ready, and only ready studies get here (_read_settings).
+    run_id = cast(str, study.user_attrs.get(SWEEP_RUN_ATTR))
     try:
         tracker.get_run(run_id)
     except DmglError:
@@ -350,10 +357,10 @@ def _finish(
     if status == "FINISHED":
         done = [r for r in records if r.state == "COMPLETE" and r.value is not None]
         if done:
-            best = max(done, key=lambda r: r.value)
+            best = max(done, key=_value)
             tracker.log_metrics(
                 sweep_run_id,
-                {f"best_val_{settings.metric}": best.value, "complete_trials": len(done), "trials": len(records)},
+                {f"best_val_{settings.metric}": _value(best), "complete_trials": len(done), "trials": len(records)},
             )
             tracker.set_tags(
                 sweep_run_id,

@@ -16,7 +16,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
@@ -26,7 +26,7 @@ from optuna.storages import RDBStorage
 
 # Optuna's heartbeat protocol (the base class RDBStorage implements, and the thread optimize() runs) is not
 # exported; it is the only way to give the journal storage the same stale-trial handling as RDB storages.
-from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread
+from optuna.storages._heartbeat import BaseHeartbeat, BaseHeartbeatThread, get_heartbeat_thread
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
@@ -178,6 +178,6 @@ def open_storage(url: str, heartbeat: int | None = None, stale_trial_callback: S
     return storage
 
 
-def heartbeat(trial: optuna.Trial) -> AbstractContextManager[None]:
+def heartbeat(trial: optuna.Trial) -> BaseHeartbeatThread:
     """While this context is open, ``trial`` beats in its storage (a no-op for a storage without a heartbeat)."""
     return get_heartbeat_thread(trial._trial_id, trial.storage)

@@ -69,11 +69,11 @@ def normalise_split(value: str, where: str) -> str:
 def exact_stratified_split(labels: Sequence[int], held_out: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (kept, held) with exactly ``held_out`` held out, spread over classes in proportion to their size
     (largest remainders), each class shuffled by a generator seeded with ``seed``. Both sorted."""
-    labels = np.asarray(labels)
-    total = len(labels)
+    label_array = np.asarray(labels)
+    total = len(label_array)
     if not 0 < held_out < total:
         raise DmglError(f"cannot hold out {held_out} of {total} samples")
-    classes, counts = np.unique(labels, return_counts=True)
+    classes, counts = np.unique(label_array, return_counts=True)
     quotas = counts * held_out / total
     take = np.floor(quotas).astype(int)
     remainder = held_out - take.sum()
@@ -82,7 +82,7 @@ def exact_stratified_split(labels: Sequence[int], held_out: int, seed: int) -> t
     rng = np.random.default_rng(seed)
     held = []
     for cls, count in zip(classes, take, strict=True):
-        members = np.flatnonzero(labels == cls)
+        members = np.flatnonzero(label_array == cls)
         rng.shuffle(members)
         held.append(members[:count])
     held_idx = np.sort(np.concatenate(held)).astype(np.int64)

@@ -201,7 +201,7 @@ class _WorkFolder:
             handle.flush()
             os.fsync(handle.fileno())
 
-    def staging(self, split: str, key: str, shape: tuple[int, ...], dtype: str, *, create: bool) -> np.ndarray:
+    def staging(self, split: str, key: str, shape: tuple[int, ...], dtype: str, *, create: bool) -> np.memmap:
         path = self.path / "staging" / split / f"{key}.npy"
         if path.exists():
             try:
@@ -216,7 +216,7 @@ class _WorkFolder:
         return _allocated_memmap(path, dtype, shape)
 
 
-def _allocated_memmap(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+def _allocated_memmap(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
     """A new ``.npy`` memmap whose disk blocks are reserved up front. ``open_memmap`` makes a sparse file, and
     writing through the map into a sparse file on a full disk kills the process with SIGBUS and no message;
     reserving fails here instead with an OSError naming the file (ENOSPC), which ``dmgl prepare`` reports."""

@@ -129,7 +129,8 @@ def _flow(first: np.ndarray, second: np.ndarray, size: int, bound: float) -> np.
     import cv2
 
     height, width = first.shape[:2]
-    flow = cv2.calcOpticalFlowFarneback(first, second, None, **FARNEBACK)
+    # OpenCV's stubs make the output array `flow` required; None (the documented usage) has cv2 allocate it.
+    flow = cv2.calcOpticalFlowFarneback(first, second, None, **FARNEBACK)  # pyright: ignore[reportCallIssue, reportArgumentType]
     flow = cv2.resize(flow, (size, size), interpolation=cv2.INTER_AREA)
     flow[..., 0] *= size / width
     flow[..., 1] *= size / height
