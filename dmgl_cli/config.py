@@ -367,6 +367,26 @@ def derive(config: Config, settings: Mapping[str, Any]) -> Config:
     return _finish(tree, announce=False)
 
 
+def recorded_params(config: Config) -> dict[str, Any]:
+    """The flattened settings that apply to this run, as logged to MLflow: ``strategy.alpha`` only with the
+    constant strategy, ``strategy.p`` only with stepwise, ``strategy.lb.*`` only with lb, and
+    ``method.options.*`` of the chosen method only. (``config.yaml`` keeps the whole config.)"""
+    strategy, method = config.strategy.name, config.method.name
+
+    def applies(key: str) -> bool:
+        if key == "strategy.alpha":
+            return strategy == "constant"
+        if key == "strategy.p":
+            return strategy == "stepwise"
+        if key.startswith("strategy.lb."):
+            return strategy == "lb"
+        if key.startswith("method.options."):
+            return key.startswith(f"method.options.{method}.")
+        return True
+
+    return {key: value for key, value in config.flat().items() if applies(key)}
+
+
 def with_seed(config: Config, seed: int) -> Config:
     """The config of one seed's run."""
     return dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
@@ -424,29 +444,41 @@ def resolve(
     ``unimodal`` method) and ``settings`` (dotted keys, from the CLI's typed flags such as ``--epochs``); then the
     method's pinned settings. Returns a frozen, validated :class:`Config`.
     """
+
+    def with_given_settings(base: dict[str, Any]) -> dict[str, Any]:
+        tree = copy.deepcopy(base)
+        for text in overrides:
+            set_dotted(tree, *parse_override(text))
+        if method is not None:
+            set_dotted(tree, "method.name", method)
+        if strategy is not None:
+            for key, value in strategy.settings().items():
+                set_dotted(tree, key, value)
+        if modality is not None:
+            chosen = _get_dotted(tree, "method.name") or MethodConfig.name
+            if chosen != "unimodal":
+                raise DmglError(
+                    f"--modality picks the one modality of --method unimodal; method {chosen!r} uses every "
+                    "modality, drop --modality"
+                )
+            set_dotted(tree, "method.options.unimodal.modality", modality)
+        for key, value in (settings or {}).items():
+            set_dotted(tree, key, value)
+        return tree
+
+    recipe_tree = read_recipe(recipe)
+    tree = with_given_settings(recipe_tree)
+    # Unknown keys, wrong types and unknown choices are refused here, before the registries (and torch) load.
+    _build(Config, tree)
+
     from dmgl_cli.methods import METHODS
 
-    tree = read_recipe(recipe)
     published = METHODS[method].published_strategy if method in METHODS and strategy is None else None
-    for key, value in (published.settings() if published else {}).items():
-        set_dotted(tree, key, value)
-    for text in overrides:
-        set_dotted(tree, *parse_override(text))
-    if method is not None:
-        set_dotted(tree, "method.name", method)
-    if strategy is not None:
-        for key, value in strategy.settings().items():
-            set_dotted(tree, key, value)
-    if modality is not None:
-        chosen = _get_dotted(tree, "method.name") or MethodConfig.name
-        if chosen != "unimodal":
-            raise DmglError(
-                f"--modality picks the one modality of --method unimodal; method {chosen!r} uses every "
-                "modality, drop --modality"
-            )
-        set_dotted(tree, "method.options.unimodal.modality", modality)
-    for key, value in (settings or {}).items():
-        set_dotted(tree, key, value)
+    if published is not None:  # below --set and the flags in precedence
+        base = copy.deepcopy(recipe_tree)
+        for key, value in published.settings().items():
+            set_dotted(base, key, value)
+        tree = with_given_settings(base)
     return _finish(tree, announce=True)
 
 

@@ -33,8 +33,10 @@ from dmgl_cli.plots import alpha_figure, close
 from dmgl_cli.tracking import RunRecord, RunRecorder, Tracker
 from dmgl_cli.train import Trainer, TrainResult, check_against_dataset, evaluate
 
-# progress(seed, epoch, total_epochs, metrics)
+# progress(seed, epoch, total_epochs, metrics), after each epoch
 Progress = Callable[[int, int, int, dict[str, float]], None]
+# step_progress(seed, epoch, batch, batches), after each training batch (a progress bar)
+StepProgress = Callable[[int, int, int, int], None]
 FINAL_PREFIX = "final_"
 
 
@@ -75,6 +77,7 @@ class SeedOutcome:
 class TrainOutcome:
     parent_run_id: str
     experiment: str
+    experiment_id: str
     seeds: list[SeedOutcome] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
 
@@ -120,13 +123,15 @@ def _train_seed(
     dataset: PreparedDataset,
     progress: Progress | None,
     resume_state: dict[str, Any] | None = None,
+    step_progress: StepProgress | None = None,
 ) -> SeedOutcome:
     seed = config.train.seed
     recorder = RunRecorder(tracker, run_id, tracker.logged_steps(run_id) if resume_state else ())
     epoch_progress = (lambda e, t, m: progress(seed, e, t, m)) if progress else None
+    batch_progress = (lambda e, b, n: step_progress(seed, e, b, n)) if step_progress else None
     holder: dict[str, Trainer] = {}
     with tracker.run(run_id), _graceful_stop(holder):
-        trainer = holder["trainer"] = Trainer(config, dataset, seed, recorder, epoch_progress)
+        trainer = holder["trainer"] = Trainer(config, dataset, seed, recorder, epoch_progress, batch_progress)
         if resume_state is not None:
             trainer.load_state_dict(resume_state, f"run {run_id} checkpoints/last.pt")
         result = trainer.fit()
@@ -180,6 +185,7 @@ def train(
     *,
     tracker: Tracker,
     progress: Progress | None = None,
+    step_progress: StepProgress | None = None,
     run_name: str | None = None,
     on_parent: Callable[[str], None] | None = None,
     sweep_run_id: str | None = None,
@@ -212,9 +218,11 @@ def train(
         for seed in seeds:
             seeded = with_seed(config, seed)
             run_id = _start_seed_run(tracker, experiment_id, parent_id, seeded, dataset, run_name, extra_tags)
-            outcomes.append(_train_seed(tracker, run_id, seeded, dataset, progress))
+            outcomes.append(_train_seed(tracker, run_id, seeded, dataset, progress, step_progress=step_progress))
     summary = _finish_parent(tracker, parent_id, outcomes)
-    return TrainOutcome(parent_run_id=parent_id, experiment=experiment, seeds=outcomes, summary=summary)
+    return TrainOutcome(
+        parent_run_id=parent_id, experiment=experiment, experiment_id=experiment_id, seeds=outcomes, summary=summary
+    )
 
 
 def _check_dataset(config: Config, dataset: PreparedDataset, run_tags: dict[str, str]) -> None:
@@ -226,7 +234,9 @@ def _check_dataset(config: Config, dataset: PreparedDataset, run_tags: dict[str,
         )
 
 
-def _resume_seed(tracker: Tracker, run: RunRecord, progress: Progress | None) -> SeedOutcome:
+def _resume_seed(
+    tracker: Tracker, run: RunRecord, progress: Progress | None, step_progress: StepProgress | None = None
+) -> SeedOutcome:
     run_id = run.run_id
     config = config_from_yaml(tracker.read_text(run_id, "config.yaml"))
     dataset = open_dataset(config.dataset)
@@ -241,10 +251,12 @@ def _resume_seed(tracker: Tracker, run: RunRecord, progress: Progress | None) ->
             raise
         state = None  # stopped before its first epoch ended: train from the start, in the same run
     tracker.mark_running(run_id)
-    return _train_seed(tracker, run_id, config, dataset, progress, resume_state=state)
+    return _train_seed(tracker, run_id, config, dataset, progress, resume_state=state, step_progress=step_progress)
 
 
-def resume(run_id: str, *, tracker: Tracker, progress: Progress | None = None) -> TrainOutcome:
+def resume(
+    run_id: str, *, tracker: Tracker, progress: Progress | None = None, step_progress: StepProgress | None = None
+) -> TrainOutcome:
     """Continue an interrupted ``dmgl train`` in the same MLflow runs: a seed run from its last checkpoint, or —
     given the parent run — every seed it asked for (finished seeds are kept, unfinished ones resumed, seeds that
     never started are started). The parent gets its mean/std once all its seeds are finished."""
@@ -266,12 +278,12 @@ def resume(run_id: str, *, tracker: Tracker, progress: Progress | None = None) -
             if role == "seed" and child is not None and child.run_id != run_id and child.status != "FINISHED":
                 continue  # only the seed run that was named is resumed
             if child is not None:
-                outcomes[seed] = _resume_seed(tracker, child, progress)
+                outcomes[seed] = _resume_seed(tracker, child, progress, step_progress)
             elif role == "parent":
                 dataset = open_dataset(parent_config.dataset)
                 seeded = with_seed(parent_config, seed)
                 child_id = _start_seed_run(tracker, parent.experiment_id, parent_id, seeded, dataset, parent.name)
-                outcomes[seed] = _train_seed(tracker, child_id, seeded, dataset, progress)
+                outcomes[seed] = _train_seed(tracker, child_id, seeded, dataset, progress, step_progress=step_progress)
     ordered = [outcomes[s] for s in sorted(outcomes)]
     experiment = tracker.experiment_name(parent.experiment_id)
     if all(s in outcomes for s in wanted):
@@ -279,7 +291,13 @@ def resume(run_id: str, *, tracker: Tracker, progress: Progress | None = None) -
     else:
         summary = {}
         tracker.end_run(parent_id, "KILLED")  # other seeds are unfinished: `dmgl train --resume PARENT` ends them
-    return TrainOutcome(parent_run_id=parent_id, experiment=experiment, seeds=ordered, summary=summary)
+    return TrainOutcome(
+        parent_run_id=parent_id,
+        experiment=experiment,
+        experiment_id=parent.experiment_id,
+        seeds=ordered,
+        summary=summary,
+    )
 
 
 @dataclass

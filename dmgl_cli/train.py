@@ -137,9 +137,13 @@ class Trainer:
         seed: int,
         sink: RunSink,
         progress: Callable[[int, int, dict[str, float]], None] | None = None,
+        step_progress: Callable[[int, int, int], None] | None = None,
     ):
+        """``progress(epoch, epochs, metrics)`` after each epoch; ``step_progress(epoch, batch, batches)`` after
+        each training batch (a progress bar; it must not synchronise with the device)."""
         self.config, self.dataset, self.seed, self.sink = config, dataset, seed, sink
         self.progress = progress or (lambda epoch, total, metrics: None)
+        self.step_progress = step_progress
         configure_determinism(config.train.deterministic)
         self.device = pick_device(config.train.device)
         seed_everything(seed)
@@ -348,6 +352,8 @@ class Trainer:
                 # Sums stay on the device: no host sync per step.
                 for name, value in {"loss": loss, "cls_loss": cls_loss, "mm_loss": mm_loss, **extra}.items():
                     sums[name] = sums.get(name, 0) + value.detach().float() * size
+            if self.step_progress is not None:
+                self.step_progress(self.epoch + 1, index + 1, batches)
             if self.stop_requested and index < batches - 1:
                 self._epoch_position = {
                     "batch": index + 1,
