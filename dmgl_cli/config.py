@@ -123,9 +123,34 @@ class StrategyConfig:
     lb: LearningBasedConfig = field(default_factory=LearningBasedConfig)
 
 
+# The names of dmgl_cli.methods.METHODS, written here so that a mistyped --method is refused before the method
+# registry (and torch) is imported; tests/test_config.py checks that the two lists agree.
+MethodName = Literal[
+    "concat",
+    "unimodal",
+    "sum",
+    "weight",
+    "affine",
+    "channel",
+    "ml-lstm",
+    "etmc",
+    "mses",
+    "g-blend",
+    "ogm-ge",
+    "greedy",
+    "domfn",
+    "mslr",
+    "pmr",
+    "agm",
+    "mla",
+    "dmgl-official",
+    "dmgl-official-eq3",
+]
+
+
 @dataclass(frozen=True)
 class MethodConfig:
-    name: str = "concat"
+    name: MethodName = "concat"
     # Per-method hyperparameters, keyed by method name: method.<name>.<setting>.
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 

@@ -4,6 +4,11 @@ MLflow 3's UI opens an experiment in its GenAI view unless the URL asks for the 
 ``?workflowType=machine_learning`` (the ``mlflow.experimentKind`` tag is not read by MLflow 3.17), so every link
 carries it. The UI's address is the tracking server itself when runs go to a server (``http(s)://``), else the
 address ``dmgl ui`` serves on (``$DMGL_UI_URL``, default http://127.0.0.1:5000).
+
+The routes are those of MLflow 3.17's UI (checked in a browser by tests/test_browser.py): ``#/experiments/<id>/runs``
+is an experiment's runs table (seed runs nested under their parent), ``#/experiments/<id>/runs/<run>`` a run's page
+and ``.../<run>/model-metrics`` its metric charts (``alpha/value`` among them). The UI's own links inside a page do
+not carry the view, so a page reached by clicking may switch back to the GenAI side bar; its content is the same.
 """
 
 from __future__ import annotations
@@ -32,3 +37,8 @@ def experiment_runs_url(base: str, experiment_id: str) -> str:
 
 def run_url(base: str, experiment_id: str, run_id: str) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{VIEW}"
+
+
+def run_metrics_url(base: str, experiment_id: str, run_id: str) -> str:
+    """A run's metric charts (the "Model metrics" tab of its page)."""
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics?{VIEW}"

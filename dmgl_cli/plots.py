@@ -1,7 +1,9 @@
 """Figures drawn from recorded metrics (matplotlib, headless).
 
 Functions take plain numbers (no MLflow objects) and return a matplotlib figure; :func:`save_png` writes it
-atomically. Every figure carries a title, axis labels with units and a legend, so it reads without the code.
+atomically. Every figure carries a title, axis labels with units and a legend, so it reads without the code; the
+layout is constrained (nothing clipped), titles wrap, legends sit outside the plots, and spreads over seeds are
+drawn as shaded bands (lines) or error bars (bars).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import textwrap
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +27,25 @@ def heuristic_alpha(epoch: int) -> float:
     return 1.0 - math.exp(-1.0 / epoch)
 
 
+def _wrapped(text: str, figure, fontsize: float = 12.0, share: float = 1.0) -> str:
+    """``text`` broken into lines that fit ``share`` of the figure's width (about half an em per character)."""
+    width_pt = figure.get_figwidth() * 72 * share
+    return "\n".join(textwrap.wrap(text, max(20, int(width_pt / (0.55 * fontsize))))) or text
+
+
+def _legend_below(figure, axes, columns: int = 3, fontsize: float = 8) -> None:
+    """One legend for ``axes`` (labels deduplicated) below the plots, outside them: it hides no data or text."""
+    handles, labels, seen = [], [], set()
+    for axis in axes:
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            if label not in seen and not label.startswith("_"):
+                seen.add(label)
+                handles.append(handle)
+                labels.append(label)
+    if handles:
+        figure.legend(handles, labels, loc="outside lower center", ncols=min(columns, len(labels)), fontsize=fontsize)
+
+
 def alpha_figure(
     trajectories: dict[str, list[float]],
     title: str = "alpha during training",
@@ -30,8 +53,9 @@ def alpha_figure(
 ):
     """Alpha per epoch against x = epoch / total epochs, with the heuristic omega(t) for reference (Figure 3).
 
-    ``bands`` optionally shades a (low, high) range per trajectory, e.g. the spread over seeds."""
-    figure, axis = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    ``bands`` optionally shades a (low, high) range per trajectory, e.g. mean ± std over seeds. The layout is
+    constrained, the title wrapped and the legend below the axes, so nothing is clipped or hidden."""
+    figure, axis = plt.subplots(figsize=(5.5, 3.9), dpi=120, layout="constrained")
     longest = 1
     for label, values in trajectories.items():
         total = len(values)
@@ -52,35 +76,50 @@ def alpha_figure(
     axis.set_xlabel("epoch / total epochs")
     axis.set_ylabel(r"$\alpha$ (weight of the matching loss)")
     axis.set_ylim(-0.02, 1.02)
-    axis.set_title(title)
+    axis.set_title(_wrapped(title, figure, 12))
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
+    _legend_below(figure, [axis], columns=2)
     return figure
 
 
 def gap_figure(
-    scores: dict[str, dict[str, float | None]], distances: dict[str, float | None], title: str, metric: str = "ACC"
+    scores: Mapping[str, Mapping[str, float | None]],
+    distances: Mapping[str, float | None],
+    title: str,
+    metric: str = "ACC",
+    errors: Mapping[str, Mapping[str, float | None]] | None = None,
+    distance_errors: Mapping[str, float | None] | None = None,
 ):
     """Figure 2 analogue: per method, the fused and per-modality scores (%) with the gap between the modalities
-    written above them (left), and the modality-gap distance between the modalities' embeddings (right)."""
+    written above them (left), and the modality-gap distance between the modalities' embeddings (right).
+
+    ``errors`` / ``distance_errors`` (same keys, std over seeds) draw error bars. The legend sits below the
+    plots, so it never covers a bar or a gap label."""
     methods = list(scores)
     series = sorted({name for values in scores.values() for name in values}, key=lambda n: (n != "fused", n))
     figure, (left, right) = plt.subplots(
-        1, 2, figsize=(max(7.0, 1.3 * len(methods) + 4.5), 4.0), dpi=120, gridspec_kw={"width_ratios": [2.2, 1]}
+        1,
+        2,
+        figsize=(max(7.0, 1.3 * len(methods) + 4.5), 4.4),
+        dpi=120,
+        gridspec_kw={"width_ratios": [2.2, 1]},
+        layout="constrained",
     )
     width = 0.8 / max(1, len(series))
+    tops = [0.0] * len(methods)
     for index, name in enumerate(series):
         xs = [m + (index - (len(series) - 1) / 2) * width for m in range(len(methods))]
-        heights = [100 * v if v is not None else 0.0 for v in (scores[method].get(name) for method in methods)]
-        left.bar(xs, heights, width=width, label=name)
+        values = [scores[method].get(name) for method in methods]
+        heights = [100 * v if v is not None else 0.0 for v in values]
+        spread = [100 * ((errors or {}).get(method, {}).get(name) or 0.0) for method in methods]
+        left.bar(xs, heights, width=width, label=name, yerr=spread if any(spread) else None, capsize=2)
+        tops = [max(t, h + e) for t, h, e in zip(tops, heights, spread, strict=True)]
     for position, method in enumerate(methods):
         modal = [v for k, v in scores[method].items() if k != "fused" and v is not None]
         if len(modal) > 1:
-            top = max(100 * v for v in scores[method].values() if v is not None)
             left.annotate(
                 f"gap {100 * (max(modal) - min(modal)):.1f}",
-                (position, top),
+                (position, tops[position]),
                 ha="center",
                 va="bottom",
                 fontsize=7,
@@ -89,30 +128,46 @@ def gap_figure(
             )
     left.set_xticks(range(len(methods)), methods, rotation=20, ha="right", fontsize=8)
     left.set_ylabel(f"{metric} (%)")
-    left.set_ylim(0, 105)
-    left.set_title("fused and per-modality scores")
-    left.legend(fontsize=8)
+    left.set_ylim(0, max(105.0, max(tops, default=0.0) + 8.0))  # room for the gap labels above the bars
+    left.set_title("fused and per-modality scores", fontsize=10)
     left.grid(axis="y", alpha=0.3)
     heights = [distances.get(m) or 0.0 for m in methods]
-    right.bar(range(len(methods)), heights, color="tab:purple")
+    spread = [(distance_errors or {}).get(m) or 0.0 for m in methods]
+    right.bar(range(len(methods)), heights, color="tab:purple", yerr=spread if any(spread) else None, capsize=2)
     right.set_xticks(range(len(methods)), methods, rotation=20, ha="right", fontsize=8)
-    right.set_ylabel("distance between modality centroids")
-    right.set_title("modality gap")
+    right.set_ylabel("distance between modality centroids", fontsize=9)
+    right.set_title("modality gap", fontsize=10)
     right.grid(axis="y", alpha=0.3)
-    figure.suptitle(title)
-    figure.tight_layout()
+    figure.suptitle(_wrapped(title, figure, 12))
+    _legend_below(figure, [left], columns=len(series))
     return figure
 
 
-def curves_figure(panels: dict[str, dict[str, tuple[list[int], list[float]]]], title: str, metric: str = "ACC"):
-    """One panel per method: validation score per epoch for the fused prediction and each modality's head."""
+def curves_figure(
+    panels: dict[str, dict[str, tuple[list[int], list[float]]]],
+    title: str,
+    metric: str = "ACC",
+    bands: dict[str, dict[str, tuple[list[float], list[float]]]] | None = None,
+):
+    """One panel per method: validation score per epoch for the fused prediction and each modality's head.
+
+    ``bands[panel][curve]`` optionally shades a (low, high) range per curve (fractions, like the values), e.g.
+    mean ± std over seeds."""
     count = max(1, len(panels))
     columns = min(3, count)
     rows = math.ceil(count / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), dpi=110, squeeze=False, sharey=True)
+    figure, axes = plt.subplots(
+        rows,
+        columns,
+        figsize=(4.2 * columns, 3.2 * rows + 0.6),
+        dpi=110,
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+    )
     for axis, (label, curves) in zip(list(axes.flat)[: len(panels)], panels.items(), strict=True):
         for name, (epochs, values) in curves.items():
-            axis.plot(
+            (line,) = axis.plot(
                 epochs,
                 [100 * v for v in values],
                 marker="o",
@@ -120,16 +175,26 @@ def curves_figure(panels: dict[str, dict[str, tuple[list[int], list[float]]]], t
                 linewidth=2.0 if name == "fused" else 1.2,
                 label=name,
             )
-        axis.set_title(label, fontsize=9)
+            band = (bands or {}).get(label, {}).get(name)
+            if band:
+                low, high = band
+                axis.fill_between(
+                    epochs[: len(low)],
+                    [100 * v for v in low],
+                    [100 * v for v in high],
+                    color=line.get_color(),
+                    alpha=0.2,
+                    linewidth=0,
+                )
+        axis.set_title(_wrapped(label, figure, 9, 1 / columns), fontsize=9)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_xlabel("epoch")
         axis.set_ylabel(f"validation {metric} (%)")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
     for axis in list(axes.flat)[len(panels) :]:
         axis.set_visible(False)
-    figure.suptitle(title)
-    figure.tight_layout()
+    figure.suptitle(_wrapped(title, figure, 12))
+    _legend_below(figure, list(axes.flat)[: len(panels)], columns=6)
     return figure
 
 

@@ -4,6 +4,11 @@ One ``dmgl train`` = one MLflow parent run + one child run per seed. Each child 
 (``config.yaml``), so resume and eval rebuild exactly the run that was recorded, whatever the recipe says today.
 Every function takes the command's :class:`~dmgl_cli.tracking.Tracker` and works in terms of
 :class:`~dmgl_cli.tracking.RunRecord`.
+
+Runs are named METHOD-STRATEGY with the strategy's setting (``concat-constant-0.5``, ``concat-stepwise-0.95``,
+``concat-lb``), seeds ``...-seed0``; params are the settings that apply (``config.recorded_params``); each run
+records the prepared dataset as its input, each seed its best checkpoint as a logged model (which :func:`register`
+puts in the Model Registry), and the parent a markdown description: the mean ± std table and the alpha plot.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import math
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +26,7 @@ from typing import Any
 
 from dmgl_cli import __version__
 from dmgl_cli.checkpoint import load_model_state
-from dmgl_cli.config import Config, config_from_yaml, with_seed
+from dmgl_cli.config import Config, config_from_yaml, recorded_params, with_seed
 from dmgl_cli.data.loader import eval_loader
 from dmgl_cli.data.prepared import PreparedDataset
 from dmgl_cli.data.registry import open_dataset
@@ -27,10 +34,12 @@ from dmgl_cli.data.transforms import model_input_specs
 from dmgl_cli.device import pick_device
 from dmgl_cli.errors import DmglError, Interrupted, Stopped
 from dmgl_cli.methods import METHODS, build_method
-from dmgl_cli.metrics import summarise_over_seeds
+from dmgl_cli.metrics import mean_std, summarise_over_seeds
 from dmgl_cli.paths import safe_name
 from dmgl_cli.plots import alpha_figure, close
-from dmgl_cli.tracking import RunRecord, RunRecorder, Tracker
+from dmgl_cli.strategies import spec_from_params
+from dmgl_cli.tables import Cell, Row, Table, render_markdown
+from dmgl_cli.tracking import DatasetRecord, RunRecord, RunRecorder, Tracker
 from dmgl_cli.train import Trainer, TrainResult, check_against_dataset, evaluate
 
 # progress(seed, epoch, total_epochs, metrics), after each epoch
@@ -38,9 +47,19 @@ Progress = Callable[[int, int, int, dict[str, float]], None]
 # step_progress(seed, epoch, batch, batches), after each training batch (a progress bar)
 StepProgress = Callable[[int, int, int, int], None]
 FINAL_PREFIX = "final_"
+logger = logging.getLogger("dmgl")
 
 
-__all__ = ["Stopped", "train", "resume", "evaluate_run", "reconcile"]  # Stopped: raised by progress callbacks
+__all__ = [  # Stopped: raised by progress callbacks
+    "Stopped",
+    "train",
+    "resume",
+    "evaluate_run",
+    "reconcile",
+    "register",
+    "Registration",
+    "default_run_name",
+]
 
 
 @contextmanager
@@ -96,6 +115,34 @@ def _tags(config: Config, dataset: PreparedDataset, role: str) -> dict[str, str]
     }
 
 
+def default_run_name(config: Config) -> str:
+    """METHOD-STRATEGY with the strategy's setting, e.g. ``concat-constant-0.5``, ``concat-stepwise-0.95``,
+    ``concat-lb``: short (the UI cuts long names), and distinct for runs that differ in alpha or p."""
+    spec = spec_from_params({k: str(v) for k, v in recorded_params(config).items()})
+    strategy = spec.key.replace(":", "-") if spec is not None else config.strategy.name
+    return f"{config.method.name}-{strategy}"
+
+
+def seed_run_name(parent_name: str, seed: int) -> str:
+    """A seed run's name under its parent: ``concat-lb-seed0``."""
+    return f"{parent_name}-seed{seed}"
+
+
+def _dataset_record(config: Config, dataset: PreparedDataset) -> DatasetRecord:
+    return DatasetRecord(
+        name=config.dataset,
+        folder=dataset.path,
+        checksum=dataset.checksum,
+        modalities=dataset.modalities,
+        profile={
+            "classes": dataset.num_classes,
+            "modalities": {m: spec["kind"] for m, spec in dataset.modalities.items()},
+            "splits": dataset.manifest.get("splits", {}),
+            "checksum": dataset.checksum,
+        },
+    )
+
+
 def _alpha_csv(history: list[dict[str, float]]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
@@ -106,13 +153,33 @@ def _alpha_csv(history: list[dict[str, float]]) -> str:
     return out.getvalue()
 
 
-def _finish_seed(tracker: Tracker, run_id: str, result: TrainResult, seed: int) -> None:
+def _finish_seed(tracker: Tracker, run_id: str, result: TrainResult, config: Config, dataset: PreparedDataset) -> None:
+    seed = config.train.seed
     tracker.log_text(run_id, _alpha_csv(result.history), "alpha.csv")
     figure = alpha_figure({f"seed {seed}": [h["alpha"] for h in result.history]})
     tracker.log_figure(run_id, figure, "alpha.png")
     close(figure)
     tracker.log_text(run_id, json.dumps(result.final, indent=2, sort_keys=True), "final_metrics.json")
-    tracker.log_metrics(run_id, {FINAL_PREFIX + k: v for k, v in result.final.items()}, step=result.best_epoch)
+    try:
+        model_id = tracker.log_model(
+            run_id,
+            config_yaml=config.to_yaml(),
+            modalities=dataset.modalities,
+            classes=dataset.classes,
+            step=result.best_epoch,
+            tags={"dmgl.dataset": config.dataset, "dmgl.seed": str(seed), "dmgl.best_epoch": str(result.best_epoch)},
+        )
+    except DmglError as exc:  # the seed's results stand; only `dmgl register` needs the model
+        logger.warning("%s; the seed's best checkpoint is still checkpoints/best.pt", exc)
+        model_id = None
+    # The scores at the best epoch, linked to the model that made them and the data they were measured on.
+    tracker.log_metrics(
+        run_id,
+        {FINAL_PREFIX + k: v for k, v in result.final.items()},
+        step=result.best_epoch,
+        model_id=model_id,
+        dataset=_dataset_record(config, dataset),
+    )
     tracker.end_run(run_id, "FINISHED")
 
 
@@ -135,11 +202,66 @@ def _train_seed(
         if resume_state is not None:
             trainer.load_state_dict(resume_state, f"run {run_id} checkpoints/last.pt")
         result = trainer.fit()
-    _finish_seed(tracker, run_id, result, seed)
+    _finish_seed(tracker, run_id, result, config, dataset)
     return SeedOutcome(seed=seed, run_id=run_id, final=result.final)
 
 
-def _finish_parent(tracker: Tracker, parent_id: str, outcomes: list[SeedOutcome]) -> dict[str, float]:
+_SCORES = ("acc", "map", "f1")
+DESCRIPTION_LIMIT = 8000  # the longest tag value MLflow stores; many seeds' rows leave the table at its mean row
+
+
+def _description(config: Config, experiment_id: str, outcomes: list[SeedOutcome], alpha_png: str) -> str:
+    """The parent run's markdown description: test scores at each seed's validation-selected epoch, mean ± std over
+    the seeds and per seed (each linked to its run), and the seeds' alpha plot (``alpha_png``, its link)."""
+    split, finals = "test", [o.final for o in outcomes]
+    prefix = f"{split}_acc_"
+    modalities = sorted(set.intersection(*({k[len(prefix) :] for k in f if k.startswith(prefix)} for f in finals)))
+    keys = [f"{split}_{m}" for m in _SCORES] + [f"{prefix}{m}" for m in modalities]
+    columns = [m.upper() for m in _SCORES] + [f"ACC {m}" for m in modalities]
+    if len(modalities) > 1:
+        keys.append(f"{split}_gap_acc")
+        columns.append("Gap ACC")
+
+    def cell(values: list[float]) -> Cell:
+        return Cell(*mean_std(values), len(values)) if values else Cell()
+
+    seeds = f"{len(outcomes)} seed{'s' if len(outcomes) != 1 else ''}"
+    mean_row = Row([f"mean ± std ({seeds})"], [cell([f[k] for f in finals if k in f]) for k in keys])
+    seed_rows = [
+        Row(
+            [f"[seed {o.seed}](#/experiments/{experiment_id}/runs/{o.run_id})"],
+            [cell([o.final[k]]) if k in o.final else Cell() for k in keys],
+        )
+        for o in outcomes
+    ]
+    spec = spec_from_params({k: str(v) for k, v in recorded_params(config).items()})
+    strategy = spec.label if spec is not None else config.strategy.name
+    plot = (
+        f"\n**alpha per epoch**, one line per seed:\n\n![alpha per epoch]({alpha_png})\n\n"
+        "(`alpha.png` in this run's artifacts; the per-epoch values are each seed's `alpha/value` metric.)\n"
+    )
+    note = (
+        f"each seed's scores are at its best epoch on validation {config.train.select_metric} (never chosen on test); "
+        "mean ± std is the sample std over seeds; Gap ACC = max − min of the per-modality ACC"
+    )
+    for rows, notes in (([mean_row, *seed_rows], [note]), ([mean_row], [note, "the seeds' rows are in their runs"])):
+        table = Table(
+            kind="summary",
+            title=f"{config.method.name} · {strategy} on {config.dataset}: test scores",
+            stub_columns=[""],
+            columns=columns,
+            rows=rows,
+            notes=notes,
+        )
+        text = render_markdown(table) + plot
+        if len(text) <= DESCRIPTION_LIMIT:
+            break
+    return text
+
+
+def _finish_parent(
+    tracker: Tracker, parent_id: str, outcomes: list[SeedOutcome], config: Config, experiment_id: str
+) -> dict[str, float]:
     finals = [o.final for o in outcomes]
     summary = summarise_over_seeds(finals)
     tracker.log_metrics(parent_id, {FINAL_PREFIX + k: v for k, v in summary.items()})
@@ -154,6 +276,8 @@ def _finish_parent(tracker: Tracker, parent_id: str, outcomes: list[SeedOutcome]
     figure = alpha_figure(trajectories)
     tracker.log_figure(parent_id, figure, "alpha.png")
     close(figure)
+    description = _description(config, experiment_id, outcomes, tracker.artifact_link(parent_id, "alpha.png"))
+    tracker.set_description(parent_id, description)
     tracker.end_run(parent_id, "FINISHED")
     return summary
 
@@ -170,12 +294,13 @@ def _start_seed_run(
     seed = config.train.seed
     run_id = tracker.start_run(
         experiment_id,
-        f"{run_name}-seed{seed}",
+        seed_run_name(run_name, seed),
         {**_tags(config, dataset, "seed"), "dmgl.seed": str(seed), **(extra_tags or {})},
         parent_id=parent_id,
     )
-    tracker.log_params(run_id, config.flat())
+    tracker.log_params(run_id, recorded_params(config))
     tracker.log_text(run_id, config.to_yaml(), "config.yaml")
+    tracker.log_dataset(run_id, _dataset_record(config, dataset))
     return run_id
 
 
@@ -197,7 +322,7 @@ def train(
     the parent and on every seed run (e.g. ``dmgl.sweep``, ``dmgl.trial``)."""
     if not seeds:
         raise DmglError("at least one seed is needed")
-    run_name = safe_name(run_name or f"{config.method.name}-{config.strategy.name}", "run name")
+    run_name = safe_name(run_name or default_run_name(config), "run name")
     dataset = open_dataset(config.dataset)
     check_against_dataset(config, dataset)  # and so do settings that do not fit the dataset
     experiment = config.experiment or config.dataset
@@ -211,15 +336,16 @@ def train(
     )
     if on_parent:
         on_parent(parent_id)
-    tracker.log_params(parent_id, {**config.flat(), "seeds": ",".join(map(str, seeds))})
+    tracker.log_params(parent_id, {**recorded_params(config), "seeds": ",".join(map(str, seeds))})
     tracker.log_text(parent_id, config.to_yaml(), "config.yaml")
+    tracker.log_dataset(parent_id, _dataset_record(config, dataset))
     outcomes = []
     with tracker.run(parent_id):
         for seed in seeds:
             seeded = with_seed(config, seed)
             run_id = _start_seed_run(tracker, experiment_id, parent_id, seeded, dataset, run_name, extra_tags)
             outcomes.append(_train_seed(tracker, run_id, seeded, dataset, progress, step_progress=step_progress))
-    summary = _finish_parent(tracker, parent_id, outcomes)
+    summary = _finish_parent(tracker, parent_id, outcomes, config, experiment_id)
     return TrainOutcome(
         parent_run_id=parent_id, experiment=experiment, experiment_id=experiment_id, seeds=outcomes, summary=summary
     )
@@ -287,7 +413,7 @@ def resume(
     ordered = [outcomes[s] for s in sorted(outcomes)]
     experiment = tracker.experiment_name(parent.experiment_id)
     if all(s in outcomes for s in wanted):
-        summary = _finish_parent(tracker, parent_id, ordered)
+        summary = _finish_parent(tracker, parent_id, ordered, parent_config, parent.experiment_id)
     else:
         summary = {}
         tracker.end_run(parent_id, "KILLED")  # other seeds are unfinished: `dmgl train --resume PARENT` ends them
@@ -357,6 +483,75 @@ def _evaluate_seed(tracker: Tracker, run: RunRecord, checkpoint: str, split: str
     )
     return EvalOutcome(
         run_id=run_id, seed=config.train.seed, checkpoint=checkpoint, split=split, metrics=metrics, logged=logged
+    )
+
+
+@dataclass
+class Registration:
+    name: str  # the registered model
+    version: str
+    model_uri: str  # models:/<model id> of the logged model registered
+    run_id: str  # the seed run whose model it is
+    seed: int
+    parent_id: str | None = None  # given a parent run: the parent the seed was chosen from
+    chosen_by: str = ""  # given a parent run: how the seed was chosen (validation only)
+
+    @property
+    def registry_uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def register(run_id: str, name: str, *, tracker: Tracker) -> Registration:
+    """Put a seed run's logged model (its best checkpoint) in the Model Registry as a new version of ``name``.
+
+    Given a parent run, the seed with the best validation score (``final_val_<train.select_metric>``; never test;
+    a tie goes to the lower seed) is registered, and :attr:`Registration.chosen_by` says which and why."""
+    if not name or not name.strip():
+        raise DmglError("--name must name the registered model")
+    run = tracker.get_run(run_id)
+    parent_id, chosen_by = None, ""
+    if run.role == "seed":
+        chosen = run
+    elif run.role == "parent":
+        parent_id = run_id
+        metric = run.params.get("train.select_metric", "acc")
+        key = f"final_val_{metric}"
+        scored = [
+            c
+            for c in tracker.children(run_id)
+            if c.status == "FINISHED" and math.isfinite(c.metrics.get(key, math.nan))
+        ]
+        if not scored:
+            raise DmglError(
+                f"parent run {run_id} has no finished seed with a validation score ({key}); "
+                "`dmgl train --resume` finishes its seeds"
+            )
+        chosen = max(scored, key=lambda c: (c.metrics[key], -int(c.tags.get("dmgl.seed", 0))))
+        others = ", ".join(f"seed {c.tags.get('dmgl.seed')} {c.metrics[key]:.4f}" for c in scored if c is not chosen)
+        chosen_by = f"best validation {metric} of {len(scored)} finished seed(s): {chosen.metrics[key]:.4f}" + (
+            f" (others: {others})" if others else ""
+        )
+    else:
+        raise DmglError(f"run {run_id} was not made by `dmgl train` (no dmgl.role tag); give a seed or parent run")
+    seed = int(chosen.tags.get("dmgl.seed", chosen.params.get("train.seed", 0)))
+    tags = {
+        "dmgl.run_id": chosen.run_id,
+        "dmgl.seed": str(seed),
+        **{k: chosen.tags[k] for k in ("dmgl.dataset", "dmgl.method", "dmgl.strategy") if k in chosen.tags},
+    }
+    if parent_id:
+        tags["dmgl.parent_run_id"] = parent_id
+        tags["dmgl.chosen_by"] = chosen_by
+    description = f"Best checkpoint of run {chosen.name} ({chosen.run_id})" + (f"; {chosen_by}" if chosen_by else "")
+    registered, version, uri = tracker.register_model(chosen.run_id, name, tags=tags, description=description)
+    return Registration(
+        name=registered,
+        version=version,
+        model_uri=uri,
+        run_id=chosen.run_id,
+        seed=seed,
+        parent_id=parent_id,
+        chosen_by=chosen_by,
     )
 
 

@@ -4,6 +4,15 @@ nothing here knows about runs or MLflow.
 
 A :class:`Cell` is a mean ± std over seeds (shown in percent with two decimals, or as a number or an integer) or a
 piece of text; :func:`mark_best` marks the best value bold and the second best underlined.
+
+Seed counts. In a table of means over seeds (``Table.seeds``) every cell knows its ``n``; the table's usual n (the
+most common one) is written once in its notes (LaTeX: its caption), and a cell over another number of seeds carries
+its own: ``[n=2]`` in text, ``<sup>n=2</sup>`` in markdown, ``$^{n=2}$`` in LaTeX; CSV and JSON give every cell's
+``n``. A cell over one seed has no std.
+
+LaTeX fits the text width: no ``%`` in the cells (the caption says the unit), a small ``±`` std, short headers
+(``Table.latex_columns``), long text columns wrapped, a narrower column gap, and a table still wider than
+``\textwidth`` is scaled down to it (never up). :data:`LATEX_PREAMBLE` names the packages.
 """
 
 from __future__ import annotations
@@ -80,6 +89,54 @@ class Table:
     method: str = ""
     marks: str = ""  # "column" | "row" | "": how best / second best were chosen
     notes: list[str] = field(default_factory=list)
+    seeds: bool = False  # cells are means over seeds: write the usual n once and mark the cells that differ
+    latex_columns: list[str] | None = None  # shorter headers (stub + value columns) for LaTeX
+    latex_hoist: bool = False  # LaTeX: a text column with one value in every row moves into the caption
+
+
+def usual_n(table: Table) -> int | None:
+    """The most common number of seeds among the table's valued cells (the larger one on a tie); None if none."""
+    counts: dict[int, int] = {}
+    for row in table.rows:
+        for cell in row.cells:
+            if cell.kind != "text" and cell.mean is not None and cell.n > 0:
+                counts[cell.n] = counts.get(cell.n, 0) + 1
+    if not counts:
+        return None
+    return max(counts, key=lambda n: (counts[n], n))
+
+
+def _odd_n(table: Table, cell: Cell, usual: int | None) -> int | None:
+    """The cell's n when it must be shown beside the cell (a mean over seeds, not the table's usual n)."""
+    if not table.seeds or usual is None or cell.kind == "text" or cell.mean is None:
+        return None
+    return cell.n if cell.n != usual else None
+
+
+def _seed_counts(table: Table) -> tuple[int | None, list[int]]:
+    """(the usual n, the other n that cells show beside them)."""
+    usual = usual_n(table) if table.seeds else None
+    odd = sorted({n for r in table.rows for c in r.cells if (n := _odd_n(table, c, usual)) is not None})
+    return usual, odd
+
+
+def seed_note(table: Table, marker: str | None = "[n=k]") -> str | None:
+    """The table's seed-count convention in one sentence (``marker`` shows how a differing n is written; None: each
+    cell's ``n`` field says it, as in JSON)."""
+    usual, odd = _seed_counts(table)
+    if usual is None:
+        return None
+    text = "cells: one seed each (no std)" if usual == 1 else f"cells: mean ± std over n = {usual} seeds"
+    if odd:
+        ks = ", ".join(map(str, odd))
+        text += (
+            f"; {marker} marks a cell over k seeds instead (here k = {ks})"
+            if marker
+            else f"; some cells are over other numbers of seeds (k = {ks}), as their n says"
+        )
+        if 1 in odd:
+            text += "; one seed has no std"
+    return text
 
 
 def mark_best(cells: Sequence[Cell], higher_is_better: bool = True) -> None:
@@ -131,10 +188,18 @@ def _legend(table: Table, best: str, second: str) -> str | None:
     return f"{best} best, {second} second best per {table.marks or 'column'}"
 
 
+def _with_n(text: str, n: int | None, before: str, after: str) -> str:
+    return text if n is None else f"{text}{before}{n}{after}"
+
+
 def render_text(table: Table, color: bool = False) -> str:
     style = _ANSI if color else _PLAIN
     header = table.stub_columns + table.columns
-    body = [row.stub + [_display(c, style) for c in row.cells] for row in table.rows]
+    usual = usual_n(table)
+    body = [
+        row.stub + [_with_n(_display(c, style), _odd_n(table, c, usual), " [n=", "]") for c in row.cells]
+        for row in table.rows
+    ]
     widths = [max([_width(h)] + [_width(line[i]) for line in body]) for i, h in enumerate(header)]
     stub = len(table.stub_columns)
 
@@ -159,7 +224,8 @@ def render_text(table: Table, color: bool = False) -> str:
     legend = _legend(table, "bold" if color else "*x*", "underlined" if color else "_x_")
     if legend:
         lines.append(legend)
-    lines.extend(f"note: {n}" for n in table.notes)
+    counts = seed_note(table)
+    lines.extend(f"note: {n}" for n in ([counts] if counts else []) + table.notes)
     return "\n".join(lines) + "\n"
 
 
@@ -181,13 +247,18 @@ def render_markdown(table: Table) -> str:
         "| " + " | ".join(map(_markdown_escape, header)) + " |",
         "| " + " | ".join(align) + " |",
     ]
+    usual = usual_n(table)
     for row in table.rows:
-        values = [_markdown_escape(s) for s in row.stub] + [_markdown_escape(_display(c, _MARKDOWN)) for c in row.cells]
+        values = [_markdown_escape(s) for s in row.stub] + [
+            _with_n(_markdown_escape(_display(c, _MARKDOWN)), _odd_n(table, c, usual), "<sup>n=", "</sup>")
+            for c in row.cells
+        ]
         lines.append("| " + " | ".join(values) + " |")
     legend = _legend(table, "**bold**:", "<u>underlined</u>:")
     if legend:
         lines += ["", legend]
-    lines.extend(f"\nNote: {_markdown_escape(n)}" for n in table.notes)
+    counts = seed_note(table, "<sup>n=k</sup>")
+    lines.extend(f"\nNote: {_markdown_escape(n)}" for n in ([counts] if counts else []) + table.notes)
     return "\n".join(lines) + "\n"
 
 
@@ -217,48 +288,106 @@ def _latex_label(table: Table) -> str:
     return re.sub(r"[^A-Za-z0-9:.-]+", "-", "-".join(parts))
 
 
-_WIDE = 6  # value columns beyond which a table is scaled to the line width
+_WRAP = 20  # text columns with longer entries are wrapped (p{} columns)...
+_WRAP_EM = 8  # ...this wide: about 16 characters (half an em each), e.g. half of an MLflow run id
+_CHUNK = 8  # a long unbroken run of letters/digits (a run id) may break every this many characters
+
+
+def _breakable(text: str) -> str:
+    """LaTeX for ``text`` with break points after - _ . / : and inside long unbroken runs (ids)."""
+    out, run = [], 0
+    for ch in text:
+        out.append(latex_escape(ch))
+        run = 0 if not ch.isalnum() else run + 1
+        if ch in "-_./:" or run == _CHUNK:
+            out.append(r"\allowbreak{}")
+            run = 0
+    return "".join(out)
+
+
+def _latex_cell(cell: Cell, odd: int | None) -> str:
+    if cell.kind == "text":
+        return latex_escape(cell.text)
+    mean, std = cell.parts()
+    if cell.kind == "percent":  # the caption gives the unit
+        mean, std = mean.rstrip("%"), std.rstrip("%") if std is not None else None
+    text = latex_escape(mean)
+    if std is not None:  # a small std keeps wide tables readable, as in most ML papers
+        text += f" {{\\scriptsize$\\pm${latex_escape(std)}}}"
+    if cell.mark in _LATEX:
+        before, after = _LATEX[cell.mark]
+        text = f"{before}{text}{after}"
+    return text if odd is None else f"{text}$^{{n={odd}}}$"
+
+
+def _latex_caption(table: Table, hoisted: Sequence[tuple[str, str]] = ()) -> str:
+    """The title, then what the cells are: unit, seeds, and the mark of a cell over another number of seeds; then
+    the columns hoisted out of the table (``Dataset: crema-d``)."""
+    said = []
+    kinds = {c.kind for r in table.rows for c in r.cells if c.kind != "text"}
+    if "percent" in kinds:
+        said.append(r"in \%" if kinds == {"percent"} else r"scores in \%")
+    usual, odd = _seed_counts(table)
+    if usual is not None:
+        said.append("one seed per cell" if usual == 1 else f"mean $\\pm$ std over $n={usual}$ seeds")
+        if odd:
+            said.append(f"$^{{n=k}}$: over $k$ seeds ($k={', '.join(map(str, odd))}$)")
+    caption = latex_escape(table.title) + (f" ({'; '.join(said)})" if said else "")
+    if hoisted:
+        caption += ". " + "; ".join(f"{latex_escape(h)}: {latex_escape(v)}" for h, v in hoisted)
+    return caption
 
 
 def render_latex(table: Table) -> str:
-    stub, count = len(table.stub_columns), len(table.columns)
-    tabular = f"\\begin{{tabular}}{{{'l' * stub}{'c' * count}}}"
+    stub = len(table.stub_columns)
+    headers = table.latex_columns or table.stub_columns + table.columns
+    keep = list(range(stub))
+    if table.latex_hoist and len(table.rows) > 1:
+        keep = [i for i in range(stub) if len({r.stub[i] for r in table.rows}) > 1 or not table.rows[0].stub[i]]
+    hoisted = [(headers[i], table.rows[0].stub[i]) for i in range(stub) if i not in keep]
+    spec = []
+    for index in keep:
+        longest = max([len(r.stub[index]) for r in table.rows] + [len(headers[index])])
+        spec.append(f">{{\\raggedright\\arraybackslash}}p{{{_WRAP_EM}em}}" if longest > _WRAP else "l")
+    wrapped = {i for i, s in zip(keep, spec, strict=True) if s != "l"}
+    spec += ["c"] * len(table.columns)
     lines = [
         r"\begin{table}[t]",
         r"  \centering",
-        f"  \\caption{{{latex_escape(table.title)}}}",
+        f"  \\caption{{{_latex_caption(table, hoisted)}}}",
         f"  \\label{{{_latex_label(table)}}}",
-        f"  \\resizebox{{\\linewidth}}{{!}}{{{tabular}" if count > _WIDE else f"  {tabular}",
+        r"  \setlength{\tabcolsep}{4pt}",
+        r"  \sbox0{%",
+        f"  \\begin{{tabular}}{{{''.join(spec)}}}",
         r"    \toprule",
     ]
     if table.groups:
-        heads, rules, index = [""] * stub, [], stub + 1
+        heads, rules, index = [""] * len(keep), [], len(keep) + 1
         for label, span in table.groups:
             heads.append(f"\\multicolumn{{{span}}}{{c}}{{{latex_escape(label)}}}" if span > 1 else latex_escape(label))
             rules.append(f"\\cmidrule(lr){{{index}-{index + span - 1}}}")
             index += span
         lines.append("    " + " & ".join(heads) + r" \\")
         lines.append("    " + " ".join(rules))
-    lines.append("    " + " & ".join(latex_escape(h) for h in table.stub_columns + table.columns) + r" \\")
+    lines.append("    " + " & ".join(latex_escape(headers[i]) for i in keep + list(range(stub, len(headers)))) + r" \\")
     lines.append(r"    \midrule")
+    usual = usual_n(table)
     for row in table.rows:
-        cells = []
-        for cell in row.cells:
-            mean, std = cell.parts()
-            text = latex_escape(mean)
-            if std is not None:  # a small std keeps wide tables readable, as in most ML papers
-                text += f" {{\\scriptsize $\\pm$ {latex_escape(std)}}}"
-            if cell.mark in _LATEX:
-                before, after = _LATEX[cell.mark]
-                text = f"{before}{text}{after}"
-            cells.append(text)
-        lines.append("    " + " & ".join([latex_escape(s) for s in row.stub] + cells) + r" \\")
-    lines += [r"    \bottomrule", r"  \end{tabular}}" if count > _WIDE else r"  \end{tabular}", r"\end{table}"]
-    return "\n".join(lines) + "\n"
+        stubs = [_breakable(row.stub[i]) if i in wrapped else latex_escape(row.stub[i]) for i in keep]
+        cells = [_latex_cell(c, _odd_n(table, c, usual)) for c in row.cells]
+        lines.append("    " + " & ".join(stubs + cells) + r" \\")
+    lines += [
+        r"    \bottomrule",
+        r"  \end{tabular}}%",
+        r"  \ifdim\wd0>\textwidth\resizebox{\textwidth}{!}{\usebox0}\else\usebox0\fi",
+        r"\end{table}",
+    ]
+    return "".join(f"% note: {n}\n" for n in table.notes) + "\n".join(lines) + "\n"
 
 
 LATEX_PREAMBLE = (
-    "% generated by `dmgl report`; needs \\usepackage{booktabs} (graphicx for \\resizebox, amssymb for \\checkmark)\n"
+    "% generated by `dmgl report`; needs \\usepackage{booktabs,array,graphicx} (graphicx: a table wider than\n"
+    "% \\textwidth is scaled down to it) and \\usepackage{amssymb} for the ablation table's \\checkmark\n"
 )
 
 
@@ -287,7 +416,8 @@ def render_json(tables: Sequence[Table], warnings: Sequence[str] = ()) -> str:
                 "column_groups": [list(g) for g in t.groups] if t.groups else None,
                 "marks": t.marks or None,
                 "rows": [{"stub": r.stub, "cells": [_cell_json(c) for c in r.cells]} for r in t.rows],
-                "notes": t.notes,
+                "n_usual": usual_n(t) if t.seeds else None,
+                "notes": [n for n in [seed_note(t, None)] if n] + t.notes,
             }
             for t in tables
         ],

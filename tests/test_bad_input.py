@@ -109,48 +109,6 @@ def test_failed_prepare_leaves_no_dataset(run_cli, registry):
     assert not list((registry / "datasets").glob(".tmp-*"))
 
 
-@pytest.mark.integration
-def test_ui_binds_elsewhere_only_with_allow_remote_and_warns(registry):
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # 127.0.0.2 is another loopback address: not the default, so it needs the flag, yet stays on this machine.
-    ui = subprocess.Popen(
-        [sys.executable, "-m", "dmgl_cli", "ui", "--host", "127.0.0.2", "--port", str(port), "--allow-remote"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    last_error = None
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                # MLflow's DNS-rebinding guard accepts a localhost Host header.
-                request = urllib.request.Request(
-                    f"http://127.0.0.2:{port}/health", headers={"Host": f"localhost:{port}"}
-                )
-                with urllib.request.urlopen(request, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError as exc:
-                last_error = exc
-                time.sleep(0.5)
-        else:
-            raise AssertionError(f"the MLflow UI did not come up: {last_error!r}")
-    finally:
-        ui.send_signal(signal.SIGINT)
-        output, _ = ui.communicate(timeout=30)
-    assert "no authentication" in output and f"http://127.0.0.2:{port}" in output
-
-
 @pytest.mark.slow
 def test_a_bad_method_setting_creates_no_run(run_cli, synthetic, registry):
     result = run_cli(

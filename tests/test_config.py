@@ -168,9 +168,13 @@ def test_derive_applies_dotted_settings_and_validates():
 
 
 def test_choice_fields_are_literal_types_matching_the_code():
+    from dmgl_cli.config import MethodName
+    from dmgl_cli.methods import METHODS
+
     hints = typing.get_type_hints(LearningBasedConfig)
     approx = typing.get_args(hints["approx"])
     assert set(approx) == set(ALPHA_GRADIENTS)
+    assert typing.get_args(MethodName) == tuple(METHODS)
     with pytest.raises(DmglError, match="unknown strategy.lb.outer_data 'test'; valid: holdout, val, train"):
         load_config("synthetic", ["strategy.lb.outer_data=test"])
     with pytest.raises(DmglError, match='strategy.lb.update_every\' must be int or "epoch" or "epoch_start"'):

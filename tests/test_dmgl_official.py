@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from dmgl_cli.config import load_config
 from dmgl_cli.data.registry import open_dataset
 from dmgl_cli.losses import js_divergence, mixture_kl_divergence
-from dmgl_cli.tracking import Tracker, local_path
+from dmgl_cli.tracking import Tracker, local_path, mlflow_metric_name
 from dmgl_cli.train import Trainer
 
 
@@ -108,7 +108,7 @@ def test_official_run_updates_alpha_before_each_epoch_with_a_doubled_objective(r
     run = Tracker().get_run(run_id)
     assert run.params["loss.matching"] == "mixture_kl" and run.params["strategy.lb.approx"] == "official"
     history = {
-        key: sorted((m.step, m.value) for m in Tracker().client.get_metric_history(run_id, key))
+        key: sorted((m.step, m.value) for m in Tracker().client.get_metric_history(run_id, mlflow_metric_name(key)))
         for key in ("alpha", "alpha_hypergradient", "train_loss", "train_cls_loss", "train_mm_loss")
     }
     alphas = [value for _, value in history["alpha"]]

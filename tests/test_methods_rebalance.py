@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from dmgl_cli.tracking import Tracker, local_path
+from dmgl_cli.tracking import Tracker, local_path, mlflow_metric_name
 
 BASE = ["--strategy", "constant", "--alpha", "0", "--set", "train.batch_size=32"]
 COMMON = [
@@ -46,7 +46,7 @@ def _train(run_cli, *args: str) -> str:
 
 
 def _history(run_id: str, key: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in Tracker().client.get_metric_history(run_id, key))
+    return sorted((m.step, m.value) for m in Tracker().client.get_metric_history(run_id, mlflow_metric_name(key)))
 
 
 def _values(run_id: str, key: str) -> list[float]:

@@ -19,7 +19,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from dmgl_cli.tracking import Tracker
+from dmgl_cli.tracking import Tracker, mlflow_metric_name
 
 ADMIN_URL = os.environ.get("DMGL_TEST_POSTGRES_URL")
 pytestmark = [
@@ -149,11 +149,12 @@ def test_two_sweep_workers_and_a_training_on_postgresql(synthetic, databases, ml
         children = tracker.children(trial_run.run_id)
         assert len(children) == 2
         for child in children:
-            steps = [m.step for m in tracker.client.get_metric_history(child.run_id, "val_acc")]
+            steps = [m.step for m in tracker.client.get_metric_history(child.run_id, mlflow_metric_name("val_acc"))]
             assert sorted(steps) == [1, 2]
     parent_id = re.search(r"parent run ([0-9a-f]{32})", train_output).group(1)
     assert tracker.get_run(parent_id).status == "FINISHED"
     for child in tracker.children(parent_id):
         for key in ("alpha", "train_loss", "test_acc", "val_acc_slow"):
-            assert sorted(m.step for m in tracker.client.get_metric_history(child.run_id, key)) == [1, 2, 3]
+            history = tracker.client.get_metric_history(child.run_id, mlflow_metric_name(key))
+            assert sorted(m.step for m in history) == [1, 2, 3]
         assert child.metrics["final_test_acc"] > 0

@@ -17,7 +17,7 @@ import torch
 from dmgl_cli import runner
 from dmgl_cli.checkpoint import load_checkpoint
 from dmgl_cli.config import load_config
-from dmgl_cli.tracking import Tracker, local_path
+from dmgl_cli.tracking import Tracker, local_path, mlflow_metric_name
 
 TIMING_KEYS = {"train_samples_per_s", "epoch_seconds"}
 # Long enough (many small batches) that a signal sent after epoch 1-3 lands well before the end.
@@ -62,7 +62,7 @@ def _histories(tracker: Tracker, run_id: str) -> dict[str, list[tuple[int, float
     for key in run.metrics:
         if key in TIMING_KEYS:
             continue
-        history = [(m.step, m.value) for m in tracker.client.get_metric_history(run_id, key)]
+        history = [(m.step, m.value) for m in tracker.client.get_metric_history(run_id, mlflow_metric_name(key))]
         steps = [step for step, _ in history]
         assert len(steps) == len(set(steps)), f"{key} logged twice at one step"
         out[key] = sorted(history)

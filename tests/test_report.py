@@ -4,9 +4,12 @@ and golden files for every table format (regenerate with DMGL_UPDATE_GOLDEN=1 af
 from __future__ import annotations
 
 import copy
+import csv
+import io
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -14,10 +17,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from matplotlib.collections import PolyCollection
+from matplotlib.container import BarContainer
 
 from dmgl_cli.cli import cli
+from dmgl_cli.errors import DmglError
 from dmgl_cli.report import SeedRun, attach_notes, build_tables, render
+from dmgl_cli.report.labels import PAPER_METHODS
 from dmgl_cli.strategies import parse_strategies, parse_strategy, spec_from_params
+from dmgl_cli.tables import LATEX_PREAMBLE, usual_n
 from dmgl_cli.tracking import Tracker
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -76,7 +84,9 @@ def _seed_runs_by_strategy() -> dict[str, list]:
     runs = tracker.find_runs(list(tracker.experiments()), "tags.`dmgl.role` = 'seed' and tags.`dmgl.sweep` = 'rep'")
     grouped: dict[str, list] = {}
     for run in runs:
-        grouped.setdefault(spec_from_params(run.params).key, []).append(run)
+        spec = spec_from_params(run.params)
+        assert spec is not None
+        grouped.setdefault(spec.key, []).append(run)
     return grouped
 
 
@@ -121,7 +131,7 @@ def test_main_latex_marks_best_bold_and_second_underlined(report_cli, swept):
         ranked = sorted({round(100 * m, 2) for m, _ in shown.values()}, reverse=True)
         for strategy, (mean, std) in shown.items():
             cell = lines[labels[strategy]].split(" & ")[1 + column].rstrip(" \\")
-            body = f"{100 * mean:.2f}\\% {{\\scriptsize $\\pm$ {100 * std:.2f}\\%}}"
+            body = f"{100 * mean:.2f} {{\\scriptsize$\\pm${100 * std:.2f}}}"  # the caption says "in %"
             rank = ranked.index(round(100 * mean, 2))
             expected = {0: rf"\textbf{{{body}}}", 1: rf"\underline{{{body}}}"}.get(rank, body)
             assert cell == expected, (strategy, key, cell, expected)
@@ -148,6 +158,93 @@ def test_plots_are_written_and_not_blank(report_cli, swept, tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
         pixels = matplotlib.image.imread(path)
         assert pixels.shape[0] > 300 and pixels.std() > 0.05  # drawn, not an empty canvas
+
+
+def _check_layout(figure) -> None:
+    """Nothing clipped by the figure's edge (each panel with its title, axis and tick labels and annotations, the
+    figure's title, the legends), and no legend over a panel, its labels or its annotations."""
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    edge = figure.bbox
+    panels = [(axis, axis.get_tightbbox(renderer)) for axis in figure.axes if axis.get_visible()]
+    legends = [(legend, legend.get_window_extent(renderer)) for legend in figure.legends]
+    legends += [(a.get_legend(), a.get_legend().get_window_extent(renderer)) for a, _ in panels if a.get_legend()]
+    titles = [(text, text.get_window_extent(renderer)) for text in figure.texts if text.get_text()]
+    assert panels
+    for artist, box in panels + legends + titles:
+        assert edge.x0 - 1 <= box.x0 and box.x1 <= edge.x1 + 1 and edge.y0 - 1 <= box.y0 and box.y1 <= edge.y1 + 1, (
+            artist,
+            box,
+            edge,
+        )
+    for legend, box in legends:
+        for axis, panel in panels:
+            if legend is not axis.get_legend():
+                assert not box.overlaps(panel), (legend, axis)
+        for axis, _ in panels:
+            for text in [axis.title, axis.xaxis.label, axis.yaxis.label, *axis.texts]:
+                if text.get_text():
+                    assert not box.overlaps(text.get_window_extent(renderer)), (legend, text)
+
+
+def test_figures_show_seed_spread_and_nothing_is_clipped_or_hidden(report_cli, swept):
+    from dmgl_cli import plots
+    from dmgl_cli.report import Selection, make_figures, select_runs
+
+    tracker = Tracker()
+    runs, _ = select_runs(Selection(sweep="rep"), tracker)
+    figures = dict(make_figures(["alpha", "gap", "curves"], runs, tracker=tracker, labels="paper"))
+    try:
+        assert sorted(figures) == ["alpha.png", "curves-synthetic.png", "gap-synthetic.png"]
+        for figure in figures.values():
+            _check_layout(figure)
+        (alpha,) = figures["alpha.png"].axes
+        assert [c for c in alpha.collections if isinstance(c, PolyCollection)]  # mean ± std over the 2 seeds
+        assert "± std" in alpha.get_title()
+        panels = [a for a in figures["curves-synthetic.png"].axes if a.get_visible()]
+        assert len(panels) == 3 and {a.get_title().split(",")[0] for a in panels} == {
+            "Concat",
+            "Concat (const 0.5)",
+            "Ours-LB",
+        }
+        assert all(any(isinstance(c, PolyCollection) for c in a.collections) for a in panels)
+        scores, distance = figures["gap-synthetic.png"].axes
+        bars = [c for c in scores.containers if isinstance(c, BarContainer)]
+        assert bars and all(c.errorbar is not None for c in bars)  # ± std error bars on every series
+        assert any(c.errorbar is not None for c in distance.containers if isinstance(c, BarContainer))
+        assert any(t.get_text().startswith("gap ") for t in scores.texts)
+    finally:
+        for figure in figures.values():
+            plots.close(figure)
+
+
+def test_long_titles_and_many_series_stay_inside_the_figure():
+    from dmgl_cli import plots
+
+    seeds = {f"dataset-{i} (method, 3 seeds)": [0.5 - 0.02 * e * (i + 1) for e in range(20)] for i in range(4)}
+    bands = {k: ([v - 0.05 for v in values], [v + 0.05 for v in values]) for k, values in seeds.items()}
+    figure = plots.alpha_figure(seeds, "Learned alpha during training (mean over seeds; band: ± std) " * 2, bands)
+    try:
+        _check_layout(figure)
+        assert len([c for c in figure.axes[0].collections if isinstance(c, PolyCollection)]) == 4
+    finally:
+        plots.close(figure)
+    for count, top, title in (
+        (3, 0.9, "synthetic: per-modality test ACC and modality gap"),
+        (6, 0.99, "a title " * 20),
+    ):
+        methods = {
+            f"method name {i} (const {i})": {"fused": top, "fast": top - 0.05, "slow": top - 0.3} for i in range(count)
+        }
+        errors: dict[str, dict[str, float | None]] = {
+            m: dict.fromkeys(["fused", "fast", "slow"], 0.02) for m in methods
+        }
+        figure = plots.gap_figure(methods, dict.fromkeys(methods, 1.0), title, errors=errors)
+        try:
+            _check_layout(figure)  # tall bars: the gap labels above them stay clear of the legend (the old one hid one)
+        finally:
+            plots.close(figure)
+    assert plots.alpha_figure({"seed 0": [0.5, 0.4]}) is not None  # runner.py's call still works
 
 
 def test_no_matching_run_says_what_was_searched(report_cli, swept):
@@ -205,8 +302,9 @@ def test_missing_metrics_print_a_dash_and_warn_naming_the_run(run_cli, registry)
 
 
 def _golden_runs() -> list[SeedRun]:
-    """Two datasets (audio-video and text-image), two methods, five strategies, three seeds; one seed lacks a
-    metric, one group has two configurations, and one method has no run on one dataset."""
+    """Two datasets (audio-video and text-image), two methods, five strategies, three seeds, all from one sweep;
+    one seed lacks a metric, one group has two configurations (the sweep tuned optim.lr), one method has no run on
+    one dataset and was trained for more epochs than the other."""
     runs = []
     strategies = {
         "constant:0": ("constant", "0.0"),
@@ -250,6 +348,7 @@ def _golden_runs() -> list[SeedRun]:
                             "train.select_metric": "acc",
                             "optim.lr": lr,
                             "method.name": method,
+                            "train.epochs": "30" if method == "mla" else "20",
                         }
                         if name == "constant":
                             params["strategy.alpha"] = value
@@ -268,36 +367,43 @@ def _golden_runs() -> list[SeedRun]:
                                 1_700_000_000_000 + len(runs),
                                 metrics,
                                 params,
-                                {"mlflow.parentRunId": f"parent-{dataset}-{key}"},
+                                {"mlflow.parentRunId": f"parent-{dataset}-{key}", "dmgl.sweep": "golden"},
                             )
                         )
     return runs
 
 
 GOLDEN_CASES = [
-    ("main", "text"),
-    ("main", "markdown"),
-    ("main", "latex"),
-    ("main", "csv"),
-    ("main", "json"),
-    ("strategies", "text"),
-    ("strategies", "latex"),
-    ("ablation", "markdown"),
-    ("ablation", "latex"),
-    ("runs", "text"),
+    ("main", "text", "code"),
+    ("main", "markdown", "code"),
+    ("main", "latex", "code"),
+    ("main", "csv", "code"),
+    ("main", "json", "code"),
+    ("main", "text", "paper"),
+    ("strategies", "text", "code"),
+    ("strategies", "latex", "code"),
+    ("ablation", "markdown", "code"),
+    ("ablation", "latex", "code"),
+    ("runs", "text", "code"),
+    ("runs", "latex", "code"),
 ]
 
 
-@pytest.mark.parametrize("kind, fmt", GOLDEN_CASES)
-def test_golden_tables(kind, fmt):
-    warnings, notes = [], []
+def _golden_kind_runs(kind: str) -> list[SeedRun]:
     runs = _golden_runs()
     if kind == "runs":
-        runs = [r for r in runs if r.dataset == "sarcasm" and r.spec.name in ("lb", "heuristic")]
-    tables = build_tables(kind, runs, warn=warnings.append, note=notes.append)
+        runs = [r for r in runs if r.dataset == "sarcasm" and r.spec is not None and r.spec.name in ("lb", "heuristic")]
+    return runs
+
+
+@pytest.mark.parametrize("kind, fmt, labels", GOLDEN_CASES)
+def test_golden_tables(kind, fmt, labels):
+    warnings, notes = [], []
+    tables = build_tables(kind, _golden_kind_runs(kind), warn=warnings.append, note=notes.append, labels=labels)
     attach_notes(tables, notes)
     text = render(tables, fmt, warnings)
-    path = GOLDEN / f"{kind}.{ {'markdown': 'md', 'latex': 'tex', 'text': 'txt'}.get(fmt, fmt) }"
+    suffix = "" if labels == "code" else f"-{labels}"
+    path = GOLDEN / f"{kind}{suffix}.{ {'markdown': 'md', 'latex': 'tex', 'text': 'txt'}.get(fmt, fmt) }"
     if os.environ.get("DMGL_UPDATE_GOLDEN"):
         path.parent.mkdir(exist_ok=True)
         path.write_text(text)
@@ -308,32 +414,192 @@ def test_golden_inputs_exercise_the_edge_cases():
     warnings, notes = [], []
     (table,) = build_tables("main", _golden_runs(), warn=warnings.append, note=notes.append)
     assert any("final_test_map" in w and "crema-d-concat-heuristic-lr0.01-s2" in w for w in warnings)
-    assert any("2 configurations" in n and "crema-d" in n for n in notes)
+    assert any("2 configurations tuned by sweep 'golden' (optim.lr)" in n and "optim.lr=0.01" in n for n in notes)
     mla = next(r for r in table.rows if r.stub == ["mla (const 0)"])
     assert [c.mean is None for c in mla.cells] == [False, False, True, True]  # no mla run on sarcasm: '-'
     marks = [c.mark for c in (r.cells[0] for r in table.rows)]
     assert marks.count("best") == 1 and marks.count("second") == 1
+    # the mla rows ran 30 epochs, the concat rows 20: the table says so
+    assert any("train.epochs = 20 (" in n and ", 30 (mla (const 0))" in n for n in table.notes)
+
+
+# ------------------------------------------------------------------------------ seed counts in every cell
+
+
+def test_every_cell_carries_its_n_where_it_differs_from_the_tables():
+    runs = _golden_runs()
+    (table,) = build_tables("main", runs)
+    assert usual_n(table) == 3
+    heuristic = next(r for r in table.rows if r.stub == ["concat (heuristic)"])
+    assert [c.n for c in heuristic.cells] == [3, 2, 3, 3]  # one seed lacks final_test_map
+    text = render([table], "text")
+    line = next(line for line in text.splitlines() if line.startswith("concat (heuristic)"))
+    assert line.count("[n=") == 1 and "0.78%_ [n=2]" in line
+    assert "note: cells: mean ± std over n = 3 seeds; [n=k] marks a cell over k seeds instead (here k = 2)" in text
+    markdown = render([table], "markdown")
+    assert "<u>64.45% ± 0.78%</u><sup>n=2</sup>" in markdown and "over n = 3 seeds" in markdown
+    latex = render([table], "latex")
+    assert r"\underline{64.45 {\scriptsize$\pm$0.78}}$^{n=2}$" in latex
+    assert r"mean $\pm$ std over $n=3$ seeds; $^{n=k}$: over $k$ seeds ($k=2$)" in latex
+    data = json.loads(render([table], "json"))["tables"][0]
+    assert data["n_usual"] == 3 and data["rows"][3]["cells"][1]["n"] == 2 and "n = 3 seeds" in data["notes"][0]
+    rows = list(csv.DictReader(io.StringIO(render([table], "csv"))))
+    assert {r["n"] for r in rows if r["row"] == "concat (heuristic)"} == {"3", "2"}
+
+
+def test_a_table_of_one_seed_per_cell_says_so_and_shows_no_std():
+    runs = [r for r in _golden_runs() if r.seed == 0]
+    (table,) = build_tables("main", runs)
+    text = render([table], "text")
+    assert "note: cells: one seed each (no std)" in text and "±" not in text.split("\n", 3)[3]
+
+
+# ------------------------------------------------------------------- runs of different settings in one cell
+
+
+def _run(run_id, spec, seed, val, test, *, epochs="20", lr="0.01", sweep=None, checksum=None, method="concat"):
+    params = {
+        "strategy.name": parse_strategy(spec).name,
+        "train.seed": str(seed),
+        "train.select_metric": "acc",
+        "train.epochs": epochs,
+        "optim.lr": lr,
+        "method.name": method,
+    }
+    if parse_strategy(spec).name == "constant":
+        params["strategy.alpha"] = str(parse_strategy(spec).value)
+    tags = {"dmgl.sweep": sweep} if sweep else {}
+    if checksum:
+        tags["dmgl.dataset_checksum"] = checksum
+    metrics = {"final_val_acc": val, "final_test_acc": test, "final_test_map": test}
+    return SeedRun(run_id, "x", "crema-d", method, parse_strategy(spec), seed, "FINISHED", seed, metrics, params, tags)
+
+
+def test_runs_of_different_settings_are_refused_then_allowed_choosing_on_validation():
+    runs = [_run(f"long{s}", "lb", s, 0.70, 0.60) for s in range(3)]
+    runs += [_run(f"short{s}", "lb", s, 0.65, 0.90, epochs="5") for s in range(3)]  # better on test, worse on val
+    runs += [_run(f"base{s}", "constant:0", s, 0.5, 0.5) for s in range(3)]
+    with pytest.raises(DmglError) as refused:
+        build_tables("main", runs)
+    message = str(refused.value)
+    assert "crema-d / concat (LB): train.epochs = 5 (3 runs, e.g. short0), 20 (3 runs, e.g. long0)" in message
+    assert "--allow-mixed" in message and "params.`train.epochs` = '5'" in message
+    notes = []
+    (table,) = build_tables("main", runs, note=notes.append, allow_mixed=True)
+    lb = next(r for r in table.rows if r.stub == ["concat (LB)"])
+    assert lb.cells[0].mean == pytest.approx(0.60) and set(lb.cells[0].runs) == {"long0", "long1", "long2"}
+    assert any("--allow-mixed" in n and "train.epochs=20" in n and "train.epochs = 5" in n for n in notes)
+    # one sweep's tuned trials are hyperparameter search: chosen on validation without the flag, with a note
+    tuned = [
+        _run(r.run_id, "lb", r.seed, r.metrics["final_val_acc"], 0.5, lr=lr, sweep="s")
+        for r, lr in zip(runs[:6], ["0.01"] * 3 + ["0.1"] * 3, strict=True)
+    ]
+    notes = []
+    (table,) = build_tables("main", tuned, note=notes.append)
+    assert set(table.rows[0].cells[0].runs) == {"long0", "long1", "long2"}
+    assert notes and "tuned by sweep 's' (optim.lr)" in notes[0] and "optim.lr=0.01" in notes[0]
+    # ... but not over two versions of the dataset
+    other_data = [_run(f"d{s}", "lb", s, 0.7, 0.6, sweep="s", checksum="aaa" if s < 2 else "bbb") for s in range(3)]
+    with pytest.raises(DmglError, match="dataset checksum = aaa .*bbb"):
+        build_tables("strategies", other_data)
+
+
+def test_report_cli_refuses_mixed_cells_and_allow_mixed_shows_the_best_on_validation(run_cli, registry):
+    tracker = Tracker()
+    experiment = tracker.experiment_id("mixed")
+    for epochs, val in (("20", 0.8), ("5", 0.6)):
+        for seed in range(2):
+            run_id = tracker.start_run(
+                experiment,
+                f"lb-{epochs}-{seed}",
+                {"dmgl.role": "seed", "dmgl.dataset": "toy", "dmgl.method": "concat", "dmgl.strategy": "lb"},
+            )
+            tracker.log_params(
+                run_id,
+                {"strategy.name": "lb", "train.seed": seed, "train.epochs": epochs, "train.select_metric": "acc"},
+            )
+            tracker.log_metrics(run_id, {"final_val_acc": val, "final_test_acc": 1.0 - val})
+            tracker.end_run(run_id, "FINISHED")
+    refused = run_cli("report", expect=1)
+    assert "toy / concat (LB): train.epochs = 5 (2 runs, e.g. " in refused.output and "20 (2 runs" in refused.output
+    assert "--allow-mixed" in refused.output and "Traceback" not in refused.output
+    allowed = run_cli("report", "--allow-mixed", "--format", "json")
+    (table,) = json.loads(allowed.stdout)["tables"]
+    assert table["rows"][0]["cells"][0]["mean"] == pytest.approx(0.2)  # the 20-epoch runs: best on validation
+    assert any("--allow-mixed" in n and "train.epochs=20" in n for n in table["notes"])
+
+
+# ---------------------------------------------------------------------------------------------- labels
+
+
+def test_paper_labels_name_rows_as_the_paper_does():
+    from dmgl_cli.methods import METHODS
+
+    assert set(METHODS) <= set(PAPER_METHODS)
+    runs = _golden_runs()
+    runs += [_run(f"ogm{s}", "constant:0", s, 0.5, 0.5, method="ogm-ge", lr="0.01") for s in range(3)]
+    runs += [_run(f"pmr{s}", "heuristic", s, 0.5, 0.5, method="pmr", lr="0.01") for s in range(3)]
+    for modality in ("audio", "video"):
+        for s in range(3):
+            run = _run(f"uni-{modality}{s}", "constant:0", s, 0.4, 0.4, method="unimodal", lr="0.01")
+            run.params["method.options.unimodal.modality"] = modality
+            runs.append(run)
+    for r in runs:
+        r.params["train.epochs"] = "20"
+        r.tags.pop("dmgl.dataset_checksum", None)
+    (paper,) = build_tables("main", runs, labels="paper")
+    assert [r.stub[0] for r in paper.rows] == [
+        "Audio",
+        "Video",
+        "Concat",
+        "Concat (const 0.5)",
+        "Concat (h(0.05))",
+        "OGM-GE",
+        "MLA",
+        "PMR (heuristic)",
+        "Ours-H",
+        "Ours-LB",
+    ]
+    (code,) = build_tables("main", runs)
+    assert "unimodal audio (const 0)" in [r.stub[0] for r in code.rows]
+    code_lb = next(r for r in code.rows if r.stub == ["concat (LB)"])
+    assert [c.mean for c in paper.rows[-1].cells] == [c.mean for c in code_lb.cells]  # Ours-LB is concat (LB)
+    with pytest.raises(DmglError, match="unknown labels"):
+        build_tables("main", runs, labels="fancy")
+
+
+# ----------------------------------------------------------------------------------------------- LaTeX
 
 
 @pytest.mark.integration
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
-def test_latex_output_compiles(tmp_path):
-    wide = [r for r in _golden_runs() if r.dataset == "crema-d" and r.method == "concat"]
-    for number in range(4):  # nine strategies, like Table 4: scaled to the line width
-        for seed in range(3):
-            extra = copy.deepcopy(wide[seed])
-            extra.run_id, extra.spec = f"{extra.run_id}-extra{number}", parse_strategy(f"constant:0.{number + 1}")
-            extra.params["strategy.alpha"] = f"0.{number + 1}"
-            wide.append(extra)
-    body = "\n".join(
-        render(build_tables(kind, runs), "latex")
-        for kind, runs in (("main", _golden_runs()), ("strategies", wide), ("ablation", _golden_runs()))
-    )
-    assert r"\resizebox{\linewidth}" in body
+@pytest.mark.parametrize("kind", ["main", "main-paper", "strategies", "strategies-table4", "ablation", "runs"])
+def test_latex_tables_compile_and_fit_the_text_width(kind, tmp_path):
+    """Each table kind in a minimal article (default margins), with the packages the preamble comment names: it
+    compiles and no line is wider than \\textwidth."""
+    runs, labels, name = _golden_runs(), "code", kind
+    if kind == "main-paper":
+        name, labels = "main", "paper"
+    if kind == "strategies-table4":  # nine strategies, like Table 4
+        name = "strategies"
+        runs = [r for r in runs if r.dataset == "crema-d" and r.method == "concat"]
+        for number in range(4):
+            for seed in range(3):
+                extra = copy.deepcopy(runs[seed])
+                extra.run_id, extra.spec = f"{extra.run_id}-extra{number}", parse_strategy(f"constant:0.{number + 1}")
+                extra.params["strategy.alpha"] = f"0.{number + 1}"
+                runs.append(extra)
+    if kind == "runs":  # real MLflow run ids: 32 hex digits
+        runs = copy.deepcopy(runs)
+        for index, run in enumerate(runs):
+            run.run_id = f"{index:04d}" + "9f3c2a7b5e1d4c8a" * 2
+            run.tags["mlflow.parentRunId"] = "7" * 32
+    body = render(build_tables(name, runs, labels=labels, allow_mixed=True), "latex")
+    packages = re.search(r"\\usepackage\{([^}]*)\}", LATEX_PREAMBLE)
+    assert packages and "amssymb" in LATEX_PREAMBLE
     (tmp_path / "doc.tex").write_text(
-        "\\documentclass{article}\\usepackage{booktabs,amssymb,graphicx}\n"
-        "\\usepackage[margin=1cm,landscape]{geometry}\\begin{document}\n"
-        f"{body}\n\\end{{document}}\n"
+        f"\\documentclass{{article}}\\usepackage{{{packages[1]},amssymb}}\n\\begin{{document}}\n{body}\n"
+        "\\end{document}\n"
     )
     result = subprocess.run(
         ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
@@ -342,7 +608,18 @@ def test_latex_output_compiles(tmp_path):
         text=True,
         timeout=120,
     )
+    log = (tmp_path / "doc.log").read_text(errors="replace")
     assert result.returncode == 0, result.stdout[-3000:]
+    assert "Overfull \\hbox" not in log, re.findall(r"Overfull \\hbox.*", log)
+
+
+def test_latex_fits_without_scaling_where_it_can():
+    """The paper tables are made narrow (no % in cells, small std, short headers) rather than scaled."""
+    latex = render(build_tables("runs", _golden_kind_runs("runs")), "latex")
+    assert r"Run & Strategy & Seed & Epoch & Val & ACC & MAP & F1 & Gap \\" in latex  # constant columns hoisted
+    assert "Dataset: sarcasm; Method: concat; Status: FINISHED" in latex
+    assert r">{\raggedright\arraybackslash}p{8em}" in latex and r"\allowbreak{}" in latex
+    assert r"\ifdim\wd0>\textwidth\resizebox{\textwidth}{!}{\usebox0}\else\usebox0\fi" in latex
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import torch
 
 from dmgl_cli import runner
 from dmgl_cli.config import load_config
-from dmgl_cli.tracking import Tracker, local_path
+from dmgl_cli.tracking import Tracker, local_path, mlflow_metric_name
 
 FAST = ["--epochs", "3", "--set", "train.batch_size=64"]
 
@@ -20,7 +20,7 @@ def _parent_id(output: str) -> str:
 
 
 def _history(tracker: Tracker, run_id: str, key: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in tracker.client.get_metric_history(run_id, key))
+    return sorted((m.step, m.value) for m in tracker.client.get_metric_history(run_id, mlflow_metric_name(key)))
 
 
 @pytest.mark.slow

@@ -1,18 +1,20 @@
 """The ``dmgl`` command line: parse, call one function, print. No training logic lives here.
 
 One module per command group (``prepare``, ``datasets``, ``train``, ``evaluate``, ``runs``, ``ui``, ``recipes``,
-``sweep``, ``report``); shared options in :mod:`dmgl_cli.cli.options`, the group class in :mod:`dmgl_cli.cli.base`.
+``sweep``, ``report``, ``register``); shared options in :mod:`dmgl_cli.cli.options`, how results print (``--json``,
+tables, links, the progress bar) in :mod:`dmgl_cli.cli.output`, the group class in :mod:`dmgl_cli.cli.base`.
 Command modules never import this package's ``__init__``; it imports them and registers each command below.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import click
 
 from dmgl_cli import __version__
-from dmgl_cli.cli import datasets, evaluate, prepare, recipes, report, runs, sweep, train, ui
+from dmgl_cli.cli import datasets, evaluate, prepare, recipes, register, report, runs, sweep, train, ui
 from dmgl_cli.cli.base import DmglGroup
 
 __all__ = ["DmglGroup", "cli", "main"]
@@ -34,6 +36,13 @@ def cli() -> None:
       dmgl ui
     """
     _route_warnings()
+    _quiet_mlflow()
+
+
+def _quiet_mlflow() -> None:
+    """No MLflow "Downloading artifacts" bars: `dmgl eval` and `dmgl train --resume` read config.yaml and
+    checkpoints through MLflow, and only dmgl's own output should reach the terminal (read when MLflow downloads)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _route_warnings() -> None:
@@ -60,5 +69,6 @@ cli.add_command(ui.ui)
 cli.add_command(recipes.recipes)
 cli.add_command(sweep.sweep)
 cli.add_command(report.report)
+cli.add_command(register.register)
 
 main = functools.partial(cli, prog_name="dmgl")

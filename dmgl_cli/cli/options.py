@@ -36,3 +36,9 @@ def parse_assignments(values: tuple[str, ...], flag: str) -> dict[str, object]:
         except yaml.YAMLError:
             parsed[key.strip()] = raw
     return parsed
+
+
+def json_option(func=None, *, help: str = "Print the result as one JSON document on stdout; progress goes to stderr."):  # noqa: A002
+    """``--json``: the command's result as one JSON document on stdout (``dmgl train --json ... | jq``)."""
+    decorator = click.option("--json", "as_json", is_flag=True, help=help)
+    return decorator if func is None else decorator(func)

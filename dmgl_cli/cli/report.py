@@ -13,6 +13,7 @@ from dmgl_cli.errors import DmglError
 _TABLES = ("main", "strategies", "ablation", "runs")
 _FORMATS = ("text", "markdown", "latex", "csv", "json")
 _PLOTS = ("alpha", "gap", "curves")
+_LABELS = ("code", "paper")
 
 
 def _split_plots(values: tuple[str, ...]) -> list[str]:
@@ -69,20 +70,51 @@ def _split_plots(values: tuple[str, ...]) -> list[str]:
     help="Folder for the PNG figures.",
 )
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Write the table to this file instead of stdout.")
+@click.option(
+    "--labels",
+    type=click.Choice(_LABELS),
+    default="code",
+    show_default=True,
+    help="Row names: code (concat (LB), ogm-ge (const 0)) or paper (Concat, Ours-H, Ours-LB, OGM-GE, ...).",
+)
+@click.option(
+    "--allow-mixed",
+    is_flag=True,
+    help="Let a cell hold runs whose settings differ beyond dataset, method and strategy (e.g. train.epochs, "
+    "optim.lr, the dataset's checksum): it shows the configuration with the best mean validation score, with a note. "
+    "Without it such a cell is refused, naming the settings that differ (a sweep's own tuned trials are always "
+    "chosen on validation).",
+)
 @tracking_option
 def report(
-    table, fmt, experiments, datasets, sweep, filter_string, split, metric, plots, out_dir, output, tracking_uri
+    table,
+    fmt,
+    experiments,
+    datasets,
+    sweep,
+    filter_string,
+    split,
+    metric,
+    plots,
+    out_dir,
+    output,
+    labels,
+    allow_mixed,
+    tracking_uri,
 ) -> None:
     """Paper-style tables and figures regenerated from the recorded runs.
 
     Seed runs are grouped by (dataset, method, strategy) and shown as mean ± std over seeds, in percent with two
-    decimals; best bold, second best underlined. A cell nobody recorded prints as -.
+    decimals; best bold, second best underlined. A cell nobody recorded prints as -. The table's notes (LaTeX: its
+    caption) give the usual number of seeds; a cell over another number carries its own ([n=2]). Runs that differ
+    in other settings never share a cell silently (see --allow-mixed); settings that differ between rows are noted.
 
     \b
     Examples:
       dmgl report                                       # Table 1 style, all experiments
       dmgl report --table strategies --format latex     # Table 4 / A3
       dmgl report --table ablation --dataset crema-d    # Table 3 / A2
+      dmgl report --labels paper --format latex         # rows named Concat, Ours-H, Ours-LB, ...
       dmgl report --sweep cmp --table runs
       dmgl report --plot alpha --out figures/           # Figure 3
       dmgl report --plot gap,curves --dataset synthetic
@@ -107,6 +139,8 @@ def report(
         plot_kinds=kinds,
         out_dir=out_dir,
         color=color,
+        labels=labels,
+        allow_mixed=allow_mixed,
     )
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)

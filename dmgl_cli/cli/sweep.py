@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import asdict
+
 import click
 
-from dmgl_cli.cli.options import silent_option, tracking_option
+from dmgl_cli.cli.options import json_option, silent_option, tracking_option
+from dmgl_cli.cli.output import Messages, echo_json, view_line
+from dmgl_cli.links import run_url, ui_base
 
 
 @click.command()
@@ -46,6 +51,7 @@ from dmgl_cli.cli.options import silent_option, tracking_option
 )
 @click.option("--create-only", is_flag=True, help="Create the study and its plan, then exit; start workers after.")
 @tracking_option
+@json_option
 @silent_option(help="Print only the summary.")
 def sweep(
     recipe,
@@ -61,13 +67,15 @@ def sweep(
     heartbeat,
     create_only,
     tracking_uri,
+    as_json,
     silent,
 ) -> None:
     """Compare integration strategies (and tune within each) with Optuna; every trial is an MLflow run.
 
     Each trial trains --seeds seeds and scores the mean validation metric (never test). Several workers, on one
     machine or many, can join one study through a shared --storage; a dead worker's trial is retried, and Ctrl-C
-    leaves the study resumable: run the same `dmgl sweep --study NAME` again.
+    leaves the study resumable: run the same `dmgl sweep --study NAME` again. With --json the outcome (study,
+    trials, the best trial, MLflow UI links) is one JSON document on stdout; progress goes to stderr.
 
     \b
     Examples:
@@ -76,8 +84,11 @@ def sweep(
       dmgl sweep --strategies lb --tune lr,alpha_lr --n-trials 20 --study lb-tune
       dmgl sweep --study cmp --storage journal:/shared/optuna.log --strategies table4 --create-only
       dmgl sweep --study cmp --storage journal:/shared/optuna.log      # on each worker machine
+      dmgl sweep --strategies table4 --json --silent | jq .best
       dmgl report --sweep cmp --table strategies --format latex
     """
+    _check_early(recipe, overrides, experiment, strategies, seeds, tune)
+
     from dmgl_cli.sweep import SweepRequest, run_sweep
     from dmgl_cli.tracking import Tracker
 
@@ -95,21 +106,34 @@ def sweep(
         heartbeat=heartbeat,
         create_only=create_only,
     )
+    say = Messages(as_json=as_json, silent=silent)
 
     def on_trial(record) -> None:
-        if not silent:
-            click.echo(record.line())
+        say(record.line())
 
     def on_message(text: str) -> None:
         if not silent:
             click.echo(text, err=True)
 
-    outcome = run_sweep(request, tracker=Tracker(tracking_uri), on_trial=on_trial, on_message=on_message)
+    tracker = Tracker(tracking_uri)
+    outcome = run_sweep(request, tracker=tracker, on_trial=on_trial, on_message=on_message)
+    sweep_run = tracker.get_run(outcome.sweep_run_id)
+    base = ui_base(tracker.uri)
+    url = run_url(base, sweep_run.experiment_id, outcome.sweep_run_id)
+    if as_json:
+        echo_json(_document(outcome, sweep_run.experiment_id, base))
+        if not silent and outcome.summary is not None and not create_only:
+            click.echo(outcome.summary_text(), nl=False, err=True)
+        if outcome.interrupted:
+            click.echo(f"\nInterrupted; the study is resumable: `dmgl sweep --study {outcome.study}`", err=True)
+            raise SystemExit(130)
+        return
     if create_only:
         click.echo(
             f"study {outcome.study} is ready ({outcome.settings.total_trials} trials queued); start workers "
             f"with: dmgl sweep --study {outcome.study}" + (f" --storage {storage}" if storage else "")
         )
+        click.echo(view_line(url))
         return
     click.echo(outcome.summary_text(), nl=False)
     if outcome.interrupted:
@@ -125,3 +149,55 @@ def sweep(
         f"browse: dmgl ui  |  optuna-dashboard {outcome.storage}  |  "
         f"dmgl report --sweep {outcome.study} --table strategies"
     )
+    click.echo(view_line(url))
+
+
+def _check_early(recipe, overrides, experiment, strategies, seeds, tune) -> None:
+    """Refuse a malformed --strategies, --tune or --seeds, or an unknown --set key, before Optuna, MLflow or torch
+    load.
+    The settings are resolved again by the sweep itself (a joining worker takes the study's), so the warnings of
+    this first resolution are not printed."""
+    from dmgl_cli.config import parse_seeds, resolve
+    from dmgl_cli.strategies import parse_strategies
+    from dmgl_cli.tunables import parse_tune
+
+    if strategies is not None:
+        parse_strategies(strategies)
+    parse_tune(tune)
+    if seeds is not None:
+        parse_seeds(seeds, 0)  # its form; the count starts at the recipe's train.seed
+    if recipe is None and not overrides and experiment is None and seeds is None:
+        return
+    log = logging.getLogger("dmgl")
+    disabled, log.disabled = log.disabled, True
+    try:
+        config = resolve(recipe or "synthetic", [*overrides, *([f"experiment={experiment}"] if experiment else [])])
+    finally:
+        log.disabled = disabled
+    if seeds is not None:
+        parse_seeds(seeds, config.train.seed)
+
+
+def _document(outcome, experiment_id: str, base: str) -> dict:
+    """The sweep's outcome for --json: the study, every trial (with its MLflow link) and the best trial."""
+    trials = [
+        {**asdict(r), "url": run_url(base, experiment_id, r.run_id) if r.run_id else None} for r in outcome.records
+    ]
+    done = [t for t in trials if t["state"] == "COMPLETE" and t["value"] is not None]
+    return {
+        "study": outcome.study,
+        "storage": outcome.storage,
+        "created": outcome.created,
+        "complete": outcome.complete,
+        "interrupted": outcome.interrupted,
+        "sweep_run_id": outcome.sweep_run_id,
+        "experiment": outcome.settings.experiment,
+        "experiment_id": experiment_id,
+        "url": run_url(base, experiment_id, outcome.sweep_run_id),
+        "objective": f"val_{outcome.settings.metric}",
+        "strategies": outcome.settings.strategies,
+        "seeds": outcome.settings.seeds,
+        "ran": outcome.ran,
+        "trials": trials,
+        "best": max(done, key=lambda t: t["value"]) if done else None,
+    }

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import click
 
-from dmgl_cli.cli.options import silent_option, tracking_option
+from dmgl_cli.cli.options import json_option, silent_option, tracking_option
+from dmgl_cli.cli.output import BatchBar, Messages, echo_json, progress_bar_wanted, view_line
 from dmgl_cli.errors import DmglError
+from dmgl_cli.links import experiment_runs_url, run_url, ui_base
 
 
 def _epoch_line(seed: int, epoch: int, total: int, m: dict[str, float]) -> str:
@@ -54,13 +59,22 @@ def _epoch_line(seed: int, epoch: int, total: int, m: dict[str, float]) -> str:
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe setting, e.g. optim.lr=0.05."
 )
 @click.option("--experiment", help="MLflow experiment (default: the dataset's name).")
-@click.option("--name", "run_name", help="Parent run name (default: METHOD-STRATEGY).")
+@click.option(
+    "--name", "run_name", help="Parent run name (default: METHOD-STRATEGY with its setting, e.g. concat-constant-0.5)."
+)
 @click.option("--resume", "resume_run", metavar="RUN_ID", help="Continue an interrupted run (seed or parent run id).")
 @click.option(
     "--deterministic", is_flag=True, help="PyTorch determinism switches: bit-identical reruns (slower on GPU)."
 )
+@click.option("--print-config", is_flag=True, help="Print the resolved config (YAML; JSON with --json) and exit.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Show the runs this would create (experiment, names, seeds) and exit; records nothing.",
+)
 @tracking_option
-@silent_option
+@json_option
+@silent_option(help="Print only the final result (no per-epoch lines, no progress bar).")
 def train(
     recipe,
     strategy,
@@ -75,10 +89,17 @@ def train(
     run_name,
     resume_run,
     deterministic,
+    print_config,
+    dry_run,
     tracking_uri,
+    as_json,
     silent,
 ) -> None:
     """Train with the paper's objective and record every seed in MLflow.
+
+    Options and recipe settings are checked before anything heavy loads, so a typo is refused at once. With --json
+    the result (run ids, experiment, per-seed and mean ± std metrics, MLflow UI links) is one JSON document on
+    stdout and progress goes to stderr. On a terminal a progress bar shows the batches of the current epoch.
 
     \b
     Examples:
@@ -91,16 +112,16 @@ def train(
       dmgl train --strategy lb --set strategy.lb.approx=cg   # Eq. 3 by conjugate gradient (weight decay in H)
       dmgl train --method dmgl-official                   # Ours-LB as the authors' released code runs it
       dmgl train --resume 3f2a...                         # continue after a crash
+      dmgl train --strategy lb --seeds 3 --print-config   # the resolved settings, nothing trained
+      dmgl train --strategy lb --seeds 3 --dry-run        # the runs it would create
+      dmgl train --json --silent | jq -r .parent_run_id
     """
-    from dmgl_cli import runner
+    # Only light modules here: the config is resolved (and a typo refused) before torch or MLflow is imported.
     from dmgl_cli.config import parse_seeds, resolve
+    from dmgl_cli.paths import safe_name
     from dmgl_cli.strategies import spec_from_flags
-    from dmgl_cli.tracking import Tracker
 
-    def progress(seed, epoch, total, metrics):
-        if not silent:
-            click.echo(_epoch_line(seed, epoch, total, metrics))
-
+    say = Messages(as_json=as_json, silent=silent)
     if resume_run:
         given = [
             n
@@ -114,6 +135,8 @@ def train(
                 ("--experiment", experiment),
                 ("--name", run_name),
                 ("--deterministic", deterministic or None),
+                ("--print-config", print_config or None),
+                ("--dry-run", dry_run or None),
             )
             if v is not None
         ]
@@ -121,41 +144,133 @@ def train(
             given.append("--set")
         if given:
             raise DmglError(f"--resume continues a recorded run with its recorded config; drop {', '.join(given)}")
-        outcome = runner.resume(resume_run, tracker=Tracker(tracking_uri), progress=progress)
-    else:
-        settings = {
-            key: value
-            for key, value in (
-                ("train.epochs", epochs),
-                ("experiment", experiment),
-                ("train.deterministic", deterministic or None),
-            )
-            if value is not None
-        }
-        config = resolve(
-            recipe,
-            overrides,
-            strategy=spec_from_flags(strategy, alpha, p),
-            method=method,
-            modality=modality,
-            settings=settings,
+        from dmgl_cli import runner
+        from dmgl_cli.tracking import Tracker
+
+        tracker = Tracker(tracking_uri)
+        with _step_bar(silent) as bar:
+            outcome = runner.resume(resume_run, tracker=tracker, progress=_epoch_printer(say, bar), step_progress=bar)
+        _print_outcome(outcome, tracker, as_json)
+        return
+    if print_config and dry_run:
+        raise DmglError("--print-config and --dry-run each print and exit; give one")
+    parse_seeds(seeds, 0)  # its form, before the config loads; the count starts at train.seed below
+    for flag, name in (("run name", run_name), ("experiment", experiment)):
+        if name is not None:
+            safe_name(name, flag)
+    settings = {
+        key: value
+        for key, value in (
+            ("train.epochs", epochs),
+            ("experiment", experiment),
+            ("train.deterministic", deterministic or None),
         )
-        seed_list = parse_seeds(seeds, config.train.seed)
+        if value is not None
+    }
+    config = resolve(
+        recipe,
+        overrides,
+        strategy=spec_from_flags(strategy, alpha, p),
+        method=method,
+        modality=modality,
+        settings=settings,
+    )
+    seed_list = parse_seeds(seeds, config.train.seed)
+    if print_config:
+        if as_json:
+            echo_json(config.to_dict())
+        else:
+            click.echo(config.to_yaml(), nl=False)
+        return
+    if dry_run:
+        from dmgl_cli.run_queries import train_plan
 
-        def announce(parent_id: str) -> None:
-            if not silent:
-                click.echo(
-                    f"parent run {parent_id}: {config.method.name} / {config.strategy.name} on "
-                    f"{config.dataset}, seeds {','.join(map(str, seed_list))}"
-                )
+        _print_plan(train_plan(config, seed_list, run_name), as_json)
+        return
 
+    from dmgl_cli import runner
+    from dmgl_cli.tracking import Tracker
+
+    def announce(parent_id: str) -> None:
+        say(
+            f"parent run {parent_id}: {config.method.name} / {config.strategy.name} on "
+            f"{config.dataset}, seeds {','.join(map(str, seed_list))}"
+        )
+
+    tracker = Tracker(tracking_uri)
+    with _step_bar(silent) as bar:
         outcome = runner.train(
-            config, seed_list, tracker=Tracker(tracking_uri), progress=progress, run_name=run_name, on_parent=announce
+            config,
+            seed_list,
+            tracker=tracker,
+            progress=_epoch_printer(say, bar),
+            step_progress=bar,
+            run_name=run_name,
+            on_parent=announce,
         )
-    _print_outcome(outcome)
+    _print_outcome(outcome, tracker, as_json)
 
 
-def _print_outcome(outcome) -> None:
+@contextmanager
+def _step_bar(silent: bool) -> Iterator[BatchBar | None]:
+    """The within-epoch progress bar, or None (no per-batch callback at all) when it is not wanted."""
+    if not progress_bar_wanted(silent):
+        yield None
+        return
+    with BatchBar() as bar:
+        yield bar
+
+
+def _epoch_printer(say: Messages, bar: BatchBar | None):
+    def progress(seed: int, epoch: int, total: int, metrics: dict[str, float]) -> None:
+        if bar is not None:
+            bar.close()
+        say(_epoch_line(seed, epoch, total, metrics))
+
+    return progress
+
+
+def _print_plan(plan, as_json: bool) -> None:
+    if as_json:
+        echo_json({"dry_run": True, **plan.to_dict()})
+        return
+    click.echo(
+        f"dry run: nothing is trained or recorded. `dmgl train` would create, in experiment {plan.experiment!r}:"
+    )
+    click.echo(
+        f"  parent run {plan.parent_run}: {plan.method} / {plan.strategy} on {plan.dataset} "
+        f"(recipe {plan.recipe}), {plan.epochs} epoch(s)"
+    )
+    for seed, name in zip(plan.seeds, plan.seed_runs, strict=True):
+        click.echo(f"    seed run {name} (seed {seed})")
+
+
+def _outcome_document(outcome, tracker) -> dict:
+    base = ui_base(tracker.uri)
+    return {
+        "parent_run_id": outcome.parent_run_id,
+        "experiment": outcome.experiment,
+        "experiment_id": outcome.experiment_id,
+        "url": run_url(base, outcome.experiment_id, outcome.parent_run_id),
+        "experiment_url": experiment_runs_url(base, outcome.experiment_id),
+        "complete": bool(outcome.summary),
+        "seeds": [
+            {
+                "seed": seed.seed,
+                "run_id": seed.run_id,
+                "url": run_url(base, outcome.experiment_id, seed.run_id),
+                "final": seed.final,
+            }
+            for seed in outcome.seeds
+        ],
+        "summary": outcome.summary,
+    }
+
+
+def _print_outcome(outcome, tracker, as_json: bool = False) -> None:
+    if as_json:
+        echo_json(_outcome_document(outcome, tracker))
+        return
     keys = ["test_acc", "test_map", "test_f1"]
     for seed in outcome.seeds:
         scores = "  ".join(f"{k} {seed.final.get(k, float('nan')):.4f}" for k in keys)
@@ -171,3 +286,4 @@ def _print_outcome(outcome) -> None:
         )
         click.echo(f"mean over {len(outcome.seeds)} seeds: {summary}")
     click.echo(f"parent run {outcome.parent_run_id} in experiment {outcome.experiment!r}; browse with `dmgl ui`")
+    click.echo(view_line(run_url(ui_base(tracker.uri), outcome.experiment_id, outcome.parent_run_id)))

@@ -2,7 +2,9 @@
 
 :func:`make_report` selects the seed runs (:mod:`~dmgl_cli.report.selection`, which also groups them), builds the
 paper's tables (:mod:`~dmgl_cli.report.tables`), renders them in text, markdown, LaTeX (booktabs), CSV or JSON
-(:mod:`dmgl_cli.tables`) and writes the figures (:mod:`~dmgl_cli.report.figures`), all through one tracker.
+(:mod:`dmgl_cli.tables`) and writes the figures (:mod:`~dmgl_cli.report.figures`), all through one tracker. Rows
+are named in ``code`` or ``paper`` style (:mod:`~dmgl_cli.report.labels`); a cell never silently holds runs of
+different settings (``allow_mixed`` to show the best on validation among them instead of refusing).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dmgl_cli.errors import DmglError
-from dmgl_cli.report.figures import PLOTS, write_plots
+from dmgl_cli.report.figures import PLOTS, make_figures, write_plots
+from dmgl_cli.report.labels import LABELS
 from dmgl_cli.report.selection import Group, SeedRun, Selection, Stat, group_runs, select_runs
 from dmgl_cli.report.tables import TABLES, attach_notes, build_tables
 from dmgl_cli.tables import FORMATS, Table, render
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FORMATS",
+    "LABELS",
     "PLOTS",
     "TABLES",
     "Group",
@@ -33,6 +37,7 @@ __all__ = [
     "attach_notes",
     "build_tables",
     "group_runs",
+    "make_figures",
     "make_report",
     "render",
     "select_runs",
@@ -61,12 +66,17 @@ def make_report(
     plot_kinds: Sequence[str] = (),
     out_dir: Path | None = None,
     color: bool = False,
+    labels: str = "code",
+    allow_mixed: bool = False,
 ) -> Report:
-    """Select runs through ``tracker``, build the table (if any) and write the figures (if any)."""
+    """Select runs through ``tracker``, build the table (if any) and write the figures (if any). ``labels`` names
+    the rows (``code`` or ``paper``); ``allow_mixed`` lets a cell hold runs of different settings."""
     if table is not None and table not in TABLES:
         raise DmglError(f"unknown table {table!r}; valid: {', '.join(TABLES)}")
     if fmt not in FORMATS:
         raise DmglError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if labels not in LABELS:
+        raise DmglError(f"unknown labels {labels!r}; valid: {', '.join(LABELS)}")
     warnings: list[str] = []
     notes: list[str] = []
     warn = _once(warnings)
@@ -77,8 +87,13 @@ def make_report(
     finished = [r for r in runs if r.status == "FINISHED"]
     if table not in (None, "runs") and not finished:
         raise DmglError(f"{len(runs)} seed run(s) match ({searched}) but none finished; `--table runs` lists them")
-    tables = build_tables(table, runs, split, metric, warn, note) if table else []
+    tables = (
+        build_tables(table, runs, split, metric, warn, note, labels=labels, allow_mixed=allow_mixed) if table else []
+    )
     attach_notes(tables, notes)
+    for t in tables:  # the tables' own notes (settings that differ between their cells) for the caller too
+        for table_note in t.notes:
+            note(table_note)
     written = []
     if plot_kinds:
         written = write_plots(
@@ -90,6 +105,8 @@ def make_report(
             tracker=tracker,
             warn=warn,
             note=note,
+            labels=labels,
+            allow_mixed=allow_mixed,
         )
     text = render(tables, fmt, warnings, color) if tables else ""
     return Report(text, tables, written, warnings, notes, len(runs))

@@ -3,13 +3,24 @@
 Reading. One MLflow search returns the seed runs (``dmgl.role=seed``) with their latest metrics, params and tags,
 so a registry of a thousand runs reports in seconds.
 
-Grouping. Seed runs are grouped by (dataset, method, strategy spec), where the spec tells constant alphas and
-stepwise p values apart (``constant:0.5``, ``stepwise:0.95``). If a group holds several configurations (a sweep
-that tuned the learning rate, two ``dmgl train`` runs with different settings), the configuration with the best
-mean *validation* score is shown — never chosen on test — and a note says so; a seed recorded twice for that
-configuration counts once (the latest run). A group's statistics are mean ± std over seeds
-(:func:`dmgl_cli.metrics.mean_std`), from each seed's ``final_<split>_*`` metrics, i.e. the scores at the
-validation-selected epoch.
+Grouping. Seed runs are grouped into cells by (dataset, method, strategy spec) — the compared axes; the spec tells
+constant alphas and stepwise p values apart (``constant:0.5``, ``stepwise:0.95``), and a ``unimodal`` run's modality
+is part of its method. Everything else a run records — its parameters (the flattened config, less the seed and
+settings that do not change what is learnt) and the checksum of the prepared dataset it read — is its
+*configuration*. A seed recorded twice for one configuration counts once (the latest run). A cell whose runs hold
+several configurations is:
+
+* a tuned sweep when all of them come from one ``dmgl sweep`` study (tag ``dmgl.sweep``) and the same dataset: the
+  sweep searched those settings and scored its trials on validation, so the configuration with the best mean
+  *validation* score is shown and a note names the tuned settings and the values chosen;
+* otherwise refused (:class:`~dmgl_cli.errors.DmglError` naming each setting that differs with its values), since
+  20-epoch and 5-epoch runs, or two learning rates, or two versions of a dataset, are not one result; with
+  ``allow_mixed`` the best-on-validation configuration is shown, with a note naming what differs.
+
+Nothing is ever chosen on test. A group's statistics are mean ± std over seeds (:func:`dmgl_cli.metrics.mean_std`),
+from each seed's ``final_<split>_*`` metrics, i.e. the scores at the validation-selected epoch.
+:func:`setting_differences` names the settings that differ *between* cells (e.g. rows of one table), which the
+tables report in a note.
 """
 
 from __future__ import annotations
@@ -35,8 +46,27 @@ _NOT_CONFIGURATION = {
     "train.device",
     "data.num_workers",
     "train.eval_batch_size",
+    "train.deterministic",
+    "train.eval_test_every_epoch",
     "recipe",
 }
+# A configuration's pseudo-setting for the prepared data it read (tag dmgl.dataset_checksum).
+DATA_CHECKSUM = "dataset checksum"
+MAX_LISTED = 6  # settings named in one message before "and N more"
+
+
+def _applies(key: str, strategy: str, method: str) -> bool:
+    """Whether a recorded parameter is a setting of this run (``config.recorded_params``' rule: a strategy's or a
+    method's own settings apply to that strategy or method only), so runs logged by older versions compare alike."""
+    if key == "strategy.alpha":
+        return strategy == "constant"
+    if key == "strategy.p":
+        return strategy == "stepwise"
+    if key.startswith("strategy.lb."):
+        return strategy == "lb"
+    if key.startswith("method.options."):
+        return key.startswith(f"method.options.{method}.")
+    return True
 
 
 @dataclass
@@ -62,8 +92,24 @@ class SeedRun:
         return self.params.get("train.select_metric", "acc")
 
     @property
+    def variant(self) -> str:
+        """What else names the method's row: the modality of a ``unimodal`` run."""
+        return self.params.get("method.options.unimodal.modality", "") if self.method == "unimodal" else ""
+
+    @property
+    def settings(self) -> dict[str, str]:
+        """The run's configuration: its settings beyond the seed, and the checksum of the data it read."""
+        strategy = self.spec.name if self.spec else self.params.get("strategy.name", "")
+        settings = {
+            k: v for k, v in self.params.items() if k not in _NOT_CONFIGURATION and _applies(k, strategy, self.method)
+        }
+        if self.tags.get("dmgl.dataset_checksum"):
+            settings[DATA_CHECKSUM] = self.tags["dmgl.dataset_checksum"]
+        return settings
+
+    @property
     def config_key(self) -> str:
-        return json.dumps({k: v for k, v in self.params.items() if k not in _NOT_CONFIGURATION}, sort_keys=True)
+        return json.dumps(self.settings, sort_keys=True)
 
     @property
     def modalities(self) -> list[str]:
@@ -155,17 +201,26 @@ class Stat:
 
 @dataclass
 class Group:
-    """The seed runs of one (dataset, method, strategy), from one configuration."""
+    """The seed runs of one cell: (dataset, method, strategy), from one configuration."""
 
     dataset: str
     method: str
     spec: StrategySpec
     runs: list[SeedRun]
     configurations: int = 1
+    variant: str = ""  # a unimodal run's modality
+
+    @property
+    def method_label(self) -> str:
+        return f"{self.method} {self.variant}" if self.variant else self.method
 
     @property
     def label(self) -> str:
-        return f"{self.method} ({self.spec.label})"
+        return f"{self.method_label} ({self.spec.label})"
+
+    @property
+    def settings(self) -> dict[str, str]:
+        return self.runs[0].settings if self.runs else {}
 
     @property
     def modalities(self) -> list[str]:
@@ -195,15 +250,69 @@ def validation_score(runs: Sequence[SeedRun]) -> float:
     return sum(values) / len(values) if values else -math.inf
 
 
-def group_runs(runs: Sequence[SeedRun], note: Callable[[str], None] | None = None) -> list[Group]:
-    """Finished seed runs grouped by (dataset, method, strategy spec); see the module docstring for the rules."""
-    buckets: dict[tuple[str, str, StrategySpec], dict[str, list[SeedRun]]] = {}
+NOT_RECORDED = "(not recorded)"
+
+
+def setting_differences(members: dict[str, dict[str, str]], ignore: Iterable[str] = ()) -> dict[str, dict[str, list]]:
+    """Settings whose values differ between ``members`` (name -> settings): {setting: {value: [names]}}, values in
+    numeric (else alphabetical) order; a setting some members lack shows as ``(not recorded)``. Keys starting with
+    an ``ignore`` prefix are skipped (the compared axes)."""
+    prefixes = tuple(ignore)
+    keys = sorted({k for settings in members.values() for k in settings if not (prefixes and k.startswith(prefixes))})
+    found: dict[str, dict[str, list]] = {}
+    for key in keys:
+        values: dict[str, list] = {}
+        for name, settings in members.items():
+            values.setdefault(settings.get(key, NOT_RECORDED), []).append(name)
+        if len(values) > 1:
+            found[key] = dict(sorted(values.items(), key=lambda item: _value_order(item[0])))
+    return found
+
+
+def _value_order(value: str) -> tuple:
+    """Numbers by value, then other text, then ``(not recorded)``."""
+    if value == NOT_RECORDED:
+        return (2, 0.0, value)
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def describe_differences(found: dict[str, dict[str, list]], name: Callable[[list], str]) -> str:
+    """``optim.lr = 0.01 (NAME), 0.05 (NAME); train.epochs = ...``, at most MAX_LISTED settings."""
+    parts = [
+        f"{key} = " + ", ".join(f"{value} ({name(members)})" for value, members in values.items())
+        for key, values in list(found.items())[:MAX_LISTED]
+    ]
+    if len(found) > MAX_LISTED:
+        parts.append(f"and {len(found) - MAX_LISTED} more")
+    return "; ".join(parts)
+
+
+def _runs_phrase(runs: list) -> str:
+    return f"run {runs[0].run_id}" if len(runs) == 1 else f"{len(runs)} runs, e.g. {runs[0].run_id}"
+
+
+def _filter_hint(key: str, value: str) -> str:
+    if key == DATA_CHECKSUM:
+        return f"--filter \"tags.`dmgl.dataset_checksum` = '{value}'\""
+    return f"--filter \"params.`{key}` = '{value}'\""
+
+
+def group_runs(
+    runs: Sequence[SeedRun], note: Callable[[str], None] | None = None, *, allow_mixed: bool = False
+) -> list[Group]:
+    """Finished seed runs grouped into cells; see the module docstring for the rules. Raises DmglError for a cell
+    whose runs differ in settings beyond the compared axes, unless ``allow_mixed``."""
+    buckets: dict[tuple[str, str, str, StrategySpec], dict[str, list[SeedRun]]] = {}
     for run in runs:
         if run.status != "FINISHED" or run.spec is None:
             continue
-        buckets.setdefault((run.dataset, run.method, run.spec), {}).setdefault(run.config_key, []).append(run)
-    groups = []
-    for (dataset, method, spec), configurations in buckets.items():
+        key = (run.dataset, run.method, run.variant, run.spec)
+        buckets.setdefault(key, {}).setdefault(run.config_key, []).append(run)
+    groups, mixed = [], []
+    for (dataset, method, variant, spec), configurations in buckets.items():
         candidates = []
         for config_runs in configurations.values():
             latest: dict[Any, SeedRun] = {}
@@ -213,12 +322,49 @@ def group_runs(runs: Sequence[SeedRun], note: Callable[[str], None] | None = Non
             candidates.append((validation_score(chosen), len(chosen), max(r.start_time for r in chosen), chosen))
         candidates.sort(key=lambda c: c[:3], reverse=True)
         best = candidates[0][3]
-        group = Group(dataset, method, spec, best, configurations=len(configurations))
-        if len(configurations) > 1 and note:
-            metric = best[0].select_metric
-            note(
-                f"{dataset} / {group.label}: {len(configurations)} configurations recorded; showing the best by "
-                f"mean validation {metric} ({validation_score(best):.4f}, runs {', '.join(r.run_id for r in best)})"
-            )
+        group = Group(dataset, method, spec, best, configurations=len(configurations), variant=variant)
         groups.append(group)
-    return sorted(groups, key=lambda g: (g.dataset, g.method, g.spec.sort_key()))
+        if len(configurations) == 1:
+            continue
+        every = [r for config_runs in configurations.values() for r in config_runs]
+        found = setting_differences({c: rs[0].settings for c, rs in configurations.items()})
+        by_value = {
+            key: {value: [r for c in names for r in configurations[c]] for value, names in values.items()}
+            for key, values in found.items()
+        }
+        differences = describe_differences(by_value, _runs_phrase)
+        sweeps = {r.tags.get("dmgl.sweep", "") for r in every}
+        tuned = len(sweeps) == 1 and "" not in sweeps and DATA_CHECKSUM not in found
+        metric = best[0].select_metric
+        chosen_values = ", ".join(f"{k}={best[0].settings.get(k, NOT_RECORDED)}" for k in list(found)[:MAX_LISTED])
+        choice = (
+            f"showing the best by mean validation {metric}: {chosen_values} ({validation_score(best):.4f}, "
+            f"runs {', '.join(r.run_id for r in best)})"
+        )
+        if tuned:
+            if note:
+                note(
+                    f"{dataset} / {group.label}: {len(configurations)} configurations tuned by sweep "
+                    f"{next(iter(sweeps))!r} ({', '.join(found)}); {choice}"
+                )
+        elif allow_mixed:
+            if note:
+                note(
+                    f"{dataset} / {group.label}: --allow-mixed: {len(configurations)} configurations with different "
+                    f"settings ({differences}); {choice}"
+                )
+        else:
+            first_key, first_values = next(iter(found.items())) if found else ("", {})
+            mixed.append((f"{dataset} / {group.label}: {differences}", first_key, next(iter(first_values), "")))
+    if mixed:
+        lines = [f"  {text}" for text, _, _ in mixed[:10]]
+        if len(mixed) > 10:
+            lines.append(f"  and {len(mixed) - 10} more cells")
+        _, key, value = mixed[0]
+        raise DmglError(
+            "runs with different settings would share a table cell (not one result):\n"
+            + "\n".join(lines)
+            + f"\nselect one configuration (e.g. {_filter_hint(key, value)}, or --sweep / --experiment), or pass "
+            "--allow-mixed to show in each such cell the configuration with the best mean validation score"
+        )
+    return sorted(groups, key=lambda g: (g.dataset, g.method, g.variant, g.spec.sort_key()))

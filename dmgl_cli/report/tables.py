@@ -4,7 +4,9 @@
 for text-image data; best bold, second best underlined per column. ``strategies`` (Table 4 / A3): fused and
 per-modality rows (plus their gap) x strategies, marks per row. ``ablation`` (Table 3 / A2): matching loss on/off x
 dynamic integration on/off with per-modality scores and their gap. ``runs``: one line per seed run. Cells are
-percentages; :mod:`dmgl_cli.tables` renders them.
+percentages over seeds, each with its n; :mod:`dmgl_cli.tables` renders them. Rows are named in ``code`` or
+``paper`` style (:mod:`~dmgl_cli.report.labels`). When the cells of one table come from runs whose settings differ
+beyond the compared axes (e.g. a 20-epoch row beside 5-epoch rows), the table says which in a note.
 """
 
 from __future__ import annotations
@@ -12,7 +14,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 from dmgl_cli.errors import DmglError
-from dmgl_cli.report.selection import Group, SeedRun, Stat, group_runs, validation_score
+from dmgl_cli.report.labels import check_labels, method_label, row_label, row_order
+from dmgl_cli.report.selection import (
+    Group,
+    SeedRun,
+    Stat,
+    describe_differences,
+    group_runs,
+    setting_differences,
+    validation_score,
+)
 from dmgl_cli.tables import CHECK, CROSS, Cell, Row, Table, mark_best, mark_columns
 
 # Primary metrics per dataset as in the paper: audio-video (ACC, MAP), text-image and NVGesture (ACC, macro-F1).
@@ -35,43 +46,91 @@ def dataset_metrics(dataset: str, modalities: Iterable[str]) -> tuple[str, str]:
 
 
 def _cell(stat: Stat) -> Cell:
-    """A percent cell showing a group's mean ± std, naming the runs it came from."""
+    """A percent cell showing a group's mean ± std over its n seeds, naming the runs it came from."""
     return Cell(stat.mean, stat.std, stat.n, runs=stat.runs)
 
 
-def main_table(groups: Sequence[Group], split: str = "test", warn: Callable[[str], None] | None = None) -> Table:
+# Settings that a table compares on purpose, so differences in them are not worth a note.
+_COMPARED = {"main": ("strategy.", "method."), "cells": ("strategy.",)}
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])} and {len(names) - 2} more"
+
+
+def differences_note(scope: str, members: dict[str, Group], compared: Sequence[str]) -> str | None:
+    """A note naming the settings that differ between the runs behind different cells of one table."""
+    found = setting_differences({label: g.settings for label, g in members.items()}, compared)
+    if not found:
+        return None
+    return (
+        f"{scope}: the runs behind these cells differ in settings beyond the compared ones: "
+        f"{describe_differences(found, _names)}"
+    )
+
+
+def main_table(
+    groups: Sequence[Group], split: str = "test", warn: Callable[[str], None] | None = None, labels: str = "code"
+) -> Table:
     """Table 1 / A1: method (strategy) x dataset (ACC, MAP or ACC, F1), mean ± std over seeds."""
     datasets = sorted({g.dataset for g in groups})
     metrics = {d: dataset_metrics(d, {m for g in groups if g.dataset == d for m in g.modalities}) for d in datasets}
-    labels = sorted({(g.method, g.spec) for g in groups}, key=lambda ms: (ms[0], ms[1].sort_key()))
-    by_key = {(g.dataset, g.method, g.spec): g for g in groups}
+    rows = sorted({(g.method, g.variant, g.spec) for g in groups}, key=lambda r: row_order(r[0], r[2], r[1], labels))
+    by_key = {(g.dataset, g.method, g.variant, g.spec): g for g in groups}
     table = Table(
         "main",
-        f"Comparison of methods ({split} scores, mean ± std over seeds)",
+        f"Comparison of methods: {split} scores",
         ["Method"],
         [METRIC_NAMES[m] for d in datasets for m in metrics[d]],
         groups=[(d, 2) for d in datasets],
+        seeds=True,
     )
-    for method, spec in labels:
+    for method, variant, spec in rows:
         cells = []
         for dataset in datasets:
-            group = by_key.get((dataset, method, spec))
+            group = by_key.get((dataset, method, variant, spec))
             for metric in metrics[dataset]:
                 cells.append(_cell(group.stat(f"final_{split}_{metric}", warn)) if group else Cell())
-        table.rows.append(Row([f"{method} ({spec.label})"], cells))
+        table.rows.append(Row([row_label(method, spec, variant, labels)], cells))
     mark_columns(table)
+    for dataset in datasets:
+        members = {
+            row_label(g.method, g.spec, g.variant, labels): g
+            for g in sorted(groups, key=lambda g: row_order(g.method, g.spec, g.variant, labels))
+            if g.dataset == dataset
+        }
+        note = differences_note(dataset, members, _COMPARED["main"])
+        if note:
+            table.notes.append(note)
     return table
 
 
+def _per_method(groups: Sequence[Group]) -> list[tuple[str, str, str, list[Group]]]:
+    """(dataset, method, variant, its groups in strategy order), one per table of the strategies / ablation kinds."""
+    keys = sorted({(g.dataset, g.method, g.variant) for g in groups})
+    return [
+        (
+            d,
+            m,
+            v,
+            sorted(
+                (g for g in groups if (g.dataset, g.method, g.variant) == (d, m, v)), key=lambda g: g.spec.sort_key()
+            ),
+        )
+        for d, m, v in keys
+    ]
+
+
 def strategies_tables(
-    groups: Sequence[Group], split: str = "test", metric: str = "acc", warn: Callable[[str], None] | None = None
+    groups: Sequence[Group],
+    split: str = "test",
+    metric: str = "acc",
+    warn: Callable[[str], None] | None = None,
+    labels: str = "code",
 ) -> list[Table]:
     """Table 4 / A3: fused, per-modality and gap rows x integration strategies; one table per dataset and method."""
     tables = []
-    for dataset, method in sorted({(g.dataset, g.method) for g in groups}):
-        mine = sorted(
-            (g for g in groups if (g.dataset, g.method) == (dataset, method)), key=lambda g: g.spec.sort_key()
-        )
+    for dataset, method, variant, mine in _per_method(groups):
         modalities = sorted({m for g in mine for m in g.modalities})
         spans: list[tuple[str, int]] = []
         for group in mine:
@@ -82,13 +141,14 @@ def strategies_tables(
         name = METRIC_NAMES[metric]
         table = Table(
             "strategies",
-            f"Integration strategies on {dataset} ({method}): {split} {name}, mean ± std",
+            f"Integration strategies on {dataset} ({method_label(method, variant, labels)}): {split} {name}",
             ["Modality"],
             [g.spec.short for g in mine],
             groups=spans,
             dataset=dataset,
-            method=method,
+            method=method_label(method, variant),
             marks="row",
+            seeds=True,
         )
         rows = [("Multi", f"final_{split}_{metric}")] + [(m, f"final_{split}_{metric}_{m}") for m in modalities]
         if len(modalities) > 1:
@@ -97,12 +157,21 @@ def strategies_tables(
             cells = [_cell(g.stat(key, warn)) for g in mine]
             mark_best(cells, higher_is_better=label != "Gap")
             table.rows.append(Row([label], cells))
+        note = differences_note(
+            f"{dataset} / {table.method} (strategies)", {g.spec.label: g for g in mine}, _COMPARED["cells"]
+        )
+        if note:
+            table.notes.append(note)
         tables.append(table)
     return tables
 
 
 def ablation_tables(
-    groups: Sequence[Group], split: str = "test", metric: str | None = None, warn: Callable[[str], None] | None = None
+    groups: Sequence[Group],
+    split: str = "test",
+    metric: str | None = None,
+    warn: Callable[[str], None] | None = None,
+    labels: str = "code",
 ) -> list[Table]:
     """Table 3 / A2: matching loss (CL) and dynamic integration (DI) on/off.
 
@@ -110,8 +179,7 @@ def ablation_tables(
     score; CL✓/DI✓ the dynamic strategies (heuristic, then learning-based). Default metric: the dataset's second
     one (MAP or F1), as in the paper."""
     tables = []
-    for dataset, method in sorted({(g.dataset, g.method) for g in groups}):
-        mine = [g for g in groups if (g.dataset, g.method) == (dataset, method)]
+    for dataset, method, variant, mine in _per_method(groups):
         modalities = sorted({m for g in mine for m in g.modalities})
         chosen_metric = metric or dataset_metrics(dataset, modalities)[1]
         by_spec = {g.spec.key: g for g in mine}
@@ -125,20 +193,22 @@ def ablation_tables(
         if not rows:
             if warn:
                 warn(
-                    f"no ablation table for {dataset} / {method}: it needs constant:0, a constant 0<alpha<1, "
-                    "heuristic or lb runs"
+                    f"no ablation table for {dataset} / {method_label(method, variant)}: it needs constant:0, a "
+                    "constant 0<alpha<1, heuristic or lb runs"
                 )
             continue
         name = METRIC_NAMES[chosen_metric]
         columns = ["Multi", *modalities] + (["GAP"] if len(modalities) > 1 else [])
         table = Table(
             "ablation",
-            f"Ablation on {dataset} ({method}): {split} {name}; CL = matching loss, DI = dynamic integration",
+            f"Ablation on {dataset} ({method_label(method, variant, labels)}): {split} {name}; CL = matching loss, "
+            "DI = dynamic integration",
             ["CL", "DI", "Strategy"],
             columns,
             groups=[(name, len(columns))],
             dataset=dataset,
-            method=method,
+            method=method_label(method, variant),
+            seeds=True,
         )
         for cl, di, group in rows:
             keys = [f"final_{split}_{chosen_metric}"] + [f"final_{split}_{chosen_metric}_{m}" for m in modalities]
@@ -146,6 +216,10 @@ def ablation_tables(
                 keys.append(f"final_{split}_gap_{chosen_metric}")
             table.rows.append(Row([cl, di, group.spec.label], [_cell(group.stat(k, warn)) for k in keys]))
         mark_columns(table, lower_is_better=[len(columns) - 1] if len(modalities) > 1 else [])
+        shown = {group.spec.label: group for _, _, group in rows}
+        note = differences_note(f"{dataset} / {table.method} (ablation)", shown, _COMPARED["cells"])
+        if note:
+            table.notes.append(note)
         tables.append(table)
     return tables
 
@@ -154,9 +228,12 @@ def runs_table(runs: Sequence[SeedRun], split: str = "test", warn: Callable[[str
     """One line per seed run, any status."""
     table = Table(
         "runs",
-        f"Seed runs ({split} scores at the validation-selected epoch)",
+        f"Seed runs: {split} scores at the validation-selected epoch",
         ["Run", "Parent", "Dataset", "Method", "Strategy", "Seed", "Status"],
         ["Best epoch", "Val (select)", f"{split} ACC", f"{split} MAP", f"{split} F1", "Modality gap"],
+        latex_columns=["Run", "Parent", "Dataset", "Method", "Strategy", "Seed", "Status"]
+        + ["Epoch", "Val", "ACC", "MAP", "F1", "Gap"],
+        latex_hoist=True,
     )
     ordered = sorted(
         runs, key=lambda r: (r.dataset, r.method, r.spec.sort_key() if r.spec else (9,), r.seed or 0, r.start_time)
@@ -176,7 +253,7 @@ def runs_table(runs: Sequence[SeedRun], split: str = "test", warn: Callable[[str
                     run.run_id,
                     run.parent_id[:12],
                     run.dataset,
-                    run.method,
+                    method_label(run.method, run.variant),
                     run.spec.label if run.spec else run.tags.get("dmgl.strategy", "?"),
                     "" if run.seed is None else str(run.seed),
                     run.status,
@@ -188,10 +265,11 @@ def runs_table(runs: Sequence[SeedRun], split: str = "test", warn: Callable[[str
 
 
 def attach_notes(tables: Sequence[Table], notes: Sequence[str]) -> None:
-    """Give each table the grouping notes about its own cells (notes read "DATASET / METHOD (STRATEGY): ...")."""
+    """Give each table the grouping notes about its own cells (notes read "DATASET / METHOD (STRATEGY): ..."),
+    before the table's own notes."""
     for table in tables:
         prefix = f"{table.dataset} / {table.method} (" if table.dataset else ""
-        table.notes.extend(n for n in notes if n.startswith(prefix))
+        table.notes[:0] = [n for n in notes if n.startswith(prefix) and n not in table.notes]
 
 
 def build_tables(
@@ -201,20 +279,25 @@ def build_tables(
     metric: str | None = None,
     warn: Callable[[str], None] | None = None,
     note: Callable[[str], None] | None = None,
+    *,
+    labels: str = "code",
+    allow_mixed: bool = False,
 ) -> list[Table]:
-    """The ``kind`` table(s) of ``runs``; ``warn`` hears of missing metrics, ``note`` of groups with several
-    configurations."""
+    """The ``kind`` table(s) of ``runs``; ``warn`` hears of missing metrics, ``note`` of cells chosen among several
+    configurations. Rows are named in ``labels`` style; ``allow_mixed`` lets a cell hold runs of different settings
+    (the best on validation is shown) instead of refusing."""
     if kind not in TABLES:
         raise DmglError(f"unknown table {kind!r}; valid: {', '.join(TABLES)}")
     if split not in ("val", "test"):
         raise DmglError(f"--split must be val or test, got {split!r}")
     if metric is not None and metric not in METRIC_NAMES:
         raise DmglError(f"unknown metric {metric!r}; valid: {', '.join(METRIC_NAMES)}")
+    check_labels(labels)
     if kind == "runs":
         return [runs_table(runs, split, warn)]
-    groups = group_runs(runs, note)
+    groups = group_runs(runs, note, allow_mixed=allow_mixed)
     if kind == "main":
-        return [main_table(groups, split, warn)]
+        return [main_table(groups, split, warn, labels)]
     if kind == "strategies":
-        return strategies_tables(groups, split, metric or "acc", warn)
-    return ablation_tables(groups, split, metric, warn)
+        return strategies_tables(groups, split, metric or "acc", warn, labels)
+    return ablation_tables(groups, split, metric, warn, labels)

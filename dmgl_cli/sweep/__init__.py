@@ -31,7 +31,7 @@ from dmgl_cli.config import parse_seeds, resolve
 from dmgl_cli.errors import DmglError
 from dmgl_cli.paths import default_optuna_storage, ensure_registry, safe_name
 from dmgl_cli.strategies import parse_strategies
-from dmgl_cli.sweep.space import SETTINGS_VERSION, TUNABLE, SweepSettings, check_plan, parse_tune
+from dmgl_cli.sweep.space import SETTINGS_VERSION, SweepSettings, check_plan
 from dmgl_cli.sweep.storage import open_storage, quiet, redact
 from dmgl_cli.sweep.worker import (
     PrunedTrial,
@@ -44,6 +44,7 @@ from dmgl_cli.sweep.worker import (
     trial_record,
 )
 from dmgl_cli.tables import Cell, Row, Table, mark_best, render_text
+from dmgl_cli.tunables import TUNABLE, parse_tune
 
 if TYPE_CHECKING:
     from dmgl_cli.tracking import Tracker

@@ -36,8 +36,9 @@ from dmgl_cli import runner
 from dmgl_cli.errors import DmglError, Interrupted
 from dmgl_cli.metrics import mean_std
 from dmgl_cli.strategies import StrategySpec, parse_strategy
-from dmgl_cli.sweep.space import TUNABLE, SweepSettings, trial_config, tuned_settings
+from dmgl_cli.sweep.space import SweepSettings, trial_config, tuned_settings
 from dmgl_cli.sweep.storage import heartbeat, quiet
+from dmgl_cli.tunables import TUNABLE
 
 if TYPE_CHECKING:
     from dmgl_cli.tracking import Tracker
@@ -194,9 +195,11 @@ def trial_record(trial: FrozenTrial, metric: str) -> TrialRecord:
 
 
 def _run_name(study_name: str, number: int, spec: StrategySpec) -> str:
-    """``STUDY-tN-STRATEGY`` within the characters and length dmgl allows for run names."""
-    suffix = re.sub(r"[^A-Za-z0-9._-]+", "-", f"-t{number}-{spec.key}")
-    return study_name[: 100 - len(suffix)] + suffix
+    """``tN-STRATEGY`` (``t3-stepwise-0.95``, ``t0-lb``), within the characters dmgl allows for run names: short, so
+    the UI's runs table shows it whole. The study is not repeated: the trial's parent run sits under the sweep run
+    (named after the study) and carries the tag ``dmgl.sweep``."""
+    del study_name  # kept in the signature: the caller names the study
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"t{number}-{spec.key}")[:100]
 
 
 class Worker:
