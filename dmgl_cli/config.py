@@ -392,24 +392,26 @@ def derive(config: Config, settings: Mapping[str, Any]) -> Config:
     return _finish(tree, announce=False)
 
 
+def setting_applies(key: str, strategy: str, method: str) -> bool:
+    """Whether the flattened setting ``key`` is a setting of a run with this strategy and method: ``strategy.alpha``
+    only with constant, ``strategy.p`` only with stepwise, ``strategy.lb.*`` only with lb, and
+    ``method.options.*`` of the chosen method only."""
+    if key == "strategy.alpha":
+        return strategy == "constant"
+    if key == "strategy.p":
+        return strategy == "stepwise"
+    if key.startswith("strategy.lb."):
+        return strategy == "lb"
+    if key.startswith("method.options."):
+        return key.startswith(f"method.options.{method}.")
+    return True
+
+
 def recorded_params(config: Config) -> dict[str, Any]:
-    """The flattened settings that apply to this run, as logged to MLflow: ``strategy.alpha`` only with the
-    constant strategy, ``strategy.p`` only with stepwise, ``strategy.lb.*`` only with lb, and
-    ``method.options.*`` of the chosen method only. (``config.yaml`` keeps the whole config.)"""
+    """The flattened settings that apply to this run (:func:`setting_applies`), as logged to MLflow;
+    ``config.yaml`` keeps the whole config."""
     strategy, method = config.strategy.name, config.method.name
-
-    def applies(key: str) -> bool:
-        if key == "strategy.alpha":
-            return strategy == "constant"
-        if key == "strategy.p":
-            return strategy == "stepwise"
-        if key.startswith("strategy.lb."):
-            return strategy == "lb"
-        if key.startswith("method.options."):
-            return key.startswith(f"method.options.{method}.")
-        return True
-
-    return {key: value for key, value in config.flat().items() if applies(key)}
+    return {key: value for key, value in config.flat().items() if setting_applies(key, strategy, method)}
 
 
 def with_seed(config: Config, seed: int) -> Config:

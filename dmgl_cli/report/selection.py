@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from dmgl_cli.config import setting_applies
 from dmgl_cli.errors import DmglError
 from dmgl_cli.metrics import mean_std
 from dmgl_cli.strategies import StrategySpec, spec_from_params
@@ -53,20 +54,6 @@ _NOT_CONFIGURATION = {
 # A configuration's pseudo-setting for the prepared data it read (tag dmgl.dataset_checksum).
 DATA_CHECKSUM = "dataset checksum"
 MAX_LISTED = 6  # settings named in one message before "and N more"
-
-
-def _applies(key: str, strategy: str, method: str) -> bool:
-    """Whether a recorded parameter is a setting of this run (``config.recorded_params``' rule: a strategy's or a
-    method's own settings apply to that strategy or method only), so runs logged by older versions compare alike."""
-    if key == "strategy.alpha":
-        return strategy == "constant"
-    if key == "strategy.p":
-        return strategy == "stepwise"
-    if key.startswith("strategy.lb."):
-        return strategy == "lb"
-    if key.startswith("method.options."):
-        return key.startswith(f"method.options.{method}.")
-    return True
 
 
 @dataclass
@@ -101,7 +88,9 @@ class SeedRun:
         """The run's configuration: its settings beyond the seed, and the checksum of the data it read."""
         strategy = self.spec.name if self.spec else self.params.get("strategy.name", "")
         settings = {
-            k: v for k, v in self.params.items() if k not in _NOT_CONFIGURATION and _applies(k, strategy, self.method)
+            k: v
+            for k, v in self.params.items()
+            if k not in _NOT_CONFIGURATION and setting_applies(k, strategy, self.method)
         }
         if self.tags.get("dmgl.dataset_checksum"):
             settings[DATA_CHECKSUM] = self.tags["dmgl.dataset_checksum"]
