@@ -239,6 +239,10 @@ class RunRecord:
         )
 
 
+def _no_such_run(run_id: str, uri: str) -> str:
+    return f"run {run_id!r} does not exist in {uri}; `dmgl runs list` lists the runs (`--role all` with seeds)"
+
+
 class Tracker:
     def __init__(self, tracking_uri: str | None = None):
         self.uri = resolve_tracking_uri(tracking_uri)
@@ -301,7 +305,7 @@ class Tracker:
         try:
             return RunRecord.of(self.client.get_run(run_id))
         except MlflowException:
-            raise DmglError(f"run {run_id!r} does not exist in {self.uri}; `dmgl ui` lists the runs") from None
+            raise DmglError(_no_such_run(run_id, self.uri)) from None
 
     def children(self, parent_id: str) -> list[RunRecord]:
         run = self.get_run(parent_id)
@@ -657,7 +661,7 @@ class Tracker:
         try:
             outputs = self.client.get_run(run_id).outputs
         except MlflowException:
-            raise DmglError(f"run {run_id!r} does not exist in {self.uri}; `dmgl ui` lists the runs") from None
+            raise DmglError(_no_such_run(run_id, self.uri)) from None
         for output in sorted(outputs.model_outputs if outputs else [], key=lambda o: o.step, reverse=True):
             try:
                 if self.client.get_logged_model(output.model_id).status == LoggedModelStatus.READY:
