@@ -44,7 +44,7 @@ _WILDCARD = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-class Stopped(Exception):
+class StopSignal(Exception):
     """A stop signal (SIGINT, SIGTERM, SIGHUP) reached ``dmgl ui``."""
 
     def __init__(self, signum: int):
@@ -255,7 +255,7 @@ def _die_with_parent(parent: int) -> Callable[[], None] | None:
 
 
 class _StopSignals:
-    """SIGINT/SIGTERM/SIGHUP while installed: the first raises :class:`Stopped` (held back while the server is
+    """SIGINT/SIGTERM/SIGHUP while installed: the first raises :class:`StopSignal` (held back while the server is
     being spawned, so it can never be orphaned half-started), a further one SIGKILLs the server's group at once."""
 
     def __init__(self):
@@ -271,13 +271,13 @@ class _StopSignals:
             return
         self.received = signum
         if self.armed:
-            raise Stopped(signum)
+            raise StopSignal(signum)
 
     def arm(self, pgid: int) -> None:
         """The server is spawned: from now on a signal raises; one held back raises now."""
         self.pgid, self.armed = pgid, True
         if self.received is not None:
-            raise Stopped(self.received)
+            raise StopSignal(self.received)
 
     def stopping(self) -> None:
         """The group is being stopped: a signal from now on SIGKILLs it rather than interrupting the stop."""
@@ -343,7 +343,7 @@ def serve(
                 signals.stopping()
                 if server is not None:
                     stop_group(server)
-    except Stopped as stop:
+    except StopSignal as stop:
         if on_stop is not None:
             with contextlib.suppress(OSError):
                 on_stop(signal.Signals(stop.signum).name)
