@@ -66,7 +66,12 @@ def test_prepare_checks_shapes_labels_registry_and_trains(run_cli, registry, cre
     assert len(set(dataset.split("test").labels.tolist())) == 2
     row = DatasetRegistry(registry).get("crema-d")
     assert row["splits"] == {"train": 16, "test": 2} and row["bad_samples"] == 0
-    assert row["modalities"]["visual"] == {"kind": "video", "dtype": "uint8", "shape": [10, 32, 32, 3]}
+    assert row["modalities"]["visual"] == {
+        "kind": "video",
+        "dtype": "uint8",
+        "shape": [10, 32, 32, 3],
+        "storage": "jpeg",
+    }
     assert row["checksum"] == dataset.checksum and row["preparer"] == "crema-d"
     assert not list((registry / "datasets").glob(".work-*"))
     assert "all files match" in run_cli("datasets", "verify", "crema-d").output

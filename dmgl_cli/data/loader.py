@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dmgl_cli.data.prepared import PreparedDataset, SplitArrays
+from dmgl_cli.data.frames import JpegFrames
+from dmgl_cli.data.prepared import PreparedDataset, SplitArrays, StoredArray
 from dmgl_cli.data.splits import stratified_split
 from dmgl_cli.errors import DmglError
 
@@ -39,10 +40,22 @@ class ArraySplit(Dataset):
 
     def __getitems__(self, positions: list[int]) -> Batch:
         rows = self.indices[np.asarray(positions, dtype=np.int64)]
-        inputs = {m: torch.from_numpy(gather_rows(arr, rows)) for m, arr in self.arrays.inputs.items()}
+        arrays = self.arrays.inputs
+        # Frame-sampled modalities: the frames are chosen first and only those are read.
+        frames, generator = (
+            ({}, None)
+            if self.transform is None
+            else self.transform.draw_frames(rows, {name: arrays[name].shape[1] for name in self.transform.frames})
+        )
+        inputs = {
+            name: torch.from_numpy(
+                gather_frames(array, rows, frames[name].numpy()) if name in frames else gather_rows(array, rows)
+            )
+            for name, array in arrays.items()
+        }
         labels = torch.from_numpy(np.asarray(self.arrays.labels[rows], dtype=np.int64))
         if self.transform is not None:
-            inputs = self.transform(inputs, rows)
+            inputs = self.transform.augment(inputs, generator, owned=set(inputs))
         return {"inputs": inputs, "labels": labels, "indices": torch.from_numpy(rows)}
 
     def __getitem__(self, position: int) -> Batch:
@@ -53,7 +66,7 @@ class ArraySplit(Dataset):
 ROW_BY_ROW_BYTES = 1 << 16
 
 
-def gather_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def gather_rows(array: StoredArray, rows: np.ndarray) -> np.ndarray:
     """``array[rows]`` as a contiguous array, copied once.
 
     Large rows (spectrograms, frames) are read in ascending row order, which is sequential on disk, and each is
@@ -61,11 +74,33 @@ def gather_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     would copy every byte twice (measured with bench/dataloader.py: ~3x slower for CREMA-D-sized rows). Small rows
     (vectors, token ids) go through one fancy index, which is cheaper than a Python loop over them.
     """
+    if isinstance(array, JpegFrames):  # every stored frame of these samples, decoded
+        return array.read_frames(rows, np.broadcast_to(np.arange(array.shape[1]), (len(rows), array.shape[1])))
     if array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64)) < ROW_BY_ROW_BYTES:
         return np.ascontiguousarray(array[rows])
     out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
     for position in np.argsort(rows, kind="stable"):
         out[position] = array[rows[position]]
+    return out
+
+
+def gather_frames(array: StoredArray, rows: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """``array[rows[b], frames[b]]`` for every b as one contiguous array: only the sampled frames are read.
+
+    ``array`` holds [n, stored frames, ...] per sample; ``frames`` is [batch, wanted]. Large frames are copied one by
+    one in file order (ascending row, then frame), straight to their place in the batch, as :func:`gather_rows`
+    copies large rows; small ones go through one fancy index.
+    """
+    if isinstance(array, JpegFrames):  # the compressed frame store decodes just these frames
+        return array.read_frames(rows, frames)
+    frames = np.asarray(frames, dtype=np.int64)
+    if array.dtype.itemsize * int(np.prod(array.shape[2:], dtype=np.int64)) < ROW_BY_ROW_BYTES:
+        return np.ascontiguousarray(array[rows[:, None], frames])
+    out = np.empty((len(rows), frames.shape[1], *array.shape[2:]), dtype=array.dtype)
+    for position in np.argsort(rows, kind="stable"):
+        row = rows[position]
+        for slot in np.argsort(frames[position], kind="stable"):
+            out[position, slot] = array[row, frames[position, slot]]
     return out
 
 

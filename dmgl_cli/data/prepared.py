@@ -6,6 +6,8 @@
       <split>/labels.npy         int64 [n]
       <split>/<modality>.npy     one array per modality, [n, *shape] (uint8 frames/images, float16/32
                                  spectrograms and vectors, int64 [n, 2, L] text = token ids and attention mask)
+      <split>/<modality>.jpeg    instead, for video frames prepared with frame_store=jpeg (manifest: "storage":
+      <split>/<modality>.offsets.npy   "jpeg"): the frames as JPEG and where each starts (data/frames.py)
 
 Arrays are plain ``.npy`` files opened with ``mmap_mode='r'``: nothing is decoded in the training loop. A
 dataset is written into a hidden temporary folder beside its destination and renamed into place only when
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from dmgl_cli.data.frames import JpegFrames
 from dmgl_cli.errors import DmglError
 
 FORMAT_VERSION = 1
@@ -110,6 +113,9 @@ class PreparedWriter:
             if splits[split] and (labels.min() < 0 or labels.max() >= len(classes)):
                 raise DmglError(f"{name}: {split} labels fall outside the {len(classes)} classes")
             for modality, spec in modalities.items():
+                if spec.get("storage") == "jpeg":
+                    _check_jpeg_store(self.work_dir / split, modality, splits[split], spec, name, split)
+                    continue
                 path = self.work_dir / split / f"{modality}.npy"
                 if not path.exists():
                     raise DmglError(f"{name}: split {split} has no array for modality {modality!r}")
@@ -124,7 +130,8 @@ class PreparedWriter:
         for modality, spec in modalities.items():
             if spec.get("kind") not in MODALITY_KINDS:
                 raise ValueError(f"modality {modality}: kind must be one of {MODALITY_KINDS}")
-        files = {str(p.relative_to(self.work_dir)): sha256_file(p) for p in sorted(self.work_dir.rglob("*.npy"))}
+        stored = [*self.work_dir.rglob("*.npy"), *self.work_dir.rglob("*.jpeg")]
+        files = {str(p.relative_to(self.work_dir)): sha256_file(p) for p in sorted(stored)}
         manifest = {
             "name": name,
             "format_version": FORMAT_VERSION,
@@ -133,7 +140,12 @@ class PreparedWriter:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "classes": list(classes),
             "modalities": {
-                m: {"kind": s["kind"], "dtype": str(s["dtype"]), "shape": list(s["shape"])}
+                m: {
+                    "kind": s["kind"],
+                    "dtype": str(s["dtype"]),
+                    "shape": list(s["shape"]),
+                    **({"storage": s["storage"]} if s.get("storage", "raw") != "raw" else {}),
+                }
                 for m, s in modalities.items()
             },
             "splits": splits,
@@ -154,10 +166,28 @@ class PreparedWriter:
         return manifest
 
 
+def _check_jpeg_store(folder: Path, modality: str, samples: int, spec: dict[str, Any], name: str, split: str) -> None:
+    offsets_path, data_path = folder / f"{modality}.offsets.npy", folder / f"{modality}.jpeg"
+    if not offsets_path.exists() or not data_path.exists():
+        raise DmglError(f"{name}: split {split} has no JPEG frames for modality {modality!r}")
+    offsets = np.load(offsets_path, mmap_mode="r")
+    if offsets.shape != (samples, spec["shape"][0] + 1):
+        raise ValueError(
+            f"{name}/{split}/{modality}: frame offsets of shape {offsets.shape} do not match {samples} samples of "
+            f"{spec['shape'][0]} frames"
+        )
+    if samples and int(offsets[-1, -1]) != data_path.stat().st_size:
+        raise ValueError(f"{name}/{split}/{modality}: the JPEG file does not end where its offsets say")
+
+
+# A modality's samples as stored: a memory-mapped array, or JPEG frames that read like one.
+StoredArray = np.ndarray | JpegFrames
+
+
 @dataclass
 class SplitArrays:
     labels: np.ndarray
-    inputs: dict[str, np.ndarray]
+    inputs: dict[str, StoredArray]
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -210,7 +240,12 @@ class PreparedDataset:
         folder = self.path / split
         try:
             labels = np.load(folder / "labels.npy", mmap_mode="r")
-            inputs = {m: np.load(folder / f"{m}.npy", mmap_mode="r") for m in self.modalities}
+            inputs: dict[str, StoredArray] = {
+                m: JpegFrames(folder, m, tuple(spec["shape"]))
+                if spec.get("storage") == "jpeg"
+                else np.load(folder / f"{m}.npy", mmap_mode="r")
+                for m, spec in self.modalities.items()
+            }
         except (OSError, ValueError) as exc:
             raise DmglError(
                 f"prepared dataset {self.path} is damaged ({exc}); run `dmgl datasets verify {self.name}` "

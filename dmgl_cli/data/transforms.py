@@ -99,30 +99,54 @@ def _crop_resize(x: Tensor, scale: float, generator: torch.Generator) -> Tensor:
 
 
 class BatchTransform:
-    """Callable ``(inputs, rows) -> inputs``; picklable, so DataLoader workers can run it."""
+    """Frame sampling and augmentation of one batch; picklable, so DataLoader workers can run it.
+
+    The loader first asks :meth:`draw_frames` which frames each sample uses, reads only those from the prepared
+    arrays, then calls :meth:`augment`. ``transform(inputs, rows)`` does the same on batches that hold every stored
+    frame (a logged model's input). Both draw from one generator seeded by (seed, rows) in the same order: frame
+    offsets per frame-sampled modality, then flips and crops, so both give the same batch bit for bit.
+    """
 
     def __init__(self, frames: dict[str, int], augment: dict[str, str], crop_scale: float, seed: int, training: bool):
-        self.frames, self.augment, self.crop_scale = frames, augment, crop_scale
+        self.frames, self.augmentations, self.crop_scale = frames, augment, crop_scale
         self.seed, self.training = seed, training
 
-    def __call__(self, inputs: dict[str, Tensor], rows: np.ndarray) -> dict[str, Tensor]:
+    def draw_frames(
+        self, rows: np.ndarray, stored: Mapping[str, int]
+    ) -> tuple[dict[str, Tensor], torch.Generator | None]:
+        """[batch, wanted] frame indices per frame-sampled modality (``stored``: its stored frame count), and the
+        generator the augmentations continue with (None in evaluation: segment centres, no augmentation)."""
         generator = torch.Generator().manual_seed(_seed(self.seed, rows)) if self.training else None
+        positions = {
+            name: frame_positions(stored[name], wanted, len(rows), generator) for name, wanted in self.frames.items()
+        }
+        return positions, generator
+
+    def augment(
+        self, inputs: dict[str, Tensor], generator: torch.Generator | None, owned: set[str]
+    ) -> dict[str, Tensor]:
+        """Flip and crop the augmented modalities (training only); tensors named in ``owned`` belong to this batch
+        and are flipped in place, the others are copied first."""
+        if generator is None:
+            return inputs
         out = dict(inputs)
-        for name, wanted in self.frames.items():
+        for name, mode in self.augmentations.items():
             x = out[name]
-            positions = frame_positions(x.shape[1], wanted, x.shape[0], generator)
-            out[name] = x[torch.arange(x.shape[0]).unsqueeze(1), positions]
-        if generator is not None:  # training
-            for name, mode in self.augment.items():
-                x = out[name]
-                if "flip" in mode:
-                    flip = torch.rand((x.shape[0],), generator=generator) < 0.5
-                    # in place only on a tensor this call made (frame sampling's gather), never on the caller's
-                    x = _flip_some(x, flip, in_place=x is not inputs[name])
-                if "crop" in mode:
-                    x = _crop_resize(x, self.crop_scale, generator)
-                out[name] = x
+            if "flip" in mode:
+                flip = torch.rand((x.shape[0],), generator=generator) < 0.5
+                x = _flip_some(x, flip, in_place=name in owned)
+            if "crop" in mode:
+                x = _crop_resize(x, self.crop_scale, generator)
+            out[name] = x
         return out
+
+    def __call__(self, inputs: dict[str, Tensor], rows: np.ndarray) -> dict[str, Tensor]:
+        positions, generator = self.draw_frames(rows, {name: inputs[name].shape[1] for name in self.frames})
+        out = dict(inputs)
+        for name, chosen in positions.items():
+            x = out[name]
+            out[name] = x[torch.arange(x.shape[0]).unsqueeze(1), chosen]  # a copy: this batch's own
+        return self.augment(out, generator, owned=set(positions))
 
 
 def model_input_specs(modalities: Mapping[str, dict[str, Any]], config) -> dict[str, dict[str, Any]]:

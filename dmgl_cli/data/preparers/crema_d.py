@@ -55,6 +55,8 @@ OPTIONS = {
     "video_folder": "VideoFlash",
     "video_suffix": ".flv",
     "split_files": None,  # {split: clip_id,label CSV} from --split-file SPLIT=PATH
+    "frame_store": "jpeg",  # raw (uint8 .npy) | jpeg (decoded per batch, only the sampled frames; bench/README.md)
+    "frame_quality": 90,  # JPEG quality of frame_store=jpeg
 }
 LAYOUT = """  AudioWAV/1001_DFA_ANG_XX.wav ...   (<actor>_<sentence>_<emotion>_<level>.wav)
   VideoFlash/1001_DFA_ANG_XX.flv ...  (same names)"""
@@ -149,7 +151,9 @@ def prepare(job: PrepareJob) -> dict:
         classes=CLASSES,
         decoded={
             "audio": driver.Modality("audio", spectrogram_shape(seconds), audio_dtype),
-            "visual": driver.Modality("video", (frames, size, size, 3), "uint8"),
+            "visual": driver.Modality(
+                "video", (frames, size, size, 3), "uint8", **driver.frame_store(job, "video", (frames, size, size, 3))
+            ),
         },
         decode=functools.partial(decode_clip, seconds=seconds, frames=frames, size=size, audio_dtype=audio_dtype),
         extra={

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from dmgl_cli.data.frames import FRAME_STORES, JPEG_CHANNELS, JpegEncodingDecode, write_store
 from dmgl_cli.data.media import BadSample
 from dmgl_cli.data.prepared import SPLITS, PreparedWriter
 from dmgl_cli.data.preparers.base import PrepareJob
@@ -62,9 +63,30 @@ class Modality:
     kind: str  # audio | video | image | text | vector
     shape: tuple[int, ...]  # per sample
     dtype: str
+    # "raw" (a memory-mapped .npy array) or "jpeg" (video frames as JPEG at jpeg_quality; data/frames.py)
+    storage: str = "raw"
+    jpeg_quality: int = 90
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "dtype": self.dtype, "shape": list(self.shape)}
+        spec: dict[str, Any] = {"kind": self.kind, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.storage != "raw":
+            spec["storage"] = self.storage
+        return spec
+
+
+def frame_store(job: PrepareJob, kind: str, shape: tuple[int, ...]) -> dict[str, Any]:
+    """A preparer's ``frame_store`` (raw | jpeg) and ``frame_quality`` options as :class:`Modality` arguments for
+    frames of ``shape`` [T, H, W, C]; a JPEG store needs 1 or 3 channels (other frames stay raw, as NVGesture's
+    2-channel optical flow)."""
+    store = job.option("frame_store", str)
+    if store not in FRAME_STORES:
+        raise DmglError(f"option frame_store={store!r} must be one of {', '.join(FRAME_STORES)}")
+    quality = job.option("frame_quality", int)
+    if not 1 <= quality <= 100:
+        raise DmglError(f"option frame_quality={quality} must be from 1 to 100 (JPEG quality)")
+    if store == "raw" or kind != "video" or shape[-1] not in JPEG_CHANNELS:
+        return {}
+    return {"storage": "jpeg", "jpeg_quality": quality}
 
 
 @dataclass
@@ -215,6 +237,17 @@ class _WorkFolder:
         path.parent.mkdir(parents=True, exist_ok=True)
         return _allocated_memmap(path, dtype, shape)
 
+    def packed_path(self, split: str, key: str, index: int) -> Path:
+        return self.path / "staging" / split / f"{key}.jpeg" / f"{index}.bin"
+
+    def write_packed(self, split: str, key: str, index: int, packed: np.ndarray) -> None:
+        path = self.packed_path(split, key, index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".part")
+        with open(partial, "wb") as handle:
+            handle.write(np.ascontiguousarray(packed, dtype=np.uint8).tobytes())
+        os.replace(partial, path)
+
 
 def _allocated_memmap(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
     """A new ``.npy`` memmap whose disk blocks are reserved up front. ``open_memmap`` makes a sparse file, and
@@ -273,7 +306,10 @@ def _decode_all(
         (split, key): work.staging(split, key, (size, *mod.shape), mod.dtype, create=True)
         for split, size in sizes.items()
         for key, mod in plan.decoded.items()
+        if mod.storage == "raw"
     }
+    jpeg = {key: mod.jpeg_quality for key, mod in plan.decoded.items() if mod.storage == "jpeg"}
+    decode = JpegEncodingDecode(plan.decode, jpeg) if jpeg else plan.decode
     todo = [s for s in plan.samples if (s.split, s.index) not in finished]
     total = len(plan.samples)
     completed = total - len(todo)
@@ -291,6 +327,10 @@ def _decode_all(
 
     def store(sample: Sample, result: dict[str, np.ndarray]) -> None:
         for key, mod in plan.decoded.items():
+            if mod.storage == "jpeg":
+                # one packed file per sample (variable size), complete before the sample is logged as done
+                work.write_packed(sample.split, key, sample.index, np.asarray(result[key]))
+                continue
             value = np.asarray(result[key])
             if value.shape != mod.shape:
                 raise ValueError(
@@ -315,7 +355,7 @@ def _decode_all(
         if job.workers <= 1 or len(todo) <= 1:
             for sample in todo:
                 try:
-                    store(sample, plan.decode(sample.source))
+                    store(sample, decode(sample.source))
                 except BadSample as error:
                     failed(sample, error)
                 completed += 1
@@ -334,7 +374,7 @@ def _decode_all(
             def submit_next() -> None:
                 sample = next(queue, None)
                 if sample is not None:
-                    in_flight[pool.submit(plan.decode, sample.source)] = sample
+                    in_flight[pool.submit(decode, sample.source)] = sample
 
             try:
                 for _ in range(job.workers * IN_FLIGHT_PER_WORKER):
@@ -420,6 +460,10 @@ def _finalise(plan: Plan, work: _WorkFolder, sizes: dict[str, int], bad: dict[tu
         # Which raw sample each row came from (not a modality; for tracing results back to files).
         _save_npy(work.path / split / "ids.npy", np.array([idents[split][i] for i in kept], dtype=str))
         for key, mod in plan.decoded.items():
+            if mod.storage == "jpeg":
+                packed = (np.fromfile(work.packed_path(split, key, int(i)), dtype=np.uint8) for i in kept)
+                write_store(work.path / split, key, packed, mod.shape[0])
+                continue
             staging = work.staging(split, key, (size, *mod.shape), mod.dtype, create=False)
             target = work.path / split / f"{key}.npy"
             target.parent.mkdir(parents=True, exist_ok=True)

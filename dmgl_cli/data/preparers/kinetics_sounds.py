@@ -65,6 +65,8 @@ OPTIONS = {
     "frames": 10,
     "frame_size": 224,
     "audio_dtype": "float16",
+    "frame_store": "jpeg",  # raw (uint8 .npy) | jpeg (decoded per batch, only the sampled frames; bench/README.md)
+    "frame_quality": 90,  # JPEG quality of frame_store=jpeg
 }
 LAYOUT = """  videos/<clip>.mp4 ...   10 s clips with audio (mp4, mkv, webm, avi, flv; found recursively)
   annotations.csv         header `clip,label,split` (or Kinetics' `youtube_id,time_start,time_end,label,split`)
@@ -184,7 +186,9 @@ def prepare(job: PrepareJob) -> dict[str, Any]:
         classes=classes,
         decoded={
             "audio": driver.Modality("audio", spectrogram_shape(seconds), audio_dtype),
-            "visual": driver.Modality("video", (frames, size, size, 3), "uint8"),
+            "visual": driver.Modality(
+                "video", (frames, size, size, 3), "uint8", **driver.frame_store(job, "video", (frames, size, size, 3))
+            ),
         },
         decode=functools.partial(decode_clip, seconds=seconds, frames=frames, size=size, audio_dtype=audio_dtype),
         known_bad=known_bad,

@@ -61,6 +61,8 @@ OPTIONS = {
     "frames": 32,  # spread evenly over the gesture's [START, END)
     "frame_size": 112,
     "flow_bound": 20.0,  # flow clipped to +-bound pixels (at the stored size) before mapping to uint8
+    "frame_store": "raw",  # raw (uint8 .npy) | jpeg (decoded per batch, only the sampled frames; bench/README.md)
+    "frame_quality": 90,  # JPEG quality of frame_store=jpeg
 }
 LAYOUT = """  nvgesture_train_correct_cvpr2016_v2.lst
   nvgesture_test_correct_cvpr2016_v2.lst
@@ -194,8 +196,12 @@ def prepare(job: PrepareJob) -> dict[str, Any]:
         samples=samples,
         classes=CLASSES,
         decoded={
-            "rgb": driver.Modality("video", (frames, size, size, 3), "uint8"),
-            "depth": driver.Modality("video", (frames, size, size, 1), "uint8"),
+            "rgb": driver.Modality(
+                "video", (frames, size, size, 3), "uint8", **driver.frame_store(job, "video", (frames, size, size, 3))
+            ),
+            "depth": driver.Modality(
+                "video", (frames, size, size, 1), "uint8", **driver.frame_store(job, "video", (frames, size, size, 1))
+            ),
             "flow": driver.Modality("video", (frames, size, size, 2), "uint8"),
         },
         decode=functools.partial(decode_gesture, frames=frames, size=size, bound=bound),
