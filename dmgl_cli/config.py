@@ -173,7 +173,11 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast, used on CUDA only
     deterministic: bool = False
-    eval_test_every_epoch: bool = True  # per-epoch test curves; selection still uses validation only
+    # Validation every k epochs (and at the last); the best epoch is chosen among these on validation only, and
+    # optim.scheduler=plateau steps at these epochs (its patience counts validations).
+    eval_every: int = 1
+    # Test scored at every validated epoch (curves), not only at each new best epoch and the last one.
+    test_curves: bool = False
 
 
 @dataclass(frozen=True)
@@ -283,6 +287,19 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {tp} at {where}")
 
 
+# Settings renamed since they were first recorded: a run's recorded config.yaml still reads (resume, eval), a new
+# --set of the old name is refused with the new one.
+RENAMED = {"train.eval_test_every_epoch": "train.test_curves"}
+
+
+def _rename_recorded(tree: dict[str, Any]) -> None:
+    for old, new in RENAMED.items():
+        section, _, key = old.rpartition(".")
+        values = tree.get(section)
+        if isinstance(values, dict) and key in values:
+            set_dotted(tree, new, values.pop(key))
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -290,6 +307,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         where = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
+            if where in RENAMED:
+                raise DmglError(f"setting '{where}' is now '{RENAMED[where]}'; use that name")
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" — did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
             raise DmglError(f"unknown setting '{where}'{hint} (valid here: {', '.join(names)})")
@@ -374,8 +393,11 @@ def _finish(tree: dict[str, Any], *, announce: bool) -> Config:
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
-    """A validated config from a nested mapping (a sweep's stored base config, tests)."""
-    return _finish(_tree_of(data), announce=False)
+    """A validated config from a nested mapping (a recorded config.yaml, a sweep's stored base config, tests);
+    settings recorded under an older name are read under their new one."""
+    tree = _tree_of(data)
+    _rename_recorded(tree)
+    return _finish(tree, announce=False)
 
 
 def config_from_yaml(text: str) -> Config:
@@ -561,6 +583,7 @@ def validate(config: Config) -> None:
     _check(train.epochs >= 1, f"train.epochs must be >= 1, got {train.epochs}")
     _check(train.batch_size >= 1, f"train.batch_size must be >= 1, got {train.batch_size}")
     _check(train.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {train.eval_batch_size}")
+    _check(train.eval_every >= 1, f"train.eval_every must be >= 1, got {train.eval_every}")
     _check(
         train.device in ("auto", "cpu", "cuda") or train.device.startswith("cuda:"),
         f"train.device must be auto, cpu, cuda or cuda:N, got {train.device!r}",

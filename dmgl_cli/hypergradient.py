@@ -283,6 +283,25 @@ class Hypergradient:
     largest_eigenvalue: float | None = None  # neumann with scale=None: the lambda_max it used
 
 
+def mixed_gradient(cls_loss_inner: Tensor, mm_loss_inner: Tensor, params: Sequence[Tensor]) -> TensorList:
+    """``g_MM - g_CLS`` on the inner batch (one plain backward of ``L_MM - L_CLS``; the graph is kept for the
+    caller's own backward)."""
+    params = list(params)
+    grads = torch.autograd.grad(mm_loss_inner - cls_loss_inner, params, retain_graph=True, allow_unused=True)
+    return [g.detach() for g in _fill_unused(grads, params)]
+
+
+def identity_hypergradient(
+    mixed: Sequence[Tensor], cls_loss_outer: Tensor, params: Sequence[Tensor], scale: float
+) -> float:
+    """``-scale * (g_MM - g_CLS)^T v`` with ``v`` the gradient of the outer loss, whose graph is freed as ``v`` is
+    taken: :func:`implicit_hypergradient` with ``approx=identity``, split so that the caller can run the outer forward
+    after its own backward has freed the inner graph (the two graphs never coexist)."""
+    params = list(params)
+    v = _fill_unused(torch.autograd.grad(cls_loss_outer, params, allow_unused=True), params)
+    return float(-scale * _dot(mixed, v))
+
+
 def implicit_hypergradient(
     cls_loss_inner: Tensor,
     mm_loss_inner: Tensor,
@@ -297,6 +316,7 @@ def implicit_hypergradient(
     largest_eigenvalue_estimate: float | None = None,
     power_iterations: int = POWER_ITERATIONS,
     seed: int = 0,
+    outer_shares_graph: bool = True,
 ) -> Hypergradient:
     """``d L_CLS_outer(theta*(alpha)) / d alpha = -(g_MM - g_CLS)^T H^{-1} v`` (see the module docstring).
 
@@ -322,8 +342,11 @@ def implicit_hypergradient(
     if len(decay) != len(params):
         raise ValueError(f"weight_decay has {len(decay)} entries for {len(params)} parameters")
     alpha = float(alpha)
-    # the outer loss may share its forward graph with the inner ones, so keep it for the gradients below
-    v = _fill_unused(torch.autograd.grad(cls_loss_outer, params, retain_graph=True, allow_unused=True), params)
+    # The outer loss may share its forward graph with the inner ones (keep it then); the trainer's does not, and
+    # frees it here so that it does not stay alive through the Hessian-vector products.
+    v = _fill_unused(
+        torch.autograd.grad(cls_loss_outer, params, retain_graph=outer_shares_graph, allow_unused=True), params
+    )
     mixed = _fill_unused(
         torch.autograd.grad(mm_loss_inner - cls_loss_inner, params, retain_graph=True, allow_unused=True), params
     )

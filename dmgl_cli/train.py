@@ -14,8 +14,9 @@ from the validation split that picks the best epoch; its forward runs in eval mo
 statistics and uses no dropout: ``v`` is the gradient of the classification loss as the model is scored.
 
 Per epoch: schedules set alpha (heuristic 1 - exp(-1/t), stepwise h(p), constant), the model is scored on the
-validation split (and on test, for the curves), the best epoch is chosen on validation only, and a checkpoint
-with everything needed for an exact resume is written. The trainer never talks to MLflow: it hands metrics and
+validation split (every ``train.eval_every`` epochs and at the last), the best epoch is chosen on validation only,
+the test split is scored at each new best epoch (the reported figure) and at the last epoch (every validated epoch
+with ``train.test_curves``), and a checkpoint with everything needed for an exact resume is written. The trainer never talks to MLflow: it hands metrics and
 checkpoints to a :class:`RunSink`.
 """
 
@@ -51,13 +52,16 @@ from dmgl_cli.hypergradient import (
     Hypergradient,
     coupled_weight_decay,
     first_tensor_hessian_gradient_mean,
+    identity_hypergradient,
     implicit_hypergradient,
+    mixed_gradient,
 )
 from dmgl_cli.losses import modality_matching_loss, total_loss
 from dmgl_cli.methods import build_method
 from dmgl_cli.methods.base import Method
 from dmgl_cli.metrics import MetricAccumulator
 from dmgl_cli.models import ModelOutput, MultimodalModel
+from dmgl_cli.models.vision import ResNetTrunk
 from dmgl_cli.strategies import AlphaStrategy, LearningBasedStrategy, strategy_from_config
 
 
@@ -92,7 +96,7 @@ def compute_losses(method: Method, config: Config, output: ModelOutput, labels: 
     return cls_loss, mm_loss
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(
     model: MultimodalModel, method: Method, config: Config, loader, device: torch.device, prefix: str
 ) -> dict[str, float]:
@@ -187,12 +191,14 @@ class Trainer:
         self.model = self.method.build_model(model_input_specs(dataset.modalities, config), dataset.num_classes).to(
             self.device
         )
-        if self.device.type == "cuda":
-            # channels_last for 2D convolutions only: Module.to(memory_format=channels_last) fails on the 5D
-            # weights of 3D convolutions (NVGesture's video encoders).
-            for module in self.model.modules():
-                if isinstance(module, torch.nn.Conv2d):
-                    module.to(memory_format=torch.channels_last)
+        # channels_last for 2D convolutions only: Module.to(memory_format=channels_last) fails on the 5D weights of
+        # 3D convolutions (NVGesture's video encoders). On the CPU only the ResNet trunks wide enough for it
+        # (models/vision.py, CPU_CHANNELS_LAST_MIN_WIDTH), whose inputs their encoders then lay out the same way.
+        for module in self.model.modules():
+            if isinstance(module, ResNetTrunk) and module.channels_last_on(self.device):
+                module.to(memory_format=torch.channels_last)
+            elif isinstance(module, torch.nn.Conv2d) and self.device.type == "cuda":
+                module.to(memory_format=torch.channels_last)
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self._hypergradient_records: list = []  # this epoch's Hypergradient results, summarised in its metrics
@@ -271,14 +277,12 @@ class Trainer:
         return output, labels
 
     def _alpha_hypergradient(self, cls_loss: Tensor, mm_loss: Tensor) -> float:
-        """dL_CLS/dalpha from this step's inner losses and a fresh outer batch (Eq. 3, as ``approx`` says)."""
+        """dL_CLS/dalpha from this step's inner losses and a fresh outer batch (Eq. 3 with ``neumann`` or ``cg``;
+        ``identity`` goes through :meth:`_identity_hypergradient`)."""
         strategy = self.learner
         output, labels = self._outer_output()
         outer_cls = self.method.classification_loss(output, labels)
         params = self._hyper_parameters()
-        scale = strategy.scale
-        if scale is None and strategy.approx == "identity":  # the one-step look-ahead of the optimiser's own step
-            scale = self.optimizer.param_groups[0]["lr"]
         result = implicit_hypergradient(
             cls_loss,
             mm_loss,
@@ -287,15 +291,29 @@ class Trainer:
             params,
             strategy.approx,
             strategy.terms,
-            scale,
+            strategy.scale,
             strategy.damping,
             weight_decay=coupled_weight_decay(self.optimizer, params),
             largest_eigenvalue_estimate=strategy.cached_largest_eigenvalue(),
             seed=self.seed + self.global_step,
+            outer_shares_graph=False,
         )
         strategy.remember_largest_eigenvalue(result.largest_eigenvalue)
         self._hypergradient_records.append(result)
         return result.value
+
+    def _identity_hypergradient(self, mixed: list[Tensor]) -> float:
+        """``-scale (g_MM - g_CLS)^T v``, the one-step look-ahead, with ``mixed`` = g_MM - g_CLS taken before the
+        step's backward. Called after that backward and before the optimiser step: the parameters and BatchNorm
+        statistics are those the inner forward left, as when the outer forward ran before the backward, but the
+        inner graph is freed by now, so the two graphs never coexist (peak memory: bench/lb_overhead.py)."""
+        strategy = self.learner
+        scale = strategy.scale if strategy.scale is not None else self.optimizer.param_groups[0]["lr"]
+        output, labels = self._outer_output()
+        outer_cls = self.method.classification_loss(output, labels)
+        value = identity_hypergradient(mixed, outer_cls, self._hyper_parameters(), scale)
+        self._hypergradient_records.append(Hypergradient(value))
+        return value
 
     def _epoch_start_alpha_gradient(self) -> float:
         """The authors' released alpha gradient (``approx=official``) on an outer batch, before the epoch trains."""
@@ -334,15 +352,21 @@ class Trainer:
                 loss = method.objective_scale * total_loss(alpha, cls_loss, mm_loss) + sum(
                     extra.values(), cls_loss.new_zeros(())
                 )
-                hypergradient = None
+                hypergradient = mixed = None
                 last_step = index == batches - 1 and number == len(passes) - 1
                 if strategy.needs_hypergradient(self.global_step + 1, end_of_epoch=last_step):
-                    hypergradient = self._alpha_hypergradient(cls_loss, mm_loss)
+                    if self.learner.approx == "identity":  # its outer forward waits until the backward below
+                        mixed = mixed_gradient(cls_loss, mm_loss, self._hyper_parameters())
+                    else:
+                        hypergradient = self._alpha_hypergradient(cls_loss, mm_loss)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 method.after_backward(model, output, labels, step_info)
                 if config.optim.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+                if mixed is not None:
+                    hypergradient = self._identity_hypergradient(mixed)
+                    mixed = None
                 self.optimizer.step()
                 self.global_step += 1
                 if hypergradient is not None:
@@ -411,26 +435,24 @@ class Trainer:
                 self.strategy.apply_hypergradient(self._epoch_start_alpha_gradient())
             self.method.on_epoch_start(self.model, number)
             metrics = self._train_epoch()
-            val = evaluate(self.model, self.method, config, self.eval_loaders["val"], self.device, "val")
-            test = (
-                evaluate(self.model, self.method, config, self.eval_loaders["test"], self.device, "test")
-                if config.train.eval_test_every_epoch
-                else {}
-            )
+            val, test = self._scores_of_epoch(number, total)
             metrics.update(val)
             metrics.update(test)
             metrics.update(self.method.on_epoch_end(self.model, number, val))
             if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                self.scheduler.step(val["val_cls_loss"])
+                if val:  # validated epochs only (train.eval_every): its patience counts validations
+                    self.scheduler.step(val["val_cls_loss"])
             elif self.scheduler is not None:
                 self.scheduler.step()
-            selected = val[f"val_{config.train.select_metric}"]
-            if selected > self.best_metric:  # ties keep the earlier epoch
+            if val and val[f"val_{config.train.select_metric}"] > self.best_metric:  # ties keep the earlier epoch
                 if not test:
-                    test = evaluate(self.model, self.method, config, self.eval_loaders["test"], self.device, "test")
-                self.best_metric, self.best_epoch = selected, number
+                    test = self._score("test")
+                    metrics.update(test)
+                self.best_metric, self.best_epoch = val[f"val_{config.train.select_metric}"], number
                 self.best_scores = {**val, **test}
                 self.sink.save_checkpoint("best", self._best_state())
+            if number == total and "test_acc" not in metrics:  # the last epoch's test score, for best-vs-last
+                metrics.update(self._score("test"))
             metrics["best_epoch"] = float(self.best_epoch)
             self.history.append(metrics)
             self.epoch += 1
@@ -441,6 +463,21 @@ class Trainer:
                 raise Interrupted()  # the epoch-end checkpoint above is the resume point
         final = {"best_epoch": float(self.best_epoch), **self.best_scores}
         return TrainResult(best_epoch=self.best_epoch, final=final, history=list(self.history))
+
+    def _score(self, split: str) -> dict[str, float]:
+        return evaluate(self.model, self.method, self.config, self.eval_loaders[split], self.device, split)
+
+    def _scores_of_epoch(self, number: int, total: int) -> tuple[dict[str, float], dict[str, float]]:
+        """(validation, test) scores after epoch ``number``: validation every ``train.eval_every`` epochs and at the
+        last; test here only for curves (``train.test_curves``, or a method whose scoring passes change its state,
+        so that they run as in its released loop). Otherwise test is scored by :meth:`fit` at each new best epoch
+        (the reported figure) and at the last epoch."""
+        every = self.config.train.eval_every
+        if number % every != 0 and number != total:
+            return {}, {}
+        val = self._score("val")
+        curves = self.config.train.test_curves or self.method.scoring_changes_state
+        return val, (self._score("test") if curves else {})
 
     # -------------------------------------------------------------------------------------------------- state
     def _best_state(self) -> dict[str, Any]:

@@ -83,22 +83,28 @@ def test_outer_forward_changes_no_running_state_and_is_deterministic(synthetic):
         assert torch.equal(value, after_inner[key]), key
 
 
-def test_hypergradient_uses_the_optimisers_weight_decay(synthetic, monkeypatch):
+def test_hypergradient_uses_the_optimisers_weight_decay_and_learning_rate(synthetic, monkeypatch):
     seen = {}
     import dmgl_cli.train as train_module
 
-    real = train_module.implicit_hypergradient
+    real_implicit, real_identity = train_module.implicit_hypergradient, train_module.identity_hypergradient
 
-    def spy(*args, **kwargs):
+    def spy_implicit(*args, **kwargs):
         seen["weight_decay"] = kwargs["weight_decay"]
-        seen["scale"] = args[7]
-        return real(*args, **kwargs)
+        return real_implicit(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "implicit_hypergradient", spy)
+    def spy_identity(mixed, outer, params, scale):
+        seen["scale"] = scale
+        return real_identity(mixed, outer, params, scale)
+
+    monkeypatch.setattr(train_module, "implicit_hypergradient", spy_implicit)
+    monkeypatch.setattr(train_module, "identity_hypergradient", spy_identity)
     for optimiser, expected in (("sgd", 1e-4), ("adam", 1e-4), ("adamw", 0.0)):
+        trainer = _trainer([f"optim.name={optimiser}", "strategy.lb.update_every=2", "strategy.lb.approx=cg"])
+        trainer._train_epoch()
+        assert set(seen["weight_decay"]) == {expected}, optimiser  # in H of Eq. 3
         trainer = _trainer([f"optim.name={optimiser}", "strategy.lb.update_every=2"])
         trainer._train_epoch()
-        assert set(seen["weight_decay"]) == {expected}, optimiser
         assert seen["scale"] == pytest.approx(trainer.optimizer.param_groups[0]["lr"])  # identity, scale auto
 
 
@@ -176,3 +182,37 @@ def test_a_holdout_that_does_not_fit_the_dataset_creates_no_run(run_cli, synthet
     assert not (registry / "mlflow.db").exists() or not Tracker().search(
         [e.experiment_id for e in Tracker().client.search_experiments()]
     )
+
+
+def test_identity_after_the_backward_equals_eq3_identity_before_it(synthetic):
+    """The identity hypergradient's outer forward runs after the step's backward (one graph alive at a time); the
+    value is the one taken with the inner graph still alive, on a model with BatchNorm whose statistics the inner
+    forward updates."""
+    from dmgl_cli.hypergradient import identity_hypergradient, implicit_hypergradient, mixed_gradient
+
+    trainer = _trainer(["optim.weight_decay=0.01"])
+    trainer.model.encoders["fast"] = nn.Sequential(nn.BatchNorm1d(32), trainer.model.encoders["fast"])
+    trainer.optimizer = trainer._build_optimizer()
+    trainer.model.train()
+    generator = torch.Generator().manual_seed(3)
+    inputs = {m: torch.randn(16, 32, generator=generator) for m in ("fast", "slow")}
+    labels = torch.randint(0, 8, (16,), generator=generator)
+    cls_loss, mm_loss = compute_losses(trainer.method, trainer.config, trainer.model(inputs), labels)
+    params = trainer._hyper_parameters()
+    output, outer_labels = trainer._outer_output()
+    before = implicit_hypergradient(
+        cls_loss,
+        mm_loss,
+        0.3,
+        trainer.method.classification_loss(output, outer_labels),
+        params,
+        "identity",
+        0,
+        0.05,
+        0.0,
+    ).value
+    mixed = mixed_gradient(cls_loss, mm_loss, params)
+    (0.7 * cls_loss + 0.3 * mm_loss).backward()  # frees the inner graph
+    output, outer_labels = trainer._outer_output()
+    after = identity_hypergradient(mixed, trainer.method.classification_loss(output, outer_labels), params, 0.05)
+    assert after == before and after != 0.0

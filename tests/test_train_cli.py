@@ -49,7 +49,10 @@ def test_train_lb_two_seeds_records_everything(run_cli, synthetic, registry):
         assert [step for step, _ in alpha] == [1, 2, 3]  # one value per epoch, step = epoch
         assert all(0.0 <= value <= 1.0 for _, value in alpha)
         assert len(_history(tracker, run_id, "val_acc_slow")) == 3
-        assert len(_history(tracker, run_id, "test_modality_gap")) == 3
+        assert len(_history(tracker, run_id, "val_modality_gap")) == 3
+        # test: at each new best epoch on validation (epoch 1 always is) and at the last
+        tested = [step for step, _ in _history(tracker, run_id, "test_modality_gap")]
+        assert tested[0] == 1 and tested[-1] == 3
         folder = local_path(child.artifact_uri)
         for name in ("best", "last"):
             state = torch.load(folder / "checkpoints" / f"{name}.pt", weights_only=True)

@@ -18,8 +18,9 @@ def _epoch_line(seed: int, epoch: int, total: int, m: dict[str, float]) -> str:
         f"seed {seed} epoch {epoch:>3}/{total}",
         f"alpha {m['alpha']:.3f}",
         f"loss {m['train_loss']:.3f}",
-        f"val acc {m['val_acc']:.3f}",
     ]
+    if "val_acc" in m:  # not at the epochs train.eval_every skips
+        parts.append(f"val acc {m['val_acc']:.3f}")
     if "test_acc" in m:
         parts.append(f"test acc {m['test_acc']:.3f}")
     per_modality = [k for k in m if k.startswith("val_acc_")]

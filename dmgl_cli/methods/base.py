@@ -42,6 +42,13 @@ class Method:
     # (with a warning naming each one it changed), so the run records what ran (dmgl-official).
     pinned_settings: dict[str, Any] = {}
 
+    @property
+    def scoring_changes_state(self) -> bool:
+        """Whether scoring a split changes the method's state (Greedy's running gate averages, as released): the
+        trainer then scores test at every validated epoch, as the method's released loop does, so that the state
+        evolves as published."""
+        return False
+
     def __init__(self, config, options: dict[str, Any]):
         self.config = config
         self.options = options

@@ -52,8 +52,10 @@ Deviations from the authors' code:
   setting) the measured gradients are those of dmgl's total loss, L_MM included.
 * The model is dmgl's: its encoders end in a projection to ``model.embed_dim`` that the stream classifier reads
   (part of the main branch here), and the running averages are buffers, so they are checkpointed and a resumed run
-  continues them (the released ones are plain attributes, lost on reload). dmgl evaluates the test split only when
-  validation improves (unless ``train.eval_test_every_epoch``), so fewer test batches may enter the averages.
+  continues them (the released ones are plain attributes, lost on reload). As in the released loop, validation and
+  test are scored at every validated epoch while ``average_eval_batches`` holds (their forwards enter the averages;
+  other methods score test only at new best epochs), so test batches shape the gates of later training steps, as
+  released; ``average_eval_batches=false`` keeps them out.
 * Not reproduced: the random variant (``Bias_Mitigation_Random``) and the offline conditional utilisation rate
   analysis (``eval.py`` with ``turnoff_cross_modal_flow``); the MMTM options ``SEonly`` and ``shareweight`` (off in
   the released configs).
@@ -212,6 +214,10 @@ class GreedyMethod(ChannelMethod):
                 f"{self.key('average_eval_batches')} must be true or false, "
                 f"got {self.settings['average_eval_batches']!r}"
             )
+
+    @property
+    def scoring_changes_state(self) -> bool:
+        return bool(self.settings["average_eval_batches"])
 
     # -- model ---------------------------------------------------------------------------------------------
     def make_mmtm(self, channels: list[int]) -> CuratedMMTM:

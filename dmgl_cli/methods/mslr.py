@@ -97,6 +97,11 @@ class MSLRMethod(RebalanceMethod):
             raise DmglError(
                 f"{self.key('end_epoch')} ({self.end_epoch}) must be >= {self.key('start_epoch')} ({self.start_epoch})"
             )
+        if self.schedule == "dynamic" and self.config.train.eval_every != 1:
+            raise DmglError(
+                f"{self.key('schedule')}=dynamic reads every epoch's validation accuracies; with "
+                f"train.eval_every={self.config.train.eval_every} set train.eval_every=1 or {self.key('schedule')}=keep"
+            )
 
     def param_groups(self, model: MultimodalModel) -> list[dict[str, Any]]:
         self.scales = self.per_modality_floats("lr_scale", list(model.encoders), 1.0)

@@ -48,9 +48,13 @@ _NOT_CONFIGURATION = {
     "data.num_workers",
     "train.eval_batch_size",
     "train.deterministic",
-    "train.eval_test_every_epoch",
+    "train.eval_test_every_epoch",  # the former name of train.test_curves
+    "train.test_curves",
     "recipe",
 }
+# Settings added after runs were first recorded, with the value every run recorded before them used: a run without
+# the param compares equal to one that records this value.
+_ADDED_SETTINGS = {"train.eval_every": "1"}
 # A configuration's pseudo-setting for the prepared data it read (tag dmgl.dataset_checksum).
 DATA_CHECKSUM = "dataset checksum"
 MAX_LISTED = 6  # settings named in one message before "and N more"
@@ -89,7 +93,7 @@ class SeedRun:
         strategy = self.spec.name if self.spec else self.params.get("strategy.name", "")
         settings = {
             k: v
-            for k, v in self.params.items()
+            for k, v in {**_ADDED_SETTINGS, **self.params}.items()
             if k not in _NOT_CONFIGURATION and setting_applies(k, strategy, self.method)
         }
         if self.tags.get("dmgl.dataset_checksum"):
