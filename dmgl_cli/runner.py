@@ -22,7 +22,7 @@ import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dmgl_cli import __version__
 from dmgl_cli.checkpoint import load_model_state
@@ -35,12 +35,19 @@ from dmgl_cli.device import pick_device
 from dmgl_cli.errors import DmglError, Interrupted, Stopped
 from dmgl_cli.methods import METHODS, build_method
 from dmgl_cli.metrics import mean_std, summarise_over_seeds
+from dmgl_cli.models import check_tokenisation
 from dmgl_cli.paths import safe_name
 from dmgl_cli.plots import alpha_figure, close
 from dmgl_cli.strategies import spec_from_params
 from dmgl_cli.tables import Cell, Row, Table, render_markdown
 from dmgl_cli.tracking import DatasetRecord, RunRecord, RunRecorder, Tracker
 from dmgl_cli.train import Trainer, TrainResult, check_against_dataset, evaluate
+
+if TYPE_CHECKING:
+    import torch
+
+    from dmgl_cli.methods.base import Method
+    from dmgl_cli.models import MultimodalModel
 
 # progress(seed, epoch, total_epochs, metrics), after each epoch
 Progress = Callable[[int, int, int, dict[str, float]], None]
@@ -325,6 +332,7 @@ def train(
     run_name = safe_name(run_name or default_run_name(config), "run name")
     dataset = open_dataset(config.dataset)
     check_against_dataset(config, dataset)  # and so do settings that do not fit the dataset
+    check_tokenisation(config, dataset.manifest)  # a text encoder that does not read the dataset's tokens
     experiment = config.experiment or config.dataset
     experiment_id = tracker.experiment_id(experiment)
     tracker.warn_stale([experiment_id])
@@ -458,18 +466,38 @@ def evaluate_run(run_id: str, *, tracker: Tracker, checkpoint: str = "best", spl
     return [_evaluate_seed(tracker, r, checkpoint, split) for r in runs]
 
 
-def _evaluate_seed(tracker: Tracker, run: RunRecord, checkpoint: str, split: str) -> EvalOutcome:
-    run_id = run.run_id
-    config = config_from_yaml(tracker.read_text(run_id, "config.yaml"))
+@dataclass
+class RecordedModel:
+    """A seed run's model rebuilt from its ``config.yaml`` and a checkpoint (``state``), on its configured device."""
+
+    config: Config
+    dataset: PreparedDataset
+    method: Method
+    model: MultimodalModel
+    device: torch.device
+    state: dict[str, Any]
+
+
+def load_recorded_model(tracker: Tracker, run: RunRecord, checkpoint: str) -> RecordedModel:
+    """Rebuild a seed run's model as it was recorded (``dmgl eval``, ``dmgl explain``, the embeddings plot);
+    refuses a dataset whose checksum changed since the run."""
+    config = config_from_yaml(tracker.read_text(run.run_id, "config.yaml"))
     dataset = open_dataset(config.dataset)
     _check_dataset(config, dataset, run.tags)
-    state = tracker.load_checkpoint(run_id, checkpoint)
+    state = tracker.load_checkpoint(run.run_id, checkpoint)
     method = build_method(config)
     device = pick_device(config.train.device)
     model = method.build_model(model_input_specs(dataset.modalities, config), dataset.num_classes)
-    load_model_state(model, state["model"], f"run {run_id} checkpoints/{checkpoint}.pt")
-    model.to(device)
-    metrics = evaluate(model, method, config, eval_loader(dataset, config, split), device, split)
+    load_model_state(model, state["model"], f"run {run.run_id} checkpoints/{checkpoint}.pt")
+    return RecordedModel(config, dataset, method, model.to(device), device, state)
+
+
+def _evaluate_seed(tracker: Tracker, run: RunRecord, checkpoint: str, split: str) -> EvalOutcome:
+    run_id = run.run_id
+    recorded = load_recorded_model(tracker, run, checkpoint)
+    config, state = recorded.config, recorded.state
+    loader = eval_loader(recorded.dataset, config, split)
+    metrics = evaluate(recorded.model, recorded.method, config, loader, recorded.device, split)
     if checkpoint == "best":
         logged = {k: v for k, v in state.get("metrics", {}).items() if k.startswith(f"{split}_")}
     else:
@@ -501,6 +529,23 @@ class Registration:
         return f"models:/{self.name}/{self.version}"
 
 
+def best_seed_on_validation(tracker: Tracker, parent: RunRecord) -> tuple[RunRecord, list[RunRecord]]:
+    """A parent run's finished seed with the best validation score (``final_val_<train.select_metric>``; never
+    test; a tie goes to the lower seed), and every finished seed that has one."""
+    key = f"final_val_{parent.params.get('train.select_metric', 'acc')}"
+    scored = [
+        c
+        for c in tracker.children(parent.run_id)
+        if c.status == "FINISHED" and math.isfinite(c.metrics.get(key, math.nan))
+    ]
+    if not scored:
+        raise DmglError(
+            f"parent run {parent.run_id} has no finished seed with a validation score ({key}); "
+            "`dmgl train --resume` finishes its seeds"
+        )
+    return max(scored, key=lambda c: (c.metrics[key], -int(c.tags.get("dmgl.seed", 0)))), scored
+
+
 def register(run_id: str, name: str, *, tracker: Tracker) -> Registration:
     """Put a seed run's logged model (its best checkpoint) in the Model Registry as a new version of ``name``.
 
@@ -516,17 +561,7 @@ def register(run_id: str, name: str, *, tracker: Tracker) -> Registration:
         parent_id = run_id
         metric = run.params.get("train.select_metric", "acc")
         key = f"final_val_{metric}"
-        scored = [
-            c
-            for c in tracker.children(run_id)
-            if c.status == "FINISHED" and math.isfinite(c.metrics.get(key, math.nan))
-        ]
-        if not scored:
-            raise DmglError(
-                f"parent run {run_id} has no finished seed with a validation score ({key}); "
-                "`dmgl train --resume` finishes its seeds"
-            )
-        chosen = max(scored, key=lambda c: (c.metrics[key], -int(c.tags.get("dmgl.seed", 0))))
+        chosen, scored = best_seed_on_validation(tracker, run)
         others = ", ".join(f"seed {c.tags.get('dmgl.seed')} {c.metrics[key]:.4f}" for c in scored if c is not chosen)
         chosen_by = f"best validation {metric} of {len(scored)} finished seed(s): {chosen.metrics[key]:.4f}" + (
             f" (others: {others})" if others else ""

@@ -480,6 +480,13 @@ class Tracker:
     def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
         self.client.log_figure(run_id, figure, artifact_file)
 
+    def log_file(self, run_id: str, path: Path, folder: str | None = None) -> None:
+        """Copy the local file ``path`` into the run's artifacts, under ``folder`` (e.g. ``explain``) if given."""
+        try:
+            _with_retries(self.client.log_artifact, run_id, str(path), folder)
+        except (MlflowException, OSError) as exc:
+            raise DmglError(f"cannot log {path.name} to run {run_id} ({exc})") from None
+
     def read_text(self, run_id: str, artifact_file: str) -> str:
         with tempfile.TemporaryDirectory() as tmp:
             try:

@@ -14,7 +14,20 @@ import os
 import click
 
 from dmgl_cli import __version__
-from dmgl_cli.cli import datasets, evaluate, prepare, recipes, register, report, runs, sweep, train, ui
+from dmgl_cli.cli import (
+    datasets,
+    evaluate,
+    explain,
+    prepare,
+    recipes,
+    register,
+    report,
+    reproduce,
+    runs,
+    sweep,
+    train,
+    ui,
+)
 from dmgl_cli.cli.base import DmglGroup
 
 __all__ = ["DmglGroup", "cli", "main"]
@@ -70,5 +83,7 @@ cli.add_command(recipes.recipes)
 cli.add_command(sweep.sweep)
 cli.add_command(report.report)
 cli.add_command(register.register)
+cli.add_command(explain.explain)
+cli.add_command(reproduce.reproduce)
 
 main = functools.partial(cli, prog_name="dmgl")

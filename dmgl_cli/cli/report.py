@@ -12,7 +12,8 @@ from dmgl_cli.errors import DmglError
 
 _TABLES = ("main", "strategies", "ablation", "runs")
 _FORMATS = ("text", "markdown", "latex", "csv", "json")
-_PLOTS = ("alpha", "gap", "curves")
+_PLOTS = ("alpha", "gap", "curves", "embeddings")
+_PROJECTIONS = ("pca", "umap")
 _LABELS = ("code", "paper")
 
 
@@ -59,7 +60,16 @@ def _split_plots(values: tuple[str, ...]) -> list[str]:
     "plots",
     multiple=True,
     metavar="KINDS",
-    help="alpha (Figure 3), gap (Figure 2 analogue), curves (validation per epoch); comma-separated or repeated.",
+    help="alpha (Figure 3), gap (Figure 2 analogue), curves (validation per epoch), embeddings (Figure 2: each "
+    "cell's best-on-validation seed's embeddings in 2-D and the modality gap per epoch; runs the checkpoints on "
+    "--split); comma-separated or repeated.",
+)
+@click.option(
+    "--projection",
+    type=click.Choice(_PROJECTIONS),
+    default="pca",
+    show_default=True,
+    help="2-D projection of --plot embeddings: pca (scikit-learn) or umap (needs umap-learn installed).",
 )
 @click.option(
     "--out",
@@ -96,6 +106,7 @@ def report(
     split,
     metric,
     plots,
+    projection,
     out_dir,
     output,
     labels,
@@ -118,6 +129,7 @@ def report(
       dmgl report --sweep cmp --table runs
       dmgl report --plot alpha --out figures/           # Figure 3
       dmgl report --plot gap,curves --dataset synthetic
+      dmgl report --plot embeddings --dataset crema-d --labels paper   # Figure 2
       dmgl report --format json -o table.json
     """
     from dmgl_cli.paths import atomic_write_bytes
@@ -141,6 +153,7 @@ def report(
         color=color,
         labels=labels,
         allow_mixed=allow_mixed,
+        projection=projection,
     )
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)

@@ -70,7 +70,17 @@ class DatasetRegistry:
                 return self._decode(found[0])
         known = [r["name"] for r in self.rows()]
         hint = f"registered: {', '.join(known)}" if known else "no dataset is registered yet"
-        raise DmglError(f"dataset {name!r} is not prepared ({hint}); run `dmgl prepare {name}` first")
+        from dmgl_cli.data.preparers import PREPARERS
+
+        # A name of the user's choosing (`--name sarcasm-clip`) is not a preparer: `dmgl prepare sarcasm-clip` fails.
+        how = (
+            f"`dmgl prepare {name}`"
+            if name in PREPARERS
+            else f"`dmgl prepare DATASET ... --name {name}` first (`dmgl recipes show RECIPE` shows the command)"
+        )
+        raise DmglError(
+            f"dataset {name!r} is not prepared ({hint}); run {how}" + (" first" if name in PREPARERS else "")
+        )
 
     def remove(self, name: str) -> None:
         self.get(name)

@@ -1,7 +1,8 @@
 """Models: an encoder per modality -> fusion -> classification head.
 
 ``ENCODERS`` and ``FUSIONS`` are the explicit registries; ``build_model`` wires a model from the config and the
-prepared dataset's modality specs.
+prepared dataset's modality specs; ``check_tokenisation`` refuses a text encoder that does not read the
+tokenizer a dataset was prepared with (CLIP's against BERT's).
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from typing import Any
 
 from torch import nn
 
-from dmgl_cli.models.encoders import ENCODERS, build_encoder
+from dmgl_cli.models.encoders import ENCODERS, build_encoder, check_tokenisation
 from dmgl_cli.models.fusion import FUSIONS, ModelOutput, MultimodalModel
 
-__all__ = ["ENCODERS", "FUSIONS", "ModelOutput", "MultimodalModel", "build_model"]
+__all__ = ["ENCODERS", "FUSIONS", "ModelOutput", "MultimodalModel", "build_model", "check_tokenisation"]
 
 
 def build_model(

@@ -2,8 +2,9 @@
 
 ``weights`` names the model: a local folder (``save_pretrained`` output) or a hub id. It must be the model whose
 tokenizer prepared the dataset (``dmgl prepare ... --text-model``, recorded in the manifest's ``extra``); the
-recipes use the same default for both. Nothing is downloaded unless a hub id is named and a network is there
-(``HF_HUB_OFFLINE=1`` keeps it local). Input: int64 [B, 2, L] (token ids, attention mask); output: the final
+recipes use the same default for both. A dataset tokenised by CLIP's tokenizer is refused before training
+(``check_tokenisation`` in ``encoders.py``; CLIP's text tower is the ``clip_text`` encoder of ``clip.py``).
+Nothing is downloaded unless a hub id is named and a network is there (``HF_HUB_OFFLINE=1`` keeps it local). Input: int64 [B, 2, L] (token ids, attention mask); output: the final
 hidden state of the first ([CLS]) token, projected to embed_dim — or the masked mean over tokens with
 ``options.pooling: mean``.
 """

@@ -2,7 +2,8 @@
 
 :func:`make_report` selects the seed runs (:mod:`~dmgl_cli.report.selection`, which also groups them), builds the
 paper's tables (:mod:`~dmgl_cli.report.tables`), renders them in text, markdown, LaTeX (booktabs), CSV or JSON
-(:mod:`dmgl_cli.tables`) and writes the figures (:mod:`~dmgl_cli.report.figures`), all through one tracker. Rows
+(:mod:`dmgl_cli.tables`) and writes the figures (:mod:`~dmgl_cli.report.figures`; the embeddings of ``--plot
+embeddings`` come from :mod:`~dmgl_cli.report.embeddings`), all through one tracker. Rows
 are named in ``code`` or ``paper`` style (:mod:`~dmgl_cli.report.labels`); a cell never silently holds runs of
 different settings (``allow_mixed`` to show the best on validation among them instead of refusing).
 """
@@ -68,9 +69,11 @@ def make_report(
     color: bool = False,
     labels: str = "code",
     allow_mixed: bool = False,
+    projection: str = "pca",
 ) -> Report:
     """Select runs through ``tracker``, build the table (if any) and write the figures (if any). ``labels`` names
-    the rows (``code`` or ``paper``); ``allow_mixed`` lets a cell hold runs of different settings."""
+    the rows (``code`` or ``paper``); ``allow_mixed`` lets a cell hold runs of different settings; ``projection``
+    (``pca`` or ``umap``) is the 2-D projection of the ``embeddings`` figure."""
     if table is not None and table not in TABLES:
         raise DmglError(f"unknown table {table!r}; valid: {', '.join(TABLES)}")
     if fmt not in FORMATS:
@@ -107,6 +110,7 @@ def make_report(
             note=note,
             labels=labels,
             allow_mixed=allow_mixed,
+            projection=projection,
         )
     text = render(tables, fmt, warnings, color) if tables else ""
     return Report(text, tables, written, warnings, notes, len(runs))

@@ -1,19 +1,25 @@
 """The paper's figures as PNG files: learned alpha over training (``alpha``, Figure 3), per-modality scores and the
-modality gap (``gap``, a Figure 2 analogue) and validation curves (``curves``).
+modality gap (``gap``, a Figure 2 analogue), validation curves (``curves``) and the modality gap made visible
+(``embeddings``, Figure 2: each run's test embeddings projected to 2-D, and the gap distance per epoch).
 
 Every figure shows the spread over seeds: lines are the mean over seeds with a shaded band of ± one (sample)
 standard deviation, bars carry ± std error bars. Cells are grouped as the tables group them
 (:func:`~dmgl_cli.report.selection.group_runs`: runs of different settings are refused unless ``allow_mixed``).
 Per-epoch metric histories are read from the tracker only for the figures that draw them (alpha trajectories,
-validation curves), and only for the runs those figures show; ``gap`` needs nothing beyond the runs' final metrics.
+validation curves, the gap per epoch), and only for the runs those figures show; ``gap`` needs nothing beyond the
+runs' final metrics. ``embeddings`` also rebuilds one seed per cell from its best checkpoint and runs it on the split
+(:mod:`~dmgl_cli.report.embeddings`): the seed with the best validation score.
 """
 
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from dmgl_cli.errors import DmglError
 from dmgl_cli.metrics import mean_std
@@ -22,9 +28,10 @@ from dmgl_cli.report.selection import Group, SeedRun, group_runs
 from dmgl_cli.report.tables import METRIC_NAMES
 
 if TYPE_CHECKING:
+    from dmgl_cli.report.embeddings import EmbeddingPanel
     from dmgl_cli.tracking import Tracker
 
-PLOTS = ("alpha", "gap", "curves")
+PLOTS = ("alpha", "gap", "curves", "embeddings")
 
 
 def _safe_file_part(text: str) -> str:
@@ -57,18 +64,24 @@ def make_figures(
     note: Callable[[str], None] | None = None,
     labels: str = "code",
     allow_mixed: bool = False,
+    projection: str = "pca",
 ) -> list[tuple[str, Any]]:
     """The requested figures as (file name, matplotlib figure); ``tracker`` reads the metric histories of the runs
-    shown. The caller saves (:func:`write_plots`) or closes them."""
+    shown (and, for ``embeddings``, their checkpoints). ``projection`` (``pca`` or ``umap``) is the 2-D projection
+    of the ``embeddings`` figure. The caller saves (:func:`write_plots`) or closes them."""
     from dmgl_cli import plots  # matplotlib loads only when a figure is asked for
 
     unknown = [k for k in kinds if k not in PLOTS]
     if unknown:
         raise DmglError(f"unknown plot {', '.join(unknown)}; valid: {', '.join(PLOTS)}")
+    if "embeddings" in kinds:
+        from dmgl_cli.report.embeddings import check_projection
+
+        check_projection(projection)
     groups = group_runs(runs, note, allow_mixed=allow_mixed)
     figures: list[tuple[str, Any]] = []
     try:
-        _draw(kinds, groups, split, metric, tracker, warn, labels, figures)
+        _draw(kinds, groups, split, metric, tracker, warn, labels, figures, projection)
     except BaseException:
         for _, figure in figures:
             plots.close(figure)
@@ -85,6 +98,7 @@ def _draw(
     warn: Callable[[str], None] | None,
     labels: str,
     figures: list[tuple[str, Any]],
+    projection: str = "pca",
 ) -> None:
     """Append the figures of ``kinds`` to ``figures`` (so that the caller can close them if one fails)."""
     from dmgl_cli import plots
@@ -165,6 +179,134 @@ def _draw(
                 bands=bands,
             )
             figures.append((f"curves-{_safe_file_part(dataset)}.png", figure))
+    if "embeddings" in kinds:
+        from dmgl_cli.report.embeddings import best_seed, run_panel
+
+        for dataset in sorted({g.dataset for g in groups}):
+            mine = [g for g in ordered([g for g in groups if g.dataset == dataset]) if len(g.modalities) > 1]
+            if not mine:
+                raise DmglError(f"--plot embeddings needs runs with two or more modalities; {dataset} has none")
+            panels = []
+            for group in mine:
+                chosen = best_seed(group.runs)
+                panels.append(run_panel(tracker, chosen, f"{label(group)}, seed {chosen.seed}", split, projection))
+            # The gap per epoch of ``split``; test scores are logged per epoch only with train.test_curves, so
+            # without them it is validation's (said on the axis and in a warning).
+            histories = {
+                curve_split: {
+                    id(g): [
+                        s
+                        for s in (tracker.metric_history(r.run_id, f"{curve_split}_modality_gap") for r in g.runs)
+                        if s
+                    ]
+                    for g in mine
+                }
+                for curve_split in dict.fromkeys([split, "val"])
+            }
+            curve_split = split if any(histories[split].values()) else "val"
+            if curve_split != split and warn:
+                warn(
+                    f"{dataset}: no run logged {split}_modality_gap per epoch (train.test_curves=false); "
+                    "the embeddings figure draws val_modality_gap per epoch instead"
+                )
+            curves, bands = {}, {}
+            for group in mine:
+                series = histories[curve_split][id(group)]
+                if not series:
+                    if warn:
+                        warn(f"{dataset} / {label(group)}: no run recorded {curve_split}_modality_gap per epoch")
+                    continue
+                steps, mean, low, high = seed_band(series)
+                name = f"{label(group)}, {_seeds(len(series))}"
+                curves[name] = (steps, mean)
+                if len(series) > 1:
+                    bands[name] = (low, high)
+            figure = embeddings_figure(
+                panels,
+                curves,
+                bands,
+                title=f"{dataset}: L2-normalised {split} embeddings per modality ({projection.upper()}), best "
+                f"checkpoint of the seed best on validation; {curve_split} modality gap per epoch "
+                "(mean ± std over seeds)",
+                split=curve_split,
+            )
+            figures.append((f"embeddings-{_safe_file_part(dataset)}.png", figure))
+
+
+def _wrap(text: str, figure, fontsize: float, share: float = 1.0) -> str:
+    """``text`` broken into lines that fit ``share`` of the figure's width (about half an em per character)."""
+    width = figure.get_figwidth() * 72 * share
+    return "\n".join(textwrap.wrap(text, max(20, int(width / (0.55 * fontsize))))) or text
+
+
+def gap_legend(panel: EmbeddingPanel) -> str:
+    """The legend line of a panel's gap: ``modality gap ‖c_audio − c_visual‖ = 0.734``, or for more modalities
+    the mean over pairs (the logged metric) followed by each pair's distance."""
+    if len(panel.pair_gaps) == 1:
+        (a, b), _ = next(iter(panel.pair_gaps.items()))
+        return f"modality gap ‖c_{a} − c_{b}‖ = {panel.gap:.3f}"
+    pairs = ", ".join(f"{a}–{b} {value:.3f}" for (a, b), value in panel.pair_gaps.items())
+    return f"modality gap (mean over pairs) = {panel.gap:.3f} ({pairs})"
+
+
+def embeddings_figure(
+    panels: Sequence[EmbeddingPanel],
+    curves: dict[str, tuple[list[int], list[float]]],
+    bands: dict[str, tuple[list[float], list[float]]],
+    title: str,
+    split: str = "test",
+):
+    """Figure 2: one panel per run, side by side (each modality's projected points, its centroid as a large
+    marker, the centroids joined by a line, the gap distance in the legend), and below them the gap distance per
+    epoch for every cell, a shaded band of ± one std over seeds."""
+    from matplotlib.ticker import MaxNLocator
+
+    from dmgl_cli import plots
+
+    plt = plots.plt
+    count = max(1, len(panels))
+    figure = plt.figure(figsize=(max(7.0, 3.6 * count), 7.4), dpi=110, layout="constrained")
+    grid = figure.add_gridspec(2, count, height_ratios=[1.35, 1])
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, panel in enumerate(panels):
+        axis = figure.add_subplot(grid[0, index])
+        for number, (name, points) in enumerate(panel.points.items()):
+            colour = colours[number % len(colours)]
+            axis.scatter(points[:, 0], points[:, 1], s=6, alpha=0.35, color=colour, label=f"{name} (n={len(points)})")
+        centres = np.array([panel.centroids[name] for name in panel.points])
+        axis.plot(centres[:, 0], centres[:, 1], color="black", linewidth=1.2, label=gap_legend(panel))
+        for number, name in enumerate(panel.points):
+            axis.scatter(
+                *panel.centroids[name],
+                s=140,
+                marker="X",
+                color=colours[number % len(colours)],
+                edgecolors="black",
+                linewidths=1.0,
+                zorder=3,
+                label=f"centroid {name}",
+            )
+        axis.set_title(_wrap(f"{panel.title} ({panel.run_id[:8]})", figure, 9, 1 / count), fontsize=9)
+        axis.set_xlabel(f"{panel.projection.upper()} 1", fontsize=8)
+        axis.set_ylabel(f"{panel.projection.upper()} 2", fontsize=8)
+        axis.tick_params(labelsize=7)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=1, frameon=False)
+    over_epochs = figure.add_subplot(grid[1, :])
+    for name, (steps, mean) in curves.items():
+        (line,) = over_epochs.plot(steps, mean, marker="o", markersize=2, label=name)
+        if name in bands:
+            low, high = bands[name]
+            over_epochs.fill_between(steps[: len(low)], low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    over_epochs.set_xlabel("epoch")
+    over_epochs.set_ylabel(f"{split} modality gap\n(centroid distance)", fontsize=9)
+    over_epochs.xaxis.set_major_locator(MaxNLocator(integer=True))
+    over_epochs.grid(alpha=0.3)
+    if curves:
+        over_epochs.legend(fontsize=8, loc="best")
+    over_epochs.set_title(f"{split} modality gap per epoch (mean ± std over seeds)", fontsize=10)
+    figure.suptitle(_wrap(title, figure, 11), fontsize=11)
+    return figure
 
 
 def write_plots(
@@ -179,12 +321,22 @@ def write_plots(
     note: Callable[[str], None] | None = None,
     labels: str = "code",
     allow_mixed: bool = False,
+    projection: str = "pca",
 ) -> list[Path]:
     """Write the requested figures (:func:`make_figures`) as PNG under ``out_dir``; returns the files written."""
     from dmgl_cli import plots
 
     figures = make_figures(
-        kinds, runs, split, metric, tracker=tracker, warn=warn, note=note, labels=labels, allow_mixed=allow_mixed
+        kinds,
+        runs,
+        split,
+        metric,
+        tracker=tracker,
+        warn=warn,
+        note=note,
+        labels=labels,
+        allow_mixed=allow_mixed,
+        projection=projection,
     )
     written = []
     try:

@@ -181,6 +181,20 @@ def class_order(labels: Iterable[str]) -> list[str]:
         return distinct
 
 
+def tokenizer_record(tokenizer, text_model: str, max_tokens: int) -> dict[str, Any]:
+    """What the manifest's ``extra.tokenizer`` records of the tokenizer that made a text modality:
+    ``{name, class, vocab_size}``. Training checks it against the text encoder (CLIP's tokens feed only
+    ``clip_text``, BERT's never: ``models.encoders.check_tokenisation``). Refuses ``max_tokens`` beyond the
+    tokenizer's own limit (CLIP's 77)."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < max_tokens:
+        raise DmglError(
+            f"option max_tokens is {max_tokens}, but the tokenizer of {text_model!r} ({type(tokenizer).__name__}) "
+            f"takes at most {limit} tokens; pass -o max_tokens={limit}"
+        )
+    return {"name": text_model, "class": type(tokenizer).__name__, "vocab_size": len(tokenizer)}
+
+
 def text_image_plan(
     job: PrepareJob,
     entries: dict[str, list[dict[str, Any]]],
@@ -190,7 +204,8 @@ def text_image_plan(
 ):
     """The plan of a text-image dataset (Sarcasm, Twitter2015). ``entries[split]`` rows carry ``id``, ``label``,
     ``image`` (path), ``text`` and optionally ``pair`` (a second text segment). Text is tokenised up front (one
-    fixed [n, 2, max_tokens] array per split); images are decoded per sample by the driver."""
+    fixed [n, 2, max_tokens] array per split, with ``--text-model``'s tokenizer: BERT's by default, CLIP's for the
+    CLIP recipes; recorded by :func:`tokenizer_record`); images are decoded per sample by the driver."""
     import functools
 
     from dmgl_cli.data.media import load_tokenizer, tokenize
@@ -200,6 +215,7 @@ def text_image_plan(
     length = positive_int(job, "max_tokens", 2)
     text_model = job.option("text_model", str)
     tokenizer = load_tokenizer(text_model)
+    record = tokenizer_record(tokenizer, text_model, length)
     samples, fixed = [], {}
     for split, rows in entries.items():
         if not rows:
@@ -216,7 +232,7 @@ def text_image_plan(
         fixed=fixed,
         fixed_modalities={"text": driver.Modality("text", (2, length), "int64")},
         known_bad=known_bad,
-        extra={"text_model": text_model, **extra},
+        extra={"text_model": text_model, "tokenizer": record, **extra},
         order=["text", "image"],
     )
 

@@ -65,6 +65,7 @@ from dmgl_cli.data.preparers.common import (
     positive_int,
     read_text_file,
     reject,
+    tokenizer_record,
 )
 from dmgl_cli.errors import DmglError
 
@@ -278,10 +279,11 @@ def prepare(job: PrepareJob) -> dict:
     text_columns = [c for c, e in modalities.items() if e["kind"] == "text"]
     fixed: dict[str, dict[str, Any]] = {}
     fixed_modalities = {}
-    text_model = None
+    text_model = record = None
     if text_columns:
         text_model = job.option("text_model", str)
         tokenizer = load_tokenizer(text_model)
+        record = tokenizer_record(tokenizer, text_model, max(modalities[c]["max_tokens"] for c in text_columns))
         for column in text_columns:
             length = modalities[column]["max_tokens"]
             fixed_modalities[column] = driver.Modality("text", (2, length), "int64")
@@ -302,6 +304,7 @@ def prepare(job: PrepareJob) -> dict:
             "manifest": str(manifest),
             "modalities": modalities,
             "text_model": text_model,
+            "tokenizer": record,
             "split": "manifest" if has_split else f"seeded stratified (seed {job.seed})",
         },
     )

@@ -15,7 +15,10 @@ one derived from the original post's hashtags. ``-o hfm_filter=true`` drops the 
 by default, which keeps the paper's split sizes.
 
 Stored: ``text`` int64 [2, 128] (token ids and attention mask from ``--text-model``'s tokenizer, default
-bert-base-uncased) and ``image`` uint8 [224, 224, 3]. A malformed line stops the run with its file and line
+bert-base-uncased) and ``image`` uint8 [224, 224, 3]. For the CLIP recipe (``sarcasm-clip``, §4.5) the text is
+CLIP's tokens instead: ``--text-model openai/clip-vit-base-patch32 -o max_tokens=77`` (a ``max_tokens`` beyond the
+tokenizer's own limit is refused). The manifest's ``extra.tokenizer`` records which tokenizer it was, and training
+refuses a text encoder that reads another tokenizer's ids. A malformed line stops the run with its file and line
 number, or with ``--skip-bad`` is recorded and left out; so is a missing or unreadable image.
 """
 
@@ -38,7 +41,7 @@ from dmgl_cli.data.preparers.common import (
 
 NAME = "sarcasm"
 VERSION = "1"
-DESCRIPTION = "Sarcasm (HFM Twitter): 2 classes, text (BERT tokens) + image; 19,816 / 2,410 / 2,409"
+DESCRIPTION = "Sarcasm (HFM Twitter): 2 classes, text (BERT or CLIP tokens) + image; 19,816 / 2,410 / 2,409"
 CLASSES = ["non-sarcastic", "sarcastic"]
 FILES = {"train": "text/train.txt", "val": "text/valid2.txt", "test": "text/test2.txt"}
 HFM_FILTER_WORDS = {

@@ -14,7 +14,11 @@ with no quoting (tweets contain quotes).
 Text input (``-o text_input=``): ``pair`` (default) tokenises the sentence with ``$T$`` replaced by the target,
 paired with the target as the second segment — the usual input of BERT aspect-sentiment models; ``sentence`` the
 substituted sentence alone; ``raw`` keeps ``$T$`` in the sentence and pairs it with the target, as TomBERT does.
-Stored: ``text`` int64 [2, 128] and ``image`` uint8 [224, 224, 3]. A malformed line stops the run with its file
+Stored: ``text`` int64 [2, 128] (``--text-model``'s tokenizer, default bert-base-uncased) and ``image`` uint8
+[224, 224, 3]. For the CLIP recipe (``twitter2015-clip``, §4.5) the text is CLIP's tokens instead:
+``--text-model openai/clip-vit-base-patch32 -o max_tokens=77`` (a pair becomes ``<bos> sentence <eos> <eos>
+target <eos>``). The manifest's ``extra.tokenizer`` records which tokenizer it was, and training refuses a text
+encoder that reads another tokenizer's ids. A malformed line stops the run with its file
 and line number (or is recorded with ``--skip-bad``); so does a missing image (TomBERT substitutes a fixed image;
 we do not invent data).
 """
@@ -39,7 +43,7 @@ from dmgl_cli.errors import DmglError
 
 NAME = "twitter2015"
 VERSION = "1"
-DESCRIPTION = "Twitter2015 (TomBERT): 3 sentiment classes, text (BERT tokens) + image; 3,179 / 1,122 / 1,037"
+DESCRIPTION = "Twitter2015 (TomBERT): 3 sentiment classes, text (BERT or CLIP tokens) + image; 3,179 / 1,122 / 1,037"
 CLASSES = ["negative", "neutral", "positive"]
 FILES = {"train": "train.tsv", "val": "dev.tsv", "test": "test.tsv"}
 HEADER = ["index", "#1 Label", "#2 ImageID", "#3 String", "#3 String"]
