@@ -161,6 +161,7 @@ def write_crema_shaped(
     audio_shape: tuple[int, int] = CREMA_AUDIO_SHAPE,
     audio_dtype: str = "float32",
     seed: int = 0,
+    frame_store: str = "raw",
 ) -> str:
     """A registered prepared dataset ``name`` with CREMA-D's modalities and shapes (see
     :func:`write_crema_shaped_at`); re-used if already registered."""
@@ -181,6 +182,7 @@ def write_crema_shaped(
         audio_shape=audio_shape,
         audio_dtype=audio_dtype,
         seed=seed,
+        frame_store=frame_store,
     )
     registry.register(manifest, destination)
     return name
@@ -197,10 +199,13 @@ def write_crema_shaped_at(
     audio_shape: tuple[int, int] = CREMA_AUDIO_SHAPE,
     audio_dtype: str = "float32",
     seed: int = 0,
+    frame_store: str = "raw",
 ) -> dict[str, Any]:
     """Write a prepared dataset with CREMA-D's modalities and shapes (random content with a weak class signal, so
     the losses move as in training) at ``destination`` with the real PreparedWriter; returns its manifest. Needs no
-    registry (and so neither sqlite-utils nor MLflow): the GPU check uses it on a bare machine."""
+    registry (and so neither sqlite-utils nor MLflow): the GPU check uses it on a bare machine. ``frame_store="jpeg"``
+    stores the frames as the preparers' ``frame_store=jpeg`` does (quality 90)."""
+    from dmgl_cli.data.frames import encode_frames, write_store
     from dmgl_cli.data.prepared import PreparedWriter
 
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -212,18 +217,33 @@ def write_crema_shaped_at(
             labels = rng.integers(0, len(CREMA_CLASSES), count).astype(np.int64)
             writer.put(split, "labels", labels)
             audio = writer.array(split, "audio", (count, *audio_shape), audio_dtype)
-            visual = writer.array(split, "visual", (count, frames, frame_size, frame_size, 3), np.uint8)
+            raw = frame_store == "raw"
+            visual = (
+                writer.array(split, "visual", (count, frames, frame_size, frame_size, 3), np.uint8) if raw else None
+            )
+            packed = []
             for start in range(0, count, chunk):
                 part = labels[start : start + chunk]
                 noise = rng.standard_normal((len(part), *audio_shape), dtype=np.float32)
                 audio[start : start + len(part)] = (noise + 0.5 * audio_means[part]).astype(audio_dtype)
-                visual[start : start + len(part)] = _frames(rng, part, frames, frame_size)
+                images = _frames(rng, part, frames, frame_size)
+                if visual is not None:
+                    visual[start : start + len(part)] = images
+                else:
+                    packed += [encode_frames(sample, 90) for sample in images]
+            if not raw:
+                write_store(writer.work_dir / split, "visual", packed, frames)
         return writer.finish(
             name=name,
             classes=CREMA_CLASSES,
             modalities={
                 "audio": {"kind": "audio", "dtype": audio_dtype, "shape": list(audio_shape)},
-                "visual": {"kind": "video", "dtype": "uint8", "shape": [frames, frame_size, frame_size, 3]},
+                "visual": {
+                    "kind": "video",
+                    "dtype": "uint8",
+                    "shape": [frames, frame_size, frame_size, 3],
+                    "storage": frame_store,
+                },
             },
             preparer="bench-crema-shaped",
             preparer_version="1",
@@ -287,9 +307,7 @@ class MemorySink:
 def _with_epochs(config, epochs: int):
     import dataclasses
 
-    return dataclasses.replace(
-        config, train=dataclasses.replace(config.train, epochs=epochs, eval_test_every_epoch=False)
-    )
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=epochs, test_curves=False))
 
 
 class EpochRunner:
@@ -336,6 +354,76 @@ def load(recipe: str, overrides: list[str]):
     from dmgl_cli.config import load_config
 
     return load_config(recipe, overrides)
+
+
+# ------------------------------------------------------------------------------------------------- memory
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (DataLoader workers), from /proc."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    queue += [int(child) for child in handle.read().split()]
+        except OSError:
+            continue
+    return found
+
+
+def tree_memory(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) in bytes of ``pid`` and its descendants, from /proc/<pid>/smaps_rollup. PSS shares each page among
+    the processes that map it (a worker's copy-on-write pages and a memory map's page cache count once in all),
+    which is what summing RSS over processes overstates."""
+    rss = pss = 0.0
+    for member in _tree(pid):
+        try:
+            with open(f"/proc/{member}/smaps_rollup") as handle:
+                for line in handle:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return rss, pss
+
+
+class MemoryWatch:
+    """Peak RSS and PSS of a process tree (default: this one), sampled every ``interval`` seconds in a thread while
+    the ``with`` block runs; ``peak_rss`` / ``peak_pss`` in bytes afterwards."""
+
+    def __init__(self, pid: int | None = None, interval: float = 0.1):
+        import threading
+
+        self.pid, self.interval = pid or os.getpid(), interval
+        self.peak_rss = self.peak_pss = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            rss, pss = tree_memory(self.pid)
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> MemoryWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        rss, pss = tree_memory(self.pid)  # the state at the end counts too
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+
+
+def gigabytes(value: float) -> float:
+    return value / 2**30
 
 
 # ------------------------------------------------------------------------------------------------- timing
@@ -408,3 +496,28 @@ def _cell(value: Any) -> str:
             return "-"
         return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
+
+
+# ------------------------------------------------------------------------------------------------- bytes
+
+
+class CountingArray:
+    """A read-only array proxy that counts the bytes its reads return (what a gather moves out of a memory map), as
+    tests/test_frame_gather.py's does."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype = array, array.shape, array.dtype
+        self.bytes_read = 0
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, key):
+        value = np.asarray(self.array[key])
+        self.bytes_read += value.nbytes
+        return value
+
+
+def directory_bytes(path: Path, prefix: str = "") -> int:
+    """Bytes of the files under ``path`` whose name starts with ``prefix`` (all files by default)."""
+    return sum(p.stat().st_size for p in Path(path).rglob(f"{prefix}*") if p.is_file())

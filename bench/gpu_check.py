@@ -308,24 +308,44 @@ def loader_ratio(args, dataset) -> None:
     import dataloader
 
     counts = sorted({0, args.workers})
-    runners = {w: runner(args, dataset, extra=(f"data.num_workers={w}",)) for w in counts}
-    rows, parts = dataloader.measure("gpu-crema", runners, args.loader_batches, 3, args.epochs)
+    # keyed by (frame store, workers): this section's dataset has raw frames
+    runners = {("raw", w): runner(args, dataset, extra=(f"data.num_workers={w}",)) for w in counts}
+    tables = dataloader.measure("gpu-crema", runners, args.loader_batches, 3, args.epochs)
+    rows = tables["rates"]
     common.print_table(
-        ["case", "what", "samples/s", "loader / model", "per-round range", "target"],
+        ["case", "store", "what", "samples/s", "loader / model", "per-round range", "target"],
         rows,
         "Loader samples/s (to the device) / model samples/s (target >= 3)",
     )
-    common.print_table(["case", "loader stage", "ms per sample"], parts, "Where the loader's time goes")
+    common.print_table(
+        [
+            "case",
+            "store",
+            "read kB/sample",
+            "of it frames",
+            "input kB/sample",
+            "of it frames",
+            "read / input",
+            "before",
+        ],
+        tables["bytes"],
+        "Bytes per sample read from the store / bytes the model consumes",
+    )
+    common.print_table(
+        ["case", "store", "workers", "RSS before GB", "peak RSS GB", "peak PSS GB", "PSS added GB"],
+        tables["memory"],
+        "Memory of this process and the loader's workers over one epoch",
+    )
+    common.print_table(
+        ["case", "store", "loader stage", "ms per sample"], tables["parts"], "Where the loader's time goes"
+    )
     for row in rows[1:]:
-        SUMMARY.append([f"loader / model, {row[1]}", f"{row[3]:.2f}", "target >= 3", row[5]])
+        SUMMARY.append([f"loader / model, {row[2]}", f"{row[4]:.2f}", "target >= 3", row[6]])
 
 
 def compiled(args, dataset) -> None:
-    import torch
-
     eager = runner(args, dataset)
-    target = runner(args, dataset)
-    target.trainer.model = torch.compile(target.trainer.model)
+    target = runner(args, dataset, extra=("train.compile=true",))  # the trainer's own torch.compile
     started = time.perf_counter()
     first = target.epoch()["epoch_seconds"]  # includes compiling forward and backward
     print(f"first compiled epoch (compiling): {time.perf_counter() - started:.1f} s (epoch_seconds {first:.1f})")

@@ -9,7 +9,9 @@ Target at default settings: <= 1.10. Three tables:
 2. Cost of one hypergradient in training steps (forward + backward + optimiser step of the same batch), per
    approximation, number of terms and outer batch size, and the epoch ratio it implies for several
    ``update_every``: ratio ~ 1 + cost / update_every. This is how the defaults were chosen.
-3. Accuracy on the foundation's exact-gradient problem (tests/test_hypergradient.py: a 15-parameter problem whose
+3. Peak memory of one training step that computes a hypergradient / that of a plain step, per approximation, each
+   in its own process (target <= 1.2 at the default, identity).
+4. Accuracy on the foundation's exact-gradient problem (tests/test_hypergradient.py: a 15-parameter problem whose
    Hessian is inverted exactly): each approximation against the exact implicit gradient at 36 points (9 alphas x
    4 parameter vectors), as sign agreement, correlation and median ratio. Alpha moves by ``alpha_lr * value``, so
    the scale is absorbed by ``alpha_lr``; the sign and the ordering are what matter.
@@ -102,10 +104,7 @@ def epoch_ratios(case: str, args) -> list[list]:
 
 def hypergradient_costs(case: str, args) -> list[list]:
     """Seconds of one hypergradient / seconds of one training step, measured interleaved on one batch."""
-    from dmgl_cli.device import autocast as _autocast
     from dmgl_cli.device import to_device as _to_device
-    from dmgl_cli.losses import total_loss
-    from dmgl_cli.train import compute_losses
 
     recipe, overrides, _ = case_settings(case, args)
     runner = common.EpochRunner(common.load(recipe, overrides + ["strategy.name=lb"]))
@@ -124,16 +123,9 @@ def hypergradient_costs(case: str, args) -> list[list]:
     ]
 
     def step(hyper: tuple | None) -> None:
-        with _autocast(trainer.device, config.train.amp):
-            output = method.forward(trainer.model, inputs, training=True)
-        cls_loss, mm_loss = compute_losses(method, config, output, labels)
-        if hyper is not None:
-            # every lb setting lives on the strategy object the trainer reads
+        if hyper is not None:  # every lb setting lives on the strategy object the trainer reads
             trainer.learner.approx, trainer.learner.terms, trainer.learner.outer_batch_size = hyper
-            trainer._alpha_hypergradient(cls_loss, mm_loss)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        total_loss(0.5, cls_loss, mm_loss).backward()
-        trainer.optimizer.step()
+        training_step(trainer, method, config, inputs, labels, hyper is not None)
 
     # sub-millisecond steps (synthetic) are timed in loops of `loops` calls, so one figure spans >= ~0.2 s
     step(None)
@@ -153,6 +145,123 @@ def hypergradient_costs(case: str, args) -> list[list]:
         costs = [(with_hyper - plain) / plain for with_hyper, plain in zip(times[name], times["step"], strict=True)]
         cost = max(common.median(costs), 0.0)
         rows.append([case, name, cost, *(1 + cost / every for every in (1, 10, 25, 50))])
+    return rows
+
+
+def training_step(trainer, method, config, inputs, labels, hypergradient: bool | str) -> None:
+    """One optimiser step as the trainer takes it, with the hypergradient where the trainer computes it: ``identity``
+    after the backward (its outer forward never coexists with the inner graph), ``neumann`` / ``cg`` before."""
+    from dmgl_cli.device import autocast as _autocast
+    from dmgl_cli.hypergradient import implicit_hypergradient, mixed_gradient
+    from dmgl_cli.losses import total_loss
+    from dmgl_cli.train import compute_losses
+
+    with _autocast(trainer.device, config.train.amp):
+        output = method.forward(trainer.model, inputs, training=True)
+    cls_loss, mm_loss = compute_losses(method, config, output, labels)
+    mixed = None
+    if hypergradient == "identity before the backward":  # v0.1's order: both graphs alive at once
+        output_outer, outer_labels = trainer._outer_output()
+        outer = method.classification_loss(output_outer, outer_labels)
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        params = trainer._hyper_parameters()
+        implicit_hypergradient(cls_loss, mm_loss, 0.5, outer, params, "identity", 0, lr, 0.0)
+        del output_outer, outer
+    elif hypergradient and trainer.learner.approx == "identity":
+        mixed = mixed_gradient(cls_loss, mm_loss, trainer._hyper_parameters())
+    elif hypergradient:
+        trainer._alpha_hypergradient(cls_loss, mm_loss)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    total_loss(0.5, cls_loss, mm_loss).backward()
+    del output, cls_loss, mm_loss
+    if mixed is not None:
+        trainer._identity_hypergradient(mixed)
+    trainer.optimizer.step()
+
+
+MEMORY_VARIANTS = {
+    "plain step (heuristic)": None,
+    "lb identity (default)": ("identity", 0),
+    "lb identity, outer forward before the backward (v0.1)": ("identity", -1),
+    "lb neumann K=3": ("neumann", 3),
+    "lb cg K=3": ("cg", 3),
+}
+
+
+def _read_status(key: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def memory_child(case: str, variant: str, args) -> None:
+    """In a fresh process (so one variant's allocations never lower or raise another's peak): build the trainer,
+    take one warm-up step (optimiser state, allocator pools), reset the peak resident set (``/proc/self/clear_refs``),
+    take the measured step and print its peak RSS, as JSON."""
+    import json
+
+    import torch
+
+    from dmgl_cli.device import to_device as _to_device
+
+    recipe, overrides, _ = case_settings(case, args)
+    hyper = MEMORY_VARIANTS[variant]
+    runner = common.EpochRunner(common.load(recipe, overrides + ["strategy.name=lb"]))
+    trainer, method, config = runner.trainer, runner.trainer.method, runner.config
+    hypergradient: bool | str = hyper is not None
+    if hyper is not None:
+        trainer.learner.approx, trainer.learner.terms = hyper[0], max(hyper[1], 0)
+        if hyper[1] < 0:
+            hypergradient = "identity before the backward"
+    inputs, labels = _to_device(next(iter(trainer.train_loader)), trainer.device)
+    cuda = trainer.device.type == "cuda"
+    training_step(trainer, method, config, inputs, labels, hypergradient)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # VmHWM := VmRSS
+    before = _read_status("VmRSS")
+    training_step(trainer, method, config, inputs, labels, hypergradient)
+    result = {"before": before, "peak": _read_status("VmHWM")}
+    if cuda:
+        torch.cuda.synchronize()
+        result["cuda_peak"] = torch.cuda.max_memory_allocated()
+    print("MEMORY " + json.dumps(result), flush=True)
+
+
+def memory_peaks(case: str, args) -> list[list]:
+    """Peak memory of one training step with each approximation's hypergradient / that of a plain step; each
+    variant in its own process, glibc told to return large blocks to the system at once (``MALLOC_MMAP_THRESHOLD_``)
+    so that the resident set follows what is live."""
+    import json
+    import os
+    import subprocess
+
+    case_settings(case, args)  # writes the dataset once, before the children read it
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    base = [sys.executable, __file__, "--threads", str(args.threads), "--frame-size", str(args.frame_size)]
+    base += ["--steps-per-epoch", str(args.steps_per_epoch), "--device", args.device]
+    if args.batch_size:
+        base += ["--batch-size", str(args.batch_size)]
+    measured = {}
+    for variant in MEMORY_VARIANTS:
+        output = subprocess.run(
+            [*base, "--memory-child", f"{case}:{variant}"], env=env, capture_output=True, text=True, check=True
+        ).stdout
+        measured[variant] = json.loads(output.split("MEMORY ", 1)[1])
+    plain = measured["plain step (heuristic)"]
+    rows = []
+    for variant, figures in measured.items():
+        extra, plain_extra = figures["peak"] - figures["before"], plain["peak"] - plain["before"]
+        row = [case, variant, common.gigabytes(figures["peak"]), common.gigabytes(extra)]
+        row += [figures["peak"] / plain["peak"], extra / max(plain_extra, 1)]
+        if "cuda_peak" in figures:
+            row.append(figures["cuda_peak"] / plain["cuda_peak"])
+        target = "" if MEMORY_VARIANTS[variant] != ("identity", 0) else "<= 1.2 " + common.verdict(row[4], 1.2, True)
+        rows.append([*row, target])
     return rows
 
 
@@ -249,8 +358,14 @@ def main() -> None:
         help="another lb variant for the epoch table: NAME=KEY=VALUE,KEY=VALUE (e.g. "
         "every20=strategy.lb.update_every=20)",
     )
-    parser.add_argument("--skip", default="", help="comma-separated tables to skip: epochs, costs, accuracy")
+    parser.add_argument("--skip", default="", help="comma-separated tables to skip: epochs, costs, memory, accuracy")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)  # CASE:VARIANT, run by the memory table
     args = parser.parse_args()
+    if args.memory_child:
+        common.set_threads(args.threads)
+        case, _, variant = args.memory_child.partition(":")
+        memory_child(case, variant, args)
+        return
 
     common.use_private_registry()
     common.set_threads(args.threads)
@@ -285,6 +400,19 @@ def main() -> None:
             ["case", "hypergradient", "cost in steps", "every 1", "every 10", "every 25", "every 50"],
             rows,
             "One hypergradient, in training steps, and the epoch ratio it implies per update_every",
+        )
+    if "memory" not in skip:
+        rows = []
+        for case in cases:
+            rows += memory_peaks(case, args)
+        headers = ["case", "step", "peak RSS GB", "step's own GB", "peak / plain", "own / plain"]
+        if args.device != "cpu":
+            headers.append("CUDA peak / plain")
+        common.print_table(
+            [*headers, "target"],
+            rows,
+            "Peak memory of one training step with a hypergradient / of a plain step (target <= 1.2 at the "
+            "default); own = peak above the resident set before the step",
         )
     if "accuracy" not in skip:
         common.print_table(
