@@ -75,7 +75,7 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
     model.load_state_dict(state_dict)
 
 
-def capture_rng() -> dict[str, Any]:
+def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
     """Every RNG the training loop may draw from, as tensors and plain values."""
     # legacy=True is numpy's default; spelled out because numpy's stubs type the bare call as the dict form.
     np_state = np.random.get_state(legacy=True)
@@ -91,12 +91,20 @@ def capture_rng() -> dict[str, Any]:
         },
         "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        # The training device's generator only: get_rng_state_all() would create a CUDA context on every visible
+        # GPU (a few hundred MB each), in every one of `dmgl sweep --devices`'s workers.
+        state["cuda_device"] = torch.cuda.get_rng_state(_index(device))
     return state
 
 
-def restore_rng(state: dict[str, Any]) -> None:
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def restore_rng(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore :func:`capture_rng`'s state; the CUDA generator's onto ``device`` (a checkpoint written before
+    ``cuda_device`` holds every GPU's generator under ``cuda``)."""
     torch.set_rng_state(state["torch"])
     numpy_state = state["numpy"]
     np.random.set_state(
@@ -110,5 +118,8 @@ def restore_rng(state: dict[str, Any]) -> None:
     )
     python = state["python"]
     random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device is not None and device.type == "cuda":
+        if "cuda_device" in state:
+            torch.cuda.set_rng_state(state["cuda_device"], _index(device))
+        elif "cuda" in state:
+            torch.cuda.set_rng_state_all(state["cuda"])

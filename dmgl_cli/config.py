@@ -178,6 +178,7 @@ class TrainConfig:
     eval_every: int = 1
     # Test scored at every validated epoch (curves), not only at each new best epoch and the last one.
     test_curves: bool = False
+    compile: bool = False  # the model's forward through torch.compile (GPU throughput: bench/gpu.sh); off on CPU
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,12 @@ checkpoints to a :class:`RunSink`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -63,6 +65,8 @@ from dmgl_cli.metrics import MetricAccumulator
 from dmgl_cli.models import ModelOutput, MultimodalModel
 from dmgl_cli.models.vision import ResNetTrunk
 from dmgl_cli.strategies import AlphaStrategy, LearningBasedStrategy, strategy_from_config
+
+LOG = logging.getLogger("dmgl")
 
 
 class RunSink(Protocol):
@@ -199,6 +203,13 @@ class Trainer:
                 module.to(memory_format=torch.channels_last)
             elif isinstance(module, torch.nn.Conv2d) and self.device.type == "cuda":
                 module.to(memory_format=torch.channels_last)
+        # train.compile: torch.compile of the model's forward, in place (nn.Module.compile), so that the model keeps
+        # its class, the submodules the methods reach into and its state_dict keys (no ``_orig_mod.`` prefix): its
+        # checkpoints load into an uncompiled model and the other way round. Double backward runs uncompiled
+        # (:meth:`_uncompiled`).
+        if config.train.compile:
+            self.model.compile()
+        self._warned_uncompiled = False
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self._hypergradient_records: list = []  # this epoch's Hypergradient results, summarised in its metrics
@@ -241,6 +252,28 @@ class Trainer:
         if self.learner.params == "first":  # the official code differentiates its first tensor only
             return [next(p for p in self.model.parameters() if p.requires_grad)]
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def _uncompiled(self, needed: bool = True) -> Iterator[None]:
+        """Under ``train.compile``, the forwards made inside run the uncompiled model (the same module and
+        parameters). A compiled graph's backward (AOTAutograd) runs once: no double backward, which the
+        Hessian-vector products of ``strategy.lb.approx`` neumann, cg and official take, and no ``retain_graph``
+        (donated buffers), which every approximation's ``g_MM - g_CLS`` takes before the step's backward. Warns
+        once per run."""
+        if not (needed and self.config.train.compile):
+            yield
+            return
+        if not self._warned_uncompiled:
+            self._warned_uncompiled = True
+            LOG.warning(
+                "train.compile: the steps that take alpha's hypergradient (strategy.lb.approx=%s) run their forward "
+                "uncompiled: they differentiate it more than once (retained graph%s), which torch.compile's graphs "
+                "do not support",
+                self.learner.approx,
+                "" if self.learner.approx == "identity" else ", Hessian-vector products",
+            )
+        with torch.compiler.set_stance("force_eager"):
+            yield
 
     @property
     def learner(self) -> LearningBasedStrategy:
@@ -317,7 +350,8 @@ class Trainer:
 
     def _epoch_start_alpha_gradient(self) -> float:
         """The authors' released alpha gradient (``approx=official``) on an outer batch, before the epoch trains."""
-        output, labels = self._outer_output()
+        with self._uncompiled():  # H g_CLS on the outer batch: its forward is differentiated twice
+            output, labels = self._outer_output()
         cls_loss, mm_loss = compute_losses(self.method, self.config, output, labels)
         params = [p for p in self.model.parameters() if p.requires_grad]
         return first_tensor_hessian_gradient_mean(cls_loss, mm_loss, self.strategy.alpha, params)
@@ -345,7 +379,10 @@ class Trainer:
                 method.start_pass(pass_key)
                 alpha = strategy.alpha
                 step_info = {"epoch": self.epoch + 1, "global_step": self.global_step, "alpha": alpha}
-                with autocast(self.device, config.train.amp):
+                last_step = index == batches - 1 and number == len(passes) - 1
+                wants_hypergradient = strategy.needs_hypergradient(self.global_step + 1, end_of_epoch=last_step)
+                # the hypergradient differentiates this forward more than once: uncompiled under train.compile
+                with self._uncompiled(wants_hypergradient), autocast(self.device, config.train.amp):
                     output = method.forward(model, inputs, training=True)
                 cls_loss, mm_loss = compute_losses(method, config, output, labels)
                 extra = method.extra_losses(output, labels, step_info)
@@ -353,8 +390,7 @@ class Trainer:
                     extra.values(), cls_loss.new_zeros(())
                 )
                 hypergradient = mixed = None
-                last_step = index == batches - 1 and number == len(passes) - 1
-                if strategy.needs_hypergradient(self.global_step + 1, end_of_epoch=last_step):
+                if wants_hypergradient:
                     if self.learner.approx == "identity":  # its outer forward waits until the backward below
                         mixed = mixed_gradient(cls_loss, mm_loss, self._hyper_parameters())
                     else:
@@ -503,7 +539,7 @@ class Trainer:
             "best": {"metric": self.best_metric, "epoch": self.best_epoch, "scores": dict(self.best_scores)},
             "history": [dict(h) for h in self.history],
             "epoch_position": dict(self._epoch_position),
-            "rng": capture_rng(),
+            "rng": capture_rng(self.device),
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
@@ -524,4 +560,4 @@ class Trainer:
         )
         self.history = [dict(h) for h in state["history"]]
         self._epoch_position = dict(state.get("epoch_position") or {})
-        restore_rng(state["rng"])
+        restore_rng(state["rng"], self.device)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict
 
 import click
 
 from dmgl_cli.cli.options import json_option, silent_option, tracking_option
 from dmgl_cli.cli.output import Messages, echo_json, view_line
+from dmgl_cli.errors import DmglError, Interrupted
 from dmgl_cli.links import run_url, ui_base
 
 
@@ -50,6 +53,15 @@ from dmgl_cli.links import run_url, ui_base
     help="Heartbeat interval of a new study (default 30); a trial silent for 3x this is failed and retried.",
 )
 @click.option("--create-only", is_flag=True, help="Create the study and its plan, then exit; start workers after.")
+@click.option(
+    "--devices",
+    metavar="DEVICES",
+    help="Start one worker process per device on the study and wait for all of them: cuda:0,cuda:1 (or cuda: "
+    "every visible GPU), or cpu:N for N CPU workers (cpu: one). Each worker trains its trials with train.device "
+    "set to its device and gets cores // N torch threads (OMP_NUM_THREADS, unless already set). The study is "
+    "created first, by this process; Ctrl-C stops every worker and leaves the study resumable.",
+)
+@click.option("--worker-device", hidden=True, help="(internal: a worker started by --devices) train.device to use.")
 @tracking_option
 @json_option
 @silent_option(help="Print only the summary.")
@@ -66,6 +78,8 @@ def sweep(
     prune,
     heartbeat,
     create_only,
+    devices,
+    worker_device,
     tracking_uri,
     as_json,
     silent,
@@ -84,6 +98,8 @@ def sweep(
       dmgl sweep --strategies lb --tune lr,alpha_lr --n-trials 20 --study lb-tune
       dmgl sweep --study cmp --storage journal:/shared/optuna.log --strategies table4 --create-only
       dmgl sweep --study cmp --storage journal:/shared/optuna.log      # on each worker machine
+      dmgl sweep --strategies table4 --seeds 3 --study cmp --devices cuda:0,cuda:1,cuda:2,cuda:3
+      dmgl sweep --study cmp --devices cpu:2                            # two CPU workers
       dmgl sweep --strategies table4 --json --silent | jq .best
       dmgl report --sweep cmp --table strategies --format latex
     """
@@ -105,6 +121,7 @@ def sweep(
         prune=prune,
         heartbeat=heartbeat,
         create_only=create_only,
+        device=worker_device,
     )
     say = Messages(as_json=as_json, silent=silent)
 
@@ -115,41 +132,101 @@ def sweep(
         if not silent:
             click.echo(text, err=True)
 
-    tracker = Tracker(tracking_uri)
-    outcome = run_sweep(request, tracker=tracker, on_trial=on_trial, on_message=on_message)
-    sweep_run = tracker.get_run(outcome.sweep_run_id)
-    base = ui_base(tracker.uri)
-    url = run_url(base, sweep_run.experiment_id, outcome.sweep_run_id)
-    if as_json:
-        echo_json(_document(outcome, sweep_run.experiment_id, base))
-        if not silent and outcome.summary is not None and not create_only:
-            click.echo(outcome.summary_text(), nl=False, err=True)
+    with _interrupts(study):
+        tracker = Tracker(tracking_uri)
+        if devices is not None:
+            _launch(request, devices, tracker, as_json, silent, on_message)
+            return
+        outcome = run_sweep(request, tracker=tracker, on_trial=on_trial, on_message=on_message)
+        if worker_device is not None:  # started by --devices: the launcher prints the summary
+            if outcome.interrupted:
+                click.echo(
+                    "interrupted; the study is resumable (a trial of this worker went back to the queue)", err=True
+                )
+                raise SystemExit(130)
+            say(f"this worker ran {len(outcome.ran)} trial(s)")
+            return
+        sweep_run = tracker.get_run(outcome.sweep_run_id)
+        base = ui_base(tracker.uri)
+        url = run_url(base, sweep_run.experiment_id, outcome.sweep_run_id)
+        if as_json:
+            echo_json(_document(outcome, sweep_run.experiment_id, base))
+            if not silent and outcome.summary is not None and not create_only:
+                click.echo(outcome.summary_text(), nl=False, err=True)
+            if outcome.interrupted:
+                click.echo(f"\nInterrupted; the study is resumable: `dmgl sweep --study {outcome.study}`", err=True)
+                raise SystemExit(130)
+            return
+        if create_only:
+            click.echo(
+                f"study {outcome.study} is ready ({outcome.settings.total_trials} trials queued); start workers "
+                f"with: dmgl sweep --study {outcome.study}" + (f" --storage {storage}" if storage else "")
+            )
+            click.echo(view_line(url))
+            return
+        click.echo(outcome.summary_text(), nl=False)
         if outcome.interrupted:
-            click.echo(f"\nInterrupted; the study is resumable: `dmgl sweep --study {outcome.study}`", err=True)
+            click.echo(
+                f"\nInterrupted; the study is resumable (an interrupted trial goes back to the queue): "
+                f"`dmgl sweep --study {outcome.study}" + (f" --storage {storage}`" if storage else "`"),
+                err=True,
+            )
             raise SystemExit(130)
-        return
-    if create_only:
+        state = "complete" if outcome.complete else "not complete yet (other workers are still running trials)"
+        click.echo(f"study {outcome.study} is {state}; this worker ran {len(outcome.ran)} trial(s)")
         click.echo(
-            f"study {outcome.study} is ready ({outcome.settings.total_trials} trials queued); start workers "
-            f"with: dmgl sweep --study {outcome.study}" + (f" --storage {storage}" if storage else "")
+            f"browse: dmgl ui  |  optuna-dashboard {outcome.storage}  |  "
+            f"dmgl report --sweep {outcome.study} --table strategies"
         )
         click.echo(view_line(url))
-        return
-    click.echo(outcome.summary_text(), nl=False)
+
+
+@contextlib.contextmanager
+def _interrupts(study: str | None) -> Iterator[None]:
+    """Ctrl-C / SIGTERM outside a trial (starting up, joining, summing up): nothing of this worker is left running
+    and the study, once created, is resumable. (Inside a trial the worker re-enqueues it and returns.)"""
+    try:
+        yield
+    except (KeyboardInterrupt, Interrupted):
+        how = f"`dmgl sweep --study {study}`" if study else "`dmgl sweep --study NAME`"
+        click.echo(f"\nInterrupted; no trial of this worker is left running; continue the study with {how}", err=True)
+        raise SystemExit(130) from None
+
+
+def _launch(request, devices: str, tracker, as_json: bool, silent: bool, on_message) -> None:
+    """``--devices``: one worker process per device (:func:`dmgl_cli.sweep.launcher.launch`), then the summary."""
+    from dmgl_cli.sweep.launcher import launch
+
+    def on_line(label: str, text: str, is_stderr: bool) -> None:
+        click.echo(f"[{label}] {text}", err=as_json or is_stderr)
+
+    launched = launch(request, devices, tracker=tracker, silent=silent, on_line=on_line, on_message=on_message)
+    outcome = launched.sweep
+    sweep_run = tracker.get_run(outcome.sweep_run_id)
+    base = ui_base(tracker.uri)
+    workers = ", ".join(f"{w.label} ran {len(w.trials)} trial(s)" for w in launched.workers)
+    if as_json:
+        document = _document(outcome, sweep_run.experiment_id, base)
+        document["workers"] = [asdict(w) for w in launched.workers]
+        echo_json(document)
+        if not silent and outcome.summary is not None:
+            click.echo(outcome.summary_text(), nl=False, err=True)
+    else:
+        click.echo(outcome.summary_text(), nl=False)
     if outcome.interrupted:
-        click.echo(
-            f"\nInterrupted; the study is resumable (an interrupted trial goes back to the queue): "
-            f"`dmgl sweep --study {outcome.study}" + (f" --storage {storage}`" if storage else "`"),
-            err=True,
-        )
+        click.echo(f"\nInterrupted ({workers}); the study is resumable: `{launched.command}`", err=True)
         raise SystemExit(130)
+    if launched.failed:
+        raise DmglError(launched.failure_message())
+    if as_json:
+        return
     state = "complete" if outcome.complete else "not complete yet (other workers are still running trials)"
-    click.echo(f"study {outcome.study} is {state}; this worker ran {len(outcome.ran)} trial(s)")
+    click.echo(f"study {outcome.study} is {state}; {workers}")
     click.echo(
         f"browse: dmgl ui  |  optuna-dashboard {outcome.storage}  |  "
         f"dmgl report --sweep {outcome.study} --table strategies"
     )
-    click.echo(view_line(url))
+    click.echo(view_line(run_url(base, sweep_run.experiment_id, outcome.sweep_run_id)))
 
 
 def _check_early(recipe, overrides, experiment, strategies, seeds, tune) -> None:

@@ -50,6 +50,7 @@ _NOT_CONFIGURATION = {
     "train.deterministic",
     "train.eval_test_every_epoch",  # the former name of train.test_curves
     "train.test_curves",
+    "train.compile",
     "recipe",
 }
 # Settings added after runs were first recorded, with the value every run recorded before them used: a run without

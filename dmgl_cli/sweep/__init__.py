@@ -8,6 +8,8 @@
 * **Resuming.** Ctrl-C or a dead worker leaves the study resumable: ``dmgl sweep --study NAME`` joins it, and
   re-enqueues what the plan lacks (a trial that failed with an error is not retried automatically). Optuna storages
   and the heartbeat that detects dead workers are :mod:`~dmgl_cli.sweep.storage`'s.
+* **Several devices.** ``dmgl sweep --devices`` (:mod:`~dmgl_cli.sweep.launcher`) creates the study, then runs one
+  worker process per device on it, each training with ``train.device`` set to its device.
 * **MLflow.** One sweep run (``dmgl.role=sweep``) holds the study name, storage, search space and, once the study
   is complete, the best result; each trial's runs are nested under it. All of it goes through the one tracker the
   caller passes to :func:`run_sweep`.
@@ -130,6 +132,7 @@ class SweepRequest:
     prune: bool | None = None
     heartbeat: int | None = None
     create_only: bool = False
+    device: str | None = None  # train.device of the trials this worker runs (set by `dmgl sweep --devices`)
 
 
 @dataclass
@@ -451,7 +454,7 @@ def run_sweep(
         study = optuna.load_study(
             study_name=name, storage=worker_storage, sampler=sampler_for(settings), pruner=pruner_for(settings)
         )
-    worker = Worker(study, settings, sweep_run_id, tracker, on_trial, on_message)
+    worker = Worker(study, settings, sweep_run_id, tracker, on_trial, on_message, request.device)
     _sweep_run_status(tracker, sweep_run_id, "RUNNING")
     try:
         ran, interrupted = worker.run()

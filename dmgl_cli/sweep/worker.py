@@ -33,6 +33,7 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from dmgl_cli import runner
+from dmgl_cli.device import pick_device
 from dmgl_cli.errors import DmglError, Interrupted
 from dmgl_cli.metrics import mean_std
 from dmgl_cli.strategies import StrategySpec, parse_strategy
@@ -213,11 +214,17 @@ class Worker:
         tracker: Tracker,
         on_trial: Callable[[TrialRecord], None],
         on_message: Callable[[str], None],
+        device: str | None = None,
     ):
         self.study, self.settings, self.sweep_run_id = study, settings, sweep_run_id
         self.tracker, self.on_trial, self.on_message = tracker, on_trial, on_message
         self.base = settings.base_dict()
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.device = device  # train.device of this worker's trials (dmgl sweep --devices); None: the study's
+        if device is not None and device.startswith("cuda:"):
+            import torch
+
+            torch.cuda.set_device(pick_device(device))  # calls without a device use it, not cuda:0
 
     def run_trial(self, trial: optuna.Trial) -> TrialRecord:
         settings = self.settings
@@ -231,7 +238,10 @@ class Worker:
         for stale in (RUN_ATTR, "message"):  # a retried trial inherits its failed original's attributes
             if stale in trial.user_attrs:
                 trial.set_user_attr(stale, None)
-        config = trial_config(self.base, tuned_settings(spec, values))
+        dotted = tuned_settings(spec, values)
+        if self.device is not None:
+            dotted["train.device"] = self.device
+        config = trial_config(self.base, dotted)
         seeds, metric = settings.seeds, settings.metric
         started = time.time()
 
