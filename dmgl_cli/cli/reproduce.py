@@ -7,7 +7,7 @@ import click
 from dmgl_cli.cli.options import json_option, silent_option, tracking_option
 from dmgl_cli.cli.output import Messages, echo_json
 
-_TABLES = ("table1", "table4", "table5")
+_TABLES = ("table1", "table2", "table4", "table5")
 _FORMATS = ("text", "markdown", "latex")
 
 
@@ -49,7 +49,7 @@ _FORMATS = ("text", "markdown", "latex")
 def reproduce(table, dataset, seeds, recipe, overrides, only, dry_run, fmt, tracking_uri, as_json, silent) -> None:
     """The paper's published figures next to your measured mean ± std, with the difference in points.
 
-    Plans the TABLE's rows (table1: methods, table4: integration strategies, table5: CLIP, CLIP+MLA, CLIP+Ours) x
+    Plans the TABLE's rows (table1: methods, table2: methods on NVGesture, table4: integration strategies, table5: CLIP, CLIP+MLA, CLIP+Ours) x
     seeds with the recipe's settings, reuses every seed already recorded with identical settings (the rule
     `dmgl report` uses: same recorded params and dataset checksum; any experiment), trains the rest (one `dmgl
     train` per row) and prints the comparison. The measured figure is each seed run's test score at its best epoch
