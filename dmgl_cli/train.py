@@ -9,6 +9,10 @@ Per optimiser step (the inner loop of Algorithm 1)::
     backward, method's gradient hooks, optimiser step
     alpha <- clip(alpha - step(g), [min, max])        # plain SGD (Algorithm 1) or Adam on alpha
 
+With ``approx=identity`` (the default) g is taken in two parts around the backward: ``g_MM - g_CLS`` before it,
+the outer batch's forward and ``v`` after it (same parameters, same BatchNorm statistics, the same value), so that
+the inner and outer graphs are never alive together.
+
 The outer batch comes from training samples held out for it (``strategy.lb.outer_data=holdout``, the default), never
 from the validation split that picks the best epoch; its forward runs in eval mode, so it changes no running
 statistics and uses no dropout: ``v`` is the gradient of the classification loss as the model is scored.
@@ -16,8 +20,8 @@ statistics and uses no dropout: ``v`` is the gradient of the classification loss
 Per epoch: schedules set alpha (heuristic 1 - exp(-1/t), stepwise h(p), constant), the model is scored on the
 validation split (every ``train.eval_every`` epochs and at the last), the best epoch is chosen on validation only,
 the test split is scored at each new best epoch (the reported figure) and at the last epoch (every validated epoch
-with ``train.test_curves``), and a checkpoint with everything needed for an exact resume is written. The trainer never talks to MLflow: it hands metrics and
-checkpoints to a :class:`RunSink`.
+with ``train.test_curves``), and a checkpoint with everything needed for an exact resume is written. The trainer
+never talks to MLflow: it hands metrics and checkpoints to a :class:`RunSink`.
 """
 
 from __future__ import annotations
