@@ -154,7 +154,10 @@ def test_two_sweep_workers_and_a_training_on_postgresql(synthetic, databases, ml
     parent_id = re.search(r"parent run ([0-9a-f]{32})", train_output).group(1)
     assert tracker.get_run(parent_id).status == "FINISHED"
     for child in tracker.children(parent_id):
-        for key in ("alpha", "train_loss", "test_acc", "val_acc_slow"):
+        for key in ("alpha", "train_loss", "val_acc", "val_acc_slow"):
             history = tracker.client.get_metric_history(child.run_id, mlflow_metric_name(key))
             assert sorted(m.step for m in history) == [1, 2, 3]
+        # test: at each new best epoch on validation (the first always is) and at the last
+        tested = sorted(m.step for m in tracker.client.get_metric_history(child.run_id, mlflow_metric_name("test_acc")))
+        assert tested[0] == 1 and tested[-1] == 3
         assert child.metrics["final_test_acc"] > 0
