@@ -44,6 +44,30 @@ def process_alive(pid: int, start_time: str | None) -> bool:
     return current is not None and (start_time is None or current == start_time)
 
 
+def process_group_alive(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` lives (zombies, already dead, do not count); without /proc, whether
+    the group can still be signalled."""
+    if not os.path.isdir("/proc/self"):
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
 def environment_tags() -> dict[str, str]:
     """The tags that say which process, on which host and with which torch, writes a run."""
     import torch

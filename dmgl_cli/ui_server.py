@@ -30,6 +30,7 @@ from typing import Any
 
 from dmgl_cli.errors import DmglError
 from dmgl_cli.paths import default_artifacts_dir, default_tracking_uri, ensure_registry, resolve_tracking_uri
+from dmgl_cli.provenance import process_group_alive
 
 DEFAULT_WORKERS = 1
 # MLflow's own switch for its job runner and huey consumers (mlflow.environment_variables).
@@ -185,29 +186,6 @@ def latest_experiment(address: Address) -> str | None:
         return None
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether any process of group ``pgid`` lives (zombies, already dead, do not count)."""
-    if not os.path.isdir("/proc/self"):
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
-
-
 def _signal_group(pgid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
@@ -217,7 +195,7 @@ def _wait_group(server: subprocess.Popen, pgid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while True:
         server.poll()  # reaps the direct child, so it does not linger as a zombie
-        if not _group_alive(pgid):
+        if not process_group_alive(pgid):
             return True
         if time.monotonic() > deadline:
             return False

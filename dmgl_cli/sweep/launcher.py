@@ -37,6 +37,7 @@ from optuna.trial import TrialState
 
 from dmgl_cli.errors import DmglError
 from dmgl_cli.paths import default_optuna_storage, ensure_registry
+from dmgl_cli.provenance import process_group_alive
 
 if TYPE_CHECKING:
     from dmgl_cli.sweep import SweepOutcome, SweepRequest
@@ -169,29 +170,6 @@ class LaunchOutcome:
         )
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether any live (not zombie) process is in group ``pgid``."""
-    if not os.path.isdir("/proc/self"):
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
-
-
 def _signal_group(pgid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
@@ -203,7 +181,7 @@ def _kill_group(worker: WorkerProcess) -> None:
     deadline = time.monotonic() + KILL_WAIT
     while time.monotonic() < deadline:
         worker.process.poll()
-        if worker.process.returncode is not None and not _group_alive(worker.pgid):
+        if worker.process.returncode is not None and not process_group_alive(worker.pgid):
             break
         time.sleep(0.05)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -281,7 +259,7 @@ def _workers() -> Iterator[list[WorkerProcess]]:
         yield started
     finally:
         for worker in started:
-            if worker.process.poll() is None or _group_alive(worker.pgid):
+            if worker.process.poll() is None or process_group_alive(worker.pgid):
                 _kill_group(worker)
                 worker.killed = worker.killed or worker.exited_at is None
             for pipe in (worker.process.stdout, worker.process.stderr):
