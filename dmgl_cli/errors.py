@@ -14,7 +14,13 @@ class Interrupted(BaseException):
     """Training stopped on request (SIGTERM, Ctrl-C) after a checkpoint of the exact position was written.
 
     A BaseException, like KeyboardInterrupt, so that ordinary ``except Exception`` handlers do not swallow it.
+    ``run_id``: the run to resume, when the one who stops knows it (``dmgl train --nproc``'s launcher); ``quiet``:
+    say nothing (a data-parallel rank whose launcher speaks for the job).
     """
+
+    def __init__(self, run_id: str | None = None, quiet: bool = False):
+        super().__init__(run_id)
+        self.run_id, self.quiet = run_id, quiet
 
 
 class Stopped(Exception):

@@ -59,6 +59,13 @@ POWER_ITERATIONS = 20
 _CG_RELATIVE_TOLERANCE = 1e-10
 
 TensorList = list[Tensor]
+# The mean over data-parallel ranks of gradient-shaped tensors (distributed.DistributedContext.average): every
+# gradient made by autograd.grad here is one rank's share until it is reduced. The identity when not distributed.
+Reduce = Callable[[Sequence[Tensor]], TensorList]
+
+
+def _unreduced(tensors: Sequence[Tensor]) -> TensorList:
+    return list(tensors)
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -283,22 +290,29 @@ class Hypergradient:
     largest_eigenvalue: float | None = None  # neumann with scale=None: the lambda_max it used
 
 
-def mixed_gradient(cls_loss_inner: Tensor, mm_loss_inner: Tensor, params: Sequence[Tensor]) -> TensorList:
+def mixed_gradient(
+    cls_loss_inner: Tensor, mm_loss_inner: Tensor, params: Sequence[Tensor], reduce: Reduce = _unreduced
+) -> TensorList:
     """``g_MM - g_CLS`` on the inner batch (one plain backward of ``L_MM - L_CLS``; the graph is kept for the
-    caller's own backward)."""
+    caller's own backward), averaged over data-parallel ranks by ``reduce``."""
     params = list(params)
     grads = torch.autograd.grad(mm_loss_inner - cls_loss_inner, params, retain_graph=True, allow_unused=True)
-    return [g.detach() for g in _fill_unused(grads, params)]
+    return reduce([g.detach() for g in _fill_unused(grads, params)])
 
 
 def identity_hypergradient(
-    mixed: Sequence[Tensor], cls_loss_outer: Tensor, params: Sequence[Tensor], scale: float
+    mixed: Sequence[Tensor],
+    cls_loss_outer: Tensor,
+    params: Sequence[Tensor],
+    scale: float,
+    reduce: Reduce = _unreduced,
 ) -> float:
     """``-scale * (g_MM - g_CLS)^T v`` with ``v`` the gradient of the outer loss, whose graph is freed as ``v`` is
     taken: :func:`implicit_hypergradient` with ``approx=identity``, split so that the caller can run the outer forward
-    after its own backward has freed the inner graph (the two graphs never coexist)."""
+    after its own backward has freed the inner graph (the two graphs never coexist). ``mixed`` is already reduced;
+    ``v`` is reduced here."""
     params = list(params)
-    v = _fill_unused(torch.autograd.grad(cls_loss_outer, params, allow_unused=True), params)
+    v = reduce(_fill_unused(torch.autograd.grad(cls_loss_outer, params, allow_unused=True), params))
     return float(-scale * _dot(mixed, v))
 
 
@@ -317,6 +331,7 @@ def implicit_hypergradient(
     power_iterations: int = POWER_ITERATIONS,
     seed: int = 0,
     outer_shares_graph: bool = True,
+    reduce: Reduce | None = None,
 ) -> Hypergradient:
     """``d L_CLS_outer(theta*(alpha)) / d alpha = -(g_MM - g_CLS)^T H^{-1} v`` (see the module docstring).
 
@@ -326,7 +341,9 @@ def implicit_hypergradient(
     optimiser's coupled L2 coefficient, one for all or one per parameter (:func:`coupled_weight_decay`); it is added
     to every Hessian-vector product. ``scale=None`` (``neumann`` only) uses ``1 / lambda_max`` of ``H + damping I``
     from ``largest_eigenvalue_estimate``, or from a fresh :func:`largest_eigenvalue` of ``power_iterations`` products
-    when none is given. With ``identity`` the result is ``-scale * (g_MM - g_CLS)^T v``.
+    when none is given. With ``identity`` the result is ``-scale * (g_MM - g_CLS)^T v``. ``reduce`` (data-parallel
+    training) averages ``v``, ``g_MM - g_CLS`` and every Hessian-vector product over the ranks, so that every rank
+    takes the same steps on the same vectors and returns the same value; products are then taken one at a time.
 
     Cost, in backward passes through the inner graph: ``g_MM - g_CLS`` is one plain backward of ``L_MM - L_CLS``;
     ``neumann`` and ``cg`` add one backward that builds the graph of ``grad L_in`` and then their Hessian-vector
@@ -344,11 +361,16 @@ def implicit_hypergradient(
     alpha = float(alpha)
     # The outer loss may share its forward graph with the inner ones (keep it then); the trainer's does not, and
     # frees it here so that it does not stay alive through the Hessian-vector products.
-    v = _fill_unused(
-        torch.autograd.grad(cls_loss_outer, params, retain_graph=outer_shares_graph, allow_unused=True), params
+    average = reduce or _unreduced
+    v = average(
+        _fill_unused(
+            torch.autograd.grad(cls_loss_outer, params, retain_graph=outer_shares_graph, allow_unused=True), params
+        )
     )
-    mixed = _fill_unused(
-        torch.autograd.grad(mm_loss_inner - cls_loss_inner, params, retain_graph=True, allow_unused=True), params
+    mixed = average(
+        _fill_unused(
+            torch.autograd.grad(mm_loss_inner - cls_loss_inner, params, retain_graph=True, allow_unused=True), params
+        )
     )
     if approx == "identity":
         assert scale is not None  # refused above
@@ -365,12 +387,15 @@ def implicit_hypergradient(
     def hvp(vector: TensorList) -> TensorList:
         nonlocal products
         products += 1
-        return with_decay(vector, hessian_vector_product(g_tot, params, vector))
+        return with_decay(vector, average(hessian_vector_product(g_tot, params, vector)))
 
     def hvps(vectors: list[TensorList]) -> list[TensorList]:
         nonlocal products
         products += len(vectors)
-        raw = hessian_vector_products(g_tot, params, vectors)
+        if reduce is None:
+            raw = hessian_vector_products(g_tot, params, vectors)
+        else:  # a batched (vmapped) backward cannot run the all-gather's collective backward
+            raw = [average(hessian_vector_product(g_tot, params, vector)) for vector in vectors]
         return [with_decay(vector, product) for vector, product in zip(vectors, raw, strict=True)]
 
     if approx == "neumann":
@@ -410,7 +435,7 @@ def alpha_hypergradient(
 
 
 def first_tensor_hessian_gradient_mean(
-    cls_loss: Tensor, matching_loss: Tensor, alpha: float, params: Sequence[Tensor]
+    cls_loss: Tensor, matching_loss: Tensor, alpha: float, params: Sequence[Tensor], reduce: Reduce = _unreduced
 ) -> float:
     """The authors' released alpha gradient (``getAlpha_Learnable`` of ``Crema_epoch_learnable.py`` in
     njustkmg/NeurIPS24-LFM): with ``L = (1 - alpha) L_CLS + alpha L_MM`` on one batch, the mean over the entries of
@@ -420,6 +445,6 @@ def first_tensor_hessian_gradient_mean(
     params = list(params)
     total = (1 - alpha) * cls_loss + alpha * matching_loss
     g_total = _fill_unused(torch.autograd.grad(total, params, create_graph=True, allow_unused=True), params)
-    g_cls = _fill_unused(torch.autograd.grad(cls_loss, params, retain_graph=True, allow_unused=True), params)
-    product = hessian_vector_product(g_total, params, g_cls)
+    g_cls = reduce(_fill_unused(torch.autograd.grad(cls_loss, params, retain_graph=True, allow_unused=True), params))
+    product = reduce(hessian_vector_product(g_total, params, g_cls))
     return float(product[0].mean())

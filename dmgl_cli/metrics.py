@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,6 +118,8 @@ class MetricAccumulator:
         self._unimodal_probs: dict[str, list[torch.Tensor]] = {}
         self._embeddings: dict[str, list[torch.Tensor]] = {}
         self._weighted_loss_sums: dict[str, torch.Tensor] = {}
+        self._batch_losses: list[dict[str, torch.Tensor]] = []  # each batch's weighted losses (sharded evaluation)
+        self._batch_sizes: list[int] = []
         self._num_samples = 0
         self._host_cache: _HostArrays | None = None
 
@@ -146,12 +149,47 @@ class MetricAccumulator:
             self._unimodal_probs[name].append(_float32_softmax(logits))
         for name, embedding in embeddings.items():
             self._embeddings[name].append(embedding.detach())
-        for name, loss in losses.items():
-            weighted = loss.detach().to(torch.float32) * batch_size
+        weighted_losses = {name: loss.detach().to(torch.float32) * batch_size for name, loss in losses.items()}
+        self._add_weighted_losses(weighted_losses, batch_size)
+
+    def _add_weighted_losses(self, weighted_losses: Mapping[str, torch.Tensor], batch_size: int) -> None:
+        for name, weighted in weighted_losses.items():
             previous = self._weighted_loss_sums.get(name)
             self._weighted_loss_sums[name] = weighted if previous is None else previous + weighted
+        self._batch_losses.append(dict(weighted_losses))
+        self._batch_sizes.append(batch_size)
         self._num_samples += batch_size
         self._host_cache = None
+
+    def batch_records(self) -> list[dict[str, Any]]:
+        """Each batch added so far, on the host, as :meth:`add_records` takes them back: a data-parallel
+        evaluation gathers every rank's records and adds them in the order of the batches."""
+        return [
+            {
+                "labels": self._labels[i].cpu(),
+                "fused_probs": self._fused_probs[i].cpu(),
+                "unimodal_probs": {name: chunks[i].cpu() for name, chunks in self._unimodal_probs.items()},
+                "embeddings": {name: chunks[i].cpu() for name, chunks in self._embeddings.items()},
+                "weighted_losses": {name: loss.cpu() for name, loss in self._batch_losses[i].items()},
+                "batch_size": self._batch_sizes[i],
+            }
+            for i in range(len(self._labels))
+        ]
+
+    def add_records(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Add batches from :meth:`batch_records` (of this or another process) as :meth:`add` added them: the
+        metrics of a sharded evaluation equal those of one process that added the same batches in this order."""
+        for record in records:
+            if not self._labels:
+                self._unimodal_probs = {name: [] for name in record["unimodal_probs"]}
+                self._embeddings = {name: [] for name in record["embeddings"]}
+            self._labels.append(record["labels"])
+            self._fused_probs.append(record["fused_probs"])
+            for name, probs in record["unimodal_probs"].items():
+                self._unimodal_probs[name].append(probs)
+            for name, embedding in record["embeddings"].items():
+                self._embeddings[name].append(embedding)
+            self._add_weighted_losses(record["weighted_losses"], int(record["batch_size"]))
 
     def predictions(self) -> tuple[np.ndarray, np.ndarray]:
         """Labels ``(n,)`` and fused class probabilities ``(n, c)`` (float32) of every sample added so far."""

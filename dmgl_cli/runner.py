@@ -32,6 +32,7 @@ from dmgl_cli.data.prepared import PreparedDataset
 from dmgl_cli.data.registry import open_dataset
 from dmgl_cli.data.transforms import model_input_specs
 from dmgl_cli.device import pick_device
+from dmgl_cli.distributed import SINGLE_PROCESS, DistributedContext
 from dmgl_cli.errors import DmglError, Interrupted, Stopped
 from dmgl_cli.methods import METHODS, build_method
 from dmgl_cli.metrics import mean_std, summarise_over_seeds
@@ -61,6 +62,7 @@ __all__ = [  # Stopped: raised by progress callbacks
     "Stopped",
     "train",
     "resume",
+    "follow",
     "evaluate_run",
     "reconcile",
     "register",
@@ -198,6 +200,7 @@ def _train_seed(
     progress: Progress | None,
     resume_state: dict[str, Any] | None = None,
     step_progress: StepProgress | None = None,
+    distributed: DistributedContext = SINGLE_PROCESS,
 ) -> SeedOutcome:
     seed = config.train.seed
     recorder = RunRecorder(tracker, run_id, tracker.logged_steps(run_id) if resume_state else ())
@@ -205,7 +208,13 @@ def _train_seed(
     batch_progress = (lambda e, b, n: step_progress(seed, e, b, n)) if step_progress else None
     holder: dict[str, Trainer] = {}
     with tracker.run(run_id), _graceful_stop(holder):
-        trainer = holder["trainer"] = Trainer(config, dataset, seed, recorder, epoch_progress, batch_progress)
+        # data-parallel: the other ranks train the same seed from the same state (:func:`follow`)
+        distributed.broadcast_object(
+            {"config": config.to_yaml(), "state": resume_state, "dataset_checksum": dataset.checksum}
+        )
+        trainer = holder["trainer"] = Trainer(
+            config, dataset, seed, recorder, epoch_progress, batch_progress, distributed=distributed
+        )
         if resume_state is not None:
             trainer.load_state_dict(resume_state, f"run {run_id} checkpoints/last.pt")
         result = trainer.fit()
@@ -322,11 +331,13 @@ def train(
     on_parent: Callable[[str], None] | None = None,
     sweep_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
+    distributed: DistributedContext = SINGLE_PROCESS,
 ) -> TrainOutcome:
     """Train ``config`` once per seed under one parent run; returns run ids and the mean/std summary.
 
     ``sweep_run_id`` nests the parent run under a ``dmgl sweep`` run (``mlflow.parentRunId``); ``extra_tags`` go on
-    the parent and on every seed run (e.g. ``dmgl.sweep``, ``dmgl.trial``)."""
+    the parent and on every seed run (e.g. ``dmgl.sweep``, ``dmgl.trial``). Data-parallel (``distributed``), this
+    runs on rank 0, the only rank that records anything; the other ranks run :func:`follow`."""
     if not seeds:
         raise DmglError("at least one seed is needed")
     run_name = safe_name(run_name or default_run_name(config), "run name")
@@ -352,7 +363,12 @@ def train(
         for seed in seeds:
             seeded = with_seed(config, seed)
             run_id = _start_seed_run(tracker, experiment_id, parent_id, seeded, dataset, run_name, extra_tags)
-            outcomes.append(_train_seed(tracker, run_id, seeded, dataset, progress, step_progress=step_progress))
+            outcomes.append(
+                _train_seed(
+                    tracker, run_id, seeded, dataset, progress, step_progress=step_progress, distributed=distributed
+                )
+            )
+    distributed.release_followers()  # no more seeds: the other ranks stop following
     summary = _finish_parent(tracker, parent_id, outcomes, config, experiment_id)
     return TrainOutcome(
         parent_run_id=parent_id, experiment=experiment, experiment_id=experiment_id, seeds=outcomes, summary=summary
@@ -369,7 +385,11 @@ def _check_dataset(config: Config, dataset: PreparedDataset, run_tags: dict[str,
 
 
 def _resume_seed(
-    tracker: Tracker, run: RunRecord, progress: Progress | None, step_progress: StepProgress | None = None
+    tracker: Tracker,
+    run: RunRecord,
+    progress: Progress | None,
+    step_progress: StepProgress | None = None,
+    distributed: DistributedContext = SINGLE_PROCESS,
 ) -> SeedOutcome:
     run_id = run.run_id
     config = config_from_yaml(tracker.read_text(run_id, "config.yaml"))
@@ -385,15 +405,30 @@ def _resume_seed(
             raise
         state = None  # stopped before its first epoch ended: train from the start, in the same run
     tracker.mark_running(run_id)
-    return _train_seed(tracker, run_id, config, dataset, progress, resume_state=state, step_progress=step_progress)
+    return _train_seed(
+        tracker,
+        run_id,
+        config,
+        dataset,
+        progress,
+        resume_state=state,
+        step_progress=step_progress,
+        distributed=distributed,
+    )
 
 
 def resume(
-    run_id: str, *, tracker: Tracker, progress: Progress | None = None, step_progress: StepProgress | None = None
+    run_id: str,
+    *,
+    tracker: Tracker,
+    progress: Progress | None = None,
+    step_progress: StepProgress | None = None,
+    distributed: DistributedContext = SINGLE_PROCESS,
 ) -> TrainOutcome:
     """Continue an interrupted ``dmgl train`` in the same MLflow runs: a seed run from its last checkpoint, or —
     given the parent run — every seed it asked for (finished seeds are kept, unfinished ones resumed, seeds that
-    never started are started). The parent gets its mean/std once all its seeds are finished."""
+    never started are started). The parent gets its mean/std once all its seeds are finished. The checkpoint does
+    not depend on the number of processes: a run started with ``--nproc 2`` resumes with any other."""
     run = tracker.get_run(run_id)
     role = run.role
     if role not in ("parent", "seed"):
@@ -412,12 +447,15 @@ def resume(
             if role == "seed" and child is not None and child.run_id != run_id and child.status != "FINISHED":
                 continue  # only the seed run that was named is resumed
             if child is not None:
-                outcomes[seed] = _resume_seed(tracker, child, progress, step_progress)
+                outcomes[seed] = _resume_seed(tracker, child, progress, step_progress, distributed)
             elif role == "parent":
                 dataset = open_dataset(parent_config.dataset)
                 seeded = with_seed(parent_config, seed)
                 child_id = _start_seed_run(tracker, parent.experiment_id, parent_id, seeded, dataset, parent.name)
-                outcomes[seed] = _train_seed(tracker, child_id, seeded, dataset, progress, step_progress=step_progress)
+                outcomes[seed] = _train_seed(
+                    tracker, child_id, seeded, dataset, progress, step_progress=step_progress, distributed=distributed
+                )
+    distributed.release_followers()  # no more seeds: the other ranks stop following
     ordered = [outcomes[s] for s in sorted(outcomes)]
     experiment = tracker.experiment_name(parent.experiment_id)
     if all(s in outcomes for s in wanted):
@@ -432,6 +470,40 @@ def resume(
         seeds=ordered,
         summary=summary,
     )
+
+
+class _NoRecords:
+    """The sink of ranks other than 0: they record nothing (rank 0 logs the metrics and writes the checkpoints)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def save_checkpoint(self, name: str, state: dict[str, Any]) -> None:
+        pass
+
+
+def follow(distributed: DistributedContext) -> int:
+    """A data-parallel rank other than 0: train each seed rank 0 announces (its config and the state it resumes
+    from) until rank 0 says there are no more; returns the number of seeds trained. Never touches MLflow."""
+    trained = 0
+    while (job := distributed.broadcast_object()) is not None:
+        config = config_from_yaml(job["config"])
+        dataset = open_dataset(config.dataset)
+        if dataset.checksum != job["dataset_checksum"]:  # another machine's copy, prepared differently
+            raise DmglError(
+                f"rank {distributed.rank}: dataset {config.dataset!r} here (checksum {dataset.checksum[:12]}) is not "
+                f"rank 0's ({job['dataset_checksum'][:12]}); prepare it with the same options on every machine"
+            )
+        holder: dict[str, Trainer] = {}
+        with _graceful_stop(holder):
+            trainer = holder["trainer"] = Trainer(
+                config, dataset, config.train.seed, _NoRecords(), distributed=distributed
+            )
+            if job["state"] is not None:
+                trainer.load_state_dict(job["state"], "rank 0's checkpoint")
+            trainer.fit()
+        trained += 1
+    return trained
 
 
 @dataclass

@@ -53,6 +53,13 @@ from dmgl_cli.data.loader import (
 from dmgl_cli.data.prepared import PreparedDataset
 from dmgl_cli.data.transforms import build_transforms, model_input_specs
 from dmgl_cli.device import autocast, configure_determinism, pick_device, seed_everything, to_device
+from dmgl_cli.distributed import (
+    SINGLE_PROCESS,
+    DistributedContext,
+    batch_rows_of,
+    device_for_rank,
+    interleave_shards,
+)
 from dmgl_cli.errors import DmglError, Interrupted
 from dmgl_cli.hypergradient import (
     Hypergradient,
@@ -106,10 +113,20 @@ def compute_losses(method: Method, config: Config, output: ModelOutput, labels: 
 
 @torch.inference_mode()
 def evaluate(
-    model: MultimodalModel, method: Method, config: Config, loader, device: torch.device, prefix: str
+    model: MultimodalModel,
+    method: Method,
+    config: Config,
+    loader,
+    device: torch.device,
+    prefix: str,
+    distributed: DistributedContext = SINGLE_PROCESS,
 ) -> dict[str, float]:
     """Scores of one split: fused and per-modality ACC / MAP / macro-F1, their gap, the modality-gap distance,
-    and the two losses — all prefixed (``val_acc``, ``test_acc_audio``, ...)."""
+    and the two losses — all prefixed (``val_acc``, ``test_acc_audio``, ...).
+
+    Data-parallel: ``loader`` yields this rank's batches (batch i on rank i mod N, ``EpochBatchSampler.batch_shard``);
+    every rank's per-batch records are gathered and added in the batches' order, so every rank returns the
+    single-process metrics."""
     was_training = model.training
     model.eval()
     accumulator = MetricAccumulator()
@@ -127,6 +144,11 @@ def evaluate(
             int(labels.shape[0]),
         )
     model.train(was_training)
+    if distributed.active:
+        shards = distributed.gather_objects(accumulator.batch_records())
+        merged = MetricAccumulator()
+        merged.add_records(interleave_shards(shards))  # the batches in their order
+        accumulator = merged
     return accumulator.compute(prefix)
 
 
@@ -137,6 +159,24 @@ def check_against_dataset(config: Config, dataset: PreparedDataset) -> None:
     if isinstance(strategy, LearningBasedStrategy) and strategy.outer_data == "holdout":
         splits = make_splits(dataset, config.data.val_fraction, config.data.split_seed)
         hold_out(splits.train, strategy.holdout, config.data.split_seed, None)
+
+
+def check_data_parallel(config: Config, processes: int) -> None:
+    """Refuse a run that cannot train in ``processes`` data-parallel processes: a method that cannot (its
+    ``data_parallel_refusal``), or batches smaller than the number of processes."""
+    from dmgl_cli.methods import METHODS
+
+    reason = METHODS[config.method.name].data_parallel_refusal
+    if processes > 1 and reason:
+        raise DmglError(
+            f"method {config.method.name} cannot train data-parallel: {reason}; train it in one process "
+            "(leave out --nproc)"
+        )
+    if processes > config.train.batch_size:
+        raise DmglError(
+            f"{processes} processes need training batches of at least {processes} samples, train.batch_size is "
+            f"{config.train.batch_size}; raise it or use fewer processes"
+        )
 
 
 class Trainer:
@@ -150,14 +190,17 @@ class Trainer:
         sink: RunSink,
         progress: Callable[[int, int, dict[str, float]], None] | None = None,
         step_progress: Callable[[int, int, int], None] | None = None,
+        distributed: DistributedContext = SINGLE_PROCESS,
     ):
         """``progress(epoch, epochs, metrics)`` after each epoch; ``step_progress(epoch, batch, batches)`` after
-        each training batch (a progress bar; it must not synchronise with the device)."""
+        each training batch (a progress bar; it must not synchronise with the device). ``distributed``: this
+        process's rank in a data-parallel run (:mod:`dmgl_cli.distributed`); every rank builds the same trainer."""
         self.config, self.dataset, self.seed, self.sink = config, dataset, seed, sink
         self.progress = progress or (lambda epoch, total, metrics: None)
         self.step_progress = step_progress
+        self.distributed = distributed
         configure_determinism(config.train.deterministic)
-        self.device = pick_device(config.train.device)
+        self.device = pick_device(device_for_rank(config.train.device, distributed))
         seed_everything(seed)
 
         self.splits = make_splits(dataset, config.data.val_fraction, config.data.split_seed)
@@ -178,10 +221,12 @@ class Trainer:
             self.splits.train, self.holdout = hold_out(
                 self.splits.train, self.strategy.holdout, config.data.split_seed, self.splits.val.transform
             )
+        if distributed.active:
+            check_data_parallel(config, distributed.world)
         pin = self.device.type == "cuda"
         workers = config.data.num_workers
         self.train_loader = make_loader(
-            self.splits.train,
+            self.this_ranks_part(self.splits.train, config.train.batch_size),
             config.train.batch_size,
             shuffle=True,
             seed=seed,
@@ -194,11 +239,27 @@ class Trainer:
             name: eval_loader(dataset, config, split, num_workers=workers, pin_memory=pin)
             for name, split in (("val", self.splits.val), ("test", self.splits.test))
         }
+        for loader in self.eval_loaders.values():  # whole batches, batch i on rank i mod N
+            assert isinstance(loader.batch_sampler, EpochBatchSampler)
+            loader.batch_sampler.batch_shard = (distributed.rank, distributed.world) if distributed.active else None
 
         self.method = build_method(config)
-        self.model = self.method.build_model(model_input_specs(dataset.modalities, config), dataset.num_classes).to(
-            self.device
-        )
+        self.model = self.method.build_model(model_input_specs(dataset.modalities, config), dataset.num_classes)
+        # Data-parallel on CUDA: BatchNorm over the global batch (SyncBatchNorm), as one process normalises it; on the
+        # CPU (no SyncBatchNorm) each rank normalises its slice and rank 0's running statistics are broadcast after
+        # every step (DDP's broadcast_buffers).
+        has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        if distributed.active and has_batchnorm and self.device.type == "cuda":
+            # converts the BatchNorm layers in place (the root is a MultimodalModel, returned as is)
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self._broadcast_buffers = distributed.active and has_batchnorm and self.device.type != "cuda"
+        if self._broadcast_buffers and distributed.is_main:
+            LOG.warning(
+                "data-parallel on the CPU: BatchNorm normalises each rank's slice of the batch (SyncBatchNorm needs "
+                "CUDA), so the results differ from one process's (a model without BatchNorm matches them)"
+            )
+        self.model = self.model.to(self.device)
+        distributed.broadcast_module(self.model)  # rank 0's initial weights everywhere
         # channels_last for 2D convolutions only: Module.to(memory_format=channels_last) fails on the 5D weights of
         # 3D convolutions (NVGesture's video encoders). On the CPU only the ResNet trunks wide enough for it
         # (models/vision.py, CPU_CHANNELS_LAST_MIN_WIDTH), whose inputs their encoders then lay out the same way.
@@ -214,6 +275,7 @@ class Trainer:
         if config.train.compile:
             self.model.compile()
         self._warned_uncompiled = False
+        self._outer_part: tuple[ArraySplit, ArraySplit] | None = None  # (outer split, this rank's view of it)
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self._hypergradient_records: list = []  # this epoch's Hypergradient results, summarised in its metrics
@@ -231,6 +293,21 @@ class Trainer:
         self.method.attach(self)
 
     # ------------------------------------------------------------------------------------------------ building
+    def this_ranks_part(self, split: ArraySplit, batch_size: int) -> ArraySplit:
+        """What this rank reads of ``split``'s batches: its slice of each (data-parallel), or all of it. A view: the
+        split itself stays whole for the methods' own passes over it, which every rank makes in full."""
+        if not self.distributed.active:
+            return split
+        smallest = min(batch_size, len(split))
+        if smallest < self.distributed.world:
+            raise DmglError(
+                f"{self.distributed.world} processes need batches of at least {self.distributed.world} samples, "
+                f"this run's are {smallest}; raise train.batch_size or use fewer processes"
+            )
+        part = ArraySplit(split.arrays, split.indices, split.transform)
+        part.shard = (self.distributed.rank, self.distributed.world)
+        return part
+
     def _build_optimizer(self) -> torch.optim.Optimizer:
         optim = self.config.optim
         groups = self.method.param_groups(self.model)
@@ -289,8 +366,13 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- the step
     def _outer_split(self) -> ArraySplit:
         if self.holdout is not None:
-            return self.holdout
-        return self.splits.val if self.learner.outer_data == "val" else self.splits.train
+            split = self.holdout
+        else:
+            split = self.splits.val if self.learner.outer_data == "val" else self.splits.train
+        if self._outer_part is None or self._outer_part[0] is not split:
+            size = self.learner.outer_batch_size or self.config.train.batch_size
+            self._outer_part = (split, self.this_ranks_part(split, size))
+        return self._outer_part[1]
 
     def _outer_output(self) -> tuple[ModelOutput, Tensor]:
         """The model's output on an outer batch, in eval mode: BatchNorm uses (and keeps) its running statistics
@@ -311,7 +393,7 @@ class Trainer:
                 output = self.method.forward(self.model, inputs, training=False)
         finally:
             self.model.train(was_training)
-        return output, labels
+        return self.distributed.gather_output(output, labels, batch_rows_of(batch))
 
     def _alpha_hypergradient(self, cls_loss: Tensor, mm_loss: Tensor) -> float:
         """dL_CLS/dalpha from this step's inner losses and a fresh outer batch (Eq. 3 with ``neumann`` or ``cg``;
@@ -334,6 +416,7 @@ class Trainer:
             largest_eigenvalue_estimate=strategy.cached_largest_eigenvalue(),
             seed=self.seed + self.global_step,
             outer_shares_graph=False,
+            reduce=self.distributed.average if self.distributed.active else None,
         )
         strategy.remember_largest_eigenvalue(result.largest_eigenvalue)
         self._hypergradient_records.append(result)
@@ -348,7 +431,7 @@ class Trainer:
         scale = strategy.scale if strategy.scale is not None else self.optimizer.param_groups[0]["lr"]
         output, labels = self._outer_output()
         outer_cls = self.method.classification_loss(output, labels)
-        value = identity_hypergradient(mixed, outer_cls, self._hyper_parameters(), scale)
+        value = identity_hypergradient(mixed, outer_cls, self._hyper_parameters(), scale, self.distributed.average)
         self._hypergradient_records.append(Hypergradient(value))
         return value
 
@@ -358,7 +441,9 @@ class Trainer:
             output, labels = self._outer_output()
         cls_loss, mm_loss = compute_losses(self.method, self.config, output, labels)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return first_tensor_hessian_gradient_mean(cls_loss, mm_loss, self.strategy.alpha, params)
+        return first_tensor_hessian_gradient_mean(
+            cls_loss, mm_loss, self.strategy.alpha, params, self.distributed.average
+        )
 
     def _train_epoch(self) -> dict[str, float]:
         config, model, method, strategy = self.config, self.model, self.method, self.strategy
@@ -388,37 +473,44 @@ class Trainer:
                 # the hypergradient differentiates this forward more than once: uncompiled under train.compile
                 with self._uncompiled(wants_hypergradient), autocast(self.device, config.train.amp):
                     output = method.forward(model, inputs, training=True)
-                cls_loss, mm_loss = compute_losses(method, config, output, labels)
-                extra = method.extra_losses(output, labels, step_info)
+                # data-parallel: the whole global batch's output on every rank (distributed.py), labels included
+                output, batch_labels = self.distributed.gather_output(output, labels, batch_rows_of(batch))
+                cls_loss, mm_loss = compute_losses(method, config, output, batch_labels)
+                extra = method.extra_losses(output, batch_labels, step_info)
                 loss = method.objective_scale * total_loss(alpha, cls_loss, mm_loss) + sum(
                     extra.values(), cls_loss.new_zeros(())
                 )
                 hypergradient = mixed = None
                 if wants_hypergradient:
                     if self.learner.approx == "identity":  # its outer forward waits until the backward below
-                        mixed = mixed_gradient(cls_loss, mm_loss, self._hyper_parameters())
+                        mixed = mixed_gradient(cls_loss, mm_loss, self._hyper_parameters(), self.distributed.average)
                     else:
                         hypergradient = self._alpha_hypergradient(cls_loss, mm_loss)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                method.after_backward(model, output, labels, step_info)
+                # the mean over ranks, before any method reads or rescales the gradients; the same all-reduce
+                # settles whether any rank was asked to stop, so that every rank stops after this same step
+                stop_agreed = self.distributed.average_gradients(list(model.parameters()), self.stop_requested)
+                method.after_backward(model, output, batch_labels, step_info)
                 if config.optim.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
                 if mixed is not None:
                     hypergradient = self._identity_hypergradient(mixed)
                     mixed = None
                 self.optimizer.step()
+                if self._broadcast_buffers:
+                    self.distributed.broadcast_module(model, buffers_only=True)
                 self.global_step += 1
                 if hypergradient is not None:
                     strategy.apply_hypergradient(hypergradient)
-                size = int(labels.shape[0])
+                size = int(batch_labels.shape[0])
                 seen += size
                 # Sums stay on the device: no host sync per step.
                 for name, value in {"loss": loss, "cls_loss": cls_loss, "mm_loss": mm_loss, **extra}.items():
                     sums[name] = sums.get(name, 0) + value.detach().float() * size
             if self.step_progress is not None:
                 self.step_progress(self.epoch + 1, index + 1, batches)
-            if self.stop_requested and index < batches - 1:
+            if stop_agreed and index < batches - 1:
                 self._epoch_position = {
                     "batch": index + 1,
                     "sums": {k: float(v) for k, v in sums.items()},
@@ -494,18 +586,23 @@ class Trainer:
             if number == total and "test_acc" not in metrics:  # the last epoch's test score, for best-vs-last
                 metrics.update(self._score("test"))
             metrics["best_epoch"] = float(self.best_epoch)
+            # Every rank applies the same averaged gradients, so the weights agree; non-deterministic kernels (CUDA)
+            # could still make them differ in the last bits: rank 0's weights and buffers are every rank's here.
+            self.distributed.broadcast_module(self.model)
             self.history.append(metrics)
             self.epoch += 1
             self.sink.save_checkpoint("last", self.state_dict())
             self.sink.log_metrics(metrics, step=number)
             self.progress(number, total, metrics)
-            if self.stop_requested and self.epoch < total:
+            if self.distributed.any(self.stop_requested) and self.epoch < total:
                 raise Interrupted()  # the epoch-end checkpoint above is the resume point
         final = {"best_epoch": float(self.best_epoch), **self.best_scores}
         return TrainResult(best_epoch=self.best_epoch, final=final, history=list(self.history))
 
     def _score(self, split: str) -> dict[str, float]:
-        return evaluate(self.model, self.method, self.config, self.eval_loaders[split], self.device, split)
+        return evaluate(
+            self.model, self.method, self.config, self.eval_loaders[split], self.device, split, self.distributed
+        )
 
     def _scores_of_epoch(self, number: int, total: int) -> tuple[dict[str, float], dict[str, float]]:
         """(validation, test) scores after epoch ``number``: validation every ``train.eval_every`` epochs and at the

@@ -93,9 +93,9 @@ def test_hypergradient_uses_the_optimisers_weight_decay_and_learning_rate(synthe
         seen["weight_decay"] = kwargs["weight_decay"]
         return real_implicit(*args, **kwargs)
 
-    def spy_identity(mixed, outer, params, scale):
+    def spy_identity(mixed, outer, params, scale, *reduce):
         seen["scale"] = scale
-        return real_identity(mixed, outer, params, scale)
+        return real_identity(mixed, outer, params, scale, *reduce)
 
     monkeypatch.setattr(train_module, "implicit_hypergradient", spy_implicit)
     monkeypatch.setattr(train_module, "identity_hypergradient", spy_identity)

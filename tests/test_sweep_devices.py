@@ -17,6 +17,7 @@ import time
 import optuna
 import pytest
 from optuna.trial import TrialState
+from processes import finish
 
 from dmgl_cli.paths import repo_root
 from dmgl_cli.tracking import Tracker
@@ -54,12 +55,7 @@ def _launcher(*args: str):
 
 
 def _finish(process: subprocess.Popen, timeout: float) -> tuple[str, str]:
-    try:
-        return process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate(timeout=10)
-        raise AssertionError(f"dmgl sweep --devices did not finish in {timeout}s:\n{out}\n{err}") from None
+    return finish(process, timeout, "dmgl sweep --devices")
 
 
 def _gone(pid: int) -> bool:

@@ -15,10 +15,12 @@ class DmglGroup(click.Group):
             return super().invoke(ctx)
         except DmglError as exc:
             raise click.ClickException(str(exc)) from None
-        except (KeyboardInterrupt, Interrupted):
-            click.echo(
-                "\nInterrupted: the run was checkpointed and marked KILLED; continue it with "
-                "`dmgl train --resume RUN_ID`.",
-                err=True,
-            )
+        except (KeyboardInterrupt, Interrupted) as exc:
+            run_id = exc.run_id if isinstance(exc, Interrupted) else None
+            if not (isinstance(exc, Interrupted) and exc.quiet):
+                click.echo(
+                    f"\nInterrupted: {f'run {run_id}' if run_id else 'the run'} was checkpointed and marked KILLED; "
+                    f"continue it with `dmgl train --resume {run_id or 'RUN_ID'}`.",
+                    err=True,
+                )
             raise SystemExit(130) from None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -11,6 +13,9 @@ from dmgl_cli.cli.options import json_option, silent_option, tracking_option
 from dmgl_cli.cli.output import BatchBar, Messages, echo_json, progress_bar_wanted, view_line
 from dmgl_cli.errors import DmglError
 from dmgl_cli.links import experiment_runs_url, run_url, ui_base
+
+if TYPE_CHECKING:
+    from dmgl_cli.distributed import DistributedContext
 
 
 def _epoch_line(seed: int, epoch: int, total: int, m: dict[str, float]) -> str:
@@ -73,29 +78,16 @@ def _epoch_line(seed: int, epoch: int, total: int, m: dict[str, float]) -> str:
     is_flag=True,
     help="Show the runs this would create (experiment, names, seeds) and exit; records nothing.",
 )
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    help="Train data-parallel in N processes on this machine (torchrun; one GPU each on CUDA, gloo on the CPU). "
+    "The global batch, and so the results, do not depend on N. Under your own torchrun, leave it out.",
+)
 @tracking_option
 @json_option
 @silent_option(help="Print only the final result (no per-epoch lines, no progress bar).")
-def train(
-    recipe,
-    strategy,
-    alpha,
-    p,
-    method,
-    modality,
-    seeds,
-    epochs,
-    overrides,
-    experiment,
-    run_name,
-    resume_run,
-    deterministic,
-    print_config,
-    dry_run,
-    tracking_uri,
-    as_json,
-    silent,
-) -> None:
+def train(nproc, **options) -> None:
     """Train with the paper's objective and record every seed in MLflow.
 
     Options and recipe settings are checked before anything heavy loads, so a typo is refused at once. With --json
@@ -116,13 +108,73 @@ def train(
       dmgl train --strategy lb --seeds 3 --print-config   # the resolved settings, nothing trained
       dmgl train --strategy lb --seeds 3 --dry-run        # the runs it would create
       dmgl train --json --silent | jq -r .parent_run_id
+      dmgl train --strategy lb --nproc 4                  # data-parallel over 4 GPUs (or CPU processes)
+      torchrun --nnodes 2 --nproc-per-node 8 ... -m dmgl_cli train --strategy lb   # several machines
     """
+    if nproc is not None and nproc > 1 and _launched_world_size() > 1:
+        raise DmglError("--nproc starts its own processes; under torchrun, leave it out (torchrun sets their number)")
+    if _launched_world_size() > 1:  # one rank of a data-parallel job (torchrun, or --nproc below)
+        _train_as_rank(options)
+        return
+    _train(options, nproc or 1)
+
+
+def _launched_world_size() -> int:
+    """WORLD_SIZE as torchrun sets it (1 outside torchrun); read without importing torch."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.isdigit():
+        raise DmglError(f"WORLD_SIZE={value!r} is not a number of processes")
+    return int(value)
+
+
+def _train_as_rank(options: dict[str, Any]) -> None:
+    """Rank 0 does what a single process does, with the other ranks training alongside; they record and print
+    nothing. A normal exit from rank 0 that trained nothing (--print-config, --dry-run, finished runs) releases them;
+    an error leaves them to torchrun, which stops them once rank 0 exits."""
+    from dmgl_cli import runner
+    from dmgl_cli.distributed import RUN_FILE_VARIABLE, init_from_environment, lost_a_rank
+    from dmgl_cli.errors import Interrupted
+
+    distributed = init_from_environment()
+    # Stopped by Ctrl-C or SIGTERM: rank 0 says so, unless `dmgl train --nproc` launched it (the launcher does).
+    quiet = not distributed.is_main or RUN_FILE_VARIABLE in os.environ
+    try:
+        if not distributed.is_main:
+            runner.follow(distributed)
+            return
+        _train(options, 1, distributed=distributed)
+    except (KeyboardInterrupt, Interrupted):
+        raise Interrupted(quiet=quiet) from None
+    except RuntimeError as exc:
+        if not lost_a_rank(exc):
+            raise
+        # another rank died (torchrun reports which): one line here, not the collective's traceback
+        raise DmglError(
+            f"rank {distributed.rank} stopped: another rank of the job is gone (its connection closed)"
+        ) from None
+    distributed.release_followers()
+
+
+def _train(options: dict[str, Any], nproc: int, distributed: DistributedContext | None = None) -> None:
+    """``dmgl train`` in this process (``options``: the command's), or, with ``nproc`` > 1, in ``nproc`` processes
+    launched on the same command line; ``distributed``: this process's rank in a data-parallel job."""
+    recipe, strategy, alpha, p, method, modality, seeds, epochs = (
+        options[k] for k in ("recipe", "strategy", "alpha", "p", "method", "modality", "seeds", "epochs")
+    )
+    overrides, experiment, run_name, resume_run, deterministic, print_config, dry_run = (
+        options[k]
+        for k in ("overrides", "experiment", "run_name", "resume_run", "deterministic", "print_config", "dry_run")
+    )
+    tracking_uri, as_json, silent = options["tracking_uri"], options["as_json"], options["silent"]
     # Only light modules here: the config is resolved (and a typo refused) before torch or MLflow is imported.
     from dmgl_cli.config import parse_seeds, resolve
     from dmgl_cli.paths import safe_name
     from dmgl_cli.strategies import spec_from_flags
 
     say = Messages(as_json=as_json, silent=silent)
+    if resume_run and nproc > 1:
+        _launch(nproc)
+        return
     if resume_run:
         given = [
             n
@@ -146,11 +198,19 @@ def train(
         if given:
             raise DmglError(f"--resume continues a recorded run with its recorded config; drop {', '.join(given)}")
         from dmgl_cli import runner
+        from dmgl_cli.distributed import SINGLE_PROCESS, note_run
         from dmgl_cli.tracking import Tracker
 
+        note_run(resume_run)
         tracker = Tracker(tracking_uri)
         with _step_bar(silent) as bar:
-            outcome = runner.resume(resume_run, tracker=tracker, progress=_epoch_printer(say, bar), step_progress=bar)
+            outcome = runner.resume(
+                resume_run,
+                tracker=tracker,
+                progress=_epoch_printer(say, bar),
+                step_progress=bar,
+                distributed=distributed or SINGLE_PROCESS,
+            )
         _print_outcome(outcome, tracker, as_json)
         return
     if print_config and dry_run:
@@ -188,11 +248,19 @@ def train(
 
         _print_plan(train_plan(config, seed_list, run_name), as_json)
         return
+    if nproc > 1:
+        from dmgl_cli.train import check_data_parallel
+
+        check_data_parallel(config, nproc)  # before any process starts
+        _launch(nproc)
+        return
 
     from dmgl_cli import runner
+    from dmgl_cli.distributed import SINGLE_PROCESS, note_run
     from dmgl_cli.tracking import Tracker
 
     def announce(parent_id: str) -> None:
+        note_run(parent_id)
         say(
             f"parent run {parent_id}: {config.method.name} / {config.strategy.name} on "
             f"{config.dataset}, seeds {','.join(map(str, seed_list))}"
@@ -208,8 +276,28 @@ def train(
             step_progress=bar,
             run_name=run_name,
             on_parent=announce,
+            distributed=distributed or SINGLE_PROCESS,
         )
     _print_outcome(outcome, tracker, as_json)
+
+
+def _launch(nproc: int) -> None:
+    """This same command line in ``nproc`` processes (torchrun), ``--nproc`` left out; rank 0 prints."""
+    import sys
+
+    from dmgl_cli.distributed import launch
+
+    argv, skip = [], False
+    for token in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            argv.append(token)
+    if "train" not in argv:
+        raise DmglError("--nproc needs the dmgl command line (`dmgl train ... --nproc N`)")
+    launch(nproc, argv)
 
 
 @contextmanager

@@ -30,6 +30,9 @@ class ArraySplit(Dataset):
         self.indices = np.arange(len(arrays)) if indices is None else np.asarray(indices, dtype=np.int64)
         # Optional (inputs, rows) -> inputs batch transform (data/transforms.py); runs in the loader's workers.
         self.transform = transform
+        # Data-parallel training: (rank, world). Each batch asked for is the global batch; this rank reads its
+        # contiguous slice (distributed.slice_bounds), transformed as that part of the whole batch.
+        self.shard: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -41,12 +44,20 @@ class ArraySplit(Dataset):
     def __getitems__(self, positions: list[int]) -> Batch:
         rows = self.indices[np.asarray(positions, dtype=np.int64)]
         arrays = self.arrays.inputs
-        # Frame-sampled modalities: the frames are chosen first and only those are read.
+        # Frame-sampled modalities: the frames are chosen first and only those are read. Under data parallelism they
+        # (and the augmentations) are drawn for the whole batch's rows, then this rank's part is kept.
         frames, generator = (
             ({}, None)
             if self.transform is None
             else self.transform.draw_frames(rows, {name: arrays[name].shape[1] for name in self.transform.frames})
         )
+        part = None
+        if self.shard is not None:
+            from dmgl_cli.distributed import slice_bounds
+
+            part = slice(*slice_bounds(len(rows), *self.shard))
+            drawn, rows = len(rows), rows[part]
+            frames = {name: chosen[part] for name, chosen in frames.items()}
         inputs = {
             name: torch.from_numpy(
                 gather_frames(array, rows, frames[name].numpy()) if name in frames else gather_rows(array, rows)
@@ -55,8 +66,15 @@ class ArraySplit(Dataset):
         }
         labels = torch.from_numpy(np.asarray(self.arrays.labels[rows], dtype=np.int64))
         if self.transform is not None:
-            inputs = self.transform.augment(inputs, generator, owned=set(inputs))
-        return {"inputs": inputs, "labels": labels, "indices": torch.from_numpy(rows)}
+            inputs = (
+                self.transform.augment(inputs, generator, owned=set(inputs))
+                if part is None
+                else self.transform.augment(inputs, generator, owned=set(inputs), part=(part, drawn))
+            )
+        batch: Batch = {"inputs": inputs, "labels": labels, "indices": torch.from_numpy(rows)}
+        if part is not None:
+            batch["batch_rows"] = drawn  # the global batch this slice is part of (distributed.gather_output)
+        return batch
 
     def __getitem__(self, position: int) -> Batch:
         return self.__getitems__([position])
@@ -113,6 +131,8 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last and size > batch_size
         self.epoch = 0
         self.skip = 0  # batches of this epoch to leave out (resuming in the middle of an epoch)
+        # (rank, world) of a sharded evaluation: this rank yields batches rank, rank + world, ... (whole batches)
+        self.batch_shard: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -124,11 +144,17 @@ class EpochBatchSampler(Sampler[list[int]]):
         else:
             order = list(range(self.size))
         stop = self.size - self.size % self.batch_size if self.drop_last else self.size
-        for start in range(self.skip * self.batch_size, stop, self.batch_size):
-            yield order[start : start + self.batch_size]
+        rank, world = self.batch_shard or (0, 1)
+        for number, start in enumerate(range(self.skip * self.batch_size, stop, self.batch_size)):
+            if number % world == rank:
+                yield order[start : start + self.batch_size]
 
     def __len__(self) -> int:
-        return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
+        total = self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
+        if self.batch_shard is None:
+            return total
+        rank, world = self.batch_shard
+        return len(range(rank, total, world))
 
 
 def _whole_batch(batch: Batch) -> Batch:
@@ -186,7 +212,8 @@ def make_loader(
 
 
 def sample_batch(split: ArraySplit, batch_size: int, seed: int) -> Batch:
-    """A random batch drawn from (seed) alone — the LB strategy's outer batches, so resume stays exact."""
+    """A random batch drawn from (seed) alone — the LB strategy's outer batches, so resume stays exact (this rank's
+    slice of it under data parallelism, ``split.shard``)."""
     generator = torch.Generator().manual_seed(seed)
     size = min(batch_size, len(split))
     positions = torch.randperm(len(split), generator=generator)[:size].tolist()

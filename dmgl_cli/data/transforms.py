@@ -71,19 +71,26 @@ def _flip_some(x: Tensor, flip: Tensor, in_place: bool) -> Tensor:
     return x
 
 
-def _crop_resize(x: Tensor, scale: float, generator: torch.Generator) -> Tensor:
+def _crop_resize(
+    x: Tensor, scale: float, generator: torch.Generator, rows: slice = slice(0, None), drawn: int | None = None
+) -> Tensor:
     """Per sample: a random crop (side in [scale, 1] of the frame), resized back. x: [B, ..., H, W, C] uint8.
+    ``x`` holds rows ``rows`` of a batch of ``drawn`` (default B): every row's crop is drawn, these rows' applied.
 
     Resized bilinearly on the uint8 pixels themselves, channels-last (torch's fixed-point path): no float copy,
     3x faster than converting to float and back, within 1 of the float result per pixel."""
     height, width, channels = x.shape[-3], x.shape[-2], x.shape[-1]
     out = torch.empty(x.shape, dtype=x.dtype)
     frames_out = out.view(x.shape[0], -1, height, width, channels)
-    for b in range(x.shape[0]):
+    first = rows.start or 0
+    for drawn_row in range(drawn or x.shape[0]):
         side = scale + (1.0 - scale) * float(torch.rand((), generator=generator))
         ch, cw = max(1, round(height * side)), max(1, round(width * side))
         top = int(torch.randint(0, height - ch + 1, (), generator=generator))
         left = int(torch.randint(0, width - cw + 1, (), generator=generator))
+        b = drawn_row - first
+        if not 0 <= b < x.shape[0]:
+            continue  # another rank's row
         crop = x[b, ..., top : top + ch, left : left + cw, :].reshape(-1, ch, cw, channels)
         if ch == height and cw == width:
             frames_out[b] = crop
@@ -123,20 +130,28 @@ class BatchTransform:
         return positions, generator
 
     def augment(
-        self, inputs: dict[str, Tensor], generator: torch.Generator | None, owned: set[str]
+        self,
+        inputs: dict[str, Tensor],
+        generator: torch.Generator | None,
+        owned: set[str],
+        part: tuple[slice, int] | None = None,
     ) -> dict[str, Tensor]:
         """Flip and crop the augmented modalities (training only); tensors named in ``owned`` belong to this batch
-        and are flipped in place, the others are copied first."""
+        and are flipped in place, the others are copied first. ``part`` = (slice, drawn): ``inputs`` hold rows
+        ``slice`` of a batch of ``drawn`` rows (one rank's share under data parallelism); the random draws are made
+        for all ``drawn`` rows, in the same order, and this part's are applied, so each row is augmented as in the
+        whole batch."""
         if generator is None:
             return inputs
+        rows, drawn = part if part is not None else (slice(0, None), None)
         out = dict(inputs)
         for name, mode in self.augmentations.items():
             x = out[name]
             if "flip" in mode:
-                flip = torch.rand((x.shape[0],), generator=generator) < 0.5
-                x = _flip_some(x, flip, in_place=name in owned)
+                flip = torch.rand((drawn or x.shape[0],), generator=generator) < 0.5
+                x = _flip_some(x, flip[rows], in_place=name in owned)
             if "crop" in mode:
-                x = _crop_resize(x, self.crop_scale, generator)
+                x = _crop_resize(x, self.crop_scale, generator, rows, drawn)
             out[name] = x
         return out
 

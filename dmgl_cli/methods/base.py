@@ -42,6 +42,10 @@ class Method:
     # (with a warning naming each one it changed), so the run records what ran (dmgl-official).
     pinned_settings: dict[str, Any] = {}
 
+    # Why the method cannot train data-parallel (`dmgl train --nproc N`), or None: every other method computes the
+    # single-process step from the gathered global batch (distributed.py).
+    data_parallel_refusal: str | None = None
+
     @property
     def scoring_changes_state(self) -> bool:
         """Whether scoring a split changes the method's state (Greedy's running gate averages, as released): the

@@ -38,7 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dmgl_cli.methods.rebalance_base import AuxHeadsModel, RebalanceMethod, autocast_for, split_batches
+from dmgl_cli.methods.rebalance_base import (
+    SEEN,
+    AuxHeadsModel,
+    RebalanceMethod,
+    autocast_for,
+    distributed_of,
+    split_batches,
+)
 from dmgl_cli.models import ModelOutput, MultimodalModel, build_model
 
 
@@ -94,10 +101,13 @@ class DOMFNMethod(RebalanceMethod):
         was_training = model.training
         model.eval()
         rejected, seen = 0, 0
-        for inputs, labels in split_batches(self.trainer, "val"):
+        for inputs, labels in split_batches(self.trainer, "val", shard=True):
             with autocast_for(self.trainer):
                 output = model(inputs)
             rejected += int(self.rejected(output).sum())
             seen += int(labels.shape[0])
         model.train(was_training)
+        # data-parallel: each rank scored its share of the batches
+        totals = distributed_of(self.trainer).sum_values({"rejected": float(rejected), SEEN: float(seen)})
+        rejected, seen = int(totals["rejected"]), int(totals[SEEN])
         return {**self.epoch_statistics(), "domfn_rejected": rejected / max(seen, 1)}

@@ -86,8 +86,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dmgl_cli.data.loader import make_loader
+from dmgl_cli.distributed import batch_rows_of
 from dmgl_cli.errors import DmglError
-from dmgl_cli.methods.rebalance_base import RebalanceMethod, autocast_for, split_batches
+from dmgl_cli.methods.rebalance_base import SEEN, RebalanceMethod, autocast_for, distributed_of, split_batches
 from dmgl_cli.models import ModelOutput, MultimodalModel
 
 FUSED = "fused"
@@ -188,8 +189,11 @@ class GBlendMethod(RebalanceMethod):
         trainer = self.trainer
         assert trainer is not None  # attached before the first epoch starts
         # The real run's sampler (same seed, drop_last), so copy epoch e draws the batches of real epoch N + e.
+        split = trainer.splits.train
+        if distributed_of(trainer).active:  # this rank's slice of each of those batches: the copies train data-parallel
+            split = trainer.this_ranks_part(split, trainer.config.train.batch_size)
         loader = make_loader(
-            trainer.splits.train,
+            split,
             trainer.config.train.batch_size,
             shuffle=True,
             seed=trainer.seed,
@@ -243,9 +247,12 @@ class GBlendMethod(RebalanceMethod):
             labels = batch["labels"].to(trainer.device, non_blocking=non_blocking)
             with autocast_for(trainer):
                 logits = replica(keep_only(inputs, kept)).logits
+            # data-parallel: the loss of the whole global batch on every rank, gradients averaged (distributed.py)
+            logits, labels = distributed_of(trainer).gather_rows([logits, labels], batch_rows_of(batch))
             loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed_of(trainer).average_gradients(list(replica.parameters()), stop_requested=False)
             if trainer.config.optim.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(replica.parameters(), trainer.config.optim.grad_clip)
             optimizer.step()
@@ -259,7 +266,7 @@ class GBlendMethod(RebalanceMethod):
         replica.eval()
         total = 0.0
         samples = 0
-        for inputs, labels in split_batches(self.trainer, "val"):
+        for inputs, labels in split_batches(self.trainer, "val", shard=True):
             with autocast_for(self.trainer):
                 logits = replica(keep_only(inputs, kept)).logits
             loss = float(F.cross_entropy(logits.float(), labels))
@@ -267,7 +274,9 @@ class GBlendMethod(RebalanceMethod):
             total += loss if self.loss_reduction == "batch-sum" else loss * size
             samples += size
         replica.train()
-        return self._reduce(total, samples)
+        # data-parallel: each rank scored its share of the batches
+        totals = distributed_of(self.trainer).sum_values({"total": total, SEEN: float(samples)})
+        return self._reduce(totals["total"], int(totals[SEEN]))
 
     # -- training ------------------------------------------------------------------------------------------------
     def on_epoch_end(self, model: MultimodalModel, epoch: int, val_metrics: dict[str, float]) -> dict[str, float]:

@@ -174,6 +174,11 @@ class GreedyMethod(ChannelMethod):
     module docstring."""
 
     name = "greedy"
+    data_parallel_refusal = (
+        "its forward updates the running gate averages in place from the batch it sees, in training and in scoring "
+        "(as released), so ranks that each see a slice of a batch, or their own evaluation batches, would hold "
+        "different gates"
+    )
     table_row = "Greedy"
     defaults: dict[str, Any] = {
         "ratio": 4,

@@ -68,7 +68,7 @@ import torch
 from torch import Tensor, nn
 
 from dmgl_cli.errors import DmglError
-from dmgl_cli.methods.rebalance_base import RebalanceMethod, autocast_for, split_batches
+from dmgl_cli.methods.rebalance_base import SEEN, RebalanceMethod, autocast_for, distributed_of, split_batches
 from dmgl_cli.models import ModelOutput, MultimodalModel, build_model
 
 FUSION_RULES = ("batch-entropy", "sample-entropy")
@@ -211,7 +211,7 @@ class MLAMethod(RebalanceMethod):
         active, self.active = self.active, None
         sums: dict[str, float] = {}
         seen = 0
-        for inputs, labels in split_batches(self.trainer, "val"):
+        for inputs, labels in split_batches(self.trainer, "val", shard=True):
             with autocast_for(self.trainer):
                 output = model(inputs)
             weights = entropy_weights(output.unimodal_logits, self.fusion_rule)
@@ -220,6 +220,9 @@ class MLAMethod(RebalanceMethod):
             seen += int(labels.shape[0])
         self.active = active
         model.train(was_training)
+        # data-parallel: each rank scored its share of the batches (whole batches: the entropy is per batch)
+        sums = distributed_of(self.trainer).sum_values({**sums, SEEN: float(seen)})
+        seen = int(sums.pop(SEEN))
         return {**self.epoch_statistics(), **{f"mla_fusion_weight_{m}": s / max(seen, 1) for m, s in sums.items()}}
 
     def method_state(self) -> dict[str, Any]:

@@ -55,9 +55,11 @@ from torch import Tensor
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods.mslr import scale_branch_gradients
 from dmgl_cli.methods.rebalance_base import (
+    SEEN,
     RebalanceMethod,
     autocast_for,
     concat_head,
+    distributed_of,
     head_columns,
     split_batches,
 )
@@ -111,7 +113,7 @@ class MSESMethod(RebalanceMethod):
         model.eval()
         totals: dict[str, float] = {}
         seen = 0
-        for inputs, labels in split_batches(self.trainer, "val"):
+        for inputs, labels in split_batches(self.trainer, "val", shard=True):
             with autocast_for(self.trainer):
                 output = self.forward(model, inputs, training=False)
             for modality, logits in output.unimodal_logits.items():
@@ -119,6 +121,9 @@ class MSESMethod(RebalanceMethod):
                 totals[modality] = totals.get(modality, 0.0) + float(loss)
             seen += int(labels.shape[0])
         model.train(was_training)
+        # data-parallel: each rank scored its share of the batches
+        totals = distributed_of(self.trainer).sum_values({**totals, SEEN: float(seen)})
+        seen = int(totals.pop(SEEN))
         return {m: total / max(seen, 1) for m, total in totals.items()}
 
     def _snapshot(self, model: MultimodalModel) -> dict[str, Any]:

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods.ogm_ge import discrepancy_ratios
-from dmgl_cli.methods.rebalance_base import RebalanceMethod, autocast_for
+from dmgl_cli.methods.rebalance_base import RebalanceMethod, autocast_for, distributed_of
 from dmgl_cli.models import ModelOutput, MultimodalModel
 
 
@@ -62,10 +62,13 @@ def prototype_batches(trainer, epoch: int, fraction: float) -> Iterator[tuple[di
     training transforms and batch size; the last batch may be partial), drawn from (training seed, ``epoch``)."""
     from dmgl_cli.data.loader import EpochBatchSampler, make_loader
 
-    # A seed of its own: the shuffle is not the one the epoch's training batches come from.
-    loader = make_loader(
-        trainer.splits.train, trainer.config.train.batch_size, shuffle=True, seed=trainer.seed + 1, drop_last=False
-    )
+    # A seed of its own: the shuffle is not the one the epoch's training batches come from. Data-parallel, each rank
+    # reads its slice of each batch and the class sums are added over the ranks (PMRMethod.start_of_epoch).
+    size = trainer.config.train.batch_size
+    split = trainer.splits.train
+    if distributed_of(trainer).active:
+        split = trainer.this_ranks_part(split, size)
+    loader = make_loader(split, size, shuffle=True, seed=trainer.seed + 1, drop_last=False)
     sampler = loader.batch_sampler
     assert isinstance(sampler, EpochBatchSampler)  # make_loader's: shuffles from (seed, epoch)
     sampler.set_epoch(epoch)
@@ -166,7 +169,10 @@ class PMRMethod(RebalanceMethod):
         assert trainer is not None  # attached before the first epoch starts
         batches = prototype_batches(trainer, epoch, self.proto_fraction)
         sums, counts = class_sums(model, batches, trainer.dataset.num_classes, lambda: autocast_for(trainer))
-        self.update(sums, counts)
+        # data-parallel: every rank summed its slices; the sums and counts of the whole batches on every rank
+        names = list(sums)
+        totals = distributed_of(trainer).sum_tensors([*(sums[m] for m in names), counts])
+        self.update(dict(zip(names, totals[:-1], strict=True)), totals[-1])
 
     def update(self, sums: dict[str, Tensor], counts: Tensor) -> None:
         """One prototype computation from class sums and counts (mixing from the third computation on)."""

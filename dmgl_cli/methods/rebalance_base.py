@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dmgl_cli.device import autocast, to_device
+from dmgl_cli.distributed import SINGLE_PROCESS, DistributedContext
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods.base import Method
 from dmgl_cli.models import ModelOutput, MultimodalModel
@@ -243,19 +244,35 @@ def scale_gradient(tensor: Tensor, holder: dict, key: str) -> Tensor:
 # ------------------------------------------------------------------------------------------------- data passes
 
 
+# The sample count among the totals a sharded pass sums over the ranks (split_batches(shard=True))
+SEEN = "samples seen"
+
+
+def distributed_of(trainer) -> DistributedContext:
+    """The trainer's place in a data-parallel run (one process for a trainer without one, as in unit tests)."""
+    return getattr(trainer, "distributed", SINGLE_PROCESS)
+
+
 def split_batches(
-    trainer, split: str, max_samples: int | None = None, seed: int = 0
+    trainer, split: str, max_samples: int | None = None, seed: int = 0, shard: bool = False
 ) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
     """Batches of ``split`` ("train" or "val") on the trainer's device, in a fixed order; with ``max_samples`` a
-    fixed random subset (drawn from ``seed`` alone, so it is the same every epoch and after a resume)."""
-    from dmgl_cli.data.loader import ArraySplit, eval_loader
+    fixed random subset (drawn from ``seed`` alone, so it is the same every epoch and after a resume). ``shard``
+    (data-parallel training): this rank's share of the batches (batch i on rank i mod N), whose totals the caller
+    sums over the ranks (``trainer.distributed.sum_values``)."""
+    from dmgl_cli.data.loader import ArraySplit, EpochBatchSampler, eval_loader
 
     source = getattr(trainer.splits, split)
     indices = source.indices
     if max_samples is not None and max_samples < len(source):
         indices = indices[np.sort(np.random.default_rng(seed).choice(len(source), size=max_samples, replace=False))]
     subset = ArraySplit(source.arrays, indices)
-    for batch in eval_loader(trainer.dataset, trainer.config, subset):
+    loader = eval_loader(trainer.dataset, trainer.config, subset)
+    distributed = distributed_of(trainer)
+    if shard and distributed.active:
+        assert isinstance(loader.batch_sampler, EpochBatchSampler)
+        loader.batch_sampler.batch_shard = (distributed.rank, distributed.world)
+    for batch in loader:
         yield to_device(batch, trainer.device)
 
 
