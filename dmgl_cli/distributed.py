@@ -65,14 +65,6 @@ def slice_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
     return size * rank // world, size * (rank + 1) // world
 
 
-def launched_world_size() -> int:
-    """WORLD_SIZE from the environment torchrun sets (1 outside torchrun)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError as exc:
-        raise DmglError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from exc
-
-
 @dataclass
 class DistributedContext:
     """This process's place in the job: rank ``rank`` of ``world`` (1 = a plain single-process run)."""
@@ -120,19 +112,12 @@ class DistributedContext:
         without a gradient has none on every rank (the same graph on every rank) and stays without."""
         if not self.active:
             return stop_requested
-        with_grad = [p for p in parameters if p.grad is not None]
-        device = with_grad[0].grad.device if with_grad else torch.device("cpu")  # pyright: ignore[reportOptionalMemberAccess]
-        flag = torch.tensor([1.0 if stop_requested else 0.0], device=device)
-        grads = [p.grad for p in with_grad]
-        flat = torch.cat([*(g.reshape(-1).to(torch.float32) for g in grads), flag])  # pyright: ignore[reportOptionalMemberAccess]
-        dist.all_reduce(flat)
-        flat /= self.world
-        start = 0
-        for g in grads:
-            assert g is not None
-            g.copy_(flat[start : start + g.numel()].view(g.shape))
-            start += g.numel()
-        return bool(flat[-1] > 0)
+        grads = [p.grad for p in parameters if p.grad is not None]
+        flag = torch.tensor([1.0 if stop_requested else 0.0], device=grads[0].device if grads else None)
+        *averaged, agreed = self._all_reduce([*grads, flag], mean=True)
+        for grad, mean in zip(grads, averaged, strict=True):
+            grad.copy_(mean)
+        return bool(agreed > 0)
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank (a stop request between two steps, agreed by all)."""
@@ -305,7 +290,7 @@ def init_from_environment() -> DistributedContext:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). CUDA tensors
     travel by NCCL and CPU tensors (CPU training, the objects rank 0 broadcasts) by gloo: one group serves a run on
     either device, which the other ranks learn only from rank 0. Outside torchrun: the single-process context."""
-    world = launched_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # cli/train.py has refused a malformed one
     if world <= 1:
         return SINGLE_PROCESS
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))

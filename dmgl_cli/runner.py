@@ -341,9 +341,7 @@ def train(
     if not seeds:
         raise DmglError("at least one seed is needed")
     run_name = safe_name(run_name or default_run_name(config), "run name")
-    dataset = open_dataset(config.dataset)
-    check_against_dataset(config, dataset)  # and so do settings that do not fit the dataset
-    check_tokenisation(config, dataset.manifest)  # a text encoder that does not read the dataset's tokens
+    dataset = open_checked_dataset(config)
     experiment = config.experiment or config.dataset
     experiment_id = tracker.experiment_id(experiment)
     tracker.warn_stale([experiment_id])
@@ -373,6 +371,16 @@ def train(
     return TrainOutcome(
         parent_run_id=parent_id, experiment=experiment, experiment_id=experiment_id, seeds=outcomes, summary=summary
     )
+
+
+def open_checked_dataset(config: Config) -> PreparedDataset:
+    """The run's prepared dataset, once it is known to fit ``config``: refused before any run is recorded (or any
+    data-parallel process started) when it is missing, when settings do not fit it, or when the text encoder does not
+    read its tokens."""
+    dataset = open_dataset(config.dataset)
+    check_against_dataset(config, dataset)
+    check_tokenisation(config, dataset.manifest)
+    return dataset
 
 
 def _check_dataset(config: Config, dataset: PreparedDataset, run_tags: dict[str, str]) -> None:

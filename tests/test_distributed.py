@@ -349,3 +349,10 @@ def test_sharded_evaluation_batches_merge_to_the_single_process_metrics():
     merged = MetricAccumulator()
     merged.add_records(interleave_shards(per_rank))
     assert merged.compute("val") == single.compute("val")
+
+
+def test_a_missing_dataset_is_refused_before_any_process_starts(run_cli, registry):
+    result = run_cli("train", "--nproc", "2", expect=1)
+    assert "dataset 'synthetic' is not prepared" in result.output
+    assert result.output.count("Error") == 1
+    assert not registry.exists() or not any(registry.iterdir())  # nothing recorded, no store created

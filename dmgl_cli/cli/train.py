@@ -148,7 +148,10 @@ def _train_as_rank(options: dict[str, Any]) -> None:
     except RuntimeError as exc:
         if not lost_a_rank(exc):
             raise
-        # another rank died (torchrun reports which): one line here, not the collective's traceback
+        # another rank died: `dmgl train --nproc` (or torchrun) reports which; rank 0 of another torchrun says so
+        # in one line, not with the collective's traceback
+        if quiet:
+            raise SystemExit(1) from None
         raise DmglError(
             f"rank {distributed.rank} stopped: another rank of the job is gone (its connection closed)"
         ) from None
@@ -249,9 +252,11 @@ def _train(options: dict[str, Any], nproc: int, distributed: DistributedContext 
         _print_plan(train_plan(config, seed_list, run_name), as_json)
         return
     if nproc > 1:
+        from dmgl_cli.runner import open_checked_dataset
         from dmgl_cli.train import check_data_parallel
 
         check_data_parallel(config, nproc)  # before any process starts
+        open_checked_dataset(config)
         _launch(nproc)
         return
 
