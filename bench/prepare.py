@@ -14,9 +14,20 @@ jpeg store, writing the arrays, checksums, the manifest). Disk: the bytes of the
 ``visual.jpeg`` + ``visual.offsets.npy``) and of the whole dataset folder, per clip, and projected to CREMA-D's
 7,442 clips and Kinetics-Sounds' ~19k (frames only: its audio differs).
 
-    python bench/prepare.py                      # 60 clips, frame stores raw and jpeg, workers 1 and 2
-    python bench/prepare.py --workers 1 --frame-stores raw,jpeg --repeats 2
-    python bench/prepare.py --clips-per-class 40 --workers 1,2,4,8    # on a bigger machine
+CPU seconds per clip are counted for this process and, apart, for the forkserver and its pool workers (user +
+system, those that exited included), and "cores busy" is their sum over the wall time: a worker count that does not
+speed prepare up either found no idle core (busy stays near the count of cores free) or spent its time elsewhere
+(more CPU per clip: start-up, moving the decoded arrays between processes).
+
+``--sections audio-dtype``: the same clips prepared with ``-o audio_dtype=float32`` and ``float16`` (the emotion
+carried only by a faint tone in loud noise, so that a small model is partly right): the spectrogram's bytes, the
+rounding, and the test accuracy of a small Concat model trained on each with the same seeds (paired), plus the
+float32-trained weights scored on both inputs.
+
+    python bench/prepare.py                      # 60 clips, frame stores raw and jpeg, workers 1 and 2; audio dtype
+    python bench/prepare.py --sections workers --workers 1 --frame-stores raw,jpeg --repeats 2
+    python bench/prepare.py --sections workers --clips-per-class 40 --workers 1,2,4,8    # on a bigger machine
+    python bench/prepare.py --sections audio-dtype --dtype-seeds 5
 """
 
 from __future__ import annotations
@@ -100,21 +111,24 @@ def write_raw(root: Path, per_class: int, width: int, height: int, seconds: floa
     return count
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips-per-class", type=int, default=10, help="6 classes: 10 -> 60 clips")
-    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
-    parser.add_argument(
-        "--frame-stores", default="raw,jpeg", help="comma-separated: raw (uint8 arrays), jpeg (-o frame_store=jpeg)"
-    )
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--video-size", default="480x360", help="raw FLV frame size (CREMA-D: 480x360)")
-    parser.add_argument("--seconds", type=float, default=2.5, help="clip length (CREMA-D: ~2.5 s)")
-    parser.add_argument("--fps", type=int, default=30)
-    parser.add_argument("--content", default="texture", choices=["texture", "flat"], help="what the videos show")
-    args = parser.parse_args()
+def tree_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds (user + system) so far of (this process, every process below it): the forkserver and the pool
+    workers it forked, counting those that have exited (a parent's cutime/cstime holds its reaped children's)."""
+    own = os.times()
+    tick = os.sysconf("SC_CLK_TCK")
+    others = own.children_user + own.children_system  # reaped children of this process
+    for pid in common._tree(os.getpid())[1:]:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited between the listing and the read
+        # fields[11:15]: utime, stime, cutime, cstime (stat fields 14-17, counted after the command's ")")
+        others += sum(int(value) for value in fields[11:15]) / tick
+    return own.user + own.system, others
 
-    common.use_private_registry()
+
+def workers_section(args, parser) -> None:
     from dmgl_cli.data.registry import DatasetRegistry
     from dmgl_cli.prepare import prepare_dataset
 
@@ -124,11 +138,10 @@ def main() -> None:
     if unknown or not stores:
         parser.error(f"--frame-stores: {', '.join(unknown) or 'none given'}; choose from {', '.join(FRAME_STORES)}")
     width, height = (int(v) for v in args.video_size.lower().split("x"))
-    print(f"prepare: {common.machine_line()}")
-    print(f"note: {common.INTERLEAVE_NOTE}")
     raw = Path(tempfile.mkdtemp(prefix="dmgl-bench-raw-"))
     sizes: dict[str, tuple[int, int]] = {}  # store -> (visual bytes, total bytes)
     seconds: dict[str, list[float]] = {}
+    cpu: dict[str, list[tuple[float, float]]] = {}  # variant -> (main process, other processes) CPU s per run
     try:
         started = time.perf_counter()
         clips = write_raw(raw, args.clips_per_class, width, height, args.seconds, args.fps, args.content)
@@ -144,15 +157,19 @@ def main() -> None:
             def call() -> float:
                 name = f"crema-bench-{store}-w{count}-{next(runs)}"
                 options = {"frame_store": store}
+                main_before, others_before = tree_cpu_seconds()
                 took = common.timed(
                     lambda: prepare_dataset("crema-d", raw=raw, name=name, workers=count, options=options)
                 )
+                main_after, others_after = tree_cpu_seconds()
                 row = DatasetRegistry().get(name)
                 path = Path(row["path"])
                 sizes[store] = (common.directory_bytes(path, "visual."), common.directory_bytes(path))
                 shutil.rmtree(path, ignore_errors=True)  # ~1.8 MB per clip in the raw store: keep the disk free
                 DatasetRegistry().remove(name)
-                seconds.setdefault(f"{store}, {count} workers", []).append(took)
+                key = f"{store}, {count} workers"
+                seconds.setdefault(key, []).append(took)
+                cpu.setdefault(key, []).append((main_after - main_before, others_after - others_before))
                 return clips / took
 
             return call
@@ -168,22 +185,41 @@ def main() -> None:
             key = f"{s}, {w} workers"
             first = rates[f"{s}, {workers[0]} workers"]
             against_raw = common.paired_ratios(rates[key], rates[f"raw, {w} workers"]) if "raw" in stores else []
+            recorded = cpu[key][1:]  # the warm-up round left out, as in the rates
+            main_cpu = common.median([m for m, _ in recorded]) / clips
+            other_cpu = common.median([o for _, o in recorded]) / clips
+            wall = common.median(seconds[key][1:])
             rows.append(
                 [
                     s,
                     w,
                     common.median(rates[key]),
-                    common.median(seconds[key][1:]),  # the warm-up round left out, as in the rates
+                    wall,
                     common.median(common.paired_ratios(rates[key], first)),
                     common.median(against_raw) if against_raw else "-",
                     common.spread(against_raw) if s != "raw" else "",
+                    1e3 * main_cpu,
+                    1e3 * other_cpu,
+                    (main_cpu + other_cpu) * clips / wall,
                 ]
             )
     common.print_table(
-        ["store", "workers", "clips/s", "wall s", f"speed-up vs {workers[0]} worker(s)", "clips/s vs raw", "range"],
+        [
+            "store",
+            "workers",
+            "clips/s",
+            "wall s",
+            f"speed-up vs {workers[0]} worker(s)",
+            "clips/s vs raw",
+            "range",
+            "CPU ms/clip: main process",
+            "CPU ms/clip: workers",
+            "cores busy",
+        ],
         rows,
         f"dmgl prepare crema-d on {clips} generated clips, 224 px frames ({os.cpu_count()} cores here; medians of "
-        f"{args.repeats} rounds)",
+        f"{args.repeats} rounds; CPU = user + system of this process and of the forkserver and its workers; cores "
+        "busy = CPU seconds / wall seconds)",
     )
     disk = []
     for s in stores:
@@ -214,6 +250,169 @@ def main() -> None:
         disk,
         f"Prepared dataset on disk ({clips} clips, 10 frames of 224x224x3 each; MB = 10^6 bytes)",
     )
+
+
+def write_faint_tones(root: Path, per_class: int, seconds: float, tone: float, noise: float) -> int:
+    """CREMA-D's layout, the emotion carried only by a faint tone in loud noise (300 + 40 e Hz, amplitude ``tone``,
+    white noise of std ``noise``) and every video the same grey: a task a small model gets partly right, where a
+    rounding of its input could show in the accuracy."""
+    import numpy as np
+    import soundfile
+
+    rng = np.random.default_rng(0)
+    rate = 16_000
+    time_axis = np.arange(int(seconds * rate)) / rate
+    for e, emotion in enumerate(rawgen.CREMA_EMOTIONS):
+        for k in range(per_class):
+            clip = f"{1001 + k}_DFA_{emotion}_XX"
+            wave = tone * np.sin(2 * np.pi * (300 + 40 * e) * time_axis + rng.uniform(0, 2 * np.pi))
+            wave = np.clip(wave + rng.normal(0, noise, time_axis.size), -1, 1).astype(np.float32)
+            (root / "AudioWAV").mkdir(parents=True, exist_ok=True)
+            soundfile.write(root / "AudioWAV" / f"{clip}.wav", wave, rate, subtype="PCM_16")
+            rawgen.write_video(root / "VideoFlash" / f"{clip}.flv", 12, (128, 128, 128))
+    return per_class * len(rawgen.CREMA_EMOTIONS)
+
+
+def audio_dtype_section(args) -> None:
+    """``-o audio_dtype=float16`` against float32: bytes on disk, the rounding, and the accuracy of a small model
+    trained on each (same seeds, so paired), and of the float32-trained model scored on the float16 inputs."""
+    import numpy as np
+    import torch
+
+    from dmgl_cli.data.loader import eval_loader
+    from dmgl_cli.data.registry import DatasetRegistry
+    from dmgl_cli.prepare import prepare_dataset
+    from dmgl_cli.train import Trainer, evaluate
+
+    raw = Path(tempfile.mkdtemp(prefix="dmgl-bench-tones-"))
+    try:
+        clips = write_faint_tones(raw, args.dtype_clips_per_class, args.dtype_seconds, args.tone, args.noise)
+        names = {}
+        for dtype in ("float32", "float16"):
+            names[dtype] = f"tones-{args.tone}-{dtype}"
+            if names[dtype] not in {r["name"] for r in DatasetRegistry().rows()}:
+                options = {"audio_dtype": dtype, "frame_size": 32, "test_fraction": 0.3, "frame_store": "raw"}
+                prepare_dataset("crema-d", raw=raw, name=names[dtype], workers=1, options=options)
+    finally:
+        shutil.rmtree(raw, ignore_errors=True)
+    datasets = {dtype: common.open_dataset(name) for dtype, name in names.items()}
+    audio_bytes = {
+        dtype: sum(p.stat().st_size for p in dataset.path.rglob("audio.npy")) for dtype, dataset in datasets.items()
+    }
+    total_bytes = {dtype: common.directory_bytes(dataset.path) for dtype, dataset in datasets.items()}
+    wide = np.concatenate([np.asarray(datasets["float32"].split(s).inputs["audio"]).ravel() for s in ("train", "test")])
+    narrow = np.concatenate(
+        [np.asarray(datasets["float16"].split(s).inputs["audio"]).astype(np.float32).ravel() for s in ("train", "test")]
+    )
+    error = np.abs(narrow - wide)
+    common.print_table(
+        ["audio_dtype", "audio kB/clip", "dataset kB/clip", "CREMA-D 7,442 clips: audio GB"],
+        [
+            [d, audio_bytes[d] / clips / 1e3, total_bytes[d] / clips / 1e3, audio_bytes[d] / clips * CREMA_CLIPS / 1e9]
+            for d in datasets
+        ],
+        f"Spectrograms on disk ({clips} raw clips of {args.dtype_seconds} s, repeated to the preparer's 3 s: "
+        "257 x 299, 307 kB a clip in float32). "
+        f"float16 rounding of the log-magnitudes: max {error.max():.2e}, mean {error.mean():.2e}, against a spread "
+        f"(std) of {wide.std():.2f}",
+    )
+
+    overrides = [*common.crema_overrides("tones", "resnet18", 4, 16, sampled_frames=3), f"optim.lr={args.dtype_lr}"]
+    rows, paired = [], []
+    on: dict[str, dict[str, float]] = {}
+    for seed in range(args.dtype_first_seed, args.dtype_first_seed + args.dtype_seeds):
+        accuracies = {}
+        for dtype, dataset in datasets.items():
+            config = common.load(
+                "crema-d",
+                [
+                    *overrides,
+                    f"dataset={names[dtype]}",
+                    f"train.epochs={args.dtype_epochs}",
+                    "train.device=cpu",
+                    "strategy.name=constant",
+                    "strategy.alpha=0",
+                ],
+            )
+            trainer = Trainer(config, dataset, seed, common.MemorySink())
+            result = trainer.fit()
+            accuracies[dtype] = result.final["test_acc"]
+            if dtype == "float32":  # the same (last-epoch) weights scored on both inputs: the rounding alone
+                on = {
+                    d: evaluate(
+                        trainer.model,
+                        trainer.method,
+                        config,
+                        eval_loader(ds, config, "test"),
+                        torch.device("cpu"),
+                        "test",
+                    )
+                    for d, ds in datasets.items()
+                }
+        paired.append(accuracies["float16"] - accuracies["float32"])
+        rows.append(
+            [
+                seed,
+                accuracies["float32"],
+                accuracies["float16"],
+                accuracies["float16"] - accuracies["float32"],
+                on["float32"]["test_acc"],
+                on["float16"]["test_acc"],
+                abs(on["float16"]["test_cls_loss"] - on["float32"]["test_cls_loss"]),
+            ]
+        )
+    rows.append(["mean", *(float(np.mean([r[i] for r in rows])) for i in range(1, 7))])
+    common.print_table(
+        [
+            "seed",
+            "test ACC float32",
+            "test ACC float16",
+            "difference",
+            "f32 model: ACC on f32",
+            "ACC on f16",
+            "|test loss difference|",
+        ],
+        rows,
+        f"Concat (alpha 0), ResNet18 width 4 x 2, {args.dtype_epochs} epochs, trained on each dtype with the same "
+        f"seed; test = 30% of {clips} clips (the best epoch on validation; the right columns: the last epoch's "
+        "float32-trained weights on both inputs)",
+    )
+    print(f"paired differences float16 - float32: {', '.join(f'{d:+.4f}' for d in paired)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="workers,audio-dtype", help="comma-separated: workers, audio-dtype")
+    parser.add_argument("--clips-per-class", type=int, default=10, help="6 classes: 10 -> 60 clips")
+    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    parser.add_argument(
+        "--frame-stores", default="raw,jpeg", help="comma-separated: raw (uint8 arrays), jpeg (-o frame_store=jpeg)"
+    )
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--video-size", default="480x360", help="raw FLV frame size (CREMA-D: 480x360)")
+    parser.add_argument("--seconds", type=float, default=2.5, help="clip length (CREMA-D: ~2.5 s)")
+    parser.add_argument("--fps", type=int, default=30)
+    parser.add_argument("--content", default="texture", choices=["texture", "flat"], help="what the videos show")
+    parser.add_argument("--dtype-clips-per-class", type=int, default=40, help="audio-dtype: clips of each emotion")
+    parser.add_argument("--dtype-seconds", type=float, default=1.5, help="audio-dtype: clip length")
+    parser.add_argument("--dtype-seeds", type=int, default=3)
+    parser.add_argument("--dtype-first-seed", type=int, default=0)
+    parser.add_argument("--dtype-epochs", type=int, default=8)
+    parser.add_argument("--dtype-lr", type=float, default=0.05, help="audio-dtype: SGD's learning rate")
+    parser.add_argument("--tone", type=float, default=0.05, help="audio-dtype: the class tone's amplitude")
+    parser.add_argument("--noise", type=float, default=0.2, help="audio-dtype: the noise's std")
+    args = parser.parse_args()
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    if not sections or sections - {"workers", "audio-dtype"}:
+        parser.error("--sections: choose from workers, audio-dtype")
+
+    common.use_private_registry()
+    print(f"prepare: {common.machine_line()}")
+    print(f"note: {common.INTERLEAVE_NOTE}")
+    if "workers" in sections:
+        workers_section(args, parser)
+    if "audio-dtype" in sections:
+        audio_dtype_section(args)
 
 
 if __name__ == "__main__":

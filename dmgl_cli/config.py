@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import difflib
 import logging
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,8 @@ import yaml
 
 from dmgl_cli.errors import DmglError
 from dmgl_cli.paths import recipes_dir, safe_name
+from dmgl_cli.strategies.settings import LearningBasedConfig as LearningBasedConfig  # re-exported: part of Config
+from dmgl_cli.strategies.settings import StrategyConfig
 
 if TYPE_CHECKING:
     from dmgl_cli.strategies import StrategySpec
@@ -74,53 +77,6 @@ class OptimConfig:
 class LossConfig:
     matching: str = "infonce"  # infonce (paper) | js (official code) | uniform (Figure 1's uniform-label loss)
     tau: float = 0.1
-
-
-@dataclass(frozen=True)
-class LearningBasedConfig:
-    """Settings of the learning-based (bilevel) strategy, Eq. (2)-(3) and Algorithm 1; what each computes is in
-    :mod:`dmgl_cli.hypergradient` and :class:`dmgl_cli.strategies.LearningBasedStrategy`. The defaults were chosen
-    with bench/lb_fidelity.py (figures in bench/README.md)."""
-
-    initial_alpha: float = 0.5
-    alpha_lr: float = 0.05  # adam: about how far alpha moves per update; sgd: multiplies the hypergradient
-    alpha_optimizer: Literal["adam", "sgd"] = (
-        "adam"  # adam (step independent of the hypergradient's magnitude) | sgd (Algorithm 1)
-    )
-    alpha_lr_halving: int | None = None  # halve alpha_lr every N epochs (the authors' code: 20); null: never
-    # "epoch": once at each epoch's end, after its inner loop (Algorithm 1); N: every N optimiser steps;
-    # "epoch_start": before each epoch (the released code, with approx official)
-    update_every: int | Literal["epoch", "epoch_start"] = "epoch"
-    # identity: first-order one-step look-ahead (no curvature) | cg, neumann: Eq. 3's H^-1 | official: the
-    # authors' released rule (dmgl-official)
-    approx: Literal["identity", "neumann", "cg", "official"] = "identity"
-    terms: int = 20  # CG iterations or Neumann terms (Hessian-vector products); identity uses none
-    # identity: the look-ahead step (auto: the optimiser's learning rate); neumann: the series step (auto:
-    # 1 / lambda_max of H by power iteration, refreshed every curvature_refresh updates); cg: unused
-    scale: float | Literal["auto"] = "auto"
-    damping: float = 0.0  # added to H by cg / neumann, on top of the optimiser's (coupled) weight decay
-    curvature_refresh: int = 10  # alpha updates between two lambda_max estimates (neumann with scale auto)
-    min_alpha: float = 0.0
-    max_alpha: float = 1.0
-    # holdout: outer batches from training samples set aside (never trained on), apart from the validation split
-    # that picks the best epoch and drives the scheduler | val: from the validation split (then that split both
-    # steers alpha and selects the model, so its scores are optimistic) | train: from the training split
-    outer_data: Literal["holdout", "val", "train"] = "holdout"
-    holdout: int | float = 0.05  # a fraction of train (stratified) or a count (seeded random), by data.split_seed
-    outer_batch_size: int | None = None  # None: the training batch size
-    outer_sampling: Literal["random", "fixed"] = (
-        "random"  # random: a fresh seeded batch per update | fixed: the first outer_batch_size
-    )
-    # which parameters enter H and the gradients: all | head | first (the first parameter tensor only)
-    params: Literal["all", "head", "first"] = "all"
-
-
-@dataclass(frozen=True)
-class StrategyConfig:
-    name: Literal["constant", "stepwise", "heuristic", "lb"] = "lb"
-    alpha: float = 0.0  # constant
-    p: float = 0.05  # stepwise h(p)
-    lb: LearningBasedConfig = field(default_factory=LearningBasedConfig)
 
 
 # The names of dmgl_cli.methods.METHODS, written here so that a mistyped --method is refused before the method
@@ -280,6 +236,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; Python reads it as the number meant
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise DmglError(f"setting '{where}' must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -417,7 +378,8 @@ def derive(config: Config, settings: Mapping[str, Any]) -> Config:
 
 def setting_applies(key: str, strategy: str, method: str) -> bool:
     """Whether the flattened setting ``key`` is a setting of a run with this strategy and method: ``strategy.alpha``
-    only with constant, ``strategy.p`` only with stepwise, ``strategy.lb.*`` only with lb, and
+    only with constant, ``strategy.p`` only with stepwise, ``strategy.linear_*`` only with linear, ``strategy.lb.*``
+    only with lb, and
     ``method.options.*`` of the chosen method only."""
     if key == "strategy.alpha":
         return strategy == "constant"
@@ -425,6 +387,8 @@ def setting_applies(key: str, strategy: str, method: str) -> bool:
         return strategy == "stepwise"
     if key.startswith("strategy.lb."):
         return strategy == "lb"
+    if key.startswith("strategy.linear_"):
+        return strategy == "linear"
     if key.startswith("method.options."):
         return key.startswith(f"method.options.{method}.")
     return True
@@ -553,6 +517,45 @@ def parse_seeds(text: str, base_seed: int) -> list[int]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise DmglError(f"--seeds {text!r} must list distinct seeds")
     return seeds
+
+
+# ------------------------------------------------------------------------------------------- --print-config
+
+_YAML_KEY = re.compile(r"^( *)([^\s:#'\"-][^:]*|'[^']*'|\"[^\"]*\"):(?: (.*))?$")
+
+
+def setting_origins(config: Config, recipe: str, overrides: Sequence[str] = ()) -> dict[str, str]:
+    """{dotted key: ``--set`` or ``flag``} for each setting of ``config`` that differs from the recipe's own value
+    (the recipe as written, with dmgl's defaults for what it leaves out): ``--set`` where a ``--set`` named the key
+    (or a group above it), ``flag`` where a typed flag gave it, or what ``--method`` or ``--strategy`` implies."""
+    recipe_values = _build(Config, read_recipe(recipe)).flat()
+    given = [parse_override(text)[0] for text in overrides]
+    origins = {}
+    for key, value in config.flat().items():
+        if key == "recipe" or (key in recipe_values and recipe_values[key] == value):
+            continue
+        named = any(key == g or key.startswith(f"{g}.") for g in given)
+        origins[key] = "--set" if named else "flag"
+    return origins
+
+
+def marked_yaml(config: Config, origins: Mapping[str, str]) -> str:
+    """``config.to_yaml()`` with a trailing ``# --set`` / ``# flag`` comment on each setting in ``origins``
+    (:func:`setting_origins`), so that what differs from the recipe stands out in ``--print-config``."""
+    lines, path = [], []  # path: (indent, key) of the groups the current line is in
+    for line in config.to_yaml().splitlines():
+        match = _YAML_KEY.match(line)
+        if match is None:
+            lines.append(line)  # a list item or a continued value: no key of its own
+            continue
+        indent, key, value = len(match.group(1)), match.group(2).strip("'\""), match.group(3)
+        while path and path[-1][0] >= indent:
+            path.pop()
+        dotted = ".".join([k for _, k in path] + [key])
+        path.append((indent, key))
+        origin = origins.get(dotted) if value else None
+        lines.append(f"{line}  # {origin}" if origin else line)
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------- validation

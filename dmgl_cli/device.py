@@ -27,6 +27,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_in_use(name: str) -> str:
+    """The device ``train.device`` = ``name`` resolves to here, as recorded on a run (tag ``dmgl.device``):
+    ``cpu``, or ``cuda:N (GPU name)``; ``auto`` and ``cuda`` name no index, so the current one is written."""
+    device = pick_device(name)
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
 def configure_determinism(enabled: bool) -> None:
     """PyTorch's determinism switches (and cuBLAS's workspace setting) for bit-identical reruns."""
     if enabled:

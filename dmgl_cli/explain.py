@@ -74,7 +74,8 @@ class LoadedRun:
 def seed_run(tracker: Tracker, run_id: str) -> RunRecord:
     """The seed run ``run_id`` names: itself, or — for a parent run — its finished seed with the best validation
     score on its selection metric (a tie goes to the lower seed)."""
-    run = tracker.get_run(run_id)
+    run = tracker.find_run(run_id)  # an id, a unique prefix or a name
+    run_id = run.run_id
     if run.role == "seed":
         return run
     if run.role != "parent":

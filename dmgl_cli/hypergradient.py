@@ -29,8 +29,12 @@ decay passed here is 0 (:func:`coupled_weight_decay`), and ``damping`` is the on
   is ~``(K + 1) * scale * v``, i.e. ``identity`` again.
 * ``cg``: K iterations of conjugate gradient on ``(H + damping I) x = v`` (weight decay already in ``H``). CG is the
   curvature-correct choice: exact in ``dim(theta)`` iterations on a positive definite ``H``. On a real network ``H``
-  is indefinite; when CG meets a direction of non-positive curvature it stops there, returns its iterate so far and
-  reports it (:class:`Hypergradient`), and the trainer logs how often that happened.
+  is indefinite; when CG meets a direction of non-positive curvature it stops there and reports it
+  (:class:`Hypergradient`); with ``max_residual`` a solve that stopped so, or whose residual stays above it, is
+  replaced by identity's value and flagged ``fallback``, which the trainer logs.
+* ``ggn``: CG on the generalised Gauss-Newton matrix ``J^T H_out J + diag(wd)`` with Levenberg-Marquardt damping
+  (:func:`ggn_hypergradient`): positive semi-definite for the cross-entropy and InfoNCE, so the solve is well posed
+  where ``H``'s is not.
 
 Everything works on lists of tensors, one per parameter, so the model is never flattened into one vector.
 
@@ -49,7 +53,7 @@ import torch
 from torch import Tensor
 
 from dmgl_cli.errors import DmglError
-from dmgl_cli.strategies import APPROXIMATIONS
+from dmgl_cli.strategies.settings import APPROXIMATIONS
 
 # Power iterations of a fresh lambda_max estimate (scale=None); the estimate is a Rayleigh quotient, which converges
 # quickly enough for a step size: a 10-20% underestimate of lambda_max still keeps 1/lambda within 2/lambda_max.
@@ -111,20 +115,24 @@ class ConjugateGradientResult:
 
 
 def conjugate_gradient(
-    hvp: Callable[[TensorList], TensorList], v: Sequence[Tensor], iterations: int
+    hvp: Callable[[TensorList], TensorList],
+    v: Sequence[Tensor],
+    iterations: int,
+    tolerance: float = _CG_RELATIVE_TOLERANCE,
 ) -> ConjugateGradientResult:
-    """Up to ``iterations`` steps of conjugate gradient on ``H x = v`` from ``x = 0``.
+    """Up to ``iterations`` steps of conjugate gradient on ``H x = v`` from ``x = 0``, in the dtype of ``v``.
 
-    Stops early once the residual is negligible, or at the first direction of non-positive curvature (``H`` not
-    positive definite there): CG's step along it would move towards a saddle, so the iterate so far is returned and
-    the event is reported.
+    Stops early once ``||v - H x|| / ||v||`` is below ``tolerance``, or at the first direction of non-positive
+    curvature (``H`` not positive definite there): CG's step along it would move towards a saddle, so the iterate so
+    far is returned and the event is reported; the caller decides whether to use it (:func:`implicit_hypergradient`
+    falls back past ``max_residual``).
     """
     solution = [torch.zeros_like(t) for t in v]
     residual = [t.clone() for t in v]
     direction = [t.clone() for t in v]
     residual_sq = _dot(residual, residual)
     initial_sq = residual_sq
-    stop_below = (_CG_RELATIVE_TOLERANCE**2) * residual_sq
+    stop_below = (tolerance**2) * residual_sq
     taken, negative = 0, False
     for _ in range(iterations):
         if residual_sq <= stop_below or residual_sq == 0:
@@ -183,6 +191,8 @@ def inverse_hvp(
     """
     if approx not in APPROXIMATIONS:
         raise DmglError(f"unknown inverse-Hessian approximation '{approx}'; valid names: {', '.join(APPROXIMATIONS)}")
+    if approx == "ggn":
+        raise ValueError("ggn linearises the network at its outputs: call ggn_hypergradient with them")
     v = [t.detach() for t in v]
     if approx == "identity":
         return [scale * t for t in v]
@@ -287,7 +297,11 @@ class Hypergradient:
     hessian_products: int = 0  # Hessian-vector products taken (power iterations included)
     negative_curvature: bool = False  # CG stopped at a direction of non-positive curvature
     relative_residual: float | None = None  # CG: ||v - H x|| / ||v||
-    largest_eigenvalue: float | None = None  # neumann with scale=None: the lambda_max it used
+    largest_eigenvalue: float | None = None  # neumann with scale=None, ggn: the lambda_max it used
+    # cg / ggn: the solve was not used (negative curvature, or a residual above max_residual); value is identity's
+    fallback: bool = False
+    snr: float | None = None  # epoch / average estimators: |value| over its standard error across groups of steps
+    samples: int = 0  # epoch / average estimators: steps whose g_MM - g_CLS entered the value
 
 
 def mixed_gradient(
@@ -332,8 +346,15 @@ def implicit_hypergradient(
     seed: int = 0,
     outer_shares_graph: bool = True,
     reduce: Reduce | None = None,
+    tolerance: float = _CG_RELATIVE_TOLERANCE,
+    max_residual: float | None = None,
+    fallback_scale: float | None = None,
 ) -> Hypergradient:
     """``d L_CLS_outer(theta*(alpha)) / d alpha = -(g_MM - g_CLS)^T H^{-1} v`` (see the module docstring).
+
+    ``cg`` stops at ``tolerance``; with ``max_residual`` set, a CG solve that met negative curvature or whose
+    relative residual is above it is not used: the result is identity's value at ``fallback_scale`` (the look-ahead
+    step), flagged ``fallback``. The truncated iterate is never returned unflagged.
 
     ``cls_loss_inner`` and ``mm_loss_inner`` are the two losses on the inner (training) batch, ``cls_loss_outer``
     the classification loss on the outer batch; all must still have their graphs to ``params``, the parameters
@@ -352,6 +373,8 @@ def implicit_hypergradient(
     """
     if approx not in APPROXIMATIONS:
         raise DmglError(f"unknown inverse-Hessian approximation '{approx}'; valid names: {', '.join(APPROXIMATIONS)}")
+    if approx == "ggn":
+        raise ValueError("ggn linearises the network at its outputs: call ggn_hypergradient with them")
     if scale is None and approx == "identity":
         raise ValueError("identity needs a scale (its look-ahead step); scale=None is for neumann (and unused by cg)")
     params = list(params)
@@ -410,10 +433,105 @@ def implicit_hypergradient(
         # damping and weight decay are inside hvps, so the series is taken with damping 0 here
         value = neumann_bilinear(hvps, mixed, v, terms, scale, 0.0)
         return Hypergradient(float(-value), products, largest_eigenvalue=eigenvalue)
-    result = conjugate_gradient(hvp, [t.detach() for t in v], terms)
+    result = conjugate_gradient(hvp, [t.detach() for t in v], terms, tolerance)
+    return _solved(mixed, v, result, products, max_residual, fallback_scale)
+
+
+def _solved(
+    mixed: TensorList,
+    v: TensorList,
+    result: ConjugateGradientResult,
+    products: int,
+    max_residual: float | None,
+    fallback_scale: float | None,
+    largest_eigenvalue: float | None = None,
+) -> Hypergradient:
+    """``-(g_MM - g_CLS)^T x`` from a CG solve ``x``, or identity's value when the solve is not to be trusted."""
+    untrusted = max_residual is not None and (result.negative_curvature or not result.relative_residual <= max_residual)
+    if untrusted:
+        if fallback_scale is None:
+            raise ValueError("max_residual needs fallback_scale (the identity step used in place of a failed solve)")
+        value = float(-fallback_scale * _dot(mixed, v))
+    else:
+        value = float(-_dot(mixed, result.solution))
     return Hypergradient(
-        float(-_dot(mixed, result.solution)), products, result.negative_curvature, result.relative_residual
+        value, products, result.negative_curvature, result.relative_residual, largest_eigenvalue, fallback=untrusted
     )
+
+
+def ggn_hypergradient(
+    outputs: Sequence[Tensor],
+    convex_loss: Callable[[list[Tensor]], Tensor],
+    mixed: Sequence[Tensor],
+    cls_loss_outer: Tensor,
+    params: Sequence[Tensor],
+    terms: int,
+    damping: float,
+    relative_damping: float,
+    weight_decay: float | Sequence[float] = 0.0,
+    tolerance: float = 1e-6,
+    max_residual: float | None = None,
+    fallback_scale: float | None = None,
+    largest_eigenvalue_estimate: float | None = None,
+    power_iterations: int = 10,
+    seed: int = 0,
+) -> Hypergradient:
+    """Eq. 3 with the generalised Gauss-Newton matrix in place of ``H``: ``-(g_MM - g_CLS)^T (G + mu I)^{-1} v``.
+
+    The network is linearised up to ``outputs`` (logits on which the inner loss is convex: the fused logits of
+    the cross-entropy, InfoNCE's similarity logits), ``G = J^T H_out J + diag(wd)`` with ``H_out`` the Hessian of
+    ``convex_loss`` in the outputs, positive semi-definite for a convex loss. So ``G`` is positive definite once
+    damped, and CG converges, where ``H`` of a real network is indefinite and CG stops at its negative curvature
+    (bench/lb_replay.py --section curvature). ``mu = damping + relative_damping * lambda_max(G)``
+    (Levenberg-Marquardt; lambda_max by ``power_iterations`` of power iteration unless
+    ``largest_eigenvalue_estimate`` is given). ``convex_loss`` maps detached copies of ``outputs`` to the inner loss
+    (without weight decay); ``mixed`` is ``g_MM - g_CLS`` on the same batch. One product costs two backward passes
+    through the forward graph (``J v`` by the double-backward trick, then ``J^T``); the graph of ``J^T u`` is built
+    once. Runs in the outputs' dtype: the caller runs the forward in fp32 (the trainer does under autocast).
+    """
+    params = list(params)
+    outputs = list(outputs)
+    decay = [float(weight_decay)] * len(params) if isinstance(weight_decay, (int, float)) else list(weight_decay)
+    v = _fill_unused(torch.autograd.grad(cls_loss_outer, params, allow_unused=True), params)
+    mixed = [t.detach() for t in mixed]
+    dummies = [torch.zeros_like(y, requires_grad=True) for y in outputs]
+    # J^T u as a function of u: its graph is built once; differentiating it in u gives J v for any v
+    transposed = _fill_unused(
+        torch.autograd.grad(outputs, params, grad_outputs=dummies, create_graph=True, allow_unused=True), params
+    )
+    connected = [i for i, t in enumerate(transposed) if t.requires_grad]
+    detached = [y.detach().requires_grad_(True) for y in outputs]
+    output_grads = torch.autograd.grad(convex_loss(detached), detached, create_graph=True)
+    products = 0
+
+    def ggn(vector: TensorList) -> TensorList:
+        nonlocal products
+        products += 1
+        jv = torch.autograd.grad(
+            [transposed[i] for i in connected],
+            dummies,
+            grad_outputs=[vector[i] for i in connected],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        jv = [torch.zeros_like(y) if t is None else t for t, y in zip(jv, outputs, strict=True)]
+        curvature = torch.autograd.grad(output_grads, detached, grad_outputs=jv, retain_graph=True)
+        back = _fill_unused(
+            torch.autograd.grad(outputs, params, grad_outputs=list(curvature), retain_graph=True, allow_unused=True),
+            params,
+        )
+        return [b + wd * x if wd else b for b, x, wd in zip(back, vector, decay, strict=True)]
+
+    eigenvalue = largest_eigenvalue_estimate
+    if eigenvalue is None and relative_damping > 0:
+        eigenvalue = largest_eigenvalue(ggn, v, power_iterations, seed)
+    mu = damping + relative_damping * (eigenvalue or 0.0)
+
+    def damped(vector: TensorList) -> TensorList:
+        return [g + mu * x for g, x in zip(ggn(vector), vector, strict=True)] if mu else ggn(vector)
+
+    result = conjugate_gradient(damped, [t.detach() for t in v], terms, tolerance)
+    return _solved(mixed, v, result, products, max_residual, fallback_scale, eigenvalue)
 
 
 def alpha_hypergradient(

@@ -38,11 +38,22 @@ def info_nce(z_a: Tensor, z_b: Tensor, tau: float) -> Tensor:
     ``-(1 / 2n) * sum_i [log softmax_k(s_ik / tau)[i] + log softmax_k(s_ki / tau)[i]]``: the mean of the row-wise
     and the column-wise cross-entropy of the similarity matrix over ``tau``, the matching sample being the target.
     """
+    return info_nce_of_similarity(scaled_similarity(z_a, z_b, tau))
+
+
+def scaled_similarity(z_a: Tensor, z_b: Tensor, tau: float) -> Tensor:
+    """``cos(z_a[i], z_b[k]) / tau``, the logits of InfoNCE's two cross-entropies (:func:`info_nce`)."""
     if tau <= 0:
         raise DmglError(f"the InfoNCE temperature tau must be > 0, got {tau}")
     if z_a.shape[0] != z_b.shape[0]:
         raise ValueError(f"info_nce needs paired batches, got {z_a.shape[0]} and {z_b.shape[0]} samples")
-    similarity = F.normalize(z_a, dim=-1) @ F.normalize(z_b, dim=-1).T / tau
+    return F.normalize(z_a, dim=-1) @ F.normalize(z_b, dim=-1).T / tau
+
+
+def info_nce_of_similarity(similarity: Tensor) -> Tensor:
+    """InfoNCE from its similarity logits: the mean of the row-wise and column-wise cross-entropy, the matching
+    sample being the target. Convex in ``similarity`` (the generalised Gauss-Newton products linearise the network
+    up to these logits)."""
     matching = torch.arange(similarity.shape[0], device=similarity.device)
     return 0.5 * (F.cross_entropy(similarity, matching) + F.cross_entropy(similarity.T, matching))
 
@@ -95,8 +106,13 @@ def mean_pairwise_info_nce(
     embeddings: dict[str, Tensor], unimodal_logits: dict[str, Tensor], fused_logits: Tensor, tau: float
 ) -> Tensor:
     """Mean :func:`info_nce` of the embeddings over every unordered pair of modalities."""
+    return torch.stack([info_nce_of_similarity(s) for s in pairwise_similarities(embeddings, tau)]).mean()
+
+
+def pairwise_similarities(embeddings: dict[str, Tensor], tau: float) -> list[Tensor]:
+    """:func:`scaled_similarity` of every unordered pair of modalities, in :func:`mean_pairwise_info_nce`'s order."""
     pairs = _modality_pairs(embeddings, "infonce")
-    return torch.stack([info_nce(embeddings[a], embeddings[b], tau) for a, b in pairs]).mean()
+    return [scaled_similarity(embeddings[a], embeddings[b], tau) for a, b in pairs]
 
 
 def mean_pairwise_js_divergence(

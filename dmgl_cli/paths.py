@@ -16,8 +16,11 @@ import importlib.resources
 import logging
 import os
 import re
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from dmgl_cli.errors import DmglError
 
@@ -148,14 +151,41 @@ def warn_if_shared_sqlite(path: Path, what: str, mounts_table: Path = Path("/pro
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of one."""
+    atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Have ``write`` fill a temporary file beside ``path`` (``.<name>.<random>.tmp``), fsync it and rename it over
+    ``path``: readers see the old file or the new one, never half of one. Streaming into the file, rather than
+    building the bytes first, keeps a large checkpoint from being held in memory twice."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def link_or_copy(source: Path, target: Path) -> bool:
+    """Make ``target`` a hard link to ``source`` (one copy of the bytes on disk, whichever name is read), replacing
+    it atomically; a copy where the filesystem cannot link them (another device, no hard links). True if linked."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = target.with_name(f".{target.name}.link.tmp")
+    staged.unlink(missing_ok=True)
+    try:
+        os.link(source, staged)
+        linked = True
+    except OSError:
+        shutil.copyfile(source, staged)
+        linked = False
+    try:
+        os.replace(staged, target)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    return linked

@@ -198,6 +198,52 @@ def curves_figure(
     return figure
 
 
+def cd_figure(ranks: Mapping[str, float], cd: float, cliques: list[list[str]], title: str):
+    """Critical-difference diagram (Demšar 2006, Figure 1): the average rank of each method on an axis from 1 (best,
+    left) to k, the better half labelled on the left and the rest on the right, a bar of length CD above the axis,
+    and thick bars joining the methods no test tells apart (``cliques``)."""
+    names = sorted(ranks, key=lambda name: ranks[name])
+    k = len(names)
+    left = names[: (k + 1) // 2]
+    right = names[(k + 1) // 2 :][::-1]
+    rows = max(len(left), len(right))
+    figure, axis = plt.subplots(figsize=(7.5, 1.9 + 0.28 * rows + 0.12 * len(cliques)), dpi=120, layout="constrained")
+    axis.set_axis_off()
+    clique_top = -0.18
+    first_label = clique_top - 0.13 * len(cliques) - 0.15
+    bottom = first_label - 0.28 * (rows - 1) - 0.2
+    axis.set_xlim(1 - 0.12 * max(1, k - 1), k + 0.12 * max(1, k - 1))
+    axis.set_ylim(bottom, 0.75)
+    axis.plot([1, k], [0, 0], color="black", linewidth=1.2)
+    for tick in range(1, k + 1):
+        axis.plot([tick, tick], [0, 0.06], color="black", linewidth=1.0)
+        axis.text(tick, 0.09, str(tick), ha="center", va="bottom", fontsize=9)
+    axis.plot([1, 1 + cd], [0.5, 0.5], color="black", linewidth=1.5)
+    for end in (1, 1 + cd):
+        axis.plot([end, end], [0.46, 0.54], color="black", linewidth=1.5)
+    axis.text(1 + cd / 2, 0.56, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=9)
+    for index, members in enumerate(cliques):
+        low, high = min(ranks[m] for m in members), max(ranks[m] for m in members)
+        height = clique_top - 0.13 * index
+        axis.plot([low - 0.03, high + 0.03], [height, height], color="black", linewidth=3.5, solid_capstyle="round")
+    for side, members in (("left", left), ("right", right)):
+        edge = 1 - 0.05 * max(1, k - 1) if side == "left" else k + 0.05 * max(1, k - 1)
+        for row, name in enumerate(members):
+            height = first_label - 0.28 * row
+            rank = ranks[name]
+            axis.plot([rank, rank, edge], [0, height, height], color="dimgray", linewidth=0.9)
+            axis.text(
+                edge + (-0.03 if side == "left" else 0.03),
+                height,
+                f"{name} ({rank:.2f})" if side == "left" else f"({rank:.2f}) {name}",
+                ha="right" if side == "left" else "left",
+                va="center",
+                fontsize=9,
+            )
+    axis.set_title(_wrapped(title, figure, 10), fontsize=10)
+    return figure
+
+
 def save_png(figure, path: Path) -> Path:
     """Write ``figure`` to ``path`` as PNG atomically (temp file, then rename) and close it."""
     path = Path(path)

@@ -27,7 +27,10 @@ that finished; running the command again reuses them and trains the rest.
 **The measured side** is, per row and column, mean ± std (:func:`dmgl_cli.metrics.mean_std`, sample std) over the
 planned seeds of each seed run's ``final_test_<metric>[_<modality>]``: the test score at the epoch chosen on
 validation (never on test), grouped as ``dmgl report`` groups (:func:`~dmgl_cli.report.selection.group_runs`,
-:meth:`~dmgl_cli.report.selection.Group.stat`). The difference is measured minus paper, in percentage points.
+:meth:`~dmgl_cli.report.selection.Group.stat`). The difference is measured minus paper, in percentage points, and
+each paper figure is placed against the measured mean's 95% t-interval (:func:`dmgl_cli.stats.t_interval`):
+``inside``, ``below`` or ``above`` it (none with one seed). Inside: the paper's figure is consistent with the
+measured seeds; below or above: the measured mean differs from it by more than its seed-to-seed uncertainty.
 
 On a dataset the table covers, the rows with a figure for it are planned (Table 1's Channel and Greedy, "-" on
 Sarcasm and Twitter2015, are not run there); ``--recipe`` trains them with another recipe, still against the
@@ -582,7 +585,16 @@ class Reproduction:
 def _measured_cell(stat: Stat | None) -> Cell:
     if stat is None or stat.mean is None:
         return Cell()
-    return Cell(stat.mean, stat.std, stat.n, runs=stat.runs)
+    return Cell.over_seeds(stat.mean, stat.std, stat.n, runs=stat.runs, by_seed=stat.by_seed)
+
+
+def paper_against_interval(figure: float, interval: tuple[float, float] | None) -> str | None:
+    """Where the paper's ``figure`` (percent) lies against the measured 95% ``interval`` (fractions): ``inside``,
+    ``below`` or ``above``; None without an interval."""
+    if interval is None:
+        return None
+    low, high = 100 * interval[0], 100 * interval[1]
+    return "below" if figure < low else "above" if figure > high else "inside"
 
 
 def compare(plan: Plan, *, tracker: Tracker) -> Reproduction:
@@ -620,8 +632,10 @@ def compare(plan: Plan, *, tracker: Tracker) -> Reproduction:
                 counts.add(stat.n)
             figure = row.paper.get(column.id)
             diff = None
+            position = None
             if figure is not None and measured.mean is not None:
                 diff = measured.mean * 100 - figure[0]
+                position = paper_against_interval(figure[0], measured.ci)
             if paper:
                 shown.append(
                     Cell(figure[0] / 100, figure[1] / 100 if figure[1] is not None else None, 3 if figure[1] else 1)
@@ -629,7 +643,11 @@ def compare(plan: Plan, *, tracker: Tracker) -> Reproduction:
                     else Cell()
                 )
                 shown.append(measured)
-                shown.append(Cell.literal(f"{diff:+.2f}") if diff is not None else Cell.literal("-"))
+                shown.append(
+                    Cell.literal(f"{diff:+.2f}" + (f" ({position})" if position else ""))
+                    if diff is not None
+                    else Cell.literal("-")
+                )
             else:
                 shown.append(measured)
             cells.append(
@@ -642,6 +660,8 @@ def compare(plan: Plan, *, tracker: Tracker) -> Reproduction:
                     "measured_mean": None if measured.mean is None else measured.mean * 100,
                     "measured_std": None if measured.std is None or measured.n < 2 else measured.std * 100,
                     "n": measured.n,
+                    "measured_ci": None if measured.ci is None else [100 * v for v in measured.ci],
+                    "paper_vs_ci": position,
                     "runs": list(measured.runs),
                     "diff_points": diff,
                 }
@@ -659,7 +679,8 @@ def _notes(plan: Plan, counts: set[int]) -> list[str]:
         notes.append(
             f"Paper: {plan.cite} ({plan.title.lower()})"
             + ("; a ± there is the paper's std over 3 seeds, from Table A1" if with_std else "")
-            + "; Δ = measured − paper, in percentage points"
+            + "; Δ = measured − paper, in percentage points, then where the paper's figure lies against the "
+            "measured 95% t-interval: (inside), (below) or (above) it"
         )
     else:
         notes.append(plan.no_figures)

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from dmgl_cli import links
+from dmgl_cli.config import setting_applies
 from dmgl_cli.errors import DmglError
 from dmgl_cli.paths import safe_name
 from dmgl_cli.strategies import StrategySpec, parse_strategy, spec_from_params
@@ -94,7 +95,7 @@ class RunSummary:
     duration_s: float | None
     metric: str  # the headline metric: test_<select_metric> (a sweep run: best_val_<select_metric>)
     value: float | None
-    std: float | None
+    std: float | None  # None for a single seed
     url: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,6 +127,9 @@ def summarise(tracker: Tracker, run: RunRecord, experiments: dict[str, str] | No
     experiment = (experiments or {}).get(run.experiment_id) or tracker.experiment_name(run.experiment_id)
     spec = strategy_of(run) if run.role in ("parent", "seed") else None
     metric, value, std = _headline(run)
+    seeds = _seeds(run)
+    if len(seeds) == 1:
+        std = None  # one seed has no spread (its recorded std is 0 by definition)
     duration = (run.end_time - run.start_time) / 1000 if run.end_time and run.start_time else None
     return RunSummary(
         run_id=run.run_id,
@@ -137,7 +141,7 @@ def summarise(tracker: Tracker, run: RunRecord, experiments: dict[str, str] | No
         dataset=run.tags.get("dmgl.dataset"),
         method=run.tags.get("dmgl.method"),
         strategy=spec.key if spec else run.tags.get("dmgl.strategy"),
-        seeds=_seeds(run),
+        seeds=seeds,
         parent_run_id=run.parent_id,
         started=_iso(run.start_time),
         ended=_iso(run.end_time),
@@ -249,10 +253,11 @@ class RunDetail:
         )
 
 
-def show_run(tracker: Tracker, run_id: str) -> RunDetail:
-    run = tracker.get_run(run_id)
+def show_run(tracker: Tracker, reference: str) -> RunDetail:
+    """``reference``: a run's id, a unique prefix of it or its unique name (:meth:`Tracker.find_run`)."""
+    run = tracker.find_run(reference)
     names = tracker.experiments()
-    children = [summarise(tracker, child, names) for child in tracker.children(run_id)]
+    children = [summarise(tracker, child, names) for child in tracker.children(run.run_id)]
     return RunDetail(
         summary=summarise(tracker, run, names),
         params=dict(sorted(run.params.items())),
@@ -291,16 +296,30 @@ def _side_by_side(mappings: list[dict[str, Any]], keys: Iterable[str]) -> dict[s
     return {key: [m.get(key) for m in mappings] for key in keys}
 
 
-def compare_runs(tracker: Tracker, run_ids: list[str]) -> Comparison:
-    if len(run_ids) < 2:
+def _applies_to_all(key: str, runs: list[RunRecord]) -> bool:
+    """Whether the recorded param ``key`` is a setting of every run (``strategy.lb.*`` is not one of a constant
+    run's): only those can differ; the others are what makes the runs' strategies or methods differ."""
+    return all(
+        setting_applies(key, r.tags.get("dmgl.strategy", ""), r.tags.get("dmgl.method", ""))
+        for r in runs
+        if r.role in ("parent", "seed")
+    )
+
+
+def compare_runs(tracker: Tracker, references: list[str]) -> Comparison:
+    """``references``: run ids, unique id prefixes or unique names (:meth:`Tracker.find_run`). Params are
+    compared where they apply to every run (:func:`dmgl_cli.config.setting_applies`), so an Ours-LB setting is no
+    difference against a constant run."""
+    if len(references) < 2:
         raise DmglError("compare needs at least two run ids")
-    repeated = sorted({r for r in run_ids if run_ids.count(r) > 1})
+    runs = [tracker.find_run(reference) for reference in references]
+    ids = [r.run_id for r in runs]
+    repeated = sorted({r for r in ids if ids.count(r) > 1})
     if repeated:
         raise DmglError(f"run {repeated[0]} is named more than once")
-    runs = [tracker.get_run(run_id) for run_id in run_ids]
     names = tracker.experiments()
     params = [r.params for r in runs]
-    keys = sorted(set().union(*params))
+    keys = sorted(k for k in set().union(*params) if _applies_to_all(k, runs))
     differ = [k for k in keys if len({p.get(k) for p in params}) > 1]
     finals = [final_metrics(r) for r in runs]
     metric_keys = sorted(set().union(*finals))
@@ -316,8 +335,9 @@ def compare_runs(tracker: Tracker, run_ids: list[str]) -> Comparison:
 
 
 def parent_run_name(config: Config, run_name: str | None = None) -> str:
-    """The parent run's name: ``--name``, or :func:`dmgl_cli.runner.default_run_name` (``concat-constant-0.5``)."""
-    from dmgl_cli.runner import default_run_name  # the rule runner.train applies; loads torch and MLflow's client
+    """The parent run's name: ``--name``, or :func:`dmgl_cli.run_names.default_run_name` (``concat-constant-0.5``),
+    the rule runner.train applies."""
+    from dmgl_cli.run_names import default_run_name
 
     return safe_name(run_name or default_run_name(config), "run name")
 
@@ -344,7 +364,7 @@ def train_plan(config: Config, seeds: list[int], run_name: str | None = None) ->
     """What :func:`dmgl_cli.runner.train` would record for ``config`` and ``seeds``; opens no store."""
     if not seeds:
         raise DmglError("at least one seed is needed")
-    from dmgl_cli.runner import seed_run_name  # the rule runner.train applies
+    from dmgl_cli.run_names import seed_run_name  # the rule runner.train applies
 
     parent = parent_run_name(config, run_name)
     spec = spec_from_params({k: str(v) for k, v in config.flat().items()})
@@ -361,8 +381,102 @@ def train_plan(config: Config, seeds: list[int], run_name: str | None = None) ->
     )
 
 
+# ------------------------------------------------------------------------------------------ --print-config
+
+
+@dataclass(frozen=True)
+class ConfigListing:
+    """What ``--print-config`` prints: the resolved config, the settings that differ from the recipe (``--set`` or
+    ``flag``: :func:`dmgl_cli.config.setting_origins`), and for sweep and reproduce what varies around it."""
+
+    config: Config
+    origins: dict[str, str]
+    notes: list[str] = field(default_factory=list)  # comment lines above the YAML
+    plan: dict[str, Any] = field(default_factory=dict)  # sweep / reproduce: what each trial or row changes
+
+    def text(self) -> str:
+        from dmgl_cli.config import marked_yaml
+
+        head = [*self.notes, "settings that differ from the recipe end in `# --set` or `# flag`"]
+        return "".join(f"# {line}\n" for line in head) + marked_yaml(self.config, self.origins)
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable({"config": self.config.to_dict(), "differs_from_recipe": self.origins, **self.plan})
+
+
+def train_config_listing(config: Config, recipe: str, overrides: list[str] | tuple[str, ...]) -> ConfigListing:
+    from dmgl_cli.config import setting_origins
+
+    return ConfigListing(config, setting_origins(config, recipe, overrides))
+
+
+def sweep_config_listing(
+    recipe: str | None,
+    overrides: list[str] | tuple[str, ...],
+    experiment: str | None,
+    strategies: str | None,
+    seeds: str | None,
+    tune: str | None,
+) -> ConfigListing:
+    """``dmgl sweep --print-config``: the base config of every trial and each strategy's settings over it, as a new
+    study would plan them; opens no Optuna storage or MLflow store (a study that exists keeps its own settings)."""
+    from dmgl_cli.config import parse_seeds, resolve, setting_origins
+    from dmgl_cli.strategies import parse_strategies
+    from dmgl_cli.tunables import parse_tune
+
+    chosen = recipe or "synthetic"  # as the sweep's default
+    given = [*overrides, *([f"experiment={experiment}"] if experiment else [])]
+    config = resolve(chosen, given)
+    specs = parse_strategies(strategies or "table4")
+    tuned = parse_tune(tune)
+    seed_list = parse_seeds(seeds or "1", config.train.seed)
+    per_strategy = {spec.key: spec.settings() for spec in specs}
+    notes = [
+        f"dmgl sweep: recipe {chosen}; {len(specs)} strateg{'ies' if len(specs) != 1 else 'y'} x seeds "
+        f"{','.join(map(str, seed_list))}; each trial is this config with its strategy's settings"
+        + (f" and the tuned {', '.join(tuned)}" if tuned else "")
+        + ":",
+        *(f"  {key}: {', '.join(f'{k}={v}' for k, v in settings.items())}" for key, settings in per_strategy.items()),
+        "a study that exists already trains with the settings it was created with",
+    ]
+    plan = {"strategies": per_strategy, "tune": tuned, "seeds": seed_list}
+    return ConfigListing(config, setting_origins(config, chosen, given), notes, plan)
+
+
+def reproduce_config_listing(
+    table: str, dataset: str, seeds: str, recipe: str | None, overrides: list[str] | tuple[str, ...]
+) -> ConfigListing:
+    """``dmgl reproduce --print-config``: the config every row starts from and the method and strategy each paper
+    row sets on it; opens neither the dataset nor the MLflow store (``--dry-run`` says what is reused)."""
+    from dmgl_cli.config import parse_seeds, resolve, setting_origins
+    from dmgl_cli.reproduce import _check_table, _recipe_for
+
+    paper = _check_table(table)
+    chosen, _ = _recipe_for(paper, dataset, recipe)
+    config = resolve(chosen, overrides)
+    seed_list = parse_seeds(seeds, config.train.seed)
+    rows = {
+        row.label: {"method": row.method, "strategy": row.strategy or "published", "modality": row.modality}
+        for row in paper.rows
+        if dataset in row.figures
+    }
+    notes = [
+        f"dmgl reproduce {table} on {dataset}: recipe {chosen}, seeds {','.join(map(str, seed_list))}; each row is "
+        "this config with its method and strategy"
+        + (":" if rows else " (rows from the dataset's modalities: --dry-run lists them)"),
+        *(
+            f"  {label}: method {row['method']}, strategy {row['strategy']}"
+            + (f", modality {row['modality']}" if row["modality"] else "")
+            for label, row in rows.items()
+        ),
+    ]
+    plan = {"rows": rows, "seeds": seed_list}
+    return ConfigListing(config, setting_origins(config, chosen, overrides), notes, plan)
+
+
 __all__ = [
     "Comparison",
+    "ConfigListing",
     "RunDetail",
     "RunFilter",
     "RunSummary",

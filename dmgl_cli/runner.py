@@ -31,14 +31,16 @@ from dmgl_cli.data.loader import eval_loader
 from dmgl_cli.data.prepared import PreparedDataset
 from dmgl_cli.data.registry import open_dataset
 from dmgl_cli.data.transforms import model_input_specs
-from dmgl_cli.device import pick_device
+from dmgl_cli.device import device_in_use, pick_device
 from dmgl_cli.distributed import SINGLE_PROCESS, DistributedContext
 from dmgl_cli.errors import DmglError, Interrupted, Stopped
+from dmgl_cli.imbalance import cost_metrics, peak_memory_mib, reset_peak_memory, shapley_metrics
 from dmgl_cli.methods import METHODS, build_method
 from dmgl_cli.metrics import mean_std, summarise_over_seeds
 from dmgl_cli.models import check_tokenisation
 from dmgl_cli.paths import safe_name
 from dmgl_cli.plots import alpha_figure, close
+from dmgl_cli.run_names import default_run_name, seed_run_name
 from dmgl_cli.strategies import spec_from_params
 from dmgl_cli.tables import Cell, Row, Table, render_markdown
 from dmgl_cli.tracking import DatasetRecord, RunRecord, RunRecorder, Tracker
@@ -121,20 +123,9 @@ def _tags(config: Config, dataset: PreparedDataset, role: str) -> dict[str, str]
         "dmgl.strategy": config.strategy.name,
         "dmgl.recipe": config.recipe,
         "dmgl.version": __version__,
+        # the device it trains on; the param train.device keeps the setting (auto), which resume resolves again
+        "dmgl.device": device_in_use(config.train.device),
     }
-
-
-def default_run_name(config: Config) -> str:
-    """METHOD-STRATEGY with the strategy's setting, e.g. ``concat-constant-0.5``, ``concat-stepwise-0.95``,
-    ``concat-lb``: short (the UI cuts long names), and distinct for runs that differ in alpha or p."""
-    spec = spec_from_params({k: str(v) for k, v in recorded_params(config).items()})
-    strategy = spec.key.replace(":", "-") if spec is not None else config.strategy.name
-    return f"{config.method.name}-{strategy}"
-
-
-def seed_run_name(parent_name: str, seed: int) -> str:
-    """A seed run's name under its parent: ``concat-lb-seed0``."""
-    return f"{parent_name}-seed{seed}"
 
 
 def _dataset_record(config: Config, dataset: PreparedDataset) -> DatasetRecord:
@@ -164,10 +155,11 @@ def _alpha_csv(history: list[dict[str, float]]) -> str:
 
 def _finish_seed(tracker: Tracker, run_id: str, result: TrainResult, config: Config, dataset: PreparedDataset) -> None:
     seed = config.train.seed
-    tracker.log_text(run_id, _alpha_csv(result.history), "alpha.csv")
-    figure = alpha_figure({f"seed {seed}": [h["alpha"] for h in result.history]})
-    tracker.log_figure(run_id, figure, "alpha.png")
-    close(figure)
+    if all("alpha" in h for h in result.history):  # a run whose alpha is 0 throughout records none
+        tracker.log_text(run_id, _alpha_csv(result.history), "alpha.csv")
+        figure = alpha_figure({f"seed {seed}": [h["alpha"] for h in result.history]})
+        tracker.log_figure(run_id, figure, "alpha.png")
+        close(figure)
     tracker.log_text(run_id, json.dumps(result.final, indent=2, sort_keys=True), "final_metrics.json")
     try:
         model_id = tracker.log_model(
@@ -190,6 +182,31 @@ def _finish_seed(tracker: Tracker, run_id: str, result: TrainResult, config: Con
         dataset=_dataset_record(config, dataset),
     )
     tracker.end_run(run_id, "FINISHED")
+
+
+def _imbalance_and_cost(tracker: Tracker, run_id: str, trainer: Trainer, result: TrainResult) -> dict[str, float]:
+    """A finished seed's Shapley values of test accuracy, imbalance degree and cost (:mod:`dmgl_cli.imbalance`),
+    measured once on the best checkpoint's weights over the whole test split; they select nothing, only report.
+    The weights go into a fresh, uncompiled model (as ``dmgl eval`` scores a checkpoint) driven by the trainer's method
+    in its end-of-training state; the peak memory is read first, so that it is training's and evaluation's. Tags
+    the run with where that peak was read (``dmgl.peak_memory``)."""
+    config, dataset, device = trainer.config, trainer.dataset, trainer.device
+    peak, peak_source = peak_memory_mib(device)
+    try:
+        best = tracker.load_checkpoint(run_id, "best")
+    except DmglError as exc:
+        logger.warning("%s; the seed records no Shapley values or cost", exc)
+        return {}
+    model = trainer.method.build_model(model_input_specs(dataset.modalities, config), dataset.num_classes)
+    load_model_state(model, best["model"], f"run {run_id} checkpoints/best.pt")
+    model = model.to(device)
+    # the whole test split in its order: the trainer's own test loader holds only this rank's share when data-parallel
+    loader = eval_loader(dataset, config, trainer.splits.test, num_workers=config.data.num_workers)
+    metrics = shapley_metrics(model, trainer.method, config, loader, device, sorted(dataset.modalities))
+    metrics.update(cost_metrics(model, trainer.method, config, loader, device, result.history))
+    metrics["peak_memory_mib"] = peak
+    tracker.set_tags(run_id, {"dmgl.peak_memory": peak_source})
+    return metrics
 
 
 def _train_seed(
@@ -217,7 +234,9 @@ def _train_seed(
         )
         if resume_state is not None:
             trainer.load_state_dict(resume_state, f"run {run_id} checkpoints/last.pt")
+        reset_peak_memory(trainer.device)  # this seed's peak, not an earlier seed's in the same process
         result = trainer.fit()
+        result.final.update(_imbalance_and_cost(tracker, run_id, trainer, result))
     _finish_seed(tracker, run_id, result, config, dataset)
     return SeedOutcome(seed=seed, run_id=run_id, final=result.final)
 
@@ -226,7 +245,7 @@ _SCORES = ("acc", "map", "f1")
 DESCRIPTION_LIMIT = 8000  # the longest tag value MLflow stores; many seeds' rows leave the table at its mean row
 
 
-def _description(config: Config, experiment_id: str, outcomes: list[SeedOutcome], alpha_png: str) -> str:
+def _description(config: Config, experiment_id: str, outcomes: list[SeedOutcome], alpha_png: str | None) -> str:
     """The parent run's markdown description: test scores at each seed's validation-selected epoch, mean ± std over
     the seeds and per seed (each linked to its run), and the seeds' alpha plot (``alpha_png``, its link)."""
     split, finals = "test", [o.final for o in outcomes]
@@ -255,11 +274,14 @@ def _description(config: Config, experiment_id: str, outcomes: list[SeedOutcome]
     plot = (
         f"\n**alpha per epoch**, one line per seed:\n\n![alpha per epoch]({alpha_png})\n\n"
         "(`alpha.png` in this run's artifacts; the per-epoch values are each seed's `alpha/value` metric.)\n"
+        if alpha_png is not None
+        else "\nalpha is 0 throughout: no matching loss was computed.\n"
     )
     note = (
         f"each seed's scores are at its best epoch on validation {config.train.select_metric} (never chosen on test); "
         "mean ± std is the sample std over seeds; Gap ACC = max − min of the per-modality ACC"
     )
+    imbalance = _imbalance_table(config, strategy, finals, cell)
     for rows, notes in (([mean_row, *seed_rows], [note]), ([mean_row], [note, "the seeds' rows are in their runs"])):
         table = Table(
             kind="summary",
@@ -269,10 +291,51 @@ def _description(config: Config, experiment_id: str, outcomes: list[SeedOutcome]
             rows=rows,
             notes=notes,
         )
-        text = render_markdown(table) + plot
+        # padded: the UI draws a description's table cells with no padding of their own
+        text = (
+            render_markdown(table, padded=True)
+            + (f"\n{render_markdown(imbalance, padded=True)}" if imbalance else "")
+            + plot
+        )
         if len(text) <= DESCRIPTION_LIMIT:
             break
     return text
+
+
+def _imbalance_table(
+    config: Config, strategy: str, finals: list[dict[str, float]], cell: Callable[[list[float]], Cell]
+) -> Table | None:
+    """The description's second table: mean ± std over the seeds of the Shapley values of test accuracy, the
+    imbalance degree and the cost (:mod:`dmgl_cli.imbalance`); None when no seed recorded them."""
+    prefix = "test_shapley_"
+    modalities = sorted({k[len(prefix) :] for f in finals for k in f if k.startswith(prefix)})
+    if not modalities:
+        return None
+    shown = [(f"{prefix}{m}", f"Shapley {m}", "percent") for m in modalities] + [
+        ("test_imbalance_degree", "Imbalance", "percent"),
+        ("params", "Params", "integer"),
+        ("flops_per_sample", "FLOPs/sample", "integer"),
+        ("seconds_per_epoch", "s/epoch", "number"),
+        ("peak_memory_mib", "Peak MiB", "number"),
+    ]
+    cells = []
+    for key, _, kind in shown:
+        value = cell([f[key] for f in finals if key in f])
+        value.kind = kind
+        cells.append(value)
+    return Table(
+        kind="summary",
+        title=f"{config.method.name} · {strategy} on {config.dataset}: modality imbalance and cost",
+        stub_columns=[""],
+        columns=[label for _, label, _ in shown],
+        rows=[Row([f"mean ± std ({len(finals)} seed{'s' if len(finals) != 1 else ''})"], cells)],
+        notes=[
+            "Shapley value of test accuracy per modality (an absent modality's input is zeroed; they add up to "
+            "ACC minus the accuracy with every input zeroed); Imbalance = max − min Shapley; FLOPs per sample of one "
+            "evaluation forward; s/epoch = mean training seconds per epoch; Peak MiB: CUDA max_memory_allocated, "
+            "or the process's peak RSS on the CPU (run tag dmgl.peak_memory)"
+        ],
+    )
 
 
 def _finish_parent(
@@ -289,10 +352,13 @@ def _finish_parent(
     trajectories = {}
     for outcome in outcomes:
         trajectories[f"seed {outcome.seed}"] = [value for _, value in tracker.metric_history(outcome.run_id, "alpha")]
-    figure = alpha_figure(trajectories)
-    tracker.log_figure(parent_id, figure, "alpha.png")
-    close(figure)
-    description = _description(config, experiment_id, outcomes, tracker.artifact_link(parent_id, "alpha.png"))
+    alpha_png = None
+    if any(trajectories.values()):  # a run whose alpha is 0 throughout records none
+        figure = alpha_figure(trajectories)
+        tracker.log_figure(parent_id, figure, "alpha.png")
+        close(figure)
+        alpha_png = tracker.artifact_link(parent_id, "alpha.png")
+    description = _description(config, experiment_id, outcomes, alpha_png)
     tracker.set_description(parent_id, description)
     tracker.end_run(parent_id, "FINISHED")
     return summary
@@ -413,6 +479,7 @@ def _resume_seed(
             raise
         state = None  # stopped before its first epoch ended: train from the start, in the same run
     tracker.mark_running(run_id)
+    tracker.set_tags(run_id, {"dmgl.device": device_in_use(config.train.device)})  # resumed here, maybe elsewhere
     return _train_seed(
         tracker,
         run_id,
@@ -436,8 +503,10 @@ def resume(
     """Continue an interrupted ``dmgl train`` in the same MLflow runs: a seed run from its last checkpoint, or —
     given the parent run — every seed it asked for (finished seeds are kept, unfinished ones resumed, seeds that
     never started are started). The parent gets its mean/std once all its seeds are finished. The checkpoint does
-    not depend on the number of processes: a run started with ``--nproc 2`` resumes with any other."""
-    run = tracker.get_run(run_id)
+    not depend on the number of processes: a run started with ``--nproc 2`` resumes with any other. ``run_id`` may
+    be a unique prefix or name (:meth:`Tracker.find_run`)."""
+    run = tracker.find_run(run_id)
+    run_id = run.run_id
     role = run.role
     if role not in ("parent", "seed"):
         raise DmglError(f"run {run_id} was not made by `dmgl train` (no dmgl.role tag); nothing to resume")
@@ -535,7 +604,8 @@ def evaluate_run(run_id: str, *, tracker: Tracker, checkpoint: str = "best", spl
         raise DmglError(f"--checkpoint must be best or last, got {checkpoint!r}")
     if split not in ("val", "test"):
         raise DmglError(f"--split must be val or test, got {split!r}")
-    run = tracker.get_run(run_id)
+    run = tracker.find_run(run_id)  # an id, a unique prefix or a name
+    run_id = run.run_id
     role = run.role
     if role == "parent":
         runs = tracker.children(run_id)
@@ -633,7 +703,8 @@ def register(run_id: str, name: str, *, tracker: Tracker) -> Registration:
     a tie goes to the lower seed) is registered, and :attr:`Registration.chosen_by` says which and why."""
     if not name or not name.strip():
         raise DmglError("--name must name the registered model")
-    run = tracker.get_run(run_id)
+    run = tracker.find_run(run_id)  # an id, a unique prefix or a name
+    run_id = run.run_id
     parent_id, chosen_by = None, ""
     if run.role == "seed":
         chosen = run

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -68,7 +68,6 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.types import Schema, TensorSpec  # noqa: E402
 
 from dmgl_cli import __version__  # noqa: E402
-from dmgl_cli.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from dmgl_cli.errors import (  # noqa: E402
     DmglError,  # noqa: E402
     Interrupted,
@@ -78,10 +77,14 @@ from dmgl_cli.paths import (  # noqa: E402
     default_artifacts_dir,
     default_tracking_uri,
     ensure_registry,
+    link_or_copy,
     resolve_tracking_uri,
     warn_if_shared_sqlite,
 )
 from dmgl_cli.provenance import environment_tags, git_commit, process_alive  # noqa: E402
+
+if TYPE_CHECKING:
+    from dmgl_cli.checkpoint import CheckpointWriter
 
 for _noisy in ("mlflow", "alembic", "sqlalchemy"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
@@ -243,10 +246,25 @@ def _no_such_run(run_id: str, uri: str) -> str:
     return f"run {run_id!r} does not exist in {uri}; `dmgl runs list` lists the runs (`--role all` with seeds)"
 
 
+# How a user may name a run (:meth:`Tracker.find_run`): its whole id, a prefix of it, or its name.
+RUN_ID_PREFIX_MIN = 6
+_FULL_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_RUN_ID_PREFIX = re.compile(r"^[0-9a-f]{1,31}$")
+# Names that need no quoting in a search filter (dmgl's own names and MLflow's generated ones fit).
+_SEARCHABLE_NAME = re.compile(r"^[A-Za-z0-9._:+ -]{1,250}$")
+SHOWN_CANDIDATES = 5
+
+
+def _candidate_line(run: RunRecord) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M", time.gmtime(run.start_time / 1000)) if run.start_time else "?"
+    return f"{run.run_id}  {run.name}  ({run.role or 'not dmgl'}, {run.status.lower()}, started {started} UTC)"
+
+
 class Tracker:
     def __init__(self, tracking_uri: str | None = None):
         self.uri = resolve_tracking_uri(tracking_uri)
         self.default_store = self.uri == default_tracking_uri()
+        self._checkpoint_writer: CheckpointWriter | None = None  # made by the first save_checkpoint (it needs torch)
         if self.default_store:
             ensure_registry()
         try:
@@ -306,6 +324,48 @@ class Tracker:
             return RunRecord.of(self.client.get_run(run_id))
         except MlflowException:
             raise DmglError(_no_such_run(run_id, self.uri)) from None
+
+    def find_run(self, reference: str) -> RunRecord:
+        """The run a user named: its whole id, a prefix of its id (at least :data:`RUN_ID_PREFIX_MIN` characters,
+        as ``runs compare`` prints them) or its name. A reference that fits several runs, or none, is a DmglError
+        listing the candidates (at most :data:`SHOWN_CANDIDATES`) or saying it matches nothing."""
+        text = reference.strip()
+        if _FULL_RUN_ID.match(text):
+            try:
+                return RunRecord.of(self.client.get_run(text))
+            except MlflowException:
+                pass  # not an id here; it may still be a name
+        try:
+            experiment_ids = list(self.experiments())
+            found: dict[str, RunRecord] = {}
+            if experiment_ids and _RUN_ID_PREFIX.match(text) and len(text) >= RUN_ID_PREFIX_MIN:
+                # one more than is shown, to know that there are more
+                for run in self.search(experiment_ids, f"attributes.run_id LIKE '{text}%'", SHOWN_CANDIDATES + 1):
+                    found[run.run_id] = run
+            if experiment_ids and _SEARCHABLE_NAME.match(text):
+                for run in self.search(experiment_ids, f"attributes.run_name = '{text}'", SHOWN_CANDIDATES + 1):
+                    found[run.run_id] = run
+        except MlflowException as exc:
+            raise DmglError(f"cannot search runs in the MLflow store {self.uri} ({exc.message})") from None
+        if len(found) == 1:
+            return next(iter(found.values()))
+        if not found:
+            short = (
+                f"; an id prefix needs at least {RUN_ID_PREFIX_MIN} characters"
+                if _RUN_ID_PREFIX.match(text) and len(text) < RUN_ID_PREFIX_MIN
+                else ""
+            )
+            raise DmglError(
+                f"run {reference!r} does not exist in {self.uri}: no run has that id, an id starting with it or "
+                f"that name{short}; `dmgl runs list --role all` lists the runs"
+            )
+        candidates = sorted(found.values(), key=lambda r: (-r.start_time, r.run_id))
+        shown = "\n".join(f"  {_candidate_line(run)}" for run in candidates[:SHOWN_CANDIDATES])
+        more = "\n  ... and more" if len(candidates) > SHOWN_CANDIDATES else ""
+        raise DmglError(
+            f"{reference!r} fits more than one run; give more of the id (or the whole id):\n{shown}{more}\n"
+            "`dmgl runs list --role all` lists the runs"
+        )
 
     def children(self, parent_id: str) -> list[RunRecord]:
         run = self.get_run(parent_id)
@@ -417,14 +477,22 @@ class Tracker:
     def run(self, run_id: str) -> Iterator[str]:
         """Work recorded into ``run_id``: leaving by a stop (Ctrl-C, SIGTERM, a pruned sweep trial) marks the run
         KILLED (resumable), by an error FAILED; both re-raise. A normal exit leaves the status to the caller, who
-        ends the run FINISHED once its results are logged."""
+        ends the run FINISHED once its results are logged. Either way the checkpoint being written in the background
+        is on disk first: a KILLED run resumes from its last checkpoint."""
         try:
             yield run_id
+            self.wait_for_checkpoints(release=True)  # a write that failed fails the run
         except (KeyboardInterrupt, Interrupted, Stopped):
-            self.end_run(run_id, "KILLED")
+            try:
+                self._settle_checkpoints(run_id)
+            finally:
+                self.end_run(run_id, "KILLED")
             raise
         except BaseException:
-            self.end_run(run_id, "FAILED")
+            try:
+                self._settle_checkpoints(run_id)
+            finally:
+                self.end_run(run_id, "FAILED")
             raise
 
     def mark_running(self, run_id: str) -> None:
@@ -498,17 +566,49 @@ class Tracker:
             return Path(path).read_text()
 
     def save_checkpoint(self, run_id: str, name: str, state: dict[str, Any]) -> None:
-        """``checkpoints/<name>.pt`` on the run, written atomically in place when the artifact store is local."""
+        """``checkpoints/<name>.pt`` on the run, written atomically in place when the artifact store is local. It is
+        written in the background (:class:`~dmgl_cli.checkpoint.CheckpointWriter`): this returns once ``state`` is
+        copied, having waited only for the previous checkpoint's write. Reading a checkpoint here and leaving
+        :meth:`run` wait for the write; anyone else calls :meth:`wait_for_checkpoints`."""
+        from dmgl_cli.checkpoint import CheckpointWriter, save_checkpoint  # torch: only what trains loads it
+
+        if self._checkpoint_writer is None:
+            self._checkpoint_writer = CheckpointWriter()
         folder = self._artifact_dir(run_id)
+        what = f"checkpoint checkpoints/{name}.pt of run {run_id}"
         if folder is not None:
-            save_checkpoint(folder / "checkpoints" / f"{name}.pt", state)
+            path = folder / "checkpoints" / f"{name}.pt"
+            self._checkpoint_writer.submit(lambda snapshot: save_checkpoint(path, snapshot), state, what)
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"{name}.pt"
-            save_checkpoint(path, state)
-            self.client.log_artifact(run_id, str(path), "checkpoints")
+
+        def upload(snapshot: dict[str, Any]) -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"{name}.pt"
+                save_checkpoint(path, snapshot)
+                _with_retries(self.client.log_artifact, run_id, str(path), "checkpoints")
+
+        self._checkpoint_writer.submit(upload, state, what)
+
+    def wait_for_checkpoints(self, release: bool = False) -> None:
+        """Block until the checkpoint being written is on disk; a DmglError if its write failed. ``release`` also
+        frees the memory kept for the next checkpoint's copy (a run that ends)."""
+        if self._checkpoint_writer is not None:
+            if release:
+                self._checkpoint_writer.release()
+            else:
+                self._checkpoint_writer.wait()
+
+    def _settle_checkpoints(self, run_id: str) -> None:
+        """:meth:`wait_for_checkpoints` while another error is already on its way: a failed write is only logged."""
+        try:
+            self.wait_for_checkpoints(release=True)
+        except DmglError as exc:
+            logger.warning("%s; run %s resumes from the checkpoint before it", exc, run_id)
 
     def load_checkpoint(self, run_id: str, name: str) -> dict[str, Any]:
+        from dmgl_cli.checkpoint import load_checkpoint  # torch: only what trains or scores loads it
+
+        self.wait_for_checkpoints()
         folder = self._artifact_dir(run_id)
         if folder is not None:
             path = folder / "checkpoints" / f"{name}.pt"
@@ -563,6 +663,7 @@ class Tracker:
         )
 
     def _checkpoint_file(self, run_id: str, name: str, tmp: str) -> Path:
+        self.wait_for_checkpoints()
         folder = self._artifact_dir(run_id)
         if folder is not None:
             path = folder / "checkpoints" / f"{name}.pt"
@@ -595,7 +696,12 @@ class Tracker:
         output the fused scores, ``[N, classes]``. Requirements are given, never inferred, so logging reads no
         package index (it works offline). The model is the run's output (the Models column) at ``step``, named after
         the run (``.`` written ``_``: MLflow refuses it in a model's name), with the run's params. Whatever goes
-        wrong is a DmglError, and a model left half-written is marked FAILED."""
+        wrong is a DmglError, and a model left half-written is marked FAILED.
+
+        One copy of the weights: where the run's artifacts and the model's are both local files, the model's
+        checkpoint (``artifacts/<checkpoint>.pt`` in the model) is a hard link to the run's ``checkpoints/<checkpoint>.pt``
+        (a copy only where the filesystem cannot link them); the model stays whole if the run's file is later replaced
+        or deleted. A remote store holds its own copy in the model."""
         import torch  # already loaded by the trainer; here only for its version
 
         run = self.client.get_run(run_id)
@@ -623,9 +729,20 @@ class Tracker:
         except MlflowException as exc:
             raise DmglError(f"MLflow store {self.uri} cannot hold logged models ({exc.message})") from None
         model_id = logged.model_id
+        model_folder = local_path(logged.artifact_location) if self._artifact_dir(run_id) is not None else None
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 folder = Path(tmp)
+                weights = self._checkpoint_file(run_id, checkpoint, tmp)
+                if model_folder is not None:
+                    # The model is saved around an empty stand-in of the same name, which the run's checkpoint then
+                    # replaces as a hard link: the weights are neither copied to a temporary folder nor stored twice.
+                    stand_in = folder / "stand-in" / weights.name
+                    stand_in.parent.mkdir()
+                    stand_in.touch()
+                    weights_source = stand_in
+                else:
+                    weights_source = weights
                 (folder / "config.yaml").write_text(config_yaml)
                 (folder / "model_spec.json").write_text(
                     json.dumps({"modalities": modalities, "classes": classes}, indent=2, sort_keys=True)
@@ -638,7 +755,7 @@ class Tracker:
                         str(folder / "model"),
                         python_model=str(folder / "dmgl_model.py"),
                         artifacts={
-                            "checkpoint": str(self._checkpoint_file(run_id, checkpoint, tmp)),
+                            "checkpoint": str(weights_source),
                             "config": str(folder / "config.yaml"),
                             "spec": str(folder / "model_spec.json"),
                         },
@@ -654,6 +771,9 @@ class Tracker:
                         model_config={"device": ""},  # "" = the recorded train.device; load_model can override it
                     )
                 _with_retries(self.client.log_model_artifacts, model_id, str(folder / "model"))
+                if model_folder is not None:
+                    saved = Model.load(str(folder / "model")).flavors["python_function"]["artifacts"]
+                    link_or_copy(weights, model_folder / saved["checkpoint"]["path"])
             _with_retries(self.client.log_outputs, run_id, [LoggedModelOutput(model_id, step)])
             _with_retries(self.client.finalize_logged_model, model_id, LoggedModelStatus.READY)
         except BaseException as exc:

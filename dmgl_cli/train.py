@@ -4,30 +4,22 @@ Per optimiser step (the inner loop of Algorithm 1)::
 
     output = model(inputs)
     L_tot  = (1 - alpha) * L_CLS + alpha * L_MM + method's extra terms
-    if the strategy learns alpha and it is time:      # the outer step of Algorithm 1
-        g = dL_CLS(theta*(alpha))/dalpha on (this batch, an outer batch)   # Eq. (3), approximated
-    backward, method's gradient hooks, optimiser step
-    alpha <- clip(alpha - step(g), [min, max])        # plain SGD (Algorithm 1) or Adam on alpha
+    outer step: before_backward(losses)          # a learnt alpha takes g_MM - g_CLS here, if this step is sampled
+    backward, method's gradient hooks, outer step: after_backward, optimiser step, outer step: after_optimizer_step
 
-With ``approx=identity`` (the default) g is taken in two parts around the backward: ``g_MM - g_CLS`` before it,
-the outer batch's forward and ``v`` after it (same parameters, same BatchNorm statistics, the same value), so that
-the inner and outer graphs are never alive together.
-
-The outer batch comes from training samples held out for it (``strategy.lb.outer_data=holdout``, the default), never
-from the validation split that picks the best epoch; its forward runs in eval mode, so it changes no running
-statistics and uses no dropout: ``v`` is the gradient of the classification loss as the model is scored.
-
-Per epoch: schedules set alpha (heuristic 1 - exp(-1/t), stepwise h(p), constant), the model is scored on the
-validation split (every ``train.eval_every`` epochs and at the last), the best epoch is chosen on validation only,
-the test split is scored at each new best epoch (the reported figure) and at the last epoch (every validated epoch
-with ``train.test_curves``), and a checkpoint with everything needed for an exact resume is written. The trainer
-never talks to MLflow: it hands metrics and checkpoints to a :class:`RunSink`.
+Per epoch: the strategy sets alpha (schedules: heuristic 1 - exp(-1/t), stepwise h(p), linear, constant; Ours-LB:
+its outer step's ``epoch_end`` moves it from the epoch's hypergradient, :mod:`dmgl_cli.strategies.outer_step`), the
+model is scored on the validation split (every ``train.eval_every`` epochs and at the last), the best epoch is
+chosen on validation only, the test split is scored at each new best epoch (the reported figure) and at the last
+epoch (every validated epoch with ``train.test_curves``), and a checkpoint with everything needed for an exact
+resume is written. The trainer never asks which strategy it runs (it calls the outer step's hooks, or none), and
+never talks to MLflow: it hands metrics and checkpoints to a :class:`RunSink`. A run whose alpha is 0 throughout
+does not compute L_MM.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import time
@@ -35,21 +27,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from dmgl_cli.checkpoint import capture_rng, load_model_state, restore_rng
 from dmgl_cli.config import Config
-from dmgl_cli.data.loader import (
-    ArraySplit,
-    EpochBatchSampler,
-    eval_loader,
-    hold_out,
-    make_loader,
-    make_splits,
-    sample_batch,
-)
+from dmgl_cli.data.loader import ArraySplit, EpochBatchSampler, eval_loader, hold_out, make_loader, make_splits
 from dmgl_cli.data.prepared import PreparedDataset
 from dmgl_cli.data.transforms import build_transforms, model_input_specs
 from dmgl_cli.device import autocast, configure_determinism, pick_device, seed_everything, to_device
@@ -61,21 +44,24 @@ from dmgl_cli.distributed import (
     interleave_shards,
 )
 from dmgl_cli.errors import DmglError, Interrupted
-from dmgl_cli.hypergradient import (
-    Hypergradient,
-    coupled_weight_decay,
-    first_tensor_hessian_gradient_mean,
-    identity_hypergradient,
-    implicit_hypergradient,
-    mixed_gradient,
-)
-from dmgl_cli.losses import modality_matching_loss, total_loss
+from dmgl_cli.losses import total_loss
 from dmgl_cli.methods import build_method
 from dmgl_cli.methods.base import Method
 from dmgl_cli.metrics import MetricAccumulator
-from dmgl_cli.models import ModelOutput, MultimodalModel
+from dmgl_cli.models import MultimodalModel
 from dmgl_cli.models.vision import ResNetTrunk
+from dmgl_cli.objective import compute_losses
 from dmgl_cli.strategies import AlphaStrategy, LearningBasedStrategy, strategy_from_config
+
+__all__ = [
+    "RunSink",
+    "TrainResult",
+    "Trainer",
+    "check_against_dataset",
+    "check_data_parallel",
+    "compute_losses",
+    "evaluate",
+]
 
 LOG = logging.getLogger("dmgl")
 
@@ -93,22 +79,6 @@ class TrainResult:
     best_epoch: int
     final: dict[str, float]  # val_* and test_* at the best (validation-selected) epoch
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics, epoch 1..T
-
-
-def compute_losses(method: Method, config: Config, output: ModelOutput, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(L_CLS, L_MM) of one batch; L_MM is 0 for methods with one modality."""
-    cls_loss = method.classification_loss(output, labels)
-    if method.uses_matching and len(output.embeddings) >= 2:
-        mm_loss = modality_matching_loss(
-            config.loss.matching,
-            {m: z.float() for m, z in output.embeddings.items()},
-            {m: z.float() for m, z in output.unimodal_logits.items()},
-            output.logits.float(),
-            config.loss.tau,
-        )
-    else:
-        mm_loss = cls_loss.new_zeros(())
-    return cls_loss, mm_loss
 
 
 @torch.inference_mode()
@@ -155,10 +125,10 @@ def evaluate(
 def check_against_dataset(config: Config, dataset: PreparedDataset) -> None:
     """Refuse settings that do not fit ``dataset`` before any run is created: the LB strategy's holdout must leave
     samples both for its outer batches and for training."""
-    strategy = strategy_from_config(config.strategy)
-    if isinstance(strategy, LearningBasedStrategy) and strategy.outer_data == "holdout":
+    lb = config.strategy.lb
+    if config.strategy.name == LearningBasedStrategy.name and lb.outer_data == "holdout":
         splits = make_splits(dataset, config.data.val_fraction, config.data.split_seed)
-        hold_out(splits.train, strategy.holdout, config.data.split_seed, None)
+        hold_out(splits.train, lb.holdout, config.data.split_seed, None)
 
 
 def check_data_parallel(config: Config, processes: int) -> None:
@@ -214,12 +184,13 @@ class Trainer:
         self.splits.val.transform = self.splits.test.transform = build_transforms(
             dataset.modalities, config, training=False
         )
-        self.strategy: AlphaStrategy = strategy_from_config(config.strategy)
+        self.strategy: AlphaStrategy = strategy_from_config(config.strategy, seed)
         # strategy.lb.outer_data=holdout: training samples set aside for the outer step, never trained on.
         self.holdout: ArraySplit | None = None
-        if isinstance(self.strategy, LearningBasedStrategy) and self.strategy.outer_data == "holdout":
+        lb = config.strategy.lb
+        if config.strategy.name == LearningBasedStrategy.name and lb.outer_data == "holdout":
             self.splits.train, self.holdout = hold_out(
-                self.splits.train, self.strategy.holdout, config.data.split_seed, self.splits.val.transform
+                self.splits.train, lb.holdout, config.data.split_seed, self.splits.val.transform
             )
         if distributed.active:
             check_data_parallel(config, distributed.world)
@@ -271,14 +242,15 @@ class Trainer:
         # train.compile: torch.compile of the model's forward, in place (nn.Module.compile), so that the model keeps
         # its class, the submodules the methods reach into and its state_dict keys (no ``_orig_mod.`` prefix): its
         # checkpoints load into an uncompiled model and the other way round. Double backward runs uncompiled
-        # (:meth:`_uncompiled`).
+        # (:meth:`uncompiled`).
         if config.train.compile:
             self.model.compile()
         self._warned_uncompiled = False
-        self._outer_part: tuple[ArraySplit, ArraySplit] | None = None  # (outer split, this rank's view of it)
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
-        self._hypergradient_records: list = []  # this epoch's Hypergradient results, summarised in its metrics
+        # The strategy's hooks when it learns alpha (Ours-LB), None for a schedule; alpha 0 throughout: no L_MM.
+        self.outer_step = self.strategy.outer_step(self)
+        self.computes_matching = not self.strategy.always_zero
 
         self.epoch = 0  # completed epochs
         self.global_step = 0
@@ -327,15 +299,8 @@ class Trainer:
             return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=optim.step_size, gamma=optim.step_gamma)
         return None
 
-    def _hyper_parameters(self) -> list[Tensor]:
-        if self.learner.params == "head":
-            return [p for p in self.model.head_parameters() if p.requires_grad]
-        if self.learner.params == "first":  # the official code differentiates its first tensor only
-            return [next(p for p in self.model.parameters() if p.requires_grad)]
-        return [p for p in self.model.parameters() if p.requires_grad]
-
     @contextlib.contextmanager
-    def _uncompiled(self, needed: bool = True) -> Iterator[None]:
+    def uncompiled(self, needed: bool = True) -> Iterator[None]:
         """Under ``train.compile``, the forwards made inside run the uncompiled model (the same module and
         parameters). A compiled graph's backward (AOTAutograd) runs once: no double backward, which the
         Hessian-vector products of ``strategy.lb.approx`` neumann, cg and official take, and no ``retain_graph``
@@ -350,103 +315,14 @@ class Trainer:
                 "train.compile: the steps that take alpha's hypergradient (strategy.lb.approx=%s) run their forward "
                 "uncompiled: they differentiate it more than once (retained graph%s), which torch.compile's graphs "
                 "do not support",
-                self.learner.approx,
-                "" if self.learner.approx == "identity" else ", Hessian-vector products",
+                self.config.strategy.lb.approx,
+                "" if self.config.strategy.lb.approx == "identity" else ", Hessian-vector products",
             )
         with torch.compiler.set_stance("force_eager"):
             yield
 
-    @property
-    def learner(self) -> LearningBasedStrategy:
-        """The strategy, in the code that only a learnt alpha (``--strategy lb``) reaches."""
-        if not isinstance(self.strategy, LearningBasedStrategy):
-            raise RuntimeError(f"strategy '{self.strategy.name}' does not learn alpha")
-        return self.strategy
-
-    # ---------------------------------------------------------------------------------------------- the step
-    def _outer_split(self) -> ArraySplit:
-        if self.holdout is not None:
-            split = self.holdout
-        else:
-            split = self.splits.val if self.learner.outer_data == "val" else self.splits.train
-        if self._outer_part is None or self._outer_part[0] is not split:
-            size = self.learner.outer_batch_size or self.config.train.batch_size
-            self._outer_part = (split, self.this_ranks_part(split, size))
-        return self._outer_part[1]
-
-    def _outer_output(self) -> tuple[ModelOutput, Tensor]:
-        """The model's output on an outer batch, in eval mode: BatchNorm uses (and keeps) its running statistics
-        and dropout is off, so the outer forward changes no state and ``v`` is the gradient of the loss the model
-        is scored on. Gradients flow (unlike :func:`evaluate`)."""
-        lb = self.learner
-        split = self._outer_split()
-        size = min(lb.outer_batch_size or self.config.train.batch_size, len(split))
-        if lb.outer_sampling == "fixed":  # the same samples every time, as the authors' code does
-            batch = split.__getitems__(list(range(size)))
-        else:
-            batch = sample_batch(split, size, seed=self.seed * 1_000_003 + self.global_step)
-        inputs, labels = to_device(batch, self.device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with autocast(self.device, self.config.train.amp):
-                output = self.method.forward(self.model, inputs, training=False)
-        finally:
-            self.model.train(was_training)
-        return self.distributed.gather_output(output, labels, batch_rows_of(batch))
-
-    def _alpha_hypergradient(self, cls_loss: Tensor, mm_loss: Tensor) -> float:
-        """dL_CLS/dalpha from this step's inner losses and a fresh outer batch (Eq. 3 with ``neumann`` or ``cg``;
-        ``identity`` goes through :meth:`_identity_hypergradient`)."""
-        strategy = self.learner
-        output, labels = self._outer_output()
-        outer_cls = self.method.classification_loss(output, labels)
-        params = self._hyper_parameters()
-        result = implicit_hypergradient(
-            cls_loss,
-            mm_loss,
-            strategy.alpha,
-            outer_cls,
-            params,
-            strategy.approx,
-            strategy.terms,
-            strategy.scale,
-            strategy.damping,
-            weight_decay=coupled_weight_decay(self.optimizer, params),
-            largest_eigenvalue_estimate=strategy.cached_largest_eigenvalue(),
-            seed=self.seed + self.global_step,
-            outer_shares_graph=False,
-            reduce=self.distributed.average if self.distributed.active else None,
-        )
-        strategy.remember_largest_eigenvalue(result.largest_eigenvalue)
-        self._hypergradient_records.append(result)
-        return result.value
-
-    def _identity_hypergradient(self, mixed: list[Tensor]) -> float:
-        """``-scale (g_MM - g_CLS)^T v``, the one-step look-ahead, with ``mixed`` = g_MM - g_CLS taken before the
-        step's backward. Called after that backward and before the optimiser step: the parameters and BatchNorm
-        statistics are those the inner forward left, as when the outer forward ran before the backward, but the
-        inner graph is freed by now, so the two graphs never coexist (peak memory: bench/lb_overhead.py)."""
-        strategy = self.learner
-        scale = strategy.scale if strategy.scale is not None else self.optimizer.param_groups[0]["lr"]
-        output, labels = self._outer_output()
-        outer_cls = self.method.classification_loss(output, labels)
-        value = identity_hypergradient(mixed, outer_cls, self._hyper_parameters(), scale, self.distributed.average)
-        self._hypergradient_records.append(Hypergradient(value))
-        return value
-
-    def _epoch_start_alpha_gradient(self) -> float:
-        """The authors' released alpha gradient (``approx=official``) on an outer batch, before the epoch trains."""
-        with self._uncompiled():  # H g_CLS on the outer batch: its forward is differentiated twice
-            output, labels = self._outer_output()
-        cls_loss, mm_loss = compute_losses(self.method, self.config, output, labels)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        return first_tensor_hessian_gradient_mean(
-            cls_loss, mm_loss, self.strategy.alpha, params, self.distributed.average
-        )
-
     def _train_epoch(self) -> dict[str, float]:
-        config, model, method, strategy = self.config, self.model, self.method, self.strategy
+        config, model, method, strategy, outer = self.config, self.model, self.method, self.strategy, self.outer_step
         model.train()
         sampler = self.train_loader.batch_sampler
         assert isinstance(sampler, EpochBatchSampler)  # make_loader's: shuffles from (seed, epoch), can skip ahead
@@ -458,10 +334,13 @@ class Trainer:
         sampler.skip = position.get("batch", 0)
         sums: dict[str, Tensor] = {k: torch.tensor(v, device=self.device) for k, v in position.get("sums", {}).items()}
         seen = position.get("seen", 0)
-        # the hypergradients of the epoch's first part, so that its summary metrics match an uninterrupted run's
-        self._hypergradient_records = [Hypergradient(**record) for record in position.get("hypergradients", [])]
         started = time.perf_counter() - position.get("seconds", 0.0)
         passes = method.train_passes()  # optimiser steps per batch: one, or one per modality (MLA)
+        if outer is not None:
+            if position:  # the outer step's state of the epoch's first part: its update matches an uninterrupted one
+                outer.load_epoch_state(position.get("outer", {}))
+            outer.epoch_start(batches * len(passes), resumed_mid_epoch=bool(position))
+        stop_agreed = False
         for index, batch in enumerate(self.train_loader, start=sampler.skip):
             inputs, labels = to_device(batch, self.device)
             for number, pass_key in enumerate(passes):
@@ -469,23 +348,21 @@ class Trainer:
                 alpha = strategy.alpha
                 step_info = {"epoch": self.epoch + 1, "global_step": self.global_step, "alpha": alpha}
                 last_step = index == batches - 1 and number == len(passes) - 1
-                wants_hypergradient = strategy.needs_hypergradient(self.global_step + 1, end_of_epoch=last_step)
-                # the hypergradient differentiates this forward more than once: uncompiled under train.compile
-                with self._uncompiled(wants_hypergradient), autocast(self.device, config.train.amp):
+                takes_graph = outer is not None and outer.takes_graph(last_step)
+                # the outer step differentiates this forward again: uncompiled under train.compile, and in fp32 when
+                # curvature products follow (bf16 products are far off their fp32 values)
+                full_precision = takes_graph and outer is not None and outer.needs_full_precision()
+                with self.uncompiled(takes_graph), autocast(self.device, config.train.amp and not full_precision):
                     output = method.forward(model, inputs, training=True)
                 # data-parallel: the whole global batch's output on every rank (distributed.py), labels included
                 output, batch_labels = self.distributed.gather_output(output, labels, batch_rows_of(batch))
-                cls_loss, mm_loss = compute_losses(method, config, output, batch_labels)
+                cls_loss, mm_loss = compute_losses(method, config, output, batch_labels, self.computes_matching)
                 extra = method.extra_losses(output, batch_labels, step_info)
                 loss = method.objective_scale * total_loss(alpha, cls_loss, mm_loss) + sum(
                     extra.values(), cls_loss.new_zeros(())
                 )
-                hypergradient = mixed = None
-                if wants_hypergradient:
-                    if self.learner.approx == "identity":  # its outer forward waits until the backward below
-                        mixed = mixed_gradient(cls_loss, mm_loss, self._hyper_parameters(), self.distributed.average)
-                    else:
-                        hypergradient = self._alpha_hypergradient(cls_loss, mm_loss)
+                if takes_graph and outer is not None:
+                    outer.before_backward(output, batch_labels, cls_loss, mm_loss)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 # the mean over ranks, before any method reads or rescales the gradients; the same all-reduce
@@ -494,15 +371,14 @@ class Trainer:
                 method.after_backward(model, output, batch_labels, step_info)
                 if config.optim.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-                if mixed is not None:
-                    hypergradient = self._identity_hypergradient(mixed)
-                    mixed = None
+                if outer is not None:
+                    outer.after_backward()
                 self.optimizer.step()
                 if self._broadcast_buffers:
                     self.distributed.broadcast_module(model, buffers_only=True)
                 self.global_step += 1
-                if hypergradient is not None:
-                    strategy.apply_hypergradient(hypergradient)
+                if outer is not None:
+                    outer.after_optimizer_step()
                 size = int(batch_labels.shape[0])
                 seen += size
                 # Sums stay on the device: no host sync per step.
@@ -514,39 +390,28 @@ class Trainer:
                 self._epoch_position = {
                     "batch": index + 1,
                     "sums": {k: float(v) for k, v in sums.items()},
-                    "hypergradients": [dataclasses.asdict(r) for r in self._hypergradient_records],
+                    "outer": outer.epoch_state() if outer is not None else {},
                     "seen": seen,
                     "seconds": time.perf_counter() - started,
                 }
                 self.sink.save_checkpoint("last", self.state_dict())
                 raise Interrupted()
         sampler.skip = 0
+        outer_metrics = outer.epoch_end() if outer is not None else {}  # an update that waits for the epoch's end
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - started
         metrics = {f"train_{name}": float(total) / max(seen, 1) for name, total in sums.items()}
+        if not self.computes_matching:  # alpha is 0 throughout: nothing about it or L_MM to record
+            metrics.pop("train_mm_loss", None)
+        else:
+            metrics["alpha"] = strategy.alpha
         metrics.update(
-            alpha=strategy.alpha,
             lr=self.optimizer.param_groups[0]["lr"],
             train_samples_per_s=seen / seconds if seconds > 0 else 0.0,
             epoch_seconds=seconds,
+            **outer_metrics,
         )
-        if isinstance(strategy, LearningBasedStrategy) and strategy.last_hypergradient is not None:
-            metrics["alpha_hypergradient"] = float(strategy.last_hypergradient)
-        metrics.update(self._hypergradient_metrics())
-        return metrics
-
-    def _hypergradient_metrics(self) -> dict[str, float]:
-        """What the epoch's hypergradients cost and met; only what applies to the approximation is logged."""
-        records, self._hypergradient_records = self._hypergradient_records, []
-        if not records or self.learner.approx == "identity":
-            return {}
-        metrics = {"alpha_hessian_products": float(sum(r.hessian_products for r in records)) / len(records)}
-        if self.learner.approx == "cg":
-            metrics["alpha_cg_negative_curvature"] = sum(r.negative_curvature for r in records) / len(records)
-            metrics["alpha_cg_residual"] = float(np.mean([r.relative_residual for r in records]))
-        if self.learner.largest_eigenvalue is not None:
-            metrics["alpha_lambda_max"] = float(self.learner.largest_eigenvalue)
         return metrics
 
     # ------------------------------------------------------------------------------------------------- epochs
@@ -558,13 +423,6 @@ class Trainer:
         while self.epoch < total:
             number = self.epoch + 1
             self.strategy.start_epoch(self.epoch, total)
-            if (
-                isinstance(self.strategy, LearningBasedStrategy)
-                and self.strategy.updates_at_epoch_start
-                and not self._epoch_position
-            ):
-                # before the epoch's first step; an epoch resumed mid-way had its update before the interruption
-                self.strategy.apply_hypergradient(self._epoch_start_alpha_gradient())
             self.method.on_epoch_start(self.model, number)
             metrics = self._train_epoch()
             val, test = self._scores_of_epoch(number, total)
@@ -636,6 +494,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
             "strategy": self.strategy.state_dict(),
+            "outer_step": self.outer_step.state_dict() if self.outer_step is not None else {},
             "method": self.method.state_dict(),
             "best": {"metric": self.best_metric, "epoch": self.best_epoch, "scores": dict(self.best_scores)},
             "history": [dict(h) for h in self.history],
@@ -651,6 +510,8 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.strategy.load_state_dict(state["strategy"])
+        if self.outer_step is not None:
+            self.outer_step.load_state_dict(state.get("outer_step") or {})
         self.method.load_state_dict(state["method"])
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         best = state["best"]

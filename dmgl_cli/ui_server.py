@@ -9,6 +9,12 @@
 - Lean by default: one uvicorn worker, and none of MLflow 3's job execution (a job runner and seven huey
   consumers that run GenAI scorers and periodic trace jobs; a read-only view of training runs needs none of them).
 - The link is printed once the server answers ``GET /health``; the wait is bounded and ends in a clear error.
+- Quiet by default, so that the link stands out: no access log (one line per request, hundreds an hour while a
+  browser is open), no start-up chatter (uvicorn's and MLflow's INFO lines, Python warnings, the notes of
+  ``mlflow ui`` itself); the server's warnings and errors still show. ``access_log=True`` (``dmgl ui
+  --access-log``) shows all of it, as ``mlflow ui`` prints it.
+- While it serves, its address is recorded for the store (:func:`dmgl_cli.links.record_ui`), so that the links
+  ``dmgl train`` and the other commands print point at this port.
 """
 
 from __future__ import annotations
@@ -23,18 +29,30 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from dmgl_cli.errors import DmglError
+from dmgl_cli.links import forget_ui, record_ui
 from dmgl_cli.paths import default_artifacts_dir, default_tracking_uri, ensure_registry, resolve_tracking_uri
 from dmgl_cli.provenance import process_group_alive
 
 DEFAULT_WORKERS = 1
 # MLflow's own switch for its job runner and huey consumers (mlflow.environment_variables).
 LEAN_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+# Quiet (without --access-log): uvicorn logs warnings only and no requests; MLflow's loggers and Python's warnings
+# are off unless the user's environment sets them.
+QUIET_UVICORN_OPTIONS = ["--uvicorn-opts", "--log-level warning --no-access-log"]
+QUIET_ENV_DEFAULTS = {"MLFLOW_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore"}
+# What `mlflow ui` itself prints on every start (to stdout or stderr, not through logging).
+QUIET_DROPPED = (
+    "Backend store URI not provided",
+    "Registry store URI not provided",
+    "[MLflow] Security middleware enabled",
+)
 # Seconds: the server's first answer (about 12 s on an idle 2-core machine, a minute or more on a loaded one),
 # the grace SIGTERM gets before SIGKILL, and the wait for the group to be gone after SIGKILL.
 START_TIMEOUT = 180.0
@@ -186,6 +204,18 @@ def latest_experiment(address: Address) -> str | None:
         return None
 
 
+def forward_output(source: IO[bytes], destination: IO[str], quiet: bool) -> None:
+    """Copy the server's output to ``destination`` line by line until it closes, leaving out, when ``quiet``, the
+    notes ``mlflow ui`` prints on every start (:data:`QUIET_DROPPED`)."""
+    for raw in iter(source.readline, b""):
+        line = raw.decode(errors="replace")
+        if quiet and line.lstrip().startswith(QUIET_DROPPED):
+            continue
+        with contextlib.suppress(OSError, ValueError):  # our stderr closed: the server's output has nowhere to go
+            destination.write(line)
+            destination.flush()
+
+
 def _signal_group(pgid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
@@ -276,13 +306,15 @@ def serve(
     host: str,
     port: int,
     workers: int = DEFAULT_WORKERS,
+    access_log: bool = False,
     on_start: Callable[[str], None] | None = None,
     on_ready: Callable[[Address, str | None, float], None] | None = None,
     on_stop: Callable[[str], None] | None = None,
 ) -> int:
     """Run the MLflow UI until a stop signal; returns the exit code for ``dmgl ui``.
 
-    ``on_start(tracking uri)`` is called once the checks passed, as the server starts;
+    ``access_log``: the server's request log and start-up messages as ``mlflow ui`` prints them (else quiet, see
+    the module's docstring). ``on_start(tracking uri)`` is called once the checks passed, as the server starts;
     ``on_ready(address, experiment_id, seconds)`` is called once the server answers its health check, with the
     experiment of the latest run (None when there is no run); ``on_stop(signal name)`` once a signal stopped it.
     """
@@ -299,18 +331,29 @@ def serve(
     if on_start is not None:
         on_start(uri)
     server: subprocess.Popen | None = None
+    forwarder: threading.Thread | None = None
+    command = server_command(uri, address, workers) + ([] if access_log else QUIET_UVICORN_OPTIONS)
+    env = {**os.environ, **LEAN_ENV} if access_log else {**QUIET_ENV_DEFAULTS, **os.environ, **LEAN_ENV}
     signals = _StopSignals()
     try:
         with signals:
             try:
                 server = subprocess.Popen(
-                    server_command(uri, address, workers),
+                    command,
                     start_new_session=True,
-                    env={**os.environ, **LEAN_ENV},
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
                     preexec_fn=_die_with_parent(os.getpid()),
                 )
                 signals.arm(server.pid)  # start_new_session: the server leads its own process group
+                assert server.stdout is not None  # stdout=PIPE
+                forwarder = threading.Thread(
+                    target=forward_output, args=(server.stdout, sys.stderr, not access_log), daemon=True
+                )
+                forwarder.start()
                 seconds = wait_healthy(server, address, timeout)
+                record_ui(uri, address.base_url)  # the links other commands print now point here
                 if on_ready is not None:
                     on_ready(address, latest_experiment(address), seconds)
                 code = server.wait()
@@ -319,8 +362,11 @@ def serve(
                 return 0
             finally:
                 signals.stopping()
+                forget_ui(uri)
                 if server is not None:
                     stop_group(server)
+                if forwarder is not None:
+                    forwarder.join(timeout=KILL_WAIT)  # the server's last lines, before dmgl ui's own
     except StopSignal as stop:
         if on_stop is not None:
             with contextlib.suppress(OSError):

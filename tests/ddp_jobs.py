@@ -42,8 +42,9 @@ def run_jobs(jobs: list[dict[str, Any]], distributed: DistributedContext = SINGL
             "history": [{k: v for k, v in h.items() if k not in TIMINGS} for h in outcome.history],
             "final": outcome.final,
             # every rank's alpha after each epoch, as this rank holds it (checked bit for bit across ranks)
-            "alphas": [h["alpha"] for h in outcome.history],
-            "alpha_equal_on_every_rank": distributed.all_equal([h["alpha"] for h in outcome.history]),
+            # (a run whose alpha is 0 throughout logs none)
+            "alphas": [h.get("alpha", 0.0) for h in outcome.history],
+            "alpha_equal_on_every_rank": distributed.all_equal([h.get("alpha", 0.0) for h in outcome.history]),
             "weights_equal_on_every_rank": distributed.all_equal(
                 [p.detach().cpu().numpy().tobytes() for p in trainer.model.parameters()]
             ),

@@ -15,7 +15,10 @@ from dmgl_cli.tracking import Tracker, local_path
     "args, message",
     [
         (["train", "--recipe", "nope"], "unknown recipe 'nope'; built-in recipes: "),
-        (["train", "--strategy", "magic"], "unknown strategy 'magic'; valid: constant, stepwise, heuristic, lb"),
+        (
+            ["train", "--strategy", "magic"],
+            "unknown strategy 'magic'; valid: constant, stepwise, heuristic, linear, lb",
+        ),
         (["train", "--strategy", "constant", "--alpha", "1.5"], r"alpha must be in [0, 1], got 1.5"),
         (["train", "--strategy", "constant", "--alpha", "-0.1"], r"alpha must be in [0, 1], got -0.1"),
         (["train", "--strategy", "stepwise", "--p", "2"], r"p must be in [0, 1], got 2"),

@@ -75,6 +75,43 @@ def test_a_typo_is_refused_before_torch_mlflow_or_optuna_is_imported(registry, a
     assert not registry.exists()  # nothing created either
 
 
+def _heavy_imports(*args: str) -> set[str]:
+    """The heavy packages one `dmgl` command imports (run in a subprocess, read from -X importtime)."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "dmgl_cli", *args],
+        cwd=repo_root(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    return _imported(done.stderr) & set(HEAVY)
+
+
+@pytest.mark.slow
+def test_an_unknown_run_id_is_answered_without_torch(registry):
+    Tracker().experiment_id("exists")  # a store with an experiment, so that the search runs
+    for command in (["runs", "show"], ["eval"], ["explain"], ["register", "--name", "m"], ["train", "--resume"]):
+        assert _heavy_imports(*command, "ffffffffff") == {"mlflow"}, command
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--print-config"],
+        ["train", "--dry-run"],
+        ["train", "--epochs", "1"],  # no dataset is prepared: refused before MLflow loads
+        ["sweep", "--print-config"],
+        ["reproduce", "table1", "--dataset", "crema-d", "--print-config"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_what_records_nothing_loads_neither_mlflow_nor_optuna(registry, args):
+    # torch still loads: config.validate asks the method registry (torch modules) about the method's settings
+    assert not _heavy_imports(*args) & {"mlflow", "optuna"}
+
+
 # --------------------------------------------------------------------------------- --print-config and --dry-run
 
 
@@ -226,9 +263,9 @@ def test_runs_compare(recorded, run_cli):
     ids = [recorded["half"], recorded["lb"], recorded["zero"]]
     comparison = json.loads(_invoke("runs", "compare", *ids, "--json").stdout)
     assert [r["run_id"] for r in comparison["runs"]] == ids
+    # strategy.alpha is no setting of the lb run: not compared (the strategy row shows constant:0.5 against lb)
     assert comparison["params"] == {
         "method.name": ["concat", "concat", "sum"],
-        "strategy.alpha": ["0.5", None, "0.0"],
         "strategy.name": ["constant", "lb", "constant"],
     }
     assert comparison["same_params"] == 3  # optim.lr, seeds, train.select_metric
@@ -273,8 +310,9 @@ def test_batch_bar_draws_one_bar_per_epoch():
     assert drawn.endswith("\r")  # closed: the last bar is cleared (leave=False), the epoch line follows
 
 
-def test_train_asks_for_per_batch_progress_only_on_a_terminal(run_cli, registry, monkeypatch):
-    """No per-batch callback at all when the bar is off (CliRunner's streams are not terminals)."""
+def test_train_asks_for_per_batch_progress_only_on_a_terminal(run_cli, synthetic, monkeypatch):
+    """No per-batch callback at all when the bar is off (CliRunner's streams are not terminals). The dataset is
+    prepared: `dmgl train` refuses an unprepared one before it calls the runner."""
     from dmgl_cli import runner
 
     seen = []

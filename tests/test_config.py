@@ -50,7 +50,7 @@ def test_unknown_setting_suggests_the_close_name():
     [
         ("train.epochs=0", "train.epochs must be >= 1"),
         ("train.epochs=abc", "must be an integer"),
-        ("strategy.name=magic", "unknown strategy 'magic'; valid: constant, stepwise, heuristic, lb"),
+        ("strategy.name=magic", "unknown strategy 'magic'; valid: constant, stepwise, heuristic, linear, lb"),
         ("strategy.alpha=1.5", r"alpha must be in \[0, 1\]"),
         ("strategy.p=-0.1", r"p must be in \[0, 1\]"),
         ("loss.matching=l2", "unknown loss.matching 'l2'"),
@@ -193,3 +193,10 @@ def test_train_resolves_the_config_once(monkeypatch, synthetic, run_cli):
 def test_defaults_are_valid():
     config = Config()
     assert config.strategy.name == "lb" and config.loss.matching == "infonce"
+
+
+def test_scientific_notation_without_a_dot_is_a_number():
+    # YAML 1.1 reads "1e-4" as a string; a float setting takes it as the number it is
+    assert load_config("synthetic", ["optim.weight_decay=1e-4"]).optim.weight_decay == 1e-4
+    with pytest.raises(DmglError, match="optim.weight_decay' must be a number"):
+        load_config("synthetic", ["optim.weight_decay=lots"])

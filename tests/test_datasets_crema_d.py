@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from rawgen import COLOURS, CREMA_EMOTIONS, corrupt_wav, make_crema_d, write_video
 
-from dmgl_cli.data.media import audio_spectrogram
+from dmgl_cli.data.media import (
+    SAMPLE_RATE,
+    audio_spectrogram,
+    seconds_for_frames,
+    spectrogram_frames,
+    spectrogram_shape,
+)
 from dmgl_cli.data.prepared import PreparedDataset
 from dmgl_cli.data.preparers.common import exact_stratified_split
 from dmgl_cli.data.registry import DatasetRegistry
@@ -133,6 +139,35 @@ def test_exact_stratified_split_matches_the_paper_sizes():
     again, _ = exact_stratified_split(labels, 744, seed=5)
     other, _ = exact_stratified_split(labels, 744, seed=6)
     assert np.array_equal(again, kept) and not np.array_equal(other, kept)
+
+
+def test_seconds_for_frames_is_the_shortest_length_with_that_many_columns():
+    assert seconds_for_frames(188) == 1.8903125 and spectrogram_shape(seconds_for_frames(188)) == (257, 188)
+    for frames in (1, 2, 187, 188, 299, 1004, 4321):
+        seconds = seconds_for_frames(frames)
+        assert spectrogram_frames(seconds) == frames
+        if frames > 1:
+            assert spectrogram_frames(seconds - 1 / SAMPLE_RATE) == frames - 1
+
+
+def test_spectrogram_frames_sets_the_audio_width_with_one_message_for_a_bad_value(run_cli, registry, crema_raw):
+    result = run_cli(
+        "prepare", "crema-d", "--raw", crema_raw, "--name", "crema-188", "-o", "spectrogram_frames=188", *SMALL
+    )
+    assert "audio (257, 188)" in result.output
+    dataset = PreparedDataset(registry / "datasets" / "crema-188")
+    first = np.load(dataset.path / "train" / "ids.npy")[0]
+    expected = audio_spectrogram(crema_raw / "AudioWAV" / f"{first}.wav", seconds_for_frames(188))
+    np.testing.assert_allclose(dataset.split("train").inputs["audio"][0], expected, rtol=1e-5, atol=1e-5)
+    for bad in ("0", "-3", "1.5", "many", "true"):
+        result = run_cli("prepare", "crema-d", "--raw", crema_raw, "-o", f"spectrogram_frames={bad}", expect=1)
+        assert "option spectrogram_frames must be a whole number of spectrogram columns >= 1" in result.output
+        assert "Traceback" not in result.output
+    result = run_cli(
+        "prepare", "crema-d", "--raw", crema_raw, "-o", "seconds=2", "-o", "spectrogram_frames=188", expect=1
+    )
+    assert "give -o seconds or -o spectrogram_frames, not both" in result.output
+    assert not (registry / "datasets" / "crema-d").exists()
 
 
 def test_missing_folder_lists_what_is_missing_and_the_layout(run_cli, registry, tmp_path):

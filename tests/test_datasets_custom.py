@@ -157,6 +157,22 @@ def test_missing_file_and_empty_cells_stop_or_are_recorded(run_cli, registry, tm
     assert manifest["splits"] == {"train": 5, "test": 3}
 
 
+def test_audio_spectrogram_frames_sets_the_width_globally_or_per_modality(run_cli, registry, tmp_path):
+    write_manifest(tmp_path)
+    voice = ["--manifest", tmp_path / "samples.csv", "--modality", "voice=audio"]
+    run_cli("prepare", "custom", *voice, "--name", "wide", "-o", "audio_spectrogram_frames=40")
+    assert PreparedDataset(registry / "datasets" / "wide").modalities["voice"]["shape"] == [257, 40]
+    spec = tmp_path / "modalities.yaml"
+    spec.write_text("modalities:\n  voice: {kind: audio, spectrogram_frames: 25}\n")
+    run_cli("prepare", "custom", "--manifest", tmp_path / "samples.csv", "--name", "narrow", "-o", f"spec={spec}")
+    assert PreparedDataset(registry / "datasets" / "narrow").modalities["voice"]["shape"] == [257, 25]
+    spec.write_text("modalities:\n  voice: {kind: audio, spectrogram_frames: 25, seconds: 1}\n")
+    result = run_cli("prepare", "custom", "--manifest", tmp_path / "samples.csv", "-o", f"spec={spec}", expect=1)
+    assert "modality voice: give seconds or spectrogram_frames, not both" in result.output
+    result = run_cli("prepare", "custom", *voice, "-o", "audio_spectrogram_frames=0", expect=1)
+    assert "option audio_spectrogram_frames must be a whole number of spectrogram columns >= 1" in result.output
+
+
 def test_custom_needs_a_manifest_and_kinds(run_cli, registry, tmp_path):
     assert "needs --manifest" in run_cli("prepare", "custom", expect=1).output
     write_manifest(tmp_path, per_class=1)

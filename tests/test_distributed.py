@@ -23,6 +23,7 @@ import pytest
 from ddp_jobs import TIMINGS, run_jobs
 from processes import finish
 
+from dmgl_cli.imbalance import MACHINE_MEASURED
 from dmgl_cli.methods import METHODS
 from dmgl_cli.tracking import Tracker
 
@@ -129,8 +130,9 @@ def test_two_processes_train_as_one(synthetic, tmp_path):
         for key, difference in worst.items():
             limit = MAP_TOLERANCE if "_map" in key else TOLERANCE
             assert difference <= limit, f"{name}: {key} differs by {difference:.3g} from one process"
-    # the learnt alpha moved, so its equality is not that of a constant
-    assert reference["lb"]["alphas"][0] != 0.5 and reference["lb-cg"]["alphas"][-1] != reference["lb"]["alphas"][-1]
+    # the learnt alpha moved, so its equality is not that of a constant; the CG job took curvature products (its
+    # untrusted solves fall back to identity, so its alpha may walk as identity's)
+    assert reference["lb"]["alphas"][0] != 0.5 and reference["lb-cg"]["history"][-1]["alpha_hessian_products"] > 0
 
 
 def _dmgl(*args: str) -> list[str]:
@@ -138,7 +140,8 @@ def _dmgl(*args: str) -> list[str]:
 
 
 def _finals(document: dict) -> dict[str, float]:
-    return document["seeds"][0]["final"]
+    """The first seed's final metrics but time and memory, which the machine measures (never equal)."""
+    return {k: v for k, v in document["seeds"][0]["final"].items() if k not in MACHINE_MEASURED}
 
 
 @pytest.mark.integration

@@ -97,7 +97,7 @@ def test_official_settings_model_and_alpha_gradient(synthetic):
     _, h_g = torch.func.jvp(torch.func.grad(total), (params,), (g_cls,))
     expected = h_g[names[0]].mean().item()
     trainer.model.train()
-    assert trainer._epoch_start_alpha_gradient() == pytest.approx(expected, rel=1e-4, abs=1e-9)
+    assert trainer.outer_step.alpha_gradient() == pytest.approx(expected, rel=1e-4, abs=1e-9)
     assert trainer.model.training
 
 

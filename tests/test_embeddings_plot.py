@@ -120,7 +120,9 @@ def test_the_plotted_gap_is_the_centroid_distance_of_the_embeddings(registry_of)
         lines = {line.get_label(): line for line in over_epochs.get_lines()}
         assert set(lines) == {"Concat, 2 seeds", "Ours-H, 2 seeds"}
         assert list(lines["Concat, 2 seeds"].get_xdata()) == [1, 2]
-        assert len(over_epochs.collections) == 2  # a ± std band per cell
+        dots = [c for c in over_epochs.collections if isinstance(c, PathCollection)]
+        assert len(dots) == 4  # each seed's own scored epochs, per cell
+        assert len(over_epochs.collections) - len(dots) == 2  # a ± std band per cell
     finally:
         for fig in figures.values():
             plots.close(fig)
@@ -179,3 +181,26 @@ def test_without_test_curves_the_gap_per_epoch_is_validations(registry_of, monke
     finally:
         for figure in figures.values():
             plots.close(figure)
+
+
+def test_sparse_test_points_are_averaged_only_where_every_seed_scored():
+    # test is scored at each seed's own new best epochs: seed A at 1, 2, 4; seed B at 1, 3, 4
+    from dmgl_cli import plots
+    from dmgl_cli.report.figures import embeddings_figure, seed_band
+
+    seeds = [[(1, 0.5), (2, 0.4), (4, 0.3)], [(1, 0.7), (3, 0.6), (4, 0.5)]]
+    steps, mean, _, _ = seed_band(seeds, shared_only=True)
+    assert steps == [1, 4] and mean == pytest.approx([0.6, 0.4])
+    assert seed_band(seeds)[0] == [1, 2, 3, 4]  # the dense curves keep every epoch
+    figure = embeddings_figure(
+        [], {"Concat, 2 seeds": (steps, mean)}, {}, "title", seed_points={"Concat, 2 seeds": seeds}
+    )
+    try:
+        (over_epochs,) = [a for a in figure.axes if a.get_xlabel() == "epoch"]
+        (line,) = over_epochs.get_lines()
+        assert list(line.get_xdata()) == [1, 4]
+        dots = [c for c in over_epochs.collections if isinstance(c, PathCollection)]
+        assert sorted(len(c.get_offsets()) for c in dots) == [3, 3]  # each seed's own points, drawn as they are
+        assert "every seed scored" in over_epochs.get_title() and "each seed's scored epochs" in over_epochs.get_title()
+    finally:
+        plots.close(figure)

@@ -14,6 +14,8 @@ from dmgl_cli.data.registry import open_dataset
 from dmgl_cli.errors import DmglError
 from dmgl_cli.train import Trainer, compute_losses
 
+STEP = "strategy.lb.estimator=step"  # v0.2's one-batch estimate at the update step
+
 
 class NullSink:
     def log_metrics(self, metrics, step):
@@ -38,7 +40,7 @@ def test_default_outer_data_is_a_stratified_holdout_apart_from_validation(synthe
     # stratified: every class of the training split is in the holdout, in proportion
     labels = np.asarray(trainer.holdout.labels)
     assert set(labels.tolist()) == set(np.asarray(trainer.splits.train.labels).tolist())
-    assert trainer._outer_split() is trainer.holdout
+    assert trainer.outer_step.outer_split() is trainer.holdout
     # the same samples for every training seed: they depend on data.split_seed only
     other_seed = Trainer(trainer.config, open_dataset("synthetic"), 5, NullSink())
     assert np.array_equal(other_seed.holdout.indices, trainer.holdout.indices)
@@ -55,11 +57,11 @@ def test_holdout_count_and_errors(synthetic):
     with pytest.raises(DmglError, match="strategy.lb.holdout must be"):
         load_config("synthetic", ["strategy.lb.holdout=1.5"])
     val_trainer = _trainer(["strategy.lb.outer_data=val"])
-    assert val_trainer.holdout is None and val_trainer._outer_split() is val_trainer.splits.val
+    assert val_trainer.holdout is None and val_trainer.outer_step.outer_split() is val_trainer.splits.val
 
 
 def test_outer_forward_changes_no_running_state_and_is_deterministic(synthetic):
-    trainer = _trainer(["strategy.lb.approx=cg", "strategy.lb.terms=3"])
+    trainer = _trainer(["strategy.lb.approx=cg", "strategy.lb.terms=3", "strategy.lb.estimator=step"])
     # give one encoder BatchNorm and dropout, the state an outer forward in train mode would touch
     trainer.model.encoders["fast"] = nn.Sequential(nn.BatchNorm1d(32), nn.Dropout(0.5), trainer.model.encoders["fast"])
     trainer.optimizer = trainer._build_optimizer()
@@ -67,8 +69,8 @@ def test_outer_forward_changes_no_running_state_and_is_deterministic(synthetic):
     batch_norm.running_mean.fill_(0.3)
     before = {k: v.clone() for k, v in batch_norm.state_dict().items()}
     trainer.model.train()
-    first = trainer._outer_output()[0].logits
-    second = trainer._outer_output()[0].logits
+    first = trainer.outer_step.outer_output()[0].logits
+    second = trainer.outer_step.outer_output()[0].logits
     torch.testing.assert_close(first, second, rtol=0, atol=0)  # no dropout, no batch statistics
     for key, value in batch_norm.state_dict().items():
         assert torch.equal(value, before[key]), key
@@ -77,15 +79,16 @@ def test_outer_forward_changes_no_running_state_and_is_deterministic(synthetic):
     inputs = {m: torch.randn(8, 32) for m in ("fast", "slow")}
     output = trainer.model(inputs)
     after_inner = {k: v.clone() for k, v in batch_norm.state_dict().items()}
-    cls_loss, mm_loss = compute_losses(trainer.method, trainer.config, output, torch.randint(0, 8, (8,)))
-    trainer._alpha_hypergradient(cls_loss, mm_loss)
+    labels = torch.randint(0, 8, (8,))
+    cls_loss, mm_loss = compute_losses(trainer.method, trainer.config, output, labels)
+    trainer.outer_step.before_backward(output, labels, cls_loss, mm_loss)
     for key, value in batch_norm.state_dict().items():
         assert torch.equal(value, after_inner[key]), key
 
 
 def test_hypergradient_uses_the_optimisers_weight_decay_and_learning_rate(synthetic, monkeypatch):
     seen = {}
-    import dmgl_cli.train as train_module
+    import dmgl_cli.strategies.outer_step as train_module
 
     real_implicit, real_identity = train_module.implicit_hypergradient, train_module.identity_hypergradient
 
@@ -100,17 +103,24 @@ def test_hypergradient_uses_the_optimisers_weight_decay_and_learning_rate(synthe
     monkeypatch.setattr(train_module, "implicit_hypergradient", spy_implicit)
     monkeypatch.setattr(train_module, "identity_hypergradient", spy_identity)
     for optimiser, expected in (("sgd", 1e-4), ("adam", 1e-4), ("adamw", 0.0)):
-        trainer = _trainer([f"optim.name={optimiser}", "strategy.lb.update_every=2", "strategy.lb.approx=cg"])
+        trainer = _trainer(
+            [
+                f"optim.name={optimiser}",
+                "strategy.lb.update_every=2",
+                "strategy.lb.approx=cg",
+                "strategy.lb.estimator=step",
+            ]
+        )
         trainer._train_epoch()
         assert set(seen["weight_decay"]) == {expected}, optimiser  # in H of Eq. 3
-        trainer = _trainer([f"optim.name={optimiser}", "strategy.lb.update_every=2"])
+        trainer = _trainer([f"optim.name={optimiser}", "strategy.lb.update_every=2", "strategy.lb.estimator=step"])
         trainer._train_epoch()
         assert seen["scale"] == pytest.approx(trainer.optimizer.param_groups[0]["lr"])  # identity, scale auto
 
 
 @pytest.mark.slow
 def test_cg_and_neumann_log_what_they_met(synthetic):
-    cg = _trainer(["strategy.lb.approx=cg", "strategy.lb.terms=4", "strategy.lb.update_every=3"])
+    cg = _trainer(["strategy.lb.approx=cg", "strategy.lb.terms=4", "strategy.lb.update_every=3", STEP])
     metrics = cg._train_epoch()
     assert 1 <= metrics["alpha_hessian_products"] <= 4
     assert 0.0 <= metrics["alpha_cg_negative_curvature"] <= 1.0 and metrics["alpha_cg_residual"] >= 0.0
@@ -120,13 +130,14 @@ def test_cg_and_neumann_log_what_they_met(synthetic):
             "strategy.lb.terms=4",
             "strategy.lb.update_every=3",
             "strategy.lb.curvature_refresh=100",
+            STEP,
         ]
     )
     metrics = neumann._train_epoch()
     assert metrics["alpha_lambda_max"] > 0
     # lambda_max was estimated once (power iterations) and then reused: later updates take only the series
     assert neumann.strategy.eigenvalue_update == 0 and neumann.strategy.updates > 1
-    identity = _trainer(["strategy.lb.update_every=3"])
+    identity = _trainer(["strategy.lb.update_every=3", STEP])
     metrics = identity._train_epoch()
     assert "alpha_hessian_products" not in metrics and "alpha_hypergradient" in metrics
 
@@ -142,20 +153,21 @@ class KeepingSink(NullSink):
 def test_mid_epoch_resume_keeps_the_epochs_hypergradient_records(synthetic):
     from dmgl_cli.errors import Interrupted
 
-    settings = ["strategy.lb.approx=cg", "strategy.lb.terms=3", "strategy.lb.update_every=2", "train.epochs=1"]
+    settings = ["strategy.lb.approx=cg", "strategy.lb.terms=3", "strategy.lb.update_every=2", "train.epochs=1", STEP]
     reference = _trainer(settings)
     expected = reference.fit().history[0]
     sink = KeepingSink()
     config = load_config("synthetic", ["train.batch_size=32", "strategy.name=lb", *settings])
     stopped = Trainer(config, open_dataset("synthetic"), 0, sink)
-    original = stopped._alpha_hypergradient
+    outer = stopped.outer_step
+    assert outer is not None
+    original = outer._apply
 
-    def stop_after_two_updates(*args):
-        value = original(*args)
-        stopped.stop_requested = len(stopped._hypergradient_records) == 2
-        return value
+    def stop_after_two_updates(result):
+        original(result)
+        stopped.stop_requested = len(outer.records) == 2
 
-    stopped._alpha_hypergradient = stop_after_two_updates
+    outer._apply = stop_after_two_updates
     with pytest.raises(Interrupted):
         stopped.fit()
     resumed = Trainer(config, open_dataset("synthetic"), 0, NullSink())
@@ -198,8 +210,8 @@ def test_identity_after_the_backward_equals_eq3_identity_before_it(synthetic):
     inputs = {m: torch.randn(16, 32, generator=generator) for m in ("fast", "slow")}
     labels = torch.randint(0, 8, (16,), generator=generator)
     cls_loss, mm_loss = compute_losses(trainer.method, trainer.config, trainer.model(inputs), labels)
-    params = trainer._hyper_parameters()
-    output, outer_labels = trainer._outer_output()
+    params = trainer.outer_step.hyper_parameters()
+    output, outer_labels = trainer.outer_step.outer_output()
     before = implicit_hypergradient(
         cls_loss,
         mm_loss,
@@ -213,6 +225,6 @@ def test_identity_after_the_backward_equals_eq3_identity_before_it(synthetic):
     ).value
     mixed = mixed_gradient(cls_loss, mm_loss, params)
     (0.7 * cls_loss + 0.3 * mm_loss).backward()  # frees the inner graph
-    output, outer_labels = trainer._outer_output()
+    output, outer_labels = trainer.outer_step.outer_output()
     after = identity_hypergradient(mixed, trainer.method.classification_loss(output, outer_labels), params, 0.05)
     assert after == before and after != 0.0

@@ -27,7 +27,13 @@ from dmgl_cli.device import autocast, to_device
 from dmgl_cli.errors import DmglError
 from dmgl_cli.strategies import StrategySpec, parse_strategy
 from dmgl_cli.sweep.worker import _run_name
-from dmgl_cli.tracking import DATASET_DIGEST_LENGTH, Tracker, dmgl_metric_name, mlflow_metric_name
+from dmgl_cli.tracking import (
+    DATASET_DIGEST_LENGTH,
+    Tracker,
+    dmgl_metric_name,
+    local_path,
+    mlflow_metric_name,
+)
 from dmgl_cli.train import Trainer
 
 
@@ -190,6 +196,17 @@ def test_the_logged_model_reloads_and_predicts_as_the_trainer_did(trained, monke
 
 
 @pytest.mark.slow
+def test_the_logged_model_and_the_run_share_one_copy_of_the_best_weights(trained):
+    tracker, outcome, _ = trained
+    for seed in outcome.seeds:
+        logged = tracker.client.get_logged_model(tracker.logged_model_id(seed.run_id))
+        in_model = local_path(logged.artifact_location) / "artifacts" / "best.pt"
+        in_run = local_path(tracker.get_run(seed.run_id).artifact_uri) / "checkpoints" / "best.pt"
+        assert in_model.samefile(in_run)  # one file under two names: its bytes are on disk once
+        assert in_model.stat().st_nlink == 2
+
+
+@pytest.mark.slow
 def test_register_puts_a_model_version_in_the_registry(trained, monkeypatch):
     tracker, outcome, _ = trained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.uri)
@@ -222,6 +239,8 @@ def test_the_parent_describes_its_seeds_in_markdown(trained):
     tracker, outcome, _ = trained
     parent = tracker.get_run(outcome.parent_run_id)
     note = parent.tags["mlflow.note.content"]
+    assert "&ensp;ACC&ensp;" in note  # cells padded: the UI draws a description's table without padding
+    note = re.sub(" +", " ", note.replace("&ensp;", ""))  # the cells' text, as the UI shows it
     assert "| ACC | MAP | F1 | ACC fast | ACC slow | Gap ACC |" in note
     mean, std = outcome.summary["test_acc_mean"], outcome.summary["test_acc_std"]
     assert f"| mean ± std (2 seeds) | {mean * 100:.2f}% ± {std * 100:.2f}% |" in note
@@ -249,8 +268,8 @@ def test_run_names_are_short_and_tell_strategies_apart():
     assert name("stepwise:0.95") == "concat-stepwise-0.95"
     assert name("heuristic") == "concat-heuristic"
     assert name("lb") == "concat-lb"
-    assert _run_name("synthetic-20261201-222816", 3, StrategySpec("stepwise", 0.95)) == "t3-stepwise-0.95"
-    assert _run_name("a-study", 0, StrategySpec("lb")) == "t0-lb"
+    assert _run_name("synthetic-20261201-222816", 3, StrategySpec("stepwise", 0.95)).startswith("t3-stepwise-0.95-")
+    assert re.fullmatch("t0-lb-[0-9a-f]{6}", _run_name("a-study", 0, StrategySpec("lb")))  # the study's tag last
     config = resolve("synthetic", strategy=parse_strategy("stepwise:0.95"))
     assert "strategy.p" in recorded_params(config) and "strategy.alpha" not in recorded_params(config)
 
@@ -294,7 +313,7 @@ def test_a_description_of_many_seeds_fits_in_a_tag():
     few = [runner.SeedOutcome(seed, f"{seed:032x}", final) for seed in range(3)]
     text = runner._description(config, "1", few, "alpha.png")
     assert "concat · h(0.95) on synthetic" in text and text.count("[seed ") == 3
-    assert "| ACC | MAP | F1 | ACC a | ACC b | Gap ACC |" in text
+    assert "| ACC | MAP | F1 | ACC a | ACC b | Gap ACC |" in re.sub(" +", " ", text.replace("&ensp;", ""))
     many = [runner.SeedOutcome(seed, f"{seed:032x}", final) for seed in range(100)]
     text = runner._description(config, "1", many, "alpha.png")
     assert len(text) <= runner.DESCRIPTION_LIMIT and "mean ± std (100 seeds)" in text and "[seed " not in text

@@ -15,11 +15,14 @@ import pytest
 import torch
 
 from dmgl_cli import runner
-from dmgl_cli.checkpoint import load_checkpoint
+from dmgl_cli.checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
 from dmgl_cli.config import load_config
+from dmgl_cli.errors import DmglError, Interrupted
+from dmgl_cli.imbalance import MACHINE_MEASURED
 from dmgl_cli.tracking import Tracker, local_path, mlflow_metric_name
 
-TIMING_KEYS = {"train_samples_per_s", "epoch_seconds"}
+# measured on the machine, not computed from the data: they differ between any two runs
+TIMING_KEYS = {"train_samples_per_s", "epoch_seconds", *(f"final_{key}" for key in MACHINE_MEASURED)}
 # Long enough (many small batches) that a signal sent after epoch 1-3 lands well before the end.
 SETTINGS = ["train.epochs=10", "train.batch_size=16", "strategy.name=lb", "strategy.lb.update_every=7"]
 
@@ -170,10 +173,75 @@ def test_killed_checkpoint_writers_never_leave_a_corrupt_checkpoint(tmp_path):
             assert torch.all(state["weights"] == float(state["n"]))
     assert crashes == 25 and target.exists()
     # Leftover temporary files from the crashes are removed by the next save into the folder.
-    from dmgl_cli.checkpoint import save_checkpoint
-
     save_checkpoint(target, {"n": 0})
     assert [p.name for p in target.parent.iterdir()] == ["last.pt"]
+
+
+def test_the_background_writer_writes_the_state_as_it_was_when_saved(tmp_path):
+    shared = torch.nn.Parameter(torch.ones(4))
+    module = torch.nn.Module()
+    module.first, module.second = shared, shared  # tied: two names, one tensor
+    state = {"model": module.state_dict(), "history": [{"epoch": 1.0}], "sizes": (1, torch.zeros(2))}
+    writer = CheckpointWriter()
+    target = tmp_path / "last.pt"
+    writer.submit(lambda snapshot: save_checkpoint(target, snapshot), state, "last.pt")
+    with torch.no_grad():
+        shared.add_(1.0)  # training goes on while the write is in flight
+    state["history"][0]["epoch"] = 2.0
+    writer.wait()
+    saved = load_checkpoint(target)
+    assert torch.equal(saved["model"]["first"], torch.ones(4)) and saved["history"] == [{"epoch": 1.0}]
+    assert saved["model"]["first"].data_ptr() == saved["model"]["second"].data_ptr()  # still one tensor
+    assert hasattr(saved["model"], "_metadata")  # what load_state_dict reads for versioned modules
+    # the next snapshot is copied into the memory of the one written: the file written before is untouched
+    writer.submit(lambda snapshot: save_checkpoint(tmp_path / "next.pt", snapshot), state, "next.pt")
+    writer.release()
+    assert torch.equal(load_checkpoint(tmp_path / "next.pt")["model"]["first"], torch.full((4,), 2.0))
+    assert torch.equal(load_checkpoint(target)["model"]["first"], torch.ones(4))
+
+
+def test_background_writes_never_overlap_and_a_failure_is_one_message(tmp_path):
+    writer = CheckpointWriter()
+    spans: list[tuple[float, float]] = []
+
+    def slow(snapshot):
+        started = time.perf_counter()
+        time.sleep(0.1)
+        spans.append((started, time.perf_counter()))
+
+    for _ in range(3):
+        writer.submit(slow, {"n": 1}, "slow")
+    writer.wait()
+    assert len(spans) == 3
+    assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:], strict=False))
+
+    def full(snapshot):
+        raise OSError(28, "No space left on device")
+
+    writer.submit(full, {"n": 1}, "checkpoint checkpoints/last.pt of run r")
+    with pytest.raises(DmglError, match="cannot write checkpoint checkpoints/last.pt of run r .*No space left"):
+        writer.wait()
+    writer.wait()  # reported once
+
+
+def test_a_stopped_run_has_its_checkpoint_on_disk_before_it_is_marked_killed(registry, monkeypatch):
+    import dmgl_cli.checkpoint
+
+    written = dmgl_cli.checkpoint.save_checkpoint
+
+    def slow_save(path, state):
+        time.sleep(0.3)
+        written(path, state)
+
+    monkeypatch.setattr(dmgl_cli.checkpoint, "save_checkpoint", slow_save)
+    tracker = Tracker()
+    run_id = tracker.start_run(tracker.experiment_id("writer"), "victim", {})
+    with pytest.raises(Interrupted):
+        with tracker.run(run_id):
+            tracker.save_checkpoint(run_id, "last", {"kind": "last", "n": 7})
+            raise Interrupted()
+    assert load_checkpoint(local_path(tracker.get_run(run_id).artifact_uri) / "checkpoints" / "last.pt")["n"] == 7
+    assert tracker.get_run(run_id).status == "KILLED"
 
 
 @pytest.mark.slow

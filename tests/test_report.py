@@ -19,10 +19,11 @@ import pytest
 from click.testing import CliRunner
 from matplotlib.collections import PolyCollection
 from matplotlib.container import BarContainer
+from scipy import stats as scipy_stats
 
 from dmgl_cli.cli import cli
 from dmgl_cli.errors import DmglError
-from dmgl_cli.report import SeedRun, attach_notes, build_tables, render
+from dmgl_cli.report import SeedRun, attach_notes, build_tables, compare_tables, render
 from dmgl_cli.report.labels import PAPER_METHODS
 from dmgl_cli.strategies import parse_strategies, parse_strategy, spec_from_params
 from dmgl_cli.tables import LATEX_PREAMBLE, usual_n
@@ -134,6 +135,8 @@ def test_main_latex_marks_best_bold_and_second_underlined(report_cli, swept):
             body = f"{100 * mean:.2f} {{\\scriptsize$\\pm${100 * std:.2f}}}"  # the caption says "in %"
             rank = ranked.index(round(100 * mean, 2))
             expected = {0: rf"\textbf{{{body}}}", 1: rf"\underline{{{body}}}"}.get(rank, body)
+            low, high = scipy_stats.t.interval(0.95, 1, loc=mean, scale=std / math.sqrt(2))  # 2 seeds
+            expected += f" {{\\scriptsize({100 * low:.2f}, {100 * high:.2f})}}"  # the mean's 95% t-interval
             assert cell == expected, (strategy, key, cell, expected)
 
 
@@ -290,7 +293,14 @@ def test_missing_metrics_print_a_dash_and_warn_naming_the_run(run_cli, registry)
     rows = {row["stub"][0]: row["cells"] for row in data["tables"][0]["rows"]}
     assert rows["concat (heuristic)"][1]["mean"] is None
     assert rows["concat (LB)"][0]["mean"] == pytest.approx(0.7) and rows["concat (LB)"][0]["n"] == 2
-    assert rows["concat (LB)"][1] == {"mean": 0.7, "std": None, "n": 1, "mark": None, "runs": [made[("lb", 0)]]}
+    assert rows["concat (LB)"][1] == {
+        "mean": 0.7,
+        "std": None,
+        "n": 1,
+        "ci": None,  # one seed: no interval
+        "mark": None,
+        "runs": [made[("lb", 0)]],
+    }
     assert any(made[("lb", 1)] in w and "final_test_map" in w for w in data["warnings"])
     text = run_cli("report").output
     heuristic_line = next(line for line in text.splitlines() if line.startswith("concat (heuristic)"))
@@ -406,6 +416,31 @@ def test_golden_tables(kind, fmt, labels):
     path = GOLDEN / f"{kind}{suffix}.{ {'markdown': 'md', 'latex': 'tex', 'text': 'txt'}.get(fmt, fmt) }"
     if os.environ.get("DMGL_UPDATE_GOLDEN"):
         path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text(), f"{path.name} differs; if intended, rerun with DMGL_UPDATE_GOLDEN=1"
+
+
+GOLDEN_STATS_CASES = [
+    ("main", "text"),
+    ("main", "markdown"),
+    ("main", "latex"),
+    ("main", "csv"),
+    ("main", "json"),
+    ("strategies", "text"),
+    ("ablation", "markdown"),
+]
+
+
+@pytest.mark.parametrize("kind, fmt", GOLDEN_STATS_CASES)
+def test_golden_stats_tables(kind, fmt):
+    """``--stats``: the paired differences, p-values, tied marks and the note in every format."""
+    warnings, notes = [], []
+    tables = build_tables(kind, _golden_kind_runs(kind), warn=warnings.append, note=notes.append)
+    compare_tables(tables)
+    attach_notes(tables, notes)
+    text = render(tables, fmt, warnings)
+    path = GOLDEN / f"{kind}-stats.{ {'markdown': 'md', 'latex': 'tex', 'text': 'txt'}.get(fmt, fmt) }"
+    if os.environ.get("DMGL_UPDATE_GOLDEN"):
         path.write_text(text)
     assert text == path.read_text(), f"{path.name} differs; if intended, rerun with DMGL_UPDATE_GOLDEN=1"
 
@@ -573,7 +608,10 @@ def test_paper_labels_name_rows_as_the_paper_does():
 
 @pytest.mark.integration
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
-@pytest.mark.parametrize("kind", ["main", "main-paper", "strategies", "strategies-table4", "ablation", "runs"])
+@pytest.mark.parametrize(
+    "kind",
+    ["main", "main-paper", "strategies", "strategies-table4", "ablation", "runs", "main-stats", "ablation-stats"],
+)
 def test_latex_tables_compile_and_fit_the_text_width(kind, tmp_path):
     """Each table kind in a minimal article (default margins), with the packages the preamble comment names: it
     compiles and no line is wider than \\textwidth."""
@@ -594,7 +632,12 @@ def test_latex_tables_compile_and_fit_the_text_width(kind, tmp_path):
         for index, run in enumerate(runs):
             run.run_id = f"{index:04d}" + "9f3c2a7b5e1d4c8a" * 2
             run.tags["mlflow.parentRunId"] = "7" * 32
-    body = render(build_tables(name, runs, labels=labels, allow_mixed=True), "latex")
+    if kind.endswith("-stats"):
+        name = kind.removesuffix("-stats")
+    tables = build_tables(name, runs, labels=labels, allow_mixed=True)
+    if kind.endswith("-stats"):
+        compare_tables(tables, test="wilcoxon")
+    body = render(tables, "latex")
     packages = re.search(r"\\usepackage\{([^}]*)\}", LATEX_PREAMBLE)
     assert packages and "amssymb" in LATEX_PREAMBLE
     (tmp_path / "doc.tex").write_text(
@@ -644,3 +687,201 @@ def test_latex_fits_without_scaling_where_it_can():
 )
 def test_strategy_specs(text, keys):
     assert [s.key for s in parse_strategies(text)] == keys
+
+
+# ------------------------------------------------------------------------------------- --stats and --plot cd
+
+
+def _by_seed(runs, key: str, method: str, spec: str, dataset: str = "crema-d") -> dict[int, float]:
+    return {
+        r.seed: r.metrics[key]
+        for r in runs
+        if (r.dataset, r.method, r.spec.key, r.params["optim.lr"]) == (dataset, method, spec, "0.01")
+        and key in r.metrics
+    }
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss occurred")  # scipy's own ttest_rel on equal differences
+def test_stats_p_values_and_intervals_are_scipys_paired_t_test_holm_corrected():
+    runs = _golden_runs()
+    (table,) = build_tables("main", runs, note=lambda _: None)
+    compare_tables([table])
+    column = 1  # crema-d MAP: the heuristic row lacks seed 2 there
+    cells = {row.stub[0]: row.cells[column] for row in table.rows}
+    best = _by_seed(runs, "final_test_map", "concat", "lb")
+    raw = {}
+    for label, (method, spec) in {
+        "concat (const 0)": ("concat", "constant:0"),
+        "concat (const 0.5)": ("concat", "constant:0.5"),
+        "concat (h(0.05))": ("concat", "stepwise:0.05"),
+        "concat (heuristic)": ("concat", "heuristic"),
+        "mla (const 0)": ("mla", "constant:0"),
+    }.items():
+        mine = _by_seed(runs, "final_test_map", method, spec)
+        seeds = sorted(set(mine) & set(best))
+        a, b = [mine[s] for s in seeds], [best[s] for s in seeds]
+        comparison = cells[label].comparison
+        assert comparison is not None and comparison.reference == "concat (LB)" and comparison.difference is not None
+        assert comparison.difference.seeds == tuple(seeds)
+        result = scipy_stats.ttest_rel(a, b)
+        if not math.isnan(result.pvalue):  # all-equal differences: dmgl says p = 0 where scipy has no spread
+            assert comparison.difference.p_value == pytest.approx(result.pvalue, rel=1e-9)
+            interval = result.confidence_interval(0.95)
+            assert comparison.difference.low == pytest.approx(interval.low, rel=1e-9)
+        raw[label] = comparison.difference.p_value
+    holm = dict(zip(raw, scipy_holm := _holm_by_hand(list(raw.values())), strict=True))
+    assert scipy_holm and all(cells[label].comparison.p_holm == pytest.approx(p) for label, p in holm.items())
+    assert cells["concat (heuristic)"].comparison.difference.seeds == (0, 1)  # seed 2 lacks a MAP: not paired
+    assert cells["concat (LB)"].comparison.is_reference and cells["concat (LB)"].mark == "best"
+    assert cells["concat (heuristic)"].mark == "tied"  # 2 pairs, p_holm = 0.054: not significantly worse
+    assert cells["concat (const 0)"].mark == ""
+    assert "seeds left unpaired (on one side only): crema-d MAP / concat (heuristic): seed 2 only in concat (LB)" in (
+        table.stats_note
+    )
+    assert "paired t-test, Holm-adjusted across the rows of each column" in table.stats_note
+    assert re.search(r"a 1-point difference needs \d+ seeds at 80% power", table.stats_note)
+
+
+def _holm_by_hand(p_values: list[float]) -> list[float]:
+    """Holm's definition, written out independently of dmgl_cli.stats.holm."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * m, 0.0
+    for step, index in enumerate(order):
+        running = max(running, min(1.0, (m - step) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def test_pairing_by_seed_tag_decides_the_result():
+    """The same values with the seed tags of one row shuffled: the means stay, the paired p-value changes."""
+    runs = []
+    noise = [0.00, 0.05, -0.04, 0.03, -0.02, 0.06]  # a seed effect both rows share
+    for seed, shift in enumerate(noise):
+        runs.append(_run(f"a{seed}", "constant:0", seed, 0.6, 0.60 + shift))
+        runs.append(_run(f"b{seed}", "lb", seed, 0.6, 0.61 + shift + 0.001 * (seed % 2)))
+    (paired,) = build_tables("main", runs)
+    compare_tables([paired])
+    shuffled_runs = copy.deepcopy(runs)
+    order = [3, 0, 5, 1, 4, 2]
+    for run in (r for r in shuffled_runs if r.spec.key == "lb"):
+        run.seed = order[run.seed]
+    (shuffled,) = build_tables("main", shuffled_runs)
+    compare_tables([shuffled])
+
+    def comparison(table):
+        row = next(r for r in table.rows if r.stub == ["concat (const 0)"])
+        return row.cells[0]
+
+    assert comparison(paired).mean == pytest.approx(comparison(shuffled).mean)
+    assert comparison(paired).comparison.p_holm < 0.001 and comparison(paired).mark == ""
+    assert comparison(shuffled).comparison.p_holm > 0.05 and comparison(shuffled).mark == "tied"
+
+
+def test_stats_in_every_format_and_the_baseline_option():
+    runs = _golden_runs()
+    tables = build_tables("main", runs)
+    compare_tables(tables, baseline="Concat (Const 0)")
+    text = render(tables, "text")
+    assert "  Δ vs concat (const 0)" in text and "Δ: paired difference to concat (const 0)" in text
+    lb = next(line for line in text.splitlines() if line.startswith("concat (LB)"))
+    assert lb.count("*") == 8  # still the best of every column: bold
+    rows = list(csv.DictReader(io.StringIO(render(tables, "csv"))))
+    lb_acc = next(r for r in rows if r["row"] == "concat (LB)" and r["group"] == "crema-d" and r["column"] == "ACC")
+    assert lb_acc["reference"] == "concat (const 0)" and float(lb_acc["diff"]) == pytest.approx(0.28)
+    assert lb_acc["test"] == "t" and lb_acc["pairs"] == "3" and float(lb_acc["p_holm"]) < 0.05
+    data = json.loads(render(tables, "json"))["tables"][0]
+    reference = data["rows"][0]["cells"][0]
+    assert reference["comparison"]["is_reference"] and reference["ci"][0] < reference["mean"] < reference["ci"][1]
+    assert any("Δ: paired difference to concat (const 0)" in n for n in data["notes"])
+    markdown = render(tables, "markdown")
+    assert "| &emsp;Δ vs concat (const 0) | +28.00 [" in markdown
+    latex = render(tables, "latex")
+    assert r"\quad {\scriptsize $\Delta$ vs concat (const 0)}" in latex and "noncentral t" in latex
+    with pytest.raises(DmglError, match=r"--baseline 'nope' names no row of the table; valid: concat \(const 0\), "):
+        compare_tables(build_tables("main", runs), baseline="nope")
+    with pytest.raises(DmglError, match="--stats compares the rows of the main, strategies, ablation tables"):
+        compare_tables(build_tables("runs", runs))
+    strategies = build_tables("strategies", runs)
+    compare_tables(strategies, baseline="const 0", test="wilcoxon")
+    assert "Δ vs const 0" in render(strategies[:1], "text")
+    assert "the paired t-test stood in" in strategies[0].stats_note  # 3 seeds: too few for Wilcoxon
+
+
+def _record_runs(rows: dict[str, list[float]], dataset: str = "toy") -> None:
+    """Finished seed runs in the test's MLflow store: per strategy, one run per seed with that test accuracy."""
+    tracker = Tracker()
+    experiment = tracker.experiment_id("handmade")
+    for spec, values in rows.items():
+        for seed, value in enumerate(values):
+            run_id = tracker.start_run(
+                experiment,
+                f"{spec}-{seed}",
+                {
+                    "dmgl.role": "seed",
+                    "dmgl.dataset": dataset,
+                    "dmgl.method": "concat",
+                    "dmgl.strategy": spec,
+                    "dmgl.seed": str(seed),
+                },
+            )
+            params = {"strategy.name": parse_strategy(spec).name, "train.seed": seed, "train.select_metric": "acc"}
+            if parse_strategy(spec).name == "constant":
+                params["strategy.alpha"] = str(parse_strategy(spec).value)
+            tracker.log_params(run_id, params)
+            tracker.log_metrics(run_id, {"final_test_acc": value, "final_test_map": value, "final_val_acc": value})
+            tracker.end_run(run_id, "FINISHED")
+
+
+def test_report_cli_stats_baseline_and_cd_plot(run_cli, registry, tmp_path):
+    _record_runs(
+        {
+            "constant:0": [0.60, 0.65, 0.58, 0.63],
+            "constant:0.5": [0.61, 0.655, 0.592, 0.641],
+            "lb": [0.70, 0.74, 0.69, 0.72],
+        }
+    )
+    text = run_cli("report", "--stats").stdout
+    assert "  Δ vs concat (LB)" in text and "paired t-test" in text and "seeds at 80% power" in text
+    assert "Holm-adjusted" in text and "(a, b) after a cell: the 95% t-interval" in text
+    chosen = run_cli("report", "--baseline", "concat (const 0)", "--test", "wilcoxon", "--format", "json").stdout
+    (table,) = json.loads(chosen)["tables"]
+    half = table["rows"][1]["cells"][0]
+    assert table["rows"][1]["stub"] == ["concat (const 0.5)"] and half["comparison"]["reference"] == "concat (const 0)"
+    values = ([0.61, 0.655, 0.592, 0.641], [0.60, 0.65, 0.58, 0.63])
+    assert half["comparison"]["p"] == pytest.approx(scipy_stats.ttest_rel(*values).pvalue)  # 4 pairs: t stands in
+    assert half["comparison"]["test"] == "t" and half["comparison"]["pairs"] == 4
+    bad = run_cli("report", "--baseline", "nope", expect=1)
+    assert "--baseline 'nope' names no row of the table; valid: concat (const 0), concat (const 0.5), concat (LB)" in (
+        bad.output
+    )
+    assert bad.output.count("Error:") == 1
+    assert "--stats compares the rows of" in run_cli("report", "--table", "runs", "--stats", expect=1).output
+    one = run_cli("report", "--plot", "cd", "--out", tmp_path, expect=1)
+    assert "--plot cd ranks the rows across datasets and needs runs on 2 or more; the selection has 1 (toy)" in (
+        one.output
+    )
+    _record_runs({"constant:0": [0.5, 0.52], "constant:0.5": [0.55, 0.56], "lb": [0.6, 0.61]}, dataset="other")
+    drawn = run_cli("report", "--plot", "cd", "--out", tmp_path)
+    assert (tmp_path / "cd.png").stat().st_size > 10_000 and "cd.png" in drawn.output
+
+
+def test_cd_diagram_on_two_datasets_and_its_refusals():
+    from dmgl_cli import plots
+    from dmgl_cli.report.figures import cd_diagram
+    from dmgl_cli.report.selection import group_runs
+
+    groups = group_runs(_golden_runs())
+    warnings = []
+    figure = cd_diagram(groups, "test", "acc", "paper", warnings.append)
+    try:
+        _check_layout(figure)
+        texts = [t.get_text() for t in figure.axes[0].texts]
+        assert "Ours-LB (1.00)" in texts and any(t.startswith("CD = ") for t in texts)
+        assert "Friedman" in figure.axes[0].get_title()
+    finally:
+        plots.close(figure)
+    assert warnings and "MLA" in warnings[0]  # no sarcasm run: left out
+    few = [g for g in groups if g.spec.key in ("lb", "heuristic")]
+    with pytest.raises(DmglError, match="needs 3 or more rows"):
+        cd_diagram(few, "test", "acc")

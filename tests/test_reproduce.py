@@ -192,6 +192,9 @@ def test_paper_figure_next_to_measured_with_the_difference_in_points(rep_cli, tm
     text = rep_cli(*args, "--silent").output
     line = next(line for line in text.splitlines() if line.startswith("Constant 0"))
     assert "63.31%" in line and f"{cell['diff_points']:+.2f}" in line
+    low, high = cell["measured_ci"]  # the paper's figure against the measured mean's 95% t-interval
+    assert cell["paper_vs_ci"] == ("below" if 63.31 < low else "above" if 63.31 > high else "inside")
+    assert f"{cell['diff_points']:+.2f} ({cell['paper_vs_ci']})" in line
     latex = rep_cli(*args, "--silent", "--format", "latex").output
     assert r"\begin{tabular}" in latex and r"\multicolumn{3}{c}{Multi}" in latex and "Diff." in latex
     markdown = rep_cli(*args, "--silent", "--format", "markdown").output
@@ -251,3 +254,20 @@ def test_table1_on_a_dataset_of_ones_own_plans_every_method_and_one_unimodal_row
     by_row = {row["row"]: row for row in plan["rows"]}
     assert by_row["Fast"]["method"] == "unimodal" and by_row["Fast"]["modality"] == "fast"
     assert by_row["OGM"]["strategy"] == "constant:0"  # a comparison method trains as published
+
+
+def test_paper_figures_are_placed_against_the_measured_95_percent_interval():
+    from scipy import stats as scipy_stats
+
+    from dmgl_cli.report.selection import Stat
+    from dmgl_cli.reproduce import _measured_cell, paper_against_interval
+
+    values = [0.80, 0.83, 0.81]
+    mean, std = statistics.mean(values), statistics.stdev(values)
+    cell = _measured_cell(Stat(mean, std, 3, ("a", "b", "c"), {0: 0.80, 1: 0.83, 2: 0.81}))
+    low, high = scipy_stats.t.interval(0.95, 2, loc=mean, scale=std / math.sqrt(3))
+    assert cell.ci == (pytest.approx(low), pytest.approx(high))
+    assert paper_against_interval(81.0, cell.ci) == "inside"
+    assert paper_against_interval(100 * low - 0.01, cell.ci) == "below"
+    assert paper_against_interval(100 * high + 0.01, cell.ci) == "above"
+    assert paper_against_interval(81.0, None) is None  # one seed: no interval

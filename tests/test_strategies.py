@@ -10,9 +10,11 @@ from dmgl_cli.strategies import (
     ConstantStrategy,
     HeuristicStrategy,
     LearningBasedStrategy,
+    LinearStrategy,
     StepwiseStrategy,
     build_strategy,
 )
+from dmgl_cli.strategies.settings import LearningBasedConfig
 
 LB_DEFAULTS = {
     "initial_alpha": 0.5,
@@ -22,11 +24,13 @@ LB_DEFAULTS = {
     "terms": 3,
     "scale": 0.01,
     "damping": 0.0,
+    "estimator": "step",
+    "alpha_optimizer": "sgd",
 }
 
 
 def _lb(**overrides):
-    return LearningBasedStrategy(**{**LB_DEFAULTS, **overrides})
+    return LearningBasedStrategy(LearningBasedConfig(**{**LB_DEFAULTS, **overrides}))
 
 
 def test_heuristic_values():
@@ -37,7 +41,7 @@ def test_heuristic_values():
         strategy.start_epoch(epoch, 10)
         assert strategy.alpha == pytest.approx(alpha, rel=1e-12)
     assert strategy.alpha == pytest.approx(0.0951625819640404, rel=1e-12)
-    assert not strategy.needs_hypergradient(1, True)
+    assert strategy.outer_step(None) is None  # type: ignore[arg-type]  # a schedule learns nothing
 
 
 @pytest.mark.parametrize(("total_epochs", "first_half"), [(4, [0, 1]), (5, [0, 1, 2])])
@@ -64,8 +68,7 @@ def test_constant_bounds():
         ConstantStrategy(1.2)
     with pytest.raises(DmglError, match=r"alpha must be in \[0, 1\], got -0.5"):
         ConstantStrategy(-0.5)
-    with pytest.raises(RuntimeError, match="does not learn alpha"):
-        strategy.apply_hypergradient(1.0)
+    assert not strategy.always_zero and ConstantStrategy(0).always_zero
 
 
 def test_learning_based_descends_and_clips_at_both_ends():
@@ -138,8 +141,8 @@ def test_learning_based_validation_names_the_setting(overrides, setting):
 
 
 def test_identity_ignores_terms_and_auto_scale_is_none():
-    strategy = _lb(approx="identity", terms=0, scale=None)
-    assert strategy.terms == 0 and strategy.scale is None
+    strategy = _lb(approx="identity", terms=0, scale="auto")
+    assert strategy.settings.terms == 0 and strategy.scale is None
 
 
 def test_adam_step_is_independent_of_the_hypergradient_magnitude():
@@ -181,7 +184,7 @@ def test_epoch_start_goes_with_the_official_rule_only():
 
 
 def test_largest_eigenvalue_is_cached_for_curvature_refresh_updates():
-    strategy = _lb(approx="neumann", scale=None, curvature_refresh=2)
+    strategy = _lb(approx="neumann", scale="auto", curvature_refresh=2)
     assert strategy.cached_largest_eigenvalue() is None
     strategy.remember_largest_eigenvalue(4.0)
     assert strategy.cached_largest_eigenvalue() == 4.0
@@ -189,7 +192,7 @@ def test_largest_eigenvalue_is_cached_for_curvature_refresh_updates():
     assert strategy.cached_largest_eigenvalue() == 4.0
     strategy.apply_hypergradient(0.1)
     assert strategy.cached_largest_eigenvalue() is None  # two updates old: estimate again
-    restored = _lb(approx="neumann", scale=None, curvature_refresh=2)
+    restored = _lb(approx="neumann", scale="auto", curvature_refresh=2)
     restored.load_state_dict(_round_trip(strategy.state_dict()))
     assert restored.largest_eigenvalue == 4.0 and restored.eigenvalue_update == 0
 
@@ -234,7 +237,7 @@ def test_loading_another_strategys_state_is_a_user_error():
 
 
 def test_registry_and_build_strategy():
-    assert set(STRATEGIES) == {"constant", "stepwise", "heuristic", "lb"}
+    assert set(STRATEGIES) == {"constant", "stepwise", "heuristic", "linear", "lb"}
     assert isinstance(build_strategy("constant", alpha=0.25), ConstantStrategy)
     assert build_strategy("stepwise", p=0.1).alpha == pytest.approx(0.1)
     assert isinstance(build_strategy("heuristic"), HeuristicStrategy)
@@ -245,3 +248,43 @@ def test_registry_and_build_strategy():
     assert all(name in str(error.value) for name in STRATEGIES)
     with pytest.raises(DmglError, match="its settings are: alpha"):
         build_strategy("constant", alpha=0.1, beta=2)
+
+
+def test_linear_falls_by_its_rate_per_epoch_and_stops_at_zero():
+    strategy = LinearStrategy(0.5, 0.05)
+    alphas = []
+    for epoch in range(12):
+        strategy.start_epoch(epoch, 12)
+        alphas.append(strategy.alpha)
+    assert alphas[:3] == pytest.approx([0.5, 0.45, 0.4]) and alphas[10:] == [0.0, 0.0]
+    with pytest.raises(DmglError, match="strategy.linear_rate must be >= 0"):
+        LinearStrategy(0.5, -0.1)
+
+
+def test_fixed_sign_control_is_the_linear_decay_and_random_sign_is_seeded():
+    # Adam's step on a constant +1 is alpha_lr per update: the fixed-sign control walks as linear:alpha_lr does
+    fixed, linear = _lb(direction="fixed", alpha_optimizer="adam", alpha_lr=0.05), LinearStrategy(0.5, 0.05)
+    for epoch in range(1, 6):
+        fixed.apply_hypergradient(-3.0 * epoch)  # whatever the hypergradient says
+        linear.start_epoch(epoch, 20)
+        assert fixed.alpha == pytest.approx(linear.alpha, abs=1e-9)
+    walks = []
+    for seed in (0, 0, 1):
+        random_sign = LearningBasedStrategy(LearningBasedConfig(**{**LB_DEFAULTS, "direction": "random"}), seed)
+        steps = []
+        for _ in range(12):
+            before = random_sign.alpha
+            random_sign.apply_hypergradient(1.0)
+            steps.append(round((before - random_sign.alpha) / 0.1))
+        walks.append(steps)
+    assert walks[0] == walks[1] != walks[2]  # seeded: the same seed walks the same way
+    assert set(walks[0]) == {-1, 1}  # sgd at alpha_lr 0.1: each step is +-0.1, whatever the hypergradient
+
+
+def test_epoch_estimators_update_once_per_epoch_and_are_first_order():
+    with pytest.raises(DmglError, match="update_every=epoch"):
+        _lb(estimator="epoch", update_every=5, approx="identity")
+    with pytest.raises(DmglError, match="estimator=step to use cg"):
+        _lb(estimator="epoch", update_every="epoch", approx="cg")
+    with pytest.raises(DmglError, match="strategy.lb.estimator must be one of epoch, forward, average, step"):
+        _lb(estimator="exact")

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -88,6 +89,7 @@ def test_grid_sweep_runs_one_trial_per_strategy_nested_in_mlflow(run_cli, synthe
     lines = [line for line in result.output.splitlines() if line.startswith("trial ")]
     assert len(lines) == 3 and all("val acc" in line for line in lines)
     assert "Sweep grid: best trial per strategy" in result.output and "study grid is complete" in result.output
+    assert "(best on val ACC) significantly beats" in result.output and "Holm-adjusted" in result.output
 
     study = _study(f"sqlite:///{registry / 'optuna.db'}", "grid")
     trials = study.get_trials()
@@ -121,6 +123,9 @@ def test_grid_sweep_runs_one_trial_per_strategy_nested_in_mlflow(run_cli, synthe
         # the objective is the mean validation score of the seeds, never test
         val = [s.metrics["final_val_acc"] for s in seeds]
         assert math.isclose(trial.value, sum(val) / 2)
+        # its std and per-seed values, for the summary's paired tests
+        assert math.isclose(trial.user_attrs["val_std"], statistics.stdev(val))
+        assert trial.user_attrs["val_by_seed"] == {s.tags["dmgl.seed"]: s.metrics["final_val_acc"] for s in seeds}
         assert trial.user_attrs["seed_run_ids"] == [s.run_id for s in seeds]
 
     # running the study again continues it: nothing is left, so nothing is added or rerun
@@ -406,3 +411,69 @@ def test_the_package_imports_optuna_only_in_sweep():
         if re.search(r"^\s*(import|from) optuna\b", p.read_text(), re.M)
     )
     assert users and all(name.startswith("sweep/") for name in users), users
+
+
+# ----------------------------------------------------------------------------------------------- summary
+
+
+def test_summary_shows_each_trials_std_and_which_strategies_the_best_significantly_beats():
+    from scipy import stats as scipy_stats
+
+    from dmgl_cli.stats import holm
+    from dmgl_cli.sweep import SweepSettings, summary_table
+    from dmgl_cli.sweep.worker import TrialRecord
+    from dmgl_cli.tables import render_text
+
+    seeds = [0, 1, 2, 3]
+    settings = SweepSettings(
+        "synthetic",
+        "",
+        [],
+        ["constant:0", "constant:0.5", "lb"],
+        {},
+        1,
+        seeds,
+        "acc",
+        False,
+        30,
+        "x",
+        "synthetic",
+        "concat",
+    )
+    values = {
+        "constant:0": [0.60, 0.66, 0.57, 0.63],
+        "constant:0.5": [0.695, 0.735, 0.686, 0.724],  # within noise of LB's, seed by seed
+        "lb": [0.70, 0.74, 0.69, 0.72],
+    }
+    records = []
+    for number, (key, per_seed) in enumerate(values.items()):
+        mean, std = sum(per_seed) / 4, float(scipy_stats.tstd(per_seed))
+        records.append(
+            TrialRecord(
+                number,
+                "COMPLETE",
+                key,
+                key,
+                {},
+                mean,
+                std,
+                run_id=f"r{number}",
+                value_by_seed=dict(zip(seeds, per_seed, strict=True)),
+            )
+        )
+    table = summary_table(records, settings, "s")
+    text = render_text(table)
+    lb_row = next(row for row in table.rows if row.stub[0] == "LB")
+    assert lb_row.cells[0].std == pytest.approx(scipy_stats.tstd(values["lb"]))  # the trial's std over seeds
+    assert lb_row.cells[0].ci is not None and "± " in text
+    expected = holm([scipy_stats.ttest_rel(values["lb"], values[k]).pvalue for k in ("constant:0", "constant:0.5")])
+    assert expected[0] < 0.05 < expected[1]
+    note = table.notes[-1]
+    assert note.startswith("LB (best on val ACC) significantly beats const 0 (+")
+    assert "not significantly: const 0.5" in note and "Holm-adjusted" in note
+    assert f"p={expected[0]:.3f}" in note or "p<0.001" in note
+    one_seed = [
+        TrialRecord(r.number, r.state, r.strategy, r.label, {}, r.value, None, value_by_seed={0: r.value})
+        for r in records
+    ]
+    assert "no strategy is tested against it" in summary_table(one_seed, settings, "s").notes[-1]

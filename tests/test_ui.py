@@ -325,3 +325,67 @@ def test_ui_binds_elsewhere_only_with_allow_remote_and_warns(registry):
     finally:
         ui.kill()
     assert "no authentication" in ui.output()
+
+
+# ---- quiet by default, and its port recorded for the links other commands print --------------------------------
+
+
+def test_the_server_output_is_quiet_unless_asked(tmp_path):
+    import io
+
+    noisy = (
+        b"Registry store URI not provided. Using backend store URI.\n"
+        b"[MLflow] Security middleware enabled with default settings (localhost-only).\n"
+        b"2026/12/04 WARNING mlflow: something worth seeing\n"
+    )
+    quiet, everything = io.StringIO(), io.StringIO()
+    ui_server.forward_output(io.BytesIO(noisy), quiet, quiet=True)
+    ui_server.forward_output(io.BytesIO(noisy), everything, quiet=False)
+    assert quiet.getvalue() == "2026/12/04 WARNING mlflow: something worth seeing\n"
+    assert everything.getvalue() == noisy.decode()
+
+
+def test_a_running_ui_is_recorded_for_its_store_and_forgotten(registry, monkeypatch):
+    from dmgl_cli import links
+
+    monkeypatch.delenv("DMGL_UI_URL", raising=False)
+    uri = f"sqlite:///{registry / 'mlflow.db'}"
+    registry.mkdir(parents=True)
+    assert links.ui_base(uri) == links.DEFAULT_UI_URL
+    links.record_ui(uri, "http://127.0.0.1:5123")
+    assert links.ui_record_path(uri) == registry / "mlflow.db.ui.json"
+    assert links.ui_base(uri) == "http://127.0.0.1:5123"
+    monkeypatch.setenv("DMGL_UI_URL", "http://example:8080")  # said explicitly: it wins
+    assert links.ui_base(uri) == "http://example:8080"
+    monkeypatch.delenv("DMGL_UI_URL")
+    links.forget_ui(uri)
+    assert links.ui_base(uri) == links.DEFAULT_UI_URL
+    # a record left by a process that is gone (a SIGKILLed dmgl ui) is not believed
+    links.ui_record_path(uri).write_text('{"url": "http://127.0.0.1:5124", "pid": 999999999, "pid_start": "1"}')
+    assert links.recorded_ui(uri) is None
+
+
+@pytest.mark.integration
+def test_serve_records_its_address_while_it_serves_and_is_quiet(registry, fake_server, monkeypatch):
+    from dmgl_cli import links
+    from dmgl_cli.paths import default_tracking_uri
+
+    started: list[list[str]] = []
+    popen = ui_server.subprocess.Popen
+
+    def recording_popen(command, **kwargs):
+        started.append(list(command))
+        return popen(command, **kwargs)
+
+    monkeypatch.setattr(ui_server.subprocess, "Popen", recording_popen)
+    seen: dict[str, object] = {}
+
+    def ready(address, experiment_id, seconds):
+        seen["recorded"] = links.recorded_ui(default_tracking_uri())
+        seen["address"] = address.base_url
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    assert ui_server.serve(None, "127.0.0.1", free_port(), on_ready=ready) == 0
+    assert seen["recorded"] == seen["address"]
+    assert links.recorded_ui(default_tracking_uri()) is None
+    assert started[0][-2:] == ui_server.QUIET_UVICORN_OPTIONS

@@ -18,7 +18,8 @@ from dmgl_cli.links import run_url, ui_base
 def eval_command(run_id, checkpoint, split, tracking_uri, as_json) -> None:
     """Re-score a run's checkpoint and record the result on the run.
 
-    RUN_ID is a seed run, or a parent run (then every seed is scored). The recorded config and the prepared
+    RUN_ID is a seed run, or a parent run (then every seed is scored): its id, a unique prefix of the id (6+
+    characters) or its unique name. The recorded config and the prepared
     dataset rebuild the model exactly; the output compares with what training logged.
 
     \b
@@ -27,12 +28,15 @@ def eval_command(run_id, checkpoint, split, tracking_uri, as_json) -> None:
       dmgl eval 3f2a9c... --checkpoint last --split val
       dmgl eval 3f2a9c... --json | jq '.results[].metrics.test_acc'
     """
-    from dmgl_cli.runner import evaluate_run
     from dmgl_cli.tracking import Tracker
 
     tracker = Tracker(tracking_uri)
+    run = tracker.find_run(run_id)  # an id, a unique prefix or a name; refused before torch loads
+    run_id = run.run_id
+
+    from dmgl_cli.runner import evaluate_run
+
     outcomes = evaluate_run(run_id, tracker=tracker, checkpoint=checkpoint, split=split)
-    run = tracker.get_run(run_id)
     base = ui_base(tracker.uri)
     url = run_url(base, run.experiment_id, run_id)
     if as_json:

@@ -52,7 +52,7 @@ def explain(run_id, compare, modality, samples, indices, checkpoint, out_dir, tr
     for the sample's true class, taken at the modality encoder's last convolutional block, with the sample's other
     modalities held fixed; it is scaled to its maximum and laid over the input (a video: the middle one of the
     frames the model sees at evaluation). RUN_ID is a seed run, or a parent run (its seed with the best validation
-    score). With --compare the overlays sit side by side: one row per sample, columns input | RUN_ID | RUN_ID2,
+    score); a run is named by its id, a unique prefix of the id (6+ characters) or its unique name. With --compare the overlays sit side by side: one row per sample, columns input | RUN_ID | RUN_ID2,
     each titled with the run's name as the paper gives it (Concat, Ours-LB, ...).
 
     Writes one overlay per run and sample and the grid into --out, and logs them to the runs (artifacts explain/).
@@ -63,12 +63,18 @@ def explain(run_id, compare, modality, samples, indices, checkpoint, out_dir, tr
       dmgl explain CONCAT_RUN --compare OURS_RUN --indices 0,7,19 --out figures/
       dmgl explain 3f2a9c... --modality visual --samples 8 --checkpoint last
     """
-    from dmgl_cli.explain import explain as run_explain
     from dmgl_cli.tracking import Tracker
+
+    tracker = Tracker(tracking_uri)
+    # an unknown or ambiguous run is refused before torch loads
+    run_id = tracker.find_run(run_id).run_id
+    compare = tracker.find_run(compare).run_id if compare is not None else None
+
+    from dmgl_cli.explain import explain as run_explain
 
     outcome = run_explain(
         run_id,
-        tracker=Tracker(tracking_uri),
+        tracker=tracker,
         compare=compare,
         modality=modality,
         samples=samples,

@@ -16,7 +16,8 @@ from dmgl_cli.cli.output import echo_json
 def register(run_id, name, tracking_uri, as_json) -> None:
     """Register a run's model in the MLflow Model Registry.
 
-    RUN_ID is a seed run (its best checkpoint, logged as an MLflow model by `dmgl train`), or a parent run: then
+    RUN_ID (an id, a unique prefix of 6+ characters or a unique run name) is a seed run (its best checkpoint,
+    logged as an MLflow model by `dmgl train`), or a parent run: then
     the seed with the best validation score is registered (never chosen on test; a tie goes to the lower seed),
     and the output says which. The version loads with `mlflow.pyfunc.load_model("models:/NAME/VERSION")`.
 
@@ -25,10 +26,14 @@ def register(run_id, name, tracking_uri, as_json) -> None:
       dmgl register 3f2a9c... --name crema-d-lb
       dmgl register 3f2a9c... --name crema-d-lb --json | jq -r .version
     """
-    from dmgl_cli.runner import register as register_model
     from dmgl_cli.tracking import Tracker
 
-    outcome = register_model(run_id, name, tracker=Tracker(tracking_uri))
+    tracker = Tracker(tracking_uri)
+    run = tracker.find_run(run_id)  # an unknown or ambiguous one is refused before torch loads
+
+    from dmgl_cli.runner import register as register_model
+
+    outcome = register_model(run.run_id, name, tracker=tracker)
     if as_json:
         echo_json(
             {

@@ -10,9 +10,10 @@ import click
 from dmgl_cli.cli.options import tracking_option
 from dmgl_cli.errors import DmglError
 
-_TABLES = ("main", "strategies", "ablation", "runs")
+_TABLES = ("main", "strategies", "ablation", "runs", "imbalance")
 _FORMATS = ("text", "markdown", "latex", "csv", "json")
-_PLOTS = ("alpha", "gap", "curves", "embeddings")
+_PLOTS = ("alpha", "gap", "curves", "embeddings", "cd")
+_TESTS = ("t", "wilcoxon")
 _PROJECTIONS = ("pca", "umap")
 _LABELS = ("code", "paper")
 
@@ -30,7 +31,8 @@ def _split_plots(values: tuple[str, ...]) -> list[str]:
     "--table",
     "-t",
     type=click.Choice(_TABLES),
-    help="main (methods x datasets), strategies (Table 4), ablation (Table 3), runs (one line per run). "
+    help="main (methods x datasets), strategies (Table 4), ablation (Table 3), runs (one line per run), "
+    "imbalance (Shapley value of test accuracy per modality, imbalance degree, params, FLOPs, s/epoch, peak memory). "
     "Default: main, unless only --plot is given.",
 )
 @click.option("--format", "-f", "fmt", type=click.Choice(_FORMATS), default="text", show_default=True)
@@ -62,7 +64,8 @@ def _split_plots(values: tuple[str, ...]) -> list[str]:
     metavar="KINDS",
     help="alpha (Figure 3), gap (Figure 2 analogue), curves (validation per epoch), embeddings (Figure 2: each "
     "cell's best-on-validation seed's embeddings in 2-D and the modality gap per epoch; runs the checkpoints on "
-    "--split); comma-separated or repeated.",
+    "--split), cd (Friedman test and Nemenyi critical-difference diagram of the rows' average ranks across "
+    "datasets, on --metric); comma-separated or repeated.",
 )
 @click.option(
     "--projection",
@@ -95,6 +98,27 @@ def _split_plots(values: tuple[str, ...]) -> list[str]:
     "Without it such a cell is refused, naming the settings that differ (a sweep's own tuned trials are always "
     "chosen on validation).",
 )
+@click.option(
+    "--stats",
+    is_flag=True,
+    help="Compare every row with a reference row, pairing runs by seed: the difference with its 95% CI and a "
+    "p-value, Holm-corrected across the table's rows; bold = best or not significantly worse; the note gives the "
+    "seeds a 1-point difference needs at 80% power.",
+)
+@click.option(
+    "--baseline",
+    metavar="ROW",
+    help="The reference row of --stats (its label, e.g. 'concat (const 0)'; in a strategies table a strategy "
+    "such as 'const 0' or 'LB'). Default: the best row of each column. Implies --stats.",
+)
+@click.option(
+    "--test",
+    type=click.Choice(_TESTS),
+    default="t",
+    show_default=True,
+    help="The paired test of --stats: t (paired t-test) or wilcoxon (signed-rank; the t-test stands in below 6 "
+    "paired seeds).",
+)
 @tracking_option
 def report(
     table,
@@ -111,14 +135,18 @@ def report(
     output,
     labels,
     allow_mixed,
+    stats,
+    baseline,
+    test,
     tracking_uri,
 ) -> None:
     """Paper-style tables and figures regenerated from the recorded runs.
 
     Seed runs are grouped by (dataset, method, strategy) and shown as mean ± std over seeds, in percent with two
-    decimals; best bold, second best underlined. A cell nobody recorded prints as -. The table's notes (LaTeX: its
-    caption) give the usual number of seeds; a cell over another number carries its own ([n=2]). Runs that differ
-    in other settings never share a cell silently (see --allow-mixed); settings that differ between rows are noted.
+    decimals, with the 95% t-interval of the mean after it; best bold, second best underlined. A cell nobody
+    recorded prints as -. The table's notes (LaTeX: its caption) give the usual number of seeds; a cell over another
+    number carries its own ([n=2]). Runs that differ in other settings never share a cell silently (see
+    --allow-mixed); settings that differ between rows are noted. --stats says which differences are real.
 
     \b
     Examples:
@@ -131,13 +159,15 @@ def report(
       dmgl report --plot gap,curves --dataset synthetic
       dmgl report --plot embeddings --dataset crema-d --labels paper   # Figure 2
       dmgl report --format json -o table.json
+      dmgl report --stats --baseline "concat (const 0)"  # paired differences, p-values, power
+      dmgl report --plot cd --metric acc                # Friedman + critical-difference diagram
     """
     from dmgl_cli.paths import atomic_write_bytes
     from dmgl_cli.report import Selection, make_report
     from dmgl_cli.tracking import Tracker
 
     kinds = _split_plots(plots)
-    if table is None and not kinds:
+    if table is None and (not kinds or stats or baseline is not None):
         table = "main"
     selection = Selection(list(experiments) or None, list(datasets) or None, sweep, filter_string)
     color = output is None and fmt == "text" and sys.stdout.isatty()
@@ -154,6 +184,9 @@ def report(
         labels=labels,
         allow_mixed=allow_mixed,
         projection=projection,
+        stats=stats,
+        baseline=baseline,
+        test=test,
     )
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)

@@ -42,11 +42,19 @@ _FORMATS = ("text", "markdown", "latex")
 @click.option(
     "--dry-run", is_flag=True, help="List the runs that would be reused (run ids) and trained; train nothing."
 )
+@click.option(
+    "--print-config",
+    is_flag=True,
+    help="Print the config every row starts from and each row's method and strategy (YAML; JSON with --json) and "
+    "exit; opens no dataset or MLflow store.",
+)
 @click.option("--format", "-f", "fmt", type=click.Choice(_FORMATS), default="text", show_default=True)
 @tracking_option
 @json_option(help="Print the plan (with --dry-run) or the result, cell by cell, as one JSON document on stdout.")
 @silent_option(help="Print only the table (no plan or progress lines).")
-def reproduce(table, dataset, seeds, recipe, overrides, only, dry_run, fmt, tracking_uri, as_json, silent) -> None:
+def reproduce(
+    table, dataset, seeds, recipe, overrides, only, dry_run, print_config, fmt, tracking_uri, as_json, silent
+) -> None:
     """The paper's published figures next to your measured mean ± std, with the difference in points.
 
     Plans the TABLE's rows (table1: methods, table2: methods on NVGesture, table4: integration strategies, table5: CLIP, CLIP+MLA, CLIP+Ours) x
@@ -58,16 +66,27 @@ def reproduce(table, dataset, seeds, recipe, overrides, only, dry_run, fmt, trac
     \b
     Examples:
       dmgl reproduce table1 --dataset crema-d --dry-run      # what would be reused / trained
+      dmgl reproduce table1 --dataset crema-d --print-config # the settings the rows train with
       dmgl reproduce table1 --dataset crema-d --seeds 3
       dmgl reproduce table4 --dataset kinetics-sounds --format latex
       dmgl reproduce table5 --dataset sarcasm               # recipe sarcasm-clip (CLIP encoders)
       dmgl reproduce table1 --dataset sarcasm --only Concat,Ours-H,Ours-LB
       dmgl reproduce table4 --dataset synthetic --set train.epochs=5   # no paper figures: measured side only
     """
+    table = table.lower()
+    if print_config:
+        from dmgl_cli.run_queries import reproduce_config_listing
+
+        listing = reproduce_config_listing(table, dataset, seeds, recipe, overrides)
+        if as_json:
+            echo_json(listing.to_dict())
+        else:
+            click.echo(listing.text(), nl=False)
+        return
+
     from dmgl_cli import reproduce as logic
     from dmgl_cli.tracking import Tracker
 
-    table = table.lower()
     say = Messages(as_json=as_json or fmt != "text", silent=silent)
     tracker = Tracker(tracking_uri)
     plan = logic.plan_reproduction(

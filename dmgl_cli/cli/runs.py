@@ -107,6 +107,8 @@ def runs_list(experiments, strategy, method, dataset, status, role, limit, track
 def runs_show(run_id, tracking_uri, as_json) -> None:
     """Show one run: what it is, its final metrics, its params and tags, and its child runs.
 
+    RUN_ID is the run's id, a unique prefix of the id (6+ characters) or its unique name.
+
     \b
     Examples:
       dmgl runs show 3f2a9c...
@@ -136,7 +138,8 @@ def runs_show(run_id, tracking_uri, as_json) -> None:
     click.echo(format_table([[f"  {k}", v] for k, v in facts if v is not None]))
     if detail.final:
         click.echo("final metrics:")
-        click.echo(_key_values({k: v[0] for k, v in paired_scores({k: [v] for k, v in detail.final.items()}).items()}))
+        columns: dict[str, list[float | None]] = {k: [v] for k, v in detail.final.items()}
+        click.echo(_key_values({k: v[0] for k, v in paired_scores(columns, [len(s.seeds)]).items()}))
     if detail.params:
         click.echo("params:")
         click.echo(_key_values(detail.params))
@@ -164,6 +167,10 @@ def _key_values(mapping: dict) -> str:
 @json_option(help="Print the comparison as one JSON document.")
 def runs_compare(run_ids, tracking_uri, as_json) -> None:
     """Compare runs side by side: the params that differ, and every final metric.
+
+    Each RUN_ID is a run's id, a unique prefix of the id (6+ characters, as the column headers print them) or
+    its unique name. Only params that apply to every run are compared (an Ours-LB setting is no difference
+    against a constant run; the strategy row shows that).
 
     \b
     Examples:
@@ -194,7 +201,8 @@ def runs_compare(run_ids, tracking_uri, as_json) -> None:
         rows.append([f"params: all {comparison.same_params} are equal"])
     if comparison.final:
         rows.append(["final metrics:"])
-        rows += [[f"  {k}", *values] for k, values in paired_scores(comparison.final).items()]
+        counts = [len(r.seeds) for r in comparison.runs]
+        rows += [[f"  {k}", *values] for k, values in paired_scores(comparison.final, counts).items()]
     click.echo(_ragged_table(headers, rows))
 
 

@@ -61,6 +61,12 @@ from dmgl_cli.links import run_url, ui_base
     "set to its device and gets cores // N torch threads (OMP_NUM_THREADS, unless already set). The study is "
     "created first, by this process; Ctrl-C stops every worker and leaves the study resumable.",
 )
+@click.option(
+    "--print-config",
+    is_flag=True,
+    help="Print the base config of the trials and each strategy's settings (YAML; JSON with --json) and exit; "
+    "opens no study or MLflow store.",
+)
 @click.option("--worker-device", hidden=True, help="(internal: a worker started by --devices) train.device to use.")
 @tracking_option
 @json_option
@@ -79,6 +85,7 @@ def sweep(
     heartbeat,
     create_only,
     devices,
+    print_config,
     worker_device,
     tracking_uri,
     as_json,
@@ -102,8 +109,18 @@ def sweep(
       dmgl sweep --study cmp --devices cpu:2                            # two CPU workers
       dmgl sweep --strategies table4 --json --silent | jq .best
       dmgl report --sweep cmp --table strategies --format latex
+      dmgl sweep --strategies table4 --set train.epochs=5 --print-config   # what the trials would train
     """
     _check_early(recipe, overrides, experiment, strategies, seeds, tune)
+    if print_config:
+        from dmgl_cli.run_queries import sweep_config_listing
+
+        listing = sweep_config_listing(recipe, overrides, experiment, strategies, seeds, tune)
+        if as_json:
+            echo_json(listing.to_dict())
+        else:
+            click.echo(listing.text(), nl=False)
+        return
 
     from dmgl_cli.sweep import SweepRequest, run_sweep
     from dmgl_cli.tracking import Tracker

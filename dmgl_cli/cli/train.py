@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from dmgl_cli.cli.options import json_option, silent_option, tracking_option
-from dmgl_cli.cli.output import BatchBar, Messages, echo_json, progress_bar_wanted, view_line
+from dmgl_cli.cli.output import BatchBar, Messages, echo_json, progress_bar_wanted, score, view_line
 from dmgl_cli.errors import DmglError
 from dmgl_cli.links import experiment_runs_url, run_url, ui_base
 
@@ -19,11 +19,10 @@ if TYPE_CHECKING:
 
 
 def _epoch_line(seed: int, epoch: int, total: int, m: dict[str, float]) -> str:
-    parts = [
-        f"seed {seed} epoch {epoch:>3}/{total}",
-        f"alpha {m['alpha']:.3f}",
-        f"loss {m['train_loss']:.3f}",
-    ]
+    parts = [f"seed {seed} epoch {epoch:>3}/{total}"]
+    if "alpha" in m:  # a run whose alpha is 0 throughout records none
+        parts.append(f"alpha {m['alpha']:.3f}")
+    parts.append(f"loss {m['train_loss']:.3f}")
     if "val_acc" in m:  # not at the epochs train.eval_every skips
         parts.append(f"val acc {m['val_acc']:.3f}")
     if "test_acc" in m:
@@ -41,9 +40,9 @@ def _epoch_line(seed: int, epoch: int, total: int, m: dict[str, float]) -> str:
 @click.option(
     "--strategy",
     "-s",
-    help="How alpha moves: constant, stepwise, heuristic or lb (learning-based; by "
-    "default its first-order one-step look-ahead hypergradient, strategy.lb.approx=identity; "
-    "strategy.lb.approx=cg for Eq. 3 with curvature). With a value: constant:0.5, stepwise:0.95.",
+    help="How alpha moves: constant, stepwise, heuristic, linear (a fixed decay) or lb (learning-based; "
+    "strategy.lb.estimator says what its hypergradient measures). With a value: constant:0.5, stepwise:0.95, "
+    "linear:0.05; Ours-LB's controls lb:fixed-sign, lb:random-sign.",
 )
 @click.option(
     "--alpha",
@@ -68,11 +67,20 @@ def _epoch_line(seed: int, epoch: int, total: int, m: dict[str, float]) -> str:
 @click.option(
     "--name", "run_name", help="Parent run name (default: METHOD-STRATEGY with its setting, e.g. concat-constant-0.5)."
 )
-@click.option("--resume", "resume_run", metavar="RUN_ID", help="Continue an interrupted run (seed or parent run id).")
+@click.option(
+    "--resume",
+    "resume_run",
+    metavar="RUN_ID",
+    help="Continue an interrupted run: a seed or parent run's id, a unique id prefix (6+ characters) or its name.",
+)
 @click.option(
     "--deterministic", is_flag=True, help="PyTorch determinism switches: bit-identical reruns (slower on GPU)."
 )
-@click.option("--print-config", is_flag=True, help="Print the resolved config (YAML; JSON with --json) and exit.")
+@click.option(
+    "--print-config",
+    is_flag=True,
+    help="Print the resolved config (YAML, settings that differ from the recipe marked; JSON with --json) and exit.",
+)
 @click.option(
     "--dry-run",
     is_flag=True,
@@ -200,12 +208,15 @@ def _train(options: dict[str, Any], nproc: int, distributed: DistributedContext 
             given.append("--set")
         if given:
             raise DmglError(f"--resume continues a recorded run with its recorded config; drop {', '.join(given)}")
-        from dmgl_cli import runner
-        from dmgl_cli.distributed import SINGLE_PROCESS, note_run
         from dmgl_cli.tracking import Tracker
 
-        note_run(resume_run)
         tracker = Tracker(tracking_uri)
+        resume_run = tracker.find_run(resume_run).run_id  # an unknown or ambiguous one: refused before torch loads
+
+        from dmgl_cli import runner
+        from dmgl_cli.distributed import SINGLE_PROCESS, note_run
+
+        note_run(resume_run)
         with _step_bar(silent) as bar:
             outcome = runner.resume(
                 resume_run,
@@ -244,7 +255,9 @@ def _train(options: dict[str, Any], nproc: int, distributed: DistributedContext 
         if as_json:
             echo_json(config.to_dict())
         else:
-            click.echo(config.to_yaml(), nl=False)
+            from dmgl_cli.run_queries import train_config_listing
+
+            click.echo(train_config_listing(config, recipe, overrides).text(), nl=False)
         return
     if dry_run:
         from dmgl_cli.run_queries import train_plan
@@ -260,16 +273,23 @@ def _train(options: dict[str, Any], nproc: int, distributed: DistributedContext 
         _launch(nproc)
         return
 
+    from dmgl_cli.data.registry import open_dataset
+
+    open_dataset(config.dataset)  # an unprepared dataset is refused before MLflow and the trainer load
+
     from dmgl_cli import runner
     from dmgl_cli.distributed import SINGLE_PROCESS, note_run
     from dmgl_cli.tracking import Tracker
 
     def announce(parent_id: str) -> None:
+        from dmgl_cli.run_queries import url_of
+
         note_run(parent_id)
         say(
             f"parent run {parent_id}: {config.method.name} / {config.strategy.name} on "
             f"{config.dataset}, seeds {','.join(map(str, seed_list))}"
         )
+        say(view_line(url_of(tracker, parent_id)))  # to follow the curves while it trains
 
     tracker = Tracker(tracking_uri)
     with _step_bar(silent) as bar:
@@ -373,8 +393,9 @@ def _print_outcome(outcome, tracker, as_json: bool = False) -> None:
             f"seed {seed.seed} (run {seed.run_id}): best epoch {int(seed.final['best_epoch'])}  {scores}  {modal}"
         )
     if outcome.summary:
+        several = len(outcome.seeds) > 1  # one seed has no spread to print (its std is 0 by definition)
         summary = "  ".join(
-            f"{k} {outcome.summary[k + '_mean']:.4f} ± {outcome.summary[k + '_std']:.4f}"
+            f"{k} {score(outcome.summary[k + '_mean'], outcome.summary[k + '_std'] if several else None)}"
             for k in keys + ["test_gap_acc"]
             if k + "_mean" in outcome.summary
         )

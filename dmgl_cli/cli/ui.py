@@ -19,17 +19,25 @@ from dmgl_cli.errors import DmglError
     show_default=True,
     help="Server worker processes (each holds its own copy of MLflow, ~250 MB).",
 )
+@click.option(
+    "--access-log",
+    is_flag=True,
+    help="Show the server's request log and start-up messages (quiet by default: its warnings and errors only).",
+)
 @tracking_option
-def ui(port, host, allow_remote, workers, tracking_uri) -> None:
+def ui(port, host, allow_remote, workers, access_log, tracking_uri) -> None:
     """Serve the MLflow UI over the registry (127.0.0.1 only unless --allow-remote).
 
     The link is printed once the server answers; Ctrl-C (or SIGTERM, SIGHUP) stops the server and all its
     processes. The UI opens on the runs of the experiment you trained in last, in MLflow's "Model training" view.
+    While it runs, the links other commands print (`dmgl train` as the run starts, `runs show`, ...) point at
+    its port.
 
     \b
     Examples:
       dmgl ui
       dmgl ui --port 5001
+      dmgl ui --access-log     # every request, as `mlflow ui` logs it
     """
     from dmgl_cli.links import experiment_runs_url, experiments_url
     from dmgl_cli.ui_server import Address, serve
@@ -56,4 +64,15 @@ def ui(port, host, allow_remote, workers, tracking_uri) -> None:
     def stopped(signal_name: str) -> None:
         click.echo(f"{signal_name}: stopped the MLflow UI", err=True)
 
-    raise SystemExit(serve(tracking_uri, host, port, workers, on_start=starting, on_ready=ready, on_stop=stopped))
+    raise SystemExit(
+        serve(
+            tracking_uri,
+            host,
+            port,
+            workers,
+            access_log=access_log,
+            on_start=starting,
+            on_ready=ready,
+            on_stop=stopped,
+        )
+    )

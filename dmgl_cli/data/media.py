@@ -69,6 +69,12 @@ def spectrogram_shape(seconds: float, sr: int = SAMPLE_RATE) -> tuple[int, int]:
     return (N_FFT // 2 + 1, spectrogram_frames(seconds, sr))
 
 
+def seconds_for_frames(frames: int, sr: int = SAMPLE_RATE) -> float:
+    """The clip length whose spectrogram has exactly ``frames`` columns (the inverse of :func:`spectrogram_frames`,
+    the shortest such length): 188 -> 1.8903125 s (257 x 188), 299 -> 2.9999375 s."""
+    return (N_FFT + (frames - 1) * HOP) / sr
+
+
 def log_spectrogram(samples: np.ndarray, seconds: float, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Repeat/cut ``samples`` to ``seconds``, clip to [-1, 1], return log(|STFT| + 1e-7) as float32 [257, frames]."""
     import librosa

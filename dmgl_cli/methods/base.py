@@ -14,7 +14,7 @@ from torch import Tensor
 from dmgl_cli.errors import DmglError
 from dmgl_cli.losses import classification_loss
 from dmgl_cli.models import ModelOutput, MultimodalModel, build_model
-from dmgl_cli.strategies import StrategySpec
+from dmgl_cli.strategies.specs import StrategySpec
 
 if TYPE_CHECKING:
     from dmgl_cli.train import Trainer

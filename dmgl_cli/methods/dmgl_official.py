@@ -51,9 +51,15 @@ Deliberate differences from the released code:
 * The released code evaluates on the test split every epoch and keeps no validation split; dmgl selects the best
   epoch on validation only.
 
+As released (and so here): the outer batch is drawn once, with the training transform (frame sampling and
+augmentation), and that same batch is used before every epoch (``strategies/outer_step.py``,
+``OfficialOuterStep``).
+
 ``dmgl-official-eq3`` keeps all of the above except alpha's gradient: it takes Eq. 3 with conjugate gradient
 (weight decay in H) at the end of each epoch, stepped with Adam, so that the two rules can be compared with
-everything else held fixed.
+everything else held fixed. Its objective is twice Eq. 1, so its H is ``2 H_L + wd``; the hypergradient is taken
+with the unscaled losses and ``H_L + wd / 2`` (the factor 2 cancels), so the weight decay weighs against the loss
+Hessian as it does in training.
 """
 
 from __future__ import annotations
@@ -65,12 +71,13 @@ from torch import Tensor
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods.fusion_base import FusionMethod, FusionModel, encoders_for
 from dmgl_cli.methods.sum import SumFusion
-from dmgl_cli.strategies import StrategySpec
+from dmgl_cli.strategies.specs import StrategySpec
 
 # The settings that make the released code's variant (dotted key -> value).
 OFFICIAL_SETTINGS: dict[str, Any] = {
     "loss.matching": "mixture_kl",
     "strategy.lb.approx": "official",
+    "strategy.lb.estimator": "step",  # one outer batch, as released
     "strategy.lb.update_every": "epoch_start",
     "strategy.lb.alpha_optimizer": "sgd",
     "strategy.lb.alpha_lr": 1e-4,
@@ -89,6 +96,7 @@ OFFICIAL_SETTINGS: dict[str, Any] = {
 EQ3_SETTINGS: dict[str, Any] = {
     **OFFICIAL_SETTINGS,
     "strategy.lb.approx": "cg",
+    "strategy.lb.estimator": "step",  # Eq. 3 at the epoch's last step, on one inner and one outer batch
     "strategy.lb.update_every": "epoch",
     "strategy.lb.alpha_optimizer": "adam",
     "strategy.lb.alpha_lr": 0.05,

@@ -5,7 +5,8 @@ paper's tables (:mod:`~dmgl_cli.report.tables`), renders them in text, markdown,
 (:mod:`dmgl_cli.tables`) and writes the figures (:mod:`~dmgl_cli.report.figures`; the embeddings of ``--plot
 embeddings`` come from :mod:`~dmgl_cli.report.embeddings`), all through one tracker. Rows
 are named in ``code`` or ``paper`` style (:mod:`~dmgl_cli.report.labels`); a cell never silently holds runs of
-different settings (``allow_mixed`` to show the best on validation among them instead of refusing).
+different settings (``allow_mixed`` to show the best on validation among them instead of refusing). ``stats`` adds
+each cell's paired difference to a reference row, its p-value and the marks of :mod:`~dmgl_cli.report.significance`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dmgl_cli.errors import DmglError
 from dmgl_cli.report.figures import PLOTS, make_figures, write_plots
 from dmgl_cli.report.labels import LABELS
 from dmgl_cli.report.selection import Group, SeedRun, Selection, Stat, group_runs, select_runs
+from dmgl_cli.report.significance import compare_tables
 from dmgl_cli.report.tables import TABLES, attach_notes, build_tables
 from dmgl_cli.tables import FORMATS, Table, render
 
@@ -37,6 +39,7 @@ __all__ = [
     "Stat",
     "attach_notes",
     "build_tables",
+    "compare_tables",
     "group_runs",
     "make_figures",
     "make_report",
@@ -70,10 +73,14 @@ def make_report(
     labels: str = "code",
     allow_mixed: bool = False,
     projection: str = "pca",
+    stats: bool = False,
+    baseline: str | None = None,
+    test: str = "t",
 ) -> Report:
     """Select runs through ``tracker``, build the table (if any) and write the figures (if any). ``labels`` names
     the rows (``code`` or ``paper``); ``allow_mixed`` lets a cell hold runs of different settings; ``projection``
-    (``pca`` or ``umap``) is the 2-D projection of the ``embeddings`` figure."""
+    (``pca`` or ``umap``) is the 2-D projection of the ``embeddings`` figure. ``stats`` (implied by ``baseline``)
+    compares each row with ``baseline`` (default: the best) by a paired ``test`` (``t`` or ``wilcoxon``)."""
     if table is not None and table not in TABLES:
         raise DmglError(f"unknown table {table!r}; valid: {', '.join(TABLES)}")
     if fmt not in FORMATS:
@@ -93,9 +100,11 @@ def make_report(
     tables = (
         build_tables(table, runs, split, metric, warn, note, labels=labels, allow_mixed=allow_mixed) if table else []
     )
+    if (stats or baseline is not None) and table is not None:
+        compare_tables(tables, baseline, test)
     attach_notes(tables, notes)
     for t in tables:  # the tables' own notes (settings that differ between their cells) for the caller too
-        for table_note in t.notes:
+        for table_note in ([t.stats_note] if t.stats_note else []) + t.notes:
             note(table_note)
     written = []
     if plot_kinds:

@@ -1,6 +1,9 @@
 """The paper's figures as PNG files: learned alpha over training (``alpha``, Figure 3), per-modality scores and the
 modality gap (``gap``, a Figure 2 analogue), validation curves (``curves``) and the modality gap made visible
-(``embeddings``, Figure 2: each run's test embeddings projected to 2-D, and the gap distance per epoch).
+(``embeddings``, Figure 2: each run's test embeddings projected to 2-D, and the gap distance per epoch), and the
+critical-difference diagram (``cd``): the rows of the main table (method, strategy) ranked on each dataset by
+their mean ``metric`` over seeds, Friedman's test across the datasets and Nemenyi's critical difference
+(:func:`dmgl_cli.stats.friedman_nemenyi`), over the rows that have a score on every dataset.
 
 Every figure shows the spread over seeds: lines are the mean over seeds with a shaded band of ± one (sample)
 standard deviation, bars carry ± std error bars. Cells are grouped as the tables group them
@@ -31,20 +34,24 @@ if TYPE_CHECKING:
     from dmgl_cli.report.embeddings import EmbeddingPanel
     from dmgl_cli.tracking import Tracker
 
-PLOTS = ("alpha", "gap", "curves", "embeddings")
+PLOTS = ("alpha", "gap", "curves", "embeddings", "cd")
 
 
 def _safe_file_part(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
 
 
-def seed_band(series: list[list[tuple[int, float]]]) -> tuple[list[int], list[float], list[float], list[float]]:
-    """(steps, mean, mean - std, mean + std) over the seeds' histories, step by step (std 0 where one seed has it)."""
+def seed_band(
+    series: list[list[tuple[int, float]]], shared_only: bool = False
+) -> tuple[list[int], list[float], list[float], list[float]]:
+    """(steps, mean, mean - std, mean + std) over the seeds' histories, step by step (std 0 where one seed has it).
+    ``shared_only``: only the steps every seed has, for sparse histories (test is scored at each seed's own new
+    best epochs), where a step's mean would otherwise be over whichever seeds happened to score it."""
     by_step: dict[int, list[float]] = {}
     for history in series:
         for step, value in history:
             by_step.setdefault(step, []).append(value)
-    steps = sorted(by_step)
+    steps = sorted(s for s in by_step if not shared_only or len(by_step[s]) == len(series))
     stats = [mean_std(by_step[s]) for s in steps]
     return steps, [m for m, _ in stats], [m - s for m, s in stats], [m + s for m, s in stats]
 
@@ -179,6 +186,8 @@ def _draw(
                 bands=bands,
             )
             figures.append((f"curves-{_safe_file_part(dataset)}.png", figure))
+    if "cd" in kinds:
+        figures.append(("cd.png", cd_diagram(groups, split, metric, labels, warn)))
     if "embeddings" in kinds:
         from dmgl_cli.report.embeddings import best_seed, run_panel
 
@@ -209,16 +218,17 @@ def _draw(
                     f"{dataset}: no run logged {split}_modality_gap per epoch (train.test_curves=false); "
                     "the embeddings figure draws val_modality_gap per epoch instead"
                 )
-            curves, bands = {}, {}
+            curves, bands, seed_points = {}, {}, {}
             for group in mine:
                 series = histories[curve_split][id(group)]
                 if not series:
                     if warn:
                         warn(f"{dataset} / {label(group)}: no run recorded {curve_split}_modality_gap per epoch")
                     continue
-                steps, mean, low, high = seed_band(series)
+                steps, mean, low, high = seed_band(series, shared_only=True)
                 name = f"{label(group)}, {_seeds(len(series))}"
                 curves[name] = (steps, mean)
+                seed_points[name] = series
                 if len(series) > 1:
                     bands[name] = (low, high)
             figure = embeddings_figure(
@@ -226,11 +236,50 @@ def _draw(
                 curves,
                 bands,
                 title=f"{dataset}: L2-normalised {split} embeddings per modality ({projection.upper()}), best "
-                f"checkpoint of the seed best on validation; {curve_split} modality gap per epoch "
-                "(mean ± std over seeds)",
+                f"checkpoint of the seed best on validation; {curve_split} modality gap per epoch",
                 split=curve_split,
+                seed_points=seed_points,
             )
             figures.append((f"embeddings-{_safe_file_part(dataset)}.png", figure))
+
+
+def cd_diagram(
+    groups: Sequence[Group], split: str, metric: str, labels: str = "code", warn: Callable[[str], None] | None = None
+):
+    """The ``cd`` figure (see the module docstring). Raises DmglError with fewer than 2 datasets or 3 rows that
+    have a score on every dataset."""
+    from dmgl_cli import plots
+    from dmgl_cli.stats import friedman_nemenyi
+
+    key = f"final_{split}_{metric}"
+    datasets = sorted({g.dataset for g in groups})
+    if len(datasets) < 2:
+        raise DmglError(
+            f"--plot cd ranks the rows across datasets and needs runs on 2 or more; the selection has "
+            f"{len(datasets)} ({', '.join(datasets) or 'none'})"
+        )
+    scores: dict[str, dict[str, float]] = {}
+    for group in sorted(groups, key=lambda g: row_order(g.method, g.spec, g.variant, labels)):
+        mean = group.stat(key).mean
+        if mean is not None:
+            scores.setdefault(row_label(group.method, group.spec, group.variant, labels), {})[group.dataset] = mean
+    complete = [name for name, by_dataset in scores.items() if set(by_dataset) == set(datasets)]
+    if len(complete) < 3:
+        raise DmglError(
+            f"--plot cd needs 3 or more rows (method, strategy) with a {split} {METRIC_NAMES[metric]} on every "
+            f"dataset ({', '.join(datasets)}); {len(complete)} have one ({', '.join(complete) or 'none'})"
+        )
+    left_out = [name for name in scores if name not in complete]
+    if left_out and warn:
+        warn(f"--plot cd leaves out the rows without a score on every dataset: {', '.join(left_out)}")
+    result = friedman_nemenyi([[scores[name][d] for name in complete] for d in datasets])
+    ranks = dict(zip(complete, result.ranks, strict=True))
+    title = (
+        f"{split} {METRIC_NAMES[metric]}: average rank over {len(datasets)} datasets (1 = best); Friedman "
+        f"chi2 = {result.statistic:.2f}, p = {result.p_value:.3g}; Nemenyi CD = {result.cd:.2f} (alpha 0.05); "
+        "bars join rows not significantly different"
+    )
+    return plots.cd_figure(ranks, result.cd, [[complete[i] for i in clique] for clique in result.cliques], title)
 
 
 def _wrap(text: str, figure, fontsize: float, share: float = 1.0) -> str:
@@ -255,10 +304,14 @@ def embeddings_figure(
     bands: dict[str, tuple[list[float], list[float]]],
     title: str,
     split: str = "test",
+    seed_points: dict[str, list[list[tuple[int, float]]]] | None = None,
 ):
     """Figure 2: one panel per run, side by side (each modality's projected points, its centroid as a large
     marker, the centroids joined by a line, the gap distance in the legend), and below them the gap distance per
-    epoch for every cell, a shaded band of ± one std over seeds."""
+    epoch for every cell: the mean over seeds at the epochs every seed scored (``curves``), a shaded band of ± one
+    std (``bands``), and each seed's own scored epochs as dots (``seed_points``: test is scored only at a seed's new
+    best epochs and its last, so the seeds' epochs differ and a mean over whichever seeds scored an epoch would
+    mislead)."""
     from matplotlib.ticker import MaxNLocator
 
     from dmgl_cli import plots
@@ -298,13 +351,21 @@ def embeddings_figure(
         if name in bands:
             low, high = bands[name]
             over_epochs.fill_between(steps[: len(low)], low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        for history in (seed_points or {}).get(name, []):
+            if history:
+                epochs, values = zip(*history, strict=True)
+                over_epochs.scatter(epochs, values, s=10, alpha=0.5, color=line.get_color(), linewidths=0)
     over_epochs.set_xlabel("epoch")
     over_epochs.set_ylabel(f"{split} modality gap\n(centroid distance)", fontsize=9)
     over_epochs.xaxis.set_major_locator(MaxNLocator(integer=True))
     over_epochs.grid(alpha=0.3)
     if curves:
         over_epochs.legend(fontsize=8, loc="best")
-    over_epochs.set_title(f"{split} modality gap per epoch (mean ± std over seeds)", fontsize=10)
+    over_epochs.set_title(
+        f"{split} modality gap per epoch: line = mean ± std over seeds at the epochs every seed scored"
+        + ("; dots = each seed's scored epochs" if seed_points else ""),
+        fontsize=10,
+    )
     figure.suptitle(_wrap(title, figure, 11), fontsize=11)
     return figure
 

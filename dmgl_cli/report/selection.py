@@ -55,7 +55,17 @@ _NOT_CONFIGURATION = {
 }
 # Settings added after runs were first recorded, with the value every run recorded before them used: a run without
 # the param compares equal to one that records this value.
-_ADDED_SETTINGS = {"train.eval_every": "1"}
+_ADDED_SETTINGS = {
+    "train.eval_every": "1",
+    # Ours-LB's settings of dmgl 0.3: a run of 0.2 took one-batch hypergradients ("step") and learnt their direction
+    "strategy.lb.estimator": "step",
+    "strategy.lb.direction": "hypergradient",
+    "strategy.lb.horizon": "epoch",
+    "strategy.lb.mixed_every": "4",
+    "strategy.lb.relative_damping": "0.01",
+    "strategy.lb.cg_tolerance": "1e-06",
+    "strategy.lb.max_residual": "0.5",
+}
 # A configuration's pseudo-setting for the prepared data it read (tag dmgl.dataset_checksum).
 DATA_CHECKSUM = "dataset checksum"
 MAX_LISTED = 6  # settings named in one message before "and N more"
@@ -191,6 +201,7 @@ class Stat:
     std: float | None
     n: int
     runs: tuple[str, ...] = ()
+    by_seed: dict[int, float] = field(default_factory=dict)  # the values by seed (runs without a seed left out)
 
 
 @dataclass
@@ -234,7 +245,8 @@ class Group:
         if not values:
             return Stat(None, None, 0)
         mean, std = mean_std([v for _, v in values])
-        return Stat(mean, std, len(values), tuple(r for r, _ in values))
+        by_seed = {r.seed: r.metrics[key] for r in self.runs if key in r.metrics and r.seed is not None}
+        return Stat(mean, std, len(values), tuple(r for r, _ in values), by_seed)
 
 
 def validation_score(runs: Sequence[SeedRun]) -> float:

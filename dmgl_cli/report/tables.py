@@ -3,7 +3,8 @@
 ``main`` (Table 1 / A1): rows method (strategy), columns dataset x (ACC, MAP) for audio-video data or (ACC, macro-F1)
 for text-image data; best bold, second best underlined per column. ``strategies`` (Table 4 / A3): fused and
 per-modality rows (plus their gap) x strategies, marks per row. ``ablation`` (Table 3 / A2): matching loss on/off x
-dynamic integration on/off with per-modality scores and their gap. ``runs``: one line per seed run. Cells are
+dynamic integration on/off with per-modality scores and their gap. ``runs``: one line per seed run. ``imbalance``:
+Shapley values, imbalance degree and cost (:mod:`~dmgl_cli.report.imbalance_table`). Cells are
 percentages over seeds, each with its n; :mod:`dmgl_cli.tables` renders them. Rows are named in ``code`` or
 ``paper`` style (:mod:`~dmgl_cli.report.labels`). When the cells of one table come from runs whose settings differ
 beyond the compared axes (e.g. a 20-epoch row beside 5-epoch rows), the table says which in a note.
@@ -14,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 from dmgl_cli.errors import DmglError
+from dmgl_cli.report.imbalance_table import imbalance_tables
 from dmgl_cli.report.labels import check_labels, method_label, row_label, row_order
 from dmgl_cli.report.selection import (
     Group,
@@ -35,7 +37,7 @@ DATASET_METRICS: dict[str, tuple[str, str]] = {
     "nvgesture": ("acc", "f1"),
 }
 METRIC_NAMES = {"acc": "ACC", "map": "MAP", "f1": "F1"}
-TABLES = ("main", "strategies", "ablation", "runs")
+TABLES = ("main", "strategies", "ablation", "runs", "imbalance")
 
 
 def dataset_metrics(dataset: str, modalities: Iterable[str]) -> tuple[str, str]:
@@ -46,8 +48,9 @@ def dataset_metrics(dataset: str, modalities: Iterable[str]) -> tuple[str, str]:
 
 
 def _cell(stat: Stat) -> Cell:
-    """A percent cell showing a group's mean ± std over its n seeds, naming the runs it came from."""
-    return Cell(stat.mean, stat.std, stat.n, runs=stat.runs)
+    """A percent cell showing a group's mean ± std over its n seeds (with the 95% t-interval of the mean), naming
+    the runs it came from and keeping their values by seed for ``--stats``' paired tests."""
+    return Cell.over_seeds(stat.mean, stat.std, stat.n, runs=stat.runs, by_seed=stat.by_seed)
 
 
 # Settings that a table compares on purpose, so differences in them are not worth a note.
@@ -149,10 +152,12 @@ def strategies_tables(
             method=method_label(method, variant),
             marks="row",
             seeds=True,
+            column_labels=[g.spec.label for g in mine],
         )
         rows = [("Multi", f"final_{split}_{metric}")] + [(m, f"final_{split}_{metric}_{m}") for m in modalities]
         if len(modalities) > 1:
             rows.append(("Gap", f"final_{split}_gap_{metric}"))
+            table.lower_better = (len(rows) - 1,)
         for label, key in rows:
             cells = [_cell(g.stat(key, warn)) for g in mine]
             mark_best(cells, higher_is_better=label != "Gap")
@@ -300,4 +305,6 @@ def build_tables(
         return [main_table(groups, split, warn, labels)]
     if kind == "strategies":
         return strategies_tables(groups, split, metric or "acc", warn, labels)
+    if kind == "imbalance":
+        return imbalance_tables(groups, split, warn, labels)
     return ablation_tables(groups, split, metric, warn, labels)

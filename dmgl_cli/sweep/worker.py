@@ -13,11 +13,13 @@
   (:class:`StrategyMedianPruner`).
 * **MLflow.** Each trial is one ``runner.train`` parent run nested under the sweep run, with a child per seed; the
   trial keeps its parent run id as the user attribute ``mlflow_run_id``. The objective is the mean over seeds of
-  the validation metric at each seed's validation-selected epoch — never test.
+  the validation metric at each seed's validation-selected epoch — never test. Its std over seeds is the user
+  attribute ``val_std``, the per-seed values ``val_by_seed`` (seed -> value), for the summary's paired tests.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -25,7 +27,7 @@ import socket
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import optuna
@@ -151,6 +153,7 @@ class TrialRecord:
     message: str = ""
     retry_of: int | None = None
     metric: str = "acc"
+    value_by_seed: dict[int, float] = field(default_factory=dict)  # the objective's per-seed values
 
     def line(self) -> str:
         metric = self.metric
@@ -189,18 +192,24 @@ def trial_record(trial: FrozenTrial, metric: str) -> TrialRecord:
         attrs.get("message") or "",
         trial.system_attrs.get("failed_trial"),
         metric,
+        {int(seed): float(value) for seed, value in (attrs.get("val_by_seed") or {}).items()},
     )
 
 
 # --------------------------------------------------------------------------------------------- the worker
 
 
+def study_tag(study_name: str) -> str:
+    """Six hex digits of the study's name: enough to tell one user's studies apart in a run name, short enough
+    that the UI's runs table shows the name whole."""
+    return hashlib.sha1(study_name.encode()).hexdigest()[:6]
+
+
 def _run_name(study_name: str, number: int, spec: StrategySpec) -> str:
-    """``tN-STRATEGY`` (``t3-stepwise-0.95``, ``t0-lb``), within the characters dmgl allows for run names: short, so
-    the UI's runs table shows it whole. The study is not repeated: the trial's parent run sits under the sweep run
-    (named after the study) and carries the tag ``dmgl.sweep``."""
-    del study_name  # kept in the signature: the caller names the study
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"t{number}-{spec.key}")[:100]
+    """``tN-STRATEGY-TAG`` (``t3-stepwise-0.95-1f0c2a``, ``t0-lb-1f0c2a``), within the characters dmgl allows for run
+    names. The study's tag (:func:`study_tag`) makes the name unique across studies, so that it names one run
+    (``dmgl runs show t3-stepwise-0.95-1f0c2a``); the whole study name is the parent run's tag ``dmgl.sweep``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"t{number}-{spec.key}-{study_tag(study_name)}")[:100]
 
 
 class Worker:
@@ -274,7 +283,9 @@ class Worker:
         mean, std = mean_std([s.final[f"val_{metric}"] for s in outcome.seeds])
         test = [s.final[f"test_{metric}"] for s in outcome.seeds if f"test_{metric}" in s.final]
         test_mean, test_std = mean_std(test) if test else (None, None)
+        by_seed = {s.seed: s.final[f"val_{metric}"] for s in outcome.seeds}
         trial.set_user_attr("val_std", std)
+        trial.set_user_attr("val_by_seed", {str(seed): value for seed, value in by_seed.items()})  # JSON keys
         trial.set_user_attr("test_mean", test_mean)
         trial.set_user_attr("test_std", test_std)
         trial.set_user_attr("seed_run_ids", [s.run_id for s in outcome.seeds])
@@ -291,6 +302,7 @@ class Worker:
             run_id=outcome.parent_run_id,
             seconds=time.time() - started,
             metric=metric,
+            value_by_seed=by_seed,
         )
 
     def run(self) -> tuple[list[int], bool]:

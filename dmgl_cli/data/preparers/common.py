@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from dmgl_cli.data.media import seconds_for_frames
 from dmgl_cli.data.preparers.base import PrepareJob
 from dmgl_cli.errors import DmglError
 
@@ -144,6 +145,29 @@ def positive_float(job: PrepareJob, key: str) -> float:
     if value <= 0:
         raise DmglError(f"option {key} must be > 0, got {value}")
     return value
+
+
+def audio_seconds(
+    job: PrepareJob, declared: dict[str, Any], seconds_key: str = "seconds", frames_key: str = "spectrogram_frames"
+) -> float:
+    """The length audio clips are repeated or cut to: ``-o seconds=S``, or ``-o spectrogram_frames=N``, the length
+    whose log-spectrogram has exactly N columns, so that a target shape needs no arithmetic (the authors' CREMA-D
+    257 x 188 is ``spectrogram_frames=188``, 1.8903 s). ``declared`` is the preparer's OPTIONS: a seconds other
+    than its default, given with spectrogram_frames, is refused (they would contradict each other)."""
+    frames = job.options.get(frames_key)
+    if frames is None:
+        return positive_float(job, seconds_key)
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise DmglError(
+            f"option {frames_key} must be a whole number of spectrogram columns >= 1 (e.g. {frames_key}=188 for "
+            f"257 x 188), got {frames!r}"
+        )
+    if job.options.get(seconds_key) != declared[seconds_key]:
+        raise DmglError(
+            f"give -o {seconds_key} or -o {frames_key}, not both ({frames_key}={frames} means "
+            f"{seconds_for_frames(frames):.7g} s)"
+        )
+    return seconds_for_frames(frames)
 
 
 def choice(job: PrepareJob, key: str, valid: Sequence[str]) -> str:

@@ -15,6 +15,9 @@ split: the trainer carves one from train (``data.val_fraction``, seeded, stratif
 Stored per clip: ``audio`` log-spectrogram [257, 299] (3 s at 16 kHz, see :mod:`dmgl_cli.data.media`) and
 ``visual`` uint8 [10, 224, 224, 3], 10 frames spread evenly over the FLV clip (3 of them are sampled at train
 time). A clip whose video is missing or unreadable is a bad sample like a corrupt WAV.
+
+The spectrogram's width is set by the audio length, ``-o seconds=S`` (repeated or cut to it), or directly by
+``-o spectrogram_frames=N`` (257 x N): the authors' OGM-GE loop uses 257 x 188, ``-o spectrogram_frames=188``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dmgl_cli.data.media import BadSample, audio_spectrogram, read_clip, spectro
 from dmgl_cli.data.preparers import driver
 from dmgl_cli.data.preparers.base import PrepareJob
 from dmgl_cli.data.preparers.common import (
+    audio_seconds,
     check_layout,
     exact_stratified_split,
     few,
@@ -48,6 +52,7 @@ CLASSES = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
 PAPER_TEST_FRACTION = 744 / 7442
 OPTIONS = {
     "seconds": 3.0,  # audio length: repeated or cut to this (3 s -> 257 x 299)
+    "spectrogram_frames": None,  # or the spectrogram's width: N -> 257 x N (188: the authors' 257 x 188)
     "frames": 10,  # frames kept per clip, spread evenly
     "frame_size": 224,  # frames resized to frame_size x frame_size
     "audio_dtype": "float32",  # float16 halves the disk space
@@ -129,7 +134,7 @@ def prepare(job: PrepareJob) -> dict:
     video_folder = job.option("video_folder", str)
     suffix = job.option("video_suffix", str)
     check_layout(raw, ["AudioWAV/", f"{video_folder}/"], NAME, LAYOUT)
-    seconds = positive_float(job, "seconds")
+    seconds = audio_seconds(job, OPTIONS)
     frames = positive_int(job, "frames")
     size = positive_int(job, "frame_size", 8)
     audio_dtype = float_dtype(job)

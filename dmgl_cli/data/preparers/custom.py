@@ -15,7 +15,8 @@ The manifest has a header row and
   (``-o spec=modalities.yaml``, see below):
 
   - ``audio``: a path to an audio file (WAV, FLAC, OGG, MP3 via librosa) or a video whose audio track is used
-    (PyAV) -> log-spectrogram [257, frames] of ``audio_seconds`` (3 s -> 257 x 299);
+    (PyAV) -> log-spectrogram [257, frames] of ``audio_seconds`` (3 s -> 257 x 299), or 257 x N given
+    ``-o audio_spectrogram_frames=N`` (the length that gives N columns, e.g. 188 for 257 x 188);
   - ``video``: a path to a video -> ``frames`` frames spread evenly, ``frame_size`` square, uint8;
   - ``image``: a path to an image -> ``image_size`` square RGB, uint8;
   - ``text``: a path to a ``.txt`` file (read as UTF-8), or else the text itself -> ``max_tokens`` token ids and
@@ -29,7 +30,7 @@ The YAML form sets kinds and per-modality settings (anything not given falls bac
     split: fold               # split column (default: split, if present)
     id: clip                  # id column (default: id, if present)
     modalities:
-      voice: {kind: audio, seconds: 3}
+      voice: {kind: audio, seconds: 3}     # or {kind: audio, spectrogram_frames: 188}: 257 x 188
       face: {kind: video, frames: 10, size: 112}
       caption: {kind: text, max_tokens: 64}
       photo: {kind: image, size: 224}
@@ -51,12 +52,14 @@ from dmgl_cli.data.media import (
     load_image,
     load_tokenizer,
     read_clip,
+    seconds_for_frames,
     spectrogram_shape,
     tokenize,
 )
 from dmgl_cli.data.preparers import driver
 from dmgl_cli.data.preparers.base import PrepareJob
 from dmgl_cli.data.preparers.common import (
+    audio_seconds,
     class_order,
     exact_stratified_split,
     float_dtype,
@@ -82,6 +85,7 @@ OPTIONS = {
     "id_column": "id",
     "test_fraction": 0.2,  # held out (seeded, stratified) when the manifest has no split column
     "audio_seconds": 3.0,
+    "audio_spectrogram_frames": None,  # or the spectrogram's width: N -> 257 x N
     "audio_dtype": "float32",
     "frames": 10,
     "frame_size": 224,
@@ -89,7 +93,12 @@ OPTIONS = {
     "text_model": "bert-base-uncased",  # tokenizer: local folder or hub id (or --text-model)
     "max_tokens": 128,
 }
-_SETTINGS = {"audio": {"seconds"}, "video": {"frames", "size"}, "image": {"size"}, "text": {"max_tokens"}}
+_SETTINGS = {
+    "audio": {"seconds", "spectrogram_frames"},
+    "video": {"frames", "size"},
+    "image": {"size"},
+    "text": {"max_tokens"},
+}
 
 
 def _modality_plan(job: PrepareJob) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
@@ -186,7 +195,13 @@ def prepare(job: PrepareJob) -> dict:
     for column, entry in modalities.items():
         kind = entry["kind"]
         if kind == "audio":
-            entry["seconds"] = float(_setting(entry, "seconds", positive_float(job, "audio_seconds"), column, False))
+            if "spectrogram_frames" in entry:
+                if "seconds" in entry:
+                    raise DmglError(f"modality {column}: give seconds or spectrogram_frames, not both")
+                entry["seconds"] = seconds_for_frames(_setting(entry, "spectrogram_frames", None, column))
+            else:
+                default = audio_seconds(job, OPTIONS, "audio_seconds", "audio_spectrogram_frames")
+                entry["seconds"] = float(_setting(entry, "seconds", default, column, False))
             entry["dtype"] = audio_dtype
         elif kind == "video":
             entry["frames"] = _setting(entry, "frames", positive_int(job, "frames"), column)

@@ -24,7 +24,8 @@ Classes: the distinct labels of the train split, sorted. Stored per clip: ``audi
 and the log-magnitudes lose nothing that matters at float16's 1e-3 relative precision) and ``visual`` uint8
 [10, 224, 224, 3] (10 frames spread evenly; about 1.5 MB a clip, ~28 GB for 19,000 clips; ``-o frame_size=112``
 quarters it). Annotated clips without a file stop the run listing them (a YouTube download usually misses a
-few), or are recorded and left out with ``--skip-bad``.
+few), or are recorded and left out with ``--skip-bad``. ``-o seconds=S`` sets the audio length, or
+``-o spectrogram_frames=N`` the spectrogram's width directly (257 x N).
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ from dmgl_cli.data.media import VIDEO_SUFFIXES, audio_spectrogram, read_clip, sp
 from dmgl_cli.data.preparers import driver
 from dmgl_cli.data.preparers.base import PrepareJob
 from dmgl_cli.data.preparers.common import (
+    audio_seconds,
     check_layout,
     few,
     float_dtype,
     normalise_split,
-    positive_float,
     positive_int,
     raw_folder,
     read_id_label_csv,
@@ -62,6 +63,7 @@ OPTIONS = {
     "split_files": None,  # {split: id,label CSV} from --split-file SPLIT=PATH
     "video_folder": "videos",
     "seconds": 10.0,  # 10 s -> 257 x 1004
+    "spectrogram_frames": None,  # or the spectrogram's width: N -> 257 x N, whatever length that takes
     "frames": 10,
     "frame_size": 224,
     "audio_dtype": "float16",
@@ -125,7 +127,7 @@ def prepare(job: PrepareJob) -> dict[str, Any]:
     check_layout(raw, [f"{folder}/"] + ([] if files or annotations else ["annotations.csv"]), NAME, LAYOUT)
     if annotations and not annotation_path.is_file():
         raise DmglError(f"annotation file {annotation_path} does not exist")
-    seconds = positive_float(job, "seconds")
+    seconds = audio_seconds(job, OPTIONS)
     frames = positive_int(job, "frames")
     size = positive_int(job, "frame_size", 8)
     audio_dtype = float_dtype(job)

@@ -1,0 +1,275 @@
+"""Shapley values of test accuracy, imbalance degree and cost (dmgl_cli.imbalance), as recorded per seed and shown by
+`dmgl report --table imbalance`: exact values on hand-built models, efficiency, a planted pure-noise modality in a
+trained run, FLOPs against a hand count, and the table in every format."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import random
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from torch import Tensor, nn
+
+from dmgl_cli.cli import cli
+from dmgl_cli.config import load_config
+from dmgl_cli.imbalance import (
+    PROCESS_PEAK_RSS,
+    coalition_values,
+    cost_metrics,
+    flops_per_sample,
+    imbalance_degree,
+    mean_epoch_seconds,
+    parameter_count,
+    peak_memory_mib,
+    shapley_metrics,
+    shapley_values,
+)
+from dmgl_cli.methods.base import Method
+from dmgl_cli.models.fusion import ConcatFusion, MultimodalModel
+from dmgl_cli.tracking import RunRecord, Tracker
+
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------ hand-built models
+
+
+class ReadsOnlyA(nn.Module):
+    """Fused logits from modality ``a`` alone plus a bias towards class 0; ``b`` is encoded but never read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor([0.5, 0.0]))
+
+    def forward(self, embeddings: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = embeddings["a"] + self.bias
+        return logits, {"a": logits, "b": embeddings["b"]}
+
+
+def _loader(inputs: dict[str, Tensor], labels: Tensor, batch_size: int) -> list[dict]:
+    return [
+        {"inputs": {m: x[i : i + batch_size] for m, x in inputs.items()}, "labels": labels[i : i + batch_size]}
+        for i in range(0, len(labels), batch_size)
+    ]
+
+
+@pytest.fixture
+def one_modality_data() -> tuple[MultimodalModel, Method, list[dict]]:
+    """20 samples, 8 of class 0 and 12 of class 1; ``a`` is right for 16 of them (accuracy 0.8); with ``a`` zeroed
+    the bias predicts class 0 for all (accuracy 0.4)."""
+    labels = torch.tensor([0] * 8 + [1] * 12)
+    shown = labels.clone()
+    shown[[0, 1, 8, 9]] = 1 - shown[[0, 1, 8, 9]]  # four samples point to the wrong class
+    inputs = {"a": 2.0 * nn.functional.one_hot(shown, 2).float(), "b": torch.randn(20, 2)}
+    model = MultimodalModel(nn.ModuleDict({"a": nn.Identity(), "b": nn.Identity()}), ReadsOnlyA())
+    return model, Method(load_config("synthetic"), {}), _loader(inputs, labels, batch_size=7)
+
+
+def test_a_modality_the_prediction_never_reads_is_worth_exactly_zero(one_modality_data):
+    model, method, loader = one_modality_data
+    config = method.config
+    values = coalition_values(model, method, config, loader, CPU, ["a", "b"])
+    assert values == {
+        frozenset(): pytest.approx(0.4),
+        frozenset({"a"}): pytest.approx(0.8),
+        frozenset({"b"}): pytest.approx(0.4),
+        frozenset({"a", "b"}): pytest.approx(0.8),
+    }
+    shapley = shapley_values(values, ["a", "b"])
+    assert shapley["b"] == 0.0
+    assert shapley["a"] == pytest.approx(0.8 - 0.4, abs=1e-12)  # accuracy minus the empty coalition's
+    metrics = shapley_metrics(model, method, config, loader, CPU, ["a", "b"])
+    assert metrics["test_shapley_b"] == 0.0
+    assert metrics["test_imbalance_degree"] == pytest.approx(0.4, abs=1e-12)
+    assert metrics["test_empty_coalition_acc"] == pytest.approx(0.4)
+    assert model.training  # scoring leaves the model's mode as it found it
+
+
+def test_shapley_values_of_known_games_and_efficiency():
+    players = ["x", "y", "z"]
+    coalitions = [frozenset(c) for size in range(4) for c in itertools.combinations(players, size)]
+    majority = {c: 1.0 if len(c) >= 2 else 0.0 for c in coalitions}  # symmetric: a third each
+    assert shapley_values(majority, players) == pytest.approx({"x": 1 / 3, "y": 1 / 3, "z": 1 / 3})
+    additive = {c: sum({"x": 0.1, "y": 0.25, "z": -0.05}[p] for p in c) for c in coalitions}
+    assert shapley_values(additive, players) == pytest.approx({"x": 0.1, "y": 0.25, "z": -0.05})
+    rng = random.Random(3)
+    for count in (1, 2, 3):
+        names = players[:count]
+        values = {frozenset(c): rng.random() for size in range(count + 1) for c in itertools.combinations(names, size)}
+        shapley = shapley_values(values, names)
+        assert sum(shapley.values()) == pytest.approx(values[frozenset(names)] - values[frozenset()], abs=1e-12)
+    with pytest.raises(ValueError, match="no value for coalition"):
+        shapley_values({frozenset(): 0.0, frozenset({"x"}): 1.0}, ["x", "y"])
+
+
+def test_imbalance_degree_is_the_spread_of_the_shapley_values():
+    assert imbalance_degree({"a": 0.4, "b": 0.1, "c": -0.05}) == pytest.approx(0.45)
+    assert imbalance_degree({"a": 0.3}) == 0.0
+
+
+class CountsItsForwards(Method):
+    """A method whose scoring changes the model's state, as Greedy's gate averages do."""
+
+    @property
+    def scoring_changes_state(self) -> bool:
+        return True
+
+    def forward(self, model, inputs, training):
+        model.get_buffer("forwards").add_(1)
+        return model(inputs)
+
+
+def test_a_method_whose_scoring_changes_state_is_scored_from_the_same_state(one_modality_data):
+    model, _, loader = one_modality_data
+    model.register_buffer("forwards", torch.zeros(()))
+    method = CountsItsForwards(load_config("synthetic"), {})
+    coalition_values(model, method, method.config, loader, CPU, ["a", "b"])
+    flops_per_sample(model, method, method.config, loader, CPU)
+    assert float(model.get_buffer("forwards")) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------------ cost
+
+
+def test_flops_per_sample_and_parameters_of_a_tiny_linear_model():
+    encoders = nn.ModuleDict({"a": nn.Linear(4, 3), "b": nn.Linear(5, 3)})
+    model = MultimodalModel(encoders, ConcatFusion(["a", "b"], 3, 2))
+    loader = _loader({"a": torch.randn(7, 4), "b": torch.randn(7, 5)}, torch.zeros(7, dtype=torch.long), 7)
+    method = Method(load_config("synthetic"), {})
+    # a multiply-add is 2 FLOPs: encoders 4x3 and 5x3, the head 6x2, the head split's two 3x2 products
+    by_hand = 2 * (4 * 3 + 5 * 3 + 6 * 2 + 3 * 2 + 3 * 2)
+    assert flops_per_sample(model, method, method.config, loader, CPU) == by_hand
+    assert parameter_count(model) == (4 * 3 + 3) + (5 * 3 + 3) + (6 * 2 + 2)
+    history = [{"epoch_seconds": 1.0}, {"epoch_seconds": 2.0}, {"val_acc": 0.5}]
+    costs = cost_metrics(model, method, method.config, loader, CPU, history)
+    assert costs == {"params": 47.0, "flops_per_sample": float(by_hand), "seconds_per_epoch": 1.5}
+    assert math.isnan(mean_epoch_seconds([]))
+    peak, source = peak_memory_mib(CPU)
+    assert source == PROCESS_PEAK_RSS and 1.0 < peak < 1e6
+
+
+# ------------------------------------------------------------------------------ trained runs and the report
+
+NOISE_DATASET = ["prepare", "synthetic", "-o", "samples=4000", "-o", "slow_class_signal=0", "-o", "slow_scale=1"]
+
+
+@pytest.fixture(scope="module")
+def noise_runs(tmp_path_factory):
+    """A registry where ``slow`` is pure noise at full scale (no class signal): concat constant:0 over 2 seeds and
+    constant:0.5 over 1."""
+    home = tmp_path_factory.mktemp("imbalance") / "registry"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DMGL_HOME", str(home))
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        runner = CliRunner()
+        for args in (
+            [*NOISE_DATASET, "--silent"],
+            ["train", "--strategy", "constant:0", "--seeds", "2", "--epochs", "3", "--set", "train.batch_size=64"],
+            ["train", "--strategy", "constant:0.5", "--epochs", "1", "--set", "train.batch_size=64", "--silent"],
+        ):
+            result = runner.invoke(cli, args)
+            assert result.exit_code == 0, result.output
+    return home
+
+
+@pytest.fixture
+def tracker(noise_runs, monkeypatch) -> Tracker:
+    monkeypatch.setenv("DMGL_HOME", str(noise_runs))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return Tracker()
+
+
+def _parents(tracker: Tracker) -> list[RunRecord]:
+    return [r for r in tracker.search([tracker.experiment_id("synthetic", create=False)]) if r.role == "parent"]
+
+
+@pytest.mark.slow
+def test_a_planted_noise_modality_is_worth_about_nothing(tracker):
+    seeds = [child for parent in _parents(tracker) for child in tracker.children(parent.run_id)]
+    assert len(seeds) == 3
+    for run in seeds:
+        metrics = run.metrics
+        assert abs(metrics["final_test_shapley_slow"]) <= 0.01  # the issue's target
+        assert metrics["final_test_shapley_fast"] > 0.2
+        # efficiency, and v(all) is the trainer's own test accuracy at the best epoch
+        total = metrics["final_test_shapley_fast"] + metrics["final_test_shapley_slow"]
+        assert total == pytest.approx(metrics["final_test_acc"] - metrics["final_test_empty_coalition_acc"], abs=1e-9)
+        assert metrics["final_test_imbalance_degree"] == pytest.approx(
+            abs(metrics["final_test_shapley_fast"] - metrics["final_test_shapley_slow"])
+        )
+        assert metrics["final_params"] > 0 and metrics["final_flops_per_sample"] > 0
+        assert metrics["final_seconds_per_epoch"] > 0 and metrics["final_peak_memory_mib"] > 0
+        assert run.tags["dmgl.peak_memory"] == PROCESS_PEAK_RSS
+
+
+@pytest.mark.slow
+def test_the_parent_run_summarises_the_seeds_and_describes_them(tracker):
+    (parent,) = [r for r in _parents(tracker) if r.name == "concat-constant-0"]
+    seeds = [c.metrics["final_test_shapley_slow"] for c in tracker.children(parent.run_id)]
+    assert parent.metrics["final_test_shapley_slow_mean"] == pytest.approx(sum(seeds) / 2)
+    for key in ("test_imbalance_degree", "params", "flops_per_sample", "seconds_per_epoch", "peak_memory_mib"):
+        assert f"final_{key}_mean" in parent.metrics and f"final_{key}_std" in parent.metrics
+    # the cells are padded for the UI: compare without the padding
+    note = re.sub(" +", " ", parent.tags["mlflow.note.content"].replace("&ensp;", ""))
+    assert "| ACC | MAP | F1 | ACC fast | ACC slow | Gap ACC |" in note  # the scores' table is unchanged
+    assert "| Shapley fast | Shapley slow | Imbalance | Params | FLOPs/sample | s/epoch | Peak MiB |" in note
+
+
+@pytest.fixture
+def report(noise_runs, monkeypatch):
+    monkeypatch.setenv("DMGL_HOME", str(noise_runs))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def invoke(*args: str, expect: int = 0) -> Result:
+        result = CliRunner().invoke(cli, ["report", "--table", "imbalance", *args])
+        assert result.exit_code == expect, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+        assert "Traceback" not in result.output
+        return result
+
+    return invoke
+
+
+@pytest.mark.slow
+def test_the_imbalance_table_renders_in_every_format(report):
+    text = report().stdout
+    assert "Modality imbalance and cost on synthetic" in text and "Shapley" in text
+    assert "concat (const 0)" in text and "concat (const 0.5)" in text
+    for column in ("fast", "slow", "Imbalance", "Params", "MFLOPs/sample", "s/epoch", "Peak MiB"):
+        assert column in text
+    assert "[n=1]" in text  # the one-seed row says so
+    markdown = report("--format", "markdown").stdout
+    assert (
+        "| Method | Shapley fast | Shapley slow | Imbalance | Params | MFLOPs/sample | s/epoch | Peak MiB |" in markdown
+    )
+    latex = report("--format", "latex").stdout
+    assert r"\begin{tabular}" in latex and r"\multicolumn{2}{c}{Shapley}" in latex and "MFLOPs" in latex
+    rows = list(csv.DictReader(io.StringIO(report("--format", "csv").stdout)))
+    assert {r["table"] for r in rows} == {"imbalance"}
+    assert {r["column"] for r in rows} == {
+        "fast",
+        "slow",
+        "Imbalance",
+        "Params",
+        "MFLOPs/sample",
+        "s/epoch",
+        "Peak MiB",
+    }
+    slow = [r for r in rows if r["column"] == "slow"]
+    assert len(slow) == 2 and all(abs(float(r["mean"])) <= 0.01 for r in slow)
+    (table,) = json.loads(report("--format", "json").stdout)["tables"]
+    assert table["kind"] == "imbalance" and table["column_groups"] == [["Shapley", 2]]
+    assert [row["stub"] for row in table["rows"]] == [["concat (const 0)"], ["concat (const 0.5)"]]
+    assert [c["n"] for c in table["rows"][0]["cells"]] == [2] * 7
+
+
+@pytest.mark.slow
+def test_the_imbalance_table_refuses_the_validation_split(report):
+    refused = report("--split", "val", expect=1)
+    assert "measured on the test split only" in refused.output
