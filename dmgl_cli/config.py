@@ -619,3 +619,16 @@ def validate(config: Config) -> None:
         f"strategy.lb.holdout must be a fraction in (0, 1) or a sample count >= 1, got {lb.holdout!r}",
     )
     strategy_from_config(config.strategy)  # the strategy validates its own numbers (alpha, p, lb.*)
+    if config.strategy.name == "lb" and lb.approx == "ggn":  # refused here, before any run is created
+        from dmgl_cli.methods.base import Method
+
+        _check(
+            config.loss.matching == "infonce",
+            "strategy.lb.approx=ggn needs loss.matching=infonce (a cross-entropy of similarity logits), got "
+            f"{config.loss.matching}; use approx=cg or identity",
+        )
+        _check(
+            METHODS[config.method.name].classification_loss is Method.classification_loss,
+            f"strategy.lb.approx=ggn needs the plain cross-entropy of the fused logits; method {config.method.name} "
+            "replaces it; use approx=cg or identity",
+        )

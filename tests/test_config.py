@@ -200,3 +200,12 @@ def test_scientific_notation_without_a_dot_is_a_number():
     assert load_config("synthetic", ["optim.weight_decay=1e-4"]).optim.weight_decay == 1e-4
     with pytest.raises(DmglError, match="optim.weight_decay' must be a number"):
         load_config("synthetic", ["optim.weight_decay=lots"])
+
+
+def test_ggn_is_refused_where_it_cannot_linearise_before_any_run():
+    base = ["strategy.name=lb", "strategy.lb.approx=ggn"]
+    assert load_config("synthetic", base).strategy.lb.approx == "ggn"
+    with pytest.raises(DmglError, match="needs loss.matching=infonce"):
+        load_config("synthetic", [*base, "loss.matching=js"])
+    with pytest.raises(DmglError, match="method etmc replaces it"):
+        load_config("synthetic", [*base, "method.name=etmc"])

@@ -84,8 +84,8 @@ def check_settings(s: LearningBasedConfig) -> None:
         )
     if s.estimator != "step" and s.approx not in ("identity", "official"):
         raise DmglError(
-            f"{p}approx={s.approx} is the step estimator's inverse Hessian; {p}estimator={s.estimator} is first-order "
-            f"(set {p}estimator=step to use {s.approx})"
+            f"{p}approx={s.approx} is the step estimator's inverse Hessian, which {p}estimator={s.estimator} does not "
+            f"use (set {p}estimator=step to use {s.approx})"
         )
     _positive_int(s.mixed_every, p + "mixed_every")
     if s.approx in ("neumann", "cg", "ggn"):

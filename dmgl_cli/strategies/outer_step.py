@@ -285,7 +285,7 @@ class StepOuterStep(OuterStep):
         self._pending: Hypergradient | None = None
         self._takes = False
         if self.settings.approx == "ggn":
-            check_ggn(loop.config, loop.method, loop.distributed)
+            check_ggn(loop.distributed)
 
     def takes_graph(self, last_step: bool) -> bool:
         self._takes = self.strategy.needs_hypergradient(self.loop.global_step + 1, end_of_epoch=last_step)
@@ -613,21 +613,10 @@ def _transfer_rule(optimizer: torch.optim.Optimizer, estimator: str):
     return rule
 
 
-def check_ggn(config: Config, method: Method, distributed: DistributedContext) -> None:
-    """``approx=ggn`` linearises the network at the logits of a cross-entropy: the fused logits of the plain
-    classification loss and InfoNCE's similarity logits. Refuse what it cannot linearise."""
-    from dmgl_cli.methods.base import Method as BaseMethod
-
-    if config.loss.matching != "infonce":
-        raise DmglError(
-            f"strategy.lb.approx=ggn needs loss.matching=infonce (a cross-entropy of similarity logits), got "
-            f"{config.loss.matching}; use approx=cg or identity"
-        )
-    if type(method).classification_loss is not BaseMethod.classification_loss:
-        raise DmglError(
-            f"strategy.lb.approx=ggn needs the plain cross-entropy of the fused logits; method {config.method.name} "
-            "replaces it; use approx=cg or identity"
-        )
+def check_ggn(distributed: DistributedContext) -> None:
+    """``approx=ggn`` linearises the network at the logits of a cross-entropy (the fused logits of the plain
+    classification loss, InfoNCE's similarity logits); ``config.validate`` refuses a loss or method it cannot
+    linearise before any run exists. What only the run knows is refused here: several processes."""
     if distributed.active:
         raise DmglError("strategy.lb.approx=ggn runs in one process; leave out --nproc or use approx=identity")
 
