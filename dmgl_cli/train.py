@@ -125,10 +125,14 @@ def evaluate(
 def check_against_dataset(config: Config, dataset: PreparedDataset) -> None:
     """Refuse settings that do not fit ``dataset`` before any run is created: the LB strategy's holdout must leave
     samples both for its outer batches and for training."""
-    lb = config.strategy.lb
-    if config.strategy.name == LearningBasedStrategy.name and lb.outer_data == "holdout":
+    if holds_out(config):
         splits = make_splits(dataset, config.data.val_fraction, config.data.split_seed)
-        hold_out(splits.train, lb.holdout, config.data.split_seed, None)
+        hold_out(splits.train, config.strategy.lb.holdout, config.data.split_seed, None)
+
+
+def holds_out(config: Config) -> bool:
+    """Whether the run sets training samples aside for Ours-LB's outer step (``strategy.lb.outer_data=holdout``)."""
+    return config.strategy.name == LearningBasedStrategy.name and config.strategy.lb.outer_data == "holdout"
 
 
 def check_data_parallel(config: Config, processes: int) -> None:
@@ -187,10 +191,9 @@ class Trainer:
         self.strategy: AlphaStrategy = strategy_from_config(config.strategy, seed)
         # strategy.lb.outer_data=holdout: training samples set aside for the outer step, never trained on.
         self.holdout: ArraySplit | None = None
-        lb = config.strategy.lb
-        if config.strategy.name == LearningBasedStrategy.name and lb.outer_data == "holdout":
+        if holds_out(config):
             self.splits.train, self.holdout = hold_out(
-                self.splits.train, lb.holdout, config.data.split_seed, self.splits.val.transform
+                self.splits.train, config.strategy.lb.holdout, config.data.split_seed, self.splits.val.transform
             )
         if distributed.active:
             check_data_parallel(config, distributed.world)

@@ -69,7 +69,6 @@ if TYPE_CHECKING:  # the strategy imports this module when it builds its outer s
     from dmgl_cli.strategies.learning_based import LearningBasedStrategy
 
 SNR_GROUPS = 4  # interleaved groups of sampled steps whose spread gives the estimate's standard error
-_ADAM_EPSILON_DEFAULT = 1e-8
 
 
 class TrainingLoop(Protocol):
@@ -258,7 +257,7 @@ class OuterStep:
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for accumulated, grad in zip(gradient, grads, strict=True):
                     if grad is not None:
-                        accumulated.add_(grad.float() if accumulated.dtype == torch.float32 else grad)
+                        accumulated.add_(grad)
         return gradient
 
     def _batch_size(self) -> int:
@@ -399,6 +398,8 @@ class EpochOuterStep(OuterStep):
     the optimiser's update rule (epoch) or averaged (average), against ``v`` over the whole outer set. With
     ``horizon: run`` the sums go on over epochs (each step's transfer still counted to the end of its epoch)."""
 
+    groups_count = SNR_GROUPS
+
     def __init__(self, strategy: LearningBasedStrategy, loop: TrainingLoop) -> None:
         super().__init__(strategy, loop)
         self.every = self.settings.mixed_every
@@ -432,8 +433,8 @@ class EpochOuterStep(OuterStep):
         """``Z_g -= every * c_s * P_s * d_s`` for the sampled step ``s`` that just took its optimiser step."""
         params = self.hyper_parameters()
         if not self.groups:
-            self.groups = [[torch.zeros_like(p) for p in params] for _ in range(SNR_GROUPS)]
-        group = self.groups[self.samples % SNR_GROUPS]
+            self.groups = [[torch.zeros_like(p) for p in params] for _ in range(self.groups_count)]
+        group = self.groups[self.samples % self.groups_count]
         self.samples += 1
         remaining = self.steps_in_epoch - self.step_in_epoch  # steps s .. T-1, this one included
         transfer = _transfer_rule(self.loop.optimizer, self.settings.estimator)
@@ -519,7 +520,7 @@ class ForwardOuterStep(EpochOuterStep):
         if self.step_in_epoch in self._sampled:
             self._mixed = mixed_gradient(cls_loss, mm_loss, params)
         self._curvature = None
-        if self.groups and any(bool(z.any()) for group in self.groups for z in group):
+        if self.samples:  # Z is 0 until a sampled step drives it (no device sync to find out)
             alpha = self.strategy.alpha
             inner = (1 - alpha) * cls_loss + alpha * mm_loss
             gradient = torch.autograd.grad(inner, params, create_graph=True, allow_unused=True)
@@ -606,7 +607,7 @@ def _transfer_rule(optimizer: torch.optim.Optimizer, estimator: str):
         beta1, beta2 = group["betas"]
         step = int(float(state["step"]))  # this step's count (the optimiser has taken it)
         weight = (1 - beta1) * sum(beta1**k / (1 - beta1 ** (step + k)) for k in range(remaining))
-        eps = float(group.get("eps", _ADAM_EPSILON_DEFAULT))
+        eps = float(group["eps"])
         preconditioner = 1.0 / (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step) + eps)
         return lr * weight, preconditioner
 
