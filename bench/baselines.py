@@ -1,6 +1,6 @@
 """Table 1 on the built-in synthetic data: every registered method, the uni-modal rows, Ours-H and Ours-LB.
 
-Trains each row over N seeds (default 3) through ``dmgl_cli.runner.train`` — the same loop, data, encoders and
+Trains each row over N seeds (default 3) through ``dmgl_cli.run.training.train`` — the same loop, data, encoders and
 seeds for every row — and prints multimodal test ACC, per-modality test ACC and their gap (mean ± std over seeds,
 test scores at the epoch chosen on validation), then the ``dmgl report --table main`` table of the same runs.
 

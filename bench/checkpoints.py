@@ -1,7 +1,7 @@
 """Checkpoints of a CREMA-D-shaped ResNet18 run: the time they hold the training thread, with the background writer
 and without it (each checkpoint written in place, as before), and their bytes on disk per seed.
 
-Each variant trains one seed through ``runner.train`` (the real tracker, ``checkpoints/{last,best}.pt`` in the
+Each variant trains one seed through ``run.training.train`` (the real tracker, ``checkpoints/{last,best}.pt`` in the
 local MLflow store, the logged model), interleaved (background, synchronous, background, ...). Figures per run:
 
 * **epoch s**: the trainer's own ``epoch_seconds`` (training only), median over the run's epochs: does a write in
@@ -133,8 +133,8 @@ def main() -> None:
 
     common.use_private_registry()
     common.set_threads(args.threads)
-    from dmgl_cli import runner
     from dmgl_cli.checkpoint import CheckpointWriter
+    from dmgl_cli.run import training
     from dmgl_cli.tracking import Tracker, local_path
 
     print(f"checkpoints: {common.machine_line()}")
@@ -168,7 +168,7 @@ def main() -> None:
             tracker = Tracker()
             started = time.perf_counter()
             try:
-                outcome = runner.train(config, [0], tracker=tracker, run_name=f"{name.split()[0]}-{next(runs)}")
+                outcome = training.train(config, [0], tracker=tracker, run_name=f"{name.split()[0]}-{next(runs)}")
             finally:
                 for key, function in originals.items():
                     setattr(Tracker, key, function)

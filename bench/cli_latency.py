@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 HEAVY = ("torch", "mlflow", "optuna")
 
 
-def generate_store(runs: int) -> str:
-    """``runs`` runs in the registry of $DMGL_HOME: parents of two seeds each; returns a parent's id."""
+def generate_store(runs: int) -> tuple[str, str]:
+    """``runs`` runs in the registry of $DMGL_HOME: parents of two seeds each; returns two parents' ids."""
     from dmgl_cli.tracking import Tracker
 
     tracker = Tracker()
@@ -36,9 +36,10 @@ def generate_store(runs: int) -> str:
     parents = max(1, runs // 3)  # each with two seeds
     existing = tracker.search([experiment_id], "tags.`dmgl.role` = 'parent'", max_results=1)
     if existing and len(tracker.search([experiment_id])) >= 3 * parents:
-        return existing[0].run_id
+        found = tracker.search([experiment_id], "tags.`dmgl.role` = 'parent'", max_results=2)
+        return found[0].run_id, found[-1].run_id
     strategies = [("constant", {"strategy.alpha": 0.5}), ("stepwise", {"strategy.p": 0.95}), ("lb", {})]
-    started, parent_id = time.monotonic(), ""
+    started, parent_id, first_parent = time.monotonic(), "", ""
     for index in range(parents):
         strategy, setting = strategies[index % len(strategies)]
         tags = {"dmgl.dataset": "synthetic", "dmgl.method": "concat", "dmgl.strategy": strategy}
@@ -57,10 +58,11 @@ def generate_store(runs: int) -> str:
             tracker.log_params(child, {**params, "train.seed": seed})
             tracker.log_metrics(child, {"final_test_acc": 0.6 + seed / 100, "final_val_acc": 0.6})
             tracker.end_run(child, "FINISHED")
-        tracker.log_metrics(parent_id, {"final_test_acc_mean": 0.605, "final_test_acc_std": 0.007})
+        tracker.log_metrics(parent_id, {"final_test_acc": 0.605, "final_test_acc_std": 0.007})
         tracker.end_run(parent_id, "FINISHED")
+        first_parent = first_parent or parent_id
     print(f"generated {3 * parents} runs in {time.monotonic() - started:.0f} s", file=sys.stderr)
-    return parent_id
+    return parent_id, first_parent
 
 
 def heavy_imports(command: list[str]) -> list[str]:
@@ -85,7 +87,7 @@ def main() -> None:
     os.environ["DMGL_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    parent_id = generate_store(args.runs)
+    parent_id, other_parent = generate_store(args.runs)
     dmgl = [sys.executable, "-m", "dmgl_cli"]
     commands = {
         "python -c pass": [sys.executable, "-c", "pass"],
@@ -93,6 +95,8 @@ def main() -> None:
         "runs list": [*dmgl, "runs", "list"],
         "runs show PREFIX": [*dmgl, "runs", "show", parent_id[:8]],
         "runs show (unknown id)": [*dmgl, "runs", "show", "ffffffffff"],
+        "runs compare A B": [*dmgl, "runs", "compare", parent_id[:8], other_parent[:8]],
+        "report --table strategies": [*dmgl, "report", "--experiment", "latency", "--table", "strategies"],
         "train --print-config": [*dmgl, "train", "--print-config"],
         "train --dry-run": [*dmgl, "train", "--dry-run"],
         "train (unprepared dataset)": [*dmgl, "train", "--epochs", "1"],

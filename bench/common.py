@@ -68,19 +68,19 @@ def kept_registry_with_synthetic() -> tuple[Path, list[str]]:
 
 
 def seed_cell(summary: dict[str, float], key: str) -> str:
-    """``mean±std`` of ``key`` over seeds (a runner summary), or ``-`` when the row has no such score."""
+    """``mean±std`` of ``key`` over seeds (a training summary), or ``-`` when the row has no such score."""
     if f"{key}_mean" not in summary:
         return f"{'-':>16}"
     return f"{summary[key + '_mean']:>9.4f}±{summary[key + '_std']:.4f}"
 
 
 def train_seeds(config, seeds: int, run_name: str) -> tuple[dict[str, float], float]:
-    """Train ``config`` over seeds 0..seeds-1 through the runner (one parent run); (summary, seconds)."""
-    from dmgl_cli import runner
+    """Train ``config`` over seeds 0..seeds-1 through run.training (one parent run); (summary, seconds)."""
+    from dmgl_cli.run import training
     from dmgl_cli.tracking import Tracker
 
     started = time.perf_counter()
-    outcome = runner.train(config, list(range(seeds)), tracker=Tracker(), run_name=run_name)
+    outcome = training.train(config, list(range(seeds)), tracker=Tracker(), run_name=run_name)
     return outcome.summary, time.perf_counter() - started
 
 

@@ -7,7 +7,7 @@ its 5% held-out outer data included, with the hypergradient replaced by +1: the 
 training data as Ours-LB) and ``lb:random-sign``. The estimator never changes what a step trains, only where alpha
 goes, so the controls run with the cheapest one (step).
 
-Every row trains seeds 0..N-1 through the real runner into the registry ``DMGL_HOME`` names (so ``dmgl report
+Every row trains seeds 0..N-1 through the real run.training into the registry ``DMGL_HOME`` names (so ``dmgl report
 --stats`` reads the same runs), and the script prints test ACC mean +- std and each row's paired difference to the
 reference row (``--reference``) over the same seeds: mean, 95% t-interval, paired t-test and Wilcoxon signed-rank
 p-values (scipy.stats), Holm-corrected across the rows.
@@ -50,13 +50,13 @@ DEFAULT_ROWS = [label for label in ROWS if not label.endswith(" run")]
 
 
 def _per_seed(config, seeds: int, name: str) -> tuple[dict[int, float], dict[int, float], float]:
-    """Test ACC and final alpha per seed, through the runner (one parent run); and the seconds it took."""
-    from dmgl_cli import runner
+    """Test ACC and final alpha per seed, through run.training (one parent run); and the seconds it took."""
+    from dmgl_cli.run import training
     from dmgl_cli.tracking import Tracker
 
     started = time.perf_counter()
     tracker = Tracker()
-    outcome = runner.train(config, list(range(seeds)), tracker=tracker, run_name=name)
+    outcome = training.train(config, list(range(seeds)), tracker=tracker, run_name=name)
     accuracy, alpha = {}, {}
     for seed_outcome in outcome.seeds:
         accuracy[seed_outcome.seed] = seed_outcome.final["test_acc"]

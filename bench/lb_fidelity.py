@@ -331,9 +331,9 @@ ACCURACY_ROWS = [
 
 
 def accuracy_rows(dataset: str, args) -> list[list]:
-    from dmgl_cli import runner
     from dmgl_cli.config import load_config
     from dmgl_cli.data.registry import open_dataset
+    from dmgl_cli.run import training
     from dmgl_cli.tracking import Tracker
 
     if dataset == "synthetic":
@@ -352,7 +352,7 @@ def accuracy_rows(dataset: str, args) -> list[list]:
     for label, settings in ([] if args.variants_only else ACCURACY_ROWS) + extra_rows:
         config = load_config(recipe, overrides + settings + args.overrides)
         started = time.perf_counter()
-        outcome = runner.train(
+        outcome = training.train(
             config, list(range(args.seeds)), tracker=Tracker(), run_name=f"fidelity-{label.split()[0]}"
         )
         seconds = time.perf_counter() - started

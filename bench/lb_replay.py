@@ -220,7 +220,7 @@ def curvature_section(snapshots: int, terms: int) -> None:
     from dmgl_cli.device import to_device
     from dmgl_cli.hypergradient import coupled_weight_decay, ggn_hypergradient, implicit_hypergradient, mixed_gradient
     from dmgl_cli.objective import compute_losses
-    from dmgl_cli.strategies.outer_step import convex_outputs
+    from dmgl_cli.strategies.estimators import convex_outputs
 
     name = common.write_crema_shaped("crema-curvature", 256, 64, frames=1, frame_size=32)
     overrides = common.crema_overrides(name, "resnet18", 4, 32, sampled_frames=1)

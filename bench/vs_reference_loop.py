@@ -313,10 +313,15 @@ def published_dataset(rows, training: bool):
     return PublishedDataset()
 
 
-def _published_child(args) -> float:
+def _published_child(args, marks: dict[str, float] | None = None, epoch_seconds: list[float] | None = None) -> float:
     """The published loop, whole run: per epoch a training pass (fp32, NCHW, loss.item() per step), then the test
     split scored and the model saved when its accuracy is the best so far. The model is dmgl's (same encoders,
-    same losses), laid out NCHW as the published code's is; its spectrogram and frames come from the files above."""
+    same losses), laid out NCHW as the published code's is; its spectrogram and frames come from the files above.
+    Returns the seconds from the files written to the end; ``marks`` gets wall-clock times (``time.time()``) of the
+    files' writing, the first step's end and the last step's end, ``epoch_seconds`` each training pass's seconds
+    (for bench/whole_run.py)."""
+    marks = {} if marks is None else marks
+    epoch_seconds = [] if epoch_seconds is None else epoch_seconds
     import torch
     from torch.utils.data import DataLoader
 
@@ -325,12 +330,14 @@ def _published_child(args) -> float:
     from dmgl_cli.train import compute_losses
 
     config, dataset, train_indices, folder = _whole_run_setup(args)
+    marks["files_start"] = time.time()
     started = time.perf_counter()
     train_rows = write_published_files(dataset, folder, train_indices, "train", args.whole_run_frames)
     test_rows = write_published_files(
         dataset, folder, range(len(dataset.split("test").labels)), "test", args.whole_run_frames
     )
     written = time.perf_counter() - started
+    marks["files_end"] = time.time()
     started = time.perf_counter()
     torch.manual_seed(0)
     method = build_method(config)
@@ -360,6 +367,7 @@ def _published_child(args) -> float:
     best = -1.0
     for _ in range(config.train.epochs):
         model.train()
+        epoch_started = time.perf_counter()
         for audio, visual, labels in loaders["train"]:
             output = method.forward(model, batch_inputs(audio, visual), training=True)
             cls_loss, mm_loss = compute_losses(method, config, output, labels)
@@ -368,6 +376,9 @@ def _published_child(args) -> float:
             loss.backward()
             optimizer.step()
             loss.item()
+            marks.setdefault("first_step_end", time.time())
+        marks["last_step_end"] = time.time()
+        epoch_seconds.append(time.perf_counter() - epoch_started)
         model.eval()
         correct = total = 0
         with torch.no_grad():
@@ -530,8 +541,15 @@ def main() -> None:
     if args.whole_run_child:
         import json
 
-        child = _published_child if args.whole_run_child == "published" else _dmgl_child
-        print("WHOLE " + json.dumps({"seconds": child(args)}), flush=True)
+        if args.whole_run_child == "published":
+            marks: dict[str, float] = {}
+            epoch_seconds: list[float] = []
+            seconds = _published_child(args, marks, epoch_seconds)
+            marks["end"] = time.time()
+            found = {"seconds": seconds, "marks": marks, "epoch_seconds": epoch_seconds}
+        else:
+            found = {"seconds": _dmgl_child(args)}
+        print("WHOLE " + json.dumps(found), flush=True)
         return
     print(f"vs_reference_loop: {common.machine_line()}")
     if "whole-run" in args.cases.split(","):

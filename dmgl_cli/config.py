@@ -1,10 +1,13 @@
 """One typed, frozen configuration object per run: recipe YAML + settings, resolved once and validated.
 
-A recipe (``recipes/<name>.yaml``) is a nested mapping whose keys mirror the dataclasses below. Anything not in
-the recipe takes the default written here. :func:`resolve` turns (recipe, ``--set key=value`` overrides, the
+A recipe (``recipes/<name>.yaml``) is a nested mapping whose keys mirror the dataclasses of
+:mod:`dmgl_cli.config_types` (built by :mod:`dmgl_cli.config_tree`). Anything not in the recipe takes the default
+written there. :func:`resolve` turns (recipe, ``--set key=value`` overrides, the
 CLI's typed flags) into a :class:`Config` once per command; it is passed on unchanged, and the seeds' copies are
 made with :func:`with_seed` (``dataclasses.replace``). A method defined by fixed settings (``dmgl-official``)
-has them written in here (``Method.pinned_settings``), so the run records what ran; :func:`validate` only checks.
+has them written in here (its catalogue entry's ``pinned_settings``), so the run records what ran;
+:func:`validate` only checks, torch-free: the names it accepts and a method's refusals come from
+:mod:`dmgl_cli.catalogue`, never from an implementation.
 The resolved config is logged whole to every run (flattened as params, and as ``config.yaml``), and
 ``dmgl train --resume`` / ``dmgl eval`` rebuild the run from that file, never from the current recipe.
 See ARCHITECTURE.md for where the config goes from here.
@@ -14,327 +17,87 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import logging
 import re
-import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from dmgl_cli import catalogue
+from dmgl_cli.catalogue import setting_applies
+from dmgl_cli.config_tree import build, get_dotted, parse_override, rename_recorded, set_dotted
+from dmgl_cli.config_types import (
+    Config,
+    DataConfig,
+    EncoderConfig,
+    LossConfig,
+    MethodConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    flatten,
+)
 from dmgl_cli.errors import DmglError
 from dmgl_cli.paths import recipes_dir, safe_name
-from dmgl_cli.strategies.settings import LearningBasedConfig as LearningBasedConfig  # re-exported: part of Config
-from dmgl_cli.strategies.settings import StrategyConfig
+from dmgl_cli.strategies.settings import LearningBasedConfig, StrategyConfig
 
 if TYPE_CHECKING:
     from dmgl_cli.strategies import StrategySpec
 
-LOG = logging.getLogger("dmgl")
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """Encoder of one modality. ``name`` picks from ``models.ENCODERS``."""
-
-    name: str = "mlp"
-    hidden: int = 64
-    layers: int = 2
-    # Local path or torchvision weights name / hub id for pretrained encoders; None trains from scratch.
-    weights: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    embed_dim: int = 64  # every encoder projects to this size so modalities can be matched by cosine similarity
-    dropout: float = 0.0
-    fusion: str = "concat"
-    # Keyed by modality name; "default" applies to modalities not listed.
-    encoders: dict[str, EncoderConfig] = field(default_factory=lambda: {"default": EncoderConfig()})
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    scheduler: Literal["none", "plateau", "step"] = "plateau"
-    # ReduceLROnPlateau on the validation classification loss (§4.1: "reduced x10 on plateau").
-    plateau_factor: float = 0.1
-    plateau_patience: int = 5
-    step_size: int = 30
-    step_gamma: float = 0.1
-    grad_clip: float | None = None
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    matching: str = "infonce"  # infonce (paper) | js (official code) | uniform (Figure 1's uniform-label loss)
-    tau: float = 0.1
-
-
-# The names of dmgl_cli.methods.METHODS, written here so that a mistyped --method is refused before the method
-# registry (and torch) is imported; tests/test_config.py checks that the two lists agree.
-MethodName = Literal[
-    "concat",
-    "unimodal",
-    "sum",
-    "weight",
-    "affine",
-    "channel",
-    "ml-lstm",
-    "etmc",
-    "mses",
-    "g-blend",
-    "ogm-ge",
-    "greedy",
-    "domfn",
-    "mslr",
-    "pmr",
-    "agm",
-    "mla",
-    "dmgl-official",
-    "dmgl-official-eq3",
+# The config's types (config_types.py) and the rule of which settings a run records (the catalogue's) are named
+# from here too.
+__all__ = [
+    "Config",
+    "DataConfig",
+    "EncoderConfig",
+    "LearningBasedConfig",
+    "LossConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "StrategyConfig",
+    "TrainConfig",
+    "available_recipes",
+    "config_from_dict",
+    "config_from_yaml",
+    "derive",
+    "flatten",
+    "load_config",
+    "marked_yaml",
+    "parse_override",
+    "parse_seeds",
+    "read_recipe",
+    "recipe_path",
+    "recorded_params",
+    "resolve",
+    "set_dotted",
+    "setting_applies",
+    "setting_origins",
+    "validate",
+    "with_seed",
 ]
 
-
-@dataclass(frozen=True)
-class MethodConfig:
-    name: MethodName = "concat"
-    # Per-method hyperparameters, keyed by method name: method.<name>.<setting>.
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    val_fraction: float = 0.1  # carved from train (seeded, stratified) when the dataset has no validation split
-    split_seed: int = 0
-    num_workers: int = 0
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 64
-    eval_batch_size: int = 512
-    seed: int = 0
-    select_metric: Literal["acc", "map", "f1"] = "acc"  # validation metric that picks the best epoch (never test)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # bf16 autocast, used on CUDA only
-    deterministic: bool = False
-    # Validation every k epochs (and at the last); the best epoch is chosen among these on validation only, and
-    # optim.scheduler=plateau steps at these epochs (its patience counts validations).
-    eval_every: int = 1
-    # Test scored at every validated epoch (curves), not only at each new best epoch and the last one.
-    test_curves: bool = False
-    compile: bool = False  # the model's forward through torch.compile (GPU throughput: bench/gpu.sh); off on CPU
-
-
-@dataclass(frozen=True)
-class Config:
-    dataset: str = "synthetic"
-    recipe: str = ""
-    experiment: str | None = None
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def flat(self) -> dict[str, Any]:
-        return flatten(self.to_dict())
-
-    def method_options(self, name: str | None = None) -> dict[str, Any]:
-        return dict(self.method.options.get(name or self.method.name, {}))
-
-    def encoder_for(self, modality: str) -> EncoderConfig:
-        encoders = self.model.encoders
-        return encoders.get(modality) or encoders.get("default") or EncoderConfig()
+LOG = logging.getLogger("dmgl")
 
 
 # ----------------------------------------------------------------------------------------------- building
 
 
-def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-# Messages name these fields by what the user typed (--strategy, --method), not by their dotted key.
-_FIELD_LABELS = {"strategy.name": "strategy", "method.name": "method"}
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " or ".join(f'"{choice}"' for choice in typing.get_args(tp))
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    """Check/convert one YAML value against a dataclass field type."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if isinstance(value, str) and value in choices:
-            return value
-        label = _FIELD_LABELS.get(where, where)
-        raise DmglError(f"unknown {label} {value!r}; valid: {', '.join(choices)}")
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(value, option, where)
-            except DmglError:
-                continue
-        names = " or ".join(_type_name(o) for o in options)
-        raise DmglError(f"setting '{where}' must be {names}, got {value!r}")
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise DmglError(f"setting '{where}' must be a mapping, got {value!r}")
-        return _build(tp, value, where)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise DmglError(f"setting '{where}' must be a mapping, got {value!r}")
-        _, value_type = typing.get_args(tp)
-        return {str(k): _convert(v, value_type, f"{where}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise DmglError(f"setting '{where}' must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise DmglError(f"setting '{where}' must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; Python reads it as the number meant
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise DmglError(f"setting '{where}' must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise DmglError(f"setting '{where}' must be a string, got {value!r}")
-    raise TypeError(f"unsupported config type {tp} at {where}")
-
-
-# Settings renamed since they were first recorded: a run's recorded config.yaml still reads (resume, eval), a new
-# --set of the old name is refused with the new one.
-RENAMED = {"train.eval_test_every_epoch": "train.test_curves"}
-
-
-def _rename_recorded(tree: dict[str, Any]) -> None:
-    for old, new in RENAMED.items():
-        section, _, key = old.rpartition(".")
-        values = tree.get(section)
-        if isinstance(values, dict) and key in values:
-            set_dotted(tree, new, values.pop(key))
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        where = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            if where in RENAMED:
-                raise DmglError(f"setting '{where}' is now '{RENAMED[where]}'; use that name")
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" — did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
-            raise DmglError(f"unknown setting '{where}'{hint} (valid here: {', '.join(names)})")
-        kwargs[key] = _convert(value, hints[key], where)
-    return cls(**kwargs)
-
-
-# ------------------------------------------------------------------------------------------ dotted settings
-
-
-def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    """``tree['a']['b'] = value`` for ``key='a.b'``, creating groups on the way — the one way the CLI's ``--set``,
-    a sweep trial and a method's pinned settings change a config."""
-    parts = key.split(".")
-    if not all(parts):
-        raise DmglError(f"setting {key!r} has an empty key part")
-    node = tree
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise DmglError(f"setting {key!r}: '{part}' is a value, not a group of settings")
-        node = child
-    node[parts[-1]] = value
-
-
-def _get_dotted(tree: dict[str, Any], key: str) -> Any:
-    node: Any = tree
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """'train.epochs=5' -> ('train.epochs', 5); the value is read as YAML (numbers, true/false, null)."""
-    if "=" not in text:
-        raise DmglError(f"--set {text!r} must look like key=value, e.g. --set train.epochs=5")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not all(key.split(".")):
-        raise DmglError(f"--set {text!r} has an empty key part")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
 def _pin_method_settings(tree: dict[str, Any], *, announce: bool) -> None:
-    """Write the settings that define the chosen method (``Method.pinned_settings``) into the config tree."""
-    from dmgl_cli.methods import METHODS
-
-    method = METHODS.get(str(_get_dotted(tree, "method.name") or MethodConfig.name))
+    """Write the settings that define the chosen method (its catalogue entry's ``pinned_settings``) into the config
+    tree."""
+    method = catalogue.METHODS.get(str(get_dotted(tree, "method.name") or MethodConfig.name))
     if method is None or not method.pinned_settings:
         return
-    strategy = _get_dotted(tree, "strategy.name") or StrategyConfig.name
+    strategy = get_dotted(tree, "strategy.name") or StrategyConfig.name
     if method.strategies is not None and strategy not in method.strategies:
         return  # validate() refuses the combination, naming the strategies the method supports
     changed, defaults = [], Config().flat()
     for key, value in method.pinned_settings.items():
-        current = _get_dotted(tree, key)
+        current = get_dotted(tree, key)
         current = defaults.get(key) if current is None else current
         if current != value or type(current) is not type(value):
             changed.append(f"{key}={value} (was {current})")
@@ -349,7 +112,7 @@ def _tree_of(data: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def _finish(tree: dict[str, Any], *, announce: bool) -> Config:
     _pin_method_settings(tree, announce=announce)
-    config = _build(Config, tree)
+    config = build(Config, tree)
     validate(config)
     return config
 
@@ -358,7 +121,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     """A validated config from a nested mapping (a recorded config.yaml, a sweep's stored base config, tests);
     settings recorded under an older name are read under their new one."""
     tree = _tree_of(data)
-    _rename_recorded(tree)
+    rename_recorded(tree)
     return _finish(tree, announce=False)
 
 
@@ -374,24 +137,6 @@ def derive(config: Config, settings: Mapping[str, Any]) -> Config:
     for key, value in settings.items():
         set_dotted(tree, key, value)
     return _finish(tree, announce=False)
-
-
-def setting_applies(key: str, strategy: str, method: str) -> bool:
-    """Whether the flattened setting ``key`` is a setting of a run with this strategy and method: ``strategy.alpha``
-    only with constant, ``strategy.p`` only with stepwise, ``strategy.linear_*`` only with linear, ``strategy.lb.*``
-    only with lb, and
-    ``method.options.*`` of the chosen method only."""
-    if key == "strategy.alpha":
-        return strategy == "constant"
-    if key == "strategy.p":
-        return strategy == "stepwise"
-    if key.startswith("strategy.lb."):
-        return strategy == "lb"
-    if key.startswith("strategy.linear_"):
-        return strategy == "linear"
-    if key.startswith("method.options."):
-        return key.startswith(f"method.options.{method}.")
-    return True
 
 
 def recorded_params(config: Config) -> dict[str, Any]:
@@ -469,7 +214,7 @@ def resolve(
             for key, value in strategy.settings().items():
                 set_dotted(tree, key, value)
         if modality is not None:
-            chosen = _get_dotted(tree, "method.name") or MethodConfig.name
+            chosen = get_dotted(tree, "method.name") or MethodConfig.name
             if chosen != "unimodal":
                 raise DmglError(
                     f"--modality picks the one modality of --method unimodal; method {chosen!r} uses every "
@@ -483,11 +228,10 @@ def resolve(
     recipe_tree = read_recipe(recipe)
     tree = with_given_settings(recipe_tree)
     # Unknown keys, wrong types and unknown choices are refused here, before the registries (and torch) load.
-    _build(Config, tree)
+    build(Config, tree)
 
-    from dmgl_cli.methods import METHODS
-
-    published = METHODS[method].published_strategy if method in METHODS and strategy is None else None
+    entry = catalogue.METHODS.get(method) if method is not None and strategy is None else None
+    published = entry.published_strategy if entry is not None else None
     if published is not None:  # below --set and the flags in precedence
         base = copy.deepcopy(recipe_tree)
         for key, value in published.settings().items():
@@ -528,7 +272,7 @@ def setting_origins(config: Config, recipe: str, overrides: Sequence[str] = ()) 
     """{dotted key: ``--set`` or ``flag``} for each setting of ``config`` that differs from the recipe's own value
     (the recipe as written, with dmgl's defaults for what it leaves out): ``--set`` where a ``--set`` named the key
     (or a group above it), ``flag`` where a typed flag gave it, or what ``--method`` or ``--strategy`` implies."""
-    recipe_values = _build(Config, read_recipe(recipe)).flat()
+    recipe_values = build(Config, read_recipe(recipe)).flat()
     given = [parse_override(text)[0] for text in overrides]
     origins = {}
     for key, value in config.flat().items():
@@ -572,13 +316,8 @@ def _choice(value: str, valid: typing.Iterable[str], key: str) -> None:
 
 
 def validate(config: Config) -> None:
-    """Range and name checks; each failure names the setting and the valid values. Changes nothing."""
-    # Imported here: the registries live with the code they name (and import torch).
-    from dmgl_cli.losses import MATCHING_LOSSES
-    from dmgl_cli.methods import METHODS
-    from dmgl_cli.models import ENCODERS, FUSIONS
-    from dmgl_cli.strategies import strategy_from_config
-
+    """Range and name checks; each failure names the setting and the valid values. Changes nothing. Torch-free:
+    names and a method's refusals come from the catalogue."""
     train, optim, lb = config.train, config.optim, config.strategy.lb
     # Both become folder names (prepared data, the experiment's artifact folder): nothing may climb out.
     safe_name(config.dataset, "dataset")
@@ -603,13 +342,16 @@ def validate(config: Config) -> None:
     )
     _check(config.model.embed_dim >= 1, f"model.embed_dim must be >= 1, got {config.model.embed_dim}")
     _check(0.0 <= config.model.dropout < 1.0, f"model.dropout must be in [0, 1), got {config.model.dropout}")
-    _choice(config.model.fusion, FUSIONS, "model.fusion")
+    _choice(config.model.fusion, catalogue.FUSION_NAMES, "model.fusion")
     for modality, encoder in config.model.encoders.items():
-        _choice(encoder.name, ENCODERS, f"encoder for modality {modality!r} (model.encoders.{modality}.name)")
-    _choice(config.loss.matching, MATCHING_LOSSES, "loss.matching")
+        _choice(
+            encoder.name, catalogue.ENCODER_NAMES, f"encoder for modality {modality!r} (model.encoders.{modality}.name)"
+        )
+    _choice(config.loss.matching, catalogue.MATCHING_LOSS_NAMES, "loss.matching")
     _check(config.loss.tau > 0, f"loss.tau must be > 0, got {config.loss.tau}")
-    _choice(config.method.name, METHODS, "method")
-    METHODS[config.method.name].check_config(config)  # strategies it runs with, its pinned settings and options
+    _choice(config.method.name, catalogue.METHODS, "method")
+    method = catalogue.METHODS[config.method.name]
+    method.check_config(config)  # strategies it runs with, its pinned settings and options
     _check(
         lb.outer_batch_size is None or lb.outer_batch_size >= 1,
         f"strategy.lb.outer_batch_size must be >= 1 or null, got {lb.outer_batch_size}",
@@ -618,17 +360,16 @@ def validate(config: Config) -> None:
         (isinstance(lb.holdout, int) and lb.holdout >= 1) or (isinstance(lb.holdout, float) and 0 < lb.holdout < 1),
         f"strategy.lb.holdout must be a fraction in (0, 1) or a sample count >= 1, got {lb.holdout!r}",
     )
-    strategy_from_config(config.strategy)  # the strategy validates its own numbers (alpha, p, lb.*)
+    _choice(config.strategy.name, catalogue.STRATEGIES, "strategy")
+    catalogue.strategy_from_config(config.strategy)  # the strategy validates its own numbers (alpha, p, lb.*)
     if config.strategy.name == "lb" and lb.approx == "ggn":  # refused here, before any run is created
-        from dmgl_cli.methods.base import Method
-
         _check(
             config.loss.matching == "infonce",
             "strategy.lb.approx=ggn needs loss.matching=infonce (a cross-entropy of similarity logits), got "
             f"{config.loss.matching}; use approx=cg or identity",
         )
         _check(
-            METHODS[config.method.name].classification_loss is Method.classification_loss,
+            method.plain_classification_loss,
             f"strategy.lb.approx=ggn needs the plain cross-entropy of the fused logits; method {config.method.name} "
             "replaces it; use approx=cg or identity",
         )

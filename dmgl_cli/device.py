@@ -44,7 +44,8 @@ def configure_determinism(enabled: bool) -> None:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    else:
+    elif torch.are_deterministic_algorithms_enabled():
+        # only when on: use_deterministic_algorithms imports torch._inductor (and torch._dynamo, ~1.3 s) every call
         torch.use_deterministic_algorithms(False)
 
 

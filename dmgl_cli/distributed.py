@@ -3,7 +3,7 @@
 The rule that keeps a run independent of N: **every rank computes the single-process loss of the global batch**.
 
 * The epoch's order and each global batch are those of one process (``EpochBatchSampler``, seeded by (seed,
-  epoch)); rank r reads only its contiguous slice of each batch (:func:`slice_bounds`; ``ArraySplit.shard``), and
+  epoch)); rank r reads only its contiguous slice of each batch (:func:`~dmgl_cli.data.loader.slice_bounds`; ``ArraySplit.shard``), and
   frame sampling and augmentation are drawn for the whole batch, so a sample is transformed as one process would.
 * After the forward of its slice, each rank all-gathers the model's output (logits, per-modality logits, embeddings,
   the methods' batch-shaped extras) *with autograd* (:func:`gather_output`). The losses — cross-entropy, the InfoNCE
@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dmgl_cli.data.loader import slice_bounds
 from dmgl_cli.errors import DmglError
 
 LOG = logging.getLogger("dmgl")
@@ -58,11 +59,6 @@ LOG = logging.getLogger("dmgl")
 # How long a collective waits for a peer before it fails (a rank that died is normally noticed at once: its socket
 # closes). Long enough for rank 0's MLflow writes and checkpoint between two collectives.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
-
-
-def slice_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
-    """[start, stop) of rank ``rank``'s contiguous slice of ``size`` items; sizes differ by at most one."""
-    return size * rank // world, size * (rank + 1) // world
 
 
 @dataclass
@@ -145,7 +141,7 @@ class DistributedContext:
         return holder[0]
 
     def release_followers(self) -> None:
-        """Rank 0: tell the other ranks (waiting in ``runner.follow``) that no more seeds come; once only."""
+        """Rank 0: tell the other ranks (waiting in ``run.ranks.follow``) that no more seeds come; once only."""
         if self.active and self.is_main and not self.released:
             self.released = True
             self.broadcast_object(None)

@@ -26,7 +26,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,66 +36,13 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from dmgl_cli.config import Config
     from dmgl_cli.data.prepared import PreparedDataset
-    from dmgl_cli.tracking import RunRecord, Tracker
+    from dmgl_cli.recorded import RecordedModel
+    from dmgl_cli.tracking import Tracker
 
 ARTIFACT_FOLDER = "explain"
 EXPLAINED_KINDS = ("image", "video")
 DEFAULT_SAMPLES = 4
-
-
-# ----------------------------------------------------------------------------------------------- the run's model
-
-
-@dataclass
-class LoadedRun:
-    """A seed run's model rebuilt from its recorded config and checkpoint, in eval mode on its device."""
-
-    run: RunRecord
-    config: Config
-    dataset: PreparedDataset
-    method: Any  # dmgl_cli.methods.base.Method
-    model: nn.Module
-    device: torch.device
-    checkpoint: str
-
-    @property
-    def label(self) -> str:
-        """The run's name as the paper names it (Concat, Ours-LB, OGM-GE, ...)."""
-        from dmgl_cli.report.labels import row_label
-        from dmgl_cli.strategies import spec_from_params
-
-        spec = spec_from_params(self.run.params, self.run.tags)
-        method = self.config.method.name
-        return row_label(method, spec, "", "paper") if spec is not None else method
-
-
-def seed_run(tracker: Tracker, run_id: str) -> RunRecord:
-    """The seed run ``run_id`` names: itself, or — for a parent run — its finished seed with the best validation
-    score on its selection metric (a tie goes to the lower seed)."""
-    run = tracker.find_run(run_id)  # an id, a unique prefix or a name
-    run_id = run.run_id
-    if run.role == "seed":
-        return run
-    if run.role != "parent":
-        raise DmglError(f"run {run_id} was not made by `dmgl train` (no dmgl.role tag); give a seed or parent run")
-    from dmgl_cli.runner import best_seed_on_validation
-
-    return best_seed_on_validation(tracker, run)[0]
-
-
-def load_run(tracker: Tracker, run_id: str, checkpoint: str = "best") -> LoadedRun:
-    """Rebuild a run's model from its ``config.yaml`` and ``checkpoints/<checkpoint>.pt``, as ``dmgl eval`` does
-    (a parent run: see :func:`seed_run`); refuses a dataset whose checksum changed since the run."""
-    from dmgl_cli.runner import load_recorded_model
-
-    if checkpoint not in ("best", "last"):
-        raise DmglError(f"checkpoint must be best or last, got {checkpoint!r}")
-    run = seed_run(tracker, run_id)
-    recorded = load_recorded_model(tracker, run, checkpoint)
-    model = recorded.model.eval()
-    return LoadedRun(run, recorded.config, recorded.dataset, recorded.method, model, recorded.device, checkpoint)
 
 
 # --------------------------------------------------------------------------------------------------- GradCAM
@@ -244,7 +191,7 @@ class Explained:
     probability: list[float]  # of the true class
 
 
-def explain_samples(loaded: LoadedRun, modality: str, positions: Sequence[int]) -> Explained:
+def explain_samples(loaded: RecordedModel, modality: str, positions: Sequence[int]) -> Explained:
     """GradCAM of ``modality`` for the test samples at ``positions`` (see the module docstring for what is
     attributed and drawn)."""
     import torch
@@ -353,13 +300,14 @@ def explain(
     ``gradcam-<modality>-<run>[-vs-<run>].png`` (rows: samples; columns: input and each run), and logs them to the
     runs under ``explain/``: the grid to every run it shows, each overlay to its own run."""
     from dmgl_cli import plots
+    from dmgl_cli.recorded import load_seed_model
 
     if samples is not None and indices:
         raise DmglError("give --samples or --indices, not both")
-    first = load_run(tracker, run_id, checkpoint)
+    first = load_seed_model(tracker, run_id, checkpoint)
     loaded = [first]
     if compare is not None:
-        second = load_run(tracker, compare, checkpoint)
+        second = load_seed_model(tracker, compare, checkpoint)
         if second.config.dataset != first.config.dataset or second.dataset.checksum != first.dataset.checksum:
             raise DmglError(
                 f"runs {first.run.run_id} ({first.config.dataset}) and {second.run.run_id} ({second.config.dataset}) "

@@ -25,7 +25,7 @@ decay passed here is 0 (:func:`coupled_weight_decay`), and ``damping`` is the on
 * ``neumann``: the truncated Neumann series ``scale * sum_{k=0..K} (I - scale H)^k v`` with K Hessian-vector
   products; it converges to ``H^{-1} v`` when ``H`` is positive definite and ``0 < scale < 2 / lambda_max(H)``, at
   the rate ``(1 - scale * lambda_min)^K``. With ``scale=None`` the caller passes ``lambda_max`` (estimated by
-  :func:`largest_eigenvalue`) and the scale is ``1 / lambda_max``. With a small fixed scale and few terms the series
+  :func:`~dmgl_cli.curvature.largest_eigenvalue`) and the scale is ``1 / lambda_max``. With a small fixed scale and few terms the series
   is ~``(K + 1) * scale * v``, i.e. ``identity`` again.
 * ``cg``: K iterations of conjugate gradient on ``(H + damping I) x = v`` (weight decay already in ``H``). CG is the
   curvature-correct choice: exact in ``dim(theta)`` iterations on a positive definite ``H``. On a real network ``H``
@@ -40,243 +40,33 @@ Everything works on lists of tensors, one per parameter, so the model is never f
 
 Cost (``bench/lb_overhead.py`` and ``bench/lb_fidelity.py`` measure it): ``identity`` needs two plain backward
 passes (``v`` and ``g_MM - g_CLS``), about one training step; every Hessian-vector product is a double backward,
-several steps each on a CNN; Neumann's products are taken two at a time (:func:`neumann_bilinear`).
+several steps each on a CNN; Neumann's products are taken two at a time (:func:`~dmgl_cli.curvature.neumann_bilinear`).
 """
 
-import functools
 import math
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from dmgl_cli.curvature import (
+    CG_RELATIVE_TOLERANCE,
+    POWER_ITERATIONS,
+    ConjugateGradientResult,
+    Reduce,
+    TensorList,
+    conjugate_gradient,
+    dot,
+    fill_unused,
+    hessian_vector_product,
+    hessian_vector_products,
+    largest_eigenvalue,
+    neumann_bilinear,
+    unreduced,
+)
 from dmgl_cli.errors import DmglError
 from dmgl_cli.strategies.settings import APPROXIMATIONS
-
-# Power iterations of a fresh lambda_max estimate (scale=None); the estimate is a Rayleigh quotient, which converges
-# quickly enough for a step size: a 10-20% underestimate of lambda_max still keeps 1/lambda within 2/lambda_max.
-POWER_ITERATIONS = 20
-
-# CG stops once the residual norm falls below this fraction of ||v||; float32 cannot do much better anyway
-_CG_RELATIVE_TOLERANCE = 1e-10
-
-TensorList = list[Tensor]
-# The mean over data-parallel ranks of gradient-shaped tensors (distributed.DistributedContext.average): every
-# gradient made by autograd.grad here is one rank's share until it is reduced. The identity when not distributed.
-Reduce = Callable[[Sequence[Tensor]], TensorList]
-
-
-def _unreduced(tensors: Sequence[Tensor]) -> TensorList:
-    return list(tensors)
-
-
-def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    total = torch.zeros((), dtype=a[0].dtype, device=a[0].device)
-    for x, y in zip(a, b, strict=True):
-        total = total + (x * y).sum()
-    return total
-
-
-def _fill_unused(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> TensorList:
-    # a parameter that the loss does not reach has a zero gradient, not a missing one
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
-
-
-def hessian_vector_product(
-    grads_with_graph: Sequence[Tensor], params: Sequence[Tensor], vector: Sequence[Tensor]
-) -> TensorList:
-    """``H @ vector`` by one double backward through ``grads_with_graph`` (gradients made with ``create_graph=True``).
-
-    The graph is retained so that the product can be taken again for the next vector. Gradients that do not depend
-    on the parameters (no graph) and parameters that the gradients do not reach contribute zeros.
-    """
-    params = list(params)
-    connected = [i for i, g in enumerate(grads_with_graph) if g.requires_grad]
-    if not connected:
-        return [torch.zeros_like(p) for p in params]
-    products = torch.autograd.grad(
-        [grads_with_graph[i] for i in connected],
-        params,
-        grad_outputs=[vector[i].detach() for i in connected],
-        retain_graph=True,
-        allow_unused=True,
-    )
-    return _fill_unused(products, params)
-
-
-@dataclass
-class ConjugateGradientResult:
-    solution: TensorList
-    iterations: int  # Hessian-vector products taken
-    negative_curvature: bool  # stopped at a direction d with d^T H d <= 0
-    relative_residual: float  # ||v - H x|| / ||v|| at the returned x (1.0 when it stopped at once)
-
-
-def conjugate_gradient(
-    hvp: Callable[[TensorList], TensorList],
-    v: Sequence[Tensor],
-    iterations: int,
-    tolerance: float = _CG_RELATIVE_TOLERANCE,
-) -> ConjugateGradientResult:
-    """Up to ``iterations`` steps of conjugate gradient on ``H x = v`` from ``x = 0``, in the dtype of ``v``.
-
-    Stops early once ``||v - H x|| / ||v||`` is below ``tolerance``, or at the first direction of non-positive
-    curvature (``H`` not positive definite there): CG's step along it would move towards a saddle, so the iterate so
-    far is returned and the event is reported; the caller decides whether to use it (:func:`implicit_hypergradient`
-    falls back past ``max_residual``).
-    """
-    solution = [torch.zeros_like(t) for t in v]
-    residual = [t.clone() for t in v]
-    direction = [t.clone() for t in v]
-    residual_sq = _dot(residual, residual)
-    initial_sq = residual_sq
-    stop_below = (tolerance**2) * residual_sq
-    taken, negative = 0, False
-    for _ in range(iterations):
-        if residual_sq <= stop_below or residual_sq == 0:
-            break
-        h_direction = hvp(direction)
-        taken += 1
-        curvature = _dot(direction, h_direction)
-        if curvature <= 0:
-            negative = True
-            break
-        step = residual_sq / curvature
-        solution = [x + step * d for x, d in zip(solution, direction, strict=True)]
-        residual = [r - step * hd for r, hd in zip(residual, h_direction, strict=True)]
-        new_residual_sq = _dot(residual, residual)
-        direction = [r + (new_residual_sq / residual_sq) * d for r, d in zip(residual, direction, strict=True)]
-        residual_sq = new_residual_sq
-    relative = float((residual_sq / initial_sq).sqrt()) if initial_sq > 0 else 0.0
-    return ConjugateGradientResult(solution, taken, negative, relative)
-
-
-def largest_eigenvalue(
-    hvp: Callable[[TensorList], TensorList], like: Sequence[Tensor], iterations: int = POWER_ITERATIONS, seed: int = 0
-) -> float:
-    """The eigenvalue of largest magnitude of ``H`` (given ``hvp(x) = H x``) by power iteration from a seeded random
-    start; returns its magnitude, the bound that keeps Neumann's ``I - scale H`` a contraction on ``H``'s positive
-    eigenvalues."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    vector = [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for t in like]
-    norm = _dot(vector, vector).sqrt()
-    vector = [t / norm for t in vector]
-    estimate = 0.0
-    for _ in range(iterations):
-        product = hvp(vector)
-        estimate = float(_dot(vector, product))  # Rayleigh quotient of the unit vector
-        norm = _dot(product, product).sqrt()
-        if norm == 0:
-            return 0.0
-        vector = [t / norm for t in product]
-    return abs(estimate)
-
-
-def inverse_hvp(
-    hvp: Callable[[TensorList], TensorList],
-    v: Sequence[Tensor],
-    approx: str,
-    terms: int,
-    scale: float,
-    damping: float,
-) -> TensorList:
-    """Approximate ``(H + damping I)^{-1} v`` given ``hvp(x) = H x``; ``approx`` is one of :data:`APPROXIMATIONS`.
-
-    ``terms`` is the number of Neumann terms or CG iterations (ignored by ``identity``); ``scale`` is the step of
-    ``identity`` and ``neumann`` (ignored by ``cg``); ``damping`` is added to the diagonal of ``H`` by ``neumann``
-    and ``cg``, which keeps an indefinite or ill-conditioned Hessian invertible. CG stops as
-    :func:`conjugate_gradient` says.
-    """
-    if approx not in APPROXIMATIONS:
-        raise DmglError(f"unknown inverse-Hessian approximation '{approx}'; valid names: {', '.join(APPROXIMATIONS)}")
-    if approx == "ggn":
-        raise ValueError("ggn linearises the network at its outputs: call ggn_hypergradient with them")
-    v = [t.detach() for t in v]
-    if approx == "identity":
-        return [scale * t for t in v]
-
-    def damped_hvp(x: TensorList) -> TensorList:
-        hx = hvp(x)
-        return [h + damping * t for h, t in zip(hx, x, strict=True)] if damping else hx
-
-    if approx == "neumann":
-        power_term = list(v)
-        series_sum = [t.clone() for t in v]
-        for _ in range(terms):
-            power_term = [p - scale * hp for p, hp in zip(power_term, damped_hvp(power_term), strict=True)]
-            series_sum = [s + p for s, p in zip(series_sum, power_term, strict=True)]
-        return [scale * s for s in series_sum]
-    return conjugate_gradient(damped_hvp, v, terms).solution
-
-
-def hessian_vector_products(
-    grads_with_graph: Sequence[Tensor], params: Sequence[Tensor], vectors: Sequence[Sequence[Tensor]]
-) -> list[TensorList]:
-    """``[H @ x for x in vectors]`` in one batched double backward (``is_grads_batched``, i.e. ``torch.func.vmap``
-    over the backward pass), which keeps the device busier than one product after another.
-
-    Falls back to one product at a time when the batched backward is not available for an operator in the graph.
-    """
-    vectors = [list(x) for x in vectors]
-    if len(vectors) == 1:
-        return [hessian_vector_product(grads_with_graph, params, vectors[0])]
-    params = list(params)
-    connected = [i for i, g in enumerate(grads_with_graph) if g.requires_grad]
-    if not connected:
-        return [[torch.zeros_like(p) for p in params] for _ in vectors]
-    try:
-        batched = torch.autograd.grad(
-            [grads_with_graph[i] for i in connected],
-            params,
-            grad_outputs=[torch.stack([x[i].detach() for x in vectors]) for i in connected],
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=True,
-        )
-    except (RuntimeError, NotImplementedError):
-        # an operator without a batching rule for its double backward: one product per vector gives the same values
-        return [hessian_vector_product(grads_with_graph, params, x) for x in vectors]
-    return [_fill_unused([None if g is None else g[k] for g in batched], params) for k in range(len(vectors))]
-
-
-def neumann_bilinear(
-    hvps: Callable[[list[TensorList]], list[TensorList]],
-    left: Sequence[Tensor],
-    right: Sequence[Tensor],
-    terms: int,
-    scale: float,
-    damping: float,
-) -> Tensor:
-    """``left^T (scale * sum_{k=0..terms} M^k) right`` with ``M = I - scale (H + damping I)``: the Neumann
-    approximation of ``left^T H^{-1} right`` without forming ``H^{-1} right``.
-
-    ``M`` is symmetric, so ``left^T M^k right = (M^a left)^T (M^b right)`` for any ``a + b = k``: two chains of
-    powers, one from each side, reach ``terms`` with ``ceil(terms / 2)`` rounds of products instead of ``terms``, and
-    each round's two products are taken together by ``hvps`` (a batched Hessian-vector product). The value equals
-    ``left^T inverse_hvp(..., "neumann", ...)`` up to rounding.
-    """
-    left_powers = [[t.detach() for t in left]]
-    right_powers = [[t.detach() for t in right]]
-    left_needed, right_needed = terms // 2, terms - terms // 2
-    for round_number in range(right_needed):
-        current = ([left_powers[-1]] if round_number < left_needed else []) + [right_powers[-1]]
-        products = hvps(current)
-        stepped = [
-            [
-                x - scale * (hx + damping * x) if damping else x - scale * hx
-                for x, hx in zip(vector, product, strict=True)
-            ]
-            for vector, product in zip(current, products, strict=True)
-        ]
-        if round_number < left_needed:
-            left_powers.append(stepped[0])
-        right_powers.append(stepped[-1])
-    series = functools.reduce(
-        operator.add, (_dot(left_powers[k // 2], right_powers[k - k // 2]) for k in range(terms + 1))
-    )
-    return scale * series
 
 
 def coupled_weight_decay(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[float]:
@@ -305,13 +95,13 @@ class Hypergradient:
 
 
 def mixed_gradient(
-    cls_loss_inner: Tensor, mm_loss_inner: Tensor, params: Sequence[Tensor], reduce: Reduce = _unreduced
+    cls_loss_inner: Tensor, mm_loss_inner: Tensor, params: Sequence[Tensor], reduce: Reduce = unreduced
 ) -> TensorList:
     """``g_MM - g_CLS`` on the inner batch (one plain backward of ``L_MM - L_CLS``; the graph is kept for the
     caller's own backward), averaged over data-parallel ranks by ``reduce``."""
     params = list(params)
     grads = torch.autograd.grad(mm_loss_inner - cls_loss_inner, params, retain_graph=True, allow_unused=True)
-    return reduce([g.detach() for g in _fill_unused(grads, params)])
+    return reduce([g.detach() for g in fill_unused(grads, params)])
 
 
 def identity_hypergradient(
@@ -319,15 +109,15 @@ def identity_hypergradient(
     cls_loss_outer: Tensor,
     params: Sequence[Tensor],
     scale: float,
-    reduce: Reduce = _unreduced,
+    reduce: Reduce = unreduced,
 ) -> float:
     """``-scale * (g_MM - g_CLS)^T v`` with ``v`` the gradient of the outer loss, whose graph is freed as ``v`` is
     taken: :func:`implicit_hypergradient` with ``approx=identity``, split so that the caller can run the outer forward
     after its own backward has freed the inner graph (the two graphs never coexist). ``mixed`` is already reduced;
     ``v`` is reduced here."""
     params = list(params)
-    v = reduce(_fill_unused(torch.autograd.grad(cls_loss_outer, params, allow_unused=True), params))
-    return float(-scale * _dot(mixed, v))
+    v = reduce(fill_unused(torch.autograd.grad(cls_loss_outer, params, allow_unused=True), params))
+    return float(-scale * dot(mixed, v))
 
 
 def implicit_hypergradient(
@@ -346,7 +136,7 @@ def implicit_hypergradient(
     seed: int = 0,
     outer_shares_graph: bool = True,
     reduce: Reduce | None = None,
-    tolerance: float = _CG_RELATIVE_TOLERANCE,
+    tolerance: float = CG_RELATIVE_TOLERANCE,
     max_residual: float | None = None,
     fallback_scale: float | None = None,
 ) -> Hypergradient:
@@ -384,22 +174,22 @@ def implicit_hypergradient(
     alpha = float(alpha)
     # The outer loss may share its forward graph with the inner ones (keep it then); the trainer's does not, and
     # frees it here so that it does not stay alive through the Hessian-vector products.
-    average = reduce or _unreduced
+    average = reduce or unreduced
     v = average(
-        _fill_unused(
+        fill_unused(
             torch.autograd.grad(cls_loss_outer, params, retain_graph=outer_shares_graph, allow_unused=True), params
         )
     )
     mixed = average(
-        _fill_unused(
+        fill_unused(
             torch.autograd.grad(mm_loss_inner - cls_loss_inner, params, retain_graph=True, allow_unused=True), params
         )
     )
     if approx == "identity":
         assert scale is not None  # refused above
-        return Hypergradient(float(-scale * _dot(mixed, v)))
+        return Hypergradient(float(-scale * dot(mixed, v)))
     total = (1 - alpha) * cls_loss_inner + alpha * mm_loss_inner
-    g_tot = _fill_unused(
+    g_tot = fill_unused(
         torch.autograd.grad(total, params, create_graph=True, retain_graph=True, allow_unused=True), params
     )
     products = 0
@@ -451,9 +241,9 @@ def _solved(
     if untrusted:
         if fallback_scale is None:
             raise ValueError("max_residual needs fallback_scale (the identity step used in place of a failed solve)")
-        value = float(-fallback_scale * _dot(mixed, v))
+        value = float(-fallback_scale * dot(mixed, v))
     else:
-        value = float(-_dot(mixed, result.solution))
+        value = float(-dot(mixed, result.solution))
     return Hypergradient(
         value, products, result.negative_curvature, result.relative_residual, largest_eigenvalue, fallback=untrusted
     )
@@ -492,11 +282,11 @@ def ggn_hypergradient(
     params = list(params)
     outputs = list(outputs)
     decay = [float(weight_decay)] * len(params) if isinstance(weight_decay, (int, float)) else list(weight_decay)
-    v = _fill_unused(torch.autograd.grad(cls_loss_outer, params, allow_unused=True), params)
+    v = fill_unused(torch.autograd.grad(cls_loss_outer, params, allow_unused=True), params)
     mixed = [t.detach() for t in mixed]
     dummies = [torch.zeros_like(y, requires_grad=True) for y in outputs]
     # J^T u as a function of u: its graph is built once; differentiating it in u gives J v for any v
-    transposed = _fill_unused(
+    transposed = fill_unused(
         torch.autograd.grad(outputs, params, grad_outputs=dummies, create_graph=True, allow_unused=True), params
     )
     connected = [i for i, t in enumerate(transposed) if t.requires_grad]
@@ -516,7 +306,7 @@ def ggn_hypergradient(
         )
         jv = [torch.zeros_like(y) if t is None else t for t, y in zip(jv, outputs, strict=True)]
         curvature = torch.autograd.grad(output_grads, detached, grad_outputs=jv, retain_graph=True)
-        back = _fill_unused(
+        back = fill_unused(
             torch.autograd.grad(outputs, params, grad_outputs=list(curvature), retain_graph=True, allow_unused=True),
             params,
         )
@@ -553,7 +343,7 @@ def alpha_hypergradient(
 
 
 def first_tensor_hessian_gradient_mean(
-    cls_loss: Tensor, matching_loss: Tensor, alpha: float, params: Sequence[Tensor], reduce: Reduce = _unreduced
+    cls_loss: Tensor, matching_loss: Tensor, alpha: float, params: Sequence[Tensor], reduce: Reduce = unreduced
 ) -> float:
     """The authors' released alpha gradient (``getAlpha_Learnable`` of ``Crema_epoch_learnable.py`` in
     njustkmg/NeurIPS24-LFM): with ``L = (1 - alpha) L_CLS + alpha L_MM`` on one batch, the mean over the entries of
@@ -562,7 +352,7 @@ def first_tensor_hessian_gradient_mean(
     Eq. 3, and ``dmgl-official`` uses it because the released code does."""
     params = list(params)
     total = (1 - alpha) * cls_loss + alpha * matching_loss
-    g_total = _fill_unused(torch.autograd.grad(total, params, create_graph=True, allow_unused=True), params)
-    g_cls = reduce(_fill_unused(torch.autograd.grad(cls_loss, params, retain_graph=True, allow_unused=True), params))
+    g_total = fill_unused(torch.autograd.grad(total, params, create_graph=True, allow_unused=True), params)
+    g_cls = reduce(fill_unused(torch.autograd.grad(cls_loss, params, retain_graph=True, allow_unused=True), params))
     product = reduce(hessian_vector_product(g_total, params, g_cls))
     return float(product[0].mean())

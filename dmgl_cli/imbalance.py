@@ -3,7 +3,7 @@ fused test accuracy, how unequal those contributions are, and what the model cos
 
 **Shapley values of test accuracy.** The modalities are the players of a cooperative game whose value ``v(S)`` is
 the accuracy of the method's fused prediction (``method.forward`` in eval mode, then ``method.predict``, argmax of
-the softmax, exactly as :func:`dmgl_cli.train.evaluate` scores ``test_acc``) when only the modalities in ``S`` are
+the softmax, exactly as :func:`dmgl_cli.evaluation.evaluate` scores ``test_acc``) when only the modalities in ``S`` are
 present. A modality is made *absent* by replacing its model input (the batch after the evaluation transform) with
 zeros of the same shape and dtype, ``torch.zeros_like``, as BalanceBenchmark's toolkit does. The rule is the same for
 every method, because every model takes its inputs through ``method.forward``; dmgl's per-modality scores
@@ -31,11 +31,11 @@ stays defined when a contribution is 0 or negative.
 element-wise operations are not counted) over one evaluation forward of the split's first batch, divided by its
 size. Seconds per epoch: the mean of the trainer's ``epoch_seconds`` (training only, without validation and test).
 Peak memory in MiB (2^20 bytes): on CUDA ``torch.cuda.max_memory_allocated`` since the last
-:func:`reset_peak_memory` (the runner resets it when a seed's trainer is built, so it is the seed's training and
+:func:`reset_peak_memory` (run.training resets it when a seed's trainer is built, so it is the seed's training and
 evaluation), elsewhere the process's peak resident set size (``resource.getrusage``), which covers the whole process
 so far, including any seed trained before in it; :func:`peak_memory_mib` says which.
 
-Training layer: torch, no MLflow; the runner calls these once per seed on the best checkpoint's weights.
+Training layer: torch, no MLflow; run.training calls these once per seed on the best checkpoint's weights.
 """
 
 from __future__ import annotations

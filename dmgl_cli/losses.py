@@ -140,6 +140,7 @@ def fused_uniform_label_loss(
 
 MatchingLoss = Callable[[dict[str, Tensor], dict[str, Tensor], Tensor, float], Tensor]
 
+# loss.matching -> the loss; config accepts catalogue.MATCHING_LOSS_NAMES (tests/test_config.py checks they agree).
 MATCHING_LOSSES: dict[str, MatchingLoss] = {
     "infonce": mean_pairwise_info_nce,
     "js": mean_pairwise_js_divergence,

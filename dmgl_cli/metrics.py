@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, average_precision_score, f1_score
+
+from dmgl_cli.over_seeds import curves_over_seeds, mean_std, summarise_over_seeds
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -29,6 +30,10 @@ def classification_scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, fl
     classes, a class never true nor predicted counting as 0). Since ``labels`` must be non-empty and in range, at least
     one class always has a positive, so ``map`` is always defined.
     """
+    # here, not at the top: scikit-learn (with scipy.stats) takes ~1 s to import, which `dmgl train` would pay
+    # before its first step
+    from sklearn.metrics import accuracy_score, average_precision_score, f1_score
+
     labels = np.asarray(labels)
     probs = np.asarray(probs)
     if labels.ndim != 1 or probs.ndim != 2 or labels.shape[0] != probs.shape[0]:
@@ -272,33 +277,10 @@ def _float32_softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.detach().to(torch.float32), dim=-1)
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard deviation of per-seed values, as every table and summary in dmgl reports them.
-
-    The paper reports "mean ± std over 3 seeds" without saying which std; this is the sample standard deviation
-    (``ddof=1``) of several values and 0.0 (``ddof=0``) for a single value, where ``ddof=1`` is undefined. A NaN
-    among the values makes both NaN; an infinite one makes the std NaN.
-    """
-    if len(values) == 0:
-        raise ValueError("mean_std needs at least one value")
-    array = np.asarray(values, dtype=np.float64)
-    return float(np.mean(array)), float(np.std(array, ddof=1 if len(array) > 1 else 0))
-
-
-def summarise_over_seeds(per_seed: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """``{key}_mean`` and ``{key}_std`` (:func:`mean_std`) for every key present in all of the per-seed result dicts."""
-    if not per_seed:
-        raise ValueError("summarise_over_seeds needs at least one seed's results")
-    common_keys = [key for key in per_seed[0] if all(key in results for results in per_seed[1:])]
-    summary: dict[str, float] = {}
-    for key in common_keys:
-        summary[f"{key}_mean"], summary[f"{key}_std"] = mean_std([results[key] for results in per_seed])
-    return summary
-
-
 __all__ = [
     "MetricAccumulator",
     "classification_scores",
+    "curves_over_seeds",
     "mean_pairwise_modality_gap",
     "mean_std",
     "modality_gap_distance",

@@ -8,6 +8,7 @@ The registry folder (``./registry`` by default, moved by ``DMGL_HOME``) holds ev
       optuna.db        Optuna storage for `dmgl sweep`
       datasets.db      dataset registry (sqlite-utils)
       datasets/<name>/ prepared datasets (memory-mappable arrays + manifest.json)
+      journal/<run_id>/ what a run wrote to a tracking server that is not sent yet (dmgl_cli/tracking/journal.py)
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def default_tracking_uri(home: Path | None = None) -> str:
 def resolve_tracking_uri(explicit: str | None = None) -> str:
     """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the registry's own SQLite store."""
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def journal_dir(home: Path | None = None) -> Path:
+    """Where runs written to a tracking server keep their journals: local even when the store is remote."""
+    return (home or registry_home()) / "journal"
 
 
 def default_artifacts_dir(home: Path | None = None) -> Path:

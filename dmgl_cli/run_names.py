@@ -1,4 +1,4 @@
-"""How ``dmgl train`` names its runs: apart from :mod:`dmgl_cli.runner` (which loads torch and MLflow), so that
+"""How ``dmgl train`` names its runs: apart from :mod:`dmgl_cli.run.training` (which loads torch and MLflow), so that
 ``dmgl train --dry-run`` shows the names without loading either."""
 
 from __future__ import annotations

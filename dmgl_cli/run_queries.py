@@ -24,11 +24,12 @@ from dmgl_cli.strategies import StrategySpec, parse_strategy, spec_from_params
 
 if TYPE_CHECKING:
     from dmgl_cli.config import Config
+    from dmgl_cli.sweep import SweepRequest
     from dmgl_cli.tracking import RunRecord, Tracker
 
 ROLES = ("parent", "seed", "sweep")
 STATUSES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
-FINAL_PREFIX = "final_"  # what runner logs as a run's final metrics
+FINAL_PREFIX = "final_"  # what run.training logs as a run's final metrics
 _TAG_VALUE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")  # method and dataset names; nothing to escape in a filter
 
 
@@ -58,7 +59,7 @@ def strategy_of(run: RunRecord) -> StrategySpec | None:
 
 
 def final_metrics(run: RunRecord) -> dict[str, float]:
-    """A run's ``final_*`` metrics without the prefix (a seed: ``test_acc``; a parent: ``test_acc_mean``...)."""
+    """A run's ``final_*`` metrics without the prefix (a seed: ``test_acc``; a parent: ``test_acc``, the mean over its seeds, and ``test_acc_std``)."""
     return {k[len(FINAL_PREFIX) :]: v for k, v in sorted(run.metrics.items()) if k.startswith(FINAL_PREFIX)}
 
 
@@ -117,9 +118,9 @@ def _headline(run: RunRecord) -> tuple[str, float | None, float | None]:
         return key, run.metrics.get(key), None
     metrics = run.metrics
     key = f"test_{chosen}"
-    if f"{FINAL_PREFIX}{key}_mean" in metrics:
+    if f"{FINAL_PREFIX}{key}_mean" in metrics:  # a parent recorded by an earlier version
         return key, metrics[f"{FINAL_PREFIX}{key}_mean"], metrics.get(f"{FINAL_PREFIX}{key}_std")
-    return key, metrics.get(f"{FINAL_PREFIX}{key}"), None
+    return key, metrics.get(f"{FINAL_PREFIX}{key}"), metrics.get(f"{FINAL_PREFIX}{key}_std")
 
 
 def summarise(tracker: Tracker, run: RunRecord, experiments: dict[str, str] | None = None) -> RunSummary:
@@ -336,7 +337,7 @@ def compare_runs(tracker: Tracker, references: list[str]) -> Comparison:
 
 def parent_run_name(config: Config, run_name: str | None = None) -> str:
     """The parent run's name: ``--name``, or :func:`dmgl_cli.run_names.default_run_name` (``concat-constant-0.5``),
-    the rule runner.train applies."""
+    the rule run.training.train applies."""
     from dmgl_cli.run_names import default_run_name
 
     return safe_name(run_name or default_run_name(config), "run name")
@@ -361,10 +362,10 @@ class TrainPlan:
 
 
 def train_plan(config: Config, seeds: list[int], run_name: str | None = None) -> TrainPlan:
-    """What :func:`dmgl_cli.runner.train` would record for ``config`` and ``seeds``; opens no store."""
+    """What :func:`dmgl_cli.run.training.train` would record for ``config`` and ``seeds``; opens no store."""
     if not seeds:
         raise DmglError("at least one seed is needed")
-    from dmgl_cli.run_names import seed_run_name  # the rule runner.train applies
+    from dmgl_cli.run_names import seed_run_name  # the rule run.training.train applies
 
     parent = parent_run_name(config, run_name)
     spec = spec_from_params({k: str(v) for k, v in config.flat().items()})
@@ -410,26 +411,20 @@ def train_config_listing(config: Config, recipe: str, overrides: list[str] | tup
     return ConfigListing(config, setting_origins(config, recipe, overrides))
 
 
-def sweep_config_listing(
-    recipe: str | None,
-    overrides: list[str] | tuple[str, ...],
-    experiment: str | None,
-    strategies: str | None,
-    seeds: str | None,
-    tune: str | None,
-) -> ConfigListing:
+def sweep_config_listing(request: SweepRequest) -> ConfigListing:
     """``dmgl sweep --print-config``: the base config of every trial and each strategy's settings over it, as a new
     study would plan them; opens no Optuna storage or MLflow store (a study that exists keeps its own settings)."""
-    from dmgl_cli.config import parse_seeds, resolve, setting_origins
+    from dmgl_cli.config import parse_seeds, setting_origins
     from dmgl_cli.strategies import parse_strategies
+    from dmgl_cli.sweep import DEFAULT_RECIPE, base_config
     from dmgl_cli.tunables import parse_tune
 
-    chosen = recipe or "synthetic"  # as the sweep's default
-    given = [*overrides, *([f"experiment={experiment}"] if experiment else [])]
-    config = resolve(chosen, given)
-    specs = parse_strategies(strategies or "table4")
-    tuned = parse_tune(tune)
-    seed_list = parse_seeds(seeds or "1", config.train.seed)
+    chosen = request.recipe or DEFAULT_RECIPE
+    given = request.config_overrides()
+    config = base_config(request)  # as check_request resolved it
+    specs = parse_strategies(request.strategies or "table4")
+    tuned = parse_tune(request.tune)
+    seed_list = parse_seeds(request.seeds or "1", config.train.seed)
     per_strategy = {spec.key: spec.settings() for spec in specs}
     notes = [
         f"dmgl sweep: recipe {chosen}; {len(specs)} strateg{'ies' if len(specs) != 1 else 'y'} x seeds "
@@ -449,10 +444,10 @@ def reproduce_config_listing(
     """``dmgl reproduce --print-config``: the config every row starts from and the method and strategy each paper
     row sets on it; opens neither the dataset nor the MLflow store (``--dry-run`` says what is reused)."""
     from dmgl_cli.config import parse_seeds, resolve, setting_origins
-    from dmgl_cli.reproduce import _check_table, _recipe_for
+    from dmgl_cli.reproduce.plan import check_table, recipe_for
 
-    paper = _check_table(table)
-    chosen, _ = _recipe_for(paper, dataset, recipe)
+    paper = check_table(table)
+    chosen, _ = recipe_for(paper, dataset, recipe)
     config = resolve(chosen, overrides)
     seed_list = parse_seeds(seeds, config.train.seed)
     rows = {

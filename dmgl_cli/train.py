@@ -14,7 +14,8 @@ chosen on validation only, the test split is scored at each new best epoch (the 
 epoch (every validated epoch with ``train.test_curves``), and a checkpoint with everything needed for an exact
 resume is written. The trainer never asks which strategy it runs (it calls the outer step's hooks, or none), and
 never talks to MLflow: it hands metrics and checkpoints to a :class:`RunSink`. A run whose alpha is 0 throughout
-does not compute L_MM.
+does not compute L_MM. What it checks and builds before the first step is :mod:`dmgl_cli.train_setup`'s; scoring
+a split, :mod:`dmgl_cli.evaluation`'s.
 """
 
 from __future__ import annotations
@@ -36,22 +37,22 @@ from dmgl_cli.data.loader import ArraySplit, EpochBatchSampler, eval_loader, hol
 from dmgl_cli.data.prepared import PreparedDataset
 from dmgl_cli.data.transforms import build_transforms, model_input_specs
 from dmgl_cli.device import autocast, configure_determinism, pick_device, seed_everything, to_device
-from dmgl_cli.distributed import (
-    SINGLE_PROCESS,
-    DistributedContext,
-    batch_rows_of,
-    device_for_rank,
-    interleave_shards,
-)
+from dmgl_cli.distributed import SINGLE_PROCESS, DistributedContext, batch_rows_of, device_for_rank
 from dmgl_cli.errors import DmglError, Interrupted
+from dmgl_cli.evaluation import evaluate
 from dmgl_cli.losses import total_loss
 from dmgl_cli.methods import build_method
-from dmgl_cli.methods.base import Method
-from dmgl_cli.metrics import MetricAccumulator
-from dmgl_cli.models import MultimodalModel
-from dmgl_cli.models.vision import ResNetTrunk
 from dmgl_cli.objective import compute_losses
-from dmgl_cli.strategies import AlphaStrategy, LearningBasedStrategy, strategy_from_config
+from dmgl_cli.strategies import AlphaStrategy, strategy_from_config
+from dmgl_cli.strategies.estimators import outer_step_for
+from dmgl_cli.train_setup import (
+    build_optimizer,
+    build_scheduler,
+    check_against_dataset,
+    check_data_parallel,
+    holds_out,
+    place_model,
+)
 
 __all__ = [
     "RunSink",
@@ -61,6 +62,7 @@ __all__ = [
     "check_data_parallel",
     "compute_losses",
     "evaluate",
+    "holds_out",
 ]
 
 LOG = logging.getLogger("dmgl")
@@ -81,76 +83,32 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics, epoch 1..T
 
 
-@torch.inference_mode()
-def evaluate(
-    model: MultimodalModel,
-    method: Method,
-    config: Config,
-    loader,
-    device: torch.device,
-    prefix: str,
-    distributed: DistributedContext = SINGLE_PROCESS,
-) -> dict[str, float]:
-    """Scores of one split: fused and per-modality ACC / MAP / macro-F1, their gap, the modality-gap distance,
-    and the two losses — all prefixed (``val_acc``, ``test_acc_audio``, ...).
+@dataclass
+class EpochTally:
+    """A training epoch's running sums of the losses (on the device: no host sync per step), the samples seen and
+    when it started; what a mid-epoch checkpoint records of them, and back."""
 
-    Data-parallel: ``loader`` yields this rank's batches (batch i on rank i mod N, ``EpochBatchSampler.batch_shard``);
-    every rank's per-batch records are gathered and added in the batches' order, so every rank returns the
-    single-process metrics."""
-    was_training = model.training
-    model.eval()
-    accumulator = MetricAccumulator()
-    for batch in loader:
-        inputs, labels = to_device(batch, device)
-        with autocast(device, config.train.amp):
-            output = method.forward(model, inputs, training=False)
-        cls_loss, mm_loss = compute_losses(method, config, output, labels)
-        accumulator.add(
-            labels,
-            method.predict(output).float(),
-            {m: z.float() for m, z in output.unimodal_logits.items()},
-            {m: z.float() for m, z in output.embeddings.items()},
-            {"cls_loss": cls_loss, "mm_loss": mm_loss},
-            int(labels.shape[0]),
-        )
-    model.train(was_training)
-    if distributed.active:
-        shards = distributed.gather_objects(accumulator.batch_records())
-        merged = MetricAccumulator()
-        merged.add_records(interleave_shards(shards))  # the batches in their order
-        accumulator = merged
-    return accumulator.compute(prefix)
+    sums: dict[str, Tensor]
+    seen: int
+    started: float  # time.perf_counter(), less the seconds trained before an interruption
 
+    @classmethod
+    def resumed(cls, position: dict[str, Any], device: torch.device) -> EpochTally:
+        """The tally of a fresh epoch, or of one resumed at ``position`` (from :meth:`position`)."""
+        sums = {k: torch.tensor(v, device=device) for k, v in position.get("sums", {}).items()}
+        return cls(sums, position.get("seen", 0), time.perf_counter() - position.get("seconds", 0.0))
 
-def check_against_dataset(config: Config, dataset: PreparedDataset) -> None:
-    """Refuse settings that do not fit ``dataset`` before any run is created: the LB strategy's holdout must leave
-    samples both for its outer batches and for training."""
-    if holds_out(config):
-        splits = make_splits(dataset, config.data.val_fraction, config.data.split_seed)
-        hold_out(splits.train, config.strategy.lb.holdout, config.data.split_seed, None)
+    def add(self, values: dict[str, Tensor], size: int) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0) + value.detach().float() * size
+        self.seen += size
 
-
-def holds_out(config: Config) -> bool:
-    """Whether the run sets training samples aside for Ours-LB's outer step (``strategy.lb.outer_data=holdout``)."""
-    return config.strategy.name == LearningBasedStrategy.name and config.strategy.lb.outer_data == "holdout"
-
-
-def check_data_parallel(config: Config, processes: int) -> None:
-    """Refuse a run that cannot train in ``processes`` data-parallel processes: a method that cannot (its
-    ``data_parallel_refusal``), or batches smaller than the number of processes."""
-    from dmgl_cli.methods import METHODS
-
-    reason = METHODS[config.method.name].data_parallel_refusal
-    if processes > 1 and reason:
-        raise DmglError(
-            f"method {config.method.name} cannot train data-parallel: {reason}; train it in one process "
-            "(leave out --nproc)"
-        )
-    if processes > config.train.batch_size:
-        raise DmglError(
-            f"{processes} processes need training batches of at least {processes} samples, train.batch_size is "
-            f"{config.train.batch_size}; raise it or use fewer processes"
-        )
+    def position(self) -> dict[str, Any]:
+        return {
+            "sums": {k: float(v) for k, v in self.sums.items()},
+            "seen": self.seen,
+            "seconds": time.perf_counter() - self.started,
+        }
 
 
 class Trainer:
@@ -209,50 +167,20 @@ class Trainer:
             pin_memory=pin,
             persistent=True,
         )
+        shard = (distributed.rank, distributed.world) if distributed.active else None  # batch i on rank i mod N
         self.eval_loaders = {
-            name: eval_loader(dataset, config, split, num_workers=workers, pin_memory=pin)
+            name: eval_loader(dataset, config, split, num_workers=workers, pin_memory=pin, batch_shard=shard)
             for name, split in (("val", self.splits.val), ("test", self.splits.test))
         }
-        for loader in self.eval_loaders.values():  # whole batches, batch i on rank i mod N
-            assert isinstance(loader.batch_sampler, EpochBatchSampler)
-            loader.batch_sampler.batch_shard = (distributed.rank, distributed.world) if distributed.active else None
 
         self.method = build_method(config)
         self.model = self.method.build_model(model_input_specs(dataset.modalities, config), dataset.num_classes)
-        # Data-parallel on CUDA: BatchNorm over the global batch (SyncBatchNorm), as one process normalises it; on the
-        # CPU (no SyncBatchNorm) each rank normalises its slice and rank 0's running statistics are broadcast after
-        # every step (DDP's broadcast_buffers).
-        has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
-        if distributed.active and has_batchnorm and self.device.type == "cuda":
-            # converts the BatchNorm layers in place (the root is a MultimodalModel, returned as is)
-            torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self._broadcast_buffers = distributed.active and has_batchnorm and self.device.type != "cuda"
-        if self._broadcast_buffers and distributed.is_main:
-            LOG.warning(
-                "data-parallel on the CPU: BatchNorm normalises each rank's slice of the batch (SyncBatchNorm needs "
-                "CUDA), so the results differ from one process's (a model without BatchNorm matches them)"
-            )
-        self.model = self.model.to(self.device)
-        distributed.broadcast_module(self.model)  # rank 0's initial weights everywhere
-        # channels_last for 2D convolutions only: Module.to(memory_format=channels_last) fails on the 5D weights of
-        # 3D convolutions (NVGesture's video encoders). On the CPU only the ResNet trunks wide enough for it
-        # (models/vision.py, CPU_CHANNELS_LAST_MIN_WIDTH), whose inputs their encoders then lay out the same way.
-        for module in self.model.modules():
-            if isinstance(module, ResNetTrunk) and module.channels_last_on(self.device):
-                module.to(memory_format=torch.channels_last)
-            elif isinstance(module, torch.nn.Conv2d) and self.device.type == "cuda":
-                module.to(memory_format=torch.channels_last)
-        # train.compile: torch.compile of the model's forward, in place (nn.Module.compile), so that the model keeps
-        # its class, the submodules the methods reach into and its state_dict keys (no ``_orig_mod.`` prefix): its
-        # checkpoints load into an uncompiled model and the other way round. Double backward runs uncompiled
-        # (:meth:`uncompiled`).
-        if config.train.compile:
-            self.model.compile()
+        self.model, self._broadcast_buffers = place_model(self.model, config, self.device, distributed)
         self._warned_uncompiled = False
-        self.optimizer = self._build_optimizer()
-        self.scheduler = self._build_scheduler()
+        self.optimizer = build_optimizer(config, self.method, self.model)
+        self.scheduler = build_scheduler(config, self.optimizer)
         # The strategy's hooks when it learns alpha (Ours-LB), None for a schedule; alpha 0 throughout: no L_MM.
-        self.outer_step = self.strategy.outer_step(self)
+        self.outer_step = outer_step_for(self.strategy, self)
         self.computes_matching = not self.strategy.always_zero
 
         self.epoch = 0  # completed epochs
@@ -283,25 +211,6 @@ class Trainer:
         part.shard = (self.distributed.rank, self.distributed.world)
         return part
 
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        optim = self.config.optim
-        groups = self.method.param_groups(self.model)
-        if optim.name == "sgd":
-            return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
-        if optim.name == "adam":
-            return torch.optim.Adam(groups, lr=optim.lr, weight_decay=optim.weight_decay)
-        return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
-
-    def _build_scheduler(self):
-        optim = self.config.optim
-        if optim.scheduler == "plateau":
-            return torch.optim.lr_scheduler.ReduceLROnPlateau(
-                self.optimizer, mode="min", factor=optim.plateau_factor, patience=optim.plateau_patience
-            )
-        if optim.scheduler == "step":
-            return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=optim.step_size, gamma=optim.step_gamma)
-        return None
-
     @contextlib.contextmanager
     def uncompiled(self, needed: bool = True) -> Iterator[None]:
         """Under ``train.compile``, the forwards made inside run the uncompiled model (the same module and
@@ -325,24 +234,9 @@ class Trainer:
             yield
 
     def _train_epoch(self) -> dict[str, float]:
+        """One epoch of Algorithm 1's inner loop; the hooks, in order, are listed in ARCHITECTURE.md."""
         config, model, method, strategy, outer = self.config, self.model, self.method, self.strategy, self.outer_step
-        model.train()
-        sampler = self.train_loader.batch_sampler
-        assert isinstance(sampler, EpochBatchSampler)  # make_loader's: shuffles from (seed, epoch), can skip ahead
-        sampler.set_epoch(self.epoch)
-        batches = len(self.train_loader)
-        # After an interruption mid-epoch: skip the batches already trained and carry on the epoch's sums.
-        position = self._epoch_position
-        self._epoch_position = {}
-        sampler.skip = position.get("batch", 0)
-        sums: dict[str, Tensor] = {k: torch.tensor(v, device=self.device) for k, v in position.get("sums", {}).items()}
-        seen = position.get("seen", 0)
-        started = time.perf_counter() - position.get("seconds", 0.0)
-        passes = method.train_passes()  # optimiser steps per batch: one, or one per modality (MLA)
-        if outer is not None:
-            if position:  # the outer step's state of the epoch's first part: its update matches an uninterrupted one
-                outer.load_epoch_state(position.get("outer", {}))
-            outer.epoch_start(batches * len(passes), resumed_mid_epoch=bool(position))
+        sampler, batches, passes, tally = self._start_epoch()
         stop_agreed = False
         for index, batch in enumerate(self.train_loader, start=sampler.skip):
             inputs, labels = to_device(batch, self.device)
@@ -382,36 +276,53 @@ class Trainer:
                 self.global_step += 1
                 if outer is not None:
                     outer.after_optimizer_step()
-                size = int(batch_labels.shape[0])
-                seen += size
-                # Sums stay on the device: no host sync per step.
-                for name, value in {"loss": loss, "cls_loss": cls_loss, "mm_loss": mm_loss, **extra}.items():
-                    sums[name] = sums.get(name, 0) + value.detach().float() * size
+                tally.add({"loss": loss, "cls_loss": cls_loss, "mm_loss": mm_loss, **extra}, int(batch_labels.shape[0]))
             if self.step_progress is not None:
                 self.step_progress(self.epoch + 1, index + 1, batches)
             if stop_agreed and index < batches - 1:
-                self._epoch_position = {
-                    "batch": index + 1,
-                    "sums": {k: float(v) for k, v in sums.items()},
-                    "outer": outer.epoch_state() if outer is not None else {},
-                    "seen": seen,
-                    "seconds": time.perf_counter() - started,
-                }
-                self.sink.save_checkpoint("last", self.state_dict())
-                raise Interrupted()
+                self._stop_mid_epoch(index + 1, tally)
         sampler.skip = 0
-        outer_metrics = outer.epoch_end() if outer is not None else {}  # an update that waits for the epoch's end
+        return self._epoch_metrics(tally)
+
+    def _start_epoch(self) -> tuple[EpochBatchSampler, int, tuple[Any, ...], EpochTally]:
+        """The epoch's sampler (at its first batch not yet trained), its batch count, the method's passes per batch
+        and the running sums: after an interruption mid-epoch, the batches already trained are skipped and the
+        epoch's sums and outer-step state carried on, so that the epoch ends as an uninterrupted one."""
+        self.model.train()
+        sampler = self.train_loader.batch_sampler
+        assert isinstance(sampler, EpochBatchSampler)  # make_loader's: shuffles from (seed, epoch), can skip ahead
+        sampler.set_epoch(self.epoch)
+        batches = len(self.train_loader)
+        position, self._epoch_position = self._epoch_position, {}
+        sampler.skip = position.get("batch", 0)
+        passes = self.method.train_passes()  # optimiser steps per batch: one, or one per modality (MLA)
+        if self.outer_step is not None:
+            if position:
+                self.outer_step.load_epoch_state(position.get("outer", {}))
+            self.outer_step.epoch_start(batches * len(passes), resumed_mid_epoch=bool(position))
+        return sampler, batches, passes, EpochTally.resumed(position, self.device)
+
+    def _stop_mid_epoch(self, next_batch: int, tally: EpochTally) -> None:
+        """Every rank agreed to stop after this step: checkpoint the exact position (``last``) and stop."""
+        outer = self.outer_step.epoch_state() if self.outer_step is not None else {}
+        self._epoch_position = {"batch": next_batch, "outer": outer, **tally.position()}
+        self.sink.save_checkpoint("last", self.state_dict())
+        raise Interrupted()
+
+    def _epoch_metrics(self, tally: EpochTally) -> dict[str, float]:
+        """The epoch's ``train_*`` means, alpha, learning rate, throughput and the outer step's diagnostics."""
+        outer_metrics = self.outer_step.epoch_end() if self.outer_step is not None else {}  # an end-of-epoch update
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - started
-        metrics = {f"train_{name}": float(total) / max(seen, 1) for name, total in sums.items()}
+        seconds = time.perf_counter() - tally.started
+        metrics = {f"train_{name}": float(total) / max(tally.seen, 1) for name, total in tally.sums.items()}
         if not self.computes_matching:  # alpha is 0 throughout: nothing about it or L_MM to record
             metrics.pop("train_mm_loss", None)
         else:
-            metrics["alpha"] = strategy.alpha
+            metrics["alpha"] = self.strategy.alpha
         metrics.update(
             lr=self.optimizer.param_groups[0]["lr"],
-            train_samples_per_s=seen / seconds if seconds > 0 else 0.0,
+            train_samples_per_s=tally.seen / seconds if seconds > 0 else 0.0,
             epoch_seconds=seconds,
             **outer_metrics,
         )

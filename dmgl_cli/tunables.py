@@ -1,6 +1,6 @@
 """The hyperparameters a sweep can tune within each strategy (``dmgl sweep --tune``), and their parsing.
 
-Kept apart from :mod:`dmgl_cli.sweep` (which loads Optuna, torch and MLflow) so that the CLI refuses a bad
+Kept apart from :mod:`dmgl_cli.sweep.study` (which loads Optuna, torch and MLflow) so that the CLI refuses a bad
 ``--tune`` before any of them is imported.
 """
 

@@ -11,6 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
+from tiny import tiny_run
 
 from dmgl_cli.cli import cli  # noqa: E402
 
@@ -53,4 +54,4 @@ def synthetic(run_cli):
 
 
 # Settings that make a synthetic run take a second or two.
-FAST = ["--set", "train.epochs=3", "--set", "train.batch_size=64"]
+FAST = tiny_run(epochs=3)

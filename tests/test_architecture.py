@@ -1,18 +1,22 @@
 """The package's shape, read from its source with ``ast`` (nothing is imported):
 
 * the import graph of ``dmgl_cli`` has no cycle;
-* only ``dmgl_cli/tracking.py`` imports MLflow ("the only module that talks to MLflow");
+* only the package ``dmgl_cli/tracking/`` imports MLflow ("the only package that talks to MLflow");
 * only ``dmgl_cli/sweep/storage.py`` imports Optuna's private modules (``optuna.storages._heartbeat``...);
-* pyproject.toml lists every package, so the wheel carries all of them (and the recipes).
+* pyproject.toml lists every package, so the wheel carries all of them (and the recipes);
+* no function in ``dmgl_cli/cli/`` is longer than :data:`CLI_FUNCTION_LINES` (a command parses, calls, prints);
+* ``report/`` and ``explain.py`` do not import each other (a recorded run's model is ``dmgl_cli/recorded.py``'s);
+* ARCHITECTURE.md's layer table places every module, and every import goes to its own layer or one below.
 
-Every import counts: at module level, inside functions, ``importlib.import_module("constant")``. For the cycle check
-only, imports under ``if TYPE_CHECKING:`` are left out (they never run). ``from pkg import name`` is an edge to the
+Every import counts: at module level, inside functions, under ``if TYPE_CHECKING:``,
+``importlib.import_module("constant")``. ``from pkg import name`` is an edge to the
 submodule ``pkg.name`` when there is one, else to ``pkg``; ``import a.b`` is an edge to ``a.b``.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "dmgl_cli"
 MLFLOW_MODULE = "dmgl_cli.tracking"
 OPTUNA_PRIVATE_MODULE = "dmgl_cli.sweep.storage"
+CLI_FUNCTION_LINES = 60  # decorators left out, the docstring in
 
 
 @dataclass(frozen=True)
@@ -190,7 +195,7 @@ def test_import_graph_has_no_cycle(graph):
     for name, imports in graph.items():
         for imp in imports:
             target = _internal(imp.target, modules)
-            if target is not None and not imp.type_checking and target != name:
+            if target is not None and target != name:
                 edges[name].setdefault(target, imp.line)
     cycles = find_cycles(edges)
     described = [
@@ -210,17 +215,17 @@ def _offenders(graph: dict[str, list[Import]], allowed: str, bad) -> list[str]:
     return [
         f"{_rel(name)}:{imp.line} imports {imp.target}"
         for name, imports in sorted(graph.items())
-        if name != allowed
+        if name != allowed and not name.startswith(allowed + ".")
         for imp in imports
         if bad(imp.target)
     ]
 
 
-def test_only_tracking_imports_mlflow(graph):
+def test_only_the_tracking_package_imports_mlflow(graph):
     offenders = _offenders(graph, MLFLOW_MODULE, lambda target: target.split(".")[0] == "mlflow")
     assert not offenders, (
-        "only dmgl_cli/tracking.py may import mlflow (it is the one module that talks to MLflow; add what you need "
-        "there):\n  " + "\n  ".join(offenders)
+        "only the package dmgl_cli/tracking/ may import mlflow (it is the one package that talks to MLflow; add what "
+        "you need there):\n  " + "\n  ".join(offenders)
     )
 
 
@@ -287,3 +292,130 @@ def test_recipes_dir_is_the_top_level_folder_unless_overridden(tmp_path, monkeyp
     assert recipes_dir().resolve() == (ROOT / "recipes").resolve()
     monkeypatch.setenv("DMGL_RECIPES", str(tmp_path))
     assert recipes_dir() == tmp_path
+
+
+def long_functions(path: Path, limit: int) -> list[str]:
+    """``NAME (N lines)`` for every function (nested ones too) in ``path`` longer than ``limit`` lines, counted
+    from its ``def`` to its last line."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return [
+        f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > limit
+    ]
+
+
+def test_long_functions_counts_def_to_last_line(tmp_path):
+    source = tmp_path / "probe.py"
+    source.write_text("@decorator\ndef short():\n    return 1\n\n\ndef long():\n" + "    x = 1\n" * 4)
+    assert long_functions(source, 4) == ["long (5 lines)"]
+    assert long_functions(source, 5) == []
+
+
+def test_cli_functions_are_short():
+    """A command builds a request and makes one call; what it decides belongs in an importable module."""
+    offenders = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in sorted((ROOT / PACKAGE / "cli").glob("*.py"))
+        for name in long_functions(path, CLI_FUNCTION_LINES)
+    ]
+    assert not offenders, (
+        f"functions in dmgl_cli/cli/ longer than {CLI_FUNCTION_LINES} lines (move the logic into a module the "
+        "command calls, or the printing into a helper):\n  " + "\n  ".join(offenders)
+    )
+
+
+def test_report_and_explain_do_not_import_each_other(graph):
+    modules = module_files()
+    crossing = [
+        f"{_rel(name)}:{imp.line} imports {target}"
+        for name, imports in sorted(graph.items())
+        for imp in imports
+        if (target := _internal(imp.target, modules)) is not None
+        and {name.split(".")[1] if "." in name else "", target.split(".")[1] if "." in target else ""}
+        == {"report", "explain"}
+    ]
+    assert not crossing, "report/ and explain.py share dmgl_cli/recorded.py, not each other:\n  " + "\n  ".join(
+        crossing
+    )
+
+
+# ------------------------------------------------------------------------------------------------ layers
+
+
+def _outside_parentheses(text: str) -> str:
+    kept, depth = [], 0
+    for char in text:
+        depth += char == "("
+        if depth == 0:
+            kept.append(char)
+        depth -= char == ")" and depth > 0
+    return "".join(kept)
+
+
+def documented_layers() -> list[tuple[str, list[str]]]:
+    """ARCHITECTURE.md's layer table, top layer first: (layer, the dotted modules and packages its row names). A
+    row names a module or package in backticks outside parentheses (``run/``, ``recorded.py``,
+    ``strategies/outer_step.py``); what sits in parentheses describes it."""
+    text = (ROOT / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    section = text.split("\n## Layers", 1)[1].split("\n## ", 1)[0]
+    layers = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or cells[0] == "layer" or set(cells[0]) <= {"-"}:
+            continue
+        names = re.findall(r"`([^`]+)`", _outside_parentheses(cells[1]))
+        layers.append(
+            (cells[0], [f"{PACKAGE}." + name.rstrip("/").removesuffix(".py").replace("/", ".") for name in names])
+        )
+    return layers
+
+
+def layer_of(module: str, layers: list[tuple[str, list[str]]]) -> int | None:
+    """The index of the layer whose row names ``module`` or the longest package holding it."""
+    best: tuple[int, int] | None = None
+    for index, (_, names) in enumerate(layers):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and (best is None or len(name) > best[1]):
+                best = (index, len(name))
+    return None if best is None else best[0]
+
+
+def test_every_module_has_a_layer_in_the_architecture_table():
+    layers = documented_layers()
+    assert [name for name, _ in layers] == [
+        "command line",
+        "commands",
+        "recording",
+        "training",
+        "data",
+        "foundations",
+    ]
+    unplaced = [_rel(m) for m in module_files() if m != PACKAGE and layer_of(m, layers) is None]
+    assert not unplaced, f"modules that ARCHITECTURE.md's layer table does not place: {unplaced}"
+
+
+def test_imports_go_down_the_layers_of_the_architecture_table(graph):
+    """Every import (inside functions and under TYPE_CHECKING too) goes to the importer's own layer or one below."""
+    layers, modules = documented_layers(), module_files()
+    upward = []
+    for name, imports in sorted(graph.items()):
+        here = layer_of(name, layers)
+        for imp in imports:
+            target = _internal(imp.target, modules)
+            there = None if target is None else layer_of(target, layers)
+            if here is not None and there is not None and there < here:
+                upward.append(
+                    f"{_rel(name)}:{imp.line} ({layers[here][0]}) imports {target} ({layers[there][0]})"
+                    + (" under TYPE_CHECKING" if imp.type_checking else "")
+                )
+    assert not upward, "imports that go up ARCHITECTURE.md's layer table:\n  " + "\n  ".join(upward)
+
+
+def test_the_layer_check_sees_an_upward_import():
+    layers = [("top", [f"{PACKAGE}.cli"]), ("bottom", [f"{PACKAGE}.paths", f"{PACKAGE}.strategies"])]
+    assert layer_of(f"{PACKAGE}.cli.train", layers) == 0 and layer_of(f"{PACKAGE}.strategies.specs", layers) == 1
+    assert layer_of(f"{PACKAGE}.unknown", layers) is None
+    assert _outside_parentheses("`a/` (with `b.py` (and `c`)) and `d.py`") == "`a/`  and `d.py`"

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from dmgl_cli import runner
 from dmgl_cli.config import load_config, recorded_params
 from dmgl_cli.data.registry import open_dataset
+from dmgl_cli.run import scoring
 from dmgl_cli.tracking import Tracker
 from dmgl_cli.train import Trainer
 
@@ -130,7 +130,7 @@ def test_eval_of_a_compiled_run(run_cli, synthetic):
     # dmgl eval rebuilds the model uncompiled from config.yaml and loads the compiled run's checkpoint
     out = run_cli("eval", child.run_id)
     assert "Traceback" not in out.output
-    outcome = runner.evaluate_run(child.run_id, tracker=tracker, checkpoint="best", split="test")[0]
+    outcome = scoring.evaluate_run(child.run_id, tracker=tracker, checkpoint="best", split="test")[0]
     assert outcome.max_abs_diff is not None and outcome.max_abs_diff <= TOLERANCE
     for key in ("test_acc", "test_acc_fast", "test_acc_slow"):
         assert outcome.metrics[key] == child.metrics[f"final_{key}"]

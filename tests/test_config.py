@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import subprocess
+import sys
 import typing
 
 import pytest
 
+from dmgl_cli import catalogue
 from dmgl_cli import config as config_module
 from dmgl_cli.config import (
     Config,
@@ -18,6 +21,7 @@ from dmgl_cli.config import (
     load_config,
     resolve,
     set_dotted,
+    setting_applies,
     validate,
     with_seed,
 )
@@ -168,17 +172,87 @@ def test_derive_applies_dotted_settings_and_validates():
 
 
 def test_choice_fields_are_literal_types_matching_the_code():
-    from dmgl_cli.config import MethodName
-    from dmgl_cli.methods import METHODS
-
     hints = typing.get_type_hints(LearningBasedConfig)
     approx = typing.get_args(hints["approx"])
     assert set(approx) == set(ALPHA_GRADIENTS)
-    assert typing.get_args(MethodName) == tuple(METHODS)
     with pytest.raises(DmglError, match="unknown strategy.lb.outer_data 'test'; valid: holdout, val, train"):
         load_config("synthetic", ["strategy.lb.outer_data=test"])
     with pytest.raises(DmglError, match='strategy.lb.update_every\' must be int or "epoch" or "epoch_start"'):
         load_config("synthetic", ["strategy.lb.update_every=never"])
+
+
+def test_method_and_strategy_names_come_from_the_catalogue():
+    with pytest.raises(DmglError, match="unknown method 'concot'; valid: concat, unimodal, .*dmgl-official-eq3"):
+        load_config("synthetic", ["method.name=concot"])
+    with pytest.raises(DmglError, match="unknown strategy 'cosine'; valid: constant, stepwise, heuristic, linear, lb"):
+        load_config("synthetic", ["strategy.name=cosine"])
+
+
+def test_the_implementations_registries_hold_the_catalogues_names():
+    # The catalogue names what config accepts; each implementation registry must build exactly those.
+    from dmgl_cli.losses import MATCHING_LOSSES
+    from dmgl_cli.methods import METHODS, Method
+    from dmgl_cli.models import ENCODERS, FUSIONS
+
+    assert tuple(ENCODERS) == catalogue.ENCODER_NAMES
+    assert tuple(FUSIONS) == catalogue.FUSION_NAMES
+    assert tuple(MATCHING_LOSSES) == catalogue.MATCHING_LOSS_NAMES
+    assert list(METHODS) == list(catalogue.METHODS)
+    for name, method in METHODS.items():
+        assert method.entry is catalogue.METHODS[name] and method.name == name
+        # approx=ggn linearises the plain cross-entropy: an entry says whether its method keeps it
+        plain = method.classification_loss is Method.classification_loss
+        assert catalogue.METHODS[name].plain_classification_loss == plain, name
+
+
+def test_validation_imports_no_implementation():
+    # --print-config and --dry-run resolve a config; torch and the implementations must stay unloaded
+    code = (
+        "import sys; from dmgl_cli.config import load_config; "
+        "load_config('synthetic', ['method.name=g-blend', 'strategy.name=lb', 'strategy.lb.approx=ggn']); "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('dmgl_cli.methods', 'dmgl_cli.models'))))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+# Runs one dmgl command in a fresh interpreter and prints whether it loaded torch.
+_TORCH_PROBE = (
+    "import sys; from dmgl_cli.cli import cli; "
+    "cli.main(sys.argv[1:], prog_name='dmgl', standalone_mode=False); "
+    "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded', file=sys.stderr)"
+)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--print-config"],
+        ["train", "--method", "g-blend", "--print-config"],
+        ["train", "--dry-run", "--seeds", "2"],
+        ["train", "--method", "pmr", "--strategy", "lb", "--set", "strategy.lb.approx=ggn", "--dry-run"],
+    ],
+)
+def test_print_config_and_dry_run_do_not_load_torch(synthetic, args):
+    result = subprocess.run(
+        [sys.executable, "-c", _TORCH_PROBE, *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "torch not loaded"
+
+
+def test_setting_applies_follows_each_strategys_own_settings():
+    assert setting_applies("strategy.alpha", "constant", "concat")
+    assert not setting_applies("strategy.alpha", "lb", "concat")
+    assert setting_applies("strategy.p", "stepwise", "concat") and not setting_applies("strategy.p", "linear", "x")
+    assert setting_applies("strategy.linear_rate", "linear", "concat")
+    assert not setting_applies("strategy.linear_start", "heuristic", "concat")
+    assert setting_applies("strategy.lb.alpha_lr", "lb", "concat")
+    assert not setting_applies("strategy.lb.alpha_lr", "constant", "concat")
+    assert setting_applies("strategy.name", "heuristic", "concat")
+    assert setting_applies("method.options.pmr.alpha", "lb", "pmr")
+    assert not setting_applies("method.options.pmr.alpha", "lb", "agm")
+    assert setting_applies("optim.lr", "lb", "agm")
 
 
 @pytest.mark.slow

@@ -113,3 +113,24 @@ def test_sqlite_on_a_network_filesystem_is_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="dmgl"):
         warn_if_shared_sqlite(tmp_path / "shared" / "optuna.db", "Optuna storage", table)
     assert "network filesystem (nfs4)" in caplog.text and "PostgreSQL" in caplog.text
+
+
+def test_an_evaluation_loader_forks_no_more_workers_than_it_has_batches_to_read_ahead(run_cli, registry):
+    from dmgl_cli.config import load_config
+    from dmgl_cli.data.loader import eval_loader
+
+    run_cli("prepare", "synthetic", "-o", "samples=400", "--silent")
+    dataset = PreparedDataset(registry / "datasets" / "synthetic")
+    one_batch = load_config("synthetic", ["train.eval_batch_size=512"])  # test: 100 samples, one batch
+    assert eval_loader(dataset, one_batch, "test", num_workers=2).num_workers == 0
+    two_batches = load_config("synthetic", ["train.eval_batch_size=50"])
+    assert eval_loader(dataset, two_batches, "test", num_workers=2).num_workers == 1
+    many = load_config("synthetic", ["train.eval_batch_size=10"])
+    loader = eval_loader(dataset, many, "test", num_workers=2)
+    assert loader.num_workers == 2
+    # the same batches either way (the evaluation transform draws nothing)
+    in_process = eval_loader(dataset, many, "test", num_workers=0)
+    for read, direct in zip(loader, in_process, strict=True):
+        assert np.array_equal(read["labels"], direct["labels"])
+        for name, values in read["inputs"].items():
+            assert np.array_equal(values, direct["inputs"][name])

@@ -322,8 +322,7 @@ def test_sharded_evaluation_batches_merge_to_the_single_process_metrics():
     batches = list(sampler)
     shards = []
     for rank in range(3):
-        sharded = EpochBatchSampler(23, 4, shuffle=False, seed=0, drop_last=False)
-        sharded.batch_shard = (rank, 3)
+        sharded = EpochBatchSampler(23, 4, shuffle=False, seed=0, drop_last=False, batch_shard=(rank, 3))
         shards.append(list(sharded))
         assert len(sharded) == len(shards[-1])
     assert interleave_shards(shards) == batches

@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from matplotlib.collections import PathCollection
+from tiny import tiny_run
 
 from dmgl_cli.cli import cli
 from dmgl_cli.errors import DmglError
@@ -18,7 +19,7 @@ from dmgl_cli.report import Selection, make_figures, select_runs
 from dmgl_cli.report.embeddings import check_projection, embedding_panel, l2_normalised
 from dmgl_cli.tracking import Tracker
 
-TINY = ["--set", "train.epochs=2", "--set", "train.batch_size=64", "--silent"]
+TINY = [*tiny_run(epochs=2), "--silent"]
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +65,10 @@ def test_the_command_writes_the_figure(registry_of, tmp_path):
 def _direct_gap(tracker: Tracker, run_id: str) -> tuple[float, dict[str, np.ndarray]]:
     """The modality gap of the run's best checkpoint on test, from the encoders' outputs, by hand."""
     from dmgl_cli.data.loader import eval_loader
-    from dmgl_cli.explain import load_run
     from dmgl_cli.models import MultimodalModel
+    from dmgl_cli.recorded import load_seed_model
 
-    loaded = load_run(tracker, run_id, "best")
+    loaded = load_seed_model(tracker, run_id, "best")
     model = loaded.model
     assert isinstance(model, MultimodalModel)
     chunks: dict[str, list[np.ndarray]] = {}

@@ -4,17 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dmgl_cli.curvature import conjugate_gradient, hessian_vector_product, inverse_hvp, largest_eigenvalue
 from dmgl_cli.errors import DmglError
 from dmgl_cli.hypergradient import (
     APPROXIMATIONS,
     alpha_hypergradient,
-    conjugate_gradient,
     coupled_weight_decay,
     first_tensor_hessian_gradient_mean,
-    hessian_vector_product,
     implicit_hypergradient,
-    inverse_hvp,
-    largest_eigenvalue,
 )
 
 FEATURES, CLASSES = 4, 3
@@ -428,7 +425,8 @@ def test_ggn_equals_eq3_where_the_network_is_linear_in_its_parameters():
 
 def test_ggn_is_positive_semi_definite_where_the_hessian_is_not():
     """A two-layer tanh network: its loss Hessian has negative eigenvalues; the GGN J^T H_out J has none."""
-    from dmgl_cli.hypergradient import ggn_hypergradient, hessian_vector_product, mixed_gradient
+    from dmgl_cli.curvature import hessian_vector_product
+    from dmgl_cli.hypergradient import ggn_hypergradient, mixed_gradient
 
     generator = torch.Generator().manual_seed(0)
     first = (2.0 * torch.randn(6, FEATURES, generator=generator, dtype=torch.float64)).requires_grad_(True)

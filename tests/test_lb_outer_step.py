@@ -13,6 +13,7 @@ from dmgl_cli.data.loader import hold_out
 from dmgl_cli.data.registry import open_dataset
 from dmgl_cli.errors import DmglError
 from dmgl_cli.train import Trainer, compute_losses
+from dmgl_cli.train_setup import build_optimizer
 
 STEP = "strategy.lb.estimator=step"  # v0.2's one-batch estimate at the update step
 
@@ -64,7 +65,7 @@ def test_outer_forward_changes_no_running_state_and_is_deterministic(synthetic):
     trainer = _trainer(["strategy.lb.approx=cg", "strategy.lb.terms=3", "strategy.lb.estimator=step"])
     # give one encoder BatchNorm and dropout, the state an outer forward in train mode would touch
     trainer.model.encoders["fast"] = nn.Sequential(nn.BatchNorm1d(32), nn.Dropout(0.5), trainer.model.encoders["fast"])
-    trainer.optimizer = trainer._build_optimizer()
+    trainer.optimizer = build_optimizer(trainer.config, trainer.method, trainer.model)
     batch_norm = trainer.model.encoders["fast"][0]
     batch_norm.running_mean.fill_(0.3)
     before = {k: v.clone() for k, v in batch_norm.state_dict().items()}
@@ -88,7 +89,7 @@ def test_outer_forward_changes_no_running_state_and_is_deterministic(synthetic):
 
 def test_hypergradient_uses_the_optimisers_weight_decay_and_learning_rate(synthetic, monkeypatch):
     seen = {}
-    import dmgl_cli.strategies.outer_step as train_module
+    import dmgl_cli.strategies.estimators as train_module
 
     real_implicit, real_identity = train_module.implicit_hypergradient, train_module.identity_hypergradient
 
@@ -204,7 +205,7 @@ def test_identity_after_the_backward_equals_eq3_identity_before_it(synthetic):
 
     trainer = _trainer(["optim.weight_decay=0.01"])
     trainer.model.encoders["fast"] = nn.Sequential(nn.BatchNorm1d(32), trainer.model.encoders["fast"])
-    trainer.optimizer = trainer._build_optimizer()
+    trainer.optimizer = build_optimizer(trainer.config, trainer.method, trainer.model)
     trainer.model.train()
     generator = torch.Generator().manual_seed(3)
     inputs = {m: torch.randn(16, 32, generator=generator) for m in ("fast", "slow")}

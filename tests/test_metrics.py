@@ -9,6 +9,7 @@ import torch
 from dmgl_cli.metrics import (
     MetricAccumulator,
     classification_scores,
+    curves_over_seeds,
     mean_pairwise_modality_gap,
     modality_gap_distance,
     performance_gap,
@@ -251,13 +252,32 @@ def test_accumulator_add_on_cuda_does_not_synchronise():
 def test_summarise_over_seeds_mean_and_sample_std_of_common_keys():
     per_seed = [{"acc": 0.5, "only_first": 1.0}, {"acc": 0.7}, {"acc": 0.9}]
     summary = summarise_over_seeds(per_seed)
-    assert set(summary) == {"acc_mean", "acc_std"}
-    assert summary["acc_mean"] == pytest.approx(0.7)
+    assert set(summary) == {"acc", "acc_std"}  # the seeds' own name for the mean: one column for parent and seeds
+    assert summary["acc"] == pytest.approx(0.7)
     # Sample std: sqrt((0.2^2 + 0 + 0.2^2) / 2) = 0.2 (population std would be 0.1633).
     assert summary["acc_std"] == pytest.approx(0.2)
 
 
 def test_summarise_over_seeds_single_seed_and_nan():
-    assert summarise_over_seeds([{"acc": 0.8}]) == {"acc_mean": 0.8, "acc_std": 0.0}
+    assert summarise_over_seeds([{"acc": 0.8}]) == {"acc": 0.8, "acc_std": 0.0}
     summary = summarise_over_seeds([{"map": 0.5}, {"map": float("nan")}])
-    assert math.isnan(summary["map_mean"]) and math.isnan(summary["map_std"])
+    assert math.isnan(summary["map"]) and math.isnan(summary["map_std"])
+
+
+def test_a_seed_metric_named_like_a_spread_keeps_its_name():
+    # a method's own `film_scale_std` is a seed metric: the parent's mean of it must not be overwritten by the
+    # spread of `film_scale`, which then has none
+    summary = summarise_over_seeds([{"s": 1.0, "s_std": 0.1}, {"s": 3.0, "s_std": 0.3}])
+    assert summary == {"s": 2.0, "s_std": pytest.approx(0.2), "s_std_std": pytest.approx(math.sqrt(0.02))}
+
+
+def test_curves_over_seeds_mean_and_std_per_epoch_where_every_seed_has_the_value():
+    histories = [
+        [{"val_acc": 0.5, "test_acc": 0.4}, {"val_acc": 0.7}],
+        [{"val_acc": 0.7}, {"val_acc": 0.9, "test_acc": 0.8}, {"val_acc": 1.0}],  # a third epoch: the other stopped
+    ]
+    curves = curves_over_seeds(histories)
+    assert len(curves) == 2
+    assert curves[0] == {"val_acc": pytest.approx(0.6), "val_acc_std": pytest.approx(math.sqrt(0.02))}
+    assert curves[1] == {"val_acc": pytest.approx(0.8), "val_acc_std": pytest.approx(math.sqrt(0.02))}
+    assert curves_over_seeds([]) == []

@@ -18,13 +18,15 @@ import torch
 from click.testing import CliRunner
 from mlflow.entities import Metric
 
-from dmgl_cli import runner
 from dmgl_cli.cli import cli
 from dmgl_cli.cli.register import register as register_command
 from dmgl_cli.config import recorded_params, resolve
 from dmgl_cli.data.registry import open_dataset
 from dmgl_cli.device import autocast, to_device
 from dmgl_cli.errors import DmglError
+from dmgl_cli.run import scoring, summary, training
+from dmgl_cli.run.outcomes import SeedOutcome
+from dmgl_cli.run_names import default_run_name
 from dmgl_cli.strategies import StrategySpec, parse_strategy
 from dmgl_cli.sweep.worker import _run_name
 from dmgl_cli.tracking import (
@@ -76,7 +78,7 @@ def trained(tmp_path_factory):
         patch.setattr(Trainer, "_best_state", capture)
         tracker = Tracker()
         config = resolve("synthetic", ["train.epochs=2", "train.batch_size=64"], strategy=parse_strategy("lb"))
-        outcome = runner.train(config, [0, 1], tracker=tracker)
+        outcome = training.train(config, [0, 1], tracker=tracker)
         assert attempts == []
         yield tracker, outcome, predictions
 
@@ -89,8 +91,11 @@ def test_metric_names_map_to_sections_and_back():
         "val_acc": "val/acc",
         "test_acc_fast": "test/acc_fast",
         "train_loss": "train/loss",
-        "final_test_acc": "final/test_acc",
-        "final_test_acc_mean": "final/test_acc_mean",
+        "final_test_acc": "val_selected/test_acc",  # after every curve's section in the UI
+        "final_test_acc_std": "val_selected/test_acc_std",
+        "alpha_std": "alpha/value_std",  # a parent's spread sits beside its mean, placed keys too
+        "epoch_seconds_std": "train/epoch_seconds_std",
+        "best_epoch_std": "val/best_epoch_std",
         "alpha": "alpha/value",
         "alpha_hypergradient": "alpha/hypergradient",
         "alpha_cg_residual": "alpha/cg_residual",
@@ -108,6 +113,7 @@ def test_metric_names_map_to_sections_and_back():
         assert dmgl_metric_name(mlflow_metric_name(key)) == key
     assert mlflow_metric_name("train_lr") == "train_lr"
     assert dmgl_metric_name("final_test_acc") == "final_test_acc"
+    assert dmgl_metric_name("final/test_acc") == "final_test_acc"  # as runs recorded before val_selected/ read
 
 
 @pytest.mark.slow
@@ -115,17 +121,26 @@ def test_mlflow_holds_grouped_names_while_dmgl_reads_its_own(trained):
     tracker, outcome, _ = trained
     seed = outcome.seeds[0]
     logged = set(tracker.client.get_run(seed.run_id).data.metrics)
-    assert {"val/acc", "test/acc", "train/loss", "alpha/value", "alpha/hypergradient", "final/test_acc"} <= logged
+    assert {
+        "val/acc",
+        "test/acc",
+        "train/loss",
+        "alpha/value",
+        "alpha/hypergradient",
+        "val_selected/test_acc",
+    } <= logged
     assert all("/" in name for name in logged)
-    assert {name.rsplit("/", 1)[0] for name in logged} == {"alpha", "final", "test", "train", "val"}
+    assert {name.rsplit("/", 1)[0] for name in logged} == {"alpha", "test", "train", "val", "val_selected"}
     record = tracker.get_run(seed.run_id)
     assert set(record.metrics) == {dmgl_metric_name(name) for name in logged}
     assert record.metrics["final_test_acc"] == seed.final["test_acc"]
     assert [step for step, _ in tracker.metric_history(seed.run_id, "alpha")] == [1, 2]
     assert ("val_acc", 2) in tracker.logged_steps(seed.run_id)
     parent = tracker.client.get_run(outcome.parent_run_id).data.metrics
-    assert parent and all(name.startswith("final/") for name in parent)
-    assert tracker.get_run(outcome.parent_run_id).metrics["final_test_acc_mean"] == outcome.summary["test_acc_mean"]
+    # the parent: its seeds' curves (mean and std per epoch) and final scores, under the seeds' own names
+    assert {"val/acc", "val/acc_std", "val_selected/test_acc", "val_selected/test_acc_std"} <= set(parent)
+    assert {name.rsplit("/", 1)[0] for name in parent} <= {"alpha", "test", "train", "val", "val_selected"}
+    assert tracker.get_run(outcome.parent_run_id).metrics["final_test_acc"] == outcome.summary["test_acc"]
 
 
 def test_runs_recorded_with_flat_names_still_read(registry):
@@ -145,7 +160,7 @@ def test_runs_recorded_with_flat_names_still_read(registry):
     assert tracker.metric_history(run_id, "alpha") == [(1, 0.5), (2, 0.4), (3, 0.3)]
     assert tracker.get_run(run_id).metrics["alpha"] == 0.3
     with pytest.raises(DmglError, match="has no logged model"):
-        runner.register(run_id, "old", tracker=tracker)
+        scoring.register(run_id, "old", tracker=tracker)
 
 
 # ------------------------------------------------------------------------------------------- dataset and model
@@ -175,7 +190,7 @@ def test_the_logged_model_reloads_and_predicts_as_the_trainer_did(trained, monke
         assert model_id is not None
         logged = tracker.client.get_logged_model(model_id)
         assert logged.source_run_id == seed.run_id and logged.status == "READY"
-        assert logged.metrics and {m.key for m in logged.metrics} >= {"final/test_acc", "final/val_acc"}
+        assert logged.metrics and {m.key for m in logged.metrics} >= {"val_selected/test_acc", "val_selected/val_acc"}
         outputs = tracker.client.get_run(seed.run_id).outputs.model_outputs
         assert [(o.model_id, o.step) for o in outputs] == [(model_id, int(seed.final["best_epoch"]))]
 
@@ -218,7 +233,7 @@ def test_register_puts_a_model_version_in_the_registry(trained, monkeypatch):
     assert version.run_id == seed.run_id and version.source == f"models:/{tracker.logged_model_id(seed.run_id)}"
 
     # a parent run: the seed with the best validation score, never test
-    registered = runner.register(outcome.parent_run_id, "synthetic-lb", tracker=tracker)
+    registered = scoring.register(outcome.parent_run_id, "synthetic-lb", tracker=tracker)
     best = max(outcome.seeds, key=lambda s: (s.final["val_acc"], -s.seed))
     assert (registered.version, registered.run_id, registered.seed) == ("2", best.run_id, best.seed)
     assert registered.parent_id == outcome.parent_run_id and "validation acc" in registered.chosen_by
@@ -228,7 +243,7 @@ def test_register_puts_a_model_version_in_the_registry(trained, monkeypatch):
     assert model.predict(inputs).shape == (3, 8)
 
     with pytest.raises(DmglError, match="not made by `dmgl train`"):
-        runner.register(tracker.start_run(tracker.experiment_id("other"), "x", {}), "x", tracker=tracker)
+        scoring.register(tracker.start_run(tracker.experiment_id("other"), "x", {}), "x", tracker=tracker)
 
 
 # --------------------------------------------------------------------------------------- description and names
@@ -242,7 +257,7 @@ def test_the_parent_describes_its_seeds_in_markdown(trained):
     assert "&ensp;ACC&ensp;" in note  # cells padded: the UI draws a description's table without padding
     note = re.sub(" +", " ", note.replace("&ensp;", ""))  # the cells' text, as the UI shows it
     assert "| ACC | MAP | F1 | ACC fast | ACC slow | Gap ACC |" in note
-    mean, std = outcome.summary["test_acc_mean"], outcome.summary["test_acc_std"]
+    mean, std = outcome.summary["test_acc"], outcome.summary["test_acc_std"]
     assert f"| mean ± std (2 seeds) | {mean * 100:.2f}% ± {std * 100:.2f}% |" in note
     for seed in outcome.seeds:
         assert f"[seed {seed.seed}](#/experiments/{parent.experiment_id}/runs/{seed.run_id})" in note
@@ -261,7 +276,7 @@ def test_params_hold_only_the_settings_that_apply(trained):
 
 def test_run_names_are_short_and_tell_strategies_apart():
     def name(spec: str) -> str:
-        return runner.default_run_name(resolve("synthetic", strategy=parse_strategy(spec), method="concat"))
+        return default_run_name(resolve("synthetic", strategy=parse_strategy(spec), method="concat"))
 
     assert name("constant:0.5") == "concat-constant-0.5"
     assert name("constant:0") == "concat-constant-0"
@@ -310,10 +325,10 @@ def test_a_description_of_many_seeds_fits_in_a_tag():
         "test_acc_b": 0.2,
         "test_gap_acc": 0.1,
     }
-    few = [runner.SeedOutcome(seed, f"{seed:032x}", final) for seed in range(3)]
-    text = runner._description(config, "1", few, "alpha.png")
+    few = [SeedOutcome(seed, f"{seed:032x}", final) for seed in range(3)]
+    text = summary.parent_description(config, "1", few, "alpha.png")
     assert "concat · h(0.95) on synthetic" in text and text.count("[seed ") == 3
     assert "| ACC | MAP | F1 | ACC a | ACC b | Gap ACC |" in re.sub(" +", " ", text.replace("&ensp;", ""))
-    many = [runner.SeedOutcome(seed, f"{seed:032x}", final) for seed in range(100)]
-    text = runner._description(config, "1", many, "alpha.png")
-    assert len(text) <= runner.DESCRIPTION_LIMIT and "mean ± std (100 seeds)" in text and "[seed " not in text
+    many = [SeedOutcome(seed, f"{seed:032x}", final) for seed in range(100)]
+    text = summary.parent_description(config, "1", many, "alpha.png")
+    assert len(text) <= summary.DESCRIPTION_LIMIT and "mean ± std (100 seeds)" in text and "[seed " not in text

@@ -18,6 +18,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from tiny import tiny_run
 
 from dmgl_cli.tracking import Tracker, mlflow_metric_name
 
@@ -108,7 +109,7 @@ def _finish(process: subprocess.Popen) -> str:
 
 def test_two_sweep_workers_and_a_training_on_postgresql(synthetic, databases, mlflow_server):
     optuna_url = databases[1]
-    fast = ["--set", "train.epochs=2", "--set", "train.batch_size=64"]
+    fast = tiny_run(epochs=2)
     strategies = "constant:0,constant:0.5,heuristic,lb"
     _finish(
         _dmgl(

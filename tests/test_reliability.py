@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmgl_cli import runner
 from dmgl_cli.checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
 from dmgl_cli.config import load_config
 from dmgl_cli.errors import DmglError, Interrupted
 from dmgl_cli.imbalance import MACHINE_MEASURED
+from dmgl_cli.run import training
 from dmgl_cli.tracking import Tracker, local_path, mlflow_metric_name
 
 # measured on the machine, not computed from the data: they differ between any two runs
@@ -75,7 +75,7 @@ def _histories(tracker: Tracker, run_id: str) -> dict[str, list[tuple[int, float
 @pytest.fixture
 def reference(synthetic):
     """The uninterrupted run of the same seed, recorded in-process."""
-    outcome = runner.train(load_config("synthetic", SETTINGS), [0], tracker=Tracker(), run_name="reference")
+    outcome = training.train(load_config("synthetic", SETTINGS), [0], tracker=Tracker(), run_name="reference")
     return outcome.seeds[0].run_id
 
 
@@ -139,7 +139,7 @@ def test_an_exception_marks_the_runs_failed(run_cli, synthetic):
 
     parents = []
     with pytest.raises(RuntimeError):
-        runner.train(config, [0], tracker=Tracker(), progress=explode, on_parent=parents.append)
+        training.train(config, [0], tracker=Tracker(), progress=explode, on_parent=parents.append)
     tracker = Tracker()
     assert tracker.get_run(parents[0]).status == "FAILED"
     assert tracker.children(parents[0])[0].status == "FAILED"

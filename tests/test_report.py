@@ -247,7 +247,7 @@ def test_long_titles_and_many_series_stay_inside_the_figure():
             _check_layout(figure)  # tall bars: the gap labels above them stay clear of the legend (the old one hid one)
         finally:
             plots.close(figure)
-    assert plots.alpha_figure({"seed 0": [0.5, 0.4]}) is not None  # runner.py's call still works
+    assert plots.alpha_figure({"seed 0": [0.5, 0.4]}) is not None  # run/summary.py's call still works
 
 
 def test_no_matching_run_says_what_was_searched(report_cli, swept):

@@ -260,11 +260,11 @@ def test_paper_figures_are_placed_against_the_measured_95_percent_interval():
     from scipy import stats as scipy_stats
 
     from dmgl_cli.report.selection import Stat
-    from dmgl_cli.reproduce import _measured_cell, paper_against_interval
+    from dmgl_cli.reproduce import measured_cell, paper_against_interval
 
     values = [0.80, 0.83, 0.81]
     mean, std = statistics.mean(values), statistics.stdev(values)
-    cell = _measured_cell(Stat(mean, std, 3, ("a", "b", "c"), {0: 0.80, 1: 0.83, 2: 0.81}))
+    cell = measured_cell(Stat(mean, std, 3, ("a", "b", "c"), {0: 0.80, 1: 0.83, 2: 0.81}))
     low, high = scipy_stats.t.interval(0.95, 2, loc=mean, scale=std / math.sqrt(3))
     assert cell.ci == (pytest.approx(low), pytest.approx(high))
     assert paper_against_interval(81.0, cell.ci) == "inside"

@@ -78,8 +78,13 @@ def test_one_seed_prints_no_spread(one_seed):
 
 
 def test_a_one_seed_column_shows_its_mean_alone():
-    columns = {"test_acc_mean": [0.5, 0.6], "test_acc_std": [0.0, 0.02]}
+    columns = {"test_acc": [0.5, 0.6], "test_acc_std": [0.0, 0.02]}
     assert paired_scores(columns, [1, 3]) == {"test_acc": ["0.5000", "0.6000 ± 0.0200"]}
+    # a parent recorded by an earlier version named its mean test_acc_mean
+    old = {"test_acc_mean": [0.5, 0.6], "test_acc_std": [0.0, 0.02]}
+    assert paired_scores(old, [1, 3]) == {"test_acc": ["0.5000", "0.6000 ± 0.0200"]}
+    # a metric named like a spread, with no mean beside it, is shown as itself
+    assert paired_scores({"film_scale_std": [0.1, 0.2]}) == {"film_scale_std": ["0.1000", "0.2000"]}
 
 
 @pytest.mark.slow

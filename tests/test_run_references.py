@@ -5,6 +5,9 @@ compares only the settings that apply to every run."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -14,6 +17,10 @@ from dmgl_cli.errors import DmglError
 from dmgl_cli.strategies import parse_strategy
 from dmgl_cli.sweep.worker import _run_name
 from dmgl_cli.tracking import RUN_ID_PREFIX_MIN, SHOWN_CANDIDATES, Tracker
+from dmgl_cli.tracking.store_reader import SqliteStoreReader
+
+ROOT = Path(__file__).resolve().parent.parent
+MLFLOW_PACKAGES = {"mlflow", "sqlalchemy", "alembic"}
 
 
 def _parent(tracker: Tracker, experiment_id: str, name: str, strategy: str, params: dict[str, object]) -> str:
@@ -110,3 +117,70 @@ def test_trial_names_differ_across_studies():
     assert first.startswith("t3-stepwise-0.95-") and second.startswith("t3-stepwise-0.95-")
     assert first != second
     assert _run_name("synthetic-20261204-0551", 3, spec) == first  # one study, one name
+
+
+def _fresh_process(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """``python -m dmgl_cli ARGS`` as a user runs it, in a fresh process; with the top-level packages it imported
+    (read from ``-X importtime``, which writes them to stderr; the command's own stderr is left in the result)."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "dmgl_cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    timings = [line for line in done.stderr.splitlines() if line.startswith("import time:")]
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in timings if line.count("|") == 2}
+    stderr = "".join(f"{line}\n" for line in done.stderr.splitlines() if not line.startswith("import time:"))
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout, stderr), imported
+
+
+def test_reading_commands_on_a_local_store_answer_without_mlflow_as_mlflow_would(store, monkeypatch):
+    """``runs list/show/compare`` (an unknown run too) on the local SQLite store read it with the standard library
+    (:class:`SqliteStoreReader`): MLflow is not imported, and what they print is what reading through MLflow's client
+    prints (the same commands in this process with the reader turned off)."""
+    tracker, runs, repeated = store
+    lb = runs["lb"]
+    seed = tracker.start_run(
+        tracker.experiment_id("refs"),
+        "concat-lb-seed0",
+        {"dmgl.role": "seed", "dmgl.seed": "0", "dmgl.strategy": "lb", "dmgl.method": "concat"},
+        parent_id=lb,
+    )
+    tracker.log_params(seed, {"strategy.name": "lb", "train.seed": 0})
+    for step in range(3):
+        tracker.log_metrics(seed, {"val_acc": 0.5 + step / 10, "train_loss": 1.0 - step / 10, "alpha": 0.5}, step)
+    tracker.log_metrics(seed, {"final_test_acc": 0.61, "final_val_acc": 0.6})
+    tracker.end_run(seed, "FINISHED")
+    tracker.log_metrics(lb, {"final_test_acc": 0.61, "final_test_acc_std": 0.0})
+    tracker.client.delete_run(repeated[0])
+    commands = [
+        ("runs", "list", "--json"),
+        ("runs", "list", "--role", "all", "--status", "finished", "-n", "4", "--json"),
+        ("runs", "list", "--role", "seed"),
+        ("runs", "show", lb[:8]),
+        ("runs", "show", lb[:8], "--json"),
+        ("runs", "show", seed, "--json"),
+        ("runs", "show", "concat-constant-0.5", "--json"),
+        ("runs", "compare", lb[:8], runs["constant"], seed[:10], "--json"),
+        ("runs", "show", "ffffffffff"),  # an unknown prefix
+        ("runs", "show", "f" * 32),  # an unknown whole id
+        ("runs", "show", "again"),  # a name of several runs
+    ]
+    answers = {command: _fresh_process(*command) for command in commands}
+    deleted, deleted_imports = _fresh_process("runs", "show", repeated[0], "--json")
+
+    monkeypatch.setattr(SqliteStoreReader, "open", staticmethod(lambda uri: None))  # read through MLflow
+    for command, (done, imported) in answers.items():
+        assert not imported & MLFLOW_PACKAGES, f"dmgl {' '.join(command)} imported {imported & MLFLOW_PACKAGES}"
+        expected = CliRunner().invoke(cli, list(command))
+        assert (done.returncode, done.stdout, done.stderr) == (expected.exit_code, expected.stdout, expected.stderr)
+        assert done.returncode == (1 if command[-1] in ("ffffffffff", "f" * 32, "again") else 0), done.stderr
+    assert "does not exist" in answers[("runs", "show", "f" * 32)][0].stderr
+    shown = json.loads(answers[("runs", "show", lb[:8], "--json")][0].stdout)
+    assert [child["run_id"] for child in shown["children"]] == [seed]
+    assert json.loads(answers[("runs", "show", seed, "--json")][0].stdout)["metrics"]["val_acc"] == pytest.approx(0.7)
+    # a deleted run is still shown by its whole id, as MLflow's client gives it (read through MLflow)
+    assert deleted.returncode == 0, deleted.stderr
+    assert json.loads(deleted.stdout)["run_id"] == repeated[0] and "mlflow" in deleted_imports
+    assert deleted.stdout == CliRunner().invoke(cli, ["runs", "show", repeated[0], "--json"]).stdout

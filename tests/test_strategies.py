@@ -1,9 +1,11 @@
+import dataclasses
 import io
 import math
 
 import pytest
 import torch
 
+from dmgl_cli.config_types import flatten
 from dmgl_cli.errors import DmglError
 from dmgl_cli.strategies import (
     STRATEGIES,
@@ -12,7 +14,10 @@ from dmgl_cli.strategies import (
     LearningBasedStrategy,
     LinearStrategy,
     StepwiseStrategy,
+    StrategyConfig,
     build_strategy,
+    parse_strategy,
+    setting_of,
 )
 from dmgl_cli.strategies.settings import LearningBasedConfig
 
@@ -41,7 +46,7 @@ def test_heuristic_values():
         strategy.start_epoch(epoch, 10)
         assert strategy.alpha == pytest.approx(alpha, rel=1e-12)
     assert strategy.alpha == pytest.approx(0.0951625819640404, rel=1e-12)
-    assert strategy.outer_step(None) is None  # type: ignore[arg-type]  # a schedule learns nothing
+    assert not strategy.learns_alpha  # a schedule learns nothing: the trainer builds no outer step
 
 
 @pytest.mark.parametrize(("total_epochs", "first_half"), [(4, [0, 1]), (5, [0, 1, 2])])
@@ -288,3 +293,27 @@ def test_epoch_estimators_update_once_per_epoch_and_are_first_order():
         _lb(estimator="epoch", update_every="epoch", approx="cg")
     with pytest.raises(DmglError, match="strategy.lb.estimator must be one of epoch, forward, average, step"):
         _lb(estimator="exact")
+
+
+def test_each_strategy_declares_what_specs_tables_and_recorded_params_read():
+    assert {name: cls.group for name, cls in STRATEGIES.items()} == {
+        "constant": "Constant",
+        "stepwise": "Stepwise",
+        "heuristic": "Dynamic",
+        "linear": "Control",
+        "lb": "Dynamic",
+    }
+    assert {name: setting_of(name) for name in STRATEGIES} == {
+        "constant": "strategy.alpha",
+        "stepwise": "strategy.p",
+        "heuristic": None,
+        "linear": "strategy.linear_rate",
+        "lb": None,
+    }
+    assert parse_strategy("linear:0.1").settings() == {"strategy.name": "linear", "strategy.linear_rate": 0.1}
+    # a strategy's own settings are settings of the config's strategy section
+    section = flatten({"strategy": dataclasses.asdict(StrategyConfig())})
+    for cls in STRATEGIES.values():
+        for key in cls.setting_keys:
+            assert any(k == key or (key.endswith(".") and k.startswith(key)) for k in section), (cls.name, key)
+        assert cls.spec_setting is None or cls.spec_setting in cls.setting_keys

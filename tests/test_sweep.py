@@ -18,11 +18,12 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from tiny import tiny_run
 
 from dmgl_cli.paths import repo_root
 from dmgl_cli.tracking import Tracker
 
-FAST = ["--set", "train.epochs=2", "--set", "train.batch_size=64"]
+FAST = tiny_run(epochs=2)
 
 
 def _study(storage: str, name: str) -> optuna.Study:
@@ -142,7 +143,7 @@ def test_a_single_strategy_grid(run_cli, synthetic, registry):
 
 @pytest.mark.slow
 def test_tuning_samples_per_strategy_ranges_and_reports_every_epoch(run_cli, synthetic, registry):
-    run_cli(
+    first = run_cli(
         "sweep",
         "--strategies",
         "lb",
@@ -156,6 +157,11 @@ def test_tuning_samples_per_strategy_ranges_and_reports_every_epoch(run_cli, syn
         "tune",
         *FAST,
     )
+    # live progress: one line per epoch of the running trial, before the trial's own line
+    for number in (0, 1):
+        epochs = [line for line in first.output.splitlines() if line.startswith(f"  trial {number} LB  seed 0 (1/1)")]
+        assert [line.split("epoch ")[1].split()[0] for line in epochs] == ["1/2", "2/2"], first.output
+        assert all(re.search(r"val acc \d\.\d{4} \(best \d\.\d{4}\)$", line) for line in epochs)
     trials = _study(f"sqlite:///{registry / 'optuna.db'}", "tune").get_trials()
     assert len(trials) == 2 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     for trial in trials:
@@ -168,12 +174,22 @@ def test_tuning_samples_per_strategy_ranges_and_reports_every_epoch(run_cli, syn
     # raising the count of an existing study queues just the difference
     more = run_cli("sweep", "--study", "tune", "--n-trials", "3")
     assert "re-enqueued 1 trial(s)" in more.output and "this worker ran 1 trial(s)" in more.output
-    assert len(_study(f"sqlite:///{registry / 'optuna.db'}", "tune").get_trials()) == 3
+    study = _study(f"sqlite:///{registry / 'optuna.db'}", "tune")
+    assert len(study.get_trials()) == 3
+    # the finished study's sweep run: the summary as its description, Optuna's figures of the tuned settings
+    sweep_run = Tracker().get_run(study.user_attrs["mlflow_sweep_run_id"])
+    description = sweep_run.tags["mlflow.note.content"]
+    assert "Sweep tune: best trial per strategy" in description and "LB" in description
+    assert "optuna/lb-importance.png" in description
+    # (median pruning starts after 3 complete trials of a strategy, so all 3 complete: enough to draw)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 3
+    drawn = {p.name for p in registry.glob("artifacts/**/optuna/*.png")}
+    assert drawn == {"lb-importance.png", "lb-parallel-coordinate.png"}
     assert "it can only be raised" in run_cli("sweep", "--study", "tune", "--n-trials", "1", expect=1).output
 
 
 def test_strategy_median_pruner_compares_a_trial_with_its_own_strategy():
-    from dmgl_cli.sweep import StrategyMedianPruner
+    from dmgl_cli.sweep.worker import StrategyMedianPruner
 
     study = optuna.create_study(direction="maximize")
     strategy = optuna.distributions.CategoricalDistribution(["lb", "constant:0"])
@@ -209,9 +225,9 @@ def test_strategy_median_pruner_compares_a_trial_with_its_own_strategy():
 
 
 def test_pruned_training_marks_runs_killed_not_failed(synthetic, registry):
-    from dmgl_cli import runner
     from dmgl_cli.config import resolve
-    from dmgl_cli.sweep import PrunedTrial
+    from dmgl_cli.run import training
+    from dmgl_cli.sweep.worker import PrunedTrial
 
     def progress(seed, epoch, total, metrics):
         raise PrunedTrial("stop")
@@ -220,7 +236,7 @@ def test_pruned_training_marks_runs_killed_not_failed(synthetic, registry):
     parents = []
     tracker = Tracker()
     with pytest.raises(optuna.TrialPruned):
-        runner.train(config, [0], tracker=tracker, progress=progress, on_parent=parents.append)
+        training.train(config, [0], tracker=tracker, progress=progress, on_parent=parents.append)
     assert tracker.status(parents[0]) == "KILLED"
     assert [c.status for c in tracker.children(parents[0])] == ["KILLED"]
 
@@ -420,7 +436,8 @@ def test_summary_shows_each_trials_std_and_which_strategies_the_best_significant
     from scipy import stats as scipy_stats
 
     from dmgl_cli.stats import holm
-    from dmgl_cli.sweep import SweepSettings, summary_table
+    from dmgl_cli.sweep.space import SweepSettings
+    from dmgl_cli.sweep.summary import summary_table
     from dmgl_cli.sweep.worker import TrialRecord
     from dmgl_cli.tables import render_text
 

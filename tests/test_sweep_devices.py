@@ -18,11 +18,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 from processes import finish
+from tiny import tiny_run
 
 from dmgl_cli.paths import repo_root
 from dmgl_cli.tracking import Tracker
 
-TINY = ["--seeds", "1", "--set", "train.epochs=3", "--set", "train.batch_size=64"]
+TINY = ["--seeds", "1", *tiny_run(epochs=3)]
 
 
 def _storage(registry) -> str:

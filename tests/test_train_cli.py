@@ -7,13 +7,14 @@ import re
 
 import pytest
 import torch
+from tiny import tiny_run
 
-from dmgl_cli import runner
 from dmgl_cli.config import load_config
 from dmgl_cli.imbalance import MACHINE_MEASURED
+from dmgl_cli.run import scoring, training
 from dmgl_cli.tracking import Tracker, local_path, mlflow_metric_name
 
-FAST = ["--epochs", "3", "--set", "train.batch_size=64"]
+FAST = tiny_run(epochs=3)
 
 
 def _parent_id(output: str) -> str:
@@ -66,7 +67,15 @@ def test_train_lb_two_seeds_records_everything(run_cli, synthetic, registry):
         assert child.metrics["final_test_acc"] == pytest.approx(final["test_acc"])
         finals.append(final["test_acc"])
     mean = sum(finals) / 2
-    assert parent.metrics["final_test_acc_mean"] == pytest.approx(mean)
+    assert parent.metrics["final_test_acc"] == pytest.approx(mean)  # the seeds' name: one column sorts both
+    assert "final_test_acc_std" in parent.metrics
+    # the parent's curves: per epoch, the mean over the seeds of what they logged, and its std
+    seed_curves = [dict(tracker.metric_history(c.run_id, "val_acc")) for c in tracker.children(parent.run_id)]
+    parent_curve = tracker.metric_history(parent.run_id, "val_acc")
+    assert [step for step, _ in parent_curve] == sorted(seed_curves[0])
+    for step, value in parent_curve:
+        assert value == pytest.approx(sum(curve[step] for curve in seed_curves) / len(seed_curves))
+    assert len(tracker.metric_history(parent.run_id, "val_acc_std")) == len(parent_curve)
     assert (local_path(parent.artifact_uri) / "alpha.png").is_file()
 
 
@@ -90,11 +99,11 @@ def test_eval_reproduces_the_logged_test_metrics_exactly(run_cli, synthetic):
     child = tracker.children(parent_id)[0]
     out = run_cli("eval", child.run_id)
     assert "matches the logged metrics exactly" in out.output
-    outcome = runner.evaluate_run(child.run_id, tracker=tracker, checkpoint="best", split="test")[0]
+    outcome = scoring.evaluate_run(child.run_id, tracker=tracker, checkpoint="best", split="test")[0]
     for key in ("test_acc", "test_map", "test_f1", "test_acc_fast", "test_acc_slow", "test_gap_acc"):
         assert outcome.metrics[key] == child.metrics[f"final_{key}"]
     assert outcome.max_abs_diff == 0
-    last = runner.evaluate_run(parent_id, tracker=tracker, checkpoint="last", split="val")
+    last = scoring.evaluate_run(parent_id, tracker=tracker, checkpoint="last", split="val")
     assert len(last) == 1 and last[0].max_abs_diff == 0
     recorded = tracker.get_run(child.run_id).metrics
     assert recorded["eval_best_test_acc"] == child.metrics["final_test_acc"]
@@ -103,7 +112,7 @@ def test_eval_reproduces_the_logged_test_metrics_exactly(run_cli, synthetic):
 @pytest.mark.slow
 def test_resume_after_a_stop_equals_an_uninterrupted_run(run_cli, synthetic):
     config = load_config("synthetic", ["train.epochs=4", "strategy.name=lb", "strategy.lb.update_every=5"])
-    reference = runner.train(config, [0], tracker=Tracker(), run_name="reference")
+    reference = training.train(config, [0], tracker=Tracker(), run_name="reference")
 
     class Stop(Exception):
         pass
@@ -114,7 +123,7 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(run_cli, synthetic):
 
     parents = []
     with pytest.raises(Stop):
-        runner.train(
+        training.train(
             config, [0], tracker=Tracker(), run_name="stopped", progress=stop_after_epoch_2, on_parent=parents.append
         )
     tracker = Tracker()
@@ -144,7 +153,7 @@ def test_resume_of_a_parent_finishes_its_seeds(run_cli, synthetic):
 
     parents = []
     with pytest.raises(KeyboardInterrupt):
-        runner.train(config, [0, 1, 2], tracker=Tracker(), progress=interrupt, on_parent=parents.append)
+        training.train(config, [0, 1, 2], tracker=Tracker(), progress=interrupt, on_parent=parents.append)
     tracker = Tracker()
     assert tracker.get_run(parents[0]).status == "KILLED"
     statuses = [c.status for c in tracker.children(parents[0])]

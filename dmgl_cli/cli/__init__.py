@@ -86,4 +86,10 @@ cli.add_command(register.register)
 cli.add_command(explain.explain)
 cli.add_command(reproduce.reproduce)
 
-main = functools.partial(cli, prog_name="dmgl")
+
+def main() -> None:
+    """The ``dmgl`` process (console script, ``python -m dmgl_cli``): the command, then an exit without the
+    interpreter's 1-2 s teardown (:mod:`dmgl_cli.quick_exit`)."""
+    from dmgl_cli.quick_exit import run_then_exit
+
+    run_then_exit(functools.partial(cli, prog_name="dmgl"))

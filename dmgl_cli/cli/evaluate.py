@@ -34,7 +34,7 @@ def eval_command(run_id, checkpoint, split, tracking_uri, as_json) -> None:
     run = tracker.find_run(run_id)  # an id, a unique prefix or a name; refused before torch loads
     run_id = run.run_id
 
-    from dmgl_cli.runner import evaluate_run
+    from dmgl_cli.run.scoring import evaluate_run
 
     outcomes = evaluate_run(run_id, tracker=tracker, checkpoint=checkpoint, split=split)
     base = ui_base(tracker.uri)

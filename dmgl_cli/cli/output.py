@@ -51,15 +51,16 @@ def score(value: float | None, std: float | None = None) -> str | None:
 def paired_scores(
     columns: dict[str, list[float | None]], seed_counts: list[int] | None = None
 ) -> dict[str, list[str | None]]:
-    """Metrics for display, one value per column: ``X_mean`` and ``X_std`` become one row ``X`` (mean ± std), or the
-    mean alone in a column whose run has one seed (``seed_counts``, one per column: its std is 0 by definition)."""
+    """Metrics for display, one value per column: ``X`` and its spread ``X_std`` (a parent's mean over its seeds;
+    ``X_mean`` in runs recorded by earlier versions) become one row ``X`` (mean ± std), or the mean alone in a column whose
+    run has one seed (``seed_counts``, one per column: its std is 0 by definition)."""
     shown: dict[str, list[str | None]] = {}
     for key, values in columns.items():
-        stem = key[: -len("_mean")] if key.endswith("_mean") else None
-        if key.endswith("_std") and key[: -len("_std")] + "_mean" in columns:
-            continue
-        stds = columns.get(f"{stem}_std") if stem is not None else None
-        if stem is not None and stds is not None:
+        if key.endswith("_std") and (key[: -len("_std")] in columns or key[: -len("_std")] + "_mean" in columns):
+            continue  # shown beside its mean
+        stem = key[: -len("_mean")] if key.endswith("_mean") and key[: -len("_mean")] + "_std" in columns else key
+        stds = columns.get(f"{stem}_std")
+        if stds is not None:
             if seed_counts is not None:
                 stds = [s if n != 1 else None for s, n in zip(stds, seed_counts, strict=True)]
             shown[stem] = [score(m, s) if s is not None else score(m) for m, s in zip(values, stds, strict=True)]

@@ -73,23 +73,7 @@ def prepare(
             )
         bar.update(done - bar.n)
 
-    settings = parse_assignments(options, "--option")
-    flags = {
-        "split_files": ("--split-file", parse_assignments(split_files, "--split-file") if split_files else None),
-        "manifest": ("--manifest", str(manifest) if manifest else None),
-        "modalities": ("--modality", parse_assignments(modality_kinds, "--modality") if modality_kinds else None),
-        "text_model": ("--text-model", text_model),
-    }
-    for key, (flag, value) in flags.items():
-        if value is None:
-            continue
-        if key in settings:
-            raise DmglError(f"{flag} and -o {key}=... both set the same thing; give one")
-        from dmgl_cli.data.preparers import PREPARERS
-
-        if dataset in PREPARERS and key not in PREPARERS[dataset].OPTIONS:
-            raise DmglError(f"{flag} does not apply to `dmgl prepare {dataset}`")
-        settings[key] = value
+    settings = _preparer_options(dataset, options, split_files, manifest, modality_kinds, text_model)
     try:
         manifest, path = prepare_dataset(
             dataset,
@@ -109,6 +93,34 @@ def prepare(
     finally:
         for bar in bars.values():
             bar.close()
+    _print_prepared(manifest, path)
+
+
+def _preparer_options(dataset, options, split_files, manifest, modality_kinds, text_model) -> dict:
+    """The preparer's options: ``-o KEY=VALUE`` and the flags that stand for one (each given once, and only to a
+    dataset whose preparer takes it)."""
+    settings = parse_assignments(options, "--option")
+    flags = {
+        "split_files": ("--split-file", parse_assignments(split_files, "--split-file") if split_files else None),
+        "manifest": ("--manifest", str(manifest) if manifest else None),
+        "modalities": ("--modality", parse_assignments(modality_kinds, "--modality") if modality_kinds else None),
+        "text_model": ("--text-model", text_model),
+    }
+    for key, (flag, value) in flags.items():
+        if value is None:
+            continue
+        if key in settings:
+            raise DmglError(f"{flag} and -o {key}=... both set the same thing; give one")
+        from dmgl_cli.data.preparers import PREPARERS
+
+        if dataset in PREPARERS and key not in PREPARERS[dataset].OPTIONS:
+            raise DmglError(f"{flag} does not apply to `dmgl prepare {dataset}`")
+        settings[key] = value
+    return settings
+
+
+def _print_prepared(manifest: dict, path) -> None:
+    """What was prepared: classes, splits, shapes, the samples skipped as unreadable, and where it is stored."""
     splits = ", ".join(f"{k} {v}" for k, v in manifest["splits"].items())
     shapes = ", ".join(f"{m} {tuple(s['shape'])}" for m, s in manifest["modalities"].items())
     click.echo(f"prepared {manifest['name']}: {len(manifest['classes'])} classes; {splits}; {shapes}")

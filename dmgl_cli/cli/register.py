@@ -31,7 +31,7 @@ def register(run_id, name, tracking_uri, as_json) -> None:
     tracker = Tracker(tracking_uri)
     run = tracker.find_run(run_id)  # an unknown or ambiguous one is refused before torch loads
 
-    from dmgl_cli.runner import register as register_model
+    from dmgl_cli.run.scoring import register as register_model
 
     outcome = register_model(run.run_id, name, tracker=tracker)
     if as_json:

@@ -120,26 +120,7 @@ def _split_plots(values: tuple[str, ...]) -> list[str]:
     "paired seeds).",
 )
 @tracking_option
-def report(
-    table,
-    fmt,
-    experiments,
-    datasets,
-    sweep,
-    filter_string,
-    split,
-    metric,
-    plots,
-    projection,
-    out_dir,
-    output,
-    labels,
-    allow_mixed,
-    stats,
-    baseline,
-    test,
-    tracking_uri,
-) -> None:
+def report(plots, fmt, output, tracking_uri, experiments, datasets, sweep, filter_string, **settings) -> None:
     """Paper-style tables and figures regenerated from the recorded runs.
 
     Seed runs are grouped by (dataset, method, strategy) and shown as mean ± std over seeds, in percent with two
@@ -162,32 +143,26 @@ def report(
       dmgl report --stats --baseline "concat (const 0)"  # paired differences, p-values, power
       dmgl report --plot cd --metric acc                # Friedman + critical-difference diagram
     """
-    from dmgl_cli.paths import atomic_write_bytes
-    from dmgl_cli.report import Selection, make_report
+    from dmgl_cli.report import Selection, make_report, shown_table
     from dmgl_cli.tracking import Tracker
 
     kinds = _split_plots(plots)
-    if table is None and (not kinds or stats or baseline is not None):
-        table = "main"
-    selection = Selection(list(experiments) or None, list(datasets) or None, sweep, filter_string)
-    color = output is None and fmt == "text" and sys.stdout.isatty()
+    settings["table"] = shown_table(settings["table"], kinds, settings["stats"], settings["baseline"])
     result = make_report(
-        selection,
+        Selection(list(experiments) or None, list(datasets) or None, sweep, filter_string),
         tracker=Tracker(tracking_uri),
-        table=table,
         fmt=fmt,
-        split=split,
-        metric=metric,
         plot_kinds=kinds,
-        out_dir=out_dir,
-        color=color,
-        labels=labels,
-        allow_mixed=allow_mixed,
-        projection=projection,
-        stats=stats,
-        baseline=baseline,
-        test=test,
+        color=output is None and fmt == "text" and sys.stdout.isatty(),
+        **settings,  # the table, split, metric, labels and --stats settings, as make_report names them
     )
+    _print_report(result, fmt, output)
+
+
+def _print_report(result, fmt: str, output) -> None:
+    """The report's warnings and notes (stderr), its text (stdout or ``output``) and the figures it wrote."""
+    from dmgl_cli.paths import atomic_write_bytes
+
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if fmt in ("csv", "latex"):  # text, markdown and json carry the notes inside the tables

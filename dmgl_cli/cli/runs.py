@@ -12,7 +12,7 @@ from dmgl_cli.cli.output import echo_json, format_table, paired_scores, score, v
 
 @click.group(cls=DmglGroup)
 def runs() -> None:
-    """List, show and compare recorded runs; settle runs whose process died.
+    """List, show and compare recorded runs; settle runs whose process died; send journals left by an outage.
 
     \b
     Examples:
@@ -227,13 +227,36 @@ def runs_reconcile(experiment, older_than, tracking_uri) -> None:
       dmgl runs reconcile
       dmgl runs reconcile --experiment crema-d --older-than 120
     """
-    from dmgl_cli.runner import reconcile
+    from dmgl_cli.run.scoring import reconcile
     from dmgl_cli.tracking import Tracker
 
     settled = reconcile(tracker=Tracker(tracking_uri), experiment=experiment, older_than_minutes=older_than)
     for run in settled:
         click.echo(f"marked KILLED: {run.run_id} ({run.name}, {run.role or '?'})")
     click.echo(f"{len(settled)} stale run(s) settled")
+
+
+@runs.command("sync")
+@tracking_option
+def runs_sync(tracking_uri) -> None:
+    """Send what runs wrote while the tracking server was away: every journal of the store left in the registry.
+
+    A run written to a tracking server keeps a journal on local disk (DMGL_HOME/journal/RUN_ID/); while the server
+    is away training goes on, and the journal is sent when it is back. A process that ended (or died) before that
+    leaves its journal; this sends each one, in order and exactly once. `dmgl train --resume RUN` sends its run's
+    journal first by itself.
+
+    \b
+    Examples:
+      dmgl runs sync --tracking-uri http://127.0.0.1:5000
+      MLFLOW_TRACKING_URI=http://tracking:5000 dmgl runs sync
+    """
+    from dmgl_cli.tracking import sync_journals
+
+    synced = sync_journals(tracking_uri)
+    for run in synced.runs:
+        click.echo(f"run {run.run_id}: sent {run.sent} record(s)" + (f", {run.left} left" if run.left else ""))
+    click.echo(synced.summary)
 
 
 def _ragged_table(headers: list[str], rows: list[list]) -> str:

@@ -1,9 +1,8 @@
-"""``dmgl sweep``: parse, call :func:`dmgl_cli.sweep.run_sweep`, print. The logic lives in :mod:`dmgl_cli.sweep`."""
+"""``dmgl sweep``: parse, call :func:`dmgl_cli.sweep.study.run_sweep`, print. The logic lives in :mod:`dmgl_cli.sweep`."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from dataclasses import asdict
 
@@ -71,26 +70,7 @@ from dmgl_cli.links import run_url, ui_base
 @tracking_option
 @json_option
 @silent_option(help="Print only the summary.")
-def sweep(
-    recipe,
-    strategies,
-    tune,
-    n_trials,
-    seeds,
-    overrides,
-    experiment,
-    study,
-    storage,
-    prune,
-    heartbeat,
-    create_only,
-    devices,
-    print_config,
-    worker_device,
-    tracking_uri,
-    as_json,
-    silent,
-) -> None:
+def sweep(devices, print_config, tracking_uri, as_json, silent, **options) -> None:
     """Compare integration strategies (and tune within each) with Optuna; every trial is an MLflow run.
 
     Each trial trains --seeds seeds and scores the mean validation metric (never test). Several workers, on one
@@ -111,91 +91,89 @@ def sweep(
       dmgl report --sweep cmp --table strategies --format latex
       dmgl sweep --strategies table4 --set train.epochs=5 --print-config   # what the trials would train
     """
-    _check_early(recipe, overrides, experiment, strategies, seeds, tune)
+    from dmgl_cli.sweep import SweepRequest, check_request
+
+    device = options.pop("worker_device")
+    request = check_request(SweepRequest(**{**options, "overrides": list(options["overrides"]), "device": device}))
     if print_config:
         from dmgl_cli.run_queries import sweep_config_listing
 
-        listing = sweep_config_listing(recipe, overrides, experiment, strategies, seeds, tune)
+        listing = sweep_config_listing(request)
         if as_json:
             echo_json(listing.to_dict())
         else:
             click.echo(listing.text(), nl=False)
         return
+    with _interrupts(request.study):
+        from dmgl_cli.tracking import Tracker
 
-    from dmgl_cli.sweep import SweepRequest, run_sweep
-    from dmgl_cli.tracking import Tracker
+        tracker = Tracker(tracking_uri)
+        if devices is not None:
+            _launch(request, devices, tracker, as_json, silent, _messages(silent))
+            return
+        _run_here(request, tracker, as_json, silent)
 
-    request = SweepRequest(
-        study=study,
-        storage=storage,
-        recipe=recipe,
-        overrides=list(overrides),
-        strategies=strategies,
-        tune=tune,
-        n_trials=n_trials,
-        seeds=seeds,
-        experiment=experiment,
-        prune=prune,
-        heartbeat=heartbeat,
-        create_only=create_only,
-        device=worker_device,
-    )
-    say = Messages(as_json=as_json, silent=silent)
 
-    def on_trial(record) -> None:
-        say(record.line())
+def _messages(silent: bool):
+    """Where the sweep's own messages go: stderr, unless --silent."""
 
     def on_message(text: str) -> None:
         if not silent:
             click.echo(text, err=True)
 
-    with _interrupts(study):
-        tracker = Tracker(tracking_uri)
-        if devices is not None:
-            _launch(request, devices, tracker, as_json, silent, on_message)
-            return
-        outcome = run_sweep(request, tracker=tracker, on_trial=on_trial, on_message=on_message)
-        if worker_device is not None:  # started by --devices: the launcher prints the summary
-            if outcome.interrupted:
-                click.echo(
-                    "interrupted; the study is resumable (a trial of this worker went back to the queue)", err=True
-                )
-                raise SystemExit(130)
-            say(f"this worker ran {len(outcome.ran)} trial(s)")
-            return
-        sweep_run = tracker.get_run(outcome.sweep_run_id)
-        base = ui_base(tracker.uri)
-        url = run_url(base, sweep_run.experiment_id, outcome.sweep_run_id)
-        if as_json:
-            echo_json(_document(outcome, sweep_run.experiment_id, base))
-            if not silent and outcome.summary is not None and not create_only:
-                click.echo(outcome.summary_text(), nl=False, err=True)
-            if outcome.interrupted:
-                click.echo(f"\nInterrupted; the study is resumable: `dmgl sweep --study {outcome.study}`", err=True)
-                raise SystemExit(130)
-            return
-        if create_only:
-            click.echo(
-                f"study {outcome.study} is ready ({outcome.settings.total_trials} trials queued); start workers "
-                f"with: dmgl sweep --study {outcome.study}" + (f" --storage {storage}" if storage else "")
-            )
-            click.echo(view_line(url))
-            return
-        click.echo(outcome.summary_text(), nl=False)
+    return on_message
+
+
+def _run_here(request, tracker, as_json: bool, silent: bool) -> None:
+    """Work on the study in this process (:func:`dmgl_cli.sweep.study.run_sweep`) and print its outcome."""
+    from dmgl_cli.sweep.study import run_sweep
+
+    say = Messages(as_json=as_json, silent=silent)
+    on_message = _messages(silent)
+    outcome = run_sweep(
+        request,
+        tracker=tracker,
+        on_trial=lambda record: say(record.line()),
+        on_message=on_message,
+        on_epoch=lambda progress: on_message(progress.line()),  # live: trial, seed, epoch, val metric
+    )
+    if request.device is not None:  # started by --devices: the launcher prints the summary
         if outcome.interrupted:
-            click.echo(
-                f"\nInterrupted; the study is resumable (an interrupted trial goes back to the queue): "
-                f"`dmgl sweep --study {outcome.study}" + (f" --storage {storage}`" if storage else "`"),
-                err=True,
-            )
+            click.echo("interrupted; the study is resumable (a trial of this worker went back to the queue)", err=True)
             raise SystemExit(130)
-        state = "complete" if outcome.complete else "not complete yet (other workers are still running trials)"
-        click.echo(f"study {outcome.study} is {state}; this worker ran {len(outcome.ran)} trial(s)")
+        say(f"this worker ran {len(outcome.ran)} trial(s)")
+        return
+    sweep_run = tracker.get_run(outcome.sweep_run_id)
+    base = ui_base(tracker.uri)
+    url = run_url(base, sweep_run.experiment_id, outcome.sweep_run_id)
+    if as_json:
+        echo_json(_document(outcome, sweep_run.experiment_id, base))
+        if not silent and outcome.summary is not None and not request.create_only:
+            click.echo(outcome.summary_text(), nl=False, err=True)
+        if outcome.interrupted:
+            click.echo(f"\nInterrupted; the study is resumable: `dmgl sweep --study {outcome.study}`", err=True)
+            raise SystemExit(130)
+        return
+    storage = request.storage
+    if request.create_only:
         click.echo(
-            f"browse: dmgl ui  |  optuna-dashboard {outcome.storage}  |  "
-            f"dmgl report --sweep {outcome.study} --table strategies"
+            f"study {outcome.study} is ready ({outcome.settings.total_trials} trials queued); start workers "
+            f"with: dmgl sweep --study {outcome.study}" + (f" --storage {storage}" if storage else "")
         )
         click.echo(view_line(url))
+        return
+    click.echo(outcome.summary_text(), nl=False)
+    if outcome.interrupted:
+        click.echo(
+            f"\nInterrupted; the study is resumable (an interrupted trial goes back to the queue): "
+            f"`dmgl sweep --study {outcome.study}" + (f" --storage {storage}`" if storage else "`"),
+            err=True,
+        )
+        raise SystemExit(130)
+    state = "complete" if outcome.complete else "not complete yet (other workers are still running trials)"
+    click.echo(f"study {outcome.study} is {state}; this worker ran {len(outcome.ran)} trial(s)")
+    click.echo(browse_line(outcome.storage, outcome.study))
+    click.echo(view_line(url))
 
 
 @contextlib.contextmanager
@@ -239,37 +217,17 @@ def _launch(request, devices: str, tracker, as_json: bool, silent: bool, on_mess
         return
     state = "complete" if outcome.complete else "not complete yet (other workers are still running trials)"
     click.echo(f"study {outcome.study} is {state}; {workers}")
-    click.echo(
-        f"browse: dmgl ui  |  optuna-dashboard {outcome.storage}  |  "
-        f"dmgl report --sweep {outcome.study} --table strategies"
-    )
+    click.echo(browse_line(outcome.storage, outcome.study))
     click.echo(view_line(run_url(base, sweep_run.experiment_id, outcome.sweep_run_id)))
 
 
-def _check_early(recipe, overrides, experiment, strategies, seeds, tune) -> None:
-    """Refuse a malformed --strategies, --tune or --seeds, or an unknown --set key, before Optuna, MLflow or torch
-    load.
-    The settings are resolved again by the sweep itself (a joining worker takes the study's), so the warnings of
-    this first resolution are not printed."""
-    from dmgl_cli.config import parse_seeds, resolve
-    from dmgl_cli.strategies import parse_strategies
-    from dmgl_cli.tunables import parse_tune
+def browse_line(storage: str, study: str) -> str:
+    """Where to look next: the MLflow UI (the sweep run holds the summary and Optuna's figures), optuna-dashboard on
+    the study's storage when it is installed (`pip install 'dmgl[dashboard]'`), the strategies table."""
+    import importlib.util
 
-    if strategies is not None:
-        parse_strategies(strategies)
-    parse_tune(tune)
-    if seeds is not None:
-        parse_seeds(seeds, 0)  # its form; the count starts at the recipe's train.seed
-    if recipe is None and not overrides and experiment is None and seeds is None:
-        return
-    log = logging.getLogger("dmgl")
-    disabled, log.disabled = log.disabled, True
-    try:
-        config = resolve(recipe or "synthetic", [*overrides, *([f"experiment={experiment}"] if experiment else [])])
-    finally:
-        log.disabled = disabled
-    if seeds is not None:
-        parse_seeds(seeds, config.train.seed)
+    dashboard = f"optuna-dashboard {storage}  |  " if importlib.util.find_spec("optuna_dashboard") else ""
+    return f"browse: dmgl ui  |  {dashboard}dmgl report --sweep {study} --table strategies"
 
 
 def _document(outcome, experiment_id: str, base: str) -> dict:

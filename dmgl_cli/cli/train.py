@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
 from dmgl_cli.cli.options import json_option, silent_option, tracking_option
 from dmgl_cli.cli.output import BatchBar, Messages, echo_json, progress_bar_wanted, score, view_line
-from dmgl_cli.errors import DmglError
 from dmgl_cli.links import experiment_runs_url, run_url, ui_base
 
 if TYPE_CHECKING:
-    from dmgl_cli.distributed import DistributedContext
+    from dmgl_cli.config import Config
+    from dmgl_cli.tracking import Tracker
 
 
 def _epoch_line(seed: int, epoch: int, total: int, m: dict[str, float]) -> str:
@@ -119,210 +118,37 @@ def train(nproc, **options) -> None:
       dmgl train --strategy lb --nproc 4                  # data-parallel over 4 GPUs (or CPU processes)
       torchrun --nnodes 2 --nproc-per-node 8 ... -m dmgl_cli train --strategy lb   # several machines
     """
-    if nproc is not None and nproc > 1 and _launched_world_size() > 1:
-        raise DmglError("--nproc starts its own processes; under torchrun, leave it out (torchrun sets their number)")
-    if _launched_world_size() > 1:  # one rank of a data-parallel job (torchrun, or --nproc below)
-        _train_as_rank(options)
-        return
-    _train(options, nproc or 1)
+    from dmgl_cli.run.request import TrainFeedback, TrainRequest, carry_out
 
+    say = Messages(as_json=options["as_json"], silent=options["silent"])
 
-def _launched_world_size() -> int:
-    """WORLD_SIZE as torchrun sets it (1 outside torchrun); read without importing torch."""
-    value = os.environ.get("WORLD_SIZE", "1")
-    if not value.isdigit():
-        raise DmglError(f"WORLD_SIZE={value!r} is not a number of processes")
-    return int(value)
-
-
-def _train_as_rank(options: dict[str, Any]) -> None:
-    """Rank 0 does what a single process does, with the other ranks training alongside; they record and print
-    nothing. A normal exit from rank 0 that trained nothing (--print-config, --dry-run, finished runs) releases them;
-    an error leaves them to torchrun, which stops them once rank 0 exits."""
-    from dmgl_cli import runner
-    from dmgl_cli.distributed import RUN_FILE_VARIABLE, init_from_environment, lost_a_rank
-    from dmgl_cli.errors import Interrupted
-
-    distributed = init_from_environment()
-    # Stopped by Ctrl-C or SIGTERM: rank 0 says so, unless `dmgl train --nproc` launched it (the launcher does).
-    quiet = not distributed.is_main or RUN_FILE_VARIABLE in os.environ
-    try:
-        if not distributed.is_main:
-            runner.follow(distributed)
-            return
-        _train(options, 1, distributed=distributed)
-    except (KeyboardInterrupt, Interrupted):
-        raise Interrupted(quiet=quiet) from None
-    except RuntimeError as exc:
-        if not lost_a_rank(exc):
-            raise
-        # another rank died: `dmgl train --nproc` (or torchrun) reports which; rank 0 of another torchrun says so
-        # in one line, not with the collective's traceback
-        if quiet:
-            raise SystemExit(1) from None
-        raise DmglError(
-            f"rank {distributed.rank} stopped: another rank of the job is gone (its connection closed)"
-        ) from None
-    distributed.release_followers()
-
-
-def _train(options: dict[str, Any], nproc: int, distributed: DistributedContext | None = None) -> None:
-    """``dmgl train`` in this process (``options``: the command's), or, with ``nproc`` > 1, in ``nproc`` processes
-    launched on the same command line; ``distributed``: this process's rank in a data-parallel job."""
-    recipe, strategy, alpha, p, method, modality, seeds, epochs = (
-        options[k] for k in ("recipe", "strategy", "alpha", "p", "method", "modality", "seeds", "epochs")
-    )
-    overrides, experiment, run_name, resume_run, deterministic, print_config, dry_run = (
-        options[k]
-        for k in ("overrides", "experiment", "run_name", "resume_run", "deterministic", "print_config", "dry_run")
-    )
-    tracking_uri, as_json, silent = options["tracking_uri"], options["as_json"], options["silent"]
-    # Only light modules here: the config is resolved (and a typo refused) before torch or MLflow is imported.
-    from dmgl_cli.config import parse_seeds, resolve
-    from dmgl_cli.paths import safe_name
-    from dmgl_cli.strategies import spec_from_flags
-
-    say = Messages(as_json=as_json, silent=silent)
-    if resume_run and nproc > 1:
-        _launch(nproc)
-        return
-    if resume_run:
-        given = [
-            n
-            for n, v in (
-                ("--strategy", strategy),
-                ("--alpha", alpha),
-                ("--p", p),
-                ("--method", method),
-                ("--modality", modality),
-                ("--epochs", epochs),
-                ("--experiment", experiment),
-                ("--name", run_name),
-                ("--deterministic", deterministic or None),
-                ("--print-config", print_config or None),
-                ("--dry-run", dry_run or None),
-            )
-            if v is not None
-        ]
-        if overrides:
-            given.append("--set")
-        if given:
-            raise DmglError(f"--resume continues a recorded run with its recorded config; drop {', '.join(given)}")
-        from dmgl_cli.tracking import Tracker
-
-        tracker = Tracker(tracking_uri)
-        resume_run = tracker.find_run(resume_run).run_id  # an unknown or ambiguous one: refused before torch loads
-
-        from dmgl_cli import runner
-        from dmgl_cli.distributed import SINGLE_PROCESS, note_run
-
-        note_run(resume_run)
-        with _step_bar(silent) as bar:
-            outcome = runner.resume(
-                resume_run,
-                tracker=tracker,
-                progress=_epoch_printer(say, bar),
-                step_progress=bar,
-                distributed=distributed or SINGLE_PROCESS,
-            )
-        _print_outcome(outcome, tracker, as_json)
-        return
-    if print_config and dry_run:
-        raise DmglError("--print-config and --dry-run each print and exit; give one")
-    parse_seeds(seeds, 0)  # its form, before the config loads; the count starts at train.seed below
-    for flag, name in (("run name", run_name), ("experiment", experiment)):
-        if name is not None:
-            safe_name(name, flag)
-    settings = {
-        key: value
-        for key, value in (
-            ("train.epochs", epochs),
-            ("experiment", experiment),
-            ("train.deterministic", deterministic or None),
-        )
-        if value is not None
-    }
-    config = resolve(
-        recipe,
-        overrides,
-        strategy=spec_from_flags(strategy, alpha, p),
-        method=method,
-        modality=modality,
-        settings=settings,
-    )
-    seed_list = parse_seeds(seeds, config.train.seed)
-    if print_config:
-        if as_json:
-            echo_json(config.to_dict())
-        else:
-            from dmgl_cli.run_queries import train_config_listing
-
-            click.echo(train_config_listing(config, recipe, overrides).text(), nl=False)
-        return
-    if dry_run:
-        from dmgl_cli.run_queries import train_plan
-
-        _print_plan(train_plan(config, seed_list, run_name), as_json)
-        return
-    if nproc > 1:
-        from dmgl_cli.runner import open_checked_dataset
-        from dmgl_cli.train import check_data_parallel
-
-        check_data_parallel(config, nproc)  # before any process starts
-        open_checked_dataset(config)
-        _launch(nproc)
-        return
-
-    from dmgl_cli.data.registry import open_dataset
-
-    open_dataset(config.dataset)  # an unprepared dataset is refused before MLflow and the trainer load
-
-    from dmgl_cli import runner
-    from dmgl_cli.distributed import SINGLE_PROCESS, note_run
-    from dmgl_cli.tracking import Tracker
-
-    def announce(parent_id: str) -> None:
+    def announce(parent_id: str, config: Config, seeds: list[int], tracker: Tracker) -> None:
         from dmgl_cli.run_queries import url_of
 
-        note_run(parent_id)
         say(
             f"parent run {parent_id}: {config.method.name} / {config.strategy.name} on "
-            f"{config.dataset}, seeds {','.join(map(str, seed_list))}"
+            f"{config.dataset}, seeds {','.join(map(str, seeds))}"
         )
         say(view_line(url_of(tracker, parent_id)))  # to follow the curves while it trains
 
-    tracker = Tracker(tracking_uri)
-    with _step_bar(silent) as bar:
-        outcome = runner.train(
-            config,
-            seed_list,
-            tracker=tracker,
-            progress=_epoch_printer(say, bar),
-            step_progress=bar,
-            run_name=run_name,
-            on_parent=announce,
-            distributed=distributed or SINGLE_PROCESS,
-        )
-    _print_outcome(outcome, tracker, as_json)
+    with _step_bar(options["silent"]) as bar:
+        feedback = TrainFeedback(progress=_epoch_printer(say, bar), step_progress=bar, on_parent=announce)
+        reply = carry_out(TrainRequest.from_options({**options, "nproc": nproc}), feedback)
+    if reply.config is not None:
+        _print_config(reply.config, options["recipe"], options["overrides"], options["as_json"])
+    elif reply.plan is not None:
+        _print_plan(reply.plan, options["as_json"])
+    elif reply.outcome is not None and reply.tracker is not None:
+        _print_outcome(reply.outcome, reply.tracker, options["as_json"])
 
 
-def _launch(nproc: int) -> None:
-    """This same command line in ``nproc`` processes (torchrun), ``--nproc`` left out; rank 0 prints."""
-    import sys
+def _print_config(config: Config, recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    if as_json:
+        echo_json(config.to_dict())
+        return
+    from dmgl_cli.run_queries import train_config_listing
 
-    from dmgl_cli.distributed import launch
-
-    argv, skip = [], False
-    for token in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif token == "--nproc":
-            skip = True
-        elif not token.startswith("--nproc="):
-            argv.append(token)
-    if "train" not in argv:
-        raise DmglError("--nproc needs the dmgl command line (`dmgl train ... --nproc N`)")
-    launch(nproc, argv)
+    click.echo(train_config_listing(config, recipe, overrides).text(), nl=False)
 
 
 @contextmanager
@@ -395,9 +221,9 @@ def _print_outcome(outcome, tracker, as_json: bool = False) -> None:
     if outcome.summary:
         several = len(outcome.seeds) > 1  # one seed has no spread to print (its std is 0 by definition)
         summary = "  ".join(
-            f"{k} {score(outcome.summary[k + '_mean'], outcome.summary[k + '_std'] if several else None)}"
+            f"{k} {score(outcome.summary[k], outcome.summary.get(k + '_std') if several else None)}"
             for k in keys + ["test_gap_acc"]
-            if k + "_mean" in outcome.summary
+            if k in outcome.summary
         )
         click.echo(f"mean over {len(outcome.seeds)} seeds: {summary}")
     click.echo(f"parent run {outcome.parent_run_id} in experiment {outcome.experiment!r}; browse with `dmgl ui`")

@@ -7,6 +7,7 @@ epoch e draws exactly the batches the uninterrupted run drew.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,6 +23,12 @@ from dmgl_cli.errors import DmglError
 Batch = dict[str, object]  # {"inputs": {modality: Tensor}, "labels": Tensor, "indices": Tensor}
 
 
+def slice_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of rank ``rank``'s contiguous slice of ``size`` items; sizes differ by at most one (data-
+    parallel ranks each read one slice of a batch: :mod:`dmgl_cli.distributed`)."""
+    return size * rank // world, size * (rank + 1) // world
+
+
 class ArraySplit(Dataset):
     """A split (or a subset of one, through ``indices``) served a whole batch at a time."""
 
@@ -31,7 +38,7 @@ class ArraySplit(Dataset):
         # Optional (inputs, rows) -> inputs batch transform (data/transforms.py); runs in the loader's workers.
         self.transform = transform
         # Data-parallel training: (rank, world). Each batch asked for is the global batch; this rank reads its
-        # contiguous slice (distributed.slice_bounds), transformed as that part of the whole batch.
+        # contiguous slice (:func:`slice_bounds`), transformed as that part of the whole batch.
         self.shard: tuple[int, int] | None = None
 
     def __len__(self) -> int:
@@ -53,8 +60,6 @@ class ArraySplit(Dataset):
         )
         part = None
         if self.shard is not None:
-            from dmgl_cli.distributed import slice_bounds
-
             part = slice(*slice_bounds(len(rows), *self.shard))
             drawn, rows = len(rows), rows[part]
             frames = {name: chosen[part] for name, chosen in frames.items()}
@@ -125,14 +130,22 @@ def gather_frames(array: StoredArray, rows: np.ndarray, frames: np.ndarray) -> n
 class EpochBatchSampler(Sampler[list[int]]):
     """Batches of positions; a fresh permutation per epoch from (seed, epoch), or in order when not shuffling."""
 
-    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool):
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        batch_shard: tuple[int, int] | None = None,
+    ):
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
         # Never drop the only batch: a tiny dataset still trains.
         self.drop_last = drop_last and size > batch_size
         self.epoch = 0
         self.skip = 0  # batches of this epoch to leave out (resuming in the middle of an epoch)
         # (rank, world) of a sharded evaluation: this rank yields batches rank, rank + world, ... (whole batches)
-        self.batch_shard: tuple[int, int] | None = None
+        self.batch_shard = batch_shard
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -194,10 +207,12 @@ def make_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     persistent: bool = False,
+    batch_shard: tuple[int, int] | None = None,
 ) -> DataLoader:
     """``persistent`` keeps the worker processes between epochs (the training loader); evaluation loaders, used
-    once per epoch, start theirs on demand so a run does not hold three sets of workers."""
-    sampler = EpochBatchSampler(len(split), batch_size, shuffle, seed, drop_last)
+    once per epoch, start theirs on demand so a run does not hold three sets of workers. ``batch_shard``:
+    (rank, world) of a sharded evaluation, this rank reading whole batches rank, rank + world, ..."""
+    sampler = EpochBatchSampler(len(split), batch_size, shuffle, seed, drop_last, batch_shard)
     return DataLoader(
         split,
         batch_sampler=sampler,
@@ -251,12 +266,18 @@ def hold_out(train: ArraySplit, holdout: int | float, seed: int, transform) -> t
 
 
 def eval_loader(
-    dataset: PreparedDataset, config, split: str | ArraySplit, *, num_workers: int = 0, pin_memory: bool = False
+    dataset: PreparedDataset,
+    config,
+    split: str | ArraySplit,
+    *,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    batch_shard: tuple[int, int] | None = None,
 ) -> DataLoader:
     """Batches of one split (``"train"``, ``"val"``, ``"test"``, or an :class:`ArraySplit` of ``dataset``) for
     scoring: the evaluation transform (no random augmentation), ``train.eval_batch_size``, a fixed order and no
     dropped samples, as the trainer scores its epochs, ``dmgl eval`` re-scores a checkpoint and methods read data
-    beyond the batch."""
+    beyond the batch. ``batch_shard``: (rank, world) when the ranks of a data-parallel run share the batches out."""
     from dmgl_cli.data.transforms import build_transforms
 
     chosen: ArraySplit = (
@@ -265,12 +286,16 @@ def eval_loader(
         else split
     )
     scored = ArraySplit(chosen.arrays, chosen.indices, build_transforms(dataset.modalities, config, training=False))
+    batches = math.ceil(len(scored) / config.train.eval_batch_size)
     return make_loader(
         scored,
         config.train.eval_batch_size,
         shuffle=False,
         seed=0,
         drop_last=False,
-        num_workers=num_workers,
+        # Workers only help by reading the next batch while the model scores this one, so a split of B batches gets
+        # at most B - 1: a one-batch split is read in this process, without forking workers at each scoring.
+        num_workers=min(num_workers, max(batches - 1, 0)),
         pin_memory=pin_memory,
+        batch_shard=batch_shard,
     )

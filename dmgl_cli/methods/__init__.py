@@ -1,55 +1,41 @@
-"""Methods as hooks on the shared training loop; ``METHODS`` is the explicit registry (name -> class)."""
+"""Methods as hooks on the shared training loop. What each method *is* (name, strategies, options, refusals) is its
+entry in :data:`dmgl_cli.catalogue.METHODS`; this package holds the implementations, which the entries name
+(``implementation``) and :func:`method_class` imports."""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
+from dmgl_cli.catalogue import METHODS as CATALOGUE
+from dmgl_cli.catalogue import method_entry
 from dmgl_cli.errors import DmglError
-from dmgl_cli.methods.affine import AffineMethod
-from dmgl_cli.methods.agm import AGMMethod
 from dmgl_cli.methods.base import ConcatMethod, Method
-from dmgl_cli.methods.channel import ChannelMethod
-from dmgl_cli.methods.dmgl_official import DMGLOfficialEq3Method, DMGLOfficialMethod
-from dmgl_cli.methods.domfn import DOMFNMethod
-from dmgl_cli.methods.etmc import ETMCMethod
-from dmgl_cli.methods.g_blend import GBlendMethod
-from dmgl_cli.methods.greedy import GreedyMethod
-from dmgl_cli.methods.ml_lstm import MLLSTMMethod
-from dmgl_cli.methods.mla import MLAMethod
-from dmgl_cli.methods.mses import MSESMethod
-from dmgl_cli.methods.mslr import MSLRMethod
-from dmgl_cli.methods.ogm_ge import OGMGEMethod
-from dmgl_cli.methods.pmr import PMRMethod
-from dmgl_cli.methods.sum import SumMethod
-from dmgl_cli.methods.unimodal import UnimodalMethod
-from dmgl_cli.methods.weight import WeightMethod
 
-METHODS: dict[str, type[Method]] = {
-    ConcatMethod.name: ConcatMethod,
-    UnimodalMethod.name: UnimodalMethod,
-    SumMethod.name: SumMethod,
-    WeightMethod.name: WeightMethod,
-    AffineMethod.name: AffineMethod,
-    ChannelMethod.name: ChannelMethod,
-    MLLSTMMethod.name: MLLSTMMethod,
-    ETMCMethod.name: ETMCMethod,
-    MSESMethod.name: MSESMethod,
-    GBlendMethod.name: GBlendMethod,
-    OGMGEMethod.name: OGMGEMethod,
-    GreedyMethod.name: GreedyMethod,
-    DOMFNMethod.name: DOMFNMethod,
-    MSLRMethod.name: MSLRMethod,
-    PMRMethod.name: PMRMethod,
-    AGMMethod.name: AGMMethod,
-    MLAMethod.name: MLAMethod,
-    DMGLOfficialMethod.name: DMGLOfficialMethod,
-    DMGLOfficialEq3Method.name: DMGLOfficialEq3Method,
-}
+if TYPE_CHECKING:
+    from dmgl_cli.config_types import Config
+
+__all__ = ["METHODS", "ConcatMethod", "Method", "build_method", "method_class"]
 
 
-def build_method(config) -> Method:
-    """The method a validated config names (``config.validate`` checked that it can run with the strategy)."""
-    name = config.method.name
-    if name not in METHODS:
-        raise DmglError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
-    method = METHODS[name](config, config.method_options(name))
-    method.check()
-    return method
+def method_class(name: str) -> type[Method]:
+    """The implementation of method ``name``: the class its catalogue entry names, whose identity is that entry."""
+    entry = method_entry(name)
+    module, _, attribute = entry.implementation.partition(":")
+    implementation = getattr(importlib.import_module(module), attribute, None)
+    if not (isinstance(implementation, type) and issubclass(implementation, Method)) or implementation.entry != entry:
+        raise DmglError(
+            f"method {name!r}: its catalogue entry names {entry.implementation}, which is not a Method subclass "
+            f"declared with method={name!r}"
+        )
+    return implementation
+
+
+# The implementations of every method of the catalogue (name -> class), in the catalogue's order.
+METHODS: dict[str, type[Method]] = {name: method_class(name) for name in CATALOGUE}
+
+
+def build_method(config: Config) -> Method:
+    """The method a config names, with its checked, typed options (``config.validate`` ran the same checks)."""
+    entry = method_entry(config.method.name)
+    return method_class(entry.name)(config, entry.check_config(config))

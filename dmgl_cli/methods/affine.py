@@ -19,10 +19,11 @@ modality, OGM-GE's ``x_film=True``); ``probe_lr`` (1e-3) — Adam rate of the pe
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
+from dmgl_cli.catalogue.options import AffineOptions
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods.fusion_base import (
     FusionMethod,
@@ -30,8 +31,10 @@ from dmgl_cli.methods.fusion_base import (
     FusionOutput,
     LinearProbes,
     encoders_for,
-    positive_float,
 )
+
+if TYPE_CHECKING:
+    from dmgl_cli.config_types import Config
 
 
 class FiLMFusion(nn.Module):
@@ -53,19 +56,14 @@ class FiLMFusion(nn.Module):
         return logits, self.probes(embeddings), {"scale": gamma, "shift": beta}
 
 
-class AffineMethod(FusionMethod):
+class AffineMethod(FusionMethod, method="affine"):
     """FiLM: ``condition`` scales and shifts the other modality. Settings: ``condition``, ``probe_lr``."""
 
-    name = "affine"
-    per_modality_source = "probe"
-    defaults: dict[str, Any] = {"condition": None, "probe_lr": 1e-3}
+    options: AffineOptions
 
-    def check(self) -> None:
-        positive_float(self.settings["probe_lr"], self.key("probe_lr"))
-        condition = self.settings["condition"]
-        if condition is not None and (not isinstance(condition, str) or not condition):
-            raise DmglError(f"{self.key('condition')} must be a modality name, got {condition!r}")
-        self.check_pairwise_matching()
+    def __init__(self, config: Config, options: AffineOptions):
+        super().__init__(config, options)
+        self.probe_lr = options.probe_lr
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> FusionModel:
         names = list(modalities)
@@ -74,7 +72,7 @@ class AffineMethod(FusionMethod):
                 f"method 'affine' (FiLM) conditions one modality on another and needs exactly 2 modalities; "
                 f"dataset {self.config.dataset!r} has {len(names)}: {', '.join(names)}"
             )
-        condition = self.settings["condition"] or names[0]
+        condition = self.options.condition or names[0]
         if condition not in modalities:
             raise DmglError(
                 f"{self.key('condition')}={condition}: dataset {self.config.dataset!r} has no such modality; "

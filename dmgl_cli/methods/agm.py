@@ -48,14 +48,18 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from dmgl_cli.catalogue.options import AGMOptions
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods.rebalance_base import RebalanceMethod, concat_head, scale_gradient
 from dmgl_cli.models import ModelOutput, MultimodalModel
+
+if TYPE_CHECKING:
+    from dmgl_cli.config_types import Config
 
 
 def shapley_weights(count: int) -> dict[int, float]:
@@ -99,35 +103,16 @@ def shapley_responses(modalities: list[str], logits: dict[frozenset, Tensor]) ->
     return responses
 
 
-class AGMMethod(RebalanceMethod):
+class AGMMethod(RebalanceMethod, method="agm"):
     """Adaptive gradient modulation on Shapley modality responses; see the module docstring."""
 
-    name = "agm"
-    per_modality_source = "own"
-    defaults: dict[str, Any] = {
-        "alpha": 1.0,
-        "start_epoch": 1,
-        "end_epoch": 20,
-        "cap": 10.0,
-        "hold_after_window": True,
-        "clip": True,
-    }
+    options: AGMOptions
 
-    def __init__(self, config, options: dict[str, Any]):
+    def __init__(self, config: Config, options: AGMOptions):
         super().__init__(config, options)
         self.coefficients: dict[str, float] = {}  # read by the backward pass
         self.running_scores: dict[str, float] = {}
         self.iterations = 0
-
-    def check(self) -> None:
-        super().check()
-        self.read_modulation_window()
-        self.cap = None if self.settings["cap"] is None else self.setting_float("cap", 0.0, low_open=True)
-        for flag in ("hold_after_window", "clip"):
-            if not isinstance(self.settings[flag], bool):
-                raise DmglError(f"{self.key(flag)} must be true or false, got {self.settings[flag]!r}")
-        self.hold_after_window = self.settings["hold_after_window"]
-        self.clip = self.settings["clip"]
 
     def forward(self, model: MultimodalModel, inputs: dict[str, Tensor], training: bool) -> ModelOutput:
         modalities = model.modalities
@@ -158,12 +143,12 @@ class AGMMethod(RebalanceMethod):
         optimal = {m: math.exp(factor * (mean_running - s)) for m, s in self.running_scores.items()}
         epoch = step["epoch"]
         for modality in scores:
-            if self.start_epoch <= epoch <= self.end_epoch:
+            if self.options.start_epoch <= epoch <= self.options.end_epoch:
                 exponent = optimal[modality] - ratios[modality]
-                if self.cap is not None:
-                    exponent = min(exponent, self.cap)
-                self.coefficients[modality] = math.exp(self.alpha * exponent)
-            elif epoch < self.start_epoch or not self.hold_after_window:
+                if self.options.cap is not None:
+                    exponent = min(exponent, self.options.cap)
+                self.coefficients[modality] = math.exp(self.options.alpha * exponent)
+            elif epoch < self.options.start_epoch or not self.options.hold_after_window:
                 self.coefficients[modality] = 1.0
             else:  # after the window the authors' hooks keep the scale they were last given
                 self.coefficients.setdefault(modality, 1.0)
@@ -175,7 +160,7 @@ class AGMMethod(RebalanceMethod):
         return {}
 
     def after_backward(self, model: MultimodalModel, output: ModelOutput, labels: Tensor, step: dict[str, Any]) -> None:
-        if not self.clip:
+        if not self.options.clip:
             return
         weight_grad = concat_head(model).head.weight.grad
         clipped = weight_grad is not None and bool(weight_grad.abs().max() > 1.0)

@@ -7,44 +7,53 @@ every hook in the same place for every method, so adding a method never forks th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
-from dmgl_cli.errors import DmglError
+from dmgl_cli.catalogue import MethodEntry, MethodOptions, method_entry
 from dmgl_cli.losses import classification_loss
 from dmgl_cli.models import ModelOutput, MultimodalModel, build_model
 from dmgl_cli.strategies.specs import StrategySpec
 
 if TYPE_CHECKING:
-    from dmgl_cli.train import Trainer
+    from dmgl_cli.config_types import Config
+    from dmgl_cli.loop import MethodLoop
 
 
 class Method:
+    """A method's hooks. A subclass is declared with its catalogue entry's name (``class PMRMethod(RebalanceMethod,
+    method="pmr")``) and reads what the method is from that entry (:mod:`dmgl_cli.catalogue.methods`); the class
+    attributes below are copied from it so that code holding the class can read them."""
+
+    entry: ClassVar[MethodEntry | None] = None
     name = "base"
     # Strategies this method can be combined with; None means all of them.
     strategies: tuple[str, ...] | None = None
     # Whether L_MM is computed (methods with a single modality have nothing to match).
     uses_matching = True
-    # `dmgl train --method NAME` without --strategy: a comparison method trains as published (Table 1's rows),
-    # i.e. without the matching loss (constant alpha 0); None keeps the recipe's strategy (the paper's method).
-    published_strategy: StrategySpec | None = StrategySpec("constant", 0.0)
-    # Where per-modality scores come from: "head-split" (Concat's head split per modality), "own" (the method's
-    # own uni-modal outputs) or "probe" (linear probes on detached embeddings); recorded as a run tag.
+    published_strategy: StrategySpec | None = None
+    # Where per-modality scores come from (a run tag): "head-split", "own" or "probe".
     per_modality_source = "head-split"
+    pinned_settings: Mapping[str, Any] = {}
+    data_parallel_refusal: str | None = None
     # The training objective is objective_scale * ((1 - alpha) L_CLS + alpha L_MM) + extra terms; the authors'
     # dmgl code doubles it (dmgl-official), every other method leaves it as Eq. 1 writes it.
     objective_scale = 1.0
 
-    # A method's settings (``method.options.<name>.<key>``) and their defaults; any other key is refused.
-    defaults: dict[str, Any] = {}
-    # Settings (dotted key -> value) that define the method: `config.resolve` writes them into the run's config
-    # (with a warning naming each one it changed), so the run records what ran (dmgl-official).
-    pinned_settings: dict[str, Any] = {}
-
-    # Why the method cannot train data-parallel (`dmgl train --nproc N`), or None: every other method computes the
-    # single-process step from the gathered global batch (distributed.py).
-    data_parallel_refusal: str | None = None
+    def __init_subclass__(cls, method: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if method is None:
+            return  # an intermediate base (FusionMethod, RebalanceMethod)
+        entry = cls.entry = method_entry(method)
+        cls.name = entry.name
+        cls.strategies = entry.strategies
+        cls.uses_matching = entry.uses_matching
+        cls.published_strategy = entry.published_strategy
+        cls.per_modality_source = entry.per_modality_source
+        cls.pinned_settings = entry.pinned_settings
+        cls.data_parallel_refusal = entry.data_parallel_refusal
 
     @property
     def scoring_changes_state(self) -> bool:
@@ -53,35 +62,22 @@ class Method:
         evolves as published."""
         return False
 
-    def __init__(self, config, options: dict[str, Any]):
+    def __init__(self, config: Config, options: MethodOptions) -> None:
+        """``options``: the method's checked ``method.options.NAME.*`` (its entry's options dataclass)."""
         self.config = config
         self.options = options
-        unknown = sorted(set(options) - set(self.defaults))
-        if unknown:
-            valid = ", ".join(self.defaults) or "(none)"
-            raise DmglError(
-                f"unknown setting {', '.join(f'method.options.{self.name}.{k}' for k in unknown)}; "
-                f"method {self.name!r} takes: {valid}"
-            )
-        self.settings: dict[str, Any] = {**self.defaults, **options}
+
+    def key(self, setting: str) -> str:
+        """The dotted name of one of the method's settings, for messages."""
+        return f"method.options.{self.name}.{setting}"
+
+    @property
+    def paper_label(self) -> str:
+        """The method's row name in the paper's tables."""
+        return self.entry.paper_label if self.entry is not None else self.name
 
     # -- construction --------------------------------------------------------------------------------------------
-    @classmethod
-    def check_config(cls, config) -> None:
-        """Refuse a configuration the method cannot run (called by ``config.validate``, so a refusal comes before
-        any run is created): a strategy the method cannot be combined with, or a bad ``method.options`` setting
-        (the method is built once and runs :meth:`check`)."""
-        if cls.strategies is not None and config.strategy.name not in cls.strategies:
-            raise DmglError(
-                f"method {cls.name!r} cannot be combined with --strategy {config.strategy.name}; "
-                f"it supports: {', '.join(cls.strategies)}"
-            )
-        cls(config, config.method_options(cls.name)).check()
-
-    def check(self) -> None:
-        """Refuse a configuration this method cannot run (raise DmglError)."""
-
-    def attach(self, trainer: Trainer) -> None:
+    def attach(self, trainer: MethodLoop) -> None:
         """Called once by the Trainer after the model, optimiser, scheduler and strategy exist. Methods that need
         more than the batch keep the trainer: its ``splits`` and ``device`` (G-Blend's validation losses, PMR's
         prototypes over the training set, MSES's per-modality validation loss) or its ``optimizer`` (MSLR)."""
@@ -139,9 +135,6 @@ class Method:
         pass
 
 
-class ConcatMethod(Method):
+class ConcatMethod(Method, method="concat"):
     """Feature concatenation (§3.1) — with ``--strategy constant --alpha 0`` plain Concat, with ``heuristic`` or
     ``lb`` the paper's Ours-H / Ours-LB."""
-
-    name = "concat"
-    published_strategy = None

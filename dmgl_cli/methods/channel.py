@@ -43,14 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmgl_cli.catalogue.options import ChannelOptions
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods.fusion_base import (
     FusionMethod,
     FusionModel,
     FusionOutput,
     encoders_for,
-    positive_float,
-    positive_int,
 )
 from dmgl_cli.models.encoders import MLPEncoder
 from dmgl_cli.models.vision import ClipEncoder, FrameEncoder, ResNetTrunk, SpectrogramEncoder
@@ -235,22 +234,15 @@ def _stage_widths(encoder: nn.Module, stages: list[Stage], spec: dict[str, Any])
     return widths
 
 
-class ChannelMethod(FusionMethod):
+class ChannelMethod(FusionMethod, method="channel"):
     """MMTM between the encoders' stages; late fusion of per-stream classifiers. Settings: ``ratio`` (4),
     ``gate_scale`` (2.0)."""
 
-    name = "channel"
-    defaults: dict[str, Any] = {"ratio": 4, "gate_scale": 2.0}
-    # The row of the paper's Table 1 a text modality is refused for (the paper has no result there either).
-    table_row = "Channel"
-
-    def check(self) -> None:
-        positive_int(self.settings["ratio"], self.key("ratio"))
-        positive_float(self.settings["gate_scale"], self.key("gate_scale"))
+    options: ChannelOptions
 
     def make_mmtm(self, channels: list[int]) -> MMTM:
         """The module at one fusion point, over feature maps of ``channels`` channels (one per modality)."""
-        return MMTM(channels, self.settings["ratio"], float(self.settings["gate_scale"]))
+        return MMTM(channels, self.options.ratio, float(self.options.gate_scale))
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> MMTMModel:
         method = f"method {self.name!r} (MMTM)"
@@ -259,7 +251,7 @@ class ChannelMethod(FusionMethod):
                 raise DmglError(
                     f"{method} exchanges channels between CNN feature maps; modality {modality!r} is "
                     f"text (encoder {self.config.encoder_for(modality).name!r}), which has none — the paper reports "
-                    f"no {self.table_row} result for the text-image datasets. Use another method for this dataset."
+                    f"no {self.paper_label} result for the text-image datasets. Use another method for this dataset."
                 )
         encoders = encoders_for(self.config, modalities, num_classes)
         stages: dict[str, list[Stage]] = {}

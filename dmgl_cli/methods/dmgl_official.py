@@ -33,7 +33,8 @@ alpha's step                Adam on alpha (dmgl's default) or SGD       SGD with
 starting alpha, range       ``initial_alpha``; [0, 1] (Algorithm 1)     0.95 (CE weight 0.05); [0.05, 0.95]
 ==========================  ==========================================  ==========================================
 
-How the settings are applied: this method *is* that configuration, so its ``pinned_settings`` are written into the
+How the settings are applied: this method *is* that configuration, so its ``pinned_settings`` (its entry in
+``dmgl_cli/catalogue/methods.py``: ``OFFICIAL_SETTINGS``, ``EQ3_SETTINGS``) are written into the
 run's config when it is resolved (``config.resolve``), before it is validated and recorded; the run's parameters
 and ``config.yaml`` show what ran, and a warning names every setting it changed. It runs with ``--strategy lb``
 only.
@@ -68,40 +69,8 @@ from typing import Any
 
 from torch import Tensor
 
-from dmgl_cli.errors import DmglError
 from dmgl_cli.methods.fusion_base import FusionMethod, FusionModel, encoders_for
 from dmgl_cli.methods.sum import SumFusion
-from dmgl_cli.strategies.specs import StrategySpec
-
-# The settings that make the released code's variant (dotted key -> value).
-OFFICIAL_SETTINGS: dict[str, Any] = {
-    "loss.matching": "mixture_kl",
-    "strategy.lb.approx": "official",
-    "strategy.lb.estimator": "step",  # one outer batch, as released
-    "strategy.lb.update_every": "epoch_start",
-    "strategy.lb.alpha_optimizer": "sgd",
-    "strategy.lb.alpha_lr": 1e-4,
-    "strategy.lb.alpha_lr_halving": 20,
-    "strategy.lb.initial_alpha": 0.95,
-    "strategy.lb.min_alpha": 0.05,
-    "strategy.lb.max_alpha": 0.95,
-    "strategy.lb.outer_data": "holdout",
-    "strategy.lb.holdout": 16,
-    "strategy.lb.outer_batch_size": 8,
-    "strategy.lb.outer_sampling": "fixed",
-    "strategy.lb.params": "all",
-}
-
-# dmgl-official-eq3: the same, with Eq. 3 (CG, weight decay in H) at each epoch's end, stepped by Adam.
-EQ3_SETTINGS: dict[str, Any] = {
-    **OFFICIAL_SETTINGS,
-    "strategy.lb.approx": "cg",
-    "strategy.lb.estimator": "step",  # Eq. 3 at the epoch's last step, on one inner and one outer batch
-    "strategy.lb.update_every": "epoch",
-    "strategy.lb.alpha_optimizer": "adam",
-    "strategy.lb.alpha_lr": 0.05,
-    "strategy.lb.alpha_lr_halving": 20,
-}
 
 
 class MeanOfHeadsFusion(SumFusion):
@@ -113,44 +82,15 @@ class MeanOfHeadsFusion(SumFusion):
         return summed / len(unimodal), unimodal, extras
 
 
-class DMGLOfficialMethod(FusionMethod):
+class DMGLOfficialMethod(FusionMethod, method="dmgl-official"):
     """The released code's variant of Ours-LB; see the module docstring for how it differs from the paper."""
 
-    name = "dmgl-official"
-    strategies = ("lb",)
-    published_strategy = StrategySpec("lb")
-    per_modality_source = "own"
     objective_scale = 2.0  # train_audio_video: loss = 2 * (cls_k[0] * loss_cls + cls_k[1] * loss_alignment)
-    pinned_settings = OFFICIAL_SETTINGS
-
-    @classmethod
-    def check_config(cls, config) -> None:
-        if config.strategy.name != "lb":
-            raise DmglError(
-                f"method '{cls.name}' is the released code's learning-based variant and runs with --strategy lb "
-                f"only, got --strategy {config.strategy.name}"
-            )
-        recorded = config.flat()
-        differing = [
-            f"{key}={recorded.get(key)!r} (it is defined by {value!r})"
-            for key, value in cls.pinned_settings.items()
-            if recorded.get(key) != value
-        ]
-        if differing:  # a hand-edited config.yaml: the run would not be this method
-            raise DmglError(f"method '{cls.name}' cannot run with {', '.join(differing)}")
-        super().check_config(config)
-
-    def check(self) -> None:
-        if self.options:
-            raise DmglError(f"method '{self.name}' takes no settings, got: {', '.join(sorted(self.options))}")
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> FusionModel:
         encoders = encoders_for(self.config, modalities, num_classes)
         return FusionModel(encoders, MeanOfHeadsFusion(list(modalities), self.config.model.embed_dim, num_classes))
 
 
-class DMGLOfficialEq3Method(DMGLOfficialMethod):
+class DMGLOfficialEq3Method(DMGLOfficialMethod, method="dmgl-official-eq3"):
     """``dmgl-official`` with alpha's gradient taken from Eq. 3 (CG) instead of the released rule."""
-
-    name = "dmgl-official-eq3"
-    pinned_settings = EQ3_SETTINGS

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dmgl_cli.catalogue.options import DOMFNOptions
 from dmgl_cli.methods.rebalance_base import (
     SEEN,
     AuxHeadsModel,
@@ -62,17 +63,10 @@ def pairwise_js(unimodal_logits: dict[str, Tensor]) -> Tensor:
     return torch.stack(values).mean(dim=0)
 
 
-class DOMFNMethod(RebalanceMethod):
+class DOMFNMethod(RebalanceMethod, method="domfn"):
     """Divergence-orientated fusion; see the module docstring."""
 
-    name = "domfn"
-    per_modality_source = "own"
-    defaults: dict[str, Any] = {"margin": 0.3, "beta": 1.0}
-
-    def check(self) -> None:
-        super().check()
-        self.margin = self.setting_float("margin", 0.0, math.log(2.0), low_open=True)
-        self.beta = self.setting_float("beta", 0.0)
+    options: DOMFNOptions
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> MultimodalModel:
         concat = build_model(self.config, modalities, num_classes)
@@ -82,12 +76,12 @@ class DOMFNMethod(RebalanceMethod):
         # A Tensor: the sum runs over at least one modality (pyright types sum() as possibly its start, 0).
         unimodal = cast(Tensor, sum(F.cross_entropy(z.float(), labels) for z in output.unimodal_logits.values()))
         divergence = pairwise_js(output.unimodal_logits)
-        penalty = self.beta * torch.relu(divergence - self.margin).mean()
+        penalty = self.options.beta * torch.relu(divergence - self.options.margin).mean()
         self.track({"domfn_divergence": divergence.mean()})
         return {"domfn_unimodal": unimodal, "domfn_penalty": penalty}
 
     def rejected(self, output: ModelOutput) -> Tensor:
-        return pairwise_js(output.unimodal_logits) > self.margin
+        return pairwise_js(output.unimodal_logits) > self.options.margin
 
     def predict(self, output: ModelOutput) -> Tensor:
         log_probs = torch.stack([torch.log_softmax(z.float(), dim=1) for z in output.unimodal_logits.values()])

@@ -30,14 +30,18 @@ fused opinion, ``etmc_uncertainty_<modality>`` and ``etmc_uncertainty_pseudo``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmgl_cli.methods.fusion_base import FusionMethod, FusionModel, FusionOutput, encoders_for, positive_int
+from dmgl_cli.catalogue.options import ETMCOptions
+from dmgl_cli.methods.fusion_base import FusionMethod, FusionModel, FusionOutput, encoders_for
 from dmgl_cli.models import MultimodalModel
+
+if TYPE_CHECKING:
+    from dmgl_cli.config_types import Config
 
 PSEUDO = "pseudo"
 FUSED = "fused"
@@ -96,19 +100,15 @@ class EvidentialFusion(nn.Module):
         return torch.log(fused), unimodal, {"alphas": alphas}
 
 
-class ETMCMethod(FusionMethod):
+class ETMCMethod(FusionMethod, method="etmc"):
     """Evidential per-modality opinions + pseudo-view, Dempster-Shafer fusion, annealed KL. Settings:
     ``annealing_epochs`` (10)."""
 
-    name = "etmc"
-    defaults: dict[str, Any] = {"annealing_epochs": 10}
+    options: ETMCOptions
 
-    def __init__(self, config, options: dict[str, Any]):
+    def __init__(self, config: Config, options: ETMCOptions):
         super().__init__(config, options)
         self.epoch = 1
-
-    def check(self) -> None:
-        positive_int(self.settings["annealing_epochs"], self.key("annealing_epochs"))
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> FusionModel:
         encoders = encoders_for(self.config, modalities, num_classes)
@@ -116,7 +116,7 @@ class ETMCMethod(FusionMethod):
 
     def kl_coefficient(self) -> float:
         """lambda_t = min(1, t / annealing_epochs) with t the 0-based epoch (the authors' ``i_epoch``)."""
-        return min(1.0, (self.epoch - 1) / self.settings["annealing_epochs"])
+        return min(1.0, (self.epoch - 1) / self.options.annealing_epochs)
 
     def on_epoch_start(self, model: MultimodalModel, epoch: int) -> None:
         super().on_epoch_start(model, epoch)

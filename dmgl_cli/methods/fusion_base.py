@@ -9,25 +9,28 @@ same size for every modality, so the paper's matching loss L_MM can be added to 
 
 Per-modality scores. Every method reports the same per-modality metrics and gap as Concat. Where a method has its
 own uni-modal outputs (Sum's and Weight's per-modality heads, MMTM's per-stream classifiers, ETMC's per-view
-opinions, the uni-modal rows) those are scored (``per_modality_source = "own"``). Where it has none (FiLM, ML-LSTM)
-a linear probe per modality is trained online on the *detached* embeddings (``"probe"``): it has its own Adam
-optimiser stepped in ``after_backward`` and its gradients are cleared before the main step, so it never changes
-the encoders, the main optimiser's state, gradient clipping or the logged training loss. The run records which
-source was used as the tag ``dmgl.per_modality_scores``.
+opinions, the uni-modal rows) those are scored (its catalogue entry's ``per_modality_source="own"``). Where it has
+none (FiLM, ML-LSTM) a linear probe per modality is trained online on the *detached* embeddings (``"probe"``): it
+has its own Adam optimiser stepped in ``after_backward`` and its gradients are cleared before the main step, so it
+never changes the encoders, the main optimiser's state, gradient clipping or the logged training loss. The run
+records which source was used as the tag ``dmgl.per_modality_scores``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmgl_cli.errors import DmglError
+from dmgl_cli.catalogue import MethodOptions
 from dmgl_cli.methods.base import Method
 from dmgl_cli.models import ModelOutput, MultimodalModel, build_model
+
+if TYPE_CHECKING:
+    from dmgl_cli.config_types import Config
 
 
 @dataclass
@@ -57,64 +60,27 @@ class LinearProbes(nn.Module):
         return {m: head(embeddings[m].detach().float()) for m, head in self.heads.items()}
 
 
-def encoders_for(config, modalities: dict[str, dict[str, Any]], num_classes: int) -> nn.ModuleDict:
+def encoders_for(config: Config, modalities: dict[str, dict[str, Any]], num_classes: int) -> nn.ModuleDict:
     """The encoders the foundation would build for this config (one source of truth for encoder settings)."""
     return build_model(config, modalities, num_classes).encoders
 
 
-def positive_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DmglError(f"{key} must be an integer >= 1, got {value!r}")
-    return value
-
-
-def non_negative_float(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise DmglError(f"{key} must be a number >= 0, got {value!r}")
-    return float(value)
-
-
-def positive_float(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise DmglError(f"{key} must be a number > 0, got {value!r}")
-    return float(value)
-
-
 class FusionMethod(Method):
-    """A method that replaces Concat's head; subclasses set ``defaults`` and build their model.
+    """A method that replaces Concat's head; subclasses build their model.
 
-    ``self.settings`` is ``defaults`` overridden by ``method.options.<name>.<key>`` from the recipe or ``--set``;
-    a key not in ``defaults`` is refused. Per-epoch statistics of the training steps (mean attention weight,
+    ``self.options`` holds the method's checked settings (its catalogue entry's options dataclass). Per-epoch
+    statistics of the training steps (mean attention weight,
     mean gate, Dirichlet strength, ...) are gathered on the device with :meth:`track` and logged at epoch end.
     """
 
-    per_modality_source = "own"
+    probe_lr = 1e-3  # the learning rate of the linear probes (methods whose per-modality scores are probes)
 
-    def __init__(self, config, options: dict[str, Any]):
+    def __init__(self, config: Config, options: MethodOptions):
         super().__init__(config, options)
         self._sums: dict[str, Tensor] = {}
         self._steps = 0
         self._probe_optimizer: torch.optim.Optimizer | None = None
         self._probe_state: dict[str, Any] | None = None
-
-    def key(self, setting: str) -> str:
-        return f"method.options.{self.name}.{setting}"
-
-    def check_pairwise_matching(self) -> None:
-        """Probe logits see detached embeddings, so a matching loss over predictions (``js``) would match probes,
-        not modalities: refuse it whenever alpha can be non-zero."""
-        strategy = self.config.strategy
-        if (
-            self.per_modality_source == "probe"
-            and self.config.loss.matching in ("js", "mixture_kl")
-            and not (strategy.name == "constant" and strategy.alpha == 0)
-        ):
-            raise DmglError(
-                f"method {self.name!r} has no per-modality predictions of its own (its per-modality scores come from "
-                f"linear probes on detached embeddings), so loss.matching={self.config.loss.matching} (which matches "
-                "predictions) has nothing to match; "
-                "use loss.matching=infonce"
-            )
 
     # -- statistics ------------------------------------------------------------------------------------------
     def track(self, values: dict[str, Tensor]) -> None:
@@ -142,7 +108,7 @@ class FusionMethod(Method):
 
     def _probes_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         if self._probe_optimizer is None:
-            self._probe_optimizer = torch.optim.Adam(self.probe_parameters(model), lr=self.settings["probe_lr"])
+            self._probe_optimizer = torch.optim.Adam(self.probe_parameters(model), lr=self.probe_lr)
             if self._probe_state is not None:
                 self._probe_optimizer.load_state_dict(self._probe_state)
                 self._probe_state = None

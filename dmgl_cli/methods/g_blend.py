@@ -78,18 +78,21 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dmgl_cli.catalogue.options import GBlendOptions
 from dmgl_cli.data.loader import make_loader
 from dmgl_cli.distributed import batch_rows_of
-from dmgl_cli.errors import DmglError
 from dmgl_cli.methods.rebalance_base import SEEN, RebalanceMethod, autocast_for, distributed_of, split_batches
 from dmgl_cli.models import ModelOutput, MultimodalModel
+
+if TYPE_CHECKING:
+    from dmgl_cli.config_types import Config
 
 FUSED = "fused"
 # Keeps w = |Delta_G| / Delta_O^2 finite when a head's overfitting did not change at all.
@@ -125,45 +128,20 @@ def keep_only(inputs: dict[str, Tensor], kept: set[str]) -> dict[str, Tensor]:
     return {m: x if m in kept else torch.zeros_like(x) for m, x in inputs.items()}
 
 
-class GBlendMethod(RebalanceMethod):
+class GBlendMethod(RebalanceMethod, method="g-blend"):
     """Gradient blending with weights from temporary copies; see the module docstring."""
 
-    name = "g-blend"
-    per_modality_source = "head-split"
-    defaults: dict[str, Any] = {
-        "mode": "online",
-        "super_epoch": 10,
-        "copy_epochs": 10,
-        "copy_batches": 0,
-        "loss_reduction": "batch-sum",
-    }
+    options: GBlendOptions
 
-    def __init__(self, config, options: dict[str, Any]):
+    def __init__(self, config: Config, options: GBlendOptions):
         super().__init__(config, options)
         self.weights: dict[str, float] = {}
         self.updates = 0
         # {"epoch": the epoch it was made before, "losses": {head: {train_first, val_first, train_last, val_last}}}
         self.last_estimate: dict[str, Any] = {}
-
-    def check(self) -> None:
-        super().check()
-        self.mode = self.setting_choice("mode", ("online", "offline"))
-        self.super_epoch = self.setting_int("super_epoch", 1)
-        self.copy_epochs = self.setting_int("copy_epochs", 0)
-        self.copy_batches = self.setting_int("copy_batches", 0)
-        self.loss_reduction = self.setting_choice("loss_reduction", ("batch-sum", "mean"))
-        if self.mode == "offline":
-            self.super_epoch = max(self.config.train.epochs, 1)  # one estimate, before the first epoch
-            if "copy_epochs" not in self.options:
-                self.copy_epochs = self.config.train.epochs
-        if self.copy_epochs < 2:
-            where = self.key("copy_epochs")
-            if self.mode == "offline" and "copy_epochs" not in self.options:
-                where = f"train.epochs (the copies' epochs under {self.key('mode')}=offline)"
-            raise DmglError(
-                f"{where} must be >= 2, got {self.copy_epochs}: the estimate compares the copies' losses "
-                "after their first and their last epoch"
-            )
+        # offline: one estimate, before the first epoch
+        self.super_epoch = max(config.train.epochs, 1) if options.mode == "offline" else options.super_epoch
+        self.copy_epochs = options.copies_epochs(config)
 
     def heads(self, model: MultimodalModel) -> list[str]:
         return [*model.modalities, FUSED]
@@ -228,7 +206,7 @@ class GBlendMethod(RebalanceMethod):
         return record
 
     def _reduce(self, total: float, samples: int) -> float:
-        return total if self.loss_reduction == "batch-sum" else total / max(samples, 1)
+        return total if self.options.loss_reduction == "batch-sum" else total / max(samples, 1)
 
     def _train_copy_epoch(
         self, replica: MultimodalModel, optimizer, loader, kept: set[str], sampler_epoch: int
@@ -241,7 +219,7 @@ class GBlendMethod(RebalanceMethod):
         batches = samples = 0
         non_blocking = trainer.device.type == "cuda"
         for batch in loader:
-            if self.copy_batches and batches >= self.copy_batches:
+            if self.options.copy_batches and batches >= self.options.copy_batches:
                 break
             inputs = {m: t.to(trainer.device, non_blocking=non_blocking) for m, t in batch["inputs"].items()}
             labels = batch["labels"].to(trainer.device, non_blocking=non_blocking)
@@ -257,7 +235,7 @@ class GBlendMethod(RebalanceMethod):
                 torch.nn.utils.clip_grad_norm_(replica.parameters(), trainer.config.optim.grad_clip)
             optimizer.step()
             size = int(labels.shape[0])
-            total += loss.detach() * (1 if self.loss_reduction == "batch-sum" else size)
+            total += loss.detach() * (1 if self.options.loss_reduction == "batch-sum" else size)
             batches, samples = batches + 1, samples + size
         return self._reduce(float(total), samples)
 
@@ -271,7 +249,7 @@ class GBlendMethod(RebalanceMethod):
                 logits = replica(keep_only(inputs, kept)).logits
             loss = float(F.cross_entropy(logits.float(), labels))
             size = int(labels.shape[0])
-            total += loss if self.loss_reduction == "batch-sum" else loss * size
+            total += loss if self.options.loss_reduction == "batch-sum" else loss * size
             samples += size
         replica.train()
         # data-parallel: each rank scored its share of the batches

@@ -73,20 +73,21 @@ forward replaced that modality's gate), and the ``mmtm_gate_*`` statistics of ``
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmgl_cli.catalogue.options import GreedyOptions
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods.channel import MMTM, ChannelMethod, MMTMModel, StreamHeads
-from dmgl_cli.methods.fusion_base import FusionOutput, non_negative_float, positive_int
+from dmgl_cli.methods.fusion_base import FusionOutput
 from dmgl_cli.models import ModelOutput, MultimodalModel
 
-RUNNING_AVERAGES = ("first-modality", "own")
-TRAINING_LOSSES = ("streams", "fused")
+if TYPE_CHECKING:
+    from dmgl_cli.config_types import Config
 
 
 class CuratedMMTM(MMTM):
@@ -169,29 +170,13 @@ def effective_updates(groups: list[list[nn.Parameter]]) -> np.ndarray:
     return np.array(ratios, dtype=np.float64)
 
 
-class GreedyMethod(ChannelMethod):
+class GreedyMethod(ChannelMethod, method="greedy"):
     """Balanced multi-modal learning (MMTM model, conditional learning speed, running-average curation); see the
     module docstring."""
 
-    name = "greedy"
-    data_parallel_refusal = (
-        "its forward updates the running gate averages in place from the batch it sees, in training and in scoring "
-        "(as released), so ranks that each see a slice of a batch, or their own evaluation batches, would hold "
-        "different gates"
-    )
-    table_row = "Greedy"
-    defaults: dict[str, Any] = {
-        "ratio": 4,
-        "gate_scale": 1.0,
-        "epsilon": 0.01,
-        "window": 5,
-        "starting_epoch": 2,
-        "running_average": "first-modality",
-        "average_eval_batches": True,
-        "training_loss": "streams",
-    }
+    options: GreedyOptions
 
-    def __init__(self, config, options: dict[str, Any]):
+    def __init__(self, config: Config, options: GreedyOptions):
         super().__init__(config, options)
         # Accumulated effective updates, per modality in the model's order (the authors' M_bypass / M_main).
         self.bypass_speed = np.zeros(2)
@@ -204,29 +189,13 @@ class GreedyMethod(ChannelMethod):
         self._epoch: dict[str, float] = {}  # this epoch's counts (measured steps, d_BDR sum, curated steps)
         self._counted_epoch = 0  # the epoch _epoch counts (kept when a run resumes in its middle)
 
-    def check(self) -> None:
-        super().check()
-        self.epsilon = non_negative_float(self.settings["epsilon"], self.key("epsilon"))
-        self.window = positive_int(self.settings["window"], self.key("window"))
-        self.starting_epoch = positive_int(self.settings["starting_epoch"], self.key("starting_epoch"))
-        for setting, choices in (("running_average", RUNNING_AVERAGES), ("training_loss", TRAINING_LOSSES)):
-            if self.settings[setting] not in choices:
-                raise DmglError(
-                    f"{self.key(setting)} must be one of {', '.join(choices)}, got {self.settings[setting]!r}"
-                )
-        if not isinstance(self.settings["average_eval_batches"], bool):
-            raise DmglError(
-                f"{self.key('average_eval_batches')} must be true or false, "
-                f"got {self.settings['average_eval_batches']!r}"
-            )
-
     @property
     def scoring_changes_state(self) -> bool:
-        return bool(self.settings["average_eval_batches"])
+        return bool(self.options.average_eval_batches)
 
     # -- model ---------------------------------------------------------------------------------------------
     def make_mmtm(self, channels: list[int]) -> CuratedMMTM:
-        if self.settings["running_average"] == "first-modality":
+        if self.options.running_average == "first-modality":
             if len(set(channels)) != 1:
                 raise DmglError(
                     f"{self.key('running_average')}=first-modality (the released code's running averages, both of "
@@ -238,10 +207,10 @@ class GreedyMethod(ChannelMethod):
             sources = list(range(len(channels)))
         return CuratedMMTM(
             channels,
-            self.settings["ratio"],
-            float(self.settings["gate_scale"]),
+            self.options.ratio,
+            float(self.options.gate_scale),
             sources,
-            self.settings["average_eval_batches"],
+            self.options.average_eval_batches,
         )
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> MMTMModel:
@@ -266,7 +235,7 @@ class GreedyMethod(ChannelMethod):
                 mmtm.curated = None
 
     def classification_loss(self, output: FusionOutput, labels: Tensor) -> Tensor:
-        if self.settings["training_loss"] == "fused":
+        if self.options.training_loss == "fused":
             return super().classification_loss(output, labels)
         # A Tensor: the sum runs over the two streams (pyright types sum() as possibly its start, 0).
         return cast(Tensor, sum(F.cross_entropy(logits.float(), labels) for logits in output.unimodal_logits.values()))
@@ -300,14 +269,14 @@ class GreedyMethod(ChannelMethod):
             self.curating, self.caring = False, 0
         elif not self.curating:
             d_bdr = self.measure(model)
-            if abs(d_bdr) > self.epsilon:  # False for NaN (no speed measured yet)
+            if abs(d_bdr) > self.options.epsilon:  # False for NaN (no speed measured yet)
                 self.curating, self.curation_step = True, 0
                 self.caring = 0 if d_bdr > 0 else 1
             else:
                 self.curating, self.caring = False, 0
         else:
             self.curation_step += 1
-            if self.curation_step == self.window:
+            if self.curation_step == self.options.window:
                 self.curating = False
 
     # -- epochs ---------------------------------------------------------------------------------------------
@@ -315,7 +284,7 @@ class GreedyMethod(ChannelMethod):
         super().on_epoch_start(model, epoch)
         if epoch != self._counted_epoch:
             self._epoch, self._counted_epoch = {}, epoch
-        if epoch >= self.starting_epoch:
+        if epoch >= self.options.starting_epoch:
             self.unlocked = True
 
     def on_epoch_end(self, model: MultimodalModel, epoch: int, val_metrics: dict[str, float]) -> dict[str, float]:

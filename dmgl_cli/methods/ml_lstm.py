@@ -22,20 +22,21 @@ Settings (``method.options.ml-lstm.*``): ``layers`` (2, stacked LSTM layers), ``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from dmgl_cli.errors import DmglError
+from dmgl_cli.catalogue.options import MLLSTMOptions
 from dmgl_cli.methods.fusion_base import (
     FusionMethod,
     FusionModel,
     LinearProbes,
     encoders_for,
-    positive_float,
-    positive_int,
 )
+
+if TYPE_CHECKING:
+    from dmgl_cli.config_types import Config
 
 
 class LSTMFusion(nn.Module):
@@ -56,23 +57,15 @@ class LSTMFusion(nn.Module):
         return self.head(states[:, -1]), self.probes(embeddings), {}
 
 
-class MLLSTMMethod(FusionMethod):
+class MLLSTMMethod(FusionMethod, method="ml-lstm"):
     """Stacked LSTM over the modality embeddings. Settings: ``layers`` (2), ``hidden`` (embed_dim), ``dropout`` (0),
     ``probe_lr`` (1e-3)."""
 
-    name = "ml-lstm"
-    per_modality_source = "probe"
-    defaults: dict[str, Any] = {"layers": 2, "hidden": None, "dropout": 0.0, "probe_lr": 1e-3}
+    options: MLLSTMOptions
 
-    def check(self) -> None:
-        positive_int(self.settings["layers"], self.key("layers"))
-        if self.settings["hidden"] is not None:
-            positive_int(self.settings["hidden"], self.key("hidden"))
-        dropout = self.settings["dropout"]
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise DmglError(f"{self.key('dropout')} must be in [0, 1), got {dropout!r}")
-        positive_float(self.settings["probe_lr"], self.key("probe_lr"))
-        self.check_pairwise_matching()
+    def __init__(self, config: Config, options: MLLSTMOptions):
+        super().__init__(config, options)
+        self.probe_lr = options.probe_lr
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> FusionModel:
         embed_dim = self.config.model.embed_dim
@@ -80,8 +73,8 @@ class MLLSTMMethod(FusionMethod):
             list(modalities),
             embed_dim,
             num_classes,
-            self.settings["layers"],
-            self.settings["hidden"] or embed_dim,
-            float(self.settings["dropout"]),
+            self.options.layers,
+            self.options.hidden or embed_dim,
+            float(self.options.dropout),
         )
         return FusionModel(encoders_for(self.config, modalities, num_classes), fusion)

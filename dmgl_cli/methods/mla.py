@@ -62,17 +62,18 @@ Logged per epoch: ``mla_steps_<modality>`` (optimiser steps the epoch took on th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from dmgl_cli.catalogue.options import MLAOptions
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods.rebalance_base import SEEN, RebalanceMethod, autocast_for, distributed_of, split_batches
 from dmgl_cli.models import ModelOutput, MultimodalModel, build_model
 
-FUSION_RULES = ("batch-entropy", "sample-entropy")
-DENOMINATORS = ("elementwise", "scalar")
+if TYPE_CHECKING:
+    from dmgl_cli.config_types import Config
 
 
 def entropy_weights(unimodal_logits: dict[str, Tensor], rule: str = "batch-entropy") -> Tensor:
@@ -124,15 +125,12 @@ def shared_head(model: MultimodalModel) -> nn.Linear:
     return fusion.head
 
 
-class MLAMethod(RebalanceMethod):
+class MLAMethod(RebalanceMethod, method="mla"):
     """Alternating uni-modal adaptation; see the module docstring."""
 
-    name = "mla"
-    strategies = ("constant",)
-    per_modality_source = "own"
-    defaults: dict[str, Any] = {"fusion": "batch-entropy", "denominator": "elementwise", "projection": True}
+    options: MLAOptions
 
-    def __init__(self, config, options: dict[str, Any]):
+    def __init__(self, config: Config, options: MLAOptions):
         super().__init__(config, options)
         self.modalities: list[str] = []
         self.active: str | None = None
@@ -140,34 +138,12 @@ class MLAMethod(RebalanceMethod):
         self.steps_taken = 0  # optimiser steps so far (the code's exp_count: the first one is not modified)
         self.batch = 0  # batch index within the epoch
 
-    @classmethod
-    def check_config(cls, config) -> None:
-        if config.strategy.name != "constant" or config.strategy.alpha != 0:
-            given = (
-                f"--strategy {config.strategy.name}"
-                if config.strategy.name != "constant"
-                else f"alpha {config.strategy.alpha}"
-            )
-            raise DmglError(
-                "method 'mla' trains one modality per optimiser step, so there is no pair of modalities to match: "
-                f"it runs with --strategy constant --alpha 0 only, got {given}"
-            )
-        super().check_config(config)
-
-    def check(self) -> None:
-        super().check()
-        self.fusion_rule = self.setting_choice("fusion", FUSION_RULES)
-        self.denominator = self.setting_choice("denominator", DENOMINATORS)
-        if not isinstance(self.settings["projection"], bool):
-            raise DmglError(f"{self.key('projection')} must be true or false, got {self.settings['projection']!r}")
-        self.use_projection = self.settings["projection"]
-
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> MultimodalModel:
         if len(modalities) < 2:
             raise DmglError("method 'mla' alternates between modalities and needs at least two")
         self.modalities = list(modalities)
         encoders = build_model(self.config, modalities, num_classes).encoders
-        fusion = SharedHeadFusion(self.modalities, self.config.model.embed_dim, num_classes, self.fusion_rule)
+        fusion = SharedHeadFusion(self.modalities, self.config.model.embed_dim, num_classes, self.options.fusion)
         return MultimodalModel(encoders, fusion)
 
     # -- alternating steps ------------------------------------------------------------------------------------
@@ -195,11 +171,13 @@ class MLAMethod(RebalanceMethod):
         weight = shared_head(model).weight
         if self.projection is None:
             self.projection = torch.eye(weight.shape[1], device=weight.device)
-        if self.use_projection and self.steps_taken > 0 and weight.grad is not None:
+        if self.options.projection and self.steps_taken > 0 and weight.grad is not None:
             batches = max(len(self.trainer.train_loader), 1) if self.trainer is not None else 1
             a = 0.1 ** (1.0 + self.batch / batches)
             assert self.active is not None  # after_backward follows start_pass: one modality's step
-            self.projection = update_projection(self.projection, output.embeddings[self.active], a, self.denominator)
+            self.projection = update_projection(
+                self.projection, output.embeddings[self.active], a, self.options.denominator
+            )
             weight.grad.copy_(weight.grad @ self.projection.T.to(weight.grad.dtype))
         self.steps_taken += 1
         self.count(f"mla_steps_{self.active}")
@@ -214,7 +192,7 @@ class MLAMethod(RebalanceMethod):
         for inputs, labels in split_batches(self.trainer, "val", shard=True):
             with autocast_for(self.trainer):
                 output = model(inputs)
-            weights = entropy_weights(output.unimodal_logits, self.fusion_rule)
+            weights = entropy_weights(output.unimodal_logits, self.options.fusion)
             for index, modality in enumerate(output.unimodal_logits):
                 sums[modality] = sums.get(modality, 0.0) + float(weights[index].sum())
             seen += int(labels.shape[0])

@@ -46,13 +46,13 @@ Logged per epoch: ``mses_frozen_<modality>`` (1 once stopped), ``mses_val_loss_<
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dmgl_cli.errors import DmglError
+from dmgl_cli.catalogue.options import MSESOptions
 from dmgl_cli.methods.mslr import scale_branch_gradients
 from dmgl_cli.methods.rebalance_base import (
     SEEN,
@@ -64,6 +64,9 @@ from dmgl_cli.methods.rebalance_base import (
     split_batches,
 )
 from dmgl_cli.models import ModelOutput, MultimodalModel
+
+if TYPE_CHECKING:
+    from dmgl_cli.config_types import Config
 
 
 def _cpu_copy(value: Any) -> Any:
@@ -77,13 +80,12 @@ def _cpu_copy(value: Any) -> Any:
     return value
 
 
-class MSESMethod(RebalanceMethod):
+class MSESMethod(RebalanceMethod, method="mses"):
     """Modality-specific early stopping; see the module docstring."""
 
-    name = "mses"
-    defaults: dict[str, Any] = {"patience": 10, "min_delta": 0.0, "restore": "model", "start_epoch": 1, "end_epoch": 20}
+    options: MSESOptions
 
-    def __init__(self, config, options: dict[str, Any]):
+    def __init__(self, config: Config, options: MSESOptions):
         super().__init__(config, options)
         self.frozen: dict[str, int] = {}  # modality -> epoch it stopped at
         self.previous_raw: dict[str, float] = {}
@@ -92,18 +94,6 @@ class MSESMethod(RebalanceMethod):
         self.snapshots: dict[int, dict[str, Any]] = {}  # epoch -> what `restore` puts back (restore: model)
         self.best_branch: dict[str, dict[str, Tensor]] = {}  # modality -> its branch at its best (restore: branch)
         self.pending_restore: list[str] = []
-
-    def check(self) -> None:
-        super().check()
-        self.patience = self.setting_int("patience", 0)
-        self.min_delta = self.setting_float("min_delta", 0.0)
-        self.restore = self.setting_choice("restore", ("model", "branch", "none"))
-        self.start_epoch = self.setting_int("start_epoch", 1)
-        self.end_epoch = self.setting_int("end_epoch", 1)
-        if self.end_epoch < self.start_epoch:
-            raise DmglError(
-                f"{self.key('end_epoch')} ({self.end_epoch}) must be >= {self.key('start_epoch')} ({self.start_epoch})"
-            )
 
     # -- what is remembered and put back ------------------------------------------------------------------------
     @torch.no_grad()
@@ -140,7 +130,7 @@ class MSESMethod(RebalanceMethod):
 
     @torch.no_grad()
     def _restore(self, model: MultimodalModel, modality: str) -> None:
-        if self.restore == "model":
+        if self.options.restore == "model":
             snapshot = self.snapshots[self.best_epoch[modality]]
             model.load_state_dict(snapshot["model"])
             assert self.trainer is not None  # attached before the first epoch ends
@@ -148,7 +138,7 @@ class MSESMethod(RebalanceMethod):
             state = optimizer.state_dict()  # current hyperparameters (learning rates) are kept
             state["state"] = _cpu_copy(snapshot["optimizer"])
             optimizer.load_state_dict(state)
-        elif self.restore == "branch":
+        elif self.options.restore == "branch":
             saved = self.best_branch[modality]
             encoder_state = {k[len("encoder.") :]: v for k, v in saved.items() if k.startswith("encoder.")}
             model.encoders[modality].load_state_dict(encoder_state)
@@ -166,16 +156,16 @@ class MSESMethod(RebalanceMethod):
             metrics[f"mses_val_loss_{modality}"] = smoothed
             if modality in self.frozen:
                 continue
-            if modality not in self.best_loss or smoothed < self.best_loss[modality] - self.min_delta:
+            if modality not in self.best_loss or smoothed < self.best_loss[modality] - self.options.min_delta:
                 self.best_loss[modality], self.best_epoch[modality] = smoothed, epoch
                 improved.append(modality)
-        if improved and self.restore == "model":
+        if improved and self.options.restore == "model":
             self.snapshots[epoch] = self._snapshot(model)
-        elif self.restore == "branch":
+        elif self.options.restore == "branch":
             for modality in improved:
                 self.best_branch[modality] = self._branch(model, modality)
         for modality in raw:
-            if modality not in self.frozen and epoch - self.best_epoch[modality] > self.patience:
+            if modality not in self.frozen and epoch - self.best_epoch[modality] > self.options.patience:
                 self.frozen[modality] = epoch
                 # Put back before the next epoch, not now: this epoch's scores and checkpoints stay consistent. In
                 # order, so when two modalities stop together the later one's best epoch wins, as in the code.
@@ -199,7 +189,7 @@ class MSESMethod(RebalanceMethod):
         self.snapshots = {e: s for e, s in self.snapshots.items() if e in needed}
 
     def after_backward(self, model: MultimodalModel, output: ModelOutput, labels: Tensor, step: dict[str, Any]) -> None:
-        if self.frozen and self.start_epoch <= step["epoch"] <= self.end_epoch:
+        if self.frozen and self.options.start_epoch <= step["epoch"] <= self.options.end_epoch:
             scale_branch_gradients(model, {m: 0.0 for m in self.frozen})
 
     def method_state(self) -> dict[str, Any]:

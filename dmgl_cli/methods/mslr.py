@@ -45,14 +45,17 @@ Logged per epoch: ``mslr_coeff_<modality>`` (the factor the epoch trained with: 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from dmgl_cli.errors import DmglError
+from dmgl_cli.catalogue.options import MSLROptions
 from dmgl_cli.methods.rebalance_base import RebalanceMethod, concat_head, encoder_parameters, head_columns
 from dmgl_cli.models import ModelOutput, MultimodalModel
+
+if TYPE_CHECKING:
+    from dmgl_cli.config_types import Config
 
 
 @torch.no_grad()
@@ -67,45 +70,20 @@ def scale_branch_gradients(model: MultimodalModel, coefficients: dict[str, float
             weight.grad[:, head_columns(model, modality)] *= coefficient
 
 
-class MSLRMethod(RebalanceMethod):
+class MSLRMethod(RebalanceMethod, method="mslr"):
     """Modality-specific learning rates; see the module docstring."""
 
-    name = "mslr"
-    defaults: dict[str, Any] = {
-        "lr_scale": 1.0,
-        "schedule": "dynamic",
-        "window": 5,
-        "start_epoch": 1,
-        "end_epoch": 20,
-        "scaling": "gradient",
-    }
+    options: MSLROptions
 
-    def __init__(self, config, options: dict[str, Any]):
+    def __init__(self, config: Config, options: MSLROptions):
         super().__init__(config, options)
         self.dynamic: dict[str, float] = {}
         self.memory: dict[str, list[float]] = {}
         self.coefficients: dict[str, float] = {}  # in force this epoch (1 outside the window)
 
-    def check(self) -> None:
-        super().check()
-        self.schedule = self.setting_choice("schedule", ("keep", "dynamic"))
-        self.scaling = self.setting_choice("scaling", ("gradient", "learning-rate"))
-        self.window = self.setting_int("window", 1)
-        self.start_epoch = self.setting_int("start_epoch", 1)
-        self.end_epoch = self.setting_int("end_epoch", 1)
-        if self.end_epoch < self.start_epoch:
-            raise DmglError(
-                f"{self.key('end_epoch')} ({self.end_epoch}) must be >= {self.key('start_epoch')} ({self.start_epoch})"
-            )
-        if self.schedule == "dynamic" and self.config.train.eval_every != 1:
-            raise DmglError(
-                f"{self.key('schedule')}=dynamic reads every epoch's validation accuracies; with "
-                f"train.eval_every={self.config.train.eval_every} set train.eval_every=1 or {self.key('schedule')}=keep"
-            )
-
     def param_groups(self, model: MultimodalModel) -> list[dict[str, Any]]:
         self.scales = self.per_modality_floats("lr_scale", list(model.encoders), 1.0)
-        if self.scaling == "gradient":
+        if self.options.scaling == "gradient":
             return super().param_groups(model)
         encoder_ids = {id(p) for p in model.encoders.parameters()}
         shared = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_ids]
@@ -116,7 +94,7 @@ class MSLRMethod(RebalanceMethod):
 
     def coefficients_for(self, epoch: int) -> dict[str, float]:
         """``lr_scale_j * dynamic_j`` per modality in the modulation window, 1 outside it."""
-        active = self.start_epoch <= epoch <= self.end_epoch
+        active = self.options.start_epoch <= epoch <= self.options.end_epoch
         return {m: self.scales[m] * self.dynamic.get(m, 1.0) if active else 1.0 for m in self.scales}
 
     def start_of_epoch(self, model: MultimodalModel, epoch: int) -> None:
@@ -137,22 +115,22 @@ class MSLRMethod(RebalanceMethod):
             )
 
     def after_backward(self, model: MultimodalModel, output: ModelOutput, labels: Tensor, step: dict[str, Any]) -> None:
-        if self.scaling == "gradient":
+        if self.options.scaling == "gradient":
             # Read per step, not from start_of_epoch: the same coefficients, also right after a mid-epoch resume.
             scale_branch_gradients(model, self.coefficients_for(step["epoch"]))
 
     def on_epoch_end(self, model: MultimodalModel, epoch: int, val_metrics: dict[str, float]) -> dict[str, float]:
-        if self.schedule == "dynamic":
+        if self.options.schedule == "dynamic":
             for modality in model.encoders:
                 accuracy = val_metrics.get(f"val_acc_{modality}")
                 if accuracy is None:
                     continue
                 history = self.memory.setdefault(modality, [])
-                if len(history) >= self.window:
-                    mean = sum(history[-self.window :]) / self.window
+                if len(history) >= self.options.window:
+                    mean = sum(history[-self.options.window :]) / self.options.window
                     self.dynamic[modality] = accuracy / mean if mean > 0 else 1.0
                 history.append(accuracy)
-                del history[: -self.window]
+                del history[: -self.options.window]
         return self.epoch_statistics()
 
     def method_state(self) -> dict[str, Any]:

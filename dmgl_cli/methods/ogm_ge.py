@@ -36,14 +36,17 @@ Logged per epoch: ``ogm_coeff_<modality>`` (mean coefficient over the steps) and
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from dmgl_cli.errors import DmglError
+from dmgl_cli.catalogue.options import OGMGEOptions
 from dmgl_cli.methods.rebalance_base import RebalanceMethod, encoder_parameters
 from dmgl_cli.models import ModelOutput, MultimodalModel
+
+if TYPE_CHECKING:
+    from dmgl_cli.config_types import Config
 
 # ``params`` setting -> whether a gradient of that rank is modulated.
 PARAMETER_SELECTIONS = {
@@ -76,32 +79,23 @@ def ogm_coefficients(ratios: dict[str, float], alpha: float) -> dict[str, float]
     }
 
 
-class OGMGEMethod(RebalanceMethod):
+class OGMGEMethod(RebalanceMethod, method="ogm-ge"):
     """On-the-fly gradient modulation with generalisation enhancement; see the module docstring."""
 
-    name = "ogm-ge"
-    defaults: dict[str, Any] = {"alpha": 0.8, "start_epoch": 1, "end_epoch": 51, "noise": True, "params": "conv2d"}
+    options: OGMGEOptions
 
-    def __init__(self, config, options: dict[str, Any]):
+    def __init__(self, config: Config, options: OGMGEOptions):
         super().__init__(config, options)
         self._warned: set[str] = set()
 
-    def check(self) -> None:
-        super().check()
-        self.read_modulation_window()
-        if not isinstance(self.settings["noise"], bool):
-            raise DmglError(f"{self.key('noise')} must be true or false, got {self.settings['noise']!r}")
-        self.noise = self.settings["noise"]
-        self.params = self.setting_choice("params", tuple(PARAMETER_SELECTIONS))
-
     def modulated_parameters(self, model: MultimodalModel, modality: str) -> list[nn.Parameter]:
         """The encoder tensors of ``modality`` whose gradients are modulated (by rank, see ``params``)."""
-        selected = PARAMETER_SELECTIONS[self.params]
+        selected = PARAMETER_SELECTIONS[self.options.params]
         chosen = [p for p in encoder_parameters(model, modality) if selected(p.dim())]
         if not chosen and modality not in self._warned:
             self._warned.add(modality)
             logging.getLogger("dmgl").warning(
-                f"{self.key('params')}={self.params}: the {modality} encoder has no such parameters, so OGM-GE leaves "
+                f"{self.key('params')}={self.options.params}: the {modality} encoder has no such parameters, so OGM-GE leaves "
                 f"its gradients unmodulated (the authors' code modulates 2-D convolution kernels only); "
                 f"--set {self.key('params')}=weights modulates its weight matrices too"
             )
@@ -109,10 +103,10 @@ class OGMGEMethod(RebalanceMethod):
 
     def coefficients(self, output: ModelOutput, labels: Tensor) -> tuple[dict[str, float], dict[str, float]]:
         ratios = discrepancy_ratios(true_class_scores(output.unimodal_logits, labels))
-        return ogm_coefficients(ratios, self.alpha), ratios
+        return ogm_coefficients(ratios, self.options.alpha), ratios
 
     def after_backward(self, model: MultimodalModel, output: ModelOutput, labels: Tensor, step: dict[str, Any]) -> None:
-        if not self.start_epoch <= step["epoch"] <= self.end_epoch:
+        if not self.options.start_epoch <= step["epoch"] <= self.options.end_epoch:
             return
         coefficients, ratios = self.coefficients(output, labels)
         for modality, coefficient in coefficients.items():
@@ -120,7 +114,7 @@ class OGMGEMethod(RebalanceMethod):
                 if param.grad is None:
                     continue
                 grad = param.grad * coefficient
-                if self.noise:
+                if self.options.noise:
                     grad = grad + torch.randn_like(grad) * (float(param.grad.std()) + 1e-8)
                 param.grad = grad
         self.track({f"ogm_coeff_{m}": c for m, c in coefficients.items()})

@@ -45,16 +45,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dmgl_cli.catalogue.options import PMROptions
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods.ogm_ge import discrepancy_ratios
 from dmgl_cli.methods.rebalance_base import RebalanceMethod, autocast_for, distributed_of
 from dmgl_cli.models import ModelOutput, MultimodalModel
+
+if TYPE_CHECKING:
+    from dmgl_cli.config_types import Config
 
 
 def prototype_batches(trainer, epoch: int, fraction: float) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
@@ -129,45 +133,20 @@ def prototype_similarities(embeddings: dict[str, Tensor], prototypes: dict[str, 
     return {m: -torch.cdist(z.float(), prototypes[m]) for m, z in embeddings.items()}
 
 
-class PMRMethod(RebalanceMethod):
+class PMRMethod(RebalanceMethod, method="pmr"):
     """Prototypical modal rebalance; see the module docstring."""
 
-    name = "pmr"
-    defaults: dict[str, Any] = {
-        "alpha": 1.0,
-        "momentum": 0.2,
-        "start_epoch": 1,
-        "end_epoch": 101,
-        "proto_fraction": 0.1,
-        "mu": 0.0,
-        "entropy_epochs": 5,
-    }
+    options: PMROptions
 
-    def __init__(self, config, options: dict[str, Any]):
+    def __init__(self, config: Config, options: PMROptions):
         super().__init__(config, options)
         self.prototypes: dict[str, Tensor] = {}
         self.prototype_updates = 0  # prototype computations so far (the code mixes from the third on)
 
-    def check(self) -> None:
-        super().check()
-        self.alpha = self.setting_float("alpha", 0.0)
-        self.momentum = self.setting_float("momentum", 0.0, 1.0)
-        if self.momentum >= 1.0:
-            raise DmglError(f"{self.key('momentum')} must be < 1, got {self.momentum}")
-        self.start_epoch = self.setting_int("start_epoch", 1)
-        self.end_epoch = self.setting_int("end_epoch", 1)
-        if self.end_epoch < self.start_epoch:
-            raise DmglError(
-                f"{self.key('end_epoch')} ({self.end_epoch}) must be >= {self.key('start_epoch')} ({self.start_epoch})"
-            )
-        self.proto_fraction = self.setting_float("proto_fraction", 0.0, 1.0, low_open=True)
-        self.mu = self.setting_float("mu", 0.0)
-        self.entropy_epochs = self.setting_int("entropy_epochs", 0)
-
     def start_of_epoch(self, model: MultimodalModel, epoch: int) -> None:
         trainer = self.trainer
         assert trainer is not None  # attached before the first epoch starts
-        batches = prototype_batches(trainer, epoch, self.proto_fraction)
+        batches = prototype_batches(trainer, epoch, self.options.proto_fraction)
         sums, counts = class_sums(model, batches, trainer.dataset.num_classes, lambda: autocast_for(trainer))
         # data-parallel: every rank summed its slices; the sums and counts of the whole batches on every rank
         names = list(sums)
@@ -180,7 +159,7 @@ class PMRMethod(RebalanceMethod):
         mix = self.prototype_updates >= 3
         for modality, total in sums.items():
             old = self.prototypes.get(modality)
-            prototype = updated_prototypes(old, total, counts.to(total.device), self.momentum, mix)
+            prototype = updated_prototypes(old, total, counts.to(total.device), self.options.momentum, mix)
             if old is not None:
                 self.track({f"pmr_proto_shift_{modality}": (prototype - old).norm(dim=1).mean()})
             self.prototypes[modality] = prototype
@@ -192,20 +171,22 @@ class PMRMethod(RebalanceMethod):
         probabilities = {m: torch.softmax(s.detach(), dim=1) for m, s in similarities.items()}
         scores = {m: p.gather(1, labels[:, None]).sum() for m, p in probabilities.items()}
         ratios = discrepancy_ratios(scores)
-        active = self.start_epoch <= step["epoch"] <= self.end_epoch
+        active = self.options.start_epoch <= step["epoch"] <= self.options.end_epoch
         losses = {"pmr_proto": output.logits.new_zeros((), dtype=torch.float32)}
         for modality, rho in ratios.items():
             boosted = active and rho < 1.0
-            if boosted and self.alpha > 0:
-                losses["pmr_proto"] = losses["pmr_proto"] + self.alpha * F.cross_entropy(similarities[modality], labels)
+            if boosted and self.options.alpha > 0:
+                losses["pmr_proto"] = losses["pmr_proto"] + self.options.alpha * F.cross_entropy(
+                    similarities[modality], labels
+                )
             self.track({f"pmr_ratio_{modality}": rho, f"pmr_boost_{modality}": float(boosted)})
-        if self.mu > 0:
+        if self.options.mu > 0:
             entropy_loss = losses["pmr_proto"].new_zeros(())
             dominant = max(ratios, key=ratios.__getitem__)
-            if step["epoch"] <= self.entropy_epochs and ratios[dominant] > 1.0:
+            if step["epoch"] <= self.options.entropy_epochs and ratios[dominant] > 1.0:
                 log_p = torch.log_softmax(similarities[dominant], dim=1)
                 entropy = -(log_p.exp() * log_p).sum(dim=1).mean()
-                entropy_loss = -self.mu * entropy
+                entropy_loss = -self.options.mu * entropy
                 self.track({"pmr_entropy": entropy})
             losses["pmr_entropy_reg"] = entropy_loss
         return losses

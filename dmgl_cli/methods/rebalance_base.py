@@ -4,8 +4,8 @@ Every rebalancing method keeps the foundation's encoders and, unless it says oth
 changes is *how* the model is trained: extra loss terms, gradients rescaled between backward and the optimiser
 step, per-modality learning rates, frozen encoders, alternating updates. :class:`RebalanceMethod` gives them
 
-* settings: ``defaults`` overridden by ``method.options.<name>.<key>`` (recipe or ``--set``); an unknown key is
-  refused and each method validates its values in :meth:`check` with the helpers below;
+* settings: ``self.options``, the method's ``method.options.<name>.*`` as its catalogue entry's typed options
+  (:mod:`dmgl_cli.catalogue.options`: defaults, and the checks that run with config validation);
 * per-epoch statistics of the mechanism (``track``), logged at epoch end as ``<prefix>_<what>_<modality>`` so that
   a run shows the mechanism at work (OGM-GE's coefficients, G-Blend's weights, MLA's steps per modality, ...);
 * the trainer (:meth:`attach`), for the methods that need data beyond the batch (validation losses, prototypes
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dmgl_cli.catalogue import MethodOptions
 from dmgl_cli.device import autocast, to_device
 from dmgl_cli.distributed import SINGLE_PROCESS, DistributedContext
 from dmgl_cli.errors import DmglError
@@ -32,72 +33,24 @@ from dmgl_cli.models import ModelOutput, MultimodalModel
 from dmgl_cli.models.fusion import ConcatFusion
 
 if TYPE_CHECKING:
-    from dmgl_cli.train import Trainer
+    from dmgl_cli.config_types import Config
+    from dmgl_cli.loop import MethodLoop
 
 
 class RebalanceMethod(Method):
-    """Base of the rebalancing baselines; subclasses set ``name``, ``defaults`` and override the hooks they use."""
+    """Base of the rebalancing baselines; a subclass names its catalogue entry (whose options check that the model
+    has Concat's head, ``model.fusion=concat``) and overrides the hooks it uses."""
 
-    # Methods built on Concat's head need ``model.fusion=concat`` (the head split gives per-modality logits).
-    needs_concat_head = True
-
-    def __init__(self, config, options: dict[str, Any]):
+    def __init__(self, config: Config, options: MethodOptions):
         super().__init__(config, options)
-        self.trainer: Trainer | None = None  # set by attach(), before any training hook runs
+        self.trainer: MethodLoop | None = None  # set by attach(), before any training hook runs
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
         self._started_epoch = 0  # the epoch whose start-of-epoch work is done (so a resumed epoch is not redone)
 
-    def key(self, setting: str) -> str:
-        return f"method.options.{self.name}.{setting}"
-
-    def check(self) -> None:
-        if self.needs_concat_head and self.config.model.fusion != "concat":
-            raise DmglError(
-                f"method {self.name!r} works on Concat's head (its per-modality split); it cannot be combined with "
-                f"model.fusion={self.config.model.fusion}"
-            )
-
-    # -- settings ---------------------------------------------------------------------------------------------
-    def read_modulation_window(self) -> None:
-        """``alpha`` (> 0) and the epochs ``[start_epoch, end_epoch]`` in which gradients are modulated (OGM-GE, AGM)."""
-        self.alpha = self.setting_float("alpha", 0.0, low_open=True)
-        self.start_epoch = self.setting_int("start_epoch", 1)
-        self.end_epoch = self.setting_int("end_epoch", 1)
-        if self.end_epoch < self.start_epoch:
-            raise DmglError(
-                f"{self.key('end_epoch')} ({self.end_epoch}) must be >= {self.key('start_epoch')} ({self.start_epoch})"
-            )
-
-    def setting_float(
-        self, name: str, low: float | None = None, high: float | None = None, *, low_open: bool = False
-    ) -> float:
-        value = self.settings[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise DmglError(f"{self.key(name)} must be a number, got {value!r}")
-        value = float(value)
-        too_low = low is not None and (value <= low if low_open else value < low)
-        if too_low or (high is not None and value > high):
-            lower = "" if low is None else f"{'>' if low_open else '>='} {low}"
-            upper = "" if high is None else f"<= {high}"
-            raise DmglError(f"{self.key(name)} must be {' and '.join(p for p in (lower, upper) if p)}, got {value}")
-        return value
-
-    def setting_int(self, name: str, low: int = 0) -> int:
-        value = self.settings[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise DmglError(f"{self.key(name)} must be an integer >= {low}, got {value!r}")
-        return value
-
-    def setting_choice(self, name: str, choices: tuple[str, ...]) -> str:
-        value = self.settings[name]
-        if value not in choices:
-            raise DmglError(f"{self.key(name)} must be one of {', '.join(choices)}, got {value!r}")
-        return value
-
     def per_modality_floats(self, name: str, modalities: list[str], default: float) -> dict[str, float]:
         """A setting given as one number for every modality or as ``{modality: number}`` (others: ``default``)."""
-        value = self.settings[name]
+        value = getattr(self.options, name)
         if isinstance(value, dict):
             unknown = sorted(set(value) - set(modalities))
             if unknown:
@@ -119,7 +72,7 @@ class RebalanceMethod(Method):
         return {m: float(v) for m, v in values.items()}
 
     # -- the trainer ------------------------------------------------------------------------------------------
-    def attach(self, trainer: Trainer) -> None:
+    def attach(self, trainer: MethodLoop) -> None:
         self.trainer = trainer
 
     def start_of_epoch(self, model: MultimodalModel, epoch: int) -> None:
@@ -260,18 +213,16 @@ def split_batches(
     fixed random subset (drawn from ``seed`` alone, so it is the same every epoch and after a resume). ``shard``
     (data-parallel training): this rank's share of the batches (batch i on rank i mod N), whose totals the caller
     sums over the ranks (``trainer.distributed.sum_values``)."""
-    from dmgl_cli.data.loader import ArraySplit, EpochBatchSampler, eval_loader
+    from dmgl_cli.data.loader import ArraySplit, eval_loader
 
     source = getattr(trainer.splits, split)
     indices = source.indices
     if max_samples is not None and max_samples < len(source):
         indices = indices[np.sort(np.random.default_rng(seed).choice(len(source), size=max_samples, replace=False))]
     subset = ArraySplit(source.arrays, indices)
-    loader = eval_loader(trainer.dataset, trainer.config, subset)
     distributed = distributed_of(trainer)
-    if shard and distributed.active:
-        assert isinstance(loader.batch_sampler, EpochBatchSampler)
-        loader.batch_sampler.batch_shard = (distributed.rank, distributed.world)
+    sharded = (distributed.rank, distributed.world) if shard and distributed.active else None
+    loader = eval_loader(trainer.dataset, trainer.config, subset, batch_shard=sharded)
     for batch in loader:
         yield to_device(batch, trainer.device)
 

@@ -26,10 +26,8 @@ class SumFusion(nn.Module):
         return torch.stack(list(unimodal.values())).sum(dim=0), unimodal, {}
 
 
-class SumMethod(FusionMethod):
+class SumMethod(FusionMethod, method="sum"):
     """Sum of per-modality logits (OGM-GE's SumFusion). No settings."""
-
-    name = "sum"
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> FusionModel:
         encoders = encoders_for(self.config, modalities, num_classes)

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from dmgl_cli.catalogue.options import UnimodalOptions
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods.fusion_base import FusionMethod, FusionModel, encoders_for
 
@@ -29,33 +30,14 @@ class UnimodalHead(nn.Module):
         return logits, {self.modality: logits}, {}
 
 
-class UnimodalMethod(FusionMethod):
+class UnimodalMethod(FusionMethod, method="unimodal"):
     """One modality alone. Settings (``method.options.unimodal.*``): ``modality`` — required, a modality of the
     dataset (``--modality NAME`` sets it)."""
 
-    name = "unimodal"
-    strategies = ("constant",)
-    uses_matching = False
-    per_modality_source = "own"
-    defaults: dict[str, Any] = {"modality": None}
-
-    def check(self) -> None:
-        modality = self.settings["modality"]
-        if modality is None:
-            raise DmglError(
-                "method 'unimodal' needs the modality to train: pass --modality NAME "
-                f"(or --set {self.key('modality')}=NAME)"
-            )
-        if not isinstance(modality, str) or not modality:
-            raise DmglError(f"{self.key('modality')} must be a modality name, got {modality!r}")
-        if self.config.strategy.alpha != 0:
-            raise DmglError(
-                f"method 'unimodal' trains one modality, which has nothing to match: it needs alpha = 0 "
-                f"(--strategy constant --alpha 0), got alpha {self.config.strategy.alpha}"
-            )
+    options: UnimodalOptions
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> FusionModel:
-        modality = self.settings["modality"]
+        modality = self.options.modality
         if modality not in modalities:
             raise DmglError(
                 f"--modality {modality}: dataset {self.config.dataset!r} has no such modality; "

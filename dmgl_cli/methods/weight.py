@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmgl_cli.methods.fusion_base import FusionMethod, FusionModel, FusionOutput, encoders_for, non_negative_float
+from dmgl_cli.catalogue.options import WeightOptions
+from dmgl_cli.methods.fusion_base import FusionMethod, FusionModel, FusionOutput, encoders_for
 
 
 class WeightedPredictionFusion(nn.Module):
@@ -49,14 +50,10 @@ class WeightedPredictionFusion(nn.Module):
         return logits, unimodal, {"weights": weights}
 
 
-class WeightMethod(FusionMethod):
+class WeightMethod(FusionMethod, method="weight"):
     """CMML's attention-weighted sum of per-modality predictions. Settings: ``unimodal_weight`` (0.5)."""
 
-    name = "weight"
-    defaults: dict[str, Any] = {"unimodal_weight": 0.5}
-
-    def check(self) -> None:
-        non_negative_float(self.settings["unimodal_weight"], self.key("unimodal_weight"))
+    options: WeightOptions
 
     def build_model(self, modalities: dict[str, dict[str, Any]], num_classes: int) -> FusionModel:
         encoders = encoders_for(self.config, modalities, num_classes)
@@ -68,7 +65,7 @@ class WeightMethod(FusionMethod):
         weights = output.extras["weights"]
         modalities = list(output.unimodal_logits)
         self.track({f"weight_{m}": weights[:, j].mean() for j, m in enumerate(modalities)})
-        scale = float(self.settings["unimodal_weight"])
+        scale = float(self.options.unimodal_weight)
         if scale == 0:
             return {}
         unimodal_ce = torch.stack(

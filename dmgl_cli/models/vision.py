@@ -21,24 +21,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import resnet as tv_resnet
-from torchvision.models.video import resnet as tv_video
 
 from dmgl_cli.errors import DmglError
+
+if TYPE_CHECKING:
+    from dmgl_cli.models.video_resnet import ScaledVideoResNet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
 
-RESNETS: dict[str, tuple[type[tv_resnet.BasicBlock | tv_resnet.Bottleneck], list[int]]] = {
-    "resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2]),
-    "resnet34": (tv_resnet.BasicBlock, [3, 4, 6, 3]),
-    "resnet50": (tv_resnet.Bottleneck, [3, 4, 6, 3]),
+# arch -> (torchvision's block class name, blocks per stage). torchvision is imported only when a ResNet is built:
+# importing it loads torch._dynamo (~1.5-3 s), which a run of MLP or transformer encoders never needs.
+RESNETS: dict[str, tuple[str, list[int]]] = {
+    "resnet18": ("BasicBlock", [2, 2, 2, 2]),
+    "resnet34": ("BasicBlock", [3, 4, 6, 3]),
+    "resnet50": ("Bottleneck", [3, 4, 6, 3]),
 }
 
 
@@ -60,7 +63,10 @@ class ResNetTrunk(nn.Module):
 
     def __init__(self, arch: str, in_channels: int, width: int = 64):
         super().__init__()
-        block, layers = RESNETS[arch]
+        from torchvision.models import resnet as tv_resnet
+
+        block_name, layers = RESNETS[arch]
+        block = getattr(tv_resnet, block_name)
         self.width = width
         self.inplanes = width
         self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
@@ -85,6 +91,8 @@ class ResNetTrunk(nn.Module):
         return device.type == "cuda" or self.width >= CPU_CHANNELS_LAST_MIN_WIDTH
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        from torchvision.models import resnet as tv_resnet
+
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
@@ -244,48 +252,19 @@ def build_resnet(arch: str, spec: dict[str, Any], cfg, embed_dim: int, dropout: 
 
 
 # ------------------------------------------------------------------------------------------------ video 3D
-
-VIDEO_ARCHS = {
-    "r3d_18": (tv_video.BasicBlock, [tv_video.Conv3DSimple] * 4, [2, 2, 2, 2]),
-    "mc3_18": (tv_video.BasicBlock, [tv_video.Conv3DSimple] + [tv_video.Conv3DNoTemporal] * 3, [2, 2, 2, 2]),
-    "r2plus1d_18": (tv_video.BasicBlock, [tv_video.Conv2Plus1D] * 4, [2, 2, 2, 2]),
-}
+# The 3D ResNets subclass torchvision's VideoResNet, so they live in models/video_resnet.py, imported when one is
+# built; ``VIDEO_ARCHS`` and ``_ScaledVideoResNet`` (its former name here) stay reachable (module ``__getattr__``).
 
 
-class _ScaledVideoResNet(tv_video.VideoResNet):
-    """torchvision's VideoResNet with every layer's width scaled by ``width / 64`` and a C-channel stem."""
+_MOVED_TO_VIDEO_RESNET = {"VIDEO_ARCHS": "VIDEO_ARCHS", "_ScaledVideoResNet": "ScaledVideoResNet"}
 
-    def __init__(self, arch: str, in_channels: int, width: int):
-        self._scale_width = width
-        block, conv_makers, layers = VIDEO_ARCHS[arch]
-        stem = tv_video.R2Plus1dStem if arch == "r2plus1d_18" else tv_video.BasicStem
-        super().__init__(block, conv_makers, layers, stem)
-        self.stem = self._stem(arch, in_channels, width)
-        self.fc = nn.Identity()
-        self.out_features = width * 8 * block.expansion
 
-    def _make_layer(self, block, conv_builder, planes, blocks, stride=1):
-        if planes == 64:  # layer1: the stem's output width
-            self.inplanes = self._scale_width
-        return super()._make_layer(block, conv_builder, planes * self._scale_width // 64, blocks, stride)
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_VIDEO_RESNET:
+        from dmgl_cli.models import video_resnet
 
-    @staticmethod
-    def _stem(arch: str, channels: int, width: int) -> nn.Sequential:
-        if arch == "r2plus1d_18":
-            mid = max(1, width * 45 // 64)
-            return nn.Sequential(
-                nn.Conv3d(channels, mid, (1, 7, 7), (1, 2, 2), (0, 3, 3), bias=False),
-                nn.BatchNorm3d(mid),
-                nn.ReLU(inplace=True),
-                nn.Conv3d(mid, width, (3, 1, 1), (1, 1, 1), (1, 0, 0), bias=False),
-                nn.BatchNorm3d(width),
-                nn.ReLU(inplace=True),
-            )
-        return nn.Sequential(
-            nn.Conv3d(channels, width, (3, 7, 7), (1, 2, 2), (1, 3, 3), bias=False),
-            nn.BatchNorm3d(width),
-            nn.ReLU(inplace=True),
-        )
+        return getattr(video_resnet, _MOVED_TO_VIDEO_RESNET[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ClipEncoder(nn.Module):
@@ -294,7 +273,7 @@ class ClipEncoder(nn.Module):
     mean: Tensor  # buffers, registered in __init__
     std: Tensor
 
-    def __init__(self, backbone: _ScaledVideoResNet, channels: int, embed_dim: int, dropout: float):
+    def __init__(self, backbone: ScaledVideoResNet, channels: int, embed_dim: int, dropout: float):
         super().__init__()
         self.backbone = backbone
         mean, std = _normaliser(channels, KINETICS_MEAN, KINETICS_STD)
@@ -313,7 +292,9 @@ def build_video_resnet(arch: str, spec: dict[str, Any], cfg, embed_dim: int, dro
     if spec["kind"] != "video" or len(shape) != 4:
         raise DmglError(f"{what} takes video modalities [T, H, W, C], got {spec['kind']} {shape}")
     channels = shape[-1]
-    backbone = _ScaledVideoResNet(arch, channels, _width(cfg))
+    from dmgl_cli.models.video_resnet import ScaledVideoResNet
+
+    backbone = ScaledVideoResNet(arch, channels, _width(cfg))
     if cfg.weights:
         state = _state_dict_from(cfg.weights, what)
         _adapt_input_channels(state, "stem.0.weight", channels)

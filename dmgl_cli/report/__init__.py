@@ -45,6 +45,7 @@ __all__ = [
     "make_report",
     "render",
     "select_runs",
+    "shown_table",
     "write_plots",
 ]
 
@@ -57,6 +58,14 @@ class Report:
     warnings: list[str]
     notes: list[str]
     runs: int
+
+
+def shown_table(table: str | None, plot_kinds: Sequence[str], stats: bool, baseline: str | None) -> str | None:
+    """The table ``dmgl report`` shows: the one asked for; else ``main``, unless only figures were asked for
+    (``--stats`` and ``--baseline`` compare a table's cells, so they ask for one)."""
+    if table is None and (not plot_kinds or stats or baseline is not None):
+        return "main"
+    return table
 
 
 def make_report(

@@ -2,7 +2,7 @@
 embeddings from a run's best checkpoint, L2-normalised, projected to 2-D, with their centroids and the gap.
 
 The embeddings are what the model's encoders output (``ModelOutput.embeddings``) on a split, in eval mode with the
-evaluation transform, batch by batch as the trainer scores a split (:func:`dmgl_cli.train.evaluate`). The gap is
+evaluation transform, batch by batch as the trainer scores a split (:func:`dmgl_cli.evaluation.evaluate`). The gap is
 :func:`dmgl_cli.metrics.mean_pairwise_modality_gap` of those embeddings — Liang et al.'s
 ``‖mean(a/‖a‖) − mean(b/‖b‖)‖₂``, averaged over the pairs of modalities when there are more than two — the same
 function, on the same embeddings, as the ``<split>_modality_gap`` metric training logs, so a seed's best-checkpoint
@@ -25,7 +25,7 @@ import numpy as np
 from dmgl_cli.errors import DmglError
 
 if TYPE_CHECKING:
-    from dmgl_cli.explain import LoadedRun
+    from dmgl_cli.recorded import RecordedModel
     from dmgl_cli.report.selection import SeedRun
     from dmgl_cli.tracking import Tracker
 
@@ -57,9 +57,9 @@ def best_seed(runs: Sequence[SeedRun]) -> SeedRun:
     return max(runs, key=key)
 
 
-def split_embeddings(loaded: LoadedRun, split: str = "test") -> dict[str, np.ndarray]:
+def split_embeddings(loaded: RecordedModel, split: str = "test") -> dict[str, np.ndarray]:
     """Each modality's embeddings of ``split`` ([samples, embed_dim], float32, not normalised), as
-    :func:`dmgl_cli.train.evaluate` sees them."""
+    :func:`dmgl_cli.evaluation.evaluate` sees them."""
     import torch
 
     from dmgl_cli.data.loader import eval_loader
@@ -162,9 +162,9 @@ def run_panel(
     tracker: Tracker, run: SeedRun, title: str, split: str = "test", projection: str = "pca"
 ) -> EmbeddingPanel:
     """The panel of a seed run's best checkpoint on ``split``."""
-    from dmgl_cli.explain import load_run
+    from dmgl_cli.recorded import load_seed_model
 
-    loaded = load_run(tracker, run.run_id, "best")
+    loaded = load_seed_model(tracker, run.run_id, "best")
     return embedding_panel(
         split_embeddings(loaded, split),
         title,

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dmgl_cli.errors import DmglError
-from dmgl_cli.metrics import mean_std
+from dmgl_cli.over_seeds import mean_std
 from dmgl_cli.report.labels import method_label, row_label, row_order
 from dmgl_cli.report.selection import Group, SeedRun, group_runs
 from dmgl_cli.report.tables import METRIC_NAMES

@@ -3,7 +3,7 @@
 One row per (method, strategy) cell; columns: each modality's Shapley value of test accuracy, the imbalance degree
 (max - min of them), parameters, FLOPs per sample, training seconds per epoch and peak memory, mean ± std over the
 seeds (``final_test_shapley_<modality>``, ``final_test_imbalance_degree``, ``final_params``,
-``final_flops_per_sample``, ``final_seconds_per_epoch``, ``final_peak_memory_mib``, which the runner records once
+``final_flops_per_sample``, ``final_seconds_per_epoch``, ``final_peak_memory_mib``, which run.training records once
 per seed: :mod:`dmgl_cli.imbalance` says how each is measured). The imbalance degree and the costs are marked best
 (lowest) and second; Shapley values are not ranked (a larger one is no better in itself). They are measured on the
 test split only.

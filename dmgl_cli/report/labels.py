@@ -10,32 +10,13 @@ after the comparison methods; code rows stay in alphabetical order.
 
 from __future__ import annotations
 
+from dmgl_cli.catalogue import METHODS
 from dmgl_cli.strategies import StrategySpec
 
 LABELS = ("code", "paper")
 
-# Method name (the registry key of dmgl_cli.methods.METHODS) -> the paper's name, in the registry's order.
-PAPER_METHODS: dict[str, str] = {
-    "concat": "Concat",
-    "unimodal": "Uni-modal",
-    "sum": "Sum",
-    "weight": "Weight",
-    "affine": "Affine",
-    "channel": "Channel",
-    "ml-lstm": "ML-LSTM",
-    "etmc": "ETMC",
-    "mses": "MSES",
-    "g-blend": "G-Blending",
-    "ogm-ge": "OGM-GE",
-    "greedy": "Greedy",
-    "domfn": "DOMFN",
-    "mslr": "MSLR",
-    "pmr": "PMR",
-    "agm": "AGM",
-    "mla": "MLA",
-    "dmgl-official": "Ours-LB (released code)",
-    "dmgl-official-eq3": "Ours-LB (released code, Eq. 3)",
-}
+# Method name -> the paper's name, in the catalogue's order (each entry's ``paper_label``).
+PAPER_METHODS: dict[str, str] = {name: entry.paper_label for name, entry in METHODS.items()}
 OURS = {"heuristic": "Ours-H", "lb": "Ours-LB"}
 
 
@@ -53,7 +34,7 @@ def method_label(method: str, variant: str = "", style: str = "code") -> str:
         return f"{method} {variant}" if variant else method
     if method == "unimodal" and variant:
         return variant[:1].upper() + variant[1:]
-    return PAPER_METHODS.get(method, method)
+    return METHODS[method].paper_label if method in METHODS else method
 
 
 def row_label(method: str, spec: StrategySpec, variant: str = "", style: str = "code") -> str:
@@ -72,7 +53,7 @@ def row_order(method: str, spec: StrategySpec, variant: str = "", style: str = "
     """Sort key of a row: alphabetical by method (code); the paper's layout (paper)."""
     if style != "paper":
         return (method, variant, spec.sort_key())
-    registry = list(PAPER_METHODS)
+    registry = list(METHODS)
     rank = registry.index(method) if method in registry else len(registry)
     if method == "unimodal":
         band = 0
@@ -80,7 +61,7 @@ def row_order(method: str, spec: StrategySpec, variant: str = "", style: str = "
         band, rank = 3, 0
     elif method.startswith("dmgl-official"):
         band = 4
-    elif method in PAPER_METHODS:
+    elif method in METHODS:
         band = 1 if method == "concat" or spec.key == "constant:0" else 2
     else:
         band = 2

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from dmgl_cli.config import setting_applies
 from dmgl_cli.errors import DmglError
-from dmgl_cli.metrics import mean_std
+from dmgl_cli.over_seeds import mean_std
 from dmgl_cli.strategies import StrategySpec, spec_from_params
 
 if TYPE_CHECKING:

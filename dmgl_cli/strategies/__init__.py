@@ -9,16 +9,18 @@
   ``lb:random-sign`` replace its direction (controls).
 
 The package: ``settings.py`` (the ``strategy.*`` config section), ``schedules.py`` (the strategies that need no
-training signal), ``learning_based.py`` (Ours-LB's checks and alpha's own optimiser), ``specs.py`` (how the CLI,
-sweeps and reports name a strategy), and ``outer_step.py``, the only part that needs torch: the hooks through which
-a learning strategy takes its outer step inside the trainer's loop. The trainer calls
-:meth:`AlphaStrategy.start_epoch` before each epoch and the hooks of :meth:`AlphaStrategy.outer_step` (None for a
-schedule) around each step; it never asks which strategy it runs. State dicts hold plain Python values (the outer
-step's tensors go in its own), so that checkpoints load with ``torch.load(weights_only=True)``.
+training signal), ``learning_based.py`` (Ours-LB's checks and alpha's own optimiser), ``registry.py`` (the explicit
+registry, :data:`STRATEGIES`), ``specs.py`` (how the CLI, sweeps and reports name a strategy), all torch-free, and
+the Ours-LB outer step, the only part that needs torch (``outer_step.py``: the hooks through which a learning
+strategy takes its outer step inside the trainer's loop; ``estimators.py``, ``forward_mode.py``: what it
+measures). The trainer calls :meth:`AlphaStrategy.start_epoch` before each epoch and the hooks of
+:meth:`AlphaStrategy.outer_step` (None for a schedule) around each step; it never asks which strategy it runs.
+State dicts hold plain Python values (the outer step's tensors go in its own), so that checkpoints load with
+``torch.load(weights_only=True)``.
 
-Adding a schedule: a class in ``schedules.py`` with ``name`` and ``start_epoch``, an entry in :data:`STRATEGIES`
-and in :func:`strategy_from_config`, its name in ``settings.StrategyName``, and its setting (if any) in
-``settings.StrategyConfig`` and ``specs.SETTING_OF``; ``tests/test_strategies.py`` shows the test to copy.
+Adding a schedule: a class with ``name``, ``start_epoch`` and ``from_settings`` (and ``group``, ``setting_keys``,
+``spec_setting`` if it has a setting of its own) and its line in :data:`STRATEGIES` (``registry.py``);
+``tests/test_extending.py`` shows the steps and ``tests/test_strategies.py`` the test to copy.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 
 from dmgl_cli.errors import DmglError
 from dmgl_cli.strategies.learning_based import LearningBasedStrategy, check_settings
+from dmgl_cli.strategies.registry import STRATEGIES, strategy_class, strategy_from_config
 from dmgl_cli.strategies.schedules import (
     AlphaStrategy,
     ConstantStrategy,
@@ -40,19 +43,16 @@ from dmgl_cli.strategies.settings import (
     APPROXIMATIONS,
     LearningBasedConfig,
     StrategyConfig,
-    StrategyName,
 )
 from dmgl_cli.strategies.specs import (
     CONTROLS,
     LB_VARIANTS,
-    SETTING_OF,
-    STRATEGY_GROUPS,
-    STRATEGY_ORDER,
     STRATEGY_SETS,
     TABLE4,
     StrategySpec,
     parse_strategies,
     parse_strategy,
+    setting_of,
     spec_from_flags,
     spec_from_params,
 )
@@ -62,10 +62,7 @@ __all__ = [
     "APPROXIMATIONS",
     "CONTROLS",
     "LB_VARIANTS",
-    "SETTING_OF",
     "STRATEGIES",
-    "STRATEGY_GROUPS",
-    "STRATEGY_ORDER",
     "STRATEGY_SETS",
     "TABLE4",
     "AlphaStrategy",
@@ -76,40 +73,17 @@ __all__ = [
     "LinearStrategy",
     "StepwiseStrategy",
     "StrategyConfig",
-    "StrategyName",
     "StrategySpec",
     "build_strategy",
     "check_settings",
     "parse_strategies",
     "parse_strategy",
+    "setting_of",
     "spec_from_flags",
     "spec_from_params",
+    "strategy_class",
     "strategy_from_config",
 ]
-
-STRATEGIES: dict[str, type[AlphaStrategy]] = {
-    "constant": ConstantStrategy,
-    "stepwise": StepwiseStrategy,
-    "heuristic": HeuristicStrategy,
-    "linear": LinearStrategy,
-    "lb": LearningBasedStrategy,
-}
-
-
-def strategy_from_config(settings: StrategyConfig, seed: int = 0) -> AlphaStrategy:
-    """The strategy a resolved config's ``strategy`` section names, with its settings; ``seed`` is the training
-    seed (the random-sign control draws from it)."""
-    if settings.name == "constant":
-        return ConstantStrategy(settings.alpha)
-    if settings.name == "stepwise":
-        return StepwiseStrategy(settings.p)
-    if settings.name == "heuristic":
-        return HeuristicStrategy()
-    if settings.name == "linear":
-        return LinearStrategy(settings.linear_start, settings.linear_rate)
-    if settings.name == "lb":
-        return LearningBasedStrategy(settings.lb, seed)
-    raise DmglError(f"unknown strategy {settings.name!r}; valid: {', '.join(STRATEGIES)}")
 
 
 def build_strategy(name: str, **kwargs: Any) -> AlphaStrategy:
@@ -117,7 +91,7 @@ def build_strategy(name: str, **kwargs: Any) -> AlphaStrategy:
     :class:`LearningBasedConfig`)."""
     if name not in STRATEGIES:
         raise DmglError(f"unknown alpha strategy '{name}'; valid names: {', '.join(STRATEGIES)}")
-    target = LearningBasedConfig if name == "lb" else STRATEGIES[name]
+    target = LearningBasedConfig if name == "lb" else strategy_class(name)
     signature = inspect.signature(target)
     try:
         signature.bind(**kwargs)

@@ -1,21 +1,18 @@
 """The learning-based strategy (Ours-LB, Algorithm 1): alpha descends a hypergradient of the outer classification
 loss. This module holds what needs no torch: its settings' checks, when it updates, and the step alpha takes
 (plain SGD or Adam on the scalar, clipped). What the hypergradient is and how it is computed inside the training
-loop is its outer step, :mod:`dmgl_cli.strategies.outer_step`.
+loop is its outer step, :mod:`dmgl_cli.strategies.outer_step` (the training layer builds it; nothing here imports it).
 """
 
 from __future__ import annotations
 
 import math
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dmgl_cli.errors import DmglError
 from dmgl_cli.strategies.schedules import AlphaStrategy, check_epoch, real, unit_interval
-from dmgl_cli.strategies.settings import LearningBasedConfig
-
-if TYPE_CHECKING:
-    from dmgl_cli.strategies.outer_step import OuterStep, TrainingLoop
+from dmgl_cli.strategies.settings import LearningBasedConfig, StrategyConfig
 
 _ADAM_BETAS, _ADAM_EPSILON = (0.9, 0.999), 1e-12
 
@@ -102,7 +99,7 @@ def check_settings(s: LearningBasedConfig) -> None:
 class LearningBasedStrategy(AlphaStrategy):
     """Alpha learnt from the bilevel hypergradient (Algorithm 1).
 
-    Its outer step (:meth:`outer_step`) computes ``g = d L_CLS / d alpha`` as ``settings.estimator`` says and calls
+    Its outer step (:func:`dmgl_cli.strategies.estimators.outer_step_for`, built by the training loop) computes ``g = d L_CLS / d alpha`` as ``settings.estimator`` says and calls
     :meth:`apply_hypergradient`; alpha then takes one step of ``alpha_optimizer`` and is clipped to
     ``[min_alpha, max_alpha]``:
 
@@ -116,7 +113,14 @@ class LearningBasedStrategy(AlphaStrategy):
     State dicts hold plain Python values only (``torch.load(weights_only=True)``); the outer step keeps its own.
     """
 
+    learns_alpha = True
+
     name = "lb"
+    setting_keys = ("strategy.lb.",)
+
+    @classmethod
+    def from_settings(cls, settings: StrategyConfig, seed: int) -> AlphaStrategy:
+        return cls(settings.lb, seed)
 
     def __init__(self, settings: LearningBasedConfig, seed: int = 0) -> None:
         check_settings(settings)
@@ -141,12 +145,6 @@ class LearningBasedStrategy(AlphaStrategy):
         check_epoch(epoch, total_epochs)
         if self.settings.alpha_lr_halving is not None:
             self.current_lr = self.settings.alpha_lr * 0.5 ** (epoch // self.settings.alpha_lr_halving)
-
-    def outer_step(self, loop: TrainingLoop) -> OuterStep:
-        # imported here: the outer step needs torch, building and checking a strategy must not
-        from dmgl_cli.strategies.outer_step import outer_step_of
-
-        return outer_step_of(self, loop)
 
     @property
     def updates_at_epoch_start(self) -> bool:

@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dmgl_cli.errors import DmglError
-
-if TYPE_CHECKING:
-    from dmgl_cli.strategies.outer_step import OuterStep, TrainingLoop
+from dmgl_cli.strategies.settings import StrategyConfig
 
 
 def real(value: object, setting: str) -> float:
@@ -32,10 +30,31 @@ def check_epoch(epoch: int, total_epochs: int) -> None:
 
 
 class AlphaStrategy:
-    """Base class: holds alpha. Schedules override :meth:`start_epoch`; a strategy that learns alpha returns its
-    outer step from :meth:`outer_step`, whose hooks the trainer calls (:mod:`dmgl_cli.strategies.outer_step`)."""
+    """Base class: holds alpha. Schedules override :meth:`start_epoch`; a strategy that learns alpha says so
+    (:attr:`learns_alpha`), and the training layer builds its outer step, whose hooks the trainer calls
+    (:func:`dmgl_cli.strategies.estimators.outer_step_for`): this layer, torch-free, never imports it.
+
+    A strategy declares what it is here, and :data:`dmgl_cli.strategies.registry.STRATEGIES` lists it: config,
+    the CLI's specs, the recorded params and the tables read these attributes, never a list of names of their own.
+    """
+
+    learns_alpha = False  # True: alpha moves by an outer step inside the training loop (Ours-LB)
 
     name = ""
+    group = "Dynamic"  # the group of columns tables show it under: Constant, Stepwise, Dynamic or Control
+    # Its own settings in the config's strategy section (dotted; a key ending in "." names a group): recorded as
+    # params only for its runs (config.setting_applies)
+    setting_keys: tuple[str, ...] = ()
+    # The setting the value of a spec sets (constant:0.5 -> strategy.alpha) and what the value is, for messages;
+    # None: the spec takes no number
+    spec_setting: str | None = None
+    spec_value: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: StrategyConfig, seed: int) -> AlphaStrategy:
+        """The strategy from a resolved config's ``strategy`` section; ``seed`` is the training seed. Checks its
+        numbers (raises DmglError), so that config validation refuses what it cannot run."""
+        raise NotImplementedError(f"strategy {cls.name!r} does not say how it is built from its settings")
 
     def __init__(self, alpha: float) -> None:
         self._alpha = float(alpha)
@@ -53,10 +72,6 @@ class AlphaStrategy:
         """Called before epoch ``epoch`` (0-based) of ``total_epochs``; alpha stays put unless a schedule moves it."""
         check_epoch(epoch, total_epochs)
 
-    def outer_step(self, loop: TrainingLoop) -> OuterStep | None:
-        """The hooks that learn alpha inside ``loop``'s training loop; None for a schedule."""
-        return None
-
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "alpha": self._alpha}
 
@@ -73,9 +88,16 @@ class ConstantStrategy(AlphaStrategy):
     """A fixed alpha: 0 is plain Concat (classification only), 1 is modality matching only."""
 
     name = "constant"
+    group = "Constant"
+    setting_keys = ("strategy.alpha",)
+    spec_setting, spec_value = "strategy.alpha", "alpha"
 
     def __init__(self, alpha: float) -> None:
         super().__init__(unit_interval(alpha, "alpha"))
+
+    @classmethod
+    def from_settings(cls, settings: StrategyConfig, seed: int) -> AlphaStrategy:
+        return cls(settings.alpha)
 
     @property
     def always_zero(self) -> bool:
@@ -86,10 +108,17 @@ class StepwiseStrategy(AlphaStrategy):
     """h(p) of §4.4: alpha = p while the 0-based epoch is below total_epochs / 2, then 1 - p."""
 
     name = "stepwise"
+    group = "Stepwise"
+    setting_keys = ("strategy.p",)
+    spec_setting, spec_value = "strategy.p", "p"
 
     def __init__(self, p: float) -> None:
         self.p = unit_interval(p, "p")
         super().__init__(self.p)
+
+    @classmethod
+    def from_settings(cls, settings: StrategyConfig, seed: int) -> AlphaStrategy:
+        return cls(settings.p)
 
     def start_epoch(self, epoch: int, total_epochs: int) -> None:
         check_epoch(epoch, total_epochs)
@@ -103,6 +132,10 @@ class HeuristicStrategy(AlphaStrategy):
 
     def __init__(self) -> None:
         super().__init__(self.alpha_at(1))
+
+    @classmethod
+    def from_settings(cls, settings: StrategyConfig, seed: int) -> AlphaStrategy:
+        return cls()
 
     @staticmethod
     def alpha_at(t: int) -> float:
@@ -119,6 +152,13 @@ class LinearStrategy(AlphaStrategy):
     whether Ours-LB's hypergradient carries information beyond its usual sign."""
 
     name = "linear"
+    group = "Control"
+    setting_keys = ("strategy.linear_start", "strategy.linear_rate")
+    spec_setting, spec_value = "strategy.linear_rate", "rate (alpha's fall per epoch)"
+
+    @classmethod
+    def from_settings(cls, settings: StrategyConfig, seed: int) -> AlphaStrategy:
+        return cls(settings.linear_start, settings.linear_rate)
 
     def __init__(self, start: float, rate: float) -> None:
         self.start = unit_interval(start, "strategy.linear_start")

@@ -12,9 +12,6 @@ from typing import Literal
 APPROXIMATIONS = ("identity", "neumann", "cg", "ggn")
 ALPHA_GRADIENTS = (*APPROXIMATIONS, "official")
 
-# The strategy names, in the order tables show them (a Literal so that config refuses a typo before torch loads).
-StrategyName = Literal["constant", "stepwise", "heuristic", "linear", "lb"]
-
 
 @dataclass(frozen=True)
 class LearningBasedConfig:
@@ -78,7 +75,7 @@ class LearningBasedConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    name: StrategyName = "lb"
+    name: str = "lb"  # a key of strategies.registry.STRATEGIES (config refuses any other)
     alpha: float = 0.0  # constant
     p: float = 0.05  # stepwise h(p)
     # linear: alpha = max(0, linear_start - linear_rate * epoch), the fixed decay that Adam on the sign of a

@@ -11,15 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dmgl_cli.errors import DmglError
+from dmgl_cli.strategies.registry import STRATEGIES
 
-STRATEGY_ORDER = ("constant", "stepwise", "heuristic", "linear", "lb")
-STRATEGY_GROUPS = {
-    "constant": "Constant",
-    "stepwise": "Stepwise",
-    "heuristic": "Dynamic",
-    "lb": "Dynamic",
-    "linear": "Control",
-}
 _GROUP_ORDER = ("Constant", "Stepwise", "Dynamic", "Control")
 # The columns of the paper's Table 4 / A3, in the paper's order.
 TABLE4 = (
@@ -36,8 +29,6 @@ TABLE4 = (
 # Ours-LB against the controls a reviewer asks for: a fixed decay, a fixed and a random direction.
 CONTROLS = ("heuristic", "lb", "linear:0.05", "lb:fixed-sign", "lb:random-sign")
 STRATEGY_SETS: dict[str, tuple[str, ...]] = {"table4": TABLE4, "controls": CONTROLS}
-# The config setting that a spec's value sets: constant's alpha, stepwise's p, linear's rate.
-SETTING_OF = {"constant": "strategy.alpha", "stepwise": "strategy.p", "linear": "strategy.linear_rate"}
 # Ours-LB's variants: the spec's word -> the settings it sets. The controls replace the hypergradient's direction;
 # the estimators are what the hypergradient measures (strategy.lb.estimator; plain lb is the default, step).
 LB_DEFAULTS = {"strategy.lb.direction": "hypergradient", "strategy.lb.estimator": "step"}
@@ -60,6 +51,13 @@ _VARIANT_LABELS = {
 
 def _number(value: float) -> str:
     return f"{value:g}"
+
+
+def setting_of(name: str) -> str | None:
+    """The config setting that the value of a spec of strategy ``name`` sets (``constant:0.5`` ->
+    ``strategy.alpha``), or None when its spec takes no value."""
+    strategy = STRATEGIES.get(name)
+    return strategy.spec_setting if strategy is not None else None
 
 
 @dataclass(frozen=True)
@@ -101,13 +99,16 @@ class StrategySpec:
 
     @property
     def group(self) -> str:
-        return "Control" if self.variant in LB_CONTROLS else STRATEGY_GROUPS.get(self.name, self.name)
+        if self.variant in LB_CONTROLS:
+            return "Control"
+        return STRATEGIES[self.name].group if self.name in STRATEGIES else self.name
 
     def settings(self) -> dict[str, Any]:
         """Config settings (dotted keys) that select this strategy."""
         settings: dict[str, Any] = {"strategy.name": self.name}
-        if self.value is not None and self.name in SETTING_OF:
-            settings[SETTING_OF[self.name]] = self.value
+        setting = setting_of(self.name)
+        if self.value is not None and setting is not None:
+            settings[setting] = self.value
         if self.variant is not None:  # plain lb leaves strategy.lb.* to the recipe and --set
             settings.update(LB_VARIANTS[self.variant])
         return settings
@@ -116,7 +117,8 @@ class StrategySpec:
         """Table order: by group (Constant, Stepwise, Dynamic, Control), then as Table 4 orders its columns."""
         group = _GROUP_ORDER.index(self.group) if self.group in _GROUP_ORDER else len(_GROUP_ORDER)
         table4 = TABLE4.index(self.key) if self.key in TABLE4 else len(TABLE4)
-        rank = STRATEGY_ORDER.index(self.name) if self.name in STRATEGY_ORDER else len(STRATEGY_ORDER)
+        order = list(STRATEGIES)
+        rank = order.index(self.name) if self.name in order else len(order)
         variant = list(LB_VARIANTS).index(self.variant) + 1 if self.variant else 0
         return (group, rank, table4, variant, self.value if self.value is not None else -1.0, self.name)
 
@@ -133,13 +135,13 @@ def parse_strategy(text: str, *, value_required: bool = True) -> StrategySpec:
     alias = _STEPWISE_ALIAS.match(raw)
     name, _, value = ("stepwise", ":", alias["p"]) if alias else raw.partition(":")
     name, value = name.strip().lower(), value.strip()
-    if name not in STRATEGY_ORDER:
+    if name not in STRATEGIES:
         raise DmglError(
-            f"unknown strategy {raw!r}; valid: {', '.join(STRATEGY_ORDER)} (with a value: {_EXAMPLES}; in "
+            f"unknown strategy {raw!r}; valid: {', '.join(STRATEGIES)} (with a value: {_EXAMPLES}; in "
             f"--strategies also the sets {', '.join(STRATEGY_SETS)})"
         )
-    if name in SETTING_OF:
-        what = {"constant": "alpha", "stepwise": "p", "linear": "rate (alpha's fall per epoch)"}[name]
+    if setting_of(name) is not None:
+        what = STRATEGIES[name].spec_value
         if not value:
             if not value_required:
                 return StrategySpec(name)
@@ -196,7 +198,7 @@ def parse_strategies(text: str) -> list[StrategySpec]:
 def spec_from_params(params: dict[str, str], tags: dict[str, str] | None = None) -> StrategySpec | None:
     """The strategy spec a run was trained with, from its logged (flattened) config; None if unrecognisable."""
     name = params.get("strategy.name") or (tags or {}).get("dmgl.strategy")
-    if name not in STRATEGY_ORDER:
+    if name not in STRATEGIES:
         return None
     if name == "lb":  # a setting a run did not record (it predates it) had its default value
         recorded = {key: params.get(key, default) for key, default in LB_DEFAULTS.items()}
@@ -205,7 +207,7 @@ def spec_from_params(params: dict[str, str], tags: dict[str, str] | None = None)
             None,
         )
         return StrategySpec(name, variant=variant)
-    setting = SETTING_OF.get(name)
+    setting = setting_of(name)
     if setting is None:
         return StrategySpec(name)
     try:

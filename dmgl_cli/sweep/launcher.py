@@ -40,7 +40,8 @@ from dmgl_cli.paths import default_optuna_storage, ensure_registry
 from dmgl_cli.provenance import process_group_alive
 
 if TYPE_CHECKING:
-    from dmgl_cli.sweep import SweepOutcome, SweepRequest
+    from dmgl_cli.sweep import SweepRequest
+    from dmgl_cli.sweep.study import SweepOutcome
     from dmgl_cli.tracking import Tracker
 
 STOP_GRACE = 60.0  # seconds a signalled worker gets to checkpoint, re-enqueue its trial and exit
@@ -306,8 +307,9 @@ def launch(
 ) -> LaunchOutcome:
     """Create (or join and top up) the study, run one worker process per device on it, wait for all of them and
     return the study's state. ``on_line(label, text, is_stderr)`` gets each line a worker prints."""
-    from dmgl_cli.sweep import run_sweep, summary_table
     from dmgl_cli.sweep.storage import open_storage
+    from dmgl_cli.sweep.study import run_sweep
+    from dmgl_cli.sweep.summary import summary_table
     from dmgl_cli.sweep.worker import trial_record
 
     on_line = on_line or (lambda label, text, err: None)

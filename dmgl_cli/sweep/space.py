@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 
+from dmgl_cli.catalogue.methods import METHODS
 from dmgl_cli.config import Config, config_from_dict, derive
 from dmgl_cli.data.registry import open_dataset
 from dmgl_cli.errors import DmglError
-from dmgl_cli.methods import build_method
 from dmgl_cli.strategies import StrategySpec, parse_strategy
 from dmgl_cli.tunables import TUNABLE
 
@@ -92,7 +92,7 @@ def check_plan(settings: SweepSettings) -> None:
         for end in (0, 1):
             try:
                 config = trial_config(base, tuned_settings(spec, {n: r[end] for n, r in applicable.items()}))
-                build_method(config)
+                METHODS[config.method.name].check_config(config)  # torch-free: the method's own checks
             except DmglError as exc:
                 where = f" with {', '.join(f'{n}={r[end]:g}' for n, r in applicable.items())}" if applicable else ""
                 raise DmglError(f"strategy {spec.key}{where}: {exc}") from None

@@ -7,11 +7,11 @@
 * **Dead workers.** A claimed trial beats (:func:`dmgl_cli.sweep.storage.heartbeat`); one whose worker stopped
   beating is failed by the next worker that looks, its MLflow runs marked FAILED, and it is re-enqueued
   (:class:`StaleTrialHandler`).
-* **Ctrl-C** stops training (runs marked KILLED by the runner), fails the trial and re-enqueues it. A trial that
+* **Ctrl-C** stops training (its runs marked KILLED), fails the trial and re-enqueues it. A trial that
   raises an error is failed and not retried automatically (errors repeat).
 * **Pruning** compares a trial with the median of its own strategy's trials at the same step
   (:class:`StrategyMedianPruner`).
-* **MLflow.** Each trial is one ``runner.train`` parent run nested under the sweep run, with a child per seed; the
+* **MLflow.** Each trial is one ``training.train`` parent run nested under the sweep run, with a child per seed; the
   trial keeps its parent run id as the user attribute ``mlflow_run_id``. The objective is the mean over seeds of
   the validation metric at each seed's validation-selected epoch — never test. Its std over seeds is the user
   attribute ``val_std``, the per-seed values ``val_by_seed`` (seed -> value), for the summary's paired tests.
@@ -28,16 +28,16 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import optuna
 from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from dmgl_cli import runner
 from dmgl_cli.device import pick_device
-from dmgl_cli.errors import DmglError, Interrupted
-from dmgl_cli.metrics import mean_std
+from dmgl_cli.errors import DmglError, Interrupted, Stopped
+from dmgl_cli.over_seeds import mean_std
+from dmgl_cli.run import training
 from dmgl_cli.strategies import StrategySpec, parse_strategy
 from dmgl_cli.sweep.space import SweepSettings, trial_config, tuned_settings
 from dmgl_cli.sweep.storage import heartbeat, quiet
@@ -54,8 +54,8 @@ RUN_ATTR = "mlflow_run_id"
 MAX_RETRIES = 3  # heartbeat-stale retries of one trial
 
 
-class PrunedTrial(runner.Stopped, optuna.TrialPruned):
-    """Raised from the epoch callback: the runner marks the runs KILLED, Optuna's tell records PRUNED."""
+class PrunedTrial(Stopped, optuna.TrialPruned):
+    """Raised from the epoch callback: training marks the runs KILLED, Optuna's tell records PRUNED."""
 
 
 class StrategyMedianPruner(optuna.pruners.BasePruner):
@@ -196,6 +196,31 @@ def trial_record(trial: FrozenTrial, metric: str) -> TrialRecord:
     )
 
 
+@dataclass(frozen=True)
+class TrialProgress:
+    """One epoch of a running trial, for the live progress line (``dmgl sweep`` prints it on stderr)."""
+
+    trial: int
+    label: str
+    seed: int
+    seed_index: int  # 0-based among the trial's seeds
+    seeds: int
+    epoch: int
+    epochs: int
+    metric: str
+    value: float | None  # this epoch's validation metric
+    best: float | None  # the best validation value of this seed so far
+
+    def line(self) -> str:
+        shown = "n/a" if self.value is None else f"{self.value:.4f}"
+        best = "" if self.best is None else f" (best {self.best:.4f})"
+        # indented: a line under the trial's own "trial N ..." line, which it precedes
+        return (
+            f"  trial {self.trial} {self.label}  seed {self.seed} ({self.seed_index + 1}/{self.seeds})  "
+            f"epoch {self.epoch}/{self.epochs}  val {self.metric} {shown}{best}"
+        )
+
+
 # --------------------------------------------------------------------------------------------- the worker
 
 
@@ -224,9 +249,11 @@ class Worker:
         on_trial: Callable[[TrialRecord], None],
         on_message: Callable[[str], None],
         device: str | None = None,
+        on_epoch: Callable[[TrialProgress], None] | None = None,
     ):
         self.study, self.settings, self.sweep_run_id = study, settings, sweep_run_id
         self.tracker, self.on_trial, self.on_message = tracker, on_trial, on_message
+        self.on_epoch = on_epoch or (lambda progress: None)
         self.base = settings.base_dict()
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.device = device  # train.device of this worker's trials (dmgl sweep --devices); None: the study's
@@ -253,10 +280,28 @@ class Worker:
         config = trial_config(self.base, dotted)
         seeds, metric = settings.seeds, settings.metric
         started = time.time()
+        best_of_seed: dict[int, float] = {}
 
         def progress(seed: int, epoch: int, total: int, metrics: dict[str, float]) -> None:
             value = metrics.get(f"val_{metric}")
-            if not settings.prune or value is None or not math.isfinite(value):
+            finite = value is not None and math.isfinite(value)
+            if finite:
+                best_of_seed[seed] = max(best_of_seed.get(seed, -math.inf), cast(float, value))
+            self.on_epoch(
+                TrialProgress(
+                    trial.number,
+                    spec.label,
+                    seed,
+                    seeds.index(seed),
+                    len(seeds),
+                    epoch,
+                    total,
+                    metric,
+                    value if finite else None,
+                    best_of_seed.get(seed),
+                )
+            )
+            if not settings.prune or value is None or not finite:
                 return
             trial.report(value, seeds.index(seed) * total + epoch)
             if trial.should_prune():
@@ -265,7 +310,7 @@ class Worker:
         def on_parent(run_id: str) -> None:
             trial.set_user_attr(RUN_ATTR, run_id)
 
-        outcome = runner.train(
+        outcome = training.train(
             config,
             seeds,
             tracker=self.tracker,

@@ -265,11 +265,11 @@ def test_settings_are_checked():
     assert (offline.super_epoch, offline.copy_epochs) == (7, 7)
     defaults = build_method(load_config("synthetic", ["method.name=g-blend"]))
     assert (
-        defaults.mode,
+        defaults.options.mode,
         defaults.super_epoch,
         defaults.copy_epochs,
-        defaults.copy_batches,
-        defaults.loss_reduction,
+        defaults.options.copy_batches,
+        defaults.options.loss_reduction,
     ) == ("online", 10, 10, 0, "batch-sum")
 
 

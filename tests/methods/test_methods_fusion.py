@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmgl_cli import runner
 from dmgl_cli.config import config_from_yaml, load_config
 from dmgl_cli.data.loader import make_splits, sample_batch
 from dmgl_cli.data.registry import open_dataset
@@ -21,6 +20,7 @@ from dmgl_cli.device import seed_everything
 from dmgl_cli.errors import DmglError
 from dmgl_cli.methods import METHODS, build_method
 from dmgl_cli.methods.etmc import dempster_shafer
+from dmgl_cli.run import training
 from dmgl_cli.tracking import Tracker
 from dmgl_cli.train import compute_losses
 
@@ -354,7 +354,7 @@ def test_dempster_shafer_with_a_vacuous_opinion_changes_nothing():
 def test_resume_is_exact_with_the_probes_optimiser_state(run_cli, synthetic):
     """The probes' Adam state is method state: without it in the checkpoint the resumed probes would drift."""
     config = load_config("synthetic", ["train.epochs=2", "method.name=affine", "strategy.name=constant"])
-    reference = runner.train(config, [0], tracker=Tracker(), run_name="reference")
+    reference = training.train(config, [0], tracker=Tracker(), run_name="reference")
 
     class Stop(Exception):
         pass
@@ -365,7 +365,7 @@ def test_resume_is_exact_with_the_probes_optimiser_state(run_cli, synthetic):
 
     parents: list[str] = []
     with pytest.raises(Stop):
-        runner.train(
+        training.train(
             config, [0], tracker=Tracker(), run_name="stopped", progress=stop_after_epoch_1, on_parent=parents.append
         )
     tracker = Tracker()
