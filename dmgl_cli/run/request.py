@@ -221,11 +221,12 @@ def _train(
 
     open_dataset(config.dataset)  # an unprepared dataset is refused before MLflow and the trainer load
 
-    from dmgl_cli.distributed import SINGLE_PROCESS, note_run
-    from dmgl_cli.run import training
     from dmgl_cli.tracking import Tracker
 
-    tracker = Tracker(request.tracking_uri)
+    tracker = Tracker(request.tracking_uri)  # an unreachable server is refused before torch loads
+
+    from dmgl_cli.distributed import SINGLE_PROCESS, note_run
+    from dmgl_cli.run import training
 
     def on_parent(parent_id: str) -> None:
         note_run(parent_id)
