@@ -122,13 +122,7 @@ def dmgl_run(args) -> dict[str, float]:
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=terminal, env=env, start_new_session=True)
     os.close(terminal)
     clock = StreamClock(controller)
-    with common.MemoryWatch(process.pid, interval=0.2) as watch:
-        try:
-            output, _ = process.communicate(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
-            raise SystemExit(f"dmgl train ran past --timeout {args.timeout} s") from None
+    output, watch = watched(process, args.timeout, "dmgl train")
     ended = time.time()
     clock.join(5.0)
     os.close(controller)
@@ -145,6 +139,19 @@ def dmgl_run(args) -> dict[str, float]:
     return figures(started, first, last, ended, epoch_seconds, watch)
 
 
+def watched(process: subprocess.Popen, timeout: float, what: str):
+    """``process``'s stdout once it ends, and the memory watch of its process tree; killed (the whole group) and an
+    error past ``timeout`` seconds."""
+    with common.MemoryWatch(process.pid, interval=0.2) as watch:
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+            raise SystemExit(f"{what} ran past --timeout {timeout} s") from None
+    return output, watch
+
+
 def published_run(args) -> dict[str, float]:
     """One whole run of the published loop (``vs_reference_loop.py``'s child): its timings and peak memory."""
     ref = reference_args(args)
@@ -155,13 +162,7 @@ def published_run(args) -> dict[str, float]:
     command += ["--whole-run-test", str(args.test), "--whole-run-child", "published"]
     started = time.time()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    with common.MemoryWatch(process.pid, interval=0.2) as watch:
-        try:
-            output, _ = process.communicate(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
-            raise SystemExit(f"the published loop ran past --timeout {args.timeout} s") from None
+    output, watch = watched(process, args.timeout, "the published loop")
     ended = time.time()
     if process.returncode != 0:
         raise SystemExit(f"the published loop failed (exit {process.returncode})")
