@@ -312,6 +312,9 @@ def shutdown() -> None:
 
 # The file where rank 0 writes the run it records (the parent run id), so that `dmgl train --nproc N` can name it
 # when the job fails; set by :func:`launch` for its workers.
+# The exit status of a rank that stopped because another rank's process was gone: an effect, never the cause.
+LOST_PEER_STATUS = 75
+
 RUN_FILE_VARIABLE = "DMGL_RUN_FILE"
 
 
@@ -368,8 +371,10 @@ def _recorded_run(run_file: str) -> str | None:
 
 def _failure_message(exc, run_id: str | None, signal_module) -> str:
     """Which rank failed first and how (the others were then stopped by torchrun), and the run to resume."""
-    # torchrun stops the ranks still running with SIGTERM once one fails: the cause is a failure of another kind
-    causes = {r: f for r, f in exc.failures.items() if f.exitcode != -signal_module.SIGTERM} or exc.failures
+    # torchrun stops the ranks still running with SIGTERM once one fails, and a rank whose collective lost its peer
+    # exits with LOST_PEER_STATUS (often before torchrun has seen the peer go): the cause is a failure of another kind
+    effects = (-signal_module.SIGTERM, LOST_PEER_STATUS)
+    causes = {r: f for r, f in exc.failures.items() if f.exitcode not in effects} or exc.failures
     rank = min(causes, key=lambda r: (causes[r].timestamp, r))
     failure = causes[rank]
     code = failure.exitcode

@@ -358,3 +358,27 @@ def test_a_missing_dataset_is_refused_before_any_process_starts(run_cli, registr
     assert "dataset 'synthetic' is not prepared" in result.output
     assert result.output.count("Error") == 1
     assert not registry.exists() or not any(registry.iterdir())  # nothing recorded, no store created
+
+
+def test_the_failure_named_is_the_cause_not_the_ranks_that_stopped_because_of_it():
+    """A rank killed by a signal is the cause; a rank whose collective lost its peer (LOST_PEER_STATUS, often
+    recorded first and in the same second) and a rank torchrun stopped with SIGTERM are its effects."""
+    from types import SimpleNamespace
+
+    from dmgl_cli.distributed import LOST_PEER_STATUS, _failure_message
+
+    def failure(pid, exitcode, timestamp):
+        return SimpleNamespace(pid=pid, exitcode=exitcode, timestamp=timestamp)
+
+    lost_peer_first = SimpleNamespace(failures={0: failure(10, LOST_PEER_STATUS, 5), 1: failure(11, -signal.SIGKILL, 5)})
+    message = _failure_message(lost_peer_first, "RUN", signal)
+    assert "rank 1 (pid 11) was killed by SIGKILL; torchrun then stopped rank 0." in message
+    assert "dmgl train --resume RUN" in message
+    stopped = SimpleNamespace(failures={0: failure(10, -signal.SIGTERM, 4), 1: failure(11, 1, 5), 2: failure(12, 1, 6)})
+    assert "rank 1 (pid 11) exited with status 1; torchrun then stopped ranks 0, 2" in _failure_message(
+        stopped, None, signal
+    )
+    only_effects = SimpleNamespace(failures={0: failure(10, LOST_PEER_STATUS, 3), 1: failure(11, -signal.SIGTERM, 4)})
+    assert "rank 0 (pid 10) exited with status 75; torchrun then stopped rank 1" in _failure_message(
+        only_effects, None, signal
+    )

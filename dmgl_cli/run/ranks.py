@@ -46,7 +46,7 @@ def as_rank(train_on_rank_0: Callable[[DistributedContext], Any]) -> None:
     with the other ranks training alongside); the others :func:`follow` and record and print nothing. A normal exit
     from rank 0 that trained nothing (--print-config, --dry-run, finished runs) releases them; an error leaves them
     to torchrun, which stops them once rank 0 exits."""
-    from dmgl_cli.distributed import RUN_FILE_VARIABLE, init_from_environment, lost_a_rank
+    from dmgl_cli.distributed import LOST_PEER_STATUS, RUN_FILE_VARIABLE, init_from_environment, lost_a_rank
     from dmgl_cli.errors import Interrupted
 
     distributed = init_from_environment()
@@ -65,7 +65,7 @@ def as_rank(train_on_rank_0: Callable[[DistributedContext], Any]) -> None:
         # another rank died: `dmgl train --nproc` (or torchrun) reports which; rank 0 of another torchrun says so
         # in one line, not with the collective's traceback
         if quiet:
-            raise SystemExit(1) from None
+            raise SystemExit(LOST_PEER_STATUS) from None
         raise DmglError(
             f"rank {distributed.rank} stopped: another rank of the job is gone (its connection closed)"
         ) from None
