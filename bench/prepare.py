@@ -8,11 +8,13 @@ Frames are stored at the preparer's real 224 px. The video content matters for t
 fine noise, which compresses roughly as a camera image does after FLV coding; ``--content flat`` is tests/rawgen.py's
 solid colour with a moving block (JPEG's best case).
 
-Every (frame store, worker count) prepares the same clips into its own dataset, interleaved (raw/1 jpeg/1 raw/2
-... then again); clips/s and the wall time count the whole ``prepare_dataset`` call (decoding, JPEG encoding for the
-jpeg store, writing the arrays, checksums, the manifest). Disk: the bytes of the visual files (``visual.npy``, or
-``visual.jpeg`` + ``visual.offsets.npy``) and of the whole dataset folder, per clip, and projected to CREMA-D's
-7,442 clips and Kinetics-Sounds' ~19k (frames only: its audio differs).
+Every (frame store, audio store, worker count) prepares the same clips into its own dataset, interleaved (raw/1
+jpeg/1 raw/2 ... then again); clips/s and the wall time count the whole ``prepare_dataset`` call (decoding, JPEG
+encoding for the jpeg store, writing the arrays, checksums, the manifest). Audio stores (``--audio-stores``):
+``pcm16``, the default (the clip's 16-bit samples; the spectrogram is computed when read), and ``spectrogram``
+(the float32 spectrogram). Disk: the bytes of the visual files (``visual.npy``, or ``visual.jpeg`` +
+``visual.offsets.npy``), of the audio files and of the whole dataset folder, per clip, and projected to
+CREMA-D's 7,442 clips and Kinetics-Sounds' ~19k (frames only: its audio differs).
 
 CPU seconds per clip are counted for this process and, apart, for the forkserver and its pool workers (user +
 system, those that exited included), and "cores busy" is their sum over the wall time: a worker count that does not
@@ -24,10 +26,15 @@ carried only by a faint tone in loud noise, so that a small model is partly righ
 rounding, and the test accuracy of a small Concat model trained on each with the same seeds (paired), plus the
 float32-trained weights scored on both inputs.
 
+``--sections audio-read``: the CPU a loader worker spends reading a batch of CREMA-D audio from the spectrogram
+store (a copy out of the memory map) and from the pcm16 store (the STFT of the stored samples).
+
     python bench/prepare.py                      # 60 clips, frame stores raw and jpeg, workers 1 and 2; audio dtype
     python bench/prepare.py --sections workers --workers 1 --frame-stores raw,jpeg --repeats 2
+    python bench/prepare.py --sections workers --workers 1 --frame-stores jpeg --audio-stores pcm16,spectrogram
     python bench/prepare.py --sections workers --clips-per-class 40 --workers 1,2,4,8    # on a bigger machine
     python bench/prepare.py --sections audio-dtype --dtype-seeds 5
+    python bench/prepare.py --sections audio-read --repeats 5    # a batch's audio read: pcm16 against spectrogram
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ import rawgen  # noqa: E402
 common: Any = None
 
 FRAME_STORES = ("raw", "jpeg")
+AUDIO_STORES = ("pcm16", "spectrogram")
 AUTHORS = "authors' extraction"
 CREMA_CLIPS = 7442
 KINETICS_SOUNDS_CLIPS = 19_000
@@ -161,13 +169,19 @@ def workers_section(args, parser) -> None:
     from dmgl_cli.prepare import prepare_dataset
 
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
-    stores = [s.strip() for s in args.frame_stores.split(",") if s.strip()]
-    unknown = sorted(set(stores) - set(FRAME_STORES))
-    if unknown or not stores:
+    frame_stores = [s.strip() for s in args.frame_stores.split(",") if s.strip()]
+    unknown = sorted(set(frame_stores) - set(FRAME_STORES))
+    if unknown or not frame_stores:
         parser.error(f"--frame-stores: {', '.join(unknown) or 'none given'}; choose from {', '.join(FRAME_STORES)}")
+    audio_stores = [s.strip() for s in args.audio_stores.split(",") if s.strip()]
+    unknown = sorted(set(audio_stores) - set(AUDIO_STORES))
+    if unknown or not audio_stores:
+        parser.error(f"--audio-stores: {', '.join(unknown) or 'none given'}; choose from {', '.join(AUDIO_STORES)}")
+    # a store: (frame store, audio store), named "jpeg, pcm16"
+    stores = [(frame, audio) for audio in audio_stores for frame in frame_stores]
     width, height = (int(v) for v in args.video_size.lower().split("x"))
     raw = Path(tempfile.mkdtemp(prefix="dmgl-bench-raw-"))
-    sizes: dict[str, tuple[int, int]] = {}  # store -> (visual bytes, total bytes)
+    sizes: dict[str, tuple[int, int, int]] = {}  # store -> (visual bytes, audio bytes, total bytes)
     seconds: dict[str, list[float]] = {}
     cpu: dict[str, list[tuple[float, float]]] = {}  # variant -> (main process, other processes) CPU s per run
     try:
@@ -181,10 +195,10 @@ def workers_section(args, parser) -> None:
         )
         runs = iter(range(1_000_000))
 
-        def prepare(store: str, count: int):
+        def prepare(frame: str, audio: str, count: int):
             def call() -> float:
-                name = f"crema-bench-{store}-w{count}-{next(runs)}"
-                options = {"frame_store": store}
+                name = f"crema-bench-{frame}-{audio}-w{count}-{next(runs)}"
+                options = {"frame_store": frame, "audio_store": audio}
                 main_before, others_before = tree_cpu_seconds()
                 took = common.timed(
                     lambda: prepare_dataset("crema-d", raw=raw, name=name, workers=count, options=options)
@@ -192,10 +206,14 @@ def workers_section(args, parser) -> None:
                 main_after, others_after = tree_cpu_seconds()
                 row = DatasetRegistry().get(name)
                 path = Path(row["path"])
-                sizes[store] = (common.directory_bytes(path, "visual."), common.directory_bytes(path))
+                sizes[f"{frame}, {audio}"] = (
+                    common.directory_bytes(path, "visual."),
+                    common.directory_bytes(path, "audio."),
+                    common.directory_bytes(path),
+                )
                 shutil.rmtree(path, ignore_errors=True)  # ~1.8 MB per clip in the raw store: keep the disk free
                 DatasetRegistry().remove(name)
-                key = f"{store}, {count} workers"
+                key = f"{frame}, {audio}, {count} workers"
                 seconds.setdefault(key, []).append(took)
                 cpu.setdefault(key, []).append((main_after - main_before, others_after - others_before))
                 return clips / took
@@ -208,7 +226,8 @@ def workers_section(args, parser) -> None:
                 main_before, others_before = tree_cpu_seconds()
                 took = common.timed(lambda: authors_extraction(raw, out))
                 main_after, others_after = tree_cpu_seconds()
-                sizes[AUTHORS] = (common.directory_bytes(out), common.directory_bytes(raw / "AudioWAV"))
+                wavs = common.directory_bytes(raw / "AudioWAV")
+                sizes[AUTHORS] = (common.directory_bytes(out), wavs, common.directory_bytes(out) + wavs)
             finally:
                 shutil.rmtree(out, ignore_errors=True)
             seconds.setdefault(AUTHORS, []).append(took)
@@ -216,39 +235,43 @@ def workers_section(args, parser) -> None:
             return clips / took
 
         # one unrecorded round first: it starts the worker server (which imports librosa and PyAV) once
-        variants = {f"{s}, {w} workers": prepare(s, w) for w in workers for s in stores}
+        variants = {f"{f}, {a}, {w} workers": prepare(f, a, w) for w in workers for f, a in stores}
         variants[AUTHORS] = authors
         rates = common.interleave(variants, args.repeats, warmup=1)
     finally:
         shutil.rmtree(raw, ignore_errors=True)
     rows = []
-    keyed = [(s, w, f"{s}, {w} workers") for w in workers for s in stores] + [("-", 1, AUTHORS)]
-    for s, w, key in keyed:
-        first = rates[f"{s}, {workers[0]} workers"] if s != "-" else rates[key]
-        against_raw = common.paired_ratios(rates[key], rates[f"raw, {w} workers"]) if "raw" in stores else []
+    keyed = [(f, a, w, f"{f}, {a}, {w} workers") for w in workers for f, a in stores] + [("-", "-", 1, AUTHORS)]
+    for f, a, w, key in keyed:
+        first = rates[f"{f}, {a}, {workers[0]} workers"] if f != "-" else rates[key]
+        against_raw = common.paired_ratios(rates[key], rates[f"raw, {a}, {w} workers"]) if "raw" in frame_stores else []
         # time / the authors' time, per round: the inverse ratio of the rates
         against_authors = common.paired_ratios(rates[AUTHORS], rates[key])
         recorded = cpu[key][1:]  # the warm-up round left out, as in the rates
         main_cpu = common.median([m for m, _ in recorded]) / clips
         other_cpu = common.median([o for _, o in recorded]) / clips
+        authors_cpu = common.median([m + o for m, o in cpu[AUTHORS][1:]]) / clips
         wall = common.median(seconds[key][1:])
         rows.append(
             [
-                key if s == "-" else s,
+                key if f == "-" else f,
+                a,
                 w,
                 common.median(rates[key]),
                 wall,
                 common.median(common.paired_ratios(rates[key], first)),
-                common.median(against_raw) if against_raw and s != "-" else "-",
-                f"{common.median(against_authors):.3f} {common.spread(against_authors)}" if s != "-" else "1",
+                common.median(against_raw) if against_raw and f != "-" else "-",
+                f"{common.median(against_authors):.3f} {common.spread(against_authors)}" if f != "-" else "1",
                 1e3 * main_cpu,
                 1e3 * other_cpu,
+                f"{(main_cpu + other_cpu) / authors_cpu:.3f}",
                 (main_cpu + other_cpu) * clips / wall,
             ]
         )
     common.print_table(
         [
-            "store",
+            "frame store",
+            "audio store",
             "workers",
             "clips/s",
             "wall s",
@@ -257,6 +280,7 @@ def workers_section(args, parser) -> None:
             "time / authors' (per round)",
             "CPU ms/clip: main process",
             "CPU ms/clip: workers",
+            "CPU / authors'",
             "cores busy",
         ],
         rows,
@@ -266,17 +290,17 @@ def workers_section(args, parser) -> None:
         "workers; cores busy = CPU seconds / wall seconds)",
     )
     disk = []
-    jpegs, wavs = sizes[AUTHORS]
-    authors_total = jpegs + wavs  # what the authors' loop reads: its JPEGs and the WAV files
-    for s in stores:
-        visual, total = sizes[s]
+    jpegs, wavs, authors_total = sizes[AUTHORS]  # what the authors' loop reads: its JPEGs and the WAV files
+    for f, a in stores:
+        visual, audio, total = sizes[f"{f}, {a}"]
         disk.append(
             [
-                s,
-                visual / 1e6,
-                total / 1e6,
+                f,
+                a,
                 visual / clips / 1e3,
                 visual / clips / 10 / 1e3,
+                audio / clips / 1e3,
+                total / 1e6,
                 total / clips / 1e3,
                 total / clips * CREMA_CLIPS / 1e9,
                 visual / clips * KINETICS_SOUNDS_CLIPS / 1e9,
@@ -286,10 +310,11 @@ def workers_section(args, parser) -> None:
     disk.append(
         [
             f"{AUTHORS}: JPEGs + WAVs",
-            jpegs / 1e6,
-            authors_total / 1e6,
+            "WAV",
             jpegs / clips / 1e3,
             "-",
+            wavs / clips / 1e3,
+            authors_total / 1e6,
             authors_total / clips / 1e3,
             authors_total / clips * CREMA_CLIPS / 1e9,
             "-",
@@ -298,11 +323,12 @@ def workers_section(args, parser) -> None:
     )
     common.print_table(
         [
-            "store",
-            "visual MB",
-            "total MB",
+            "frame store",
+            "audio store",
             "visual kB/clip",
             "kB/frame",
+            "audio kB/clip",
+            "total MB",
             "total kB/clip",
             "CREMA-D 7,442 clips GB",
             "K-S 19k clips: frames GB",
@@ -352,7 +378,13 @@ def audio_dtype_section(args) -> None:
         for dtype in ("float32", "float16"):
             names[dtype] = f"tones-{args.tone}-{dtype}"
             if names[dtype] not in {r["name"] for r in DatasetRegistry().rows()}:
-                options = {"audio_dtype": dtype, "frame_size": 32, "test_fraction": 0.3, "frame_store": "raw"}
+                options = {
+                    "audio_store": "spectrogram",
+                    "audio_dtype": dtype,
+                    "frame_size": 32,
+                    "test_fraction": 0.3,
+                    "frame_store": "raw",
+                }
                 prepare_dataset("crema-d", raw=raw, name=names[dtype], workers=1, options=options)
     finally:
         shutil.rmtree(raw, ignore_errors=True)
@@ -441,13 +473,72 @@ def audio_dtype_section(args) -> None:
     print(f"paired differences float16 - float32: {', '.join(f'{d:+.4f}' for d in paired)}")
 
 
+def audio_read_section(args) -> None:
+    """What a loader worker pays to read a batch of CREMA-D audio from each store: the float32 spectrograms copied
+    out of the memory map, or computed from the int16 samples (data/pcm_audio.py). Process CPU time per clip, the
+    files in the page cache (as in training after the first epoch), batches of ``--read-batch`` random rows."""
+    import numpy as np
+
+    from dmgl_cli.data.loader import gather_rows
+    from dmgl_cli.data.media import clip_samples, log_magnitude, to_pcm16
+    from dmgl_cli.data.pcm_audio import PcmSpectrograms, pcm_path
+
+    clips, seconds = args.read_clips, 3.0
+    rng = np.random.default_rng(0)
+    length = clip_samples(seconds)
+    folder = Path(tempfile.mkdtemp(prefix="dmgl-bench-audio-read-"))
+    try:
+        time_axis = np.arange(length) / 16_000
+        waves = [0.3 * np.sin(2 * np.pi * (200 + k) * time_axis) + rng.normal(0, 0.05, length) for k in range(clips)]
+        pcm = np.stack([to_pcm16(np.clip(w, -1, 1)) for w in waves])
+        np.save(pcm_path(folder, "audio"), pcm)
+        np.save(folder / "audio.npy", np.stack([log_magnitude(p.astype(np.float32) / 32768) for p in pcm]))
+        shape = (257, 1 + (length - 512) // 159)
+        stores = {
+            "spectrogram (float32 .npy)": np.load(folder / "audio.npy", mmap_mode="r"),
+            "pcm16 (STFT when read)": PcmSpectrograms(folder, "audio", shape, "float32", length),
+        }
+        batches = [rng.choice(clips, args.read_batch, replace=False) for _ in range(args.read_batches)]
+
+        def reader(store):
+            def call() -> float:
+                started = time.process_time()
+                for rows in batches:
+                    gather_rows(store, rows)
+                return (time.process_time() - started) / (len(batches) * args.read_batch)
+
+            return call
+
+        seconds_per_clip = common.interleave({name: reader(store) for name, store in stores.items()}, args.repeats)
+        pcm_kb = pcm.nbytes / clips / 1e3
+        spectrogram_kb = np.load(folder / "audio.npy", mmap_mode="r").nbytes / clips / 1e3
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    common.print_table(
+        ["audio store", "CPU ms/clip (median)", "rounds", "kB/clip on disk"],
+        [
+            [name, 1e3 * common.median(values), " ".join(f"{1e3 * v:.3f}" for v in values), kb]
+            for (name, values), kb in zip(seconds_per_clip.items(), (spectrogram_kb, pcm_kb), strict=True)
+        ],
+        f"Reading CREMA-D audio (257 x {shape[1]}) in batches of {args.read_batch} random rows of {clips} clips, "
+        f"{args.read_batches} batches a round, one process (load average {os.getloadavg()[0]:.1f})",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="workers,audio-dtype", help="comma-separated: workers, audio-dtype")
+    parser.add_argument(
+        "--sections", default="workers,audio-dtype", help="comma-separated: workers, audio-dtype, audio-read"
+    )
     parser.add_argument("--clips-per-class", type=int, default=10, help="6 classes: 10 -> 60 clips")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     parser.add_argument(
         "--frame-stores", default="raw,jpeg", help="comma-separated: raw (uint8 arrays), jpeg (-o frame_store=jpeg)"
+    )
+    parser.add_argument(
+        "--audio-stores",
+        default="pcm16",
+        help="comma-separated: pcm16 (the default, 16-bit samples), spectrogram (-o audio_store=spectrogram)",
     )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--video-size", default="480x360", help="raw FLV frame size (CREMA-D: 480x360)")
@@ -462,10 +553,13 @@ def main() -> None:
     parser.add_argument("--dtype-lr", type=float, default=0.05, help="audio-dtype: SGD's learning rate")
     parser.add_argument("--tone", type=float, default=0.05, help="audio-dtype: the class tone's amplitude")
     parser.add_argument("--noise", type=float, default=0.2, help="audio-dtype: the noise's std")
+    parser.add_argument("--read-clips", type=int, default=200, help="audio-read: clips in the stores")
+    parser.add_argument("--read-batch", type=int, default=16, help="audio-read: rows a batch")
+    parser.add_argument("--read-batches", type=int, default=20, help="audio-read: batches a round")
     args = parser.parse_args()
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    if not sections or sections - {"workers", "audio-dtype"}:
-        parser.error("--sections: choose from workers, audio-dtype")
+    if not sections or sections - {"workers", "audio-dtype", "audio-read"}:
+        parser.error("--sections: choose from workers, audio-dtype, audio-read")
 
     global common
     import common  # noqa: F811 (the module-level placeholder above: see there why not at the top)
@@ -477,6 +571,8 @@ def main() -> None:
         workers_section(args, parser)
     if "audio-dtype" in sections:
         audio_dtype_section(args)
+    if "audio-read" in sections:
+        audio_read_section(args)
 
 
 if __name__ == "__main__":

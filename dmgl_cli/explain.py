@@ -247,9 +247,8 @@ def explain_figure(
     """One row per sample; columns input | run 1 | run 2 ..., each run's column titled with its label."""
     from dmgl_cli import plots
 
-    plt = plots.plt
     columns = 1 + len(runs)
-    figure, axes = plt.subplots(
+    figure, axes = plots.subplots(
         len(positions),
         columns,
         figsize=(2.6 * columns, 2.6 * len(positions) + 0.7),
@@ -320,6 +319,8 @@ def explain(
     labels = np.asarray(first.dataset.split("test").labels)
     positions = choose_samples(labels, samples, indices)
     runs = [explain_samples(r, name, positions) for r in loaded]
+    from matplotlib.image import imsave
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
@@ -327,7 +328,7 @@ def explain(
     for run in runs:
         for row, position in enumerate(positions):
             path = out_dir / f"{_file_part(name)}-test{position}-{run.run_id[:8]}.png"
-            plots.plt.imsave(path, overlay(run.frames[row], run.maps[row]))
+            imsave(path, overlay(run.frames[row], run.maps[row]))
             files.append(path)
             tracker.log_file(run.run_id, path, ARTIFACT_FOLDER)
             logged[run.run_id].append(f"{ARTIFACT_FOLDER}/{path.name}")

@@ -13,13 +13,18 @@ mean after normalisation for images and spectrograms, the origin for vectors, al
 attention mask for text. The empty coalition's value ``v({})`` is the accuracy of the fused model with every input
 zeroed (a constant input, so usually the share of one class; not assumed to be chance ``1/num_classes``), and it is
 recorded beside the Shapley values (``test_empty_coalition_acc``). The values are exact, over all ``2^M``
-coalitions (``M`` modalities: ``2^M`` passes over the split)::
+coalitions (``M`` modalities), scored in one pass over the split: each batch is read once and scored for every
+coalition, with each modality encoded once a batch and its zeros once per batch shape (an encoder in eval mode
+gives one input one output, so reusing its output changes nothing; the method's forward, fusion and heads run for
+each coalition; :class:`_EncodingsReused`). The FLOPs (below) are counted on the first
+batch's full coalition of that pass::
 
     phi_i = sum over S not containing i of  |S|! (M - |S| - 1)! / M!  *  (v(S + {i}) - v(S))
 
 so they add up to ``v(all) - v({})`` (efficiency), a modality the prediction never reads gets exactly 0, and
 ``v(all)`` is the run's ``test_acc``. A method whose scoring changes its state (Greedy's gate averages, model
-buffers) is put back to the same state before each coalition, so that every coalition is scored by the same model.
+buffers) is scored coalition by coalition instead, one pass each, put back to the same state before each, so that
+every coalition is scored by the same model.
 
 **Imbalance degree** = max - min of the Shapley values (0 with one modality), the spread dmgl already uses for its
 per-modality gap (:func:`dmgl_cli.metrics.performance_gap`). BalanceBenchmark's toolkit records the Shapley values but
@@ -45,12 +50,12 @@ import itertools
 import math
 import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch import Tensor, nn
 
 from dmgl_cli.config import Config
 from dmgl_cli.device import autocast, to_device
@@ -69,6 +74,7 @@ __all__ = [
     "MACHINE_MEASURED",
     "PROCESS_PEAK_RSS",
     "Coalition",
+    "CoalitionScores",
     "coalition_accuracy",
     "coalition_values",
     "cost_metrics",
@@ -78,7 +84,9 @@ __all__ = [
     "parameter_count",
     "peak_memory_mib",
     "reset_peak_memory",
+    "score_coalitions",
     "shapley_metrics",
+    "shapley_metrics_of",
     "shapley_values",
 ]
 
@@ -103,6 +111,21 @@ def _same_state_each_time(model: MultimodalModel, method: Method) -> Iterator[Ca
         restore()
 
 
+def _predictions(
+    model: MultimodalModel, method: Method, config: Config, inputs: dict[str, Tensor], device: torch.device
+) -> Tensor:
+    """The fused prediction of one batch in eval mode: the argmax of the float32 softmax, as evaluate() scores it
+    (the same argmax, ties included)."""
+    with autocast(device, config.train.amp):
+        output = method.forward(model, inputs, training=False)
+    return torch.softmax(method.predict(output).float(), dim=-1).argmax(dim=-1)
+
+
+def _coalition_inputs(inputs: dict[str, Tensor], present: Collection[str]) -> dict[str, Tensor]:
+    """``inputs`` with every modality not in ``present`` replaced by zeros of its shape and dtype."""
+    return {m: x if m in present else torch.zeros_like(x) for m, x in inputs.items()}
+
+
 @torch.inference_mode()
 def coalition_accuracy(
     model: MultimodalModel,
@@ -120,18 +143,129 @@ def coalition_accuracy(
     try:
         for batch in loader:
             inputs, labels = to_device(batch, device)
-            inputs = {m: x if m in present else torch.zeros_like(x) for m, x in inputs.items()}
-            with autocast(device, config.train.amp):
-                output = method.forward(model, inputs, training=False)
-            # float32 softmax first, as evaluate() scores: the same argmax, ties included
-            probs = torch.softmax(method.predict(output).float(), dim=-1)
-            correct += (probs.argmax(dim=-1) == labels).sum()
+            correct += (_predictions(model, method, config, _coalition_inputs(inputs, present), device) == labels).sum()
             samples += int(labels.shape[0])
     finally:
         model.train(was_training)
     if samples == 0:
         raise ValueError("the loader yielded no samples to score")
     return int(correct) / samples
+
+
+@dataclass(frozen=True)
+class CoalitionScores:
+    """``values``: ``v(S)`` for every coalition; ``flops_per_sample``: as :func:`flops_per_sample` counts it, or
+    None when not asked for."""
+
+    values: dict[Coalition, float]
+    flops_per_sample: float | None
+
+
+def _all_coalitions(modalities: Sequence[str]) -> list[Coalition]:
+    return [frozenset(c) for size in range(len(modalities) + 1) for c in itertools.combinations(modalities, size)]
+
+
+class _EncodingsReused:
+    """While active, each encoder of ``model`` called again with an input tensor it has already encoded (the same
+    tensor object) returns a copy of its earlier output instead of running again: in eval mode an encoder gives one
+    input one output, so the result is what running it again gives. The coalitions of a batch share their encoders'
+    work this way: each real input is encoded once a batch (by the full coalition, scored first, so that FLOPs
+    counted on it are the whole model's: while counting, every call runs), and each modality's zeros once per batch shape, since the zero tensors are
+    kept (:meth:`zeros`) and reused by every batch of that shape. Copies are returned so that a method changing an
+    encoding in place changes no other coalition's."""
+
+    def __init__(self, model: MultimodalModel):
+        self.encoders = dict(model.encoders.items())
+        self.outputs: dict[int, tuple[Tensor, Tensor]] = {}  # id(input) -> (input, output); the input held, so ids stay
+        self.zero_inputs: dict[tuple, Tensor] = {}
+        # while FLOPs are counted, every call runs (a method may encode one input twice), and the outputs are kept
+        self.counting = False
+
+    def __enter__(self) -> _EncodingsReused:
+        for encoder in self.encoders.values():
+            encoder.forward = self._remembering(encoder.forward)  # an instance attribute over the class's method
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for encoder in self.encoders.values():
+            del encoder.forward  # back to the class's method
+        self.outputs.clear()
+
+    def _remembering(self, forward: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        def remembered(x: Tensor) -> Tensor:
+            seen = self.outputs.get(id(x))
+            if seen is None or seen[0] is not x or self.counting:
+                seen = self.outputs[id(x)] = (x, forward(x))
+            return seen[1].clone()
+
+        return remembered
+
+    def zeros(self, modality: str, like: Tensor) -> Tensor:
+        """The kept zero tensor of ``like``'s shape and dtype for ``modality``."""
+        key = (modality, tuple(like.shape), like.dtype)
+        if key not in self.zero_inputs:
+            self.zero_inputs[key] = torch.zeros_like(like)
+        return self.zero_inputs[key]
+
+    def next_batch(self) -> None:
+        """Forget the last batch's real inputs; the zero tensors' encodings are kept."""
+        kept = {id(z) for z in self.zero_inputs.values()}
+        self.outputs = {key: value for key, value in self.outputs.items() if key in kept}
+
+
+@torch.inference_mode()
+def score_coalitions(
+    model: MultimodalModel,
+    method: Method,
+    config: Config,
+    loader: Iterable[dict[str, Any]],
+    device: torch.device,
+    modalities: Sequence[str],
+    count_flops: bool = False,
+) -> CoalitionScores:
+    """``v(S)`` (:func:`coalition_accuracy`) for every subset ``S`` of ``modalities``, the empty one included, in one
+    pass over ``loader``; with ``count_flops``, the FLOPs per sample of the first batch's full-coalition forward too.
+
+    Each batch's coalitions share the encoders' work (:class:`_EncodingsReused`): per batch, each modality is
+    encoded once, and its zeros once per batch shape; the fusion and the heads run per coalition. A method whose
+    scoring changes its state is scored one coalition at a time from the same state (:func:`_same_state_each_time`),
+    one pass each."""
+    coalitions = _all_coalitions(modalities)
+    if method.scoring_changes_state:
+        with _same_state_each_time(model, method) as restore:
+            values = {}
+            for coalition in coalitions:
+                restore()
+                values[coalition] = coalition_accuracy(model, method, config, loader, device, coalition)
+        flops = flops_per_sample(model, method, config, loader, device) if count_flops else None
+        return CoalitionScores(values, flops)
+    everyone = frozenset(modalities)
+    coalitions = [everyone] + [c for c in coalitions if c != everyone]  # the full one first: it encodes for the rest
+    was_training = model.training
+    model.eval()
+    correct = {coalition: torch.zeros((), dtype=torch.long, device=device) for coalition in coalitions}
+    samples, flops = 0, None
+    try:
+        with _EncodingsReused(model) as encodings:
+            for batch in loader:
+                encodings.next_batch()
+                inputs, labels = to_device(batch, device)
+                for coalition in coalitions:
+                    present = {m: x if m in coalition else encodings.zeros(m, x) for m, x in inputs.items()}
+                    counter = _flop_counter() if count_flops and flops is None else None
+                    encodings.counting = counter is not None
+                    with counter or nullcontext():
+                        predicted = _predictions(model, method, config, present, device)
+                    encodings.counting = False
+                    if counter is not None:
+                        flops = counter.get_total_flops() / int(labels.shape[0])
+                    correct[coalition] += (predicted == labels).sum()
+                samples += int(labels.shape[0])
+    finally:
+        model.train(was_training)
+    if samples == 0:
+        raise ValueError("the loader yielded no samples to score")
+    return CoalitionScores({c: int(n) / samples for c, n in correct.items()}, flops)
 
 
 def coalition_values(
@@ -142,14 +276,8 @@ def coalition_values(
     device: torch.device,
     modalities: Sequence[str],
 ) -> dict[Coalition, float]:
-    """``v(S)`` (:func:`coalition_accuracy`) for every subset ``S`` of ``modalities``, the empty one included."""
-    values: dict[Coalition, float] = {}
-    with _same_state_each_time(model, method) as restore:
-        for size in range(len(modalities) + 1):
-            for members in itertools.combinations(modalities, size):
-                restore()
-                values[frozenset(members)] = coalition_accuracy(model, method, config, loader, device, members)
-    return values
+    """``v(S)`` for every subset ``S`` of ``modalities``, the empty one included (:func:`score_coalitions`)."""
+    return score_coalitions(model, method, config, loader, device, modalities).values
 
 
 def shapley_values(values: Mapping[Coalition, float], players: Sequence[str]) -> dict[str, float]:
@@ -183,6 +311,18 @@ def imbalance_degree(shapley: Mapping[str, float]) -> float:
     return performance_gap(shapley)
 
 
+def shapley_metrics_of(
+    values: Mapping[Coalition, float], modalities: Sequence[str], split: str = "test"
+) -> dict[str, float]:
+    """``{split}_shapley_<modality>``, ``{split}_imbalance_degree`` and ``{split}_empty_coalition_acc`` from the
+    coalitions' values (:func:`shapley_values`, :func:`imbalance_degree`)."""
+    shapley = shapley_values(values, modalities)
+    metrics = {f"{split}_shapley_{m}": value for m, value in shapley.items()}
+    metrics[f"{split}_imbalance_degree"] = imbalance_degree(shapley)
+    metrics[f"{split}_empty_coalition_acc"] = values[frozenset()]
+    return metrics
+
+
 def shapley_metrics(
     model: MultimodalModel,
     method: Method,
@@ -192,14 +332,8 @@ def shapley_metrics(
     modalities: Sequence[str],
     split: str = "test",
 ) -> dict[str, float]:
-    """``{split}_shapley_<modality>``, ``{split}_imbalance_degree`` and ``{split}_empty_coalition_acc`` of the
-    model on ``loader`` (:func:`coalition_values`, :func:`shapley_values`, :func:`imbalance_degree`)."""
-    values = coalition_values(model, method, config, loader, device, modalities)
-    shapley = shapley_values(values, modalities)
-    metrics = {f"{split}_shapley_{m}": value for m, value in shapley.items()}
-    metrics[f"{split}_imbalance_degree"] = imbalance_degree(shapley)
-    metrics[f"{split}_empty_coalition_acc"] = values[frozenset()]
-    return metrics
+    """:func:`shapley_metrics_of` the model's coalitions on ``loader`` (:func:`coalition_values`)."""
+    return shapley_metrics_of(coalition_values(model, method, config, loader, device, modalities), modalities, split)
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -219,7 +353,7 @@ def flops_per_sample(
     inputs, labels = to_device(batch, device)
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False)
+    counter = _flop_counter()
     with _same_state_each_time(model, method):
         try:
             with counter, autocast(device, config.train.amp):
@@ -227,6 +361,12 @@ def flops_per_sample(
         finally:
             model.train(was_training)
     return counter.get_total_flops() / int(labels.shape[0])
+
+
+def _flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode  # here: only the end of a run counts FLOPs
+
+    return FlopCounterMode(display=False)
 
 
 def mean_epoch_seconds(history: Sequence[Mapping[str, float]]) -> float:
@@ -242,12 +382,15 @@ def cost_metrics(
     loader: Iterable[dict[str, Any]],
     device: torch.device,
     history: Sequence[Mapping[str, float]],
+    counted_flops: float | None = None,
 ) -> dict[str, float]:
-    """``params``, ``flops_per_sample`` and ``seconds_per_epoch`` (peak memory is read apart, by
-    :func:`peak_memory_mib`, before any scoring pass adds to it)."""
+    """``params``, ``flops_per_sample`` (``counted_flops`` if given, from :func:`score_coalitions`) and
+    ``seconds_per_epoch`` (peak memory is read apart, by :func:`peak_memory_mib`, before any scoring pass adds to
+    it)."""
+    flops = flops_per_sample(model, method, config, loader, device) if counted_flops is None else counted_flops
     return {
         "params": float(parameter_count(model)),
-        "flops_per_sample": flops_per_sample(model, method, config, loader, device),
+        "flops_per_sample": flops,
         "seconds_per_epoch": mean_epoch_seconds(history),
     }
 

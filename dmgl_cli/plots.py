@@ -14,12 +14,34 @@ import tempfile
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Literal
 
-import matplotlib
+# Figures are made as matplotlib.figure.Figure objects on an Agg canvas, not through pyplot: pyplot's import (its
+# backend machinery, ~0.17 s) is left out of every `dmgl train` exit.
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+def new_figure(
+    figsize: tuple[float, float], dpi: int, layout: Literal["constrained", "compressed", "tight"] | None = None
+) -> Figure:
+    """``pyplot.figure`` without pyplot: a new figure on an Agg canvas (headless)."""
+    figure = Figure(figsize=figsize, dpi=dpi, layout=layout)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def subplots(
+    *grid: int,
+    figsize: tuple[float, float],
+    dpi: int,
+    layout: Literal["constrained", "compressed", "tight"] | None = None,
+    **options,
+) -> tuple[Figure, Any]:
+    """``pyplot.subplots`` without pyplot: a new figure and its axes (one Axes, or an array of them, as asked)."""
+    figure = new_figure(figsize, dpi, layout)
+    return figure, figure.subplots(*grid, **options)
 
 
 def heuristic_alpha(epoch: int) -> float:
@@ -55,7 +77,7 @@ def alpha_figure(
 
     ``bands`` optionally shades a (low, high) range per trajectory, e.g. mean ± std over seeds. The layout is
     constrained, the title wrapped and the legend below the axes, so nothing is clipped or hidden."""
-    figure, axis = plt.subplots(figsize=(5.5, 3.9), dpi=120, layout="constrained")
+    figure, axis = subplots(figsize=(5.5, 3.9), dpi=120, layout="constrained")
     longest = 1
     for label, values in trajectories.items():
         total = len(values)
@@ -97,7 +119,7 @@ def gap_figure(
     plots, so it never covers a bar or a gap label."""
     methods = list(scores)
     series = sorted({name for values in scores.values() for name in values}, key=lambda n: (n != "fused", n))
-    figure, (left, right) = plt.subplots(
+    figure, (left, right) = subplots(
         1,
         2,
         figsize=(max(7.0, 1.3 * len(methods) + 4.5), 4.4),
@@ -156,7 +178,7 @@ def curves_figure(
     count = max(1, len(panels))
     columns = min(3, count)
     rows = math.ceil(count / columns)
-    figure, axes = plt.subplots(
+    figure, axes = subplots(
         rows,
         columns,
         figsize=(4.2 * columns, 3.2 * rows + 0.6),
@@ -207,7 +229,7 @@ def cd_figure(ranks: Mapping[str, float], cd: float, cliques: list[list[str]], t
     left = names[: (k + 1) // 2]
     right = names[(k + 1) // 2 :][::-1]
     rows = max(len(left), len(right))
-    figure, axis = plt.subplots(figsize=(7.5, 1.9 + 0.28 * rows + 0.12 * len(cliques)), dpi=120, layout="constrained")
+    figure, axis = subplots(figsize=(7.5, 1.9 + 0.28 * rows + 0.12 * len(cliques)), dpi=120, layout="constrained")
     axis.set_axis_off()
     clique_top = -0.18
     first_label = clique_top - 0.13 * len(cliques) - 0.15
@@ -265,4 +287,5 @@ def save_png(figure, path: Path) -> Path:
 
 
 def close(figure) -> None:
-    plt.close(figure)
+    """Release a figure's artists (no pyplot registry holds it)."""
+    figure.clear()

@@ -56,6 +56,8 @@ CREMA = ["-o", "frame_size=16", "--silent"]
 NV_LIST = "nvgesture_train_correct_cvpr2016_v2.lst"
 RUN_ID = "0123456789abcdef0123456789abcdef"
 FILE_LIMIT = 1 << 20  # bytes: the staging audio array of 11 CREMA-D clips is 3.4 MB, so creating it fails
+# The disk-full cases store spectrograms (3.4 MB): the default pcm16 store's 11 clips (1.06 MB) would fit in 3 MB.
+CREMA_SPECTROGRAM = [*CREMA, "-o", "audio_store=spectrogram"]
 # Capabilities that let root ignore file permissions (linux/capability.h) and prctl's PR_CAPBSET_DROP.
 CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER = 1, 2, 3
 PR_CAPBSET_DROP = 24
@@ -276,12 +278,12 @@ def disk_full_during_prepare(tmp_path, registry, run_cli, **_):
     raw = _crema(tmp_path)
 
     def resumes_once_there_is_room(_output: str) -> None:
-        result = run_cli("prepare", "crema-d", "--raw", raw, *CREMA)
+        result = run_cli("prepare", "crema-d", "--raw", raw, *CREMA_SPECTROGRAM)
         assert "prepared crema-d: 6 classes; train 11, test 1" in result.output
         assert not (registry / "datasets" / ".work-crema-d").exists()
 
     return Case(
-        ["prepare", "crema-d", "--raw", raw, *CREMA],
+        ["prepare", "crema-d", "--raw", raw, *CREMA_SPECTROGRAM],
         _staging_file(registry),
         "File too large; free some space there",
         dataset="crema-d",
@@ -316,7 +318,7 @@ def disk_full_for_real(tmp_path, registry, **_):
         assert sorted(left) == sorted(["datasets/.work-crema-d/.lock", "datasets/.work-crema-d/plan.json"]), left
 
     return Case(
-        ["prepare", "crema-d", "--raw", raw, *CREMA],
+        ["prepare", "crema-d", "--raw", raw, *CREMA_SPECTROGRAM],
         _staging_file(registry),
         "No space left on device; free some space there",
         dataset="crema-d",

@@ -370,7 +370,9 @@ def test_the_failure_named_is_the_cause_not_the_ranks_that_stopped_because_of_it
     def failure(pid, exitcode, timestamp):
         return SimpleNamespace(pid=pid, exitcode=exitcode, timestamp=timestamp)
 
-    lost_peer_first = SimpleNamespace(failures={0: failure(10, LOST_PEER_STATUS, 5), 1: failure(11, -signal.SIGKILL, 5)})
+    lost_peer_first = SimpleNamespace(
+        failures={0: failure(10, LOST_PEER_STATUS, 5), 1: failure(11, -signal.SIGKILL, 5)}
+    )
     message = _failure_message(lost_peer_first, "RUN", signal)
     assert "rank 1 (pid 11) was killed by SIGKILL; torchrun then stopped rank 0." in message
     assert "dmgl train --resume RUN" in message

@@ -3,13 +3,18 @@ it reads like the raw store, within JPEG's loss, and trains."""
 
 from __future__ import annotations
 
+import io
+
+import av
 import numpy as np
 import pytest
 import torch
-from rawgen import make_crema_d
+from PIL import Image
+from rawgen import COLOURS, make_crema_d, write_video
 
 from dmgl_cli.data.frames import JpegFrames, encode_frames, unpack_frames
 from dmgl_cli.data.loader import ArraySplit, gather_frames
+from dmgl_cli.data.media import even_indices, read_clip, rgb_converter
 from dmgl_cli.data.prepared import PreparedDataset
 from dmgl_cli.data.transforms import BatchTransform
 
@@ -21,6 +26,35 @@ def test_packed_frames_round_trip_within_jpeg_loss():
     offsets, data = unpack_frames(packed, 2)
     assert offsets[0] == 0 and offsets[-1] == len(data)
     assert bytes(data[:2]) == b"\xff\xd8"  # a JPEG file starts with SOI
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("quality", [90, 60])
+def test_frames_are_encoded_as_pillow_encodes_them(channels, quality):
+    # OpenCV encodes (faster); the files are the ones Pillow wrote before: same quality, same 4:2:0 chroma
+    rng = np.random.default_rng(quality)
+    smooth = np.repeat(np.repeat(rng.integers(0, 256, (2, 6, 5, channels), dtype=np.uint8), 8, axis=1), 8, axis=2)
+    frames = np.clip(smooth.astype(int) + rng.integers(-9, 10, smooth.shape), 0, 255).astype(np.uint8)
+    offsets, data = unpack_frames(encode_frames(frames, quality=quality), 2)
+    for k, frame in enumerate(frames):
+        buffer = io.BytesIO()
+        Image.fromarray(frame[..., 0] if channels == 1 else frame).save(buffer, format="JPEG", quality=quality)
+        assert bytes(data[offsets[k] : offsets[k + 1]]) == buffer.getvalue()
+
+
+@pytest.mark.parametrize("name", ["clip.flv", "clip.mp4"])
+def test_read_clip_spreads_the_frames_over_every_decoded_frame(tmp_path, name):
+    # one opening of the file counts the frames from its packets and decodes from them: the frames kept are the
+    # ones at even positions of a full decode, over the whole clip or a range of it
+    path = write_video(tmp_path / name, 23, COLOURS[2], audio_seconds=1.0 if name.endswith("mp4") else None)
+    convert = rgb_converter(16)
+    with av.open(str(path)) as container:
+        every = [convert(frame) for frame in container.decode(video=0)]
+    assert len(every) == 23
+    np.testing.assert_array_equal(read_clip(path, 5, 16), np.stack([every[i] for i in even_indices(23, 5)]))
+    np.testing.assert_array_equal(
+        read_clip(path, 4, 16, start=6, end=18), np.stack([every[i] for i in even_indices(12, 4, 6)])
+    )
 
 
 @pytest.fixture

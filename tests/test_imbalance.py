@@ -17,10 +17,12 @@ import torch
 from click.testing import CliRunner, Result
 from torch import Tensor, nn
 
+from dmgl_cli.catalogue import METHODS
 from dmgl_cli.cli import cli
 from dmgl_cli.config import load_config
 from dmgl_cli.imbalance import (
     PROCESS_PEAK_RSS,
+    coalition_accuracy,
     coalition_values,
     cost_metrics,
     flops_per_sample,
@@ -28,11 +30,12 @@ from dmgl_cli.imbalance import (
     mean_epoch_seconds,
     parameter_count,
     peak_memory_mib,
+    score_coalitions,
     shapley_metrics,
     shapley_values,
 )
 from dmgl_cli.methods.base import Method
-from dmgl_cli.models.fusion import ConcatFusion, MultimodalModel
+from dmgl_cli.models.fusion import ConcatFusion, ModelOutput, MultimodalModel
 from dmgl_cli.tracking import RunRecord, Tracker
 
 CPU = torch.device("cpu")
@@ -133,6 +136,97 @@ def test_a_method_whose_scoring_changes_state_is_scored_from_the_same_state(one_
     coalition_values(model, method, method.config, loader, CPU, ["a", "b"])
     flops_per_sample(model, method, method.config, loader, CPU)
     assert float(model.get_buffer("forwards")) == 0.0
+
+
+class CountedEncoder(nn.Linear):
+    """A linear encoder that counts its calls on real and on all-zero inputs."""
+
+    def __init__(self, width: int, calls: dict[str, int]):
+        super().__init__(width, 3)
+        self.calls = calls
+
+    def forward(self, input: Tensor) -> Tensor:
+        key = "real" if bool(input.any()) else "zeros"
+        self.calls[key] = self.calls.get(key, 0) + 1
+        return super().forward(input)
+
+
+class ChangesEncodingsInPlace(Method):
+    """A method whose forward writes into the encodings it is given (a copy must come back each time)."""
+
+    def forward(self, model, inputs, training):
+        embeddings = model.encode(inputs)
+        for embedding in embeddings.values():
+            embedding.mul_(2.0)
+        logits, per_modality = model.fusion(embeddings)
+        return ModelOutput(logits=logits, embeddings=embeddings, unimodal_logits=per_modality)
+
+
+class ReadOnce(list):
+    """A loader that counts how often it is iterated."""
+
+    passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        return super().__iter__()
+
+
+@pytest.mark.parametrize("method_class", [Method, ChangesEncodingsInPlace])
+def test_coalitions_are_scored_in_one_pass_as_one_by_one_and_flops_on_the_way(method_class):
+    torch.manual_seed(0)
+    calls: dict[str, int] = {}
+    encoders = nn.ModuleDict({m: CountedEncoder(width, calls) for m, width in (("a", 4), ("b", 5), ("c", 2))})
+    model = MultimodalModel(encoders, ConcatFusion(["a", "b", "c"], 3, 4))
+    inputs = {"a": torch.randn(23, 4), "b": torch.randn(23, 5), "c": torch.randn(23, 2)}
+    labels = torch.randint(0, 4, (23,))
+    loader = ReadOnce(_loader(inputs, labels, batch_size=5))  # four batches of 5, one of 3
+    method = method_class(load_config("synthetic"), {})
+    modalities = ["a", "b", "c"]
+    scores = score_coalitions(model, method, method.config, loader, CPU, modalities, count_flops=True)
+    assert loader.passes == 1
+    # each encoder once a batch on its real input (5 batches), once per batch shape (5 and 3 samples) on zeros
+    assert calls == {"real": 3 * 5, "zeros": 3 * 2}
+    assert all("forward" not in encoder.__dict__ for encoder in encoders.values())  # the encoders as they were
+    calls.clear()
+    one_by_one = {
+        frozenset(c): coalition_accuracy(model, method, method.config, loader, CPU, c)
+        for size in range(4)
+        for c in itertools.combinations(modalities, size)
+    }
+    assert calls["real"] > 3 * 5  # scored one by one, the encoders run for every coalition
+    assert scores.values == one_by_one  # the same predictions, so the same counts: equal, not close
+    assert len(set(one_by_one.values())) > 2  # the coalitions do differ
+    assert scores.flops_per_sample == flops_per_sample(model, method, method.config, loader, CPU)
+    assert model.training
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_scores_its_coalitions_in_one_pass_as_one_by_one(synthetic, name):
+    """Each method's own forward (heads, gates, prototypes, Greedy's state) through the shared encodings gives the
+    coalition values that scoring each coalition on its own gives; untrained weights, several batches."""
+    from dmgl_cli.config import resolve
+    from dmgl_cli.data.loader import eval_loader
+    from dmgl_cli.data.registry import open_dataset
+    from dmgl_cli.data.transforms import model_input_specs
+    from dmgl_cli.methods import build_method
+
+    torch.manual_seed(0)
+    dataset = open_dataset(synthetic)
+    modality = "fast" if name == "unimodal" else None  # the one method that needs its modality named
+    config = resolve("synthetic", ["train.eval_batch_size=25"], method=name, modality=modality)
+    method = build_method(config)
+    model = method.build_model(model_input_specs(dataset.modalities, config), dataset.num_classes)
+    loader = eval_loader(dataset, config, "test")
+    modalities = sorted(dataset.modalities)
+    scores = score_coalitions(model, method, config, loader, CPU, modalities, count_flops=True)
+    one_by_one = {
+        frozenset(c): coalition_accuracy(model, method, config, loader, CPU, c)
+        for size in range(len(modalities) + 1)
+        for c in itertools.combinations(modalities, size)
+    }
+    assert scores.values == one_by_one
+    assert scores.flops_per_sample == flops_per_sample(model, method, config, loader, CPU)
 
 
 # ------------------------------------------------------------------------------------------------------ cost

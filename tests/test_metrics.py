@@ -68,6 +68,35 @@ def test_classification_scores_rejects_labels_out_of_range():
         classification_scores(np.array([0, 3]), np.full((2, 3), 1 / 3))
 
 
+def test_classification_scores_equal_scikit_learns_with_ties_and_absent_classes():
+    """dmgl computes the scores with numpy; scikit-learn's definitions are the reference, ties of scores included
+    (one threshold per distinct score), float32 inputs and classes never true or never predicted."""
+    from sklearn.metrics import accuracy_score, average_precision_score, f1_score
+
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for trial in range(200):
+        samples, classes = int(rng.integers(1, 50)), int(rng.integers(2, 7))
+        labels = rng.integers(0, classes, samples)
+        probs = rng.random((samples, classes))
+        if trial % 2 == 0:
+            probs = np.round(probs, 1)  # many tied scores
+        if trial % 5 == 0:
+            probs = probs.astype(np.float32)
+        predictions = probs.argmax(axis=1)
+        scores = classification_scores(labels, probs)
+        reference_ap = [
+            average_precision_score(labels == k, probs[:, k]) for k in range(classes) if np.any(labels == k)
+        ]
+        reference = {
+            "acc": accuracy_score(labels, predictions),
+            "map": float(np.mean(reference_ap)),
+            "f1": f1_score(labels, predictions, average="macro", labels=list(range(classes)), zero_division=0),  # pyright: ignore[reportArgumentType]
+        }
+        worst = max(worst, *(abs(scores[k] - reference[k]) for k in reference))
+    assert worst <= 1e-12
+
+
 def test_modality_gap_is_zero_for_embeddings_equal_up_to_scale():
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(10, 4))

@@ -76,10 +76,17 @@ def trained(tmp_path_factory):
             return best_state(self)
 
         patch.setattr(Trainer, "_best_state", capture)
+        # dmgl's requirements are the running versions: MLflow's scan of every installed distribution is skipped
+        from mlflow.utils import environment, requirements_utils
+
+        scans: list[object] = []
+        patch.setattr(requirements_utils, "_init_packages_to_modules_map", lambda: scans.append(1))
+        mismatch_check = environment.warn_dependency_requirement_mismatches
         tracker = Tracker()
         config = resolve("synthetic", ["train.epochs=2", "train.batch_size=64"], strategy=parse_strategy("lb"))
         outcome = training.train(config, [0, 1], tracker=tracker)
         assert attempts == []
+        assert scans == [] and environment.warn_dependency_requirement_mismatches is mismatch_check
         yield tracker, outcome, predictions
 
 

@@ -138,6 +138,8 @@ def test_a_run_of_mlp_encoders_imports_neither_torchvision_nor_sklearn_nor_dynam
         "from dmgl_cli import device, metrics, models\n"
         "from dmgl_cli.models.vision import ResNetTrunk, SpectrogramEncoder\n"
         "device.configure_determinism(False)\n"
+        "import numpy as np\n"
+        "metrics.classification_scores(np.array([0, 1, 1]), np.eye(3)[:, :2])  # a first evaluation's scores\n"
         "print(' '.join(m for m in ('torchvision', 'sklearn', 'torch._dynamo') if m in sys.modules))\n"
     )
     assert found.returncode == 0, found.stderr

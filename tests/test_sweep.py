@@ -76,7 +76,8 @@ def _trial_started(storage: str, name: str):
     tracker = Tracker()
     for trial in _study(storage, name).get_trials(states=(TrialState.RUNNING,)):
         run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id and any("alpha" in c.metrics for c in tracker.children(run_id)):
+        # any epoch's metrics: a constant:0 trial logs no alpha, and waiting for the next trial's could outlast it
+        if run_id and any(c.metrics for c in tracker.children(run_id)):
             return trial
     return None
 

@@ -18,7 +18,7 @@ import warnings
 def warm_up() -> None:
     """Import the decoders and run each once on tiny in-memory inputs."""
     import av  # noqa: F401  (PyAV: video and container audio)
-    import cv2  # noqa: F401  (optical flow of nvgesture)
+    import cv2  # (optical flow of nvgesture, JPEG encoding of the frame store)
     import librosa
     import numpy as np
     import PIL.Image
@@ -37,6 +37,7 @@ def warm_up() -> None:
         librosa.resample(samples, orig_sr=rate, target_sr=rate // 2)
     media.log_spectrogram(samples, len(samples) / rate, rate)
     PIL.Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).resize((2, 2), PIL.Image.Resampling.BICUBIC)
+    cv2.imencode(".jpg", np.zeros((8, 8, 3), dtype=np.uint8))
 
 
 try:

@@ -1,7 +1,8 @@
 """Batches from prepared arrays: train / val / test loaders with seeded, resumable shuffling.
 
 Batches are gathered by fancy-indexing the memory-mapped arrays (one read per modality per batch, no per-sample
-Python work, no decoding). Shuffling depends only on (seed, epoch), like DistributedSampler, so a run resumed at
+Python work, no decoding), or, from the compact stores, by decoding just the batch's JPEG frames (data/frames.py)
+or computing its spectrograms from 16-bit samples (data/pcm_audio.py). Shuffling depends only on (seed, epoch), like DistributedSampler, so a run resumed at
 epoch e draws exactly the batches the uninterrupted run drew.
 """
 
@@ -16,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dmgl_cli.data.frames import JpegFrames
+from dmgl_cli.data.pcm_audio import PcmSpectrograms
 from dmgl_cli.data.prepared import PreparedDataset, SplitArrays, StoredArray
 from dmgl_cli.data.splits import stratified_split
 from dmgl_cli.errors import DmglError
@@ -99,6 +101,8 @@ def gather_rows(array: StoredArray, rows: np.ndarray) -> np.ndarray:
     """
     if isinstance(array, JpegFrames):  # every stored frame of these samples, decoded
         return array.read_frames(rows, np.broadcast_to(np.arange(array.shape[1]), (len(rows), array.shape[1])))
+    if isinstance(array, PcmSpectrograms):  # spectrograms computed from the stored samples
+        return array.read_rows(rows)
     if array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64)) < ROW_BY_ROW_BYTES:
         return np.ascontiguousarray(array[rows])
     out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)

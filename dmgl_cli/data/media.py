@@ -4,10 +4,12 @@
   (MP4, FLV, AVI, MKV, ...) is decoded with PyAV at its native rate and resampled with librosa, so both paths
   resample the same way. A clip is repeated (if short) and cut to a fixed length, clipped to [-1, 1] and turned
   into ``log(|STFT| + 1e-7)`` with a 512-sample Hann window, hop 159, ``center=False``: 3 s -> 257 x 299 and
-  10 s -> 257 x 1004, the shapes §4.1 states.
-* Video: PyAV. The frames are counted by demuxing (cheap, no decoding), the wanted indices picked, and only those
-  frames are converted (resized with swscale's area filter). Counting decodes nothing, so a clip whose container
-  announces more frames than it can decode is counted again from what was decoded.
+  10 s -> 257 x 1004, the shapes §4.1 states. The STFT is numpy's (:func:`log_magnitude`, equal to librosa's to
+  the bit), so that the training process can compute it from stored 16-bit samples (``audio_store=pcm16``,
+  data/pcm_audio.py) without librosa.
+* Video: PyAV. The clip is demuxed once: its packets are counted (no decoding), the wanted indices picked, and
+  the packets decoded up to the last wanted frame; only those frames are converted (resized with swscale's area
+  filter). A clip whose packets promise more frames than it can decode is counted again from what was decoded.
 * Images: Pillow, converted to RGB and resized; a decompression bomb (more pixels than ``MAX_IMAGE_PIXELS``) is
   refused rather than warned about.
 * Text: a ``transformers`` tokenizer from a local folder or a hub id (downloaded only if the user named a hub id
@@ -75,19 +77,59 @@ def seconds_for_frames(frames: int, sr: int = SAMPLE_RATE) -> float:
     return (N_FFT + (frames - 1) * HOP) / sr
 
 
-def log_spectrogram(samples: np.ndarray, seconds: float, sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Repeat/cut ``samples`` to ``seconds``, clip to [-1, 1], return log(|STFT| + 1e-7) as float32 [257, frames]."""
-    import librosa
+def clip_samples(seconds: float, sr: int = SAMPLE_RATE) -> int:
+    """Samples in a clip of ``seconds``: what audio is repeated or cut to before the STFT."""
+    return int(round(seconds * sr))
 
-    length = int(round(seconds * sr))
+
+def fixed_length(samples: np.ndarray, seconds: float, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """``samples`` repeated (if short) and cut to ``seconds``, clipped to [-1, 1]: float32 [clip_samples]."""
+    length = clip_samples(seconds, sr)
     samples = np.asarray(samples, dtype=np.float32).reshape(-1)
     if samples.size == 0:
         raise ValueError("no samples")
     if samples.size < length:
         samples = np.tile(samples, math.ceil(length / samples.size))
-    samples = np.clip(samples[:length], -1.0, 1.0)
-    stft = librosa.stft(samples, n_fft=N_FFT, hop_length=HOP, win_length=N_FFT, window="hann", center=False)
-    return np.log(np.abs(stft) + LOG_EPS).astype(np.float32)
+    return np.clip(samples[:length], -1.0, 1.0)
+
+
+# The periodic Hann window, as librosa's stft takes it (scipy.signal.get_window("hann", N_FFT, fftbins=True)),
+# written the way scipy computes it, so that the two agree to the bit: 0.5 + 0.5 cos over N_FFT + 1 points from
+# -pi to pi, the last dropped.
+HANN_WINDOW = 0.5 + 0.5 * np.cos(np.linspace(-np.pi, np.pi, N_FFT + 1))[:N_FFT]
+
+
+def log_magnitude(samples: np.ndarray) -> np.ndarray:
+    """``log(|STFT| + 1e-7)`` of 1-D float32 samples as float32 [257, frames]: frames of N_FFT every HOP samples from
+    the first (``center=False``), the periodic Hann window, a real FFT.
+
+    numpy alone, so that the training process (which computes it from the pcm16 store, data/pcm_audio.py) never
+    imports librosa. It repeats librosa.stft's arithmetic (window in float64, the FFT in float64, rounded to
+    complex64, its magnitude in float32), which makes it equal to ``librosa.stft``'s to the bit
+    (tests/test_pcm_audio.py) and so leaves every spectrogram prepared before it unchanged."""
+    frames = np.lib.stride_tricks.sliding_window_view(np.asarray(samples, dtype=np.float32), N_FFT)[::HOP]
+    spectrum = np.fft.rfft(frames * HANN_WINDOW, axis=-1).astype(np.complex64)
+    return np.log(np.abs(spectrum) + LOG_EPS).T.astype(np.float32)
+
+
+def log_spectrogram(samples: np.ndarray, seconds: float, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Repeat/cut ``samples`` to ``seconds``, clip to [-1, 1], return log(|STFT| + 1e-7) as float32 [257, frames]."""
+    return log_magnitude(fixed_length(samples, seconds, sr))
+
+
+PCM16_SCALE = 32768  # a 16-bit WAV's full scale: sample / 32768 is what libsndfile reads as a float
+
+
+def to_pcm16(samples: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] as int16 (x * 32768, rounded, clipped to int16's range): lossless for samples read
+    from a 16-bit file, otherwise the rounding a 16-bit WAV of them would make (at most half a step, 1.5e-5)."""
+    scaled = np.rint(np.asarray(samples, dtype=np.float64) * PCM16_SCALE)
+    return np.clip(scaled, -PCM16_SCALE, PCM16_SCALE - 1).astype(np.int16)
+
+
+def from_pcm16(pcm: np.ndarray) -> np.ndarray:
+    """int16 samples back as float32 in [-1, 1) (exact: a division by a power of two)."""
+    return np.asarray(pcm).astype(np.float32) / np.float32(PCM16_SCALE)
 
 
 def _check_samples(path: Path, samples: np.ndarray) -> np.ndarray:
@@ -188,8 +230,25 @@ def audio_from_container(path: str | Path, sr: int = SAMPLE_RATE) -> np.ndarray:
 
 
 def audio_spectrogram(path: str | Path, seconds: float, sr: int = SAMPLE_RATE) -> np.ndarray:
-    """The stored audio modality of one clip: float32 [257, frames]."""
+    """The audio modality of one clip as the spectrogram store keeps it: float32 [257, frames]."""
     return log_spectrogram(load_audio(path, sr), seconds, sr)
+
+
+def audio_pcm16(path: str | Path, seconds: float, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """The audio modality of one clip as the pcm16 store keeps it: int16 [clip_samples], the samples the
+    spectrogram is computed from (repeated or cut to ``seconds`` and clipped), see :func:`to_pcm16`."""
+    return to_pcm16(fixed_length(load_audio(path, sr), seconds, sr))
+
+
+# How prepare keeps a clip's audio: the waveform as 16-bit PCM (spectrogram computed when read) or the spectrogram.
+AUDIO_STORES = ("pcm16", "spectrogram")
+
+
+def decode_audio(path: str | Path, seconds: float, store: str, dtype: str) -> np.ndarray:
+    """One clip's stored audio: int16 samples for ``store="pcm16"``, else the spectrogram in ``dtype``."""
+    if store == "pcm16":
+        return audio_pcm16(path, seconds)
+    return audio_spectrogram(path, seconds).astype(dtype)
 
 
 # ------------------------------------------------------------------------------------------------------ video
@@ -262,24 +321,67 @@ def rgb_converter(size: int | tuple[int, int] | None):
     return convert
 
 
+def _count_and_decode(path: Path, pick, convert: Any) -> tuple[dict[int, np.ndarray], int, list[int]]:
+    """One opening of the clip: its video packets demuxed and counted, ``pick(count)`` -> the wanted indices, and
+    those frames decoded from the packets already read (no second demuxing pass, which cost ~1.4 ms a CREMA-D clip).
+    Returns ``(found, frames decoded, indices)``; decoding stops at the last wanted frame."""
+    import av
+    import av.error  # the submodule with FFmpegError, imported so type checkers know av.error
+
+    found: dict[int, np.ndarray] = {}
+    decoded, indices = 0, []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise BadSample(path, "has no video stream")
+            stream = container.streams.video[0]
+            packets = [packet for packet in container.demux(stream) if packet.size]
+            indices = pick(len(packets))
+            wanted, last = set(indices), max(indices, default=-1)
+
+            def frames():
+                for packet in packets:
+                    yield from stream.codec_context.decode(packet)
+                yield from stream.codec_context.decode(None)  # the frames a decoder with delay still holds
+
+            for index, frame in enumerate(frames()):
+                decoded = index + 1
+                if index in wanted:
+                    found[index] = convert(frame)
+                if index >= last:
+                    break
+    except av.error.FFmpegError as exc:
+        raise BadSample(path, f"cannot be decoded ({exc})") from None
+    except OSError as exc:
+        raise BadSample(path, f"cannot be read ({exc.strerror or exc})") from None
+    return found, decoded, indices
+
+
 def read_clip(path: str | Path, frames: int, size: int, *, start: int = 0, end: int | None = None) -> np.ndarray:
     """``frames`` RGB frames spread evenly over frames ``[start, end)`` of the clip: uint8 [frames, size, size, 3].
 
-    A clip (or range) with fewer decodable frames than requested is a :class:`BadSample`.
+    The frames are counted from the demuxed packets (a container's own frame count is not used: FLV has none, and
+    others can be wrong). A clip (or range) with fewer decodable frames than requested is a :class:`BadSample`.
     """
+    path = Path(path)
     convert = rgb_converter(size)
-    total = count_frames(path)
-    for _attempt in range(2):
+
+    def pick(total: int) -> list[int]:
         stop = total if end is None else min(end, total)
         available = stop - start
         if available < frames:
             where = "" if start == 0 and end is None else f" in its range [{start}, {end})"
             raise BadSample(path, f"has {max(available, 0)} video frames{where}, fewer than the {frames} requested")
-        indices = even_indices(available, frames, start)
-        found, decoded = decode_frames(path, indices, convert)
-        if len(found) == len(indices):
-            return np.stack([found[i] for i in indices])
-        total = decoded  # the container announced more frames than it decodes: pick again from what is there
+        return even_indices(available, frames, start)
+
+    found, decoded, indices = _count_and_decode(path, pick, convert)
+    if len(found) == len(indices):
+        return np.stack([found[i] for i in indices])
+    # The packets promised more frames than the decoder gives: pick again from what was decoded.
+    indices = pick(decoded)
+    found, _ = decode_frames(path, indices, convert)
+    if len(found) == len(indices):
+        return np.stack([found[i] for i in indices])
     raise BadSample(path, "frames could not be decoded consistently")
 
 

@@ -8,8 +8,13 @@
                                  spectrograms and vectors, int64 [n, 2, L] text = token ids and attention mask)
       <split>/<modality>.jpeg    instead, for video frames prepared with frame_store=jpeg (manifest: "storage":
       <split>/<modality>.offsets.npy   "jpeg"): the frames as JPEG and where each starts (data/frames.py)
+      <split>/<modality>.pcm16.npy     instead, for audio prepared with audio_store=pcm16 (manifest: "storage":
+                                 "pcm16", "samples": per clip): int16 [n, samples], the waveform the
+                                 spectrogram of the manifest's shape is computed from when read (data/pcm_audio.py)
 
-Arrays are plain ``.npy`` files opened with ``mmap_mode='r'``: nothing is decoded in the training loop. A
+Arrays are plain ``.npy`` files opened with ``mmap_mode='r'``; the two compact stores are read through classes that
+look like those arrays and decode (JPEG frames) or compute (spectrograms from PCM) just the rows of a batch, in the
+loader's workers. Every stored file is checksummed in the manifest (``dmgl datasets verify``). A
 dataset is written into a hidden temporary folder beside its destination and renamed into place only when
 complete, so a crash never leaves a half-written dataset behind.
 """
@@ -28,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from dmgl_cli.data.frames import JpegFrames
+from dmgl_cli.data.pcm_audio import PcmSpectrograms, check_pcm_store, pcm_path
 from dmgl_cli.errors import DmglError
 
 FORMAT_VERSION = 1
@@ -116,6 +122,14 @@ class PreparedWriter:
                 if spec.get("storage") == "jpeg":
                     _check_jpeg_store(self.work_dir / split, modality, splits[split], spec, name, split)
                     continue
+                if spec.get("storage") == "pcm16":
+                    path = pcm_path(self.work_dir / split, modality)
+                    if not path.exists():
+                        raise DmglError(f"{name}: split {split} has no samples for modality {modality!r}")
+                    problem = check_pcm_store(path, splits[split], spec)
+                    if problem:
+                        raise ValueError(f"{name}/{split}/{modality}: {path.name} {problem}")
+                    continue
                 path = self.work_dir / split / f"{modality}.npy"
                 if not path.exists():
                     raise DmglError(f"{name}: split {split} has no array for modality {modality!r}")
@@ -145,6 +159,7 @@ class PreparedWriter:
                     "dtype": str(s["dtype"]),
                     "shape": list(s["shape"]),
                     **({"storage": s["storage"]} if s.get("storage", "raw") != "raw" else {}),
+                    **({"samples": int(s["samples"])} if s.get("storage") == "pcm16" else {}),
                 }
                 for m, s in modalities.items()
             },
@@ -180,8 +195,8 @@ def _check_jpeg_store(folder: Path, modality: str, samples: int, spec: dict[str,
         raise ValueError(f"{name}/{split}/{modality}: the JPEG file does not end where its offsets say")
 
 
-# A modality's samples as stored: a memory-mapped array, or JPEG frames that read like one.
-StoredArray = np.ndarray | JpegFrames
+# A modality's samples as stored: a memory-mapped array, or JPEG frames or PCM audio that read like one.
+StoredArray = np.ndarray | JpegFrames | PcmSpectrograms
 
 
 @dataclass
@@ -191,6 +206,18 @@ class SplitArrays:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+
+def _open_stored(folder: Path, modality: str, spec: dict[str, Any]) -> StoredArray:
+    """One modality of a split as its manifest entry's ``storage`` says (none: a plain array)."""
+    storage = spec.get("storage")
+    if storage == "jpeg":
+        return JpegFrames(folder, modality, tuple(spec["shape"]))
+    if storage == "pcm16":
+        return PcmSpectrograms(folder, modality, tuple(spec["shape"]), spec["dtype"], int(spec["samples"]))
+    if storage not in (None, "raw"):
+        raise ValueError(f"modality {modality} has storage {storage!r}, which this dmgl does not read")
+    return np.load(folder / f"{modality}.npy", mmap_mode="r")
 
 
 class PreparedDataset:
@@ -240,12 +267,7 @@ class PreparedDataset:
         folder = self.path / split
         try:
             labels = np.load(folder / "labels.npy", mmap_mode="r")
-            inputs: dict[str, StoredArray] = {
-                m: JpegFrames(folder, m, tuple(spec["shape"]))
-                if spec.get("storage") == "jpeg"
-                else np.load(folder / f"{m}.npy", mmap_mode="r")
-                for m, spec in self.modalities.items()
-            }
+            inputs: dict[str, StoredArray] = {m: _open_stored(folder, m, spec) for m, spec in self.modalities.items()}
         except (OSError, ValueError) as exc:
             raise DmglError(
                 f"prepared dataset {self.path} is damaged ({exc}); run `dmgl datasets verify {self.name}` "

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Any
 
 from dmgl_cli.data.prepared import PreparedDataset
 from dmgl_cli.errors import DmglError
 from dmgl_cli.paths import ensure_registry, registry_home
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 TABLE = "datasets"
 
@@ -26,6 +27,8 @@ class DatasetRegistry:
         self.path = self.home / "datasets.db"
 
     def _db(self) -> sqlite_utils.Database:
+        import sqlite_utils  # here: it imports pandas (~0.35 s), which only writes need
+
         try:
             db = sqlite_utils.Database(self.path)
             db.execute("PRAGMA busy_timeout = 30000")
@@ -54,20 +57,35 @@ class DatasetRegistry:
             raise DmglError(f"could not write the dataset registry {self.path} ({exc})") from None
         return row
 
+    def _select(self, where: str = "", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Rows of the registry, read with the standard library (``dmgl train`` opens a dataset before its first
+        step); a registry not made yet reads as empty, and reading never creates it."""
+        if not self.path.exists():
+            return []
+        try:
+            connection = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        except sqlite3.Error as exc:
+            raise DmglError(f"dataset registry {self.path} cannot be opened ({exc})") from None
+        try:
+            connection.row_factory = sqlite3.Row
+            if not connection.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)
+            ).fetchone():
+                return []
+            rows = connection.execute(f"SELECT * FROM [{TABLE}] {where} ORDER BY name", params).fetchall()
+        except sqlite3.Error as exc:
+            raise DmglError(f"dataset registry {self.path} cannot be read ({exc})") from None
+        finally:
+            connection.close()
+        return [self._decode(dict(row)) for row in rows]
+
     def rows(self) -> list[dict[str, Any]]:
-        if not self.path.exists():  # reading never creates the registry
-            return []
-        db = self._db()
-        if TABLE not in db.table_names():
-            return []
-        return [self._decode(r) for r in db[TABLE].rows_where(order_by="name")]
+        return self._select()
 
     def get(self, name: str) -> dict[str, Any]:
-        db = self._db() if self.path.exists() else None
-        if db is not None and TABLE in db.table_names():
-            found = list(db[TABLE].rows_where("name = ?", [name]))
-            if found:
-                return self._decode(found[0])
+        found = self._select("WHERE name = ?", (name,))
+        if found:
+            return found[0]
         known = [r["name"] for r in self.rows()]
         hint = f"registered: {', '.join(known)}" if known else "no dataset is registered yet"
         from dmgl_cli.data.preparers import PREPARERS

@@ -312,15 +312,15 @@ def embeddings_figure(
     std (``bands``), and each seed's own scored epochs as dots (``seed_points``: test is scored only at a seed's new
     best epochs and its last, so the seeds' epochs differ and a mean over whichever seeds scored an epoch would
     mislead)."""
+    import matplotlib
     from matplotlib.ticker import MaxNLocator
 
     from dmgl_cli import plots
 
-    plt = plots.plt
     count = max(1, len(panels))
-    figure = plt.figure(figsize=(max(7.0, 3.6 * count), 7.4), dpi=110, layout="constrained")
+    figure = plots.new_figure(figsize=(max(7.0, 3.6 * count), 7.4), dpi=110, layout="constrained")
     grid = figure.add_gridspec(2, count, height_ratios=[1.35, 1])
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for index, panel in enumerate(panels):
         axis = figure.add_subplot(grid[0, index])
         for number, (name, points) in enumerate(panel.points.items()):

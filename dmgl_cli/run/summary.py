@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 from dmgl_cli.config import Config, recorded_params
 from dmgl_cli.over_seeds import curves_over_seeds, mean_std, summarise_over_seeds
-from dmgl_cli.plots import alpha_figure, close
 from dmgl_cli.run.outcomes import FINAL_PREFIX, SeedOutcome
 from dmgl_cli.strategies import spec_from_params
 from dmgl_cli.tables import Cell, Row, Table, render_markdown
@@ -130,6 +129,8 @@ def finish_parent(
         trajectories[f"seed {outcome.seed}"] = [value for _, value in tracker.metric_history(outcome.run_id, "alpha")]
     alpha_png = None
     if any(trajectories.values()):  # a run whose alpha is 0 throughout records none
+        from dmgl_cli.plots import alpha_figure, close  # matplotlib at the end of a run, not before its first step
+
         figure = alpha_figure(trajectories)
         tracker.log_figure(parent_id, figure, "alpha.png")
         close(figure)

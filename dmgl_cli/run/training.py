@@ -30,10 +30,15 @@ from dmgl_cli.data.transforms import model_input_specs
 from dmgl_cli.device import device_in_use
 from dmgl_cli.distributed import SINGLE_PROCESS, DistributedContext
 from dmgl_cli.errors import DmglError, Interrupted
-from dmgl_cli.imbalance import cost_metrics, peak_memory_mib, reset_peak_memory, shapley_metrics
+from dmgl_cli.imbalance import (
+    cost_metrics,
+    peak_memory_mib,
+    reset_peak_memory,
+    score_coalitions,
+    shapley_metrics_of,
+)
 from dmgl_cli.models import check_tokenisation
 from dmgl_cli.paths import safe_name
-from dmgl_cli.plots import alpha_figure, close
 from dmgl_cli.run.outcomes import FINAL_PREFIX, Progress, SeedOutcome, StepProgress, TrainOutcome
 from dmgl_cli.run.summary import finish_parent
 from dmgl_cli.run_names import default_run_name, seed_run_name
@@ -112,6 +117,8 @@ def _finish_seed(tracker: Tracker, run_id: str, result: TrainResult, config: Con
     seed = config.train.seed
     if all("alpha" in h for h in result.history):  # a run whose alpha is 0 throughout records none
         tracker.log_text(run_id, _alpha_csv(result.history), "alpha.csv")
+        from dmgl_cli.plots import alpha_figure, close  # matplotlib at the end of a run, not before its first step
+
         figure = alpha_figure({f"seed {seed}": [h["alpha"] for h in result.history]})
         tracker.log_figure(run_id, figure, "alpha.png")
         close(figure)
@@ -157,8 +164,10 @@ def _imbalance_and_cost(tracker: Tracker, run_id: str, trainer: Trainer, result:
     model = model.to(device)
     # the whole test split in its order: the trainer's own test loader holds only this rank's share when data-parallel
     loader = eval_loader(dataset, config, trainer.splits.test, num_workers=config.data.num_workers)
-    metrics = shapley_metrics(model, trainer.method, config, loader, device, sorted(dataset.modalities))
-    metrics.update(cost_metrics(model, trainer.method, config, loader, device, result.history))
+    modalities = sorted(dataset.modalities)
+    scores = score_coalitions(model, trainer.method, config, loader, device, modalities, count_flops=True)
+    metrics = shapley_metrics_of(scores.values, modalities)
+    metrics.update(cost_metrics(model, trainer.method, config, loader, device, result.history, scores.flops_per_sample))
     metrics["peak_memory_mib"] = peak
     tracker.set_tags(run_id, {"dmgl.peak_memory": peak_source})
     return metrics

@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import threading
 import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +34,30 @@ if TYPE_CHECKING:
     from dmgl_cli.tracking.pyfunc import DmglPyfuncModel
 
 JOURNAL_REF_TAG = "dmgl.journal_ref"
+
+
+_REQUIREMENTS_CHECK_LOCK = threading.Lock()
+
+
+@contextmanager
+def _requirements_taken_as_met() -> Iterator[None]:
+    """MLflow checks a model's pip requirements against the installed packages by mapping every installed
+    distribution to its modules (0.6-1.5 s at the end of a run, once per process). dmgl's requirements are the
+    versions of the packages running it (:meth:`ModelStore._log_model_now`), so the check can only pass: it is
+    skipped while the model is saved. If MLflow no longer has that check where it had it, nothing is changed."""
+    from mlflow.utils import environment
+
+    name = "warn_dependency_requirement_mismatches"
+    with _REQUIREMENTS_CHECK_LOCK:  # the journal's sender may save a model while another thread does
+        check = getattr(environment, name, None)
+        if check is None:
+            yield
+            return
+        setattr(environment, name, lambda requirements: None)
+        try:
+            yield
+        finally:
+            setattr(environment, name, check)
 
 
 class ModelStore(RunWriting):
@@ -153,7 +180,7 @@ class ModelStore(RunWriting):
                     json.dumps({"modalities": modalities, "classes": classes}, indent=2, sort_keys=True)
                 )
                 (folder / "dmgl_model.py").write_text(MODEL_CODE)
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), _requirements_taken_as_met():
                     # The signature describes the input; an input example (arrays of real samples) is not stored.
                     warnings.filterwarnings("ignore", message=".*input example was not provided")
                     save_pyfunc_model(

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from dmgl_cli.data.media import seconds_for_frames
+from dmgl_cli.data.media import AUDIO_STORES, clip_samples, seconds_for_frames, spectrogram_shape
 from dmgl_cli.data.preparers.base import PrepareJob
 from dmgl_cli.errors import DmglError
 
@@ -179,6 +179,23 @@ def choice(job: PrepareJob, key: str, valid: Sequence[str]) -> str:
 
 def float_dtype(job: PrepareJob, key: str = "audio_dtype") -> str:
     return choice(job, key, ("float16", "float32"))
+
+
+def audio_store(job: PrepareJob, key: str = "audio_store") -> str:
+    """``-o audio_store``: pcm16 (the samples, the spectrogram computed when read) or spectrogram."""
+    return choice(job, key, AUDIO_STORES)
+
+
+def audio_modality(seconds: float, dtype: str, store: str):
+    """The :class:`~dmgl_cli.data.preparers.driver.Modality` of clips of ``seconds`` in ``store``: its shape and
+    dtype are the spectrogram's either way (what a read gives and the model sees); pcm16 adds the sample count."""
+    from dmgl_cli.data.preparers import driver
+
+    if store == "pcm16":
+        return driver.Modality(
+            "audio", spectrogram_shape(seconds), dtype, storage="pcm16", samples=clip_samples(seconds)
+        )
+    return driver.Modality("audio", spectrogram_shape(seconds), dtype)
 
 
 def few(items: Sequence[Any], limit: int = 5) -> str:

@@ -12,12 +12,20 @@ Split: 6,698 train / 744 test as in the paper — by default an exact, seeded sp
 test=test.csv`` (``clip_id,label`` rows, optional header, e.g. ``1001_DFA_ANG_XX,ANG``). There is no validation
 split: the trainer carves one from train (``data.val_fraction``, seeded, stratified).
 
-Stored per clip: ``audio`` log-spectrogram [257, 299] (3 s at 16 kHz, see :mod:`dmgl_cli.data.media`) and
-``visual`` uint8 [10, 224, 224, 3], 10 frames spread evenly over the FLV clip (3 of them are sampled at train
-time). A clip whose video is missing or unreadable is a bad sample like a corrupt WAV.
+Stored per clip (about 165 kB, 0.94x the authors' JPEGs + WAV; bench/README.md): ``audio``, the 3 s of 16 kHz
+samples the log-spectrogram [257, 299] is computed from, as int16 (96 kB, lossless for CREMA-D's 16-bit WAVs),
+the spectrogram computed when a batch reads it (``-o audio_store=pcm16``, data/pcm_audio.py; ``-o
+audio_store=spectrogram`` stores the spectrogram itself, 307 kB in float32, 154 kB with ``-o audio_dtype=float16``);
+and ``visual``, 10 frames spread evenly over the FLV clip as JPEG (224 x 224, quality 90, ~69 kB; ``-o
+frame_store=raw``: uint8 [10, 224, 224, 3]), 3 of which are sampled at train time. Either way the model sees the
+spectrogram, float32 [257, 299] (see :mod:`dmgl_cli.data.media`). A clip whose video is missing or unreadable is a
+bad sample like a corrupt WAV.
 
 The spectrogram's width is set by the audio length, ``-o seconds=S`` (repeated or cut to it), or directly by
-``-o spectrogram_frames=N`` (257 x N): the authors' OGM-GE loop uses 257 x 188, ``-o spectrogram_frames=188``.
+``-o spectrogram_frames=N`` (257 x N): the authors' OGM-GE loop uses 257 x 188, ``-o spectrogram_frames=188``
+(with pcm16, the samples stored follow: 30,245 a clip).
+
+Version 2: pcm16 became the default audio store (version 1 stored the spectrogram).
 """
 
 from __future__ import annotations
@@ -28,11 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dmgl_cli.data.media import BadSample, audio_spectrogram, read_clip, spectrogram_shape
+from dmgl_cli.data.media import BadSample, decode_audio, read_clip
 from dmgl_cli.data.preparers import driver
 from dmgl_cli.data.preparers.base import PrepareJob
 from dmgl_cli.data.preparers.common import (
+    audio_modality,
     audio_seconds,
+    audio_store,
     check_layout,
     exact_stratified_split,
     few,
@@ -46,7 +56,7 @@ from dmgl_cli.data.preparers.common import (
 from dmgl_cli.errors import DmglError
 
 NAME = "crema-d"
-VERSION = "1"
+VERSION = "2"
 DESCRIPTION = "CREMA-D: 6 emotions, audio (257x299 spectrogram) + video (10 frames); 6,698 train / 744 test"
 CLASSES = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
 PAPER_TEST_FRACTION = 744 / 7442
@@ -55,7 +65,8 @@ OPTIONS = {
     "spectrogram_frames": None,  # or the spectrogram's width: N -> 257 x N (188: the authors' 257 x 188)
     "frames": 10,  # frames kept per clip, spread evenly
     "frame_size": 224,  # frames resized to frame_size x frame_size
-    "audio_dtype": "float32",  # float16 halves the disk space
+    "audio_store": "pcm16",  # pcm16 (16-bit samples, spectrogram computed when read) | spectrogram (stored as is)
+    "audio_dtype": "float32",  # the spectrogram's dtype; with audio_store=spectrogram, float16 halves the disk space
     "test_fraction": PAPER_TEST_FRACTION,  # seeded stratified split: 744 of 7,442 clips
     "video_folder": "VideoFlash",
     "video_suffix": ".flv",
@@ -68,12 +79,14 @@ LAYOUT = """  AudioWAV/1001_DFA_ANG_XX.wav ...   (<actor>_<sentence>_<emotion>_<
 _CLIP = re.compile(r"^\d+_[A-Za-z0-9]+_([A-Z]{3})_[A-Za-z0-9]+$")
 
 
-def decode_clip(source: tuple[str, str], *, seconds: float, frames: int, size: int, audio_dtype: str) -> dict:
+def decode_clip(
+    source: tuple[str, str], *, seconds: float, frames: int, size: int, audio_dtype: str, store: str
+) -> dict:
     wav, video = source
     if not Path(video).is_file():
         raise BadSample(video, "is missing (every clip needs its video)")
     return {
-        "audio": audio_spectrogram(wav, seconds).astype(audio_dtype),
+        "audio": decode_audio(wav, seconds, store, audio_dtype),
         "visual": read_clip(video, frames, size),
     }
 
@@ -138,6 +151,7 @@ def prepare(job: PrepareJob) -> dict:
     frames = positive_int(job, "frames")
     size = positive_int(job, "frame_size", 8)
     audio_dtype = float_dtype(job)
+    store = audio_store(job)
     clips = _clips(raw)
     splits = _split(job, clips)
     samples = [
@@ -155,12 +169,14 @@ def prepare(job: PrepareJob) -> dict:
         samples=samples,
         classes=CLASSES,
         decoded={
-            "audio": driver.Modality("audio", spectrogram_shape(seconds), audio_dtype),
+            "audio": audio_modality(seconds, audio_dtype, store),
             "visual": driver.Modality(
                 "video", (frames, size, size, 3), "uint8", **driver.frame_store(job, "video", (frames, size, size, 3))
             ),
         },
-        decode=functools.partial(decode_clip, seconds=seconds, frames=frames, size=size, audio_dtype=audio_dtype),
+        decode=functools.partial(
+            decode_clip, seconds=seconds, frames=frames, size=size, audio_dtype=audio_dtype, store=store
+        ),
         extra={
             "split": "split files" if split_files_option(job) else f"seeded stratified (seed {job.seed})",
             "class_counts": {c: int(np.sum([clips[n] == i for n in clips])) for i, c in enumerate(CLASSES)},

@@ -16,7 +16,10 @@ The manifest has a header row and
 
   - ``audio``: a path to an audio file (WAV, FLAC, OGG, MP3 via librosa) or a video whose audio track is used
     (PyAV) -> log-spectrogram [257, frames] of ``audio_seconds`` (3 s -> 257 x 299), or 257 x N given
-    ``-o audio_spectrogram_frames=N`` (the length that gives N columns, e.g. 188 for 257 x 188);
+    ``-o audio_spectrogram_frames=N`` (the length that gives N columns, e.g. 188 for 257 x 188); stored as is, or
+    with ``-o audio_store=pcm16`` as the clip's 16 kHz samples in int16 (a third of the float32 spectrogram's
+    bytes; computed into the spectrogram when read, data/pcm_audio.py; lossless for 16-bit 16 kHz sources, others
+    rounded to 16 bits as a WAV of them would be);
   - ``video``: a path to a video -> ``frames`` frames spread evenly, ``frame_size`` square, uint8;
   - ``image``: a path to an image -> ``image_size`` square RGB, uint8;
   - ``text``: a path to a ``.txt`` file (read as UTF-8), or else the text itself -> ``max_tokens`` token ids and
@@ -48,18 +51,19 @@ import yaml
 
 from dmgl_cli.data.media import (
     BadSample,
-    audio_spectrogram,
+    decode_audio,
     load_image,
     load_tokenizer,
     read_clip,
     seconds_for_frames,
-    spectrogram_shape,
     tokenize,
 )
 from dmgl_cli.data.preparers import driver
 from dmgl_cli.data.preparers.base import PrepareJob
 from dmgl_cli.data.preparers.common import (
+    audio_modality,
     audio_seconds,
+    audio_store,
     class_order,
     exact_stratified_split,
     float_dtype,
@@ -87,6 +91,7 @@ OPTIONS = {
     "audio_seconds": 3.0,
     "audio_spectrogram_frames": None,  # or the spectrogram's width: N -> 257 x N
     "audio_dtype": "float32",
+    "audio_store": "spectrogram",  # spectrogram (stored as is) | pcm16 (16-bit samples, spectrogram computed when read)
     "frames": 10,
     "frame_size": 224,
     "image_size": 224,
@@ -172,7 +177,7 @@ def decode_row(source: tuple, *, settings: dict[str, dict[str, Any]]) -> dict:
         if not Path(path).is_file():
             raise BadSample(path, f"does not exist (column {column})")
         if entry["kind"] == "audio":
-            out[column] = audio_spectrogram(path, entry["seconds"]).astype(entry["dtype"])
+            out[column] = decode_audio(path, entry["seconds"], entry["store"], entry["dtype"])
         elif entry["kind"] == "video":
             out[column] = read_clip(path, entry["frames"], entry["size"])
         else:
@@ -192,6 +197,7 @@ def prepare(job: PrepareJob) -> dict:
     base = Path(job.raw) if job.raw else manifest.parent
     modalities, columns = _modality_plan(job)
     audio_dtype = float_dtype(job)
+    store = audio_store(job)
     for column, entry in modalities.items():
         kind = entry["kind"]
         if kind == "audio":
@@ -203,6 +209,7 @@ def prepare(job: PrepareJob) -> dict:
                 default = audio_seconds(job, OPTIONS, "audio_seconds", "audio_spectrogram_frames")
                 entry["seconds"] = float(_setting(entry, "seconds", default, column, False))
             entry["dtype"] = audio_dtype
+            entry["store"] = store
         elif kind == "video":
             entry["frames"] = _setting(entry, "frames", positive_int(job, "frames"), column)
             entry["size"] = _setting(entry, "size", positive_int(job, "frame_size", 8), column)
@@ -286,7 +293,7 @@ def prepare(job: PrepareJob) -> dict:
     for column, entry in modalities.items():
         kind = entry["kind"]
         if kind == "audio":
-            decoded[column] = driver.Modality("audio", spectrogram_shape(entry["seconds"]), entry["dtype"])
+            decoded[column] = audio_modality(entry["seconds"], entry["dtype"], entry["store"])
         elif kind == "video":
             decoded[column] = driver.Modality("video", (entry["frames"], entry["size"], entry["size"], 3), "uint8")
         elif kind == "image":

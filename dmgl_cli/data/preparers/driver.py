@@ -37,6 +37,7 @@ import numpy as np
 
 from dmgl_cli.data.frames import FRAME_STORES, JPEG_CHANNELS, JpegEncodingDecode, write_store
 from dmgl_cli.data.media import BadSample
+from dmgl_cli.data.pcm_audio import pcm_path
 from dmgl_cli.data.prepared import SPLITS, PreparedWriter
 from dmgl_cli.data.preparers.base import PrepareJob
 from dmgl_cli.errors import DmglError
@@ -63,15 +64,32 @@ class Modality:
     kind: str  # audio | video | image | text | vector
     shape: tuple[int, ...]  # per sample
     dtype: str
-    # "raw" (a memory-mapped .npy array) or "jpeg" (video frames as JPEG at jpeg_quality; data/frames.py)
+    # "raw" (a memory-mapped .npy array), "jpeg" (video frames as JPEG at jpeg_quality; data/frames.py) or "pcm16"
+    # (audio as int16 samples, `samples` a clip, read as spectrograms of `shape` and `dtype`; data/pcm_audio.py)
     storage: str = "raw"
     jpeg_quality: int = 90
+    samples: int = 0
 
     def spec(self) -> dict[str, Any]:
         spec: dict[str, Any] = {"kind": self.kind, "dtype": self.dtype, "shape": list(self.shape)}
         if self.storage != "raw":
             spec["storage"] = self.storage
+        if self.storage == "pcm16":
+            spec["samples"] = self.samples
         return spec
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """Shape of one sample as ``decode`` returns it and the array file holds it (not for jpeg)."""
+        return (self.samples,) if self.storage == "pcm16" else self.shape
+
+    @property
+    def stored_dtype(self) -> str:
+        return "int16" if self.storage == "pcm16" else self.dtype
+
+    def file_name(self, key: str) -> str:
+        """The array file of modality ``key`` in a split's folder (not for jpeg)."""
+        return pcm_path(Path(), key).name if self.storage == "pcm16" else f"{key}.npy"
 
 
 def frame_store(job: PrepareJob, kind: str, shape: tuple[int, ...]) -> dict[str, Any]:
@@ -303,10 +321,10 @@ def _decode_all(
     else:
         finished = done  # samples skipped earlier are tried again
     arrays = {
-        (split, key): work.staging(split, key, (size, *mod.shape), mod.dtype, create=True)
+        (split, key): work.staging(split, key, (size, *mod.stored_shape), mod.stored_dtype, create=True)
         for split, size in sizes.items()
         for key, mod in plan.decoded.items()
-        if mod.storage == "raw"
+        if mod.storage != "jpeg"
     }
     jpeg = {key: mod.jpeg_quality for key, mod in plan.decoded.items() if mod.storage == "jpeg"}
     decode = JpegEncodingDecode(plan.decode, jpeg) if jpeg else plan.decode
@@ -332,9 +350,9 @@ def _decode_all(
                 work.write_packed(sample.split, key, sample.index, np.asarray(result[key]))
                 continue
             value = np.asarray(result[key])
-            if value.shape != mod.shape:
+            if value.shape != mod.stored_shape:
                 raise ValueError(
-                    f"decode returned {key} of shape {value.shape} for {sample.ident}, expected {mod.shape}"
+                    f"decode returned {key} of shape {value.shape} for {sample.ident}, expected {mod.stored_shape}"
                 )
             arrays[(sample.split, key)][sample.index] = value
         pending_log.append({"s": sample.split, "i": sample.index})
@@ -464,8 +482,8 @@ def _finalise(plan: Plan, work: _WorkFolder, sizes: dict[str, int], bad: dict[tu
                 packed = (np.fromfile(work.packed_path(split, key, int(i)), dtype=np.uint8) for i in kept)
                 write_store(work.path / split, key, packed, mod.shape[0])
                 continue
-            staging = work.staging(split, key, (size, *mod.shape), mod.dtype, create=False)
-            target = work.path / split / f"{key}.npy"
+            staging = work.staging(split, key, (size, *mod.stored_shape), mod.stored_dtype, create=False)
+            target = work.path / split / mod.file_name(key)
             target.parent.mkdir(parents=True, exist_ok=True)
             if len(kept) == size:
                 # A hard link, not a move: the staging array stays whole until the marker below is written, so a

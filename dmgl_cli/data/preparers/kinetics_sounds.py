@@ -25,7 +25,9 @@ and the log-magnitudes lose nothing that matters at float16's 1e-3 relative prec
 [10, 224, 224, 3] (10 frames spread evenly; about 1.5 MB a clip, ~28 GB for 19,000 clips; ``-o frame_size=112``
 quarters it). Annotated clips without a file stop the run listing them (a YouTube download usually misses a
 few), or are recorded and left out with ``--skip-bad``. ``-o seconds=S`` sets the audio length, or
-``-o spectrogram_frames=N`` the spectrogram's width directly (257 x N).
+``-o spectrogram_frames=N`` the spectrogram's width directly (257 x N). ``-o audio_store=pcm16`` keeps the 10 s of
+samples as int16 instead (320 kB a clip against the float16 spectrogram's 516 kB; the spectrogram is computed when
+a batch reads it, data/pcm_audio.py; the decoded AAC is rounded to 16 bits as a WAV of it would be).
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ import io
 from pathlib import Path
 from typing import Any
 
-from dmgl_cli.data.media import VIDEO_SUFFIXES, audio_spectrogram, read_clip, spectrogram_shape
+from dmgl_cli.data.media import VIDEO_SUFFIXES, decode_audio, read_clip
 from dmgl_cli.data.preparers import driver
 from dmgl_cli.data.preparers.base import PrepareJob
 from dmgl_cli.data.preparers.common import (
+    audio_modality,
     audio_seconds,
+    audio_store,
     check_layout,
     few,
     float_dtype,
@@ -67,6 +71,7 @@ OPTIONS = {
     "frames": 10,
     "frame_size": 224,
     "audio_dtype": "float16",
+    "audio_store": "spectrogram",  # spectrogram (stored as is) | pcm16 (16-bit samples, spectrogram computed when read)
     "frame_store": "jpeg",  # raw (uint8 .npy) | jpeg (decoded per batch, only the sampled frames; bench/README.md)
     "frame_quality": 90,  # JPEG quality of frame_store=jpeg
 }
@@ -76,8 +81,8 @@ LAYOUT = """  videos/<clip>.mp4 ...   10 s clips with audio (mp4, mkv, webm, avi
      --split-file test=test.csv, rows `id,label`"""
 
 
-def decode_clip(path: str, *, seconds: float, frames: int, size: int, audio_dtype: str) -> dict:
-    return {"audio": audio_spectrogram(path, seconds).astype(audio_dtype), "visual": read_clip(path, frames, size)}
+def decode_clip(path: str, *, seconds: float, frames: int, size: int, audio_dtype: str, store: str) -> dict:
+    return {"audio": decode_audio(path, seconds, store, audio_dtype), "visual": read_clip(path, frames, size)}
 
 
 def _read_annotations(path: Path) -> list[tuple[str, str, str, str]]:
@@ -131,6 +136,7 @@ def prepare(job: PrepareJob) -> dict[str, Any]:
     frames = positive_int(job, "frames")
     size = positive_int(job, "frame_size", 8)
     audio_dtype = float_dtype(job)
+    store = audio_store(job)
 
     if files is not None:
         entries = [
@@ -187,12 +193,14 @@ def prepare(job: PrepareJob) -> dict[str, Any]:
         samples=samples,
         classes=classes,
         decoded={
-            "audio": driver.Modality("audio", spectrogram_shape(seconds), audio_dtype),
+            "audio": audio_modality(seconds, audio_dtype, store),
             "visual": driver.Modality(
                 "video", (frames, size, size, 3), "uint8", **driver.frame_store(job, "video", (frames, size, size, 3))
             ),
         },
-        decode=functools.partial(decode_clip, seconds=seconds, frames=frames, size=size, audio_dtype=audio_dtype),
+        decode=functools.partial(
+            decode_clip, seconds=seconds, frames=frames, size=size, audio_dtype=audio_dtype, store=store
+        ),
         known_bad=known_bad,
         extra={"annotations": "split files" if files else str(annotation_path)},
     )
