@@ -148,6 +148,8 @@ class CountedEncoder(nn.Linear):
     def forward(self, input: Tensor) -> Tensor:
         key = "real" if bool(input.any()) else "zeros"
         self.calls[key] = self.calls.get(key, 0) + 1
+        if key == "zeros":
+            self.calls["zero rows"] = self.calls.get("zero rows", 0) + input.shape[0]
         return super().forward(input)
 
 
@@ -185,8 +187,8 @@ def test_coalitions_are_scored_in_one_pass_as_one_by_one_and_flops_on_the_way(me
     modalities = ["a", "b", "c"]
     scores = score_coalitions(model, method, method.config, loader, CPU, modalities, count_flops=True)
     assert loader.passes == 1
-    # each encoder once a batch on its real input (5 batches), once per batch shape (5 and 3 samples) on zeros
-    assert calls == {"real": 3 * 5, "zeros": 3 * 2}
+    # each encoder once a batch on its real input (5 batches), and once in all on zeros (one sample)
+    assert calls == {"real": 3 * 5, "zeros": 3, "zero rows": 3}
     assert all("forward" not in encoder.__dict__ for encoder in encoders.values())  # the encoders as they were
     calls.clear()
     one_by_one = {
