@@ -76,7 +76,6 @@ __all__ = [
     "Coalition",
     "CoalitionScores",
     "coalition_accuracy",
-    "coalition_values",
     "cost_metrics",
     "flops_per_sample",
     "imbalance_degree",
@@ -85,7 +84,6 @@ __all__ = [
     "peak_memory_mib",
     "reset_peak_memory",
     "score_coalitions",
-    "shapley_metrics",
     "shapley_metrics_of",
     "shapley_values",
 ]
@@ -288,18 +286,6 @@ def score_coalitions(
     return CoalitionScores({c: int(n) / samples for c, n in correct.items()}, flops)
 
 
-def coalition_values(
-    model: MultimodalModel,
-    method: Method,
-    config: Config,
-    loader: Iterable[dict[str, Any]],
-    device: torch.device,
-    modalities: Sequence[str],
-) -> dict[Coalition, float]:
-    """``v(S)`` for every subset ``S`` of ``modalities``, the empty one included (:func:`score_coalitions`)."""
-    return score_coalitions(model, method, config, loader, device, modalities).values
-
-
 def shapley_values(values: Mapping[Coalition, float], players: Sequence[str]) -> dict[str, float]:
     """Exact Shapley value of each player from the value of every coalition (``values`` must hold all ``2^M``)."""
     if len(set(players)) != len(players):
@@ -341,19 +327,6 @@ def shapley_metrics_of(
     metrics[f"{split}_imbalance_degree"] = imbalance_degree(shapley)
     metrics[f"{split}_empty_coalition_acc"] = values[frozenset()]
     return metrics
-
-
-def shapley_metrics(
-    model: MultimodalModel,
-    method: Method,
-    config: Config,
-    loader: Iterable[dict[str, Any]],
-    device: torch.device,
-    modalities: Sequence[str],
-    split: str = "test",
-) -> dict[str, float]:
-    """:func:`shapley_metrics_of` the model's coalitions on ``loader`` (:func:`coalition_values`)."""
-    return shapley_metrics_of(coalition_values(model, method, config, loader, device, modalities), modalities, split)
 
 
 def parameter_count(model: nn.Module) -> int:

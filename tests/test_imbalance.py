@@ -23,7 +23,6 @@ from dmgl_cli.config import load_config
 from dmgl_cli.imbalance import (
     PROCESS_PEAK_RSS,
     coalition_accuracy,
-    coalition_values,
     cost_metrics,
     flops_per_sample,
     imbalance_degree,
@@ -31,7 +30,7 @@ from dmgl_cli.imbalance import (
     parameter_count,
     peak_memory_mib,
     score_coalitions,
-    shapley_metrics,
+    shapley_metrics_of,
     shapley_values,
 )
 from dmgl_cli.methods.base import Method
@@ -78,7 +77,7 @@ def one_modality_data() -> tuple[MultimodalModel, Method, list[dict]]:
 def test_a_modality_the_prediction_never_reads_is_worth_exactly_zero(one_modality_data):
     model, method, loader = one_modality_data
     config = method.config
-    values = coalition_values(model, method, config, loader, CPU, ["a", "b"])
+    values = score_coalitions(model, method, config, loader, CPU, ["a", "b"]).values
     assert values == {
         frozenset(): pytest.approx(0.4),
         frozenset({"a"}): pytest.approx(0.8),
@@ -88,7 +87,7 @@ def test_a_modality_the_prediction_never_reads_is_worth_exactly_zero(one_modalit
     shapley = shapley_values(values, ["a", "b"])
     assert shapley["b"] == 0.0
     assert shapley["a"] == pytest.approx(0.8 - 0.4, abs=1e-12)  # accuracy minus the empty coalition's
-    metrics = shapley_metrics(model, method, config, loader, CPU, ["a", "b"])
+    metrics = shapley_metrics_of(values, ["a", "b"])
     assert metrics["test_shapley_b"] == 0.0
     assert metrics["test_imbalance_degree"] == pytest.approx(0.4, abs=1e-12)
     assert metrics["test_empty_coalition_acc"] == pytest.approx(0.4)
@@ -133,7 +132,7 @@ def test_a_method_whose_scoring_changes_state_is_scored_from_the_same_state(one_
     model, _, loader = one_modality_data
     model.register_buffer("forwards", torch.zeros(()))
     method = CountsItsForwards(load_config("synthetic"), {})
-    coalition_values(model, method, method.config, loader, CPU, ["a", "b"])
+    score_coalitions(model, method, method.config, loader, CPU, ["a", "b"])
     flops_per_sample(model, method, method.config, loader, CPU)
     assert float(model.get_buffer("forwards")) == 0.0
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from dmgl_cli.data.decoded_rows import DecodedRows
+
 FRAME_STORES = ("raw", "jpeg")
 JPEG_CHANNELS = (1, 3)
 
@@ -75,7 +77,7 @@ class JpegEncodingDecode:
         return result
 
 
-class JpegFrames:
+class JpegFrames(DecodedRows):
     """A JPEG-stored frame modality of one split, read like the raw [n, T, H, W, C] uint8 array."""
 
     def __init__(self, folder: Path, key: str, shape: tuple[int, ...]):
@@ -87,13 +89,6 @@ class JpegFrames:
         self.dtype = np.dtype(np.uint8)
         if self.offsets.shape[1] != shape[0] + 1:
             raise ValueError(f"{folder / key}.offsets.npy has {self.offsets.shape[1] - 1} frames, expected {shape[0]}")
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -118,23 +113,9 @@ class JpegFrames:
             flat[index] = pixels.reshape(flat.shape[1:])
         return out
 
-    def __getitem__(self, key) -> np.ndarray:
-        """Whole samples, decoded: ``store[i]``, ``store[rows]``, ``store[a:b]``, ``store[i, t]`` ..."""
-        rest: tuple = ()
-        if isinstance(key, tuple):
-            key, rest = key[0], key[1:]
-        rows = np.arange(len(self))[key]  # numpy's own rules and bounds checks for ints, slices and index arrays
-        single = np.ndim(rows) == 0
-        rows = np.atleast_1d(rows)
-        every = np.broadcast_to(np.arange(self.shape[1]), (len(rows), self.shape[1]))
-        out = self.read_frames(rows, every)
-        if single:
-            return out[0][rest] if rest else out[0]
-        return out[(slice(None), *rest)] if rest else out
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = self[:]
-        return out if dtype is None else out.astype(dtype)
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Whole samples ``rows``, every frame decoded."""
+        return self.read_frames(rows, np.broadcast_to(np.arange(self.shape[1]), (len(rows), self.shape[1])))
 
 
 def write_store(folder: Path, key: str, packed_samples, frames: int) -> None:

@@ -284,28 +284,8 @@ def count_frames(path: str | Path) -> int:
 def decode_frames(path: str | Path, indices: Sequence[int], convert: Any) -> tuple[dict[int, np.ndarray], int]:
     """Decode the first video stream and return ``{index: convert(frame)}`` for the wanted indices, plus the number
     of frames decoded (which stops once the last wanted index is reached)."""
-    import av
-    import av.error  # the submodule with FFmpegError, imported so type checkers know av.error
-
-    path = Path(path)
-    wanted = set(int(i) for i in indices)
-    last = max(wanted) if wanted else -1
-    found: dict[int, np.ndarray] = {}
-    decoded = 0
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise BadSample(path, "has no video stream")
-            for index, frame in enumerate(container.decode(video=0)):
-                decoded = index + 1
-                if index in wanted:
-                    found[index] = convert(frame)
-                if index >= last:
-                    break
-    except av.error.FFmpegError as exc:
-        raise BadSample(path, f"cannot be decoded ({exc})") from None
-    except OSError as exc:
-        raise BadSample(path, f"cannot be read ({exc.strerror or exc})") from None
+    wanted = sorted({int(i) for i in indices})
+    found, decoded, _ = _count_and_decode(Path(path), lambda count: wanted, convert)
     return found, decoded
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from dmgl_cli.data.decoded_rows import DecodedRows
 from dmgl_cli.data.media import HOP, N_FFT, from_pcm16, log_magnitude
 
 PCM_SUFFIX = ".pcm16.npy"
@@ -41,7 +42,7 @@ def check_pcm_store(path: Path, samples: int, spec: dict[str, Any]) -> str | Non
     return None
 
 
-class PcmSpectrograms:
+class PcmSpectrograms(DecodedRows):
     """A pcm16-stored audio modality of one split, read like the [n, 257, frames] spectrogram array."""
 
     def __init__(self, folder: Path, key: str, shape: tuple[int, ...], dtype: Any, samples: int):
@@ -50,13 +51,6 @@ class PcmSpectrograms:
             raise ValueError(f"{pcm_path(folder, key)} has shape {self.pcm.shape}, expected [n, {samples}]")
         self.shape = (int(self.pcm.shape[0]), *shape)
         self.dtype = np.dtype(dtype)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -71,19 +65,3 @@ class PcmSpectrograms:
         for position in np.argsort(rows, kind="stable"):
             out[position] = log_magnitude(from_pcm16(self.pcm[rows[position]]))
         return out
-
-    def __getitem__(self, key) -> np.ndarray:
-        """Whole samples: ``store[i]``, ``store[rows]``, ``store[a:b]``, ``store[i, f]`` ..."""
-        rest: tuple = ()
-        if isinstance(key, tuple):
-            key, rest = key[0], key[1:]
-        rows = np.arange(len(self))[key]  # numpy's own rules and bounds checks for ints, slices and index arrays
-        single = np.ndim(rows) == 0
-        out = self.read_rows(np.atleast_1d(rows))
-        if single:
-            return out[0][rest] if rest else out[0]
-        return out[(slice(None), *rest)] if rest else out
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = self[:]
-        return out if dtype is None else out.astype(dtype)
