@@ -8,7 +8,14 @@ the logged model, the summaries, the exit) and the whole command. ``--against PA
 another commit (``git worktree add PATH COMMIT``), run with ``PYTHONPATH=PATH`` from the same virtual environment,
 so that before and after share the machine's state; medians and ranges are printed per tree.
 
+``--floors`` also times, alternating with them, two scripts that do only what no torch training run avoids:
+importing torch and taking one ``torch.optim.SGD`` step on a two-layer MLP of the synthetic recipe's size (the
+step imports ``torch._dynamo``: ``Optimizer.step`` is wrapped in ``_use_grad_for_differentiable``, which imports it
+on every call), and the same after importing MLflow and opening the registry's SQLite store with ``MlflowClient``
+(no run created). They print a line after the step; process start -> that line is their start-up.
+
     python bench/startup.py                                   # this tree, 3 runs
+    python bench/startup.py --floors                          # and what a bare torch step costs, with and without MLflow
     git worktree add /tmp/before HEAD~1 && python bench/startup.py --against /tmp/before --repeats 4
 """
 
@@ -63,11 +70,57 @@ def one_run(tree: Path, epochs: int, timeout: float) -> dict[str, float]:
     return {"startup": first - started, "exit": ended - last, "whole": ended - started}
 
 
+# What every torch training run pays before its first step, whatever drives it (see the module's docstring).
+FLOOR_STEP = """
+import time, torch
+torch.set_num_threads(2)
+model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 4))
+optimiser = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+loss = torch.nn.functional.cross_entropy(model(torch.randn(32, 64)), torch.randint(0, 4, (32,)))
+loss.backward()
+optimiser.step()
+print("first step done", flush=True)
+"""
+FLOOR_MLFLOW = """
+import os
+from mlflow.tracking import MlflowClient
+MlflowClient(tracking_uri="sqlite:///" + os.path.join(os.environ["DMGL_HOME"], "mlflow.db")).search_experiments(
+    max_results=1
+)
+"""
+FLOORS = {"floor: torch + one SGD step": FLOOR_STEP, "floor: + MLflow store opened": FLOOR_MLFLOW + FLOOR_STEP}
+
+
+def floor_run(name: str, timeout: float) -> dict[str, float]:
+    """One floor script (:data:`FLOORS`) in a fresh process: process start -> its line after the step, and whole."""
+    started = time.time()
+    process = subprocess.Popen(
+        [sys.executable, "-c", FLOORS[name]],
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"),
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    stepped = time.time()
+    try:
+        process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.wait()
+        raise SystemExit(f"{name} ran past --timeout {timeout} s") from None
+    if process.returncode != 0 or b"first step done" not in line:
+        raise SystemExit(f"{name} failed (exit {process.returncode})")
+    ended = time.time()
+    return {"startup": stepped - started, "exit": ended - stepped, "whole": ended - started}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--against", type=Path, help="another source tree to alternate with (a git worktree)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per tree")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--floors", action="store_true", help="also time a bare torch step, with and without MLflow")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one run may take")
     args = parser.parse_args()
     home = common.use_private_registry()
@@ -79,20 +132,24 @@ def main() -> None:
     )
     print(f"startup: {common.machine_line()}, registry {home}", flush=True)
     trees = [ROOT] + ([args.against.resolve()] if args.against else [])
-    measured: dict[Path, list[dict[str, float]]] = {tree: [] for tree in trees}
+    variants: list[Path | str] = [*trees, *(FLOORS if args.floors else ())]
+    measured: dict[Path | str, list[dict[str, float]]] = {variant: [] for variant in variants}
     for round_number in range(args.repeats):
-        for tree in trees:
+        for variant in variants:
             load = os.getloadavg()[0]
-            got = one_run(tree, args.epochs, args.timeout)
-            measured[tree].append(got)
+            if isinstance(variant, Path):
+                got = one_run(variant, args.epochs, args.timeout)
+            else:
+                got = floor_run(variant, args.timeout)
+            measured[variant].append(got)
             print(
-                f"  [round {round_number + 1}/{args.repeats}] {tree}: start-up {got['startup']:.2f} s, exit "
+                f"  [round {round_number + 1}/{args.repeats}] {variant}: start-up {got['startup']:.2f} s, exit "
                 f"{got['exit']:.2f} s, whole {got['whole']:.2f} s (load average {load:.1f} at its start)",
                 flush=True,
             )
     rows = []
-    for tree, found in measured.items():
-        row = [str(tree)]
+    for variant, found in measured.items():
+        row = [str(variant)]
         for key in ("startup", "exit", "whole"):
             values = [f[key] for f in found]
             row.append(f"{common.median(values):.2f} {common.spread(values)}")
@@ -104,7 +161,7 @@ def main() -> None:
         )
         rows.append(row)
     common.print_table(
-        ["tree", "start-up s", "exit s", "whole s", "targets"],
+        ["tree or floor", "start-up s", "exit s", "whole s", "targets"],
         rows,
         f"dmgl train, synthetic recipe, {args.epochs} epochs (medians [range] over {args.repeats} runs per tree)",
     )

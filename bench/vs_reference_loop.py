@@ -533,7 +533,8 @@ def main() -> None:
     parser.add_argument("--whole-run-samples", type=int, default=128, help="whole run: training samples written")
     parser.add_argument("--whole-run-test", type=int, default=64, help="whole run: test samples written")
     parser.add_argument("--whole-run-epochs", type=int, default=2, help="whole run: epochs")
-    parser.add_argument("--whole-run-child", help=argparse.SUPPRESS)  # published | dmgl, run by the whole-run case
+    parser.add_argument("--whole-run-child", help=argparse.SUPPRESS)  # published | dmgl | authors (whole runs)
+    parser.add_argument("--authors-checkout", type=Path, help=argparse.SUPPRESS)  # for --whole-run-child authors
     args = parser.parse_args()
 
     common.use_private_registry()
@@ -541,10 +542,16 @@ def main() -> None:
     if args.whole_run_child:
         import json
 
-        if args.whole_run_child == "published":
+        if args.whole_run_child in ("published", "authors"):
             marks: dict[str, float] = {}
             epoch_seconds: list[float] = []
-            seconds = _published_child(args, marks, epoch_seconds)
+            if args.whole_run_child == "published":
+                seconds = _published_child(args, marks, epoch_seconds)
+            else:
+                import authors_loop
+
+                checkout = authors_loop.check_checkout(args.authors_checkout)
+                seconds = authors_loop.authors_child(args, checkout, marks, epoch_seconds)
             marks["end"] = time.time()
             found = {"seconds": seconds, "marks": marks, "epoch_seconds": epoch_seconds}
         else:

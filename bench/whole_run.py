@@ -10,7 +10,10 @@ workers), each a process of its own, alternating (published, dmgl, published, dm
   a terminal; the bar's first drawing marks the end of the first training step, its last the end of the last one.
   The training seconds of each epoch are read back from the recorded run (``train/epoch_seconds``);
 * published: ``vs_reference_loop.py``'s published loop, which prints the wall-clock times of its first and last
-  steps and its training seconds per epoch; the time it spends writing its JPEG and WAV files is left out.
+  steps and its training seconds per epoch; the time it spends writing its JPEG and WAV files is left out;
+* with ``--authors-checkout PATH``, the authors' own code (``authors_loop.py``: their dataset, model, ``train_epoch``
+  and ``valid`` imported from a checkout of their repository), timed as the published loop is: the check that the
+  published loop stands for theirs, in the same rounds.
 
 Per run: start-up (process start -> end of the first step; that step's seconds are also in the training seconds),
 exit (end of the last step -> process gone: the last epoch's evaluation and everything after it), time outside
@@ -20,6 +23,7 @@ the peak PSS and RSS of the process tree (DataLoader workers included), sampled 
     python bench/whole_run.py                                         # 1 frame, 2 epochs, 2 rounds, ~10 min on 2 CPUs
     python bench/whole_run.py --frames 3 --repeats 1
     python bench/whole_run.py --samples 64 --test 32 --batch-size 16 --repeats 2    # the README's figures, ~9 min
+    python bench/whole_run.py --authors-checkout ~/OGM-GE_CVPR2022    # + the authors' own loop (authors_loop.py)
 """
 
 from __future__ import annotations
@@ -152,20 +156,24 @@ def watched(process: subprocess.Popen, timeout: float, what: str):
     return output, watch
 
 
-def published_run(args) -> dict[str, float]:
-    """One whole run of the published loop (``vs_reference_loop.py``'s child): its timings and peak memory."""
+def published_run(args, child: str = "published") -> dict[str, float]:
+    """One whole run of the published loop (``vs_reference_loop.py``'s child), or with ``child="authors"`` of the
+    authors' own code (``authors_loop.py``): its timings and peak memory."""
     ref = reference_args(args)
     command = [sys.executable, str(Path(vs_reference_loop.__file__)), "--threads", str(args.threads)]
     command += ["--workers", str(args.workers), "--batch-size", str(args.batch_size), "--device", args.device]
     command += ["--frame-store", args.frame_store, "--whole-run-samples", str(ref.whole_run_samples)]
     command += ["--whole-run-epochs", str(args.epochs), "--whole-run-frames", str(args.frames)]
-    command += ["--whole-run-test", str(args.test), "--whole-run-child", "published"]
+    command += ["--whole-run-test", str(args.test), "--whole-run-child", child]
+    if child == "authors":
+        command += ["--authors-checkout", str(args.authors_checkout)]
+    what = "the published loop" if child == "published" else "the authors' loop"
     started = time.time()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    output, watch = watched(process, args.timeout, "the published loop")
+    output, watch = watched(process, args.timeout, what)
     ended = time.time()
     if process.returncode != 0:
-        raise SystemExit(f"the published loop failed (exit {process.returncode})")
+        raise SystemExit(f"{what} failed (exit {process.returncode})")
     found = json.loads(output.split("WHOLE ", 1)[1])
     marks = found["marks"]
     writing = marks["files_end"] - marks["files_start"]  # its own files, which dmgl's prepare replaces: not counted
@@ -201,7 +209,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--frame-store", default="jpeg", help="dmgl's frame store, raw | jpeg")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one run may take")
+    parser.add_argument(
+        "--authors-checkout",
+        type=Path,
+        help="a checkout of GeWu-Lab/OGM-GE_CVPR2022: also run the authors' own loop each round (authors_loop.py)",
+    )
     args = parser.parse_args()
+    if args.authors_checkout:
+        import authors_loop
+
+        args.authors_checkout = authors_loop.check_checkout(args.authors_checkout)
 
     common.use_private_registry()
     common.set_threads(args.threads)
@@ -214,8 +231,10 @@ def main() -> None:
         audio_shape=vs_reference_loop.PUBLISHED_SPECTROGRAM,
         frame_store=args.frame_store,
     )
-    measured: dict[str, list[dict[str, float]]] = {"published": [], "dmgl": []}
     runs = {"published": published_run, "dmgl": dmgl_run}
+    if args.authors_checkout:
+        runs["authors' code"] = lambda args: published_run(args, "authors")
+    measured: dict[str, list[dict[str, float]]] = {which: [] for which in runs}
     for round_number in range(args.repeats):
         for which, run in runs.items():
             load = os.getloadavg()[0]
@@ -246,6 +265,16 @@ def main() -> None:
                 f"{MEMORY_TARGET:g} {common.verdict(pss_ratio, MEMORY_TARGET, True)}, start-up <= "
                 f"{STARTUP_TARGET_S:g} s {common.verdict(mid('startup'), STARTUP_TARGET_S, True)}, exit <= "
                 f"{EXIT_TARGET_S:g} s {common.verdict(mid('exit'), EXIT_TARGET_S, True)}",
+            ]
+        elif which == "authors' code":
+            # the check of the reference: the published loop's whole run over the authors' own, round by round
+            ratios = common.paired_ratios([f["whole"] for f in measured["published"]], [f["whole"] for f in found])
+            dmgl = common.paired_ratios([f["whole"] for f in measured["dmgl"]], [f["whole"] for f in found])
+            row += [
+                f"published / authors' {common.median(ratios):.3f} {common.spread(ratios)}; dmgl / authors' "
+                f"{common.median(dmgl):.3f} {common.spread(dmgl)}",
+                f"{max(f['pss'] for f in measured['dmgl']) / max(f['pss'] for f in found):.3f} (dmgl / authors')",
+                "",
             ]
         else:
             row += ["", "", ""]

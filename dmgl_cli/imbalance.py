@@ -16,8 +16,11 @@ recorded beside the Shapley values (``test_empty_coalition_acc``). The values ar
 coalitions (``M`` modalities), scored in one pass over the split: each batch is read once and scored for every
 coalition, with each modality encoded once a batch and its zeros once, on one sample (an encoder in eval mode gives
 one input one output and encodes each sample on its own, so reusing its output changes nothing; the method's
-forward, fusion and heads run for each coalition; :class:`_EncodingsReused`). The FLOPs (below) are counted on the first
-batch's full coalition of that pass::
+forward, fusion and heads run for each coalition; :class:`_EncodingsReused`). The trainer makes that pass its test
+scoring at each new best epoch (:func:`evaluate_with_coalitions`: the full coalition is the scoring forward), so the
+values are those of the reported test scores and the end of a seed makes no pass of its own; where it cannot
+(data-parallel, ``train.compile``, a method whose scoring changes its state), the end of the seed makes the pass on
+the best weights (:func:`score_coalitions`), counting the FLOPs (below) on its first batch's full coalition::
 
     phi_i = sum over S not containing i of  |S|! (M - |S| - 1)! / M!  *  (v(S + {i}) - v(S))
 
@@ -34,13 +37,15 @@ stays defined when a contribution is 0 or negative.
 **Cost.** Parameters: every parameter of the model, frozen ones included. FLOPs per sample: what
 ``torch.utils.flop_counter.FlopCounterMode`` counts (matrix products and convolutions, a multiply-add = 2 FLOPs;
 element-wise operations are not counted) over one evaluation forward of the split's first batch, divided by its
-size. Seconds per epoch: the mean of the trainer's ``epoch_seconds`` (training only, without validation and test).
+size, or of its first sample alone where the trainer scored the coalitions (the same count: every counted operation
+is per sample; tests/test_imbalance.py checks it for every method). Seconds per epoch: the mean of the trainer's ``epoch_seconds`` (training only, without validation and test).
 Peak memory in MiB (2^20 bytes): on CUDA ``torch.cuda.max_memory_allocated`` since the last
 :func:`reset_peak_memory` (run.training resets it when a seed's trainer is built, so it is the seed's training and
 evaluation), elsewhere the process's peak resident set size (``resource.getrusage``), which covers the whole process
 so far, including any seed trained before in it; :func:`peak_memory_mib` says which.
 
-Training layer: torch, no MLflow; run.training calls these once per seed on the best checkpoint's weights.
+Training layer: torch, no MLflow; the trainer scores the coalitions with its test scores, run.training turns them
+into these measures once per seed.
 """
 
 from __future__ import annotations
@@ -59,9 +64,10 @@ from torch import Tensor, nn
 
 from dmgl_cli.config import Config
 from dmgl_cli.device import autocast, to_device
+from dmgl_cli.evaluation import evaluate
 from dmgl_cli.methods.base import Method
 from dmgl_cli.metrics import performance_gap
-from dmgl_cli.models import MultimodalModel
+from dmgl_cli.models import ModelOutput, MultimodalModel
 
 Coalition = frozenset[str]
 CUDA_PEAK = "cuda max_memory_allocated"
@@ -76,7 +82,10 @@ __all__ = [
     "Coalition",
     "CoalitionScores",
     "coalition_accuracy",
+    "coalitions_from_state",
+    "coalitions_to_state",
     "cost_metrics",
+    "evaluate_with_coalitions",
     "flops_per_sample",
     "imbalance_degree",
     "mean_epoch_seconds",
@@ -284,6 +293,53 @@ def score_coalitions(
     if samples == 0:
         raise ValueError("the loader yielded no samples to score")
     return CoalitionScores({c: int(n) / samples for c, n in correct.items()}, flops)
+
+
+def evaluate_with_coalitions(
+    model: MultimodalModel,
+    method: Method,
+    config: Config,
+    loader: Iterable[dict[str, Any]],
+    device: torch.device,
+    prefix: str,
+    modalities: Sequence[str],
+) -> tuple[dict[str, float], dict[Coalition, float]]:
+    """:func:`dmgl_cli.evaluation.evaluate`'s scores of ``loader`` and, in the same pass, ``v(S)`` for every coalition
+    of ``modalities``, as :func:`score_coalitions` gives them: the full coalition is the scoring forward itself, and
+    each batch's other coalitions reuse its encodings (:class:`_EncodingsReused`). The trainer scores the test split
+    this way at a new best epoch, so that the seed's Shapley values need no pass of their own over the best weights.
+    Single process only (a rank's loader holds its share of the batches), and not for a method whose scoring changes
+    its state (:func:`score_coalitions` scores those one coalition at a time)."""
+    if method.scoring_changes_state:
+        raise ValueError(f"{type(method).__name__}'s scoring changes its state: score its coalitions one by one")
+    everyone = frozenset(modalities)
+    others = [c for c in _all_coalitions(modalities) if c != everyone]
+    correct = {coalition: torch.zeros((), dtype=torch.long, device=device) for coalition in [everyone, *others]}
+    samples = 0
+
+    def score_the_other_coalitions(inputs: dict[str, Tensor], labels: Tensor, output: ModelOutput) -> None:
+        nonlocal samples
+        correct[everyone] += (torch.softmax(method.predict(output).float(), dim=-1).argmax(dim=-1) == labels).sum()
+        for coalition in others:
+            present = {m: x if m in coalition else encodings.zeros(m, x) for m, x in inputs.items()}
+            correct[coalition] += (_predictions(model, method, config, present, device) == labels).sum()
+        samples += int(labels.shape[0])
+        encodings.next_batch()
+
+    with _EncodingsReused(model) as encodings:
+        scores = evaluate(model, method, config, loader, device, prefix, after_batch=score_the_other_coalitions)
+    if samples == 0:
+        raise ValueError("the loader yielded no samples to score")
+    return scores, {c: int(n) / samples for c, n in correct.items()}
+
+
+def coalitions_to_state(values: Mapping[Coalition, float]) -> list[list[Any]]:
+    """``values`` as a checkpoint keeps them: ``[[sorted modalities], value]`` pairs."""
+    return [[sorted(coalition), value] for coalition, value in values.items()]
+
+
+def coalitions_from_state(pairs: Iterable[Sequence[Any]]) -> dict[Coalition, float]:
+    return {frozenset(modalities): float(value) for modalities, value in pairs}
 
 
 def shapley_values(values: Mapping[Coalition, float], players: Sequence[str]) -> dict[str, float]:

@@ -40,6 +40,7 @@ from dmgl_cli.device import autocast, configure_determinism, pick_device, seed_e
 from dmgl_cli.distributed import SINGLE_PROCESS, DistributedContext, batch_rows_of, device_for_rank
 from dmgl_cli.errors import DmglError, Interrupted
 from dmgl_cli.evaluation import evaluate
+from dmgl_cli.imbalance import Coalition, coalitions_from_state, coalitions_to_state, evaluate_with_coalitions
 from dmgl_cli.losses import total_loss
 from dmgl_cli.methods import build_method
 from dmgl_cli.objective import compute_losses
@@ -81,6 +82,9 @@ class TrainResult:
     best_epoch: int
     final: dict[str, float]  # val_* and test_* at the best (validation-selected) epoch
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics, epoch 1..T
+    # v(S) of every modality coalition on the test split at the best epoch, scored with its test scores
+    # (imbalance.evaluate_with_coalitions); None where they were not (see Trainer.scores_coalitions)
+    test_coalitions: dict[Coalition, float] | None = None
 
 
 @dataclass
@@ -188,6 +192,13 @@ class Trainer:
         self.best_metric = -math.inf
         self.best_epoch = 0
         self.best_scores: dict[str, float] = {}
+        self.best_coalitions: dict[Coalition, float] | None = None
+        self._test_coalitions: dict[Coalition, float] | None = None  # of the last test scoring, if it scored them
+        # The best epoch's test scoring also scores the modality coalitions for the seed's Shapley values, sharing
+        # its encoders' work, so that the end of the seed needs no pass of its own over the test split: in one
+        # process (a rank holds a share of the batches), on the eager model (the coalitions swap the encoders'
+        # forward, which a compiled graph does not see), for a method whose scoring leaves its state alone.
+        self.scores_coalitions = not (distributed.active or config.train.compile or self.method.scoring_changes_state)
         self.history: list[dict[str, float]] = []
         # A stop request (set from a signal handler) is honoured between two optimiser steps, never inside one,
         # so the checkpoint written on the way out is consistent and resumes at the exact batch.
@@ -348,12 +359,13 @@ class Trainer:
                     self.scheduler.step(val["val_cls_loss"])
             elif self.scheduler is not None:
                 self.scheduler.step()
-            if val and val[f"val_{config.train.select_metric}"] > self.best_metric:  # ties keep the earlier epoch
+            if self._is_new_best(val):
                 if not test:
-                    test = self._score("test")
+                    test = self._score("test", coalitions=True)
                     metrics.update(test)
                 self.best_metric, self.best_epoch = val[f"val_{config.train.select_metric}"], number
                 self.best_scores = {**val, **test}
+                self.best_coalitions = self._test_coalitions
                 self.sink.save_checkpoint("best", self._best_state())
             if number == total and "test_acc" not in metrics:  # the last epoch's test score, for best-vs-last
                 metrics.update(self._score("test"))
@@ -369,12 +381,26 @@ class Trainer:
             if self.distributed.any(self.stop_requested) and self.epoch < total:
                 raise Interrupted()  # the epoch-end checkpoint above is the resume point
         final = {"best_epoch": float(self.best_epoch), **self.best_scores}
-        return TrainResult(best_epoch=self.best_epoch, final=final, history=list(self.history))
-
-    def _score(self, split: str) -> dict[str, float]:
-        return evaluate(
-            self.model, self.method, self.config, self.eval_loaders[split], self.device, split, self.distributed
+        return TrainResult(
+            best_epoch=self.best_epoch, final=final, history=list(self.history), test_coalitions=self.best_coalitions
         )
+
+    def _is_new_best(self, val: dict[str, float]) -> bool:
+        return bool(val) and val[f"val_{self.config.train.select_metric}"] > self.best_metric  # ties: the earlier
+
+    def _score(self, split: str, coalitions: bool = False) -> dict[str, float]:
+        """``split``'s scores; with ``coalitions`` (where :attr:`scores_coalitions`), the test split's coalition
+        values too, kept until the next test scoring."""
+        loader = self.eval_loaders[split]
+        if split == "test":
+            self._test_coalitions = None
+            if coalitions and self.scores_coalitions:
+                modalities = sorted(self.dataset.modalities)
+                scores, self._test_coalitions = evaluate_with_coalitions(
+                    self.model, self.method, self.config, loader, self.device, split, modalities
+                )
+                return scores
+        return evaluate(self.model, self.method, self.config, loader, self.device, split, self.distributed)
 
     def _scores_of_epoch(self, number: int, total: int) -> tuple[dict[str, float], dict[str, float]]:
         """(validation, test) scores after epoch ``number``: validation every ``train.eval_every`` epochs and at the
@@ -386,7 +412,7 @@ class Trainer:
             return {}, {}
         val = self._score("val")
         curves = self.config.train.test_curves or self.method.scoring_changes_state
-        return val, (self._score("test") if curves else {})
+        return val, (self._score("test", coalitions=self._is_new_best(val)) if curves else {})
 
     # -------------------------------------------------------------------------------------------------- state
     def _best_state(self) -> dict[str, Any]:
@@ -410,7 +436,12 @@ class Trainer:
             "strategy": self.strategy.state_dict(),
             "outer_step": self.outer_step.state_dict() if self.outer_step is not None else {},
             "method": self.method.state_dict(),
-            "best": {"metric": self.best_metric, "epoch": self.best_epoch, "scores": dict(self.best_scores)},
+            "best": {
+                "metric": self.best_metric,
+                "epoch": self.best_epoch,
+                "scores": dict(self.best_scores),
+                "coalitions": coalitions_to_state(self.best_coalitions) if self.best_coalitions else None,
+            },
             "history": [dict(h) for h in self.history],
             "epoch_position": dict(self._epoch_position),
             "rng": capture_rng(self.device),
@@ -434,6 +465,8 @@ class Trainer:
             int(best["epoch"]),
             dict(best["scores"]),
         )
+        # a checkpoint written before the coalitions were kept (or without them): the seed's end scores them itself
+        self.best_coalitions = coalitions_from_state(best["coalitions"]) if best.get("coalitions") else None
         self.history = [dict(h) for h in state["history"]]
         self._epoch_position = dict(state.get("epoch_position") or {})
         restore_rng(state["rng"], self.device)

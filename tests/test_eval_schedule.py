@@ -32,9 +32,9 @@ def _fit(overrides):
     scored: list[str] = []
     score = trainer._score
 
-    def counting(split):
+    def counting(split, **options):
         scored.append(split)
-        return score(split)
+        return score(split, **options)
 
     trainer._score = counting
     return trainer.fit(), sink, scored

@@ -4,6 +4,7 @@ trained run, FLOPs against a hand count, and the table in every format."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import itertools
@@ -20,10 +21,12 @@ from torch import Tensor, nn
 from dmgl_cli.catalogue import METHODS
 from dmgl_cli.cli import cli
 from dmgl_cli.config import load_config
+from dmgl_cli.evaluation import evaluate
 from dmgl_cli.imbalance import (
     PROCESS_PEAK_RSS,
     coalition_accuracy,
     cost_metrics,
+    evaluate_with_coalitions,
     flops_per_sample,
     imbalance_degree,
     mean_epoch_seconds,
@@ -207,7 +210,7 @@ def test_every_method_scores_its_coalitions_in_one_pass_as_one_by_one(synthetic,
     """Each method's own forward (heads, gates, prototypes, Greedy's state) through the shared encodings gives the
     coalition values that scoring each coalition on its own gives; untrained weights, several batches."""
     from dmgl_cli.config import resolve
-    from dmgl_cli.data.loader import eval_loader
+    from dmgl_cli.data.loader import ArraySplit, eval_loader
     from dmgl_cli.data.registry import open_dataset
     from dmgl_cli.data.transforms import model_input_specs
     from dmgl_cli.methods import build_method
@@ -228,6 +231,91 @@ def test_every_method_scores_its_coalitions_in_one_pass_as_one_by_one(synthetic,
     }
     assert scores.values == one_by_one
     assert scores.flops_per_sample == flops_per_sample(model, method, config, loader, CPU)
+    # the seed's end counts FLOPs on one sample when the trainer scored the coalitions: the same count
+    split = loader.dataset
+    one_sample = eval_loader(dataset, config, ArraySplit(split.arrays, split.indices[:1]))
+    assert flops_per_sample(model, method, config, one_sample, CPU) == scores.flops_per_sample
+    if method.scoring_changes_state:
+        with pytest.raises(ValueError, match="one by one"):
+            evaluate_with_coalitions(model, method, config, loader, CPU, "test", modalities)
+        return
+    # the trainer's test scoring with the coalitions on the way: its own scores, and the same coalition values
+    scored, values = evaluate_with_coalitions(model, method, config, loader, CPU, "test", modalities)
+    assert values == one_by_one
+    alone = evaluate(model, method, config, loader, CPU, "test")
+    assert scored.keys() == alone.keys()
+    assert all(scored[k] == alone[k] or (math.isnan(scored[k]) and math.isnan(alone[k])) for k in alone)
+    assert values[frozenset(modalities)] == scored["test_acc"]
+
+
+class KeepingSink:
+    def __init__(self):
+        self.checkpoints: dict[str, dict] = {}
+
+    def log_metrics(self, metrics, step):
+        pass
+
+    def save_checkpoint(self, name, state):
+        self.checkpoints[name] = copy.deepcopy(state)
+
+
+@pytest.mark.parametrize("name", ["concat", "pmr"])
+def test_the_trainer_scores_the_coalitions_with_the_best_epochs_test_scores(synthetic, name):
+    """The values the seed's Shapley values are made of come from the best epoch's test scoring: equal to one pass
+    over a fresh model holding the best checkpoint's weights (what the seed's end did before), v(all) the reported
+    test_acc; kept in the resumable checkpoint, and a trainer loaded from it returns them."""
+    from dmgl_cli.config import resolve
+    from dmgl_cli.data.loader import eval_loader
+    from dmgl_cli.data.registry import open_dataset
+    from dmgl_cli.data.transforms import model_input_specs
+    from dmgl_cli.train import Trainer
+
+    dataset = open_dataset(synthetic)
+    config = resolve("synthetic", method=name, settings={"train.epochs": 3, "train.batch_size": 64})
+    sink = KeepingSink()
+    trainer = Trainer(config, dataset, 0, sink)
+    assert trainer.scores_coalitions
+    result = trainer.fit()
+    modalities = sorted(dataset.modalities)
+    assert result.test_coalitions is not None and len(result.test_coalitions) == 2 ** len(modalities)
+    assert result.test_coalitions[frozenset(modalities)] == result.final["test_acc"]
+    fresh = trainer.method.build_model(model_input_specs(dataset.modalities, config), dataset.num_classes)
+    fresh.load_state_dict(sink.checkpoints["best"]["model"])
+    loader = eval_loader(dataset, config, trainer.splits.test)
+    assert score_coalitions(fresh, trainer.method, config, loader, CPU, modalities).values == result.test_coalitions
+
+    resumed = Trainer(config, dataset, 0, KeepingSink())
+    resumed.load_state_dict(sink.checkpoints["last"], "last.pt")
+    assert resumed.fit().test_coalitions == result.test_coalitions  # nothing left to train: the kept values
+    older = copy.deepcopy(sink.checkpoints["last"])
+    del older["best"]["coalitions"]  # a checkpoint from before they were kept
+    resumed = Trainer(config, dataset, 0, KeepingSink())
+    resumed.load_state_dict(older, "last.pt")
+    assert resumed.fit().test_coalitions is None  # the seed's end scores them in a pass of its own
+
+
+@pytest.mark.parametrize(("method", "passes"), [("concat", 0), ("greedy", 1)])
+def test_the_seeds_end_makes_a_coalition_pass_only_where_the_trainer_could_not(
+    run_cli, synthetic, monkeypatch, method, passes
+):
+    """`dmgl train`: the Shapley values come from the best epoch's test scoring (no pass at the seed's end), except
+    for a method whose scoring changes its state, which the end scores coalition by coalition, as before."""
+    import dmgl_cli.run.training as training
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return score_coalitions(*args, **kwargs)
+
+    monkeypatch.setattr(training, "score_coalitions", counted)
+    result = run_cli("train", "--method", method, "--epochs", "2", "--set", "train.batch_size=64", "--json")
+    assert len(calls) == passes
+    final = json.loads(result.stdout)["seeds"][0]["final"]
+    assert final["test_shapley_fast"] + final["test_shapley_slow"] == pytest.approx(
+        final["test_acc"] - final["test_empty_coalition_acc"], abs=1e-9
+    )
+    assert final["flops_per_sample"] > 0
 
 
 # ------------------------------------------------------------------------------------------------------ cost

@@ -23,7 +23,7 @@ from dmgl_cli import __version__
 from dmgl_cli.catalogue import METHODS
 from dmgl_cli.checkpoint import load_model_state
 from dmgl_cli.config import Config, recorded_params, with_seed
-from dmgl_cli.data.loader import eval_loader
+from dmgl_cli.data.loader import ArraySplit, eval_loader
 from dmgl_cli.data.prepared import PreparedDataset
 from dmgl_cli.data.registry import open_dataset
 from dmgl_cli.data.transforms import model_input_specs
@@ -147,11 +147,17 @@ def _finish_seed(tracker: Tracker, run_id: str, result: TrainResult, config: Con
 
 
 def _imbalance_and_cost(tracker: Tracker, run_id: str, trainer: Trainer, result: TrainResult) -> dict[str, float]:
-    """A finished seed's Shapley values of test accuracy, imbalance degree and cost (:mod:`dmgl_cli.imbalance`),
-    measured once on the best checkpoint's weights over the whole test split; they select nothing, only report.
-    The weights go into a fresh, uncompiled model (as ``dmgl eval`` scores a checkpoint) driven by the trainer's method
-    in its end-of-training state; the peak memory is read first, so that it is training's and evaluation's. Tags
-    the run with where that peak was read (``dmgl.peak_memory``)."""
+    """A finished seed's Shapley values of test accuracy, imbalance degree and cost (:mod:`dmgl_cli.imbalance`), on
+    the best checkpoint's weights over the whole test split; they select nothing, only report.
+
+    The coalitions' values are those the trainer scored with the best epoch's test scores (``result.test_coalitions``:
+    the same weights, method state and batches as the reported ``test_acc``, so ``v(all)`` is that figure). Where it
+    did not (data-parallel, ``train.compile``, a method whose scoring changes its state, a run resumed from a
+    checkpoint that predates them), the weights go into a fresh, uncompiled model (as ``dmgl eval`` scores a
+    checkpoint), driven by the trainer's method in its end-of-training state, and one pass scores them. The FLOPs are
+    counted on that fresh model: over the first batch of that pass, or else on the test split's first sample alone.
+    The peak memory is read first, so that it is training's and evaluation's. Tags the run with where that peak was
+    read (``dmgl.peak_memory``)."""
     config, dataset, device = trainer.config, trainer.dataset, trainer.device
     peak, peak_source = peak_memory_mib(device)
     try:
@@ -162,12 +168,19 @@ def _imbalance_and_cost(tracker: Tracker, run_id: str, trainer: Trainer, result:
     model = trainer.method.build_model(model_input_specs(dataset.modalities, config), dataset.num_classes)
     load_model_state(model, best["model"], f"run {run_id} checkpoints/best.pt")
     model = model.to(device)
-    # the whole test split in its order: the trainer's own test loader holds only this rank's share when data-parallel
-    loader = eval_loader(dataset, config, trainer.splits.test, num_workers=config.data.num_workers)
     modalities = sorted(dataset.modalities)
-    scores = score_coalitions(model, trainer.method, config, loader, device, modalities, count_flops=True)
-    metrics = shapley_metrics_of(scores.values, modalities)
-    metrics.update(cost_metrics(model, trainer.method, config, loader, device, result.history, scores.flops_per_sample))
+    if result.test_coalitions is not None:
+        values = result.test_coalitions
+        test = trainer.splits.test
+        loader = eval_loader(dataset, config, ArraySplit(test.arrays, test.indices[:1]))  # FLOPs: one sample
+        flops = None
+    else:
+        # the whole test split in its order: the trainer's test loader holds only this rank's share (data-parallel)
+        loader = eval_loader(dataset, config, trainer.splits.test, num_workers=config.data.num_workers)
+        scores = score_coalitions(model, trainer.method, config, loader, device, modalities, count_flops=True)
+        values, flops = scores.values, scores.flops_per_sample
+    metrics = shapley_metrics_of(values, modalities)
+    metrics.update(cost_metrics(model, trainer.method, config, loader, device, result.history, flops))
     metrics["peak_memory_mib"] = peak
     tracker.set_tags(run_id, {"dmgl.peak_memory": peak_source})
     return metrics
