@@ -38,7 +38,8 @@ stays defined when a contribution is 0 or negative.
 ``torch.utils.flop_counter.FlopCounterMode`` counts (matrix products and convolutions, a multiply-add = 2 FLOPs;
 element-wise operations are not counted) over one evaluation forward of the split's first batch, divided by its
 size, or of its first sample alone where the trainer scored the coalitions (the same count: every counted operation
-is per sample; tests/test_imbalance.py checks it for every method). Seconds per epoch: the mean of the trainer's ``epoch_seconds`` (training only, without validation and test).
+is per sample; tests/test_imbalance.py checks it for every method). Seconds per epoch: the mean of the trainer's
+``epoch_seconds`` (training only, without validation and test).
 Peak memory in MiB (2^20 bytes): on CUDA ``torch.cuda.max_memory_allocated`` since the last
 :func:`reset_peak_memory` (run.training resets it when a seed's trainer is built, so it is the seed's training and
 evaluation), elsewhere the process's peak resident set size (``resource.getrusage``), which covers the whole process
