@@ -57,30 +57,23 @@ def write_authors_files(dataset, folder: Path, indices, split: str, frames: int)
     """Samples ``indices`` of ``split`` in the authors' CREMA-D layout under ``folder``: a 16 kHz WAV per clip (as
     CREMA-D's AudioWAV), ``frames`` JPEGs of its stored frames, and the split's CSV rows (clip, emotion code)."""
     import numpy as np
-    import soundfile
-    from PIL import Image
+    import vs_reference_loop
 
     arrays = dataset.split(split)
     visual, labels = arrays.inputs["visual"], arrays.labels
     rng = np.random.default_rng(0)
-    clips = []
+    rows = []
     for index in indices:
         clip = f"{split}{index:05d}"
-        wav = folder / "AudioWAV" / f"{clip}.wav"
-        wav.parent.mkdir(parents=True, exist_ok=True)
-        soundfile.write(wav, (0.1 * rng.standard_normal(40_000)).astype(np.float32), 16_000, subtype="PCM_16")
         frame_folder = folder / f"Image-{frames:02d}-FPS" / clip
-        frame_folder.mkdir(parents=True, exist_ok=True)
-        stored = visual[index]
-        for k in range(frames):
-            frame = np.asarray(stored[k * len(stored) // frames])
-            Image.fromarray(frame).save(frame_folder / f"{k:05d}.jpg", format="JPEG", quality=90)
-        clips.append(f"{clip},{CREMA_CLASSES[int(labels[index]) % len(CREMA_CLASSES)]}")
+        paths = [frame_folder / f"{k:05d}.jpg" for k in range(frames)]
+        vs_reference_loop.write_clip_files(visual[index], folder / "AudioWAV" / f"{clip}.wav", paths, rng)
+        rows.append([clip, CREMA_CLASSES[int(labels[index]) % len(CREMA_CLASSES)]])
     csv_path = folder / "data" / "CREMAD" / f"{split}.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("w", newline="") as handle:
-        csv.writer(handle).writerows(row.split(",") for row in clips)
-    return clips
+        csv.writer(handle).writerows(rows)
+    return [clip for clip, _ in rows]
 
 
 def authors_child(args, checkout: Path, marks: dict[str, float], epoch_seconds: list[float]) -> float:

@@ -252,13 +252,27 @@ WHOLE_RUN_MEMORY_TARGET = 1.0
 PUBLISHED_SPECTROGRAM = (257, 188)  # the published loop's STFT of 3 s at 22.05 kHz, n_fft 512, hop 353
 
 
+def write_clip_files(stored_frames, wav: Path, frame_paths: list[Path], rng) -> None:
+    """One clip's raw files as a published loop reads them: 2.5 s of noise as a 16 kHz 16-bit WAV, and
+    ``len(frame_paths)`` of the clip's stored frames, evenly spaced, as JPEGs (quality 90)."""
+    import numpy as np
+    import soundfile
+    from PIL import Image
+
+    wav.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(wav, (0.1 * rng.standard_normal(40_000)).astype(np.float32), 16_000, subtype="PCM_16")
+    count = len(frame_paths)
+    for k, path in enumerate(frame_paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame = np.asarray(stored_frames[k * len(stored_frames) // count])
+        Image.fromarray(frame).save(path, format="JPEG", quality=90)
+
+
 def write_published_files(dataset, folder: Path, indices, split: str, frames: int) -> list[tuple[str, list[str], int]]:
     """The published loop's files for samples ``indices`` of ``split``: a 16 kHz WAV per clip (its spectrogram is
     computed per sample, as the published dataset does) and ``frames`` JPEG frames per clip (its 1-fps extraction),
     the clip's stored frames at 224 px."""
     import numpy as np
-    import soundfile
-    from PIL import Image
 
     arrays = dataset.split(split)
     visual, labels = arrays.inputs["visual"], arrays.labels
@@ -266,16 +280,9 @@ def write_published_files(dataset, folder: Path, indices, split: str, frames: in
     rows = []
     for index in indices:
         wav = folder / split / f"{index}.wav"
-        wav.parent.mkdir(parents=True, exist_ok=True)
-        soundfile.write(wav, (0.1 * rng.standard_normal(40_000)).astype(np.float32), 16_000, subtype="PCM_16")
-        paths = []
-        stored = visual[index]
-        for k in range(frames):
-            path = folder / split / str(index) / f"frame_{k:05d}.jpg"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.asarray(stored[k * len(stored) // frames])).save(path, format="JPEG", quality=90)
-            paths.append(str(path))
-        rows.append((str(wav), paths, int(labels[index])))
+        paths = [folder / split / str(index) / f"frame_{k:05d}.jpg" for k in range(frames)]
+        write_clip_files(visual[index], wav, paths, rng)
+        rows.append((str(wav), [str(path) for path in paths], int(labels[index])))
     return rows
 
 
