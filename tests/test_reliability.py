@@ -145,6 +145,34 @@ def test_an_exception_marks_the_runs_failed(run_cli, synthetic):
     assert tracker.children(parents[0])[0].status == "FAILED"
 
 
+@pytest.mark.parametrize("where", ["parent's params", "seed's creation"])
+def test_a_stop_between_a_runs_creation_and_its_training_leaves_no_run_running(synthetic, monkeypatch, where):
+    """Ctrl-C can land while a run is being recorded, before any training (a sweep worker's trial did): the runs
+    already made end KILLED, never RUNNING, and the stop propagates."""
+    config = load_config("synthetic", ["train.epochs=2"])
+    parents: list[str] = []
+    if where == "parent's params":
+
+        def on_parent(parent_id):
+            parents.append(parent_id)
+            raise KeyboardInterrupt
+
+    else:
+        on_parent = parents.append
+
+        def stopped_before_training(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(training, "train_seed", stopped_before_training)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, [0, 1], tracker=Tracker(), on_parent=on_parent)
+    tracker = Tracker()
+    assert tracker.get_run(parents[0]).status == "KILLED"
+    children = tracker.children(parents[0])
+    assert len(children) == (0 if where == "parent's params" else 1)
+    assert all(child.status == "KILLED" for child in children)
+
+
 WRITER = """
 import sys, torch
 from dmgl_cli.checkpoint import save_checkpoint

@@ -276,13 +276,13 @@ def train(
         {**_tags(config, dataset, "parent"), "dmgl.seeds": ",".join(map(str, seeds)), **(extra_tags or {})},
         parent_id=sweep_run_id,
     )
-    if on_parent:
-        on_parent(parent_id)
-    tracker.log_params(parent_id, {**recorded_params(config), "seeds": ",".join(map(str, seeds))})
-    tracker.log_text(parent_id, config.to_yaml(), "config.yaml")
-    tracker.log_dataset(parent_id, dataset_record(config, dataset))
     outcomes = []
-    with tracker.run(parent_id):
+    with tracker.run(parent_id):  # from its creation on: a stop while its params are written ends it KILLED
+        if on_parent:
+            on_parent(parent_id)
+        tracker.log_params(parent_id, {**recorded_params(config), "seeds": ",".join(map(str, seeds))})
+        tracker.log_text(parent_id, config.to_yaml(), "config.yaml")
+        tracker.log_dataset(parent_id, dataset_record(config, dataset))
         # A tracking server may be away when a later seed starts: its run is made now, SCHEDULED (journaled stores).
         ahead = {
             seed: start_seed_run(

@@ -173,7 +173,10 @@ class TrackerBase:
         self._checkpoint_writer: CheckpointWriter | None = None  # made by the first save_checkpoint (it needs torch)
         self._journal: JournalWriter | None = None  # started by the first journaled write
         self._artifact_uris: dict[str, str] = {}  # run id -> artifact URI, read once (it never changes)
-        self._scheduled: dict[str, set[str]] = {}  # parent run id -> its seeds' runs made SCHEDULED, not started
+        # parent run id -> the child runs this process made and has not ended (RUNNING or SCHEDULED): a parent
+        # that ends otherwise than FINISHED ends them too, so a stop that lands between a child's creation and the
+        # work that would end it leaves no run RUNNING
+        self._unended: dict[str, set[str]] = {}
         if self.default_store:
             ensure_registry()
         check_reachable(self.uri)

@@ -84,10 +84,10 @@ class RunWriting(RunQueries):
         run = self.client.create_run(experiment_id, run_name=name, tags=tags)
         if run.info.artifact_uri:
             self._artifact_uris[run.info.run_id] = run.info.artifact_uri
+        if parent_id:
+            self._unended.setdefault(parent_id, set()).add(run.info.run_id)
         if status != "RUNNING":
             self.client.update_run(run.info.run_id, status=status)
-            if parent_id and status == "SCHEDULED":
-                self._scheduled.setdefault(parent_id, set()).add(run.info.run_id)
         return run.info.run_id
 
     def set_status(self, run_id: str, status: str) -> None:
@@ -122,10 +122,13 @@ class RunWriting(RunQueries):
         self._write(run_id, record)
 
     def end_run(self, run_id: str, status: str) -> None:
-        """End a run; a parent that ends otherwise than FINISHED ends the seeds it made SCHEDULED that never
-        started the same way (``dmgl train --resume`` trains them)."""
-        for child in sorted(self._scheduled.pop(run_id, set())) if status != "FINISHED" else []:
-            self._write(child, {"op": "end", "status": status, "end_time": int(time.time() * 1000)})
+        """End a run. A parent that ends otherwise than FINISHED ends the same way the child runs this process made
+        under it and has not ended: seeds made SCHEDULED that never started, and a run a stop caught between its
+        creation and the work that ends it (``dmgl train --resume`` trains them)."""
+        for children in self._unended.values():
+            children.discard(run_id)
+        for child in sorted(self._unended.pop(run_id, set())) if status != "FINISHED" else []:
+            self.end_run(child, status)
         self._write(run_id, {"op": "end", "status": status, "end_time": int(time.time() * 1000)})
 
     @contextmanager
@@ -152,8 +155,6 @@ class RunWriting(RunQueries):
 
     def mark_running(self, run_id: str) -> None:
         """A resumed run (or a seed created SCHEDULED with its parent): RUNNING, owned by this process."""
-        for scheduled in self._scheduled.values():
-            scheduled.discard(run_id)
         self.set_status(run_id, "RUNNING")
         self.set_tags(
             run_id,
