@@ -358,6 +358,32 @@ def test_ctrl_c_requeues_the_trial_and_the_study_resumes(run_cli, synthetic, reg
     assert sorted(t.params["strategy"] for t in complete) == ["constant:0", "lb"]
 
 
+def test_ctrl_c_during_a_claim_puts_the_claimed_trial_back(run_cli, synthetic, registry, monkeypatch):
+    """The signal lands just after the storage marked a trial RUNNING, before any heartbeat: the trial goes back to
+    the queue (without the hold it stayed RUNNING with no heartbeat, and a resumed study waited for it for good)."""
+    from dmgl_cli.sweep import worker
+
+    storage = f"sqlite:///{registry / 'optuna.db'}"
+    run_cli("sweep", "--study", "claim", "--strategies", "constant:0", "--seeds", "1", *FAST, "--create-only")
+    claim = worker._claim
+
+    def claim_then_ctrl_c(study):
+        trial = claim(study)
+        os.kill(os.getpid(), signal.SIGINT)  # delivered to this (the main) thread before the sleep ends
+        time.sleep(0.2)
+        return trial
+
+    monkeypatch.setattr(worker, "_claim", claim_then_ctrl_c)
+    result = run_cli("sweep", "--study", "claim", expect=130)
+    assert "Traceback" not in result.output
+    trials = _study(storage, "claim").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert "interrupted" in trials[0].user_attrs["message"] and "mlflow_run_id" not in trials[0].user_attrs
+
+    monkeypatch.setattr(worker, "_claim", claim)
+    assert "study claim is complete" in run_cli("sweep", "--study", "claim").output
+
+
 # --------------------------------------------------------------------------------------------- bad input
 
 

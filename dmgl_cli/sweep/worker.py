@@ -7,8 +7,10 @@
 * **Dead workers.** A claimed trial beats (:func:`dmgl_cli.sweep.storage.heartbeat`); one whose worker stopped
   beating is failed by the next worker that looks, its MLflow runs marked FAILED, and it is re-enqueued
   (:class:`StaleTrialHandler`).
-* **Ctrl-C** stops training (its runs marked KILLED), fails the trial and re-enqueues it. A trial that
-  raises an error is failed and not retried automatically (errors repeat).
+* **Ctrl-C** stops training (its runs marked KILLED), fails the trial and re-enqueues it. One that lands while a
+  trial is being claimed is held until the claim is over (:func:`_interrupts_held`): a claimed trial that never
+  beat would stay RUNNING for good, and a resumed study would wait for it. A trial that raises an error is failed
+  and not retried automatically (errors repeat).
 * **Pruning** compares a trial with the median of its own strategy's trials at the same step
   (:class:`StrategyMedianPruner`).
 * **MLflow.** Each trial is one ``training.train`` parent run nested under the sweep run, with a child per seed; the
@@ -23,10 +25,12 @@ import hashlib
 import math
 import os
 import re
+import signal
 import socket
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
@@ -97,6 +101,23 @@ def sampler_for(settings: SweepSettings) -> optuna.samplers.BaseSampler:
 
 def pruner_for(settings: SweepSettings) -> optuna.pruners.BasePruner:
     return StrategyMedianPruner() if settings.prune else optuna.pruners.NopPruner()
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Ctrl-C is held while the block runs and raised as it ends: the block's assignments are done by then."""
+    held: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)  # the handler it had, at once
 
 
 def _claim(study: optuna.Study) -> optuna.Trial | None:
@@ -362,40 +383,46 @@ class Worker:
     def _loop(self, ran: list[int]) -> bool:
         waiting_said = False
         while True:
-            trial = _claim(self.study)
-            if trial is None:
-                running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                if not running:
-                    return False
-                if not waiting_said:
-                    self.on_message(
-                        f"waiting for {len(running)} trial(s) running in other workers (a dead worker's "
-                        f"trial is retried after {3 * self.settings.heartbeat}s without heartbeat)"
-                    )
-                    waiting_said = True
-                time.sleep(1.0)  # one cheap storage read per second while other workers finish
-                continue
-            waiting_said = False
-            ran.append(trial.number)
-            started = time.time()
-            with heartbeat(trial):
-                try:
-                    record = self.run_trial(trial)
-                except PrunedTrial as exc:
-                    trial.set_user_attr("message", str(exc))
-                    self._tell(trial, state=TrialState.PRUNED)
-                    self.on_trial(self._finished_record(trial.number, time.time() - started))
+            trial = None
+            try:
+                with _interrupts_held():  # a Ctrl-C during the claim is raised once ``trial`` holds what it claimed
+                    trial = _claim(self.study)
+                if trial is None:
+                    running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                    if not running:
+                        return False
+                    if not waiting_said:
+                        self.on_message(
+                            f"waiting for {len(running)} trial(s) running in other workers (a dead worker's "
+                            f"trial is retried after {3 * self.settings.heartbeat}s without heartbeat)"
+                        )
+                        waiting_said = True
+                    time.sleep(1.0)  # one cheap storage read per second while other workers finish
                     continue
-                except (KeyboardInterrupt, Interrupted):
+                waiting_said = False
+                ran.append(trial.number)
+                started = time.time()
+                with heartbeat(trial):
+                    try:
+                        record = self.run_trial(trial)
+                    except PrunedTrial as exc:
+                        trial.set_user_attr("message", str(exc))
+                        self._tell(trial, state=TrialState.PRUNED)
+                        self.on_trial(self._finished_record(trial.number, time.time() - started))
+                        continue
+                    except (KeyboardInterrupt, Interrupted):
+                        raise
+                    except BaseException as exc:
+                        trial.set_user_attr("message", f"{type(exc).__name__}: {exc}"[:500])
+                        self._tell(trial, state=TrialState.FAIL)
+                        raise
+            except (KeyboardInterrupt, Interrupted):
+                if trial is not None:  # claimed: back to the queue, whether or not it had begun
                     trial.set_user_attr("message", "interrupted (Ctrl-C / SIGTERM); re-enqueued")
                     if self._tell(trial, state=TrialState.FAIL):
                         with quiet():
                             RetryStaleTrial(max_retry=None)(self.study, self._frozen(trial.number))
-                    return True
-                except BaseException as exc:
-                    trial.set_user_attr("message", f"{type(exc).__name__}: {exc}"[:500])
-                    self._tell(trial, state=TrialState.FAIL)
-                    raise
+                return True
             if self._tell(trial, values=record.value):
                 self.on_trial(record)
 
