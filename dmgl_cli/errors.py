@@ -2,8 +2,17 @@
 
 Logic modules raise :class:`DmglError` for anything a user can cause (a bad name, a missing file, a value out of
 range). The CLI turns it into one clear message and a non-zero exit, without a traceback. Programming errors stay
-ordinary exceptions so that they keep their tracebacks.
+ordinary exceptions so that they keep their tracebacks. Stops (Ctrl-C, SIGTERM, a pruned trial) are not errors:
+:class:`Interrupted` and :class:`Stopped` carry them, and :func:`signals_handled` swaps in the handlers that raise or
+hold them.
 """
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 
 class DmglError(Exception):
@@ -26,3 +35,19 @@ class Interrupted(BaseException):
 class Stopped(Exception):
     """Raised from a training ``progress`` callback to stop on purpose (a pruned sweep trial): the runs are marked
     KILLED rather than FAILED, and the exception propagates to the caller."""
+
+
+@contextmanager
+def signals_handled(handler: Callable[[int, Any], None], signals: tuple[int, ...]) -> Iterator[bool]:
+    """``handler`` for ``signals`` while the block runs, the previous handlers after it. Off the main thread, where
+    Python cannot set handlers, nothing changes and it yields False."""
+    try:
+        previous = {signum: signal.signal(signum, handler) for signum in signals}
+    except ValueError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)

@@ -139,34 +139,42 @@ def test_ctrl_c_stops_every_worker_and_the_study_resumes(synthetic, registry):
             assert time.time() < deadline, "no trial started training in 90 s"
             time.sleep(0.3)
         workers = _worker_pids(first.pid)
-        assert len(workers) == 2
+        assert len(workers) == 2, workers
         first.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C delivers to the launcher
         out, err = _finish(first, timeout=90)
-    assert first.returncode == 130, f"{out}\n{err}"
-    assert "Traceback" not in out + err
-    assert "the study is resumable: `dmgl sweep --study stop --devices cpu:2`" in err
-    assert all(_gone(pid) for pid in workers)
+    said = f"launcher's output:\n{out}\n{err}"  # the workers' lines are forwarded into it, prefixed
+    assert first.returncode == 130, said
+    assert "Traceback" not in out + err, said
+    assert "the study is resumable: `dmgl sweep --study stop --devices cpu:2`" in err, said
+    assert all(_gone(pid) for pid in workers), said
 
     study = _study(registry, "stop")
     trials = study.get_trials()
-    assert not [t for t in trials if t.state == TrialState.RUNNING]  # every running trial went back to the queue
-    stopped = [t for t in trials if t.state == TrialState.FAIL]
-    assert {v.number for v in victims} <= {t.number for t in stopped}
-    assert all("interrupted" in t.user_attrs["message"] for t in stopped)
     tracker = Tracker()
+    statuses = {
+        t.number: (t.state.name, t.user_attrs.get("message"), run_id and tracker.status(run_id))
+        for t in trials
+        for run_id in [t.user_attrs.get("mlflow_run_id")]
+    }
+    said = f"trials (state, message, MLflow status): {statuses}\nvictims: {[v.number for v in victims]}\n{said}"
+    assert not [t for t in trials if t.state == TrialState.RUNNING], said  # every running trial went back to the queue
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    assert {v.number for v in victims} <= {t.number for t in stopped}, said
+    assert all("interrupted" in t.user_attrs["message"] for t in stopped), said
     # a trial stopped in training has its runs KILLED (one stopped before its run began has none)
-    assert all(tracker.status(v.user_attrs["mlflow_run_id"]) == "KILLED" for v in victims)
+    assert all(tracker.status(v.user_attrs["mlflow_run_id"]) == "KILLED" for v in victims), said
     assert all(
         tracker.status(t.user_attrs["mlflow_run_id"]) != "RUNNING" for t in stopped if t.user_attrs.get("mlflow_run_id")
-    )
+    ), said
 
     with _launcher("--study", "stop", "--devices", "cpu:2") as second:
         out, err = _finish(second, timeout=150)
-        assert second.returncode == 0, f"{out}\n{err}"
-    assert "study stop is complete" in out
+    said = f"second launcher's output:\n{out}\n{err}"
+    assert second.returncode == 0, said
+    assert "study stop is complete" in out, said
     complete = _study(registry, "stop").get_trials(states=(TrialState.COMPLETE,))
-    assert sorted(t.params["strategy"] for t in complete) == ["constant:0", "heuristic"]
-    assert tracker.status(study.user_attrs["mlflow_sweep_run_id"]) == "FINISHED"
+    assert sorted(t.params["strategy"] for t in complete) == ["constant:0", "heuristic"], said
+    assert tracker.status(study.user_attrs["mlflow_sweep_run_id"]) == "FINISHED", said
 
 
 @pytest.mark.integration

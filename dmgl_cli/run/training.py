@@ -29,7 +29,7 @@ from dmgl_cli.data.registry import open_dataset
 from dmgl_cli.data.transforms import model_input_specs
 from dmgl_cli.device import device_in_use
 from dmgl_cli.distributed import SINGLE_PROCESS, DistributedContext
-from dmgl_cli.errors import DmglError, Interrupted
+from dmgl_cli.errors import DmglError, Interrupted, signals_handled
 from dmgl_cli.imbalance import (
     cost_metrics,
     peak_memory_mib,
@@ -60,16 +60,8 @@ def graceful_stop(holder: dict[str, Trainer]) -> Iterator[None]:
             raise Interrupted()
         trainer.stop_requested = True
 
-    try:
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    except ValueError:  # not the main thread: leave signals alone
+    with signals_handled(handler, (signal.SIGTERM, signal.SIGINT)):
         yield
-        return
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def _tags(config: Config, dataset: PreparedDataset, role: str) -> dict[str, str]:

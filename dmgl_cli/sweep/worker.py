@@ -39,7 +39,7 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from dmgl_cli.device import pick_device
-from dmgl_cli.errors import DmglError, Interrupted, Stopped
+from dmgl_cli.errors import DmglError, Interrupted, Stopped, signals_handled
 from dmgl_cli.over_seeds import mean_std
 from dmgl_cli.run import training
 from dmgl_cli.strategies import StrategySpec, parse_strategy
@@ -108,16 +108,11 @@ def _interrupts_held() -> Iterator[None]:
     """Ctrl-C is held while the block runs and raised as it ends: the block's assignments are done by then."""
     held: list[int] = []
     try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
+        with signals_handled(lambda signum, frame: held.append(signum), (signal.SIGINT,)):
+            yield
     finally:
-        signal.signal(signal.SIGINT, previous)
         if held:
-            signal.raise_signal(signal.SIGINT)  # the handler it had, at once
+            signal.raise_signal(signal.SIGINT)  # to the handler it had again, at once
 
 
 def _claim(study: optuna.Study) -> optuna.Trial | None:
